@@ -1,0 +1,234 @@
+"""Request building and response parsing shared by the sync and the asyncio client."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from modelhost.client import codec
+from modelhost.client.errors import DataLossError
+from modelhost.client.types import CheckpointInfo
+from modelhost.v1 import modelhost_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 2 << 20
+SINGLE_INPUT = "input"
+SINGLE_OUTPUT = "output"
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes in all; 0 when unknown) as a transfer proceeds."""
+
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | Mapping[str, Any]
+
+
+def channel_options(max_message_bytes: int = -1) -> list[tuple[str, Any]]:
+    """gRPC channel options used by both clients: the server enforces the limits."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+
+
+def serialize_source(source: Source) -> tuple[Iterator[memoryview], int]:
+    """The bytes of a checkpoint source, as chunks of any size, and the total size."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return _read_file(path), path.stat().st_size
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source).cast("B")
+        return iter([view]), view.nbytes
+    if isinstance(source, Mapping):
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(dict(source), buffer)
+        view = buffer.getbuffer()
+        return iter([view]), view.nbytes
+    if hasattr(source, "state_dict"):
+        raise TypeError("pass model.state_dict(), not the module itself")
+    raise TypeError(f"cannot upload a {type(source).__name__}: pass a path, bytes or a dict")
+
+
+def _read_file(path: Path, block: int = 8 << 20) -> Iterator[memoryview]:
+    with path.open("rb") as file:
+        while data := file.read(block):
+            yield memoryview(data)
+
+
+class Upload:
+    """The request stream of an upload; hashes what it sends so the reply can be checked."""
+
+    def __init__(
+        self,
+        name: str,
+        source: Source,
+        *,
+        metadata: Mapping[str, str] | None,
+        overwrite: bool,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: Progress | None = None,
+    ) -> None:
+        self._blocks, self.size = serialize_source(source)
+        self._header = pb.SaveCheckpointHeader(
+            name=name,
+            metadata=dict(metadata or {}),
+            overwrite=overwrite,
+            upload=pb.Upload(size_bytes=self.size),
+        )
+        self._chunk_bytes = chunk_bytes
+        self._progress = progress
+        self._sha256 = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[pb.SaveCheckpointRequest]:
+        yield pb.SaveCheckpointRequest(header=self._header)
+        sent = 0
+        for block in self._blocks:
+            for start in range(0, block.nbytes, self._chunk_bytes):
+                chunk = block[start : start + self._chunk_bytes]
+                self._sha256.update(chunk)
+                sent += chunk.nbytes
+                yield pb.SaveCheckpointRequest(chunk=bytes(chunk))
+                if self._progress:
+                    self._progress(sent, self.size)
+
+    def verify(self, reply: pb.CheckpointInfo) -> CheckpointInfo:
+        """Checks the server stored exactly what was sent."""
+        if reply.sha256 != self._sha256.hexdigest():
+            raise DataLossError(
+                f"checkpoint {reply.name!r}: server stored sha256 {reply.sha256}, "
+                f"sent {self._sha256.hexdigest()}"
+            )
+        return CheckpointInfo.from_proto(reply)
+
+
+def snapshot_request(
+    model: str, checkpoint: str, version: int | None, overwrite: bool
+) -> list[pb.SaveCheckpointRequest]:
+    """The one-message stream that asks the server to save a hosted model."""
+    header = pb.SaveCheckpointHeader(
+        name=checkpoint,
+        overwrite=overwrite,
+        snapshot=pb.Snapshot(model=model, version=version or 0),
+    )
+    return [pb.SaveCheckpointRequest(header=header)]
+
+
+class Download:
+    """Receives a DownloadCheckpoint stream into a file (`dest`) or memory."""
+
+    def __init__(self, dest: str | os.PathLike[str] | None, progress: Progress | None = None):
+        self.dest = Path(dest) if dest is not None else None
+        self.info: pb.CheckpointInfo | None = None
+        self._progress = progress
+        self._sha256 = hashlib.sha256()
+        self._received = 0
+        self._buffer = io.BytesIO()
+        self._part = self.dest.with_name(self.dest.name + ".part") if self.dest else None
+        self._file = self._part.open("wb") if self._part else None
+
+    def feed(self, message: pb.DownloadCheckpointResponse) -> None:
+        """Takes the next message of the stream."""
+        if message.HasField("info"):
+            self.info = message.info
+            return
+        self._sha256.update(message.chunk)
+        self._received += len(message.chunk)
+        (self._file or self._buffer).write(message.chunk)
+        if self._progress:
+            self._progress(self._received, self.info.size_bytes if self.info else 0)
+
+    def abort(self) -> None:
+        """Removes the partial file after a failed stream."""
+        if self._file:
+            self._file.close()
+        if self._part:
+            self._part.unlink(missing_ok=True)
+
+    def finish(self) -> Path | Any:
+        """Verifies the checksum; returns the file's path, or the loaded checkpoint."""
+        info = self.info
+        if info is None or info.sha256 != self._sha256.hexdigest():
+            self.abort()
+            expected = info.sha256 if info else "(no header)"
+            raise DataLossError(
+                f"download: sha256 {self._sha256.hexdigest()} does not match {expected}"
+            )
+        if self._file and self._part and self.dest:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._part.replace(self.dest)
+            return self.dest
+        return load_checkpoint_bytes(self._buffer.getvalue(), info.format)
+
+
+def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
+    """Loads downloaded bytes safely: safetensors, or torch.load(weights_only=True)."""
+    if fmt == pb.CHECKPOINT_FORMAT_SAFETENSORS:
+        from safetensors.torch import load
+
+        return load(data)
+    if fmt in (pb.CHECKPOINT_FORMAT_STATE_DICT, pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT):
+        import torch
+
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    raise ValueError("this checkpoint cannot be loaded safely in memory; pass dest= to save it")
+
+
+def load_request(
+    name: str,
+    *,
+    architecture: str,
+    checkpoint: str,
+    version: int | None,
+    device: str | None,
+    dtype: str | None,
+    architecture_args: Mapping[str, Any] | None,
+    strict: bool,
+    batching: Mapping[str, int] | None = None,
+) -> pb.LoadModelRequest:
+    """Builds a LoadModelRequest; builder arguments travel as JSON literals."""
+    return pb.LoadModelRequest(
+        name=name,
+        architecture=architecture,
+        architecture_args={k: json.dumps(v) for k, v in (architecture_args or {}).items()},
+        checkpoint=checkpoint,
+        version=version or 0,
+        device=device or "",
+        dtype=codec.parse_dtype(dtype) if dtype else pb.DATA_TYPE_UNSPECIFIED,
+        strict=strict,
+        batching=pb.BatchingConfig(**(batching or {})),
+    )
+
+
+class PredictCall:
+    """Encodes Predict inputs and decodes the outputs into the caller's kind of tensor."""
+
+    def __init__(self, model: str, inputs: Any, version: int | None) -> None:
+        self.single = not isinstance(inputs, Mapping)
+        named = {SINGLE_INPUT: inputs} if self.single else dict(inputs)
+        if not named:
+            raise ValueError("predict needs at least one input")
+        self.as_torch = codec.is_torch(next(iter(named.values())))
+        self.request = pb.PredictRequest(
+            model=model,
+            version=version or 0,
+            inputs={key: codec.encode(value) for key, value in named.items()},
+        )
+
+    def result(self, response: pb.PredictResponse) -> Any:
+        """One array for one input and one output, else a dict of them by output name."""
+        outputs = {
+            key: codec.to_torch(tensor).clone() if self.as_torch else codec.to_numpy(tensor)
+            for key, tensor in response.outputs.items()
+        }
+        if self.single and set(outputs) == {SINGLE_OUTPUT}:
+            return outputs[SINGLE_OUTPUT]
+        return outputs

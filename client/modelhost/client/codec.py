@@ -1,0 +1,192 @@
+"""Tensor codec: numpy arrays and torch tensors to and from `modelhost.v1.Tensor`.
+
+A `Tensor` is a dtype, a shape and the raw little-endian bytes in C order. Decoding
+checks that the byte length matches the shape before anything is allocated.
+torch is imported only by the torch functions, so numpy-only callers never need it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modelhost.v1 import modelhost_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+ITEMSIZE: dict[int, int] = {
+    pb.DATA_TYPE_FLOAT32: 4,
+    pb.DATA_TYPE_FLOAT16: 2,
+    pb.DATA_TYPE_BFLOAT16: 2,
+    pb.DATA_TYPE_FLOAT64: 8,
+    pb.DATA_TYPE_UINT8: 1,
+    pb.DATA_TYPE_INT8: 1,
+    pb.DATA_TYPE_INT16: 2,
+    pb.DATA_TYPE_INT32: 4,
+    pb.DATA_TYPE_INT64: 8,
+    pb.DATA_TYPE_BOOL: 1,
+}
+
+_NAMES: dict[int, str] = {
+    pb.DATA_TYPE_FLOAT32: "float32",
+    pb.DATA_TYPE_FLOAT16: "float16",
+    pb.DATA_TYPE_BFLOAT16: "bfloat16",
+    pb.DATA_TYPE_FLOAT64: "float64",
+    pb.DATA_TYPE_UINT8: "uint8",
+    pb.DATA_TYPE_INT8: "int8",
+    pb.DATA_TYPE_INT16: "int16",
+    pb.DATA_TYPE_INT32: "int32",
+    pb.DATA_TYPE_INT64: "int64",
+    pb.DATA_TYPE_BOOL: "bool",
+}
+_BY_NAME: dict[str, int] = {name: code for code, name in _NAMES.items()}
+_BY_NAME.update({"fp32": pb.DATA_TYPE_FLOAT32, "fp16": pb.DATA_TYPE_FLOAT16,
+                 "half": pb.DATA_TYPE_FLOAT16, "bf16": pb.DATA_TYPE_BFLOAT16,
+                 "float": pb.DATA_TYPE_FLOAT32, "double": pb.DATA_TYPE_FLOAT64})
+
+# numpy has no bfloat16; arrays of ml_dtypes.bfloat16 are recognised by name.
+_NUMPY: dict[int, np.dtype[Any]] = {
+    code: np.dtype(name).newbyteorder("<")
+    for code, name in _NAMES.items()
+    if code != pb.DATA_TYPE_BFLOAT16
+}
+_FROM_NUMPY: dict[str, int] = {dt.name: code for code, dt in _NUMPY.items()}
+_FROM_NUMPY["bfloat16"] = pb.DATA_TYPE_BFLOAT16
+
+FLOATING = frozenset(
+    {pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16, pb.DATA_TYPE_FLOAT64}
+)
+
+
+class TensorError(ValueError):
+    """A tensor message that cannot be decoded (bad dtype, shape or byte length)."""
+
+
+def dtype_name(code: int) -> str:
+    """`DATA_TYPE_FLOAT32` -> "float32"; "unspecified" for 0."""
+    return _NAMES.get(code, "unspecified")
+
+
+def parse_dtype(name: str) -> int:
+    """"float32", "fp16", "bf16", ... -> a `DataType` value; raises ValueError if unknown."""
+    try:
+        return _BY_NAME[name.strip().lower().removeprefix("torch.")]
+    except KeyError:
+        known = ", ".join(sorted(_NAMES.values()))
+        raise ValueError(f"unknown dtype {name!r}; expected one of {known}") from None
+
+
+def check(tensor: pb.Tensor, *, what: str = "tensor") -> int:
+    """Validates dtype, shape and byte length; returns the element count."""
+    if tensor.dtype not in ITEMSIZE:
+        raise TensorError(f"{what}: dtype {tensor.dtype} is not a supported DataType")
+    if any(dim < 0 for dim in tensor.shape):
+        raise TensorError(f"{what}: shape {list(tensor.shape)} has a negative dimension")
+    count = math.prod(tensor.shape)
+    expected = count * ITEMSIZE[tensor.dtype]
+    if len(tensor.data) != expected:
+        raise TensorError(
+            f"{what}: {dtype_name(tensor.dtype)} shape {list(tensor.shape)} needs "
+            f"{expected} bytes, got {len(tensor.data)}"
+        )
+    return count
+
+
+def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
+    """Encodes a numpy array (any byte order or layout)."""
+    code = _FROM_NUMPY.get(array.dtype.name)
+    if code is None:
+        raise TypeError(f"numpy dtype {array.dtype} is not supported")
+    if code != pb.DATA_TYPE_BFLOAT16:
+        array = array.astype(_NUMPY[code], copy=False)
+    data = np.ascontiguousarray(array).tobytes()
+    return pb.Tensor(dtype=code, shape=array.shape, data=data)
+
+
+def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
+    """Decodes into a writable numpy array; bfloat16 becomes float32 (exactly)."""
+    check(tensor)
+    shape = tuple(tensor.shape)
+    if tensor.dtype == pb.DATA_TYPE_BFLOAT16:
+        bits = np.frombuffer(tensor.data, dtype="<u2").astype("<u4") << 16
+        return bits.view("<f4").astype(np.float32).reshape(shape)
+    return np.frombuffer(tensor.data, dtype=_NUMPY[tensor.dtype]).reshape(shape).copy()
+
+
+def _torch_dtypes() -> dict[int, torch.dtype]:
+    import torch
+
+    return {
+        pb.DATA_TYPE_FLOAT32: torch.float32,
+        pb.DATA_TYPE_FLOAT16: torch.float16,
+        pb.DATA_TYPE_BFLOAT16: torch.bfloat16,
+        pb.DATA_TYPE_FLOAT64: torch.float64,
+        pb.DATA_TYPE_UINT8: torch.uint8,
+        pb.DATA_TYPE_INT8: torch.int8,
+        pb.DATA_TYPE_INT16: torch.int16,
+        pb.DATA_TYPE_INT32: torch.int32,
+        pb.DATA_TYPE_INT64: torch.int64,
+        pb.DATA_TYPE_BOOL: torch.bool,
+    }
+
+
+def torch_dtype(code: int) -> torch.dtype:
+    """A `DataType` value -> the torch dtype."""
+    return _torch_dtypes()[code]
+
+
+def data_type(dtype: torch.dtype) -> int:
+    """A torch dtype -> its `DataType` value; raises TypeError if unsupported."""
+    for code, candidate in _torch_dtypes().items():
+        if candidate == dtype:
+            return code
+    raise TypeError(f"torch dtype {dtype} is not supported")
+
+
+def from_torch(tensor: torch.Tensor) -> pb.Tensor:
+    """Encodes a torch tensor (any device or layout) without a round trip through float."""
+    import torch
+
+    code = data_type(tensor.dtype)
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
+    array = flat.numpy()
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return pb.Tensor(dtype=code, shape=tensor.shape, data=data)
+
+
+def to_torch(tensor: pb.Tensor, *, what: str = "tensor") -> torch.Tensor:
+    """Decodes without copying: the result shares memory with the message's bytes.
+
+    Treat it as read-only (copy it before writing in place).
+    """
+    import torch
+
+    count = check(tensor, what=what)
+    dtype = torch_dtype(tensor.dtype)
+    if count == 0:
+        return torch.empty(tuple(tensor.shape), dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write
+        flat = torch.frombuffer(tensor.data, dtype=dtype, count=count)
+    return flat.view(tuple(tensor.shape))
+
+
+def encode(value: Any) -> pb.Tensor:
+    """Encodes a numpy array, a torch tensor, or anything `np.asarray` accepts."""
+    if isinstance(value, pb.Tensor):
+        return value
+    if type(value).__module__.startswith("torch"):
+        return from_torch(value)
+    return from_numpy(np.asarray(value))
+
+
+def is_torch(value: Any) -> bool:
+    """Whether `value` is a torch tensor (without importing torch)."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "dtype")

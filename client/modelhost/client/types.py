@@ -1,0 +1,163 @@
+"""Plain Python views of the service's descriptions (checkpoints, models, architectures)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from modelhost.client.codec import dtype_name
+from modelhost.v1 import modelhost_pb2 as pb
+
+_FORMATS = {
+    pb.CHECKPOINT_FORMAT_STATE_DICT: "state_dict",
+    pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT: "general_checkpoint",
+    pb.CHECKPOINT_FORMAT_SAFETENSORS: "safetensors",
+    pb.CHECKPOINT_FORMAT_EXPORTED_PROGRAM: "exported_program",
+    pb.CHECKPOINT_FORMAT_PICKLED_MODEL: "pickled_model",
+}
+_STATES = {pb.MODEL_STATE_READY: "ready", pb.MODEL_STATE_UNLOADING: "unloading"}
+
+
+def format_name(code: int) -> str:
+    """`CHECKPOINT_FORMAT_SAFETENSORS` -> "safetensors"."""
+    return _FORMATS.get(code, "unspecified")
+
+
+def _time(stamp: Any) -> datetime | None:
+    return stamp.ToDatetime(tzinfo=timezone.utc) if stamp.seconds or stamp.nanos else None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A stored checkpoint."""
+
+    name: str
+    size_bytes: int
+    sha256: str
+    format: str
+    metadata: dict[str, str]
+    created: datetime | None
+    tensor_count: int
+    epoch: int | None = None
+    loss: float | None = None
+
+    @classmethod
+    def from_proto(cls, msg: pb.CheckpointInfo) -> CheckpointInfo:
+        return cls(
+            name=msg.name,
+            size_bytes=msg.size_bytes,
+            sha256=msg.sha256,
+            format=format_name(msg.format),
+            metadata=dict(msg.metadata),
+            created=_time(msg.created),
+            tensor_count=msg.tensor_count,
+            epoch=msg.epoch if msg.HasField("epoch") else None,
+            loss=msg.loss if msg.HasField("loss") else None,
+        )
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching settings of a model version."""
+
+    max_batch_size: int
+    max_queue_delay_us: int
+    max_queue_size: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An expected input: name, dtype and shape (-1 = any size)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A hosted model version."""
+
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    state: str
+    architecture: str
+    architecture_args: dict[str, Any]
+    checkpoint: str
+    checkpoint_sha256: str
+    device: str
+    dtype: str
+    parameter_count: int
+    device_bytes: int
+    load_seconds: float
+    loaded_at: datetime | None
+    batching: Batching
+    inputs: tuple[TensorSpec, ...] = ()
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
+        return cls(
+            name=msg.name,
+            version=msg.version,
+            versions=tuple(msg.versions),
+            state=_STATES.get(msg.state, "unspecified"),
+            architecture=msg.architecture,
+            architecture_args={k: json.loads(v) for k, v in msg.architecture_args.items()},
+            checkpoint=msg.checkpoint,
+            checkpoint_sha256=msg.checkpoint_sha256,
+            device=msg.device,
+            dtype=dtype_name(msg.dtype),
+            parameter_count=msg.parameter_count,
+            device_bytes=msg.device_bytes,
+            load_seconds=msg.load_seconds,
+            loaded_at=_time(msg.loaded_at),
+            batching=Batching(
+                msg.batching.max_batch_size,
+                msg.batching.max_queue_delay_us,
+                msg.batching.max_queue_size,
+            ),
+            inputs=tuple(
+                TensorSpec(s.name, dtype_name(s.dtype), tuple(s.shape)) for s in msg.inputs
+            ),
+            missing_keys=tuple(msg.missing_keys),
+            unexpected_keys=tuple(msg.unexpected_keys),
+        )
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A keyword parameter of an architecture's builder."""
+
+    name: str
+    required: bool
+    default: Any = None
+    annotation: str = ""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An architecture the server can build."""
+
+    name: str
+    source: str
+    task: str
+    parameters: tuple[Parameter, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_proto(cls, msg: pb.Architecture) -> Architecture:
+        return cls(
+            name=msg.name,
+            source=msg.source,
+            task=msg.task,
+            parameters=tuple(
+                Parameter(
+                    p.name, p.required, json.loads(p.default) if p.default else None, p.annotation
+                )
+                for p in msg.parameters
+            ),
+        )

@@ -1,0 +1,161 @@
+"""Assembling and running the server: gRPC, health, reflection, signals.
+
+- `create_server(settings)` returns a `Server` to `await start()` / `await stop()`.
+- `serve(settings)` runs one until SIGTERM/SIGINT (what `modelhost serve` does).
+- `running(settings)` runs one on a background thread, for tests, benchmarks and
+  scripts that are not asyncio programs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modelhost.server.host import Host
+from modelhost.server.service import ModelHostService
+from modelhost.server.settings import Settings
+from modelhost.v1 import modelhost_pb2 as pb
+from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelHost"].full_name
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class Server:
+    """A modelhost server: the ModelHost service, health and reflection on one port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.host: Host | None = None
+        self.health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+
+    @property
+    def target(self) -> str:
+        """Where clients reach it, e.g. "127.0.0.1:50051"."""
+        return _address(self.settings.host, self.port)
+
+    async def start(self) -> None:
+        """Opens the store, binds the port and starts serving."""
+        settings = self.settings
+        self.host = Host(settings)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_ModelHostServicer_to_server(ModelHostService(self.host), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(_address(settings.host, settings.port))
+        if self.port == 0:
+            raise OSError(f"cannot bind {_address(settings.host, settings.port)}")
+        await server.start()
+        self._grpc = server
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("modelhost serving on %s (store %s, device %s)", self.target,
+                 settings.store, self.host.default_device)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, refuses new calls, lets calls in flight finish within
+        `grace` seconds (default: the setting), then unloads every model."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self.host is not None:
+            await self.host.close()
+        log.info("modelhost stopped")
+
+    async def wait(self) -> None:
+        """Returns when the server has stopped."""
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+
+def create_server(settings: Settings | None = None) -> Server:
+    """A server for `settings` (default: from the environment); call `start()` next."""
+    return Server(settings or Settings.from_env())
+
+
+def serve(settings: Settings) -> int:
+    """Runs a server until SIGTERM or SIGINT, then shuts down gracefully; returns 0."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def main() -> None:
+        server = create_server(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        try:
+            await stop.wait()
+            log.info("signal received: draining for up to %.1fs", settings.grace_seconds)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+@contextlib.contextmanager
+def running(settings: Settings) -> Iterator[Server]:
+    """Runs a server on a background thread with its own event loop; stops it on exit."""
+    loop = asyncio.new_event_loop()
+    server = create_server(settings)
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as error:
+            failure.append(error)
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="modelhost-server", daemon=True)
+    thread.start()
+    started.wait()
+    if failure:
+        thread.join()
+        loop.close()
+        raise failure[0]
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()

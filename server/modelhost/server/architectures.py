@@ -1,0 +1,217 @@
+"""The catalog of architectures LoadModel can build.
+
+Three sources, and nothing else: torchvision's model builders by name, the
+`modelhost.architectures` entry point group of installed packages, and builders
+the operator names in settings (`NAME=MODULE:CALLABLE`). A request only ever
+names an architecture; it can never make the server import a module of its choosing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelhost.server.errors import InvalidArgument, UnknownArchitecture
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "modelhost.architectures"
+# torchvision builder keywords the server sets itself (weights come from checkpoints).
+_MANAGED = {"weights", "progress", "weights_backbone"}
+_IMAGE = (-1, 3, -1, -1)
+_TASK_INPUTS: dict[str, tuple[int, ...] | None] = {
+    "classification": _IMAGE,
+    "detection": _IMAGE,
+    "segmentation": _IMAGE,
+    "video": (-1, 3, -1, -1, -1),
+    "optical_flow": None,
+    "custom": None,
+}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A keyword parameter of a builder, as far as its signature tells."""
+
+    name: str
+    required: bool
+    default: str  # JSON literal, or "" when required or not expressible
+    annotation: str
+
+
+@dataclass(frozen=True)
+class Builder:
+    """Something that makes an `nn.Module` from keyword arguments."""
+
+    name: str
+    source: str
+    task: str
+    fn: Callable[..., Any]
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The input shape the task implies (-1: any size), when it implies one."""
+        return _TASK_INPUTS.get(self.task)
+
+    def build(self, args: dict[str, Any], device: torch.device | str) -> nn.Module:
+        """Calls the builder with its tensors created on `device` ("meta" allocates nothing).
+
+        A builder that cannot run on the meta device is retried on the CPU.
+        """
+        kwargs = dict(args)
+        if self.source == "torchvision":
+            kwargs.setdefault("weights", None)
+            if "weights_backbone" in inspect.signature(self.fn).parameters:
+                kwargs.setdefault("weights_backbone", None)
+        try:
+            with torch.device(device):
+                model = self.fn(**kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            if str(device) == "meta":
+                log.debug("%s cannot be built on the meta device (%s)", self.name, error)
+                return self.build(args, "cpu")
+            raise InvalidArgument(
+                f"architecture {self.name!r} failed to build with arguments "
+                f"{json.dumps(args, default=str)}: {type(error).__name__}: {error}"
+            ) from None
+        if not isinstance(model, nn.Module):
+            raise InvalidArgument(
+                f"architecture {self.name!r} returned a {type(model).__name__}, not an nn.Module"
+            )
+        return model
+
+    def parameters(self) -> list[Parameter]:
+        """The builder's keyword parameters (and its model class's, behind **kwargs)."""
+        found: dict[str, Parameter] = {}
+        signature = inspect.signature(self.fn)
+        for param in signature.parameters.values():
+            if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or param.name in _MANAGED:
+                continue
+            found[param.name] = _describe(param, param.default is param.empty)
+        takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+        model_class = signature.return_annotation
+        if takes_kwargs and inspect.isclass(model_class) and issubclass(model_class, nn.Module):
+            for param in inspect.signature(model_class.__init__).parameters.values():
+                if param.name == "self" or param.default is param.empty:
+                    continue  # the builder fills those in itself
+                if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                    found.setdefault(param.name, _describe(param, False))
+        return list(found.values())
+
+
+def _describe(param: inspect.Parameter, required: bool) -> Parameter:
+    default = ""
+    if not required:
+        try:
+            default = json.dumps(param.default)
+        except (TypeError, ValueError):
+            default = ""
+    annotation = "" if param.annotation is param.empty else _annotation(param.annotation)
+    return Parameter(param.name, required, default, annotation)
+
+
+def _annotation(annotation: Any) -> str:
+    return annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+
+
+def _torchvision_builders() -> Iterable[Builder]:
+    try:
+        import torchvision.models as tvm
+    except ImportError:  # pragma: no cover - torchvision is a server dependency
+        return []
+    modules = {
+        "classification": tvm,
+        "detection": tvm.detection,
+        "segmentation": tvm.segmentation,
+        "video": tvm.video,
+        "optical_flow": tvm.optical_flow,
+    }
+    return [
+        Builder(name, "torchvision", task, tvm.get_model_builder(name))
+        for task, module in modules.items()
+        for name in tvm.list_models(module=module)
+    ]
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Imports `module:callable` (operator configuration only, never request data)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{spec!r} is not MODULE:CALLABLE")
+    target: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{spec!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def parse_setting(item: str) -> tuple[str, str]:
+    """`NAME=MODULE:CALLABLE` -> (name, spec)."""
+    name, sep, spec = item.partition("=")
+    if not sep or not name.strip() or not spec.strip():
+        raise ValueError(f"architecture setting {item!r} is not NAME=MODULE:CALLABLE")
+    return name.strip(), spec.strip()
+
+
+class ArchitectureCatalog:
+    """Every buildable architecture, by name; later sources override earlier ones."""
+
+    def __init__(self, configured: Iterable[str] = ()) -> None:
+        self._builders: dict[str, Builder] = {b.name: b for b in _torchvision_builders()}
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                self._add(Builder(point.name, "entry-point", "custom", point.load()))
+            except Exception:
+                log.exception("architecture entry point %s (%s) failed to load",
+                              point.name, point.value)
+        for item in configured:
+            name, spec = parse_setting(item)
+            self._add(Builder(name, "setting", "custom", load_callable(spec)))
+
+    def _add(self, builder: Builder) -> None:
+        if builder.name in self._builders:
+            log.warning("architecture %s from %s replaces the one from %s", builder.name,
+                        builder.source, self._builders[builder.name].source)
+        self._builders[builder.name] = builder
+
+    def get(self, name: str) -> Builder:
+        """The builder called `name`; UnknownArchitecture if there is none."""
+        try:
+            return self._builders[name]
+        except KeyError:
+            raise UnknownArchitecture(
+                f"unknown architecture {name!r}: see ListArchitectures for the "
+                f"{len(self._builders)} that can be built"
+            ) from None
+
+    def all(self) -> list[Builder]:
+        """Every builder, sorted by name."""
+        return [self._builders[name] for name in sorted(self._builders)]
+
+
+def parse_args(raw: dict[str, str]) -> dict[str, Any]:
+    """Decodes builder arguments sent as JSON literals."""
+    args = {}
+    for key, text in raw.items():
+        if not key.isidentifier():
+            raise InvalidArgument(f"architecture argument {key!r} is not a keyword name")
+        try:
+            args[key] = json.loads(text)
+        except json.JSONDecodeError:
+            raise InvalidArgument(
+                f"architecture argument {key}={text!r} is not a JSON literal "
+                "(strings need quotes: '\"value\"')"
+            ) from None
+    return args

@@ -1,0 +1,62 @@
+"""Devices: choosing one, recognising out-of-memory errors, and giving memory back."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import nn
+
+from modelhost.server.errors import InvalidArgument
+
+
+def resolve_device(requested: str, default: str) -> torch.device:
+    """"" -> the server default; "auto" -> cuda when present, else cpu; checks it exists."""
+    name = (requested or default).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidArgument(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgument(f"device {name!r} requested, but this server has no GPU")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise InvalidArgument(
+                f"device {name!r} does not exist (this server has {torch.cuda.device_count()})"
+            )
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise InvalidArgument(f"device type {device.type!r} is not supported: use cpu or cuda")
+    return device
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether `error` is a failed allocation, on a GPU or on the host."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Collects garbage and returns cached GPU blocks to the driver."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.empty_cache()
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (shared storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total

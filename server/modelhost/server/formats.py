@@ -1,0 +1,178 @@
+"""Checkpoint formats: recognising a file, validating it, and reading its weights safely.
+
+Recognised by content, never by name:
+- safetensors: an 8-byte little-endian header length, then a JSON header.
+- torch.save zip archives: a state_dict, a general checkpoint
+  (`model_state_dict` + optimizer state, epoch, loss), or (refused unless allowed)
+  a pickled whole model; or a torch.export archive (`archive_format` entry).
+
+`torch.load` is only ever called with `weights_only=True` here: its unpickler
+refuses every global outside torch's allow-list, so a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelhost.server.errors import InvalidCheckpoint
+from modelhost.server.store import Contents
+
+STATE_DICT = "state_dict"
+GENERAL_CHECKPOINT = "general_checkpoint"
+SAFETENSORS = "safetensors"
+EXPORTED_PROGRAM = "exported_program"
+PICKLED_MODEL = "pickled_model"
+
+# Keys that hold the model's weights inside a general (training) checkpoint.
+MODEL_KEYS = ("model_state_dict", "state_dict", "model")
+# Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_SAFETENSORS_HEADER = 100 << 20
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+PICKLE_ADVICE = (
+    "Send the weights instead: torch.save(model.state_dict(), path) or a safetensors "
+    "file, and name the architecture in LoadModel; or send a torch.export program."
+)
+
+
+def inspect(path: Path) -> Contents:
+    """Validates a stored file and says what it holds; InvalidCheckpoint if unusable."""
+    kind = sniff(path)
+    if kind == SAFETENSORS:
+        return Contents(SAFETENSORS, len(_safetensors_keys(path)))
+    if kind == EXPORTED_PROGRAM:
+        return Contents(EXPORTED_PROGRAM, 0)
+    return _describe(load_torch(path))
+
+
+def sniff(path: Path) -> str:
+    """The container kind: safetensors, exported_program or torch (zip or legacy)."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+            return SAFETENSORS
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as error:
+            raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
+        if any(name.endswith("/archive_format") for name in names):
+            return EXPORTED_PROGRAM
+        return "torch"
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy (non-zip) format
+        return "torch"
+    raise InvalidCheckpoint(
+        "not a checkpoint: expected a torch.save file, a safetensors file or a torch.export archive"
+    )
+
+
+def load_torch(path: Path) -> Any:
+    """`torch.load(weights_only=True)`, memory-mapped when the file allows it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = _UNSAFE_GLOBAL.search(str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise InvalidCheckpoint(
+            f"refused: the file holds pickled Python objects{what}, and loading those runs "
+            f"code from the file (a whole model saved with torch.save(model)?). {PICKLE_ADVICE}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as error:
+        raise InvalidCheckpoint(f"not a readable torch.save file: {error}") from None
+
+
+def _describe(obj: Any) -> Contents:
+    if _is_state_dict(obj):
+        return Contents(STATE_DICT, len(obj))
+    if isinstance(obj, Mapping):
+        for key in MODEL_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return Contents(
+                    GENERAL_CHECKPOINT,
+                    len(obj[key]),
+                    epoch=_number(obj.get("epoch"), int),
+                    loss=_number(obj.get("loss"), float),
+                )
+        keys = ", ".join(sorted(map(str, obj))[:10])
+        raise InvalidCheckpoint(
+            f"no model weights found: expected a state_dict, or a dict with one of "
+            f"{', '.join(MODEL_KEYS)}; top-level keys are: {keys}"
+        )
+    raise InvalidCheckpoint(f"no model weights found: the file holds a {type(obj).__name__}")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _number(value: Any, kind: type) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return kind(value)
+    return None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return list(file.keys())
+    except Exception as error:  # safetensors raises its own error types
+        raise InvalidCheckpoint(f"corrupt safetensors file: {error}") from None
+
+
+def read_weights(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """The model weights of a stored checkpoint, memory-mapped (no copy yet)."""
+    if fmt == SAFETENSORS:
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as error:
+            raise InvalidCheckpoint(f"corrupt safetensors file: {error}") from None
+    if fmt not in (STATE_DICT, GENERAL_CHECKPOINT):
+        raise InvalidCheckpoint(f"a {fmt} checkpoint holds no state_dict to load")
+    obj = load_torch(path)
+    if fmt == GENERAL_CHECKPOINT:
+        obj = next(obj[key] for key in MODEL_KEYS if _is_state_dict(obj.get(key)))
+    return dict(obj)
+
+
+def strip_wrapper_prefixes(
+    state: dict[str, torch.Tensor], expected: Collection[str]
+) -> dict[str, torch.Tensor]:
+    """Removes `module.` / `_orig_mod.` prefixes when every key has one and the model's don't."""
+    expected = set(expected)
+    changed = True
+    while changed and state and not (state.keys() & expected):
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix) :]: value for key, value in state.items()}
+                changed = True
+    return state

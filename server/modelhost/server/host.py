@@ -1,0 +1,275 @@
+"""The server's core: store, catalog and registry, and the operations the service exposes.
+
+Everything here speaks domain types and raises domain errors; `service` turns
+requests into calls of these methods and errors into gRPC statuses. Blocking work
+(file I/O, hashing, model loading) runs on executors, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modelhost.client import codec
+from modelhost.server import formats
+from modelhost.server.architectures import ArchitectureCatalog, parse_args
+from modelhost.server.batching import Batcher, BatchPolicy, Outputs
+from modelhost.server.devices import release_memory, resolve_device
+from modelhost.server.errors import ChecksumMismatch, InvalidArgument, ShuttingDown
+from modelhost.server.inference import InputSpec, Runner
+from modelhost.server.loading import LoadedModule, LoadSpec, load_module
+from modelhost.server.names import check_name
+from modelhost.server.registry import HostedModel, Registry
+from modelhost.server.settings import Settings
+from modelhost.server.store import CheckpointRecord, CheckpointStore, Contents, PendingWrite
+from modelhost.v1 import modelhost_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_BYTES = 4096
+_LOAD_DTYPES = {pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16}
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """LoadModel's fields, as sent."""
+
+    name: str
+    architecture: str
+    architecture_args: dict[str, str]
+    checkpoint: str
+    version: int = 0
+    device: str = ""
+    dtype: int = pb.DATA_TYPE_UNSPECIFIED
+    strict: bool = True
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0
+
+
+class Host:
+    """Owns the store, the architecture catalog and the registry of hosted models."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = CheckpointStore(settings.store, max_checkpoint_bytes=settings.max_checkpoint_bytes)
+        self.store.recover()
+        self.catalog = ArchitectureCatalog(settings.architectures)
+        self.registry = Registry()
+        self.default_device = resolve_device(settings.device, "auto")
+        self._io = ThreadPoolExecutor(4, thread_name_prefix="io")
+        self._loads = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="load")
+        self._closing = False
+
+    # Checkpoints
+
+    async def save_upload(
+        self, header: pb.SaveCheckpointHeader, chunks: AsyncIterator[bytes]
+    ) -> CheckpointRecord:
+        """Streams an upload into the store; nothing is visible unless all of it is valid."""
+        name, metadata = self._check_header(header)
+        loop = asyncio.get_running_loop()
+        with self.store.begin() as pending:
+            writing: asyncio.Future[int] | None = None
+            try:
+                async for chunk in chunks:
+                    if writing is not None:
+                        await writing  # one write in flight while the next chunk arrives
+                    writing = loop.run_in_executor(self._io, pending.write, chunk)
+                if writing is not None:
+                    await writing
+            finally:
+                if writing is not None and not writing.done():
+                    await asyncio.wait([writing])
+            expected = header.upload.size_bytes
+            if expected and pending.size != expected:
+                raise InvalidArgument(
+                    f"upload announced {expected} bytes but sent {pending.size}; nothing stored"
+                )
+            await loop.run_in_executor(self._io, pending.finish)
+            wanted = header.upload.sha256.lower()
+            if wanted and wanted != pending.sha256:
+                raise ChecksumMismatch(
+                    f"upload has sha256 {pending.sha256}, announced {wanted}; nothing stored"
+                )
+            contents = await loop.run_in_executor(self._io, formats.inspect, pending.path)
+            return await self._commit(pending, name, contents, metadata, header.overwrite)
+
+    async def save_snapshot(self, header: pb.SaveCheckpointHeader) -> CheckpointRecord:
+        """Saves a hosted model's state_dict (on the CPU, in its served dtype)."""
+        name, metadata = self._check_header(header)
+        model = check_name(header.snapshot.model, "model")
+        loop = asyncio.get_running_loop()
+        with self.registry.lease(model, header.snapshot.version) as hosted:
+            metadata = {
+                "snapshot_of": f"{hosted.name}:{hosted.version}",
+                "architecture": hosted.spec.architecture,
+                **metadata,
+            }
+            with self.store.begin() as pending:
+                count = await loop.run_in_executor(self._io, _save_state_dict, hosted, pending)
+                await loop.run_in_executor(self._io, pending.finish)
+                contents = Contents(formats.STATE_DICT, count)
+                return await self._commit(pending, name, contents, metadata, header.overwrite)
+
+    def _check_header(self, header: pb.SaveCheckpointHeader) -> tuple[str, dict[str, str]]:
+        name = check_name(header.name, "checkpoint")
+        metadata = dict(header.metadata)
+        if len(metadata) > MAX_METADATA_ENTRIES:
+            raise InvalidArgument(f"metadata has {len(metadata)} entries; the limit is 64")
+        for key, value in metadata.items():
+            if len(key) + len(value) > MAX_METADATA_BYTES:
+                raise InvalidArgument(f"metadata entry {key!r} is over {MAX_METADATA_BYTES} bytes")
+        self.store.check_free(name, header.overwrite)
+        return name, metadata
+
+    async def _commit(
+        self, pending: PendingWrite, name: str, contents: Contents,
+        metadata: dict[str, str], overwrite: bool,
+    ) -> CheckpointRecord:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._io,
+            lambda: self.store.commit(
+                pending, name, contents, metadata=metadata, overwrite=overwrite
+            ),
+        )
+
+    async def download(self, name: str) -> AsyncIterator[CheckpointRecord | bytes]:
+        """The checkpoint's record, then its bytes in chunks."""
+        loop = asyncio.get_running_loop()
+        with self.store.open(check_name(name, "checkpoint")) as (record, file):
+            yield record
+            while chunk := await loop.run_in_executor(self._io, file.read, self.settings.chunk_bytes):
+                yield chunk
+
+    def list_checkpoints(self) -> list[CheckpointRecord]:
+        return self.store.list()
+
+    def get_checkpoint(self, name: str) -> CheckpointRecord:
+        return self.store.get(check_name(name, "checkpoint"))
+
+    def delete_checkpoint(self, name: str) -> None:
+        self.store.delete(check_name(name, "checkpoint"))
+
+    # Models
+
+    async def load_model(self, request: LoadRequest) -> HostedModel:
+        """Builds, loads and registers a model version; the newest serves at once."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        spec = self._load_spec(request)
+        policy = self._policy(request)
+        version = self.registry.reserve(spec.name, request.version)
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._loads, load_module, spec, self.store, self.catalog)
+        try:
+            loaded = await asyncio.shield(job)
+        except asyncio.CancelledError:  # the caller left: finish, then throw it away
+            job.add_done_callback(lambda _: self.registry.cancel(spec.name, version))
+            job.add_done_callback(_discard_load)
+            raise
+        except BaseException:
+            self.registry.cancel(spec.name, version)
+            raise
+        hosted = self._host(spec, version, loaded, policy, request.architecture_args)
+        self.registry.put(hosted)
+        log.info("serving %s version %d (%s from %s on %s, %.2fs)", spec.name, version,
+                 spec.architecture, spec.checkpoint, loaded.device, loaded.seconds)
+        return hosted
+
+    def _load_spec(self, request: LoadRequest) -> LoadSpec:
+        if request.dtype not in _LOAD_DTYPES | {pb.DATA_TYPE_UNSPECIFIED}:
+            raise InvalidArgument(
+                f"dtype {codec.dtype_name(request.dtype)} cannot hold weights: "
+                "use float32, float16 or bfloat16"
+            )
+        if request.version < 0:
+            raise InvalidArgument(f"version {request.version} is negative")
+        return LoadSpec(
+            name=check_name(request.name, "model"),
+            architecture=request.architecture,
+            args=parse_args(request.architecture_args),
+            checkpoint=check_name(request.checkpoint, "checkpoint"),
+            device=resolve_device(request.device, str(self.default_device)),
+            dtype=codec.torch_dtype(request.dtype) if request.dtype else None,
+            strict=request.strict,
+        )
+
+    def _policy(self, request: LoadRequest) -> BatchPolicy:
+        s = self.settings
+        policy = BatchPolicy(
+            max_batch_size=request.max_batch_size or s.max_batch_size,
+            max_queue_delay_us=request.max_queue_delay_us or s.max_queue_delay_us,
+            max_queue_size=request.max_queue_size or s.max_queue_size,
+        )
+        if min(policy.max_batch_size, policy.max_queue_size) < 1 or policy.max_queue_delay_us < 0:
+            raise InvalidArgument(f"batching settings must be positive, got {policy}")
+        return policy
+
+    def _host(
+        self, spec: LoadSpec, version: int, loaded: LoadedModule, policy: BatchPolicy,
+        raw_args: dict[str, str],
+    ) -> HostedModel:
+        shape = loaded.builder.input_shape
+        inputs = [InputSpec("input", loaded.dtype, shape)] if shape else []
+        runner = Runner(loaded.module, loaded.device, loaded.dtype, inputs)
+        batcher = Batcher(runner.run, policy, f"{spec.name}-{version}")
+        return HostedModel(
+            name=spec.name, version=version, spec=spec, loaded=loaded, runner=runner,
+            batcher=batcher, loaded_at=time.time(), raw_args=dict(raw_args),
+        )
+
+    async def unload_model(self, name: str, version: int = 0) -> list[int]:
+        """Removes versions from routing, lets their requests finish, frees them."""
+        removed = self.registry.remove(check_name(name, "model"), version)
+        await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
+        log.info("unloaded %s versions %s", name, [h.version for h in removed])
+        return [hosted.version for hosted in removed]
+
+    def get_model(self, name: str, version: int = 0) -> HostedModel:
+        return self.registry.get(check_name(name, "model"), version)
+
+    # Inference
+
+    async def predict(
+        self, model: str, version: int, inputs: Mapping[str, pb.Tensor], timeout: float | None
+    ) -> tuple[HostedModel, Outputs]:
+        """Runs a hosted model through its batcher."""
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        with self.registry.lease(check_name(model, "model"), version) as hosted:
+            tensors = hosted.runner.decode(inputs)
+            outputs = await asyncio.wrap_future(hosted.batcher.submit(tensors, deadline))
+        return hosted, outputs
+
+    # Lifecycle
+
+    async def close(self) -> None:
+        """Unloads every model and stops the executors."""
+        self._closing = True
+        for hosted in self.registry.all():
+            await self.unload_model(hosted.name, hosted.version)
+        self._loads.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True)
+
+
+def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:
+    state = {key: tensor.detach().cpu() for key, tensor in hosted.loaded.module.state_dict().items()}
+    torch.save(state, pending)  # type: ignore[arg-type]
+    return len(state)
+
+
+def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        loaded: LoadedModule = job.result()
+        device = loaded.device
+        del loaded
+        release_memory(device)

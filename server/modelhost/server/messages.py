@@ -1,0 +1,85 @@
+"""Domain objects to protobuf messages."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from modelhost.client import codec
+from modelhost.server.architectures import Builder
+from modelhost.server.registry import HostedModel
+from modelhost.server.store import CheckpointRecord
+from modelhost.v1 import modelhost_pb2 as pb
+
+_FORMATS = {
+    "state_dict": pb.CHECKPOINT_FORMAT_STATE_DICT,
+    "general_checkpoint": pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT,
+    "safetensors": pb.CHECKPOINT_FORMAT_SAFETENSORS,
+    "exported_program": pb.CHECKPOINT_FORMAT_EXPORTED_PROGRAM,
+    "pickled_model": pb.CHECKPOINT_FORMAT_PICKLED_MODEL,
+}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def checkpoint_info(record: CheckpointRecord) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        name=record.name,
+        size_bytes=record.size_bytes,
+        sha256=record.sha256,
+        format=_FORMATS.get(record.format, pb.CHECKPOINT_FORMAT_UNSPECIFIED),
+        metadata=record.metadata,
+        created=_timestamp(record.created),
+        tensor_count=record.tensor_count,
+        epoch=record.epoch,
+        loss=record.loss,
+    )
+
+
+def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
+    loaded = hosted.loaded
+    policy = hosted.batcher.policy
+    return pb.ModelInfo(
+        name=hosted.name,
+        version=hosted.version,
+        versions=versions,
+        state=pb.MODEL_STATE_UNLOADING if hosted.retiring else pb.MODEL_STATE_READY,
+        architecture=hosted.spec.architecture,
+        architecture_args=hosted.raw_args,
+        checkpoint=hosted.spec.checkpoint,
+        checkpoint_sha256=loaded.record.sha256,
+        device=str(loaded.device),
+        dtype=codec.data_type(loaded.dtype),
+        parameter_count=loaded.parameter_count,
+        device_bytes=loaded.device_bytes,
+        load_seconds=loaded.seconds,
+        loaded_at=_timestamp(hosted.loaded_at),
+        batching=pb.BatchingConfig(
+            max_batch_size=policy.max_batch_size,
+            max_queue_delay_us=policy.max_queue_delay_us,
+            max_queue_size=policy.max_queue_size,
+        ),
+        inputs=[
+            pb.TensorSpec(name=spec.name, dtype=codec.data_type(spec.dtype), shape=spec.shape)
+            for spec in hosted.runner.inputs
+        ],
+        missing_keys=loaded.missing_keys,
+        unexpected_keys=loaded.unexpected_keys,
+    )
+
+
+def architecture(builder: Builder) -> pb.Architecture:
+    return pb.Architecture(
+        name=builder.name,
+        source=builder.source,
+        task=builder.task,
+        parameters=[
+            pb.ArchitectureParameter(
+                name=p.name, default=p.default, required=p.required, annotation=p.annotation
+            )
+            for p in builder.parameters()
+        ],
+    )

@@ -1,0 +1,154 @@
+"""The registry of hosted model versions, and what a hosted version holds.
+
+`lease` resolves a name (and optional version) and pins the result under one
+lock, so unloading a version never pulls it from under a request that found it:
+`remove` takes it out of routing at once, and `HostedModel.retire` waits for its
+leases to end before it stops the batcher and frees the memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from modelhost.server.batching import Batcher
+from modelhost.server.devices import release_memory
+from modelhost.server.errors import AlreadyExists, ModelNotFound
+from modelhost.server.inference import Runner
+from modelhost.server.loading import LoadedModule, LoadSpec
+
+
+@dataclass
+class HostedModel:
+    """One model version on its device, with its batcher."""
+
+    name: str
+    version: int
+    spec: LoadSpec
+    loaded: LoadedModule
+    runner: Runner
+    batcher: Batcher
+    loaded_at: float
+    raw_args: dict[str, str]
+    retiring: bool = False
+
+    def __post_init__(self) -> None:
+        self._leases = 0
+        self._idle = threading.Condition()
+
+    def acquire(self) -> None:
+        with self._idle:
+            self._leases += 1
+
+    def release(self) -> None:
+        with self._idle:
+            self._leases -= 1
+            if self._leases == 0:
+                self._idle.notify_all()
+
+    def retire(self) -> None:
+        """Blocks until no request holds this version, then frees it."""
+        with self._idle:
+            self.retiring = True
+            self._idle.wait_for(lambda: self._leases == 0)
+        self.batcher.close()
+        device = self.loaded.device
+        del self.runner.module
+        del self.loaded.module
+        release_memory(device)
+
+
+class Registry:
+    """Hosted versions by name; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, dict[int, HostedModel]] = {}
+        self._reserved: set[tuple[str, int]] = set()
+
+    def reserve(self, name: str, version: int) -> int:
+        """Claims a version number for a load in progress (0: the next free one)."""
+        with self._lock:
+            taken = set(self._models.get(name, {})) | {v for n, v in self._reserved if n == name}
+            if version == 0:
+                version = max(taken, default=0) + 1
+            elif version in taken:
+                raise AlreadyExists(f"model {name!r} version {version} is already hosted")
+            elif version < 0:
+                raise ValueError("version must be positive")
+            self._reserved.add((name, version))
+            return version
+
+    def cancel(self, name: str, version: int) -> None:
+        """Gives back a reservation after a failed load."""
+        with self._lock:
+            self._reserved.discard((name, version))
+
+    def put(self, hosted: HostedModel) -> None:
+        """Publishes a loaded version: from now on it serves (and is the newest if highest)."""
+        with self._lock:
+            self._reserved.discard((hosted.name, hosted.version))
+            self._models.setdefault(hosted.name, {})[hosted.version] = hosted
+
+    def _find(self, name: str, version: int) -> HostedModel:
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        chosen = max(versions) if version == 0 else version
+        if chosen not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version} (hosted: {sorted(versions)})"
+            )
+        return versions[chosen]
+
+    def get(self, name: str, version: int = 0) -> HostedModel:
+        """The version asked for (0: the newest), without pinning it."""
+        with self._lock:
+            return self._find(name, version)
+
+    @contextlib.contextmanager
+    def lease(self, name: str, version: int = 0) -> Iterator[HostedModel]:
+        """Resolves and pins a version for the duration of a request."""
+        with self._lock:
+            hosted = self._find(name, version)
+            hosted.acquire()
+        try:
+            yield hosted
+        finally:
+            hosted.release()
+
+    def remove(self, name: str, version: int = 0) -> list[HostedModel]:
+        """Takes one version (0: all) out of routing; the caller retires them."""
+        with self._lock:
+            versions = self._models.get(name)
+            if not versions:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            if version == 0:
+                removed = list(versions.values())
+                versions.clear()
+            elif version in versions:
+                removed = [versions.pop(version)]
+            else:
+                raise ModelNotFound(
+                    f"model {name!r} has no version {version} (hosted: {sorted(versions)})"
+                )
+            if not versions:
+                del self._models[name]
+            return removed
+
+    def versions(self, name: str) -> list[int]:
+        """Hosted versions of `name`, ascending."""
+        with self._lock:
+            return sorted(self._models.get(name, {}))
+
+    def all(self) -> list[HostedModel]:
+        """Every hosted version, by name then version."""
+        with self._lock:
+            return [
+                self._models[name][version]
+                for name in sorted(self._models)
+                for version in sorted(self._models[name])
+            ]
+

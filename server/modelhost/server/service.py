@@ -1,0 +1,203 @@
+"""The gRPC servicer: converts messages, calls `Host`, and maps errors to statuses.
+
+`STATUS` is the one table from domain errors to gRPC status codes. Anything not in
+it is a bug: it is logged with its traceback and a request id, and the caller gets
+INTERNAL with that id.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from modelhost.server import errors as e
+from modelhost.server import messages
+from modelhost.server.host import Host, LoadRequest
+from modelhost.v1 import modelhost_pb2 as pb
+from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[e.ModelHostFailure], grpc.StatusCode] = {
+    e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    e.NotFound: grpc.StatusCode.NOT_FOUND,
+    e.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    e.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.Refused: grpc.StatusCode.FAILED_PRECONDITION,
+    e.ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
+    e.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    e.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(error: e.ModelHostFailure) -> grpc.StatusCode:
+    """The status for a domain error (its nearest mapped base class)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    """Ends the call with the error's status (always raises)."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    if isinstance(error, e.ModelHostFailure):
+        code = status_of(error)
+        log.debug("%s -> %s: %s", method, code.name, error)
+        await context.abort(code, str(error))
+    request_id = uuid.uuid4().hex[:12]
+    log.error("%s failed [request %s]", method, request_id, exc_info=error)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {request_id})"
+    )
+
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def unary(method: Handler[R]) -> Handler[R]:
+    """Maps the errors of a method that returns one reply."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except Exception as error:
+            await _abort(context, error, method.__name__)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]]:
+    """Maps the errors of a method that streams its replies."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
+        try:
+            async for reply in method(self, request, context):
+                yield reply
+        except Exception as error:
+            await _abort(context, error, method.__name__)
+
+    return wrapper
+
+
+async def _chunks(stream: AsyncIterator[pb.SaveCheckpointRequest]) -> AsyncIterator[bytes]:
+    async for message in stream:
+        if not message.HasField("chunk"):
+            raise e.InvalidArgument("only the first SaveCheckpoint message may be a header")
+        yield message.chunk
+
+
+class ModelHostService(pb_grpc.ModelHostServicer):
+    """modelhost.v1.ModelHost over a `Host`."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    @unary
+    async def SaveCheckpoint(
+        self, request_iterator: AsyncIterator[pb.SaveCheckpointRequest], context: Any
+    ) -> pb.CheckpointInfo:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise e.InvalidArgument("the first SaveCheckpoint message must be a header")
+        header = first.header
+        if header.HasField("snapshot"):
+            record = await self.host.save_snapshot(header)
+        elif header.HasField("upload"):
+            record = await self.host.save_upload(header, _chunks(request_iterator))
+        else:
+            raise e.InvalidArgument("the header must set upload or snapshot")
+        return messages.checkpoint_info(record)
+
+    @streaming
+    async def DownloadCheckpoint(
+        self, request: pb.DownloadCheckpointRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadCheckpointResponse]:
+        async for item in self.host.download(request.name):
+            if isinstance(item, bytes):
+                yield pb.DownloadCheckpointResponse(chunk=item)
+            else:
+                yield pb.DownloadCheckpointResponse(info=messages.checkpoint_info(item))
+
+    @unary
+    async def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, context: Any
+    ) -> pb.ListCheckpointsResponse:
+        records = self.host.list_checkpoints()
+        return pb.ListCheckpointsResponse(checkpoints=map(messages.checkpoint_info, records))
+
+    @unary
+    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any) -> pb.CheckpointInfo:
+        return messages.checkpoint_info(self.host.get_checkpoint(request.name))
+
+    @unary
+    async def DeleteCheckpoint(
+        self, request: pb.DeleteCheckpointRequest, context: Any
+    ) -> pb.DeleteCheckpointResponse:
+        self.host.delete_checkpoint(request.name)
+        return pb.DeleteCheckpointResponse()
+
+    @unary
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.ModelInfo:
+        batching = request.batching
+        hosted = await self.host.load_model(
+            LoadRequest(
+                name=request.name,
+                architecture=request.architecture,
+                architecture_args=dict(request.architecture_args),
+                checkpoint=request.checkpoint,
+                version=request.version,
+                device=request.device,
+                dtype=request.dtype,
+                strict=request.strict if request.HasField("strict") else True,
+                max_batch_size=batching.max_batch_size,
+                max_queue_delay_us=batching.max_queue_delay_us,
+                max_queue_size=batching.max_queue_size,
+            )
+        )
+        return messages.model_info(hosted, self.host.registry.versions(hosted.name))
+
+    @unary
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: Any) -> pb.UnloadModelResponse:
+        versions = await self.host.unload_model(request.name, request.version)
+        return pb.UnloadModelResponse(versions=versions)
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        registry = self.host.registry
+        return pb.ListModelsResponse(
+            models=[messages.model_info(h, registry.versions(h.name)) for h in registry.all()]
+        )
+
+    @unary
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
+        hosted = self.host.get_model(request.name, request.version)
+        return messages.model_info(hosted, self.host.registry.versions(hosted.name))
+
+    @unary
+    async def ListArchitectures(
+        self, request: pb.ListArchitecturesRequest, context: Any
+    ) -> pb.ListArchitecturesResponse:
+        builders = self.host.catalog.all()
+        return pb.ListArchitecturesResponse(architectures=map(messages.architecture, builders))
+
+    @unary
+    async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        hosted, outputs = await self.host.predict(
+            request.model, request.version, request.inputs, context.time_remaining()
+        )
+        return pb.PredictResponse(model=hosted.name, version=hosted.version, outputs=outputs)

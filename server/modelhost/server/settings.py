@@ -1,0 +1,97 @@
+"""Typed server settings: defaults, then `MODELHOST_*` environment variables, then flags.
+
+Each field's `help` is its documentation: `modelhost serve --help` prints it and the
+README's configuration table is written from the same text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "MODELHOST_"
+MiB = 1 << 20
+
+
+def _setting(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Settings:
+    """Everything the server can be told at start."""
+
+    host: str = _setting("127.0.0.1", "Address to bind; anything but loopback needs TLS, a token or --insecure.")
+    port: int = _setting(50051, "gRPC port (0 picks a free one).")
+    store: Path = _setting(Path("store"), "Folder of the checkpoint store (created if missing).")
+    device: str = _setting("auto", "Default device for models: auto (cuda when present), cpu, cuda, cuda:N.")
+    max_message_bytes: int = _setting(256 * MiB, "Largest unary request or reply (Predict) in bytes.")
+    chunk_bytes: int = _setting(2 * MiB, "Chunk size of DownloadCheckpoint streams in bytes.")
+    max_checkpoint_bytes: int = _setting(0, "Largest checkpoint accepted, in bytes (0: no limit).")
+    max_batch_size: int = _setting(32, "Default most rows batched together per model (1: no batching).")
+    max_queue_delay_us: int = _setting(1000, "Default wait for a batch to fill, in microseconds.")
+    max_queue_size: int = _setting(512, "Default Predict requests that may wait per model version.")
+    load_workers: int = _setting(2, "Threads that load checkpoints and build models.")
+    grace_seconds: float = _setting(10.0, "On SIGTERM/SIGINT, how long in-flight calls may finish.")
+    log_level: str = _setting("info", "Logging level: debug, info, warning, error.")
+    architectures: list[str] = _setting(
+        [], "Extra architectures as NAME=MODULE:CALLABLE (repeatable; comma-separated in env)."
+    )
+    allow_pickled_models: bool = _setting(
+        False,
+        "UNSAFE: accept whole pickled models (torch.save(model)) and exported programs. "
+        "Loading them runs code from the file: only for checkpoints you trust.",
+    )
+
+    def __post_init__(self) -> None:
+        self.store = Path(self.store)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, replaced by `MODELHOST_<FIELD>` variables, replaced by `overrides`."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + item.name.upper())
+            if raw is not None:
+                values[item.name] = parse_value(hints[item.name], raw, item.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def is_loopback(self) -> bool:
+        """Whether the server binds only to this machine."""
+        return self.host in {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def parse_value(kind: Any, raw: str, name: str) -> Any:
+    """Parses an environment string into the field's type."""
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean")
+    if kind == list[str]:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def settings_fields() -> list[tuple[str, Any, Any, str]]:
+    """(name, type, default, help) of every setting, for the CLI and the docs."""
+    hints = get_type_hints(Settings)
+    defaults = Settings()
+    return [
+        (f.name, hints[f.name], getattr(defaults, f.name), f.metadata["help"])
+        for f in dataclasses.fields(Settings)
+    ]

@@ -1,0 +1,294 @@
+"""The checkpoint store: a folder of content-addressed files and a manifest entry per name.
+
+Layout under the root (folders 0700, files 0600):
+
+    blobs/<sha256>            the checkpoint bytes, named by their hash
+    checkpoints/<name>.json   the manifest entry: name, sha256, size, format, metadata, ...
+    tmp/                      uploads in progress
+
+A write streams into tmp/ while hashing, is validated, fsynced and renamed into
+blobs/; then the manifest entry is written the same way. Renaming the entry is the
+commit: a reader sees the old checkpoint or the new one, never a part. A crash
+leaves at most a temp file or an unreferenced blob, both removed at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from modelhost.server.errors import AlreadyExists, CheckpointNotFound, LimitExceeded
+from modelhost.server.names import check_name
+
+log = logging.getLogger(__name__)
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+_OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A manifest entry."""
+
+    name: str
+    sha256: str
+    size_bytes: int
+    format: str
+    tensor_count: int
+    created: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    epoch: int | None = None
+    loss: float | None = None
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What validation found in a file: filled into its manifest entry."""
+
+    format: str
+    tensor_count: int
+    epoch: int | None = None
+    loss: float | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PendingWrite:
+    """A temp file in the store that hashes what is written to it.
+
+    Use as a context manager: unless `CheckpointStore.commit` took the file, it is
+    removed on exit, whatever happened.
+    """
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.size = 0
+        self._max_bytes = max_bytes
+        self._hash = hashlib.sha256()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
+        self._file: IO[bytes] = os.fdopen(fd, "wb", buffering=0)
+        self.committed = False
+
+    def __enter__(self) -> PendingWrite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.discard()
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Appends `data`; raises LimitExceeded past the store's size limit."""
+        self.size += len(data)
+        if self._max_bytes and self.size > self._max_bytes:
+            raise LimitExceeded(
+                f"checkpoint exceeds max_checkpoint_bytes ({self._max_bytes} bytes)"
+            )
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
+        return len(data)
+
+    def flush(self) -> None:
+        """For file-like use (torch.save); writes are unbuffered."""
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def finish(self) -> None:
+        """Makes the bytes durable and closes the file."""
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        """Closes and removes the temp file."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class CheckpointStore:
+    """Stores checkpoints under validated names; safe for concurrent threads."""
+
+    def __init__(self, root: Path, *, max_checkpoint_bytes: int = 0) -> None:
+        self.root = root.resolve()
+        self.max_checkpoint_bytes = max_checkpoint_bytes
+        self._blobs = self.root / "blobs"
+        self._entries = self.root / "checkpoints"
+        self._tmp = self.root / "tmp"
+        for folder in (self.root, self._blobs, self._entries, self._tmp):
+            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(folder, DIR_MODE)
+        self._lock = threading.Lock()
+        self._counter = 0
+
+    # Reading
+
+    def get(self, name: str) -> CheckpointRecord:
+        """The manifest entry of `name`; CheckpointNotFound if there is none."""
+        path = self._entry_path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise CheckpointNotFound(f"checkpoint {name!r} not found") from None
+        with os.fdopen(fd, "rb") as file:
+            return CheckpointRecord(**json.loads(file.read()))
+
+    def list(self) -> list[CheckpointRecord]:
+        """Every entry, sorted by name."""
+        records = []
+        for path in sorted(self._entries.glob("*.json")):
+            try:
+                records.append(self.get(path.stem))
+            except (CheckpointNotFound, ValueError, TypeError):
+                continue  # deleted meanwhile, or not ours
+        return records
+
+    def blob_path(self, record: CheckpointRecord) -> Path:
+        """Where the bytes of `record` are; open it promptly (a delete may follow)."""
+        return self._blobs / record.sha256
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[tuple[CheckpointRecord, IO[bytes]]]:
+        """The entry of `name` and its file, open for reading.
+
+        Once open, the bytes stay readable even if the checkpoint is deleted or
+        replaced meanwhile.
+        """
+        record = self.get(name)
+        try:
+            fd = os.open(self.blob_path(record), os.O_RDONLY | _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise CheckpointNotFound(f"checkpoint {name!r} was deleted") from None
+        with os.fdopen(fd, "rb") as file:
+            yield record, file
+
+    # Writing
+
+    def begin(self) -> PendingWrite:
+        """A new temp file for an upload or snapshot."""
+        with self._lock:
+            self._counter += 1
+            suffix = f"{os.getpid()}-{self._counter}-{time.monotonic_ns()}"
+        return PendingWrite(self._tmp / f"upload-{suffix}", self.max_checkpoint_bytes)
+
+    def check_free(self, name: str, overwrite: bool) -> None:
+        """Fails early with AlreadyExists when `name` is taken and not to be replaced."""
+        if not overwrite and self._entry_path(name).exists():
+            raise AlreadyExists(f"checkpoint {name!r} already exists (set overwrite to replace it)")
+
+    def commit(
+        self,
+        pending: PendingWrite,
+        name: str,
+        contents: Contents,
+        *,
+        metadata: dict[str, str],
+        overwrite: bool,
+    ) -> CheckpointRecord:
+        """Moves a finished, validated temp file into the store under `name`."""
+        entry = self._entry_path(name)
+        record = CheckpointRecord(
+            name=name, sha256=pending.sha256, size_bytes=pending.size,
+            format=contents.format, tensor_count=contents.tensor_count, created=time.time(),
+            metadata=dict(metadata), epoch=contents.epoch, loss=contents.loss,
+        )
+        with self._lock:
+            if entry.exists() and not overwrite:
+                raise AlreadyExists(
+                    f"checkpoint {name!r} already exists (set overwrite to replace it)"
+                )
+            previous = self._sha_of(entry)
+            blob = self._blobs / record.sha256
+            if blob.exists():
+                pending.discard()  # same bytes are stored already
+            else:
+                os.replace(pending.path, blob)
+                _fsync_dir(self._blobs)
+            pending.committed = True
+            self._write_entry(entry, record)
+            if previous and previous != record.sha256:
+                self._drop_blob_if_unused(previous)
+        log.info("stored checkpoint %s (%d bytes, sha256 %s)", name, record.size_bytes,
+                 record.sha256[:12])
+        return record
+
+    def delete(self, name: str) -> None:
+        """Removes `name`; CheckpointNotFound if there is none."""
+        entry = self._entry_path(name)
+        with self._lock:
+            sha = self._sha_of(entry)
+            if sha is None:
+                raise CheckpointNotFound(f"checkpoint {name!r} not found")
+            entry.unlink()
+            _fsync_dir(self._entries)
+            self._drop_blob_if_unused(sha)
+
+    def recover(self) -> None:
+        """At start: removes temp files and blobs that no entry refers to."""
+        with self._lock:
+            for leftover in self._tmp.iterdir():
+                leftover.unlink(missing_ok=True)
+                log.info("removed unfinished upload %s", leftover.name)
+            used = self._used_blobs()
+            for blob in self._blobs.iterdir():
+                if blob.name not in used:
+                    blob.unlink(missing_ok=True)
+                    log.info("removed unreferenced blob %s", blob.name)
+            for sha in used:
+                if not (self._blobs / sha).exists():
+                    log.error("checkpoint store: blob %s is missing", sha)
+
+    # Internals
+
+    def _entry_path(self, name: str) -> Path:
+        return self._entries / f"{check_name(name, 'checkpoint')}.json"
+
+    def _sha_of(self, entry: Path) -> str | None:
+        try:
+            return str(json.loads(entry.read_bytes())["sha256"])
+        except FileNotFoundError:
+            return None
+
+    def _used_blobs(self) -> set[str]:
+        used = set()
+        for entry in self._entries.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                used.add(str(json.loads(entry.read_bytes())["sha256"]))
+        return used
+
+    def _drop_blob_if_unused(self, sha: str) -> None:
+        if sha not in self._used_blobs():
+            (self._blobs / sha).unlink(missing_ok=True)
+
+    def _write_entry(self, entry: Path, record: CheckpointRecord) -> None:
+        data = json.dumps(asdict(record), indent=1, sort_keys=True).encode()
+        tmp = self._tmp / f"entry-{entry.name}-{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, entry)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self._entries)
