@@ -1,1 +1,368 @@
-"""The `modelhost` command."""
+"""The `modelhost` command: run the server, or call one.
+
+    modelhost serve --store ./store
+    modelhost upload resnet18-v1 weights.pt
+    modelhost load resnet18 --architecture resnet18 --checkpoint resnet18-v1
+    modelhost predict resnet18 batch.npy --output logits.npy
+
+Client commands take --target (default 127.0.0.1:50051, or MODELHOST_TARGET).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
+
+Command = Callable[[ModelHostClient, argparse.Namespace], Any]
+
+
+class ProgressBar:
+    """A one-line transfer bar on stderr."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.1 and done != total):
+            return
+        self._last = now
+        rate = done / max(now - self.started, 1e-9) / 1e6
+        if total:
+            filled = int(30 * done / total)
+            bar = "#" * filled + "-" * (30 - filled)
+            text = (
+                f"{self.label} [{bar}] {done / total:6.1%} {done / 1e6:,.1f}/{total / 1e6:,.1f} MB"
+            )
+        else:
+            text = f"{self.label} {done / 1e6:,.1f} MB"
+        sys.stderr.write(f"\r{text} {rate:,.1f} MB/s")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{what} {item!r} must be KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare word is a string: --arg norm_layer=batch
+
+
+def _show(value: Any) -> None:
+    if isinstance(value, str):
+        print(value)
+    elif value is not None:
+        print(json.dumps(value, default=str, indent=1))
+
+
+def _plain(obj: Any) -> Any:
+    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+
+
+# Client commands
+
+
+def cmd_upload(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    bar = ProgressBar(f"upload {args.name}", not args.quiet)
+    info = client.save_checkpoint(
+        args.name,
+        args.file,
+        metadata=_pairs(args.metadata, "--metadata"),
+        overwrite=args.overwrite,
+        progress=bar,
+    )
+    bar.done()
+    return info
+
+
+def cmd_snapshot(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    return client.snapshot(
+        args.model, args.checkpoint, version=args.version, overwrite=args.overwrite
+    )
+
+
+def cmd_download(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    bar = ProgressBar(f"download {args.name}", not args.quiet)
+    path = client.download_checkpoint(args.name, args.dest, progress=bar)
+    bar.done()
+    return str(path)
+
+
+def cmd_load(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    batching = {
+        key: value
+        for key, value in (
+            ("max_batch_size", args.max_batch_size),
+            ("max_queue_delay_us", args.max_queue_delay_us),
+            ("max_queue_size", args.max_queue_size),
+        )
+        if value is not None
+    }
+    return client.load_model(
+        args.name,
+        architecture=args.architecture,
+        checkpoint=args.checkpoint,
+        version=args.version,
+        device=args.device,
+        dtype=args.dtype,
+        architecture_args={k: _json_value(v) for k, v in _pairs(args.arg, "--arg").items()},
+        strict=not args.no_strict,
+        batching=batching,
+    )
+
+
+def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    inputs = {}
+    for item in args.inputs:
+        name, sep, path = item.rpartition("=")
+        inputs[name if sep else "input"] = np.load(path, allow_pickle=False)
+    outputs = client.predict(args.model, inputs, version=args.version, timeout=args.timeout)
+    if args.output:
+        if len(outputs) == 1:
+            np.save(args.output, next(iter(outputs.values())))
+        else:
+            np.savez(args.output, **outputs)
+        return f"saved {', '.join(outputs)} to {args.output}"
+    np.set_printoptions(threshold=50, edgeitems=3, precision=5)
+    return {
+        name: {
+            "dtype": str(a.dtype),
+            "shape": list(a.shape),
+            "values": a.tolist() if a.size <= 20 else np.array2string(a),
+        }
+        for name, a in outputs.items()
+    }
+
+
+def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    listing: dict[str, Any] = {}
+    if args.what in ("models", "all"):
+        listing["models"] = [
+            f"{m.name} v{m.version} {m.state} {m.architecture} on {m.device} {m.dtype} "
+            f"({m.parameter_count:,} parameters, checkpoint {m.checkpoint})"
+            if not args.json
+            else _plain(m)
+            for m in client.list_models()
+        ]
+    if args.what in ("checkpoints", "all"):
+        listing["checkpoints"] = [
+            f"{c.name} {c.format} {c.size_bytes:,} bytes sha256 {c.sha256[:16]}"
+            if not args.json
+            else _plain(c)
+            for c in client.list_checkpoints()
+        ]
+    if args.what == "architectures":
+        listing["architectures"] = [
+            f"{a.name} ({a.source}, {a.task})" if not args.json else _plain(a)
+            for a in client.list_architectures()
+        ]
+    if args.json:
+        return listing
+    for section, rows in listing.items():
+        print(f"{section}:")
+        for row in rows or ["(none)"]:
+            print(f"  {row}")
+    return None
+
+
+def cmd_unload(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    return {"unloaded": client.unload_model(args.name, args.version)}
+
+
+def cmd_delete(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    client.delete_checkpoint(args.name)
+    return f"deleted {args.name}"
+
+
+def cmd_health(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    status = client.health(args.service)
+    if status != "SERVING":
+        raise SystemExit(f"{status}")
+    return status
+
+
+# Parser
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=os.environ.get("MODELHOST_TARGET", "127.0.0.1:50051"),
+        help="server address host:port or dns:///name:port",
+    )
+    common.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    common.add_argument(
+        "--token",
+        default=os.environ.get("MODELHOST_TOKEN"),
+        help="bearer token (or MODELHOST_TOKEN)",
+    )
+    common.add_argument("--tls", action="store_true", help="connect with TLS")
+    common.add_argument("--ca-file", help="CA certificate that signed the server's certificate")
+    common.add_argument("--cert-file", help="client certificate (mutual TLS)")
+    common.add_argument("--key-file", help="client private key (mutual TLS)")
+    common.add_argument("--server-name", help="name to expect in the server's certificate")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelhost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    common = _client_parser()
+
+    def command(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("upload", cmd_upload, "Upload a checkpoint file (state_dict, safetensors, ...).")
+    p.add_argument("name")
+    p.add_argument("file", type=Path)
+    p.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = command("snapshot", cmd_snapshot, "Save a hosted model's weights as a checkpoint.")
+    p.add_argument("model")
+    p.add_argument("checkpoint")
+    p.add_argument("--version", type=int)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = command("download", cmd_download, "Download a checkpoint to a file.")
+    p.add_argument("name")
+    p.add_argument("dest", type=Path)
+
+    p = command("load", cmd_load, "Build an architecture, load a checkpoint, serve it.")
+    p.add_argument("name")
+    p.add_argument("--architecture", "-a", required=True)
+    p.add_argument("--checkpoint", "-c", required=True)
+    p.add_argument(
+        "--arg",
+        action="append",
+        metavar="KEY=JSON",
+        help="builder argument, e.g. --arg num_classes=10",
+    )
+    p.add_argument("--version", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--no-strict", action="store_true", help="allow missing/unexpected keys")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-queue-delay-us", type=int)
+    p.add_argument("--max-queue-size", type=int)
+
+    p = command("predict", cmd_predict, "Run a model on inputs from .npy files.")
+    p.add_argument("model")
+    p.add_argument("inputs", nargs="+", metavar="[NAME=]FILE.npy")
+    p.add_argument("--output", "-o", type=Path, help="save outputs to .npy (.npz if several)")
+    p.add_argument("--version", type=int)
+
+    p = command("list", cmd_list, "List hosted models and stored checkpoints.")
+    p.add_argument(
+        "what", nargs="?", default="all", choices=["all", "models", "checkpoints", "architectures"]
+    )
+
+    p = command("unload", cmd_unload, "Stop serving a model (one version or all).")
+    p.add_argument("name")
+    p.add_argument("--version", type=int)
+
+    p = command("delete", cmd_delete, "Delete a stored checkpoint.")
+    p.add_argument("name")
+
+    p = command("health", cmd_health, "Check the server's health; exit 1 unless SERVING.")
+    p.add_argument("--service", default="")
+    return parser
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="Run the server.",
+        description="Run the server. Every "
+        "flag can also be set as MODELHOST_<NAME> in the environment.",
+    )
+    p.set_defaults(fn=None)
+    try:
+        from modelhost.server.settings import settings_fields
+    except ImportError:
+        return  # client-only install: `serve` explains itself when run
+    for name, kind, default, help in settings_fields():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help)
+        elif kind == list[str]:
+            p.add_argument(flag.removesuffix("s"), dest=name, action="append", help=help)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from modelhost.server import Settings, serve
+        from modelhost.server.settings import settings_fields
+    except ImportError as error:
+        print(
+            f"error: the server needs `pip install 'modelhost[server]'` ({error})", file=sys.stderr
+        )
+        return 2
+    overrides = {name: getattr(args, name) for name, *_ in settings_fields()}
+    return serve(Settings.from_env(**overrides))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    config = ChannelConfig(
+        token=args.token,
+        tls=args.tls,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        server_name=args.server_name,
+    )
+    try:
+        with ModelHostClient(args.target, timeout=args.timeout, config=config) as client:
+            result = args.fn(client, args)
+    except ModelHostError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    _show(_plain(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

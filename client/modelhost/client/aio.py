@@ -62,8 +62,12 @@ class AsyncModelHostClient:
     ) -> CheckpointInfo:
         """Uploads a checkpoint: a file path, bytes, or a state_dict / checkpoint dict."""
         upload = calls.Upload(
-            name, source, metadata=metadata, overwrite=overwrite,
-            chunk_bytes=self.chunk_bytes, progress=progress,
+            name,
+            source,
+            metadata=metadata,
+            overwrite=overwrite,
+            chunk_bytes=self.chunk_bytes,
+            progress=progress,
         )
         with translate_errors():
             reply = await self._stub.SaveCheckpoint(iter(upload), **self._kw(timeout))
@@ -108,9 +112,7 @@ class AsyncModelHostClient:
     async def get_checkpoint(self, name: str) -> CheckpointInfo:
         """One stored checkpoint."""
         with translate_errors():
-            reply = await self._stub.GetCheckpoint(
-                pb.GetCheckpointRequest(name=name), **self._kw()
-            )
+            reply = await self._stub.GetCheckpoint(pb.GetCheckpointRequest(name=name), **self._kw())
         return CheckpointInfo.from_proto(reply)
 
     async def delete_checkpoint(self, name: str) -> None:
@@ -134,8 +136,14 @@ class AsyncModelHostClient:
     ) -> ModelInfo:
         """Builds `architecture`, loads `checkpoint` into it and serves it as `name`."""
         request = calls.load_request(
-            name, architecture=architecture, checkpoint=checkpoint, version=version,
-            device=device, dtype=dtype, architecture_args=architecture_args, strict=strict,
+            name,
+            architecture=architecture,
+            checkpoint=checkpoint,
+            version=version,
+            device=device,
+            dtype=dtype,
+            architecture_args=architecture_args,
+            strict=strict,
             batching=batching,
         )
         with translate_errors():
@@ -165,9 +173,7 @@ class AsyncModelHostClient:
     async def list_architectures(self) -> list[Architecture]:
         """Architectures the server can build."""
         with translate_errors():
-            reply = await self._stub.ListArchitectures(
-                pb.ListArchitecturesRequest(), **self._kw()
-            )
+            reply = await self._stub.ListArchitectures(pb.ListArchitecturesRequest(), **self._kw())
         return [Architecture.from_proto(a) for a in reply.architectures]
 
     async def predict(

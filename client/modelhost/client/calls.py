@@ -48,7 +48,7 @@ def serialize_source(source: Source) -> tuple[Iterator[memoryview], int]:
         import torch
 
         buffer = io.BytesIO()
-        torch.save(dict(source), buffer)
+        torch.save(source, buffer)
         view = buffer.getbuffer()
         return iter([view]), view.nbytes
     if hasattr(source, "state_dict"):

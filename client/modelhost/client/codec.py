@@ -8,7 +8,7 @@ torch is imported only by the torch functions, so numpy-only callers never need 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -17,7 +17,10 @@ from modelhost.v1 import modelhost_pb2 as pb
 if TYPE_CHECKING:
     import torch
 
-ITEMSIZE: dict[int, int] = {
+DataType: TypeAlias = pb.DataType.ValueType
+"""A `modelhost.v1.DataType` enum value."""
+
+ITEMSIZE: dict[DataType, int] = {
     pb.DATA_TYPE_FLOAT32: 4,
     pb.DATA_TYPE_FLOAT16: 2,
     pb.DATA_TYPE_BFLOAT16: 2,
@@ -30,7 +33,7 @@ ITEMSIZE: dict[int, int] = {
     pb.DATA_TYPE_BOOL: 1,
 }
 
-_NAMES: dict[int, str] = {
+_NAMES: dict[DataType, str] = {
     pb.DATA_TYPE_FLOAT32: "float32",
     pb.DATA_TYPE_FLOAT16: "float16",
     pb.DATA_TYPE_BFLOAT16: "bfloat16",
@@ -42,18 +45,25 @@ _NAMES: dict[int, str] = {
     pb.DATA_TYPE_INT64: "int64",
     pb.DATA_TYPE_BOOL: "bool",
 }
-_BY_NAME: dict[str, int] = {name: code for code, name in _NAMES.items()}
-_BY_NAME.update({"fp32": pb.DATA_TYPE_FLOAT32, "fp16": pb.DATA_TYPE_FLOAT16,
-                 "half": pb.DATA_TYPE_FLOAT16, "bf16": pb.DATA_TYPE_BFLOAT16,
-                 "float": pb.DATA_TYPE_FLOAT32, "double": pb.DATA_TYPE_FLOAT64})
+_BY_NAME: dict[str, DataType] = {name: code for code, name in _NAMES.items()}
+_BY_NAME.update(
+    {
+        "fp32": pb.DATA_TYPE_FLOAT32,
+        "fp16": pb.DATA_TYPE_FLOAT16,
+        "half": pb.DATA_TYPE_FLOAT16,
+        "bf16": pb.DATA_TYPE_BFLOAT16,
+        "float": pb.DATA_TYPE_FLOAT32,
+        "double": pb.DATA_TYPE_FLOAT64,
+    }
+)
 
 # numpy has no bfloat16; arrays of ml_dtypes.bfloat16 are recognised by name.
-_NUMPY: dict[int, np.dtype[Any]] = {
+_NUMPY: dict[DataType, np.dtype[Any]] = {
     code: np.dtype(name).newbyteorder("<")
     for code, name in _NAMES.items()
     if code != pb.DATA_TYPE_BFLOAT16
 }
-_FROM_NUMPY: dict[str, int] = {dt.name: code for code, dt in _NUMPY.items()}
+_FROM_NUMPY: dict[str, DataType] = {dt.name: code for code, dt in _NUMPY.items()}
 _FROM_NUMPY["bfloat16"] = pb.DATA_TYPE_BFLOAT16
 
 FLOATING = frozenset(
@@ -65,13 +75,13 @@ class TensorError(ValueError):
     """A tensor message that cannot be decoded (bad dtype, shape or byte length)."""
 
 
-def dtype_name(code: int) -> str:
+def dtype_name(code: DataType) -> str:
     """`DATA_TYPE_FLOAT32` -> "float32"; "unspecified" for 0."""
     return _NAMES.get(code, "unspecified")
 
 
-def parse_dtype(name: str) -> int:
-    """"float32", "fp16", "bf16", ... -> a `DataType` value; raises ValueError if unknown."""
+def parse_dtype(name: str) -> DataType:
+    """ "float32", "fp16", "bf16", ... -> a `DataType` value; raises ValueError if unknown."""
     try:
         return _BY_NAME[name.strip().lower().removeprefix("torch.")]
     except KeyError:
@@ -116,7 +126,7 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
     return np.frombuffer(tensor.data, dtype=_NUMPY[tensor.dtype]).reshape(shape).copy()
 
 
-def _torch_dtypes() -> dict[int, torch.dtype]:
+def _torch_dtypes() -> dict[DataType, torch.dtype]:
     import torch
 
     return {
@@ -133,12 +143,12 @@ def _torch_dtypes() -> dict[int, torch.dtype]:
     }
 
 
-def torch_dtype(code: int) -> torch.dtype:
+def torch_dtype(code: DataType) -> torch.dtype:
     """A `DataType` value -> the torch dtype."""
     return _torch_dtypes()[code]
 
 
-def data_type(dtype: torch.dtype) -> int:
+def data_type(dtype: torch.dtype) -> DataType:
     """A torch dtype -> its `DataType` value; raises TypeError if unsupported."""
     for code, candidate in _torch_dtypes().items():
         if candidate == dtype:

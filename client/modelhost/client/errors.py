@@ -96,9 +96,17 @@ class InternalError(ModelHostError):
 _BY_CODE: dict[grpc.StatusCode, type[ModelHostError]] = {
     cls.code: cls
     for cls in (
-        NotFoundError, InvalidArgumentError, AlreadyExistsError, ResourceExhaustedError,
-        FailedPreconditionError, DeadlineExceededError, UnavailableError,
-        UnauthenticatedError, PermissionDeniedError, DataLossError, InternalError,
+        NotFoundError,
+        InvalidArgumentError,
+        AlreadyExistsError,
+        ResourceExhaustedError,
+        FailedPreconditionError,
+        DeadlineExceededError,
+        UnavailableError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        DataLossError,
+        InternalError,
     )
 }
 

@@ -65,8 +65,12 @@ class ModelHostClient:
     ) -> CheckpointInfo:
         """Uploads a checkpoint: a file path, bytes, or a state_dict / checkpoint dict."""
         upload = calls.Upload(
-            name, source, metadata=metadata, overwrite=overwrite,
-            chunk_bytes=self.chunk_bytes, progress=progress,
+            name,
+            source,
+            metadata=metadata,
+            overwrite=overwrite,
+            chunk_bytes=self.chunk_bytes,
+            progress=progress,
         )
         with translate_errors():
             reply = self._stub.SaveCheckpoint(iter(upload), **self._kw(timeout))
@@ -137,8 +141,14 @@ class ModelHostClient:
     ) -> ModelInfo:
         """Builds `architecture`, loads `checkpoint` into it and serves it as `name`."""
         request = calls.load_request(
-            name, architecture=architecture, checkpoint=checkpoint, version=version,
-            device=device, dtype=dtype, architecture_args=architecture_args, strict=strict,
+            name,
+            architecture=architecture,
+            checkpoint=checkpoint,
+            version=version,
+            device=device,
+            dtype=dtype,
+            architecture_args=architecture_args,
+            strict=strict,
             batching=batching,
         )
         with translate_errors():

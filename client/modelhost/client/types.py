@@ -10,17 +10,20 @@ from typing import Any
 from modelhost.client.codec import dtype_name
 from modelhost.v1 import modelhost_pb2 as pb
 
-_FORMATS = {
+_FORMATS: dict[pb.CheckpointFormat.ValueType, str] = {
     pb.CHECKPOINT_FORMAT_STATE_DICT: "state_dict",
     pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT: "general_checkpoint",
     pb.CHECKPOINT_FORMAT_SAFETENSORS: "safetensors",
     pb.CHECKPOINT_FORMAT_EXPORTED_PROGRAM: "exported_program",
     pb.CHECKPOINT_FORMAT_PICKLED_MODEL: "pickled_model",
 }
-_STATES = {pb.MODEL_STATE_READY: "ready", pb.MODEL_STATE_UNLOADING: "unloading"}
+_STATES: dict[pb.ModelState.ValueType, str] = {
+    pb.MODEL_STATE_READY: "ready",
+    pb.MODEL_STATE_UNLOADING: "unloading",
+}
 
 
-def format_name(code: int) -> str:
+def format_name(code: pb.CheckpointFormat.ValueType) -> str:
     """`CHECKPOINT_FORMAT_SAFETENSORS` -> "safetensors"."""
     return _FORMATS.get(code, "unspecified")
 

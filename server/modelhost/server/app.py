@@ -66,8 +66,11 @@ class Server:
         pb_grpc.add_ModelHostServicer_to_server(ModelHostService(self.host), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         self.port = server.add_insecure_port(_address(settings.host, settings.port))
@@ -77,8 +80,12 @@ class Server:
         self._grpc = server
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("modelhost serving on %s (store %s, device %s)", self.target,
-                 settings.store, self.host.default_device)
+        log.info(
+            "modelhost serving on %s (store %s, device %s)",
+            self.target,
+            settings.store,
+            self.host.default_device,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, refuses new calls, lets calls in flight finish within

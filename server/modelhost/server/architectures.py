@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelhost.server.devices import is_oom
 from modelhost.server.errors import InvalidArgument, UnknownArchitecture
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,9 @@ class Builder:
         try:
             with torch.device(device):
                 model = self.fn(**kwargs)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as error:
+            if is_oom(error):
+                raise
             if str(device) == "meta":
                 log.debug("%s cannot be built on the meta device (%s)", self.name, error)
                 return self.build(args, "cpu")
@@ -154,7 +155,7 @@ def load_callable(spec: str) -> Callable[..., Any]:
         target = getattr(target, part)
     if not callable(target):
         raise ValueError(f"{spec!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def parse_setting(item: str) -> tuple[str, str]:
@@ -174,16 +175,21 @@ class ArchitectureCatalog:
             try:
                 self._add(Builder(point.name, "entry-point", "custom", point.load()))
             except Exception:
-                log.exception("architecture entry point %s (%s) failed to load",
-                              point.name, point.value)
+                log.exception(
+                    "architecture entry point %s (%s) failed to load", point.name, point.value
+                )
         for item in configured:
             name, spec = parse_setting(item)
             self._add(Builder(name, "setting", "custom", load_callable(spec)))
 
     def _add(self, builder: Builder) -> None:
         if builder.name in self._builders:
-            log.warning("architecture %s from %s replaces the one from %s", builder.name,
-                        builder.source, self._builders[builder.name].source)
+            log.warning(
+                "architecture %s from %s replaces the one from %s",
+                builder.name,
+                builder.source,
+                self._builders[builder.name].source,
+            )
         self._builders[builder.name] = builder
 
     def get(self, name: str) -> Builder:

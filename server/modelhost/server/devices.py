@@ -11,7 +11,7 @@ from modelhost.server.errors import InvalidArgument
 
 
 def resolve_device(requested: str, default: str) -> torch.device:
-    """"" -> the server default; "auto" -> cuda when present, else cpu; checks it exists."""
+    """ "" -> the server default; "auto" -> cuda when present, else cpu; checks it exists."""
     name = (requested or default).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ refuses every global outside torch's allow-list, so a file cannot run code.
 
 from __future__ import annotations
 
-import json
+import collections
 import pickle
 import re
 import struct
@@ -160,7 +160,9 @@ def read_weights(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     obj = load_torch(path)
     if fmt == GENERAL_CHECKPOINT:
         obj = next(obj[key] for key in MODEL_KEYS if _is_state_dict(obj.get(key)))
-    return dict(obj)
+    if not _is_state_dict(obj):
+        raise InvalidCheckpoint(f"the checkpoint holds no state_dict (a {type(obj).__name__})")
+    return obj  # keeps the state_dict's _metadata
 
 
 def strip_wrapper_prefixes(
@@ -168,11 +170,20 @@ def strip_wrapper_prefixes(
 ) -> dict[str, torch.Tensor]:
     """Removes `module.` / `_orig_mod.` prefixes when every key has one and the model's don't."""
     expected = set(expected)
+    metadata = getattr(state, "_metadata", None)
     changed = True
     while changed and state and not (state.keys() & expected):
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if all(key.startswith(prefix) for key in state):
                 state = {key[len(prefix) :]: value for key, value in state.items()}
+                if metadata is not None:
+                    metadata = {
+                        k.removeprefix(prefix.rstrip(".")).lstrip("."): v
+                        for k, v in metadata.items()
+                    }
                 changed = True
+    if metadata is not None and not hasattr(state, "_metadata"):
+        state = collections.OrderedDict(state)
+        state._metadata = metadata  # type: ignore[attr-defined]
     return state

@@ -48,7 +48,7 @@ class LoadRequest:
     checkpoint: str
     version: int = 0
     device: str = ""
-    dtype: int = pb.DATA_TYPE_UNSPECIFIED
+    dtype: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
     strict: bool = True
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
@@ -60,7 +60,9 @@ class Host:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = CheckpointStore(settings.store, max_checkpoint_bytes=settings.max_checkpoint_bytes)
+        self.store = CheckpointStore(
+            settings.store, max_checkpoint_bytes=settings.max_checkpoint_bytes
+        )
         self.store.recover()
         self.catalog = ArchitectureCatalog(settings.architectures)
         self.registry = Registry()
@@ -132,8 +134,12 @@ class Host:
         return name, metadata
 
     async def _commit(
-        self, pending: PendingWrite, name: str, contents: Contents,
-        metadata: dict[str, str], overwrite: bool,
+        self,
+        pending: PendingWrite,
+        name: str,
+        contents: Contents,
+        metadata: dict[str, str],
+        overwrite: bool,
     ) -> CheckpointRecord:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
@@ -148,7 +154,9 @@ class Host:
         loop = asyncio.get_running_loop()
         with self.store.open(check_name(name, "checkpoint")) as (record, file):
             yield record
-            while chunk := await loop.run_in_executor(self._io, file.read, self.settings.chunk_bytes):
+            while chunk := await loop.run_in_executor(
+                self._io, file.read, self.settings.chunk_bytes
+            ):
                 yield chunk
 
     def list_checkpoints(self) -> list[CheckpointRecord]:
@@ -182,8 +190,15 @@ class Host:
             raise
         hosted = self._host(spec, version, loaded, policy, request.architecture_args)
         self.registry.put(hosted)
-        log.info("serving %s version %d (%s from %s on %s, %.2fs)", spec.name, version,
-                 spec.architecture, spec.checkpoint, loaded.device, loaded.seconds)
+        log.info(
+            "serving %s version %d (%s from %s on %s, %.2fs)",
+            spec.name,
+            version,
+            spec.architecture,
+            spec.checkpoint,
+            loaded.device,
+            loaded.seconds,
+        )
         return hosted
 
     def _load_spec(self, request: LoadRequest) -> LoadSpec:
@@ -216,7 +231,11 @@ class Host:
         return policy
 
     def _host(
-        self, spec: LoadSpec, version: int, loaded: LoadedModule, policy: BatchPolicy,
+        self,
+        spec: LoadSpec,
+        version: int,
+        loaded: LoadedModule,
+        policy: BatchPolicy,
         raw_args: dict[str, str],
     ) -> HostedModel:
         shape = loaded.builder.input_shape
@@ -224,8 +243,14 @@ class Host:
         runner = Runner(loaded.module, loaded.device, loaded.dtype, inputs)
         batcher = Batcher(runner.run, policy, f"{spec.name}-{version}")
         return HostedModel(
-            name=spec.name, version=version, spec=spec, loaded=loaded, runner=runner,
-            batcher=batcher, loaded_at=time.time(), raw_args=dict(raw_args),
+            name=spec.name,
+            version=version,
+            spec=spec,
+            loaded=loaded,
+            runner=runner,
+            batcher=batcher,
+            loaded_at=time.time(),
+            raw_args=dict(raw_args),
         )
 
     async def unload_model(self, name: str, version: int = 0) -> list[int]:
@@ -262,7 +287,9 @@ class Host:
 
 
 def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:
-    state = {key: tensor.detach().cpu() for key, tensor in hosted.loaded.module.state_dict().items()}
+    state = {
+        key: tensor.detach().cpu() for key, tensor in hosted.loaded.module.state_dict().items()
+    }
     torch.save(state, pending)  # type: ignore[arg-type]
     return len(state)
 

@@ -85,7 +85,7 @@ class Runner:
 
     def _check(self, tensors: Tensors) -> None:
         if len(tensors) == 1 and len(self.inputs) == 1:
-            (name, tensor), = tensors.items()
+            ((name, tensor),) = tensors.items()
             self.inputs[0].check(tensor, name)
             return
         specs = {spec.name: spec for spec in self.inputs}

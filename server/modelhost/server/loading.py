@@ -58,7 +58,9 @@ class LoadedModule:
     seconds: float = 0.0
 
 
-def load_module(spec: LoadSpec, store: CheckpointStore, catalog: ArchitectureCatalog) -> LoadedModule:
+def load_module(
+    spec: LoadSpec, store: CheckpointStore, catalog: ArchitectureCatalog
+) -> LoadedModule:
     """Builds and loads `spec`; raises InvalidCheckpoint naming keys that do not fit."""
     started = time.perf_counter()
     builder = catalog.get(spec.architecture)

@@ -151,4 +151,3 @@ class Registry:
                 for name in sorted(self._models)
                 for version in sorted(self._models[name])
             ]
-

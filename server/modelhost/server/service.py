@@ -84,7 +84,9 @@ def streaming(
     """Maps the errors of a method that streams its replies."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[R]:
         try:
             async for reply in method(self, request, context):
                 yield reply
@@ -141,7 +143,9 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         return pb.ListCheckpointsResponse(checkpoints=map(messages.checkpoint_info, records))
 
     @unary
-    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any) -> pb.CheckpointInfo:
+    async def GetCheckpoint(
+        self, request: pb.GetCheckpointRequest, context: Any
+    ) -> pb.CheckpointInfo:
         return messages.checkpoint_info(self.host.get_checkpoint(request.name))
 
     @unary
@@ -172,12 +176,16 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         return messages.model_info(hosted, self.host.registry.versions(hosted.name))
 
     @unary
-    async def UnloadModel(self, request: pb.UnloadModelRequest, context: Any) -> pb.UnloadModelResponse:
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: Any
+    ) -> pb.UnloadModelResponse:
         versions = await self.host.unload_model(request.name, request.version)
         return pb.UnloadModelResponse(versions=versions)
 
     @unary
-    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
         registry = self.host.registry
         return pb.ListModelsResponse(
             models=[messages.model_info(h, registry.versions(h.name)) for h in registry.all()]

@@ -27,14 +27,22 @@ def _setting(default: Any, help: str, **kw: Any) -> Any:
 class Settings:
     """Everything the server can be told at start."""
 
-    host: str = _setting("127.0.0.1", "Address to bind; anything but loopback needs TLS, a token or --insecure.")
+    host: str = _setting(
+        "127.0.0.1", "Address to bind; anything but loopback needs TLS, a token or --insecure."
+    )
     port: int = _setting(50051, "gRPC port (0 picks a free one).")
     store: Path = _setting(Path("store"), "Folder of the checkpoint store (created if missing).")
-    device: str = _setting("auto", "Default device for models: auto (cuda when present), cpu, cuda, cuda:N.")
-    max_message_bytes: int = _setting(256 * MiB, "Largest unary request or reply (Predict) in bytes.")
+    device: str = _setting(
+        "auto", "Default device for models: auto (cuda when present), cpu, cuda, cuda:N."
+    )
+    max_message_bytes: int = _setting(
+        256 * MiB, "Largest unary request or reply (Predict) in bytes."
+    )
     chunk_bytes: int = _setting(2 * MiB, "Chunk size of DownloadCheckpoint streams in bytes.")
     max_checkpoint_bytes: int = _setting(0, "Largest checkpoint accepted, in bytes (0: no limit).")
-    max_batch_size: int = _setting(32, "Default most rows batched together per model (1: no batching).")
+    max_batch_size: int = _setting(
+        32, "Default most rows batched together per model (1: no batching)."
+    )
     max_queue_delay_us: int = _setting(1000, "Default wait for a batch to fill, in microseconds.")
     max_queue_size: int = _setting(512, "Default Predict requests that may wait per model version.")
     load_workers: int = _setting(2, "Threads that load checkpoints and build models.")
@@ -84,7 +92,9 @@ def parse_value(kind: Any, raw: str, name: str) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        raise ValueError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from None
 
 
 def settings_fields() -> list[tuple[str, Any, Any, str]]:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from modelhost.server.errors import AlreadyExists, CheckpointNotFound, LimitExceeded
 from modelhost.server.names import check_name
@@ -206,9 +206,15 @@ class CheckpointStore:
         """Moves a finished, validated temp file into the store under `name`."""
         entry = self._entry_path(name)
         record = CheckpointRecord(
-            name=name, sha256=pending.sha256, size_bytes=pending.size,
-            format=contents.format, tensor_count=contents.tensor_count, created=time.time(),
-            metadata=dict(metadata), epoch=contents.epoch, loss=contents.loss,
+            name=name,
+            sha256=pending.sha256,
+            size_bytes=pending.size,
+            format=contents.format,
+            tensor_count=contents.tensor_count,
+            created=time.time(),
+            metadata=dict(metadata),
+            epoch=contents.epoch,
+            loss=contents.loss,
         )
         with self._lock:
             if entry.exists() and not overwrite:
@@ -226,8 +232,12 @@ class CheckpointStore:
             self._write_entry(entry, record)
             if previous and previous != record.sha256:
                 self._drop_blob_if_unused(previous)
-        log.info("stored checkpoint %s (%d bytes, sha256 %s)", name, record.size_bytes,
-                 record.sha256[:12])
+        log.info(
+            "stored checkpoint %s (%d bytes, sha256 %s)",
+            name,
+            record.size_bytes,
+            record.sha256[:12],
+        )
         return record
 
     def delete(self, name: str) -> None:

@@ -1,0 +1,7 @@
+"""`python -m modelhost.cli`."""
+
+import sys
+
+from modelhost.cli import main
+
+sys.exit(main())

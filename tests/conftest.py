@@ -1,0 +1,75 @@
+"""Fixtures: a real server on 127.0.0.1 (port 0) with a temp store, and clients of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from modelhost.client import ModelHostClient
+from modelhost.server import Server, Settings, running
+
+TEST_ARCHITECTURES = ["memory_hog=helpers.models:memory_hog", "tiny_mlp=helpers.models:tiny_mlp"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Server settings: loopback, any free port, a temp store, CPU."""
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        store=tmp_path / "store",
+        device="cpu",
+        architectures=list(TEST_ARCHITECTURES),
+    )
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[Server]:
+    with running(settings) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[ModelHostClient]:
+    with ModelHostClient(server.target, timeout=120) as c:
+        yield c
+
+
+def resnet18(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
+    """A small torchvision model with seeded random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(num_classes=num_classes).eval()
+
+
+def images(n: int = 2, size: int = 32, seed: int = 0) -> np.ndarray[Any, Any]:
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def reference(model: torch.nn.Module, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The in-process model's output on the same input."""
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def served_resnet(client: ModelHostClient) -> torch.nn.Module:
+    """resnet18 (10 classes) uploaded and loaded as model "r18"; returns the in-process twin."""
+    model = resnet18()
+    client.save_checkpoint("r18-weights", model.state_dict())
+    client.load_model(
+        "r18",
+        architecture="resnet18",
+        checkpoint="r18-weights",
+        architecture_args={"num_classes": 10},
+    )
+    return model

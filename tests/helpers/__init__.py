@@ -1,0 +1,1 @@
+"""Test-only helpers importable by the server under test (via --architecture settings)."""

@@ -1,0 +1,126 @@
+"""The `modelhost` command against a real server, and `modelhost serve` as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import images, reference, resnet18
+from modelhost.cli import main
+from modelhost.client import ModelHostClient
+from modelhost.server import Server
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_client_commands(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ("--target", server.target)
+    model = resnet18()
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+
+    code, out, err = run(capsys, "upload", "w", str(weights), "-m", "team=vision", *target)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["name"] == "w" and info["metadata"] == {"team": "vision"}
+    assert "upload w [" in err and "100.0%" in err  # the progress bar
+
+    code, out, err = run(
+        capsys,
+        "load",
+        "m",
+        "-a",
+        "resnet18",
+        "-c",
+        "w",
+        "--arg",
+        "num_classes=10",
+        "--max-batch-size",
+        "4",
+        *target,
+    )
+    assert code == 0, err
+    loaded = json.loads(out)
+    assert loaded["version"] == 1 and loaded["batching"]["max_batch_size"] == 4
+
+    x = images(2)
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = run(
+        capsys, "predict", "m", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), *target
+    )
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference(model, x))
+    code, out, _ = run(capsys, "predict", "m", str(tmp_path / "x.npy"), *target)
+    assert json.loads(out)["output"]["shape"] == [2, 10]
+
+    code, out, err = run(capsys, "snapshot", "m", "snap", *target)
+    assert code == 0 and json.loads(out)["metadata"]["snapshot_of"] == "m:1"
+    code, out, err = run(capsys, "download", "snap", str(tmp_path / "snap.pt"), *target)
+    assert code == 0 and "download snap" in err
+    state = torch.load(tmp_path / "snap.pt", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+    code, out, _ = run(capsys, "list", *target)
+    assert "m v1 ready resnet18" in out and "snap state_dict" in out
+    code, out, _ = run(capsys, "list", "architectures", "--json", *target)
+    assert any(a["name"] == "vgg16" for a in json.loads(out)["architectures"])
+    code, out, _ = run(capsys, "health", *target)
+    assert (code, out.strip()) == (0, "SERVING")
+    code, out, _ = run(capsys, "unload", "m", *target)
+    assert json.loads(out) == {"unloaded": [1]}
+    code, out, _ = run(capsys, "delete", "snap", *target)
+    assert code == 0
+
+    code, _, err = run(capsys, "predict", "m", str(tmp_path / "x.npy"), *target)
+    assert code == 1 and "NOT_FOUND" in err and "'m'" in err
+
+
+def test_serve_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "MODELHOST_STORE": str(tmp_path / "store"),
+        "MODELHOST_DEVICE": "cpu",
+        "MODELHOST_GRACE_SECONDS": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelhost.cli", "serve", "--port", "0", "--host", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        target = None
+        deadline = time.monotonic() + 60
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "serving on" in line:
+                target = line.split("serving on ")[1].split()[0]
+                break
+            assert time.monotonic() < deadline
+        assert target, "the server never said where it serves"
+        with ModelHostClient(target, timeout=10) as client:
+            assert client.health() == "SERVING"
+            assert client.list_checkpoints() == []
+        assert (tmp_path / "store" / "checkpoints").is_dir()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
