@@ -21,7 +21,7 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class InputSpec:
-    """An input the model expects; -1 in `shape` accepts any size."""
+    """A tensor the model takes or returns; -1 in `shape` is any size."""
 
     name: str
     dtype: torch.dtype
@@ -64,6 +64,7 @@ class Runner:
         self.device = device
         self.dtype = dtype
         self.inputs = tuple(inputs)
+        self.outputs: tuple[InputSpec, ...] = ()  # learned from the first successful run
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def decode(self, inputs: Mapping[str, pb.Tensor]) -> Tensors:
@@ -109,6 +110,11 @@ class Runner:
                 host = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
                 if self._stream is not None:
                     self._stream.synchronize()
+            if not self.outputs:
+                self.outputs = tuple(
+                    InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
+                    for name, t in host.items()
+                )
             return host
         except (InvalidInput, OutOfMemory):
             raise
