@@ -14,7 +14,11 @@ import torchvision
 from modelhost.client import ModelHostClient
 from modelhost.server import Server, Settings, running
 
-TEST_ARCHITECTURES = ["memory_hog=helpers.models:memory_hog", "tiny_mlp=helpers.models:tiny_mlp"]
+TEST_ARCHITECTURES = [
+    "memory_hog=helpers.models:memory_hog",
+    "tiny_mlp=helpers.models:tiny_mlp",
+    "broken=helpers.models:broken",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:

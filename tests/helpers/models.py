@@ -27,3 +27,7 @@ def memory_hog() -> nn.Module:
 
 def tiny_mlp(features: int = 4, hidden: int = 8, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def broken(**kwargs: object) -> nn.Module:
+    raise ValueError("this builder always fails (a test of builder errors)")

@@ -135,6 +135,8 @@ def cmd_load(client: ModelHostClient, args: argparse.Namespace) -> Any:
         architecture_args={k: _json_value(v) for k, v in _pairs(args.arg, "--arg").items()},
         strict=not args.no_strict,
         batching=batching,
+        weights=args.weights,
+        channels_last=args.channels_last,
     )
 
 
@@ -265,8 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("load", cmd_load, "Build an architecture, load a checkpoint, serve it.")
     p.add_argument("name")
-    p.add_argument("--architecture", "-a", required=True)
-    p.add_argument("--checkpoint", "-c", required=True)
+    p.add_argument(
+        "--architecture",
+        "-a",
+        default="",
+        help="architecture to build (omit for exported programs / pickled models)",
+    )
+    p.add_argument("--checkpoint", "-c", default="", help="stored checkpoint with the weights")
+    p.add_argument("--weights", help="torchvision pretrained weights instead, e.g. IMAGENET1K_V1")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument(
         "--arg",
         action="append",

@@ -124,17 +124,24 @@ class AsyncModelHostClient:
         self,
         name: str,
         *,
-        architecture: str,
-        checkpoint: str,
+        architecture: str = "",
+        checkpoint: str = "",
         version: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
         architecture_args: Mapping[str, Any] | None = None,
         strict: bool = True,
         batching: Mapping[str, int] | None = None,
+        weights: str | None = None,
+        channels_last: bool = False,
         timeout: float | None = None,
     ) -> ModelInfo:
-        """Builds `architecture`, loads `checkpoint` into it and serves it as `name`."""
+        """Builds `architecture`, loads `checkpoint` into it and serves it as `name`.
+
+        `weights` loads torchvision pretrained weights (e.g. "IMAGENET1K_V1") instead of a
+        checkpoint. Exported programs and pickled models need no `architecture`.
+        `batching` takes max_batch_size, max_queue_delay_us and max_queue_size.
+        """
         request = calls.load_request(
             name,
             architecture=architecture,
@@ -145,6 +152,8 @@ class AsyncModelHostClient:
             architecture_args=architecture_args,
             strict=strict,
             batching=batching,
+            weights=weights,
+            channels_last=channels_last,
         )
         with translate_errors():
             reply = await self._stub.LoadModel(request, **self._kw(timeout))

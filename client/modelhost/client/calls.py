@@ -193,6 +193,8 @@ def load_request(
     architecture_args: Mapping[str, Any] | None,
     strict: bool,
     batching: Mapping[str, int] | None = None,
+    weights: str | None = None,
+    channels_last: bool = False,
 ) -> pb.LoadModelRequest:
     """Builds a LoadModelRequest; builder arguments travel as JSON literals."""
     return pb.LoadModelRequest(
@@ -205,6 +207,8 @@ def load_request(
         dtype=codec.parse_dtype(dtype) if dtype else pb.DATA_TYPE_UNSPECIFIED,
         strict=strict,
         batching=pb.BatchingConfig(**(batching or {})),
+        weights=weights or "",
+        channels_last=channels_last,
     )
 
 

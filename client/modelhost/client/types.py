@@ -101,6 +101,9 @@ class ModelInfo:
     inputs: tuple[TensorSpec, ...] = ()
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
+    weights: str = ""
+    channels_last: bool = False
+    format: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -129,6 +132,9 @@ class ModelInfo:
             ),
             missing_keys=tuple(msg.missing_keys),
             unexpected_keys=tuple(msg.unexpected_keys),
+            weights=msg.weights,
+            channels_last=msg.channels_last,
+            format=format_name(msg.format),
         )
 
 

@@ -700,14 +700,17 @@ class LoadModelRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
     BATCHING_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    CHANNELS_LAST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to serve the model under."""
     architecture: _builtins.str
     """Architecture to build: a torchvision.models name such as "resnet50" (see
-    ListArchitectures), or a builder the operator registered.
+    ListArchitectures), or a builder the operator registered. Leave it empty for
+    checkpoints that carry their own graph (exported programs, pickled models).
     """
     checkpoint: _builtins.str
-    """Name of the stored checkpoint holding the weights."""
+    """Name of the stored checkpoint holding the weights. Empty when `weights` is set."""
     version: _builtins.int
     """Version to register; 0 means one more than the newest hosted version (1 for
     a new model). An existing version fails with ALREADY_EXISTS.
@@ -722,6 +725,16 @@ class LoadModelRequest(_message.Message):
     """Require the checkpoint's keys and shapes to match the model exactly
     (default true). When false, missing and unexpected keys are reported in
     ModelInfo and missing weights keep the builder's initial values.
+    """
+    weights: _builtins.str
+    """torchvision pretrained weights instead of a checkpoint: a member of the
+    architecture's weights enum, e.g. "IMAGENET1K_V1", or "DEFAULT". Fetched
+    through torchvision's download cache ($TORCH_HOME/hub/checkpoints) and loaded
+    with weights_only=True.
+    """
+    channels_last: _builtins.bool
+    """Store 4-d weights and inputs in channels_last memory format (faster
+    convolutions on GPUs with tensor cores and on recent CPUs).
     """
     @_builtins.property
     def architecture_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -745,10 +758,12 @@ class LoadModelRequest(_message.Message):
         dtype: Global___DataType.ValueType = ...,
         strict: _builtins.bool | None = ...,
         batching: Global___BatchingConfig | None = ...,
+        weights: _builtins.str = ...,
+        channels_last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "batching", b"batching", "strict", b"strict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "architecture", b"architecture", "architecture_args", b"architecture_args", "batching", b"batching", "checkpoint", b"checkpoint", "device", b"device", "dtype", b"dtype", "name", b"name", "strict", b"strict", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "architecture", b"architecture", "architecture_args", b"architecture_args", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "device", b"device", "dtype", b"dtype", "name", b"name", "strict", b"strict", "version", b"version", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__strict: _TypeAlias = _typing.Literal["strict"]  # noqa: Y015
     _WhichOneofArgType__strict: _TypeAlias = _typing.Literal["_strict", b"_strict"]  # noqa: Y015
@@ -800,6 +815,9 @@ class ModelInfo(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     MISSING_KEYS_FIELD_NUMBER: _builtins.int
     UNEXPECTED_KEYS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    CHANNELS_LAST_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     version: _builtins.int
@@ -822,6 +840,12 @@ class ModelInfo(_message.Message):
     """Bytes of parameters and buffers held on the device."""
     load_seconds: _builtins.float
     """Seconds LoadModel took, from request to ready."""
+    weights: _builtins.str
+    """Pretrained weights it was loaded with (LoadModelRequest.weights), if any."""
+    channels_last: _builtins.bool
+    """Whether weights and inputs use channels_last memory format."""
+    format: Global___CheckpointFormat.ValueType
+    """Format of the checkpoint it was loaded from."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every version of this model that is hosted, ascending."""
@@ -871,10 +895,13 @@ class ModelInfo(_message.Message):
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         missing_keys: _abc.Iterable[_builtins.str] | None = ...,
         unexpected_keys: _abc.Iterable[_builtins.str] | None = ...,
+        weights: _builtins.str = ...,
+        channels_last: _builtins.bool = ...,
+        format: Global___CheckpointFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "loaded_at", b"loaded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "batching", b"batching", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "inputs", b"inputs", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "parameter_count", b"parameter_count", "state", b"state", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "parameter_count", b"parameter_count", "state", b"state", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

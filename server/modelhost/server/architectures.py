@@ -92,6 +92,32 @@ class Builder:
             )
         return model
 
+    def pretrained(self, weights: str) -> tuple[Any, dict[str, Any]]:
+        """torchvision weights enum member `weights` and the builder arguments it implies."""
+        if self.source != "torchvision":
+            raise InvalidArgument(
+                f"pretrained weights are only known for torchvision architectures, "
+                f"not {self.name!r} ({self.source})"
+            )
+        import torchvision.models as tvm
+
+        enum = tvm.get_model_weights(self.name)
+        try:
+            member = enum[weights]
+        except KeyError:
+            known = ", ".join(["DEFAULT", *enum.__members__])
+            raise InvalidArgument(
+                f"{self.name} has no pretrained weights {weights!r}; known: {known}"
+            ) from None
+        implied: dict[str, Any] = {}
+        if "categories" in member.meta:
+            implied["num_classes"] = len(member.meta["categories"])
+        if self.name in {"googlenet", "inception_v3"}:
+            implied.update(transform_input=True, aux_logits=True, init_weights=False)
+        if self.name.startswith("vit_"):
+            implied["image_size"] = member.meta["min_size"][0]
+        return member, implied
+
     def parameters(self) -> list[Parameter]:
         """The builder's keyword parameters (and its model class's, behind **kwargs)."""
         found: dict[str, Parameter] = {}

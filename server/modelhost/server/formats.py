@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -45,14 +46,61 @@ PICKLE_ADVICE = (
 )
 
 
-def inspect(path: Path) -> Contents:
-    """Validates a stored file and says what it holds; InvalidCheckpoint if unusable."""
+UNSAFE_ADVICE = (
+    "An operator who trusts every uploader can allow them with --allow-pickled-models "
+    "(MODELHOST_ALLOW_PICKLED_MODELS=true)."
+)
+
+
+class PickledObjects(InvalidCheckpoint):
+    """The file holds pickled Python objects that weights_only loading refuses."""
+
+
+def inspect(path: Path, *, allow_pickled: bool = False) -> Contents:
+    """Validates a stored file and says what it holds; InvalidCheckpoint if unusable.
+
+    Never runs code from the file: whole pickled models and exported programs are
+    only recognised here (and refused unless `allow_pickled`), not loaded.
+    """
     kind = sniff(path)
     if kind == SAFETENSORS:
         return Contents(SAFETENSORS, len(_safetensors_keys(path)))
     if kind == EXPORTED_PROGRAM:
-        return Contents(EXPORTED_PROGRAM, 0)
-    return _describe(load_torch(path))
+        if not allow_pickled:
+            raise InvalidCheckpoint(
+                "refused: an exported program (torch.export) can only be loaded with "
+                "torch.export.load, which unpickles parts of the archive (weights, "
+                f"constants, sample inputs) and so can run code from the file. {PICKLE_ADVICE} "
+                f"{UNSAFE_ADVICE}"
+            )
+        return Contents(EXPORTED_PROGRAM, _archive_count(path, "/data/weights/weight_"))
+    try:
+        return _describe(load_torch(path))
+    except PickledObjects as error:
+        if not allow_pickled:
+            raise InvalidCheckpoint(f"{error} {UNSAFE_ADVICE}") from None
+        _check_pickle_structure(path)
+        return Contents(PICKLED_MODEL, _archive_count(path, "/data/"))
+
+
+def _archive_count(path: Path, marker: str) -> int:
+    with zipfile.ZipFile(path) as archive:
+        return sum(
+            1 for name in archive.namelist() if marker in name and not name.endswith(".json")
+        )
+
+
+def _check_pickle_structure(path: Path) -> None:
+    """Parses the pickle opcodes without executing any (a corrupt file fails here)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            raise InvalidCheckpoint("a pickled model must be a torch.save zip archive")
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            for _ in pickletools.genops(archive.read(name)):
+                pass
+    except (StopIteration, ValueError, zipfile.BadZipFile) as error:
+        raise InvalidCheckpoint(f"not a readable pickled model: {error}") from None
 
 
 def sniff(path: Path) -> str:
@@ -92,7 +140,7 @@ def load_torch(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         found = _UNSAFE_GLOBAL.search(str(error))
         what = f" ({found.group(1)})" if found else ""
-        raise InvalidCheckpoint(
+        raise PickledObjects(
             f"refused: the file holds pickled Python objects{what}, and loading those runs "
             f"code from the file (a whole model saved with torch.save(model)?). {PICKLE_ADVICE}"
         ) from None
@@ -187,3 +235,27 @@ def strip_wrapper_prefixes(
         state = collections.OrderedDict(state)
         state._metadata = metadata  # type: ignore[attr-defined]
     return state
+
+
+def load_pickled_model(path: Path) -> torch.nn.Module:
+    """UNSAFE, opt-in only: unpickles a whole model (runs code from the file)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise InvalidCheckpoint(
+            f"the pickled model needs a class the server cannot import: {error}"
+        ) from None
+    except Exception as error:
+        raise InvalidCheckpoint(f"the pickled model failed to load: {error}") from None
+    if not isinstance(obj, torch.nn.Module):
+        raise InvalidCheckpoint(f"the pickle holds a {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def load_exported_program(path: Path) -> torch.export.ExportedProgram:
+    """UNSAFE, opt-in only: torch.export.load unpickles parts of the archive."""
+    try:
+        with path.open("rb") as file:  # a file object: the blob's name has no .pt2 suffix
+            return torch.export.load(file)
+    except Exception as error:
+        raise InvalidCheckpoint(f"the exported program failed to load: {error}") from None

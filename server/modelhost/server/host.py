@@ -8,6 +8,7 @@ requests into calls of these methods and errors into gRPC statuses. Blocking wor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -23,7 +24,7 @@ from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Outputs
 from modelhost.server.devices import release_memory, resolve_device
 from modelhost.server.errors import ChecksumMismatch, InvalidArgument, ShuttingDown
-from modelhost.server.inference import InputSpec, Runner
+from modelhost.server.inference import Runner
 from modelhost.server.loading import LoadedModule, LoadSpec, load_module
 from modelhost.server.names import check_name
 from modelhost.server.registry import HostedModel, Registry
@@ -50,6 +51,8 @@ class LoadRequest:
     device: str = ""
     dtype: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
     strict: bool = True
+    weights: str = ""
+    channels_last: bool = False
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
@@ -70,6 +73,7 @@ class Host:
         self._io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._loads = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="load")
         self._closing = False
+        self._unsafe = settings.allow_pickled_models
 
     # Checkpoints
 
@@ -102,7 +106,9 @@ class Host:
                 raise ChecksumMismatch(
                     f"upload has sha256 {pending.sha256}, announced {wanted}; nothing stored"
                 )
-            contents = await loop.run_in_executor(self._io, formats.inspect, pending.path)
+            contents = await loop.run_in_executor(
+                self._io, lambda: formats.inspect(pending.path, allow_pickled=self._unsafe)
+            )
             return await self._commit(pending, name, contents, metadata, header.overwrite)
 
     async def save_snapshot(self, header: pb.SaveCheckpointHeader) -> CheckpointRecord:
@@ -178,7 +184,10 @@ class Host:
         policy = self._policy(request)
         version = self.registry.reserve(spec.name, request.version)
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._loads, load_module, spec, self.store, self.catalog)
+        job = loop.run_in_executor(
+            self._loads,
+            lambda: load_module(spec, self.store, self.catalog, allow_pickled=self._unsafe),
+        )
         try:
             loaded = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
@@ -209,14 +218,18 @@ class Host:
             )
         if request.version < 0:
             raise InvalidArgument(f"version {request.version} is negative")
+        if bool(request.checkpoint) == bool(request.weights):
+            raise InvalidArgument("LoadModel needs either a checkpoint or pretrained weights")
         return LoadSpec(
             name=check_name(request.name, "model"),
             architecture=request.architecture,
             args=parse_args(request.architecture_args),
-            checkpoint=check_name(request.checkpoint, "checkpoint"),
+            checkpoint=check_name(request.checkpoint, "checkpoint") if request.checkpoint else "",
             device=resolve_device(request.device, str(self.default_device)),
             dtype=codec.torch_dtype(request.dtype) if request.dtype else None,
             strict=request.strict,
+            weights=request.weights,
+            channels_last=request.channels_last,
         )
 
     def _policy(self, request: LoadRequest) -> BatchPolicy:
@@ -238,9 +251,15 @@ class Host:
         policy: BatchPolicy,
         raw_args: dict[str, str],
     ) -> HostedModel:
-        shape = loaded.builder.input_shape
-        inputs = [InputSpec("input", loaded.dtype, shape)] if shape else []
-        runner = Runner(loaded.module, loaded.device, loaded.dtype, inputs)
+        if any(s.shape and s.shape[0] != -1 for s in loaded.inputs):
+            policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
+        runner = Runner(
+            loaded.module,
+            loaded.device,
+            loaded.dtype,
+            loaded.inputs,
+            channels_last=spec.channels_last,
+        )
         batcher = Batcher(runner.run, policy, f"{spec.name}-{version}")
         return HostedModel(
             name=spec.name,

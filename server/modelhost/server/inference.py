@@ -59,8 +59,11 @@ class Runner:
         device: torch.device,
         dtype: torch.dtype,
         inputs: Sequence[InputSpec] = (),
+        *,
+        channels_last: bool = False,
     ) -> None:
         self.module = module
+        self.channels_last = channels_last
         self.device = device
         self.dtype = dtype
         self.inputs = tuple(inputs)
@@ -135,6 +138,8 @@ class Runner:
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         if tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
+        if self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         return tensor
 
     def _on_stream(self) -> contextlib.AbstractContextManager[Any]:

@@ -5,6 +5,9 @@ the checkpoint is memory-mapped, `load_state_dict(assign=True)` adopts the mappe
 tensors as parameters, and `.to(device, dtype)` makes the only copy. Modules that
 cannot take that path (non-persistent buffers, missing keys with strict=False, a
 builder that needs real tensors) are built on the CPU and loaded by copy.
+
+Exported programs and pickled whole models carry their own graph or class; they
+are loaded only when the operator allowed them (`allow_pickled_models`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import torch
 from torch import nn
 
 from modelhost.server import formats
-from modelhost.server.architectures import ArchitectureCatalog, Builder
+from modelhost.server.architectures import ArchitectureCatalog
 from modelhost.server.devices import is_oom, module_bytes, release_memory
-from modelhost.server.errors import InvalidCheckpoint, OutOfMemory
+from modelhost.server.errors import InvalidArgument, InvalidCheckpoint, OutOfMemory, Refused
+from modelhost.server.inference import InputSpec
 from modelhost.server.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)
 
 _MAX_LISTED_KEYS = 10
+_GRAPH_FORMATS = {formats.PICKLED_MODEL, formats.EXPORTED_PROGRAM}
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class LoadSpec:
     device: torch.device
     dtype: torch.dtype | None
     strict: bool = True
+    weights: str = ""
+    channels_last: bool = False
 
 
 @dataclass
@@ -47,62 +54,170 @@ class LoadedModule:
     """An eval-mode module on its device, and what loading it found."""
 
     module: nn.Module
-    record: CheckpointRecord
-    builder: Builder
+    record: CheckpointRecord | None
     device: torch.device
     dtype: torch.dtype
     parameter_count: int
     device_bytes: int
+    inputs: list[InputSpec] = field(default_factory=list)
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    weights_meta: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def format(self) -> str:
+        return self.record.format if self.record else formats.STATE_DICT
+
+
+@dataclass
+class _Built:
+    module: nn.Module
+    inputs: list[InputSpec]
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    weights_meta: dict[str, Any] = field(default_factory=dict)
+    exported: bool = False
 
 
 def load_module(
-    spec: LoadSpec, store: CheckpointStore, catalog: ArchitectureCatalog
+    spec: LoadSpec,
+    store: CheckpointStore,
+    catalog: ArchitectureCatalog,
+    *,
+    allow_pickled: bool = False,
 ) -> LoadedModule:
     """Builds and loads `spec`; raises InvalidCheckpoint naming keys that do not fit."""
     started = time.perf_counter()
-    builder = catalog.get(spec.architecture)
-    record = store.get(spec.checkpoint)
-    module: nn.Module | None = None
+    record = store.get(spec.checkpoint) if spec.checkpoint else None
     try:
-        state = formats.read_weights(store.blob_path(record), record.format)
-        module = builder.build(spec.args, "meta")
-        expected = module.state_dict()
-        state = formats.strip_wrapper_prefixes(state, expected.keys())
-        missing, unexpected = _check_keys(spec, state, expected)
-        if _on_meta(module):
-            module.load_state_dict(state, strict=spec.strict, assign=True)
-        if _on_meta(module):  # something the checkpoint does not hold: build for real
-            module = builder.build(spec.args, "cpu")
-            module.load_state_dict(state, strict=spec.strict)
-        del state
+        if record is not None and record.format in _GRAPH_FORMATS:
+            built = _load_graph(spec, record, store, allow_pickled)
+        else:
+            built = _load_weights(spec, record, store, catalog)
+        module = built.module
         module.to(device=spec.device, dtype=spec.dtype)
-        module.eval().requires_grad_(False)
+        if spec.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if not built.exported:  # an exported graph is fixed in the mode it was exported in
+            module.eval()
+        module.requires_grad_(False)
         if spec.device.type == "cuda":
             torch.cuda.synchronize(spec.device)
     except Exception as error:
-        module = None
         if is_oom(error):
             release_memory(spec.device)
             raise OutOfMemory(
-                f"out of memory loading {spec.architecture!r} from {spec.checkpoint!r} "
-                f"onto {spec.device}: {str(error).splitlines()[0]}"
+                f"out of memory loading {spec.name!r} onto {spec.device}: "
+                f"{str(error).splitlines()[0]}"
             ) from None
         raise
+    dtype = _float_dtype(module)
     return LoadedModule(
         module=module,
         record=record,
-        builder=builder,
         device=spec.device,
-        dtype=_float_dtype(module),
+        dtype=dtype,
         parameter_count=sum(p.numel() for p in module.parameters()),
         device_bytes=module_bytes(module),
-        missing_keys=missing,
-        unexpected_keys=unexpected,
+        inputs=[
+            InputSpec(s.name, dtype if s.dtype.is_floating_point else s.dtype, s.shape)
+            for s in built.inputs
+        ],
+        missing_keys=built.missing,
+        unexpected_keys=built.unexpected,
+        weights_meta=built.weights_meta,
         seconds=time.perf_counter() - started,
     )
+
+
+def _load_weights(
+    spec: LoadSpec,
+    record: CheckpointRecord | None,
+    store: CheckpointStore,
+    catalog: ArchitectureCatalog,
+) -> _Built:
+    if not spec.architecture:
+        raise InvalidArgument(
+            f"checkpoint {spec.checkpoint!r} holds weights only: name the architecture to build"
+        )
+    builder = catalog.get(spec.architecture)
+    args = dict(spec.args)
+    weights_meta: dict[str, Any] = {}
+    if spec.weights:
+        member, implied = builder.pretrained(spec.weights)
+        args = {**implied, **args}
+        weights_meta = {"weights": member, **member.meta}
+        state = _fetch_pretrained(member.url)
+    elif record is not None:
+        state = formats.read_weights(store.blob_path(record), record.format)
+    else:
+        raise InvalidArgument("LoadModel needs a checkpoint or pretrained weights")
+    module = builder.build(args, "meta")
+    expected = module.state_dict()
+    state = formats.strip_wrapper_prefixes(state, expected.keys())
+    missing, unexpected = _check_keys(spec, state, expected)
+    if _on_meta(module):
+        module.load_state_dict(state, strict=spec.strict, assign=True)
+    if _on_meta(module):  # something the checkpoint does not hold: build for real
+        module = builder.build(args, "cpu")
+        module.load_state_dict(state, strict=spec.strict)
+    shape = builder.input_shape
+    inputs = [InputSpec("input", torch.float32, shape)] if shape else []
+    return _Built(module, inputs, missing, unexpected, weights_meta)
+
+
+def _fetch_pretrained(url: str) -> dict[str, torch.Tensor]:
+    """torchvision's download cache, but loaded with weights_only=True."""
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
+        )
+    except OSError as error:
+        raise Refused(
+            f"pretrained weights {url} are not in the cache ($TORCH_HOME/hub/checkpoints) "
+            f"and could not be downloaded: {error}"
+        ) from None
+    return state
+
+
+def _load_graph(
+    spec: LoadSpec, record: CheckpointRecord, store: CheckpointStore, allow_pickled: bool
+) -> _Built:
+    if spec.architecture or spec.args:
+        raise InvalidArgument(
+            f"checkpoint {spec.checkpoint!r} is a {record.format} and brings its own graph: "
+            "leave architecture and its arguments empty"
+        )
+    if not allow_pickled:
+        raise Refused(
+            f"checkpoint {spec.checkpoint!r} is a {record.format}, and loading one runs code "
+            f"from the file; this server does not allow that. {formats.UNSAFE_ADVICE}"
+        )
+    path = store.blob_path(record)
+    if record.format == formats.PICKLED_MODEL:
+        return _Built(formats.load_pickled_model(path), [])
+    program = formats.load_exported_program(path)
+    if spec.device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, spec.device)
+    return _Built(program.module(), _exported_inputs(program), exported=True)
+
+
+def _exported_inputs(program: torch.export.ExportedProgram) -> list[InputSpec]:
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if (
+            node.op == "placeholder"
+            and node.name in user_inputs
+            and isinstance(value, torch.Tensor)
+        ):
+            shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
+            specs.append(InputSpec(node.name, value.dtype, shape))
+    return specs
 
 
 def _check_keys(
@@ -123,8 +238,9 @@ def _check_keys(
     if spec.strict and unexpected:
         problems.append("unexpected keys: " + _listing(unexpected))
     if problems:
+        source = f"checkpoint {spec.checkpoint!r}" if spec.checkpoint else spec.weights
         raise InvalidCheckpoint(
-            f"checkpoint {spec.checkpoint!r} does not fit architecture {spec.architecture!r} "
+            f"{source} does not fit architecture {spec.architecture!r} "
             f"with arguments {spec.args}: " + "; ".join(problems)
         )
     return missing, unexpected

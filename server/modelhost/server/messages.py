@@ -50,7 +50,7 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         architecture=hosted.spec.architecture,
         architecture_args=hosted.raw_args,
         checkpoint=hosted.spec.checkpoint,
-        checkpoint_sha256=loaded.record.sha256,
+        checkpoint_sha256=loaded.record.sha256 if loaded.record else "",
         device=str(loaded.device),
         dtype=codec.data_type(loaded.dtype),
         parameter_count=loaded.parameter_count,
@@ -68,6 +68,9 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         ],
         missing_keys=loaded.missing_keys,
         unexpected_keys=loaded.unexpected_keys,
+        weights=hosted.spec.weights,
+        channels_last=hosted.spec.channels_last,
+        format=_FORMATS.get(loaded.format, pb.CHECKPOINT_FORMAT_UNSPECIFIED),
     )
 
 

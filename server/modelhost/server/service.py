@@ -168,6 +168,8 @@ class ModelHostService(pb_grpc.ModelHostServicer):
                 device=request.device,
                 dtype=request.dtype,
                 strict=request.strict if request.HasField("strict") else True,
+                weights=request.weights,
+                channels_last=request.channels_last,
                 max_batch_size=batching.max_batch_size,
                 max_queue_delay_us=batching.max_queue_delay_us,
                 max_queue_size=batching.max_queue_size,

@@ -1,0 +1,172 @@
+"""Open Inference Protocol tensors to and from `modelhost.v1.Tensor`.
+
+OIP names data types with strings ("FP32", "INT64", ...) and carries elements
+either as raw little-endian bytes (`raw_input_contents`, one entry per input) or
+as typed repeated fields (`InferInputTensor.contents`). Both become a
+`modelhost.v1.Tensor`; raw bytes are used as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from modelhost.client import codec
+from modelhost.oip import grpc_service_pb2 as oip
+from modelhost.oip import model_config_pb2 as mc
+from modelhost.server.errors import InvalidArgument, InvalidInput
+from modelhost.server.inference import InputSpec
+from modelhost.v1 import modelhost_pb2 as pb
+
+DATATYPES: dict[str, codec.DataType] = {
+    "BOOL": pb.DATA_TYPE_BOOL,
+    "UINT8": pb.DATA_TYPE_UINT8,
+    "INT8": pb.DATA_TYPE_INT8,
+    "INT16": pb.DATA_TYPE_INT16,
+    "INT32": pb.DATA_TYPE_INT32,
+    "INT64": pb.DATA_TYPE_INT64,
+    "FP16": pb.DATA_TYPE_FLOAT16,
+    "BF16": pb.DATA_TYPE_BFLOAT16,
+    "FP32": pb.DATA_TYPE_FLOAT32,
+    "FP64": pb.DATA_TYPE_FLOAT64,
+}
+NAMES: dict[codec.DataType, str] = {code: name for name, code in DATATYPES.items()}
+CONFIG_TYPES: dict[str, mc.DataType.ValueType] = {
+    name: mc.DataType.Value(f"TYPE_{name}") for name in DATATYPES
+}
+# The typed `contents` field of each data type, and the element type it holds.
+# FP16 and BF16 have none: they travel as raw bytes only.
+_CONTENTS: dict[str, tuple[str, str]] = {
+    "BOOL": ("bool_contents", "bool"),
+    "UINT8": ("uint_contents", "<u1"),
+    "INT8": ("int_contents", "<i1"),
+    "INT16": ("int_contents", "<i2"),
+    "INT32": ("int_contents", "<i4"),
+    "INT64": ("int64_contents", "<i8"),
+    "FP32": ("fp32_contents", "<f4"),
+    "FP64": ("fp64_contents", "<f8"),
+}
+
+
+def datatype_name(dtype: torch.dtype) -> str:
+    """A torch dtype's OIP name, or "" when OIP cannot carry it."""
+    try:
+        return NAMES.get(codec.data_type(dtype), "")
+    except TypeError:
+        return ""
+
+
+def decode_inputs(request: oip.ModelInferRequest) -> dict[str, pb.Tensor]:
+    """The request's inputs as modelhost tensors; InvalidInput when malformed."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    tensors: dict[str, pb.Tensor] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in tensors:
+            raise InvalidInput(f"input {name!r} is given twice")
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidInput(
+                f"input {name!r}: datatype {tensor.datatype!r} is not supported "
+                f"(use one of {', '.join(DATATYPES)})"
+            )
+        if any(dim < 0 for dim in tensor.shape):
+            raise InvalidInput(f"input {name!r}: shape {list(tensor.shape)} has a negative size")
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input {name!r} sets contents while raw_input_contents is used"
+                )
+            data = raw[index]
+        else:
+            data = _typed_contents(tensor)
+        tensors[name] = pb.Tensor(dtype=dtype, shape=tensor.shape, data=data)
+    return tensors
+
+
+def _typed_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> bytes:
+    name, datatype = tensor.name, tensor.datatype
+    if datatype not in _CONTENTS:
+        raise InvalidInput(f"input {name!r}: {datatype} data must be sent in raw_input_contents")
+    field, element = _CONTENTS[datatype]
+    values = getattr(tensor.contents, field)
+    count = math.prod(tensor.shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {name!r}: shape {list(tensor.shape)} needs {count} elements, "
+            f"contents.{field} has {len(values)}"
+        )
+    try:
+        return np.asarray(values, dtype=element).tobytes()
+    except OverflowError:
+        raise InvalidInput(f"input {name!r}: a value in contents.{field} is out of range for {datatype}") from None
+
+
+def encode_outputs(
+    outputs: Mapping[str, pb.Tensor],
+    requested: Iterable[oip.ModelInferRequest.InferRequestedOutputTensor],
+) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
+    """The requested outputs (all when none are named), as tensors and raw contents."""
+    names = []
+    for output in requested:
+        if output.name not in outputs:
+            raise InvalidArgument(
+                f"the model has no output {output.name!r} (it has {', '.join(outputs)})"
+            )
+        if "classification" in output.parameters:
+            raise InvalidArgument("the classification extension is not supported")
+        names.append(output.name)
+    tensors, raw = [], []
+    for name in names or list(outputs):
+        tensor = outputs[name]
+        tensors.append(
+            oip.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=NAMES[tensor.dtype], shape=tensor.shape
+            )
+        )
+        raw.append(tensor.data)
+    return tensors, raw
+
+
+def metadata(specs: Iterable[InputSpec]) -> list[oip.ModelMetadataResponse.TensorMetadata]:
+    """Tensor specs (-1: any size) as OIP tensor metadata."""
+    return [
+        oip.ModelMetadataResponse.TensorMetadata(
+            name=spec.name, datatype=datatype_name(spec.dtype), shape=spec.shape
+        )
+        for spec in specs
+        if datatype_name(spec.dtype)
+    ]
+
+
+def config_inputs(specs: Iterable[InputSpec]) -> list[mc.ModelInput]:
+    """Input specs as Triton config inputs: dims without the batch dimension."""
+    return [
+        mc.ModelInput(
+            name=spec.name,
+            data_type=CONFIG_TYPES[datatype_name(spec.dtype)],
+            dims=spec.shape[1:],
+        )
+        for spec in specs
+        if datatype_name(spec.dtype)
+    ]
+
+
+def config_outputs(specs: Iterable[InputSpec]) -> list[mc.ModelOutput]:
+    """Output specs as Triton config outputs: dims without the batch dimension."""
+    return [
+        mc.ModelOutput(
+            name=spec.name,
+            data_type=CONFIG_TYPES[datatype_name(spec.dtype)],
+            dims=spec.shape[1:],
+        )
+        for spec in specs
+        if datatype_name(spec.dtype)
+    ]
