@@ -1,0 +1,80 @@
+# modelhost: one image for GPU and CPU nodes.
+#
+#   docker build -t modelhost:0.1.0 .
+#   docker run --gpus all -p 50051:50051 -p 9090:9090 -v modelhost-store:/var/lib/modelhost/store \
+#     -v "$PWD/tokens:/etc/modelhost/tokens:ro" \
+#     -e MODELHOST_TOKEN_FILE=/etc/modelhost/tokens/token \
+#     -e MODELHOST_MANAGEMENT_TOKEN_FILE=/etc/modelhost/tokens/management-token \
+#     modelhost:0.1.0
+#
+# The base brings Python, torch 2.14.1 and torchvision 0.29.1 built for CUDA 12.6 and cuDNN 9.
+# On a node without a GPU the same image runs on the CPU (MODELHOST_DEVICE=auto).
+# tests/test_deploy.py runs this file's install, start and health-check commands in a
+# fresh virtual environment, and lints it with hadolint.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
+
+# Stage 1: a virtual environment holding modelhost and the server dependencies.
+FROM ${BASE_IMAGE} AS build
+ENV VIRTUAL_ENV=/opt/modelhost \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# --system-site-packages: the environment uses the base image's torch and torchvision (several
+# GB), so pip adds only what is missing (grpcio, protobuf, safetensors, ...).
+RUN python -m venv --system-site-packages "$VIRTUAL_ENV"
+COPY pyproject.toml README.md ./
+COPY client ./client
+COPY server ./server
+RUN "$VIRTUAL_ENV/bin/pip" install --no-cache-dir '.[server]'
+
+# Stage 2: the base image plus that environment; no sources, no build tools.
+FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title="modelhost" \
+      org.opencontainers.image.description="gRPC service that stores PyTorch checkpoints and serves the models built from them" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A fixed non-root uid (Kubernetes' runAsNonRoot can check it); group 0 so that platforms
+# running containers under an arbitrary uid in group 0 (OpenShift) can write the store too.
+RUN useradd --no-log-init --system --uid 10001 --gid 0 --create-home --home-dir /home/modelhost modelhost \
+    && mkdir -p /var/lib/modelhost/store \
+    && chown -R 10001:0 /var/lib/modelhost \
+    && chmod -R g=u /var/lib/modelhost
+
+COPY --from=build /opt/modelhost /opt/modelhost
+
+# Configuration: every `modelhost serve` flag is also a MODELHOST_<NAME> variable
+# (`docker run modelhost:0.1.0 serve --help` lists them); override any with -e.
+#
+# MODELHOST_HOST=0.0.0.0 binds every interface, which the server accepts only with
+# protection: the operator supplies tokens as files (MODELHOST_TOKEN_FILE for inference,
+# MODELHOST_MANAGEMENT_TOKEN_FILE for uploads and loads; mount them read-only, e.g. from a
+# Kubernetes Secret) or TLS. MODELHOST_INSECURE is deliberately not set in this image.
+#
+# MODELHOST_RESTORE=true: on start the server loads again the models it hosted before,
+# from the store, so a restarted container serves the same models without a caller
+# replaying LoadModel. The store is a volume: mount a named volume or shared storage there.
+ENV VIRTUAL_ENV=/opt/modelhost \
+    PATH=/opt/modelhost/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MODELHOST_HOST=0.0.0.0 \
+    MODELHOST_PORT=50051 \
+    MODELHOST_METRICS_PORT=9090 \
+    MODELHOST_STORE=/var/lib/modelhost/store \
+    MODELHOST_DEVICE=auto \
+    MODELHOST_RESTORE=true \
+    MODELHOST_LOG_LEVEL=info
+
+VOLUME ["/var/lib/modelhost/store"]
+# gRPC (modelhost.v1.ModelHost, the Open Inference Protocol, health, reflection) and metrics.
+EXPOSE 50051 9090
+USER 10001:0
+WORKDIR /home/modelhost
+
+# For `docker run` and compose; Kubernetes uses its own gRPC probes instead. Health stays
+# open without a token; with TLS on, override this check or run with --no-healthcheck.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import os, sys; from modelhost.client import ModelHostClient; sys.exit(ModelHostClient('127.0.0.1:' + os.environ['MODELHOST_PORT'], timeout=5).health() != 'SERVING')"]
+
+# SIGTERM (docker stop, Kubernetes) drains calls in flight for MODELHOST_GRACE_SECONDS.
+ENTRYPOINT ["modelhost"]
+CMD ["serve"]

