@@ -18,6 +18,7 @@ TEST_ARCHITECTURES = [
     "memory_hog=helpers.models:memory_hog",
     "tiny_mlp=helpers.models:tiny_mlp",
     "broken=helpers.models:broken",
+    "recorder=helpers.models:recorder",
 ]
 
 

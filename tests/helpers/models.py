@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -31,3 +33,32 @@ def tiny_mlp(features: int = 4, hidden: int = 8, classes: int = 3) -> nn.Module:
 
 def broken(**kwargs: object) -> nn.Module:
     raise ValueError("this builder always fails (a test of builder errors)")
+
+
+class Recorder(nn.Module):
+    """Doubles its input; records the first column of every batch it runs (its request ids).
+
+    Sleeps `delay` seconds per call, and fails on negative ids when `picky`.
+    """
+
+    calls: ClassVar[list[list[float]]] = []
+
+    def __init__(self, delay: float = 0.0, picky: bool = False) -> None:
+        super().__init__()
+        self.delay = delay
+        self.picky = picky
+        self.scale = nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        Recorder.calls.append(x[:, 0].tolist())
+        if self.delay:
+            time.sleep(self.delay)
+        if self.picky and bool((x[:, 0] < 0).any()):
+            raise ValueError("negative ids are refused")
+        return x * self.scale
+
+
+def recorder(delay: float = 0.0, picky: bool = False) -> nn.Module:
+    return Recorder(delay=delay, picky=picky)

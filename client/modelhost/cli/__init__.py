@@ -140,12 +140,29 @@ def cmd_load(client: ModelHostClient, args: argparse.Namespace) -> Any:
     )
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
 def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
+    images = [item for item in args.inputs if item.lower().endswith(IMAGE_SUFFIXES)]
     inputs = {}
     for item in args.inputs:
-        name, sep, path = item.rpartition("=")
-        inputs[name if sep else "input"] = np.load(path, allow_pickle=False)
-    outputs = client.predict(args.model, inputs, version=args.version, timeout=args.timeout)
+        if item not in images:
+            name, sep, path = item.rpartition("=")
+            inputs[name if sep else "input"] = np.load(path, allow_pickle=False)
+    outputs = client.predict(
+        args.model,
+        inputs or None,
+        images=images or None,
+        top_k=args.top_k,
+        version=args.version,
+        timeout=args.timeout,
+    )
+    if args.top_k:
+        return [
+            {"image": source, "top": [_plain(c) for c in classes]}
+            for source, classes in zip(images or ["row"] * len(outputs), outputs, strict=False)
+        ]
     if args.output:
         if len(outputs) == 1:
             np.save(args.output, next(iter(outputs.values())))
@@ -290,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-us", type=int)
     p.add_argument("--max-queue-size", type=int)
 
-    p = command("predict", cmd_predict, "Run a model on inputs from .npy files.")
+    p = command("predict", cmd_predict, "Run a model on .npy tensors or JPEG/PNG images.")
     p.add_argument("model")
-    p.add_argument("inputs", nargs="+", metavar="[NAME=]FILE.npy")
+    p.add_argument("inputs", nargs="+", metavar="[NAME=]FILE.npy | IMAGE.jpg")
+    p.add_argument("--top-k", type=int, default=0, help="answer with the k most likely classes")
     p.add_argument("--output", "-o", type=Path, help="save outputs to .npy (.npz if several)")
     p.add_argument("--version", type=int)
 

@@ -28,7 +28,14 @@ from modelhost.client.errors import (
     UnavailableError,
 )
 from modelhost.client.sync import ModelHostClient
-from modelhost.client.types import Architecture, Batching, CheckpointInfo, ModelInfo, TensorSpec
+from modelhost.client.types import (
+    Architecture,
+    Batching,
+    CheckpointInfo,
+    ModelInfo,
+    TensorSpec,
+    TopClass,
+)
 
 __all__ = [
     "AlreadyExistsError",
@@ -49,6 +56,7 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "TensorSpec",
+    "TopClass",
     "UnauthenticatedError",
     "UnavailableError",
 ]

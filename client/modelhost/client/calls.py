@@ -6,13 +6,13 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from modelhost.client import codec
 from modelhost.client.errors import DataLossError
-from modelhost.client.types import CheckpointInfo
+from modelhost.client.types import CheckpointInfo, TopClass
 from modelhost.v1 import modelhost_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 2 << 20
@@ -182,53 +182,105 @@ def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
     raise ValueError("this checkpoint cannot be loaded safely in memory; pass dest= to save it")
 
 
+class LoadOptions(TypedDict, total=False):
+    """Optional arguments of `load_model`, shared by both clients.
+
+    - version: version to register (default: next). device: "cpu", "cuda", "cuda:N".
+    - dtype: "float32" | "float16" | "bfloat16" for the weights.
+    - architecture_args: builder keyword arguments, e.g. {"num_classes": 10}.
+    - strict: require exact key match (default True).
+    - weights: torchvision pretrained weights (e.g. "IMAGENET1K_V1") instead of a checkpoint.
+    - batching: {"max_batch_size", "max_queue_delay_us", "max_queue_size"}.
+    - channels_last, autocast ("float16" | "bfloat16"), compile ("default", "reduce-overhead",
+      "max-autotune"), warmup_shape (e.g. (8, 3, 224, 224)).
+    - preprocessing: {"resize", "crop", "mean", "std"} or {"weights": "IMAGENET1K_V1"}, for
+      uint8 and JPEG/PNG inputs. labels: class names for top_k answers.
+    - timeout: deadline of this call in seconds.
+    """
+
+    version: int | None
+    device: str | None
+    dtype: str | None
+    architecture_args: Mapping[str, Any] | None
+    strict: bool
+    weights: str | None
+    batching: Mapping[str, int] | None
+    channels_last: bool
+    autocast: str | None
+    compile: str
+    warmup_shape: Sequence[int]
+    preprocessing: Mapping[str, Any] | None
+    labels: Sequence[str]
+    timeout: float | None
+
+
 def load_request(
-    name: str,
-    *,
-    architecture: str,
-    checkpoint: str,
-    version: int | None,
-    device: str | None,
-    dtype: str | None,
-    architecture_args: Mapping[str, Any] | None,
-    strict: bool,
-    batching: Mapping[str, int] | None = None,
-    weights: str | None = None,
-    channels_last: bool = False,
+    name: str, architecture: str, checkpoint: str, options: LoadOptions
 ) -> pb.LoadModelRequest:
     """Builds a LoadModelRequest; builder arguments travel as JSON literals."""
+    unknown = set(options) - set(LoadOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"load_model got unexpected arguments {sorted(unknown)}")
+    dtype, autocast = options.get("dtype"), options.get("autocast")
+    preprocessing = options.get("preprocessing")
     return pb.LoadModelRequest(
         name=name,
         architecture=architecture,
-        architecture_args={k: json.dumps(v) for k, v in (architecture_args or {}).items()},
+        architecture_args={
+            k: json.dumps(v) for k, v in (options.get("architecture_args") or {}).items()
+        },
         checkpoint=checkpoint,
-        version=version or 0,
-        device=device or "",
+        version=options.get("version") or 0,
+        device=options.get("device") or "",
         dtype=codec.parse_dtype(dtype) if dtype else pb.DATA_TYPE_UNSPECIFIED,
-        strict=strict,
-        batching=pb.BatchingConfig(**(batching or {})),
-        weights=weights or "",
-        channels_last=channels_last,
+        strict=options.get("strict", True),
+        batching=pb.BatchingConfig(**(options.get("batching") or {})),
+        weights=options.get("weights") or "",
+        channels_last=options.get("channels_last", False),
+        preprocessing=pb.ImagePreprocessing(**preprocessing) if preprocessing else None,
+        labels=options.get("labels", ()),
+        warmup_shape=options.get("warmup_shape", ()),
+        compile=options.get("compile", ""),
+        autocast=codec.parse_dtype(autocast) if autocast else pb.DATA_TYPE_UNSPECIFIED,
     )
+
+
+ImageSource = str | os.PathLike[str] | bytes
 
 
 class PredictCall:
     """Encodes Predict inputs and decodes the outputs into the caller's kind of tensor."""
 
-    def __init__(self, model: str, inputs: Any, version: int | None) -> None:
+    def __init__(
+        self,
+        model: str,
+        inputs: Any,
+        version: int | None,
+        *,
+        images: Sequence[ImageSource] | None = None,
+        top_k: int = 0,
+    ) -> None:
         self.single = not isinstance(inputs, Mapping)
-        named = {SINGLE_INPUT: inputs} if self.single else dict(inputs)
-        if not named:
-            raise ValueError("predict needs at least one input")
-        self.as_torch = codec.is_torch(next(iter(named.values())))
+        named = {} if inputs is None else {SINGLE_INPUT: inputs} if self.single else dict(inputs)
+        if not named and not images:
+            raise ValueError("predict needs inputs or images")
+        if named and images:
+            raise ValueError("predict takes inputs or images, not both")
+        self.as_torch = bool(named) and codec.is_torch(next(iter(named.values())))
+        self.top_k = top_k
         self.request = pb.PredictRequest(
             model=model,
             version=version or 0,
             inputs={key: codec.encode(value) for key, value in named.items()},
+            images=[_image_bytes(image) for image in images or ()],
+            top_k=top_k,
         )
 
     def result(self, response: pb.PredictResponse) -> Any:
-        """One array for one input and one output, else a dict of them by output name."""
+        """With top_k, the top classes per row; else one array for one input and one
+        output, or a dict of them by output name."""
+        if self.top_k:
+            return [_top_classes(row) for row in response.top_k]
         outputs = {
             key: codec.to_torch(tensor).clone() if self.as_torch else codec.to_numpy(tensor)
             for key, tensor in response.outputs.items()
@@ -236,3 +288,14 @@ class PredictCall:
         if self.single and set(outputs) == {SINGLE_OUTPUT}:
             return outputs[SINGLE_OUTPUT]
         return outputs
+
+
+def _top_classes(row: pb.TopClasses) -> list[TopClass]:
+    labels = list(row.labels) or [""] * len(row.indices)
+    return [TopClass(i, s, n) for i, s, n in zip(row.indices, row.scores, labels, strict=True)]
+
+
+def _image_bytes(image: ImageSource) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    return Path(image).read_bytes()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from modelhost.client import calls
 from modelhost.client.channel import ChannelConfig
@@ -131,37 +131,16 @@ class ModelHostClient:
         *,
         architecture: str = "",
         checkpoint: str = "",
-        version: int | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        architecture_args: Mapping[str, Any] | None = None,
-        strict: bool = True,
-        batching: Mapping[str, int] | None = None,
-        weights: str | None = None,
-        channels_last: bool = False,
-        timeout: float | None = None,
+        **options: Unpack[calls.LoadOptions],
     ) -> ModelInfo:
         """Builds `architecture`, loads `checkpoint` into it and serves it as `name`.
 
-        `weights` loads torchvision pretrained weights (e.g. "IMAGENET1K_V1") instead of a
-        checkpoint. Exported programs and pickled models need no `architecture`.
-        `batching` takes max_batch_size, max_queue_delay_us and max_queue_size.
+        Exported programs and pickled models need no `architecture`; `weights` loads
+        torchvision pretrained weights instead of a checkpoint. Options: `LoadOptions`.
         """
-        request = calls.load_request(
-            name,
-            architecture=architecture,
-            checkpoint=checkpoint,
-            version=version,
-            device=device,
-            dtype=dtype,
-            architecture_args=architecture_args,
-            strict=strict,
-            batching=batching,
-            weights=weights,
-            channels_last=channels_last,
-        )
+        request = calls.load_request(name, architecture, checkpoint, options)
         with translate_errors():
-            reply = self._stub.LoadModel(request, **self._kw(timeout))
+            reply = self._stub.LoadModel(request, **self._kw(options.get("timeout")))
         return ModelInfo.from_proto(reply)
 
     def unload_model(self, name: str, version: int | None = None) -> list[int]:
@@ -195,14 +174,18 @@ class ModelHostClient:
     def predict(
         self,
         model: str,
-        inputs: Any,
+        inputs: Any = None,
         *,
+        images: Sequence[calls.ImageSource] | None = None,
+        top_k: int = 0,
         version: int | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Runs `model`. An array (numpy or torch) in gives the same kind back;
-        a dict of them gives a dict of outputs back."""
-        call = calls.PredictCall(model, inputs, version)
+        """Runs `model`. An array (numpy or torch) in gives the same kind back; a dict
+        of them gives a dict of outputs back. `images` sends JPEG/PNG files or bytes
+        instead (the model needs preprocessing). With `top_k`, returns the k most likely
+        classes of each row as lists of `TopClass`."""
+        call = calls.PredictCall(model, inputs, version, images=images, top_k=top_k)
         with translate_errors():
             reply = self._stub.Predict(call.request, **self._kw(timeout))
         return call.result(reply)

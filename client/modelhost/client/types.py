@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from modelhost.client.codec import dtype_name
@@ -29,7 +29,7 @@ def format_name(code: pb.CheckpointFormat.ValueType) -> str:
 
 
 def _time(stamp: Any) -> datetime | None:
-    return stamp.ToDatetime(tzinfo=timezone.utc) if stamp.seconds or stamp.nanos else None
+    return stamp.ToDatetime(tzinfo=UTC) if stamp.seconds or stamp.nanos else None
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,10 @@ class ModelInfo:
     weights: str = ""
     channels_last: bool = False
     format: str = ""
+    preprocessing: dict[str, Any] | None = None
+    label_count: int = 0
+    compile: str = ""
+    autocast: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -135,7 +139,33 @@ class ModelInfo:
             weights=msg.weights,
             channels_last=msg.channels_last,
             format=format_name(msg.format),
+            preprocessing=_preprocessing(msg),
+            label_count=msg.label_count,
+            compile=msg.compile,
+            autocast=dtype_name(msg.autocast) if msg.autocast else "",
         )
+
+
+@dataclass(frozen=True)
+class TopClass:
+    """One of the most likely classes of a row: index, softmax score, label ("" if none)."""
+
+    index: int
+    score: float
+    label: str = ""
+
+
+def _preprocessing(msg: pb.ModelInfo) -> dict[str, Any] | None:
+    if not msg.HasField("preprocessing"):
+        return None
+    steps = msg.preprocessing
+    return {
+        "resize": steps.resize,
+        "crop": steps.crop,
+        "mean": list(steps.mean),
+        "std": list(steps.std),
+        "weights": steps.weights,
+    }
 
 
 @dataclass(frozen=True)

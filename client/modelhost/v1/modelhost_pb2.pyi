@@ -702,6 +702,11 @@ class LoadModelRequest(_message.Message):
     BATCHING_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     CHANNELS_LAST_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    WARMUP_SHAPE_FIELD_NUMBER: _builtins.int
+    COMPILE_FIELD_NUMBER: _builtins.int
+    AUTOCAST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to serve the model under."""
     architecture: _builtins.str
@@ -736,6 +741,15 @@ class LoadModelRequest(_message.Message):
     """Store 4-d weights and inputs in channels_last memory format (faster
     convolutions on GPUs with tensor cores and on recent CPUs).
     """
+    compile: _builtins.str
+    """torch.compile the model with this mode: "default", "reduce-overhead" (CUDA
+    graphs) or "max-autotune"; empty: eager. Compilation happens at the first
+    call of each new input shape; pair it with warmup_shape.
+    """
+    autocast: Global___DataType.ValueType
+    """Run forward() under torch.autocast with this dtype (DATA_TYPE_FLOAT16 or
+    DATA_TYPE_BFLOAT16) while keeping the weights' dtype; unspecified: no autocast.
+    """
     @_builtins.property
     def architecture_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Keyword arguments for the architecture's builder, each value a JSON literal:
@@ -745,6 +759,25 @@ class LoadModelRequest(_message.Message):
     @_builtins.property
     def batching(self) -> Global___BatchingConfig:
         """Dynamic batching for this model version; unset uses server defaults."""
+
+    @_builtins.property
+    def preprocessing(self) -> Global___ImagePreprocessing:
+        """How to turn uint8 images and encoded JPEG/PNG images into model input.
+        Unset: the pretrained weights' own transforms() when `weights` is set,
+        otherwise no image preprocessing (uint8 inputs and PredictRequest.images are refused).
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Class names by output index, for PredictRequest.top_k answers. Unset: the
+        pretrained weights' categories when known.
+        """
+
+    @_builtins.property
+    def warmup_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Shape of an all-zero input to run once at load, e.g. [8, 3, 224, 224], so the
+        first request does not pay for kernel selection or compilation. Empty: no warm-up.
+        """
 
     def __init__(
         self,
@@ -760,16 +793,68 @@ class LoadModelRequest(_message.Message):
         batching: Global___BatchingConfig | None = ...,
         weights: _builtins.str = ...,
         channels_last: _builtins.bool = ...,
+        preprocessing: Global___ImagePreprocessing | None = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        warmup_shape: _abc.Iterable[_builtins.int] | None = ...,
+        compile: _builtins.str = ...,
+        autocast: Global___DataType.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "batching", b"batching", "strict", b"strict"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "batching", b"batching", "preprocessing", b"preprocessing", "strict", b"strict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "architecture", b"architecture", "architecture_args", b"architecture_args", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "device", b"device", "dtype", b"dtype", "name", b"name", "strict", b"strict", "version", b"version", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "compile", b"compile", "device", b"device", "dtype", b"dtype", "labels", b"labels", "name", b"name", "preprocessing", b"preprocessing", "strict", b"strict", "version", b"version", "warmup_shape", b"warmup_shape", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__strict: _TypeAlias = _typing.Literal["strict"]  # noqa: Y015
     _WhichOneofArgType__strict: _TypeAlias = _typing.Literal["_strict", b"_strict"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strict) -> _WhichOneofReturnType__strict | None: ...
 
 Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class ImagePreprocessing(_message.Message):
+    """Image preprocessing, the same steps as torchvision's ImageClassification
+    transforms: resize the shorter side (bilinear, antialiased), center-crop,
+    scale to [0, 1], normalize per channel. Runs on the model's device.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESIZE_FIELD_NUMBER: _builtins.int
+    CROP_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    resize: _builtins.int
+    """Resize the shorter side to this many pixels; 0: no resize."""
+    crop: _builtins.int
+    """Center-crop to crop x crop pixels; 0: no crop."""
+    weights: _builtins.str
+    """Take all of the above from these torchvision weights' transforms(), e.g.
+    "IMAGENET1K_V1" (for a fine-tuned checkpoint of a torchvision architecture).
+    """
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per-channel mean subtracted after scaling to [0, 1]; empty: none."""
+
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per-channel standard deviation divided by; empty: none."""
+
+    def __init__(
+        self,
+        *,
+        resize: _builtins.int = ...,
+        crop: _builtins.int = ...,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+        weights: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop", b"crop", "mean", b"mean", "resize", b"resize", "std", b"std", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImagePreprocessing: _TypeAlias = ImagePreprocessing  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
@@ -818,6 +903,10 @@ class ModelInfo(_message.Message):
     WEIGHTS_FIELD_NUMBER: _builtins.int
     CHANNELS_LAST_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_FIELD_NUMBER: _builtins.int
+    LABEL_COUNT_FIELD_NUMBER: _builtins.int
+    COMPILE_FIELD_NUMBER: _builtins.int
+    AUTOCAST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     version: _builtins.int
@@ -846,6 +935,12 @@ class ModelInfo(_message.Message):
     """Whether weights and inputs use channels_last memory format."""
     format: Global___CheckpointFormat.ValueType
     """Format of the checkpoint it was loaded from."""
+    label_count: _builtins.int
+    """Number of class labels known for top_k answers."""
+    compile: _builtins.str
+    """torch.compile mode, or empty."""
+    autocast: Global___DataType.ValueType
+    """Autocast dtype, or unspecified."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every version of this model that is hosted, ascending."""
@@ -874,6 +969,10 @@ class ModelInfo(_message.Message):
     def unexpected_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Checkpoint keys the model did not use (only with strict=false)."""
 
+    @_builtins.property
+    def preprocessing(self) -> Global___ImagePreprocessing:
+        """Effective image preprocessing; unset when it takes no images."""
+
     def __init__(
         self,
         *,
@@ -898,10 +997,14 @@ class ModelInfo(_message.Message):
         weights: _builtins.str = ...,
         channels_last: _builtins.bool = ...,
         format: Global___CheckpointFormat.ValueType = ...,
+        preprocessing: Global___ImagePreprocessing | None = ...,
+        label_count: _builtins.int = ...,
+        compile: _builtins.str = ...,
+        autocast: Global___DataType.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "loaded_at", b"loaded_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "loaded_at", b"loaded_at", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "parameter_count", b"parameter_count", "state", b"state", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "compile", b"compile", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "label_count", b"label_count", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "parameter_count", b"parameter_count", "preprocessing", b"preprocessing", "state", b"state", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1167,15 +1270,29 @@ class PredictRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of the model."""
     version: _builtins.int
     """Version; 0 means the newest at the time the request arrives."""
+    top_k: _builtins.int
+    """When > 0, answer with the k most likely classes of each row (softmax over the
+    last dimension of the model's single output) instead of the raw outputs.
+    """
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
         """Inputs by name. A single input is passed as forward()'s first positional
         argument whatever its name; several inputs are passed as keyword arguments.
         The first dimension of every input is the batch dimension.
+        A uint8 input of shape [N, 3, H, W] is preprocessed on the server when the
+        model has ImagePreprocessing.
+        """
+
+    @_builtins.property
+    def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Encoded images (JPEG or PNG), one per batch row, instead of `inputs`: the
+        server decodes them (on the GPU when it has one) and preprocesses them.
         """
 
     def __init__(
@@ -1184,14 +1301,52 @@ class PredictRequest(_message.Message):
         model: _builtins.str = ...,
         version: _builtins.int = ...,
         inputs: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
+        images: _abc.Iterable[_builtins.bytes] | None = ...,
+        top_k: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "inputs", b"inputs", "model", b"model", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictRequest: _TypeAlias = PredictRequest  # noqa: Y015
+
+@_typing.final
+class TopClasses(_message.Message):
+    """The most likely classes of one batch row, most likely first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDICES_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Class indices."""
+
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Softmax probabilities."""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Class labels, when the model has labels."""
+
+    def __init__(
+        self,
+        *,
+        indices: _abc.Iterable[_builtins.int] | None = ...,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "labels", b"labels", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopClasses: _TypeAlias = TopClasses  # noqa: Y015
 
 @_typing.final
 class PredictResponse(_message.Message):
@@ -1223,6 +1378,7 @@ class PredictResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of the model that ran."""
     version: _builtins.int
@@ -1232,8 +1388,12 @@ class PredictResponse(_message.Message):
         """Outputs by name. A single tensor is named "output"; a tuple or list gives
         "0", "1", ...; a dict keeps its keys; nested structures join the path with
         "." (e.g. "0.boxes"). Floating-point outputs have the dtype of the first
-        floating-point input (float32 when there is none).
+        floating-point input (float32 when there is none). Empty when top_k is set.
         """
+
+    @_builtins.property
+    def top_k(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopClasses]:
+        """With PredictRequest.top_k: one entry per batch row."""
 
     def __init__(
         self,
@@ -1241,10 +1401,11 @@ class PredictResponse(_message.Message):
         model: _builtins.str = ...,
         version: _builtins.int = ...,
         outputs: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
+        top_k: _abc.Iterable[Global___TopClasses] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outputs", b"outputs", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outputs", b"outputs", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from modelhost.server.errors import DeadlineExpired, LimitExceeded, ModelHostFailure, ShuttingDown
-from modelhost.server.inference import Tensors, encode_outputs, output_float_dtype
-from modelhost.v1 import modelhost_pb2 as pb
+from modelhost.server.inference import Answer, Tensors
 
 log = logging.getLogger(__name__)
 
-Outputs = dict[str, pb.Tensor]
+Finish = Callable[[Tensors], Answer]
+"""Turns one caller's rows of the outputs into its answer (on the worker thread)."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,12 @@ class BatchPolicy:
 
 @dataclass
 class Request:
-    """A queued Predict: its inputs, rows, deadline and the caller's future."""
+    """A queued Predict: its inputs, deadline, how to finish it, and the caller's future."""
 
     inputs: Tensors
     deadline: float | None
-    future: Future[Outputs] = field(default_factory=Future)
+    finish: Finish
+    future: Future[Answer] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -56,8 +57,11 @@ class Request:
         return int(next(iter(self.inputs.values())).shape[0])
 
     @property
-    def signature(self) -> tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]:
-        return tuple(sorted((k, t.dtype, tuple(t.shape[1:])) for k, t in self.inputs.items()))
+    def signature(self) -> tuple[tuple[str, torch.dtype, str, tuple[int, ...]], ...]:
+        """Requests with equal signatures can be concatenated along the batch dimension."""
+        return tuple(
+            sorted((k, t.dtype, str(t.device), tuple(t.shape[1:])) for k, t in self.inputs.items())
+        )
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
@@ -94,9 +98,9 @@ class Batcher:
         """Requests waiting in the queue."""
         return len(self._queue)
 
-    def submit(self, inputs: Tensors, deadline: float | None = None) -> Future[Outputs]:
+    def submit(self, inputs: Tensors, deadline: float | None, finish: Finish) -> Future[Answer]:
         """Queues a request; RESOURCE_EXHAUSTED (LimitExceeded) at once when the queue is full."""
-        request = Request(inputs, deadline)
+        request = Request(inputs, deadline, finish)
         with self._cond:
             if self._closed:
                 raise ShuttingDown("this model version is being unloaded")
@@ -199,12 +203,12 @@ class Batcher:
 
     def _deliver(self, request: Request, outputs: Tensors) -> None:
         try:
-            encoded = encode_outputs(outputs, output_float_dtype(request.inputs))
+            answer = request.finish(outputs)
         except Exception as error:
-            request.fail(_unexpected(error))
+            request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
             return
         if not request.future.done():
-            request.future.set_result(encoded)
+            request.future.set_result(answer)
 
     def _notify(self, requests: int, rows: int) -> None:
         if self._observe:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,11 @@ import torch
 from modelhost.client import codec
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
-from modelhost.server.batching import Batcher, BatchPolicy, Outputs
-from modelhost.server.devices import release_memory, resolve_device
+from modelhost.server.batching import Batcher, BatchPolicy, Finish
+from modelhost.server.devices import resolve_device
 from modelhost.server.errors import ChecksumMismatch, InvalidArgument, ShuttingDown
-from modelhost.server.inference import Runner
+from modelhost.server.images import Preprocessing
+from modelhost.server.inference import Answer, Runner, encode_answer, top_classes
 from modelhost.server.loading import LoadedModule, LoadSpec, load_module
 from modelhost.server.names import check_name
 from modelhost.server.registry import HostedModel, Registry
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_BYTES = 4096
 _LOAD_DTYPES = {pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16}
+COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,11 @@ class LoadRequest:
     strict: bool = True
     weights: str = ""
     channels_last: bool = False
+    preprocessing: Preprocessing | None = None
+    labels: tuple[str, ...] = ()
+    warmup_shape: tuple[int, ...] = ()
+    compile: str = ""
+    autocast: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
@@ -72,6 +80,7 @@ class Host:
         self.default_device = resolve_device(settings.device, "auto")
         self._io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._loads = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="load")
+        self._prep = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="prep")
         self._closing = False
         self._unsafe = settings.allow_pickled_models
 
@@ -184,12 +193,9 @@ class Host:
         policy = self._policy(request)
         version = self.registry.reserve(spec.name, request.version)
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(
-            self._loads,
-            lambda: load_module(spec, self.store, self.catalog, allow_pickled=self._unsafe),
-        )
+        job = loop.run_in_executor(self._loads, self._build, spec, version, policy, request)
         try:
-            loaded = await asyncio.shield(job)
+            hosted = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
             job.add_done_callback(lambda _: self.registry.cancel(spec.name, version))
             job.add_done_callback(_discard_load)
@@ -197,16 +203,15 @@ class Host:
         except BaseException:
             self.registry.cancel(spec.name, version)
             raise
-        hosted = self._host(spec, version, loaded, policy, request.architecture_args)
         self.registry.put(hosted)
         log.info(
             "serving %s version %d (%s from %s on %s, %.2fs)",
             spec.name,
             version,
             spec.architecture,
-            spec.checkpoint,
-            loaded.device,
-            loaded.seconds,
+            spec.checkpoint or spec.weights,
+            hosted.loaded.device,
+            hosted.loaded.seconds,
         )
         return hosted
 
@@ -218,6 +223,16 @@ class Host:
             )
         if request.version < 0:
             raise InvalidArgument(f"version {request.version} is negative")
+        if request.compile not in COMPILE_MODES:
+            raise InvalidArgument(
+                f"compile mode {request.compile!r} is not one of {sorted(COMPILE_MODES)}"
+            )
+        if request.autocast not in {pb.DATA_TYPE_UNSPECIFIED, *_LOAD_DTYPES}:
+            raise InvalidArgument(
+                f"autocast {codec.dtype_name(request.autocast)}: use float16 or bfloat16"
+            )
+        if any(dim < 1 for dim in request.warmup_shape):
+            raise InvalidArgument(f"warmup_shape {list(request.warmup_shape)} must be positive")
         if bool(request.checkpoint) == bool(request.weights):
             raise InvalidArgument("LoadModel needs either a checkpoint or pretrained weights")
         return LoadSpec(
@@ -243,14 +258,11 @@ class Host:
             raise InvalidArgument(f"batching settings must be positive, got {policy}")
         return policy
 
-    def _host(
-        self,
-        spec: LoadSpec,
-        version: int,
-        loaded: LoadedModule,
-        policy: BatchPolicy,
-        raw_args: dict[str, str],
+    def _build(
+        self, spec: LoadSpec, version: int, policy: BatchPolicy, request: LoadRequest
     ) -> HostedModel:
+        """Loads, wraps and warms up a model version (on a load thread)."""
+        loaded = load_module(spec, self.store, self.catalog, allow_pickled=self._unsafe)
         if any(s.shape and s.shape[0] != -1 for s in loaded.inputs):
             policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
         runner = Runner(
@@ -259,18 +271,39 @@ class Host:
             loaded.dtype,
             loaded.inputs,
             channels_last=spec.channels_last,
+            preprocessing=self._preprocessing(spec, request, loaded),
+            autocast=codec.torch_dtype(request.autocast) if request.autocast else None,
+            compile_mode=request.compile,
         )
-        batcher = Batcher(runner.run, policy, f"{spec.name}-{version}")
+        if request.warmup_shape:
+            runner.warm_up(request.warmup_shape)
+        categories = loaded.weights_meta.get("categories", [])
         return HostedModel(
             name=spec.name,
             version=version,
             spec=spec,
             loaded=loaded,
             runner=runner,
-            batcher=batcher,
+            batcher=Batcher(runner.run, policy, f"{spec.name}-{version}"),
             loaded_at=time.time(),
-            raw_args=dict(raw_args),
+            raw_args=dict(request.architecture_args),
+            labels=list(request.labels or categories),
+            compile=request.compile,
         )
+
+    def _preprocessing(
+        self, spec: LoadSpec, request: LoadRequest, loaded: LoadedModule
+    ) -> Preprocessing | None:
+        wanted = request.preprocessing
+        if wanted is not None and wanted.weights:
+            member, _ = self.catalog.get(spec.architecture).pretrained(wanted.weights)
+            return Preprocessing.from_weights(member, wanted.weights)
+        if wanted is None and spec.weights:
+            try:
+                return Preprocessing.from_weights(loaded.weights_meta["weights"], spec.weights)
+            except InvalidArgument:
+                return None  # e.g. detection weights: the model resizes by itself
+        return wanted
 
     async def unload_model(self, name: str, version: int = 0) -> list[int]:
         """Removes versions from routing, lets their requests finish, frees them."""
@@ -285,14 +318,34 @@ class Host:
     # Inference
 
     async def predict(
-        self, model: str, version: int, inputs: Mapping[str, pb.Tensor], timeout: float | None
-    ) -> tuple[HostedModel, Outputs]:
-        """Runs a hosted model through its batcher."""
+        self,
+        model: str,
+        version: int,
+        inputs: Mapping[str, pb.Tensor],
+        timeout: float | None,
+        *,
+        images: Sequence[bytes] = (),
+        top_k: int = 0,
+    ) -> tuple[HostedModel, Answer]:
+        """Runs a hosted model through its batcher; images are preprocessed off the loop."""
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must not be negative, got {top_k}")
         deadline = time.monotonic() + timeout if timeout is not None else None
+        loop = asyncio.get_running_loop()
         with self.registry.lease(check_name(model, "model"), version) as hosted:
-            tensors = hosted.runner.decode(inputs)
-            outputs = await asyncio.wrap_future(hosted.batcher.submit(tensors, deadline))
-        return hosted, outputs
+            runner = hosted.runner
+            if images or (runner.preprocessing and _has_uint8(inputs)):
+                prepared = await loop.run_in_executor(self._prep, runner.prepare, inputs, images)
+            else:
+                prepared = runner.prepare(inputs)
+            finish: Finish
+            if top_k:
+                finish = functools.partial(top_classes, k=top_k, labels=hosted.labels)
+            else:
+                finish = functools.partial(encode_answer, float_dtype=prepared.out_dtype)
+            future = hosted.batcher.submit(prepared.tensors, deadline, finish)
+            answer = await asyncio.wrap_future(future)
+        return hosted, answer
 
     # Lifecycle
 
@@ -302,6 +355,7 @@ class Host:
         for hosted in self.registry.all():
             await self.unload_model(hosted.name, hosted.version)
         self._loads.shutdown(wait=True, cancel_futures=True)
+        self._prep.shutdown(wait=True)
         self._io.shutdown(wait=True)
 
 
@@ -315,7 +369,9 @@ def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:
 
 def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
     if not job.cancelled() and job.exception() is None:
-        loaded: LoadedModule = job.result()
-        device = loaded.device
-        del loaded
-        release_memory(device)
+        hosted: HostedModel = job.result()
+        hosted.retire()
+
+
+def _has_uint8(inputs: Mapping[str, pb.Tensor]) -> bool:
+    return any(t.dtype == pb.DATA_TYPE_UINT8 for t in inputs.values())

@@ -1,9 +1,9 @@
-"""Running one module: decoding and checking inputs, the device round trip, naming outputs."""
+"""Running one module: preparing inputs, the device round trip, naming and finishing outputs."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +13,10 @@ from torch import nn
 from modelhost.client import codec
 from modelhost.server.devices import is_oom, release_memory
 from modelhost.server.errors import InvalidInput, OutOfMemory
+from modelhost.server.images import Preprocessing, decode_images
 from modelhost.v1 import modelhost_pb2 as pb
 
+SINGLE_INPUT = "input"
 SINGLE_OUTPUT = "output"
 Tensors = dict[str, torch.Tensor]
 
@@ -50,8 +52,16 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Inputs ready for the batcher, and the float dtype the caller gets outputs in."""
+
+    tensors: Tensors
+    out_dtype: torch.dtype
+
+
 class Runner:
-    """Runs a module on its device. Thread-compatible: one worker thread calls `run`."""
+    """Runs a module on its device. `run` is called by one worker thread at a time."""
 
     def __init__(
         self,
@@ -61,17 +71,64 @@ class Runner:
         inputs: Sequence[InputSpec] = (),
         *,
         channels_last: bool = False,
+        preprocessing: Preprocessing | None = None,
+        autocast: torch.dtype | None = None,
+        compile_mode: str = "",
     ) -> None:
         self.module = module
-        self.channels_last = channels_last
         self.device = device
         self.dtype = dtype
         self.inputs = tuple(inputs)
         self.outputs: tuple[InputSpec, ...] = ()  # learned from the first successful run
+        self.channels_last = channels_last
+        self.preprocessing = preprocessing
+        self.autocast = autocast
+        self._forward: Callable[..., Any] = module
+        if compile_mode:
+            mode = None if compile_mode == "default" else compile_mode
+            self._forward = torch.compile(module, mode=mode)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def decode(self, inputs: Mapping[str, pb.Tensor]) -> Tensors:
-        """Decodes request tensors (zero copy) and checks them against the model's inputs."""
+    # Preparing inputs (on the event loop, or on a preprocessing thread for images)
+
+    def needs_preprocessing(self, request: pb.PredictRequest) -> bool:
+        """Whether preparing `request` does real work (decoding or resizing images)."""
+        return bool(request.images) or (
+            self.preprocessing is not None
+            and any(t.dtype == pb.DATA_TYPE_UINT8 for t in request.inputs.values())
+        )
+
+    def prepare(self, inputs: Mapping[str, pb.Tensor], images: Sequence[bytes] = ()) -> Prepared:
+        """Decodes request tensors (zero copy) or images, preprocesses, checks against the model."""
+        if images:
+            if inputs:
+                raise InvalidInput("send either inputs or images, not both")
+            tensors = {SINGLE_INPUT: self._images(decode_images(images, self.device))}
+            out_dtype = torch.float32
+        else:
+            tensors = self._decode(inputs)
+            out_dtype = output_float_dtype(tensors)
+            if self.preprocessing is not None:
+                tensors = {
+                    name: self._images(t.to(self.device)) if _is_image(t) else t
+                    for name, t in tensors.items()
+                }
+        if self.inputs:
+            self._check(tensors)
+        return Prepared(tensors, out_dtype)
+
+    def _images(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if self.preprocessing is None:
+            raise InvalidInput(
+                "this model takes no images: load it with preprocessing (or pretrained "
+                "weights) to send uint8 or encoded images"
+            )
+        prepared = self.preprocessing(images, self.dtype)
+        if prepared.is_cuda:  # the worker reads it on its own stream
+            torch.cuda.current_stream(prepared.device).synchronize()
+        return prepared
+
+    def _decode(self, inputs: Mapping[str, pb.Tensor]) -> Tensors:
         if not inputs:
             raise InvalidInput("the request has no inputs")
         tensors: Tensors = {}
@@ -83,8 +140,9 @@ class Runner:
             if tensor.dim() == 0:
                 raise InvalidInput(f"input {name!r} is a scalar; the first dimension is the batch")
             tensors[name] = tensor
-        if self.inputs:
-            self._check(tensors)
+        rows = {t.shape[0] for t in tensors.values()}
+        if len(rows) > 1:
+            raise InvalidInput(f"inputs disagree on the batch size: {sorted(rows)}")
         return tensors
 
     def _check(self, tensors: Tensors) -> None:
@@ -100,25 +158,21 @@ class Runner:
         for name, tensor in tensors.items():
             specs[name].check(tensor, name)
 
+    # Running (on the model's worker thread)
+
     def run(self, batch: Tensors) -> Tensors:
-        """Runs one batch (CPU tensors in, CPU tensors out, named as in PredictResponse)."""
+        """Runs one batch (host or device tensors in, CPU tensors out, named outputs)."""
         try:
-            with self._on_stream(), torch.inference_mode():
+            with self._on_stream(), torch.inference_mode(), self._autocast():
                 staged = {name: self._stage(t) for name, t in batch.items()}
                 if len(staged) == 1:
-                    result = self.module(next(iter(staged.values())))
+                    result = self._forward(next(iter(staged.values())))
                 else:
-                    result = self.module(**staged)
+                    result = self._forward(**staged)
                 outputs = flatten_outputs(result)
                 host = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
                 if self._stream is not None:
                     self._stream.synchronize()
-            if not self.outputs:
-                self.outputs = tuple(
-                    InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
-                    for name, t in host.items()
-                )
-            return host
         except (InvalidInput, OutOfMemory):
             raise
         except Exception as error:
@@ -132,9 +186,22 @@ class Runner:
                 f"the model rejected the input: {type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}"
             ) from None
+        if not self.outputs:
+            self.outputs = tuple(
+                InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
+                for name, t in host.items()
+            )
+        return host
+
+    def warm_up(self, shape: Sequence[int]) -> None:
+        """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model."""
+        dtype = self.inputs[0].dtype if self.inputs else self.dtype
+        batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
+        for rows in batches:
+            self.run({SINGLE_INPUT: torch.zeros((rows, *shape[1:]), dtype=dtype)})
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._stream is not None:
+        if self._stream is not None and tensor.device != self.device:
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         if tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
@@ -146,6 +213,15 @@ class Runner:
         if self._stream is None:
             return contextlib.nullcontext()
         return torch.cuda.stream(self._stream)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+
+def _is_image(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.uint8 and tensor.dim() == 4
 
 
 def flatten_outputs(result: Any) -> Tensors:
@@ -169,17 +245,41 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield path or SINGLE_OUTPUT, torch.tensor(value)
 
 
-def encode_outputs(outputs: Tensors, float_dtype: torch.dtype) -> dict[str, pb.Tensor]:
-    """Encodes outputs, floating-point ones in the caller's float dtype."""
-    return {
-        name: codec.from_torch(t.to(float_dtype) if t.is_floating_point() else t)
-        for name, t in outputs.items()
-    }
-
-
 def output_float_dtype(inputs: Tensors) -> torch.dtype:
     """The dtype of the first floating-point input, float32 when there is none."""
     for tensor in inputs.values():
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one caller gets back: named outputs, or the top classes per row."""
+
+    outputs: dict[str, pb.Tensor]
+    top_k: list[pb.TopClasses]
+
+
+def encode_answer(outputs: Tensors, float_dtype: torch.dtype) -> Answer:
+    """Encodes outputs, floating-point ones in the caller's float dtype."""
+    encoded = {
+        name: codec.from_torch(t.to(float_dtype) if t.is_floating_point() else t)
+        for name, t in outputs.items()
+    }
+    return Answer(encoded, [])
+
+
+def top_classes(outputs: Tensors, k: int, labels: Sequence[str]) -> Answer:
+    """The k most likely classes per row (softmax over the single output's last dimension)."""
+    if len(outputs) != 1:
+        raise InvalidInput(f"top_k needs a model with one output; this one has {sorted(outputs)}")
+    logits = next(iter(outputs.values())).float()
+    if logits.dim() != 2:
+        raise InvalidInput(f"top_k needs [batch, classes] outputs, not {list(logits.shape)}")
+    scores, indices = logits.softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
+    rows = []
+    for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True):
+        names = [labels[i] if i < len(labels) else str(i) for i in row_indices] if labels else []
+        rows.append(pb.TopClasses(indices=row_indices, scores=row_scores, labels=names))
+    return Answer({}, rows)

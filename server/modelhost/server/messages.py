@@ -6,6 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec
 from modelhost.server.architectures import Builder
+from modelhost.server.images import Preprocessing
 from modelhost.server.registry import HostedModel
 from modelhost.server.store import CheckpointRecord
 from modelhost.v1 import modelhost_pb2 as pb
@@ -71,6 +72,32 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         weights=hosted.spec.weights,
         channels_last=hosted.spec.channels_last,
         format=_FORMATS.get(loaded.format, pb.CHECKPOINT_FORMAT_UNSPECIFIED),
+        preprocessing=_preprocessing_message(hosted.runner.preprocessing),
+        label_count=len(hosted.labels),
+        compile=hosted.compile,
+        autocast=codec.data_type(hosted.runner.autocast)
+        if hosted.runner.autocast
+        else pb.DATA_TYPE_UNSPECIFIED,
+    )
+
+
+def _preprocessing_message(steps: Preprocessing | None) -> pb.ImagePreprocessing | None:
+    if steps is None:
+        return None
+    return pb.ImagePreprocessing(
+        resize=steps.resize, crop=steps.crop, mean=steps.mean, std=steps.std, weights=steps.weights
+    )
+
+
+def preprocessing(request: pb.LoadModelRequest) -> Preprocessing:
+    """LoadModelRequest.preprocessing as the server's Preprocessing."""
+    steps = request.preprocessing
+    return Preprocessing(
+        resize=steps.resize,
+        crop=steps.crop,
+        mean=tuple(steps.mean),
+        std=tuple(steps.std),
+        weights=steps.weights,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modelhost.server.batching import Batcher
 from modelhost.server.devices import release_memory
@@ -32,6 +32,8 @@ class HostedModel:
     batcher: Batcher
     loaded_at: float
     raw_args: dict[str, str]
+    labels: list[str] = field(default_factory=list)
+    compile: str = ""
     retiring: bool = False
 
     def __post_init__(self) -> None:

@@ -170,6 +170,13 @@ class ModelHostService(pb_grpc.ModelHostServicer):
                 strict=request.strict if request.HasField("strict") else True,
                 weights=request.weights,
                 channels_last=request.channels_last,
+                preprocessing=messages.preprocessing(request)
+                if request.HasField("preprocessing")
+                else None,
+                labels=tuple(request.labels),
+                warmup_shape=tuple(request.warmup_shape),
+                compile=request.compile,
+                autocast=request.autocast,
                 max_batch_size=batching.max_batch_size,
                 max_queue_delay_us=batching.max_queue_delay_us,
                 max_queue_size=batching.max_queue_size,
@@ -207,7 +214,14 @@ class ModelHostService(pb_grpc.ModelHostServicer):
 
     @unary
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
-        hosted, outputs = await self.host.predict(
-            request.model, request.version, request.inputs, context.time_remaining()
+        hosted, answer = await self.host.predict(
+            request.model,
+            request.version,
+            request.inputs,
+            context.time_remaining(),
+            images=request.images,
+            top_k=request.top_k,
         )
-        return pb.PredictResponse(model=hosted.name, version=hosted.version, outputs=outputs)
+        return pb.PredictResponse(
+            model=hosted.name, version=hosted.version, outputs=answer.outputs, top_k=answer.top_k
+        )

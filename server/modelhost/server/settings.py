@@ -46,6 +46,7 @@ class Settings:
     max_queue_delay_us: int = _setting(1000, "Default wait for a batch to fill, in microseconds.")
     max_queue_size: int = _setting(512, "Default Predict requests that may wait per model version.")
     load_workers: int = _setting(2, "Threads that load checkpoints and build models.")
+    preprocess_workers: int = _setting(4, "Threads that decode and preprocess image inputs.")
     grace_seconds: float = _setting(10.0, "On SIGTERM/SIGINT, how long in-flight calls may finish.")
     log_level: str = _setting("info", "Logging level: debug, info, warning, error.")
     architectures: list[str] = _setting(

@@ -1,0 +1,223 @@
+"""Dynamic batching: merged runs, own rows back, queue limits, deadlines, isolation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from conftest import images, reference, resnet18
+from helpers.models import Recorder
+from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.server import Server
+
+
+def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Runs the calls on threads, released together; returns results or exceptions."""
+    results: list[Any] = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = calls[index]()
+        except Exception as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def load_recorder(client: ModelHostClient, name: str, **args: Any) -> None:
+    client.save_checkpoint(f"{name}-w", {"scale": torch.full((1,), 2.0)}, overwrite=True)
+    batching = args.pop("batching", {})
+    client.load_model(
+        name,
+        architecture="recorder",
+        checkpoint=f"{name}-w",
+        architecture_args=args,
+        batching=batching,
+    )
+
+
+def ids(first: float, rows: int) -> np.ndarray[Any, Any]:
+    return np.stack(
+        [np.arange(first, first + rows, dtype=np.float32), np.ones(rows, np.float32)], axis=1
+    )
+
+
+@pytest.fixture(autouse=True)
+def clear_recorder() -> None:
+    Recorder.calls.clear()
+
+
+def test_concurrent_requests_get_their_own_rows(client: ModelHostClient, server: Server) -> None:
+    model = resnet18()
+    client.save_checkpoint("w", model.state_dict())
+    client.load_model(
+        "m",
+        architecture="resnet18",
+        checkpoint="w",
+        architecture_args={"num_classes": 10},
+        batching={"max_batch_size": 16, "max_queue_delay_us": 50_000},
+    )
+    inputs = [
+        images(rows, size=size, seed=i)
+        for i, (rows, size) in enumerate(
+            [(1, 32), (3, 32), (2, 40), (5, 32), (1, 40), (4, 32), (2, 32), (1, 32)]
+        )
+    ]
+    clients = [ModelHostClient(server.target, timeout=60) for _ in inputs]
+    try:
+        outs = concurrently(
+            [lambda c=c, x=x: c.predict("m", x) for c, x in zip(clients, inputs, strict=True)]
+        )
+    finally:
+        for c in clients:
+            c.close()
+    for x, out in zip(inputs, outs, strict=True):
+        assert not isinstance(out, Exception), out
+        assert out.shape == (x.shape[0], 10)
+        np.testing.assert_allclose(out, reference(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_requests_are_merged_and_split_by_rows(client: ModelHostClient, server: Server) -> None:
+    load_recorder(
+        client, "rec", delay=0.3, batching={"max_batch_size": 64, "max_queue_delay_us": 100_000}
+    )
+    sizes = [1, 2, 3, 4, 5, 6]
+    requests = [ids(100 * i, rows) for i, rows in enumerate(sizes)]
+    clients = [ModelHostClient(server.target, timeout=60) for _ in requests]
+    try:
+        # The first request occupies the model; the others queue up and run as one batch.
+        first = threading.Thread(target=lambda: clients[0].predict("rec", requests[0]))
+        first.start()
+        time.sleep(0.1)
+        outs = concurrently(
+            [
+                lambda c=c, x=x: c.predict("rec", x)
+                for c, x in zip(clients[1:], requests[1:], strict=True)
+            ]
+        )
+        first.join()
+    finally:
+        for c in clients:
+            c.close()
+    for x, out in zip(requests[1:], outs, strict=True):
+        np.testing.assert_array_equal(out, x * 2)
+    batches = sorted(len(call) for call in Recorder.calls)
+    assert batches == [1, sum(sizes[1:])], Recorder.calls
+
+
+def test_batching_off_runs_each_request_alone(client: ModelHostClient, server: Server) -> None:
+    load_recorder(client, "solo", delay=0.05, batching={"max_batch_size": 1})
+    requests = [ids(10 * i, 2) for i in range(4)]
+    outs = concurrently([lambda x=x: client.predict("solo", x) for x in requests])
+    for x, out in zip(requests, outs, strict=True):
+        np.testing.assert_array_equal(out, x * 2)
+    assert sorted(len(call) for call in Recorder.calls) == [2, 2, 2, 2]
+    assert client.get_model("solo").batching.max_batch_size == 1
+
+
+def test_a_failing_request_fails_only_itself(client: ModelHostClient) -> None:
+    load_recorder(
+        client,
+        "picky",
+        picky=True,
+        delay=0.2,
+        batching={"max_batch_size": 32, "max_queue_delay_us": 100_000},
+    )
+    blocker = threading.Thread(target=lambda: client.predict("picky", ids(0, 1)))
+    blocker.start()
+    time.sleep(0.05)
+    requests = [ids(1, 2), ids(-5, 1), ids(10, 3)]
+    outs = concurrently([lambda x=x: client.predict("picky", x) for x in requests])
+    blocker.join()
+    assert isinstance(outs[1], ModelHostError)
+    assert outs[1].code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in outs[1].message
+    np.testing.assert_array_equal(outs[0], requests[0] * 2)
+    np.testing.assert_array_equal(outs[2], requests[2] * 2)
+
+
+def test_full_queue_answers_resource_exhausted_at_once(client: ModelHostClient) -> None:
+    load_recorder(client, "slow", delay=0.5, batching={"max_batch_size": 1, "max_queue_size": 2})
+    started = time.monotonic()
+    outs = concurrently([lambda i=i: client.predict("slow", ids(i, 1)) for i in range(6)])
+    errors = [o for o in outs if isinstance(o, Exception)]
+    assert errors, "some requests should find the queue full"
+    for error in errors:
+        assert isinstance(error, ModelHostError)
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queue_size" in error.message and "2" in error.message
+    done = [o for o in outs if not isinstance(o, Exception)]
+    assert 2 <= len(done) <= 3  # the one running plus the two that fit the queue
+    assert time.monotonic() - started < 0.5 * len(outs)  # refusals did not wait their turn
+    assert client.get_model("slow").batching.max_queue_size == 2
+
+
+def test_expired_requests_are_dropped_not_run(client: ModelHostClient) -> None:
+    load_recorder(client, "slow", delay=0.6, batching={"max_batch_size": 1})
+    blocker = threading.Thread(target=lambda: client.predict("slow", ids(1, 1)))
+    blocker.start()
+    time.sleep(0.1)
+    with pytest.raises(ModelHostError) as caught:
+        client.predict("slow", ids(2, 1), timeout=0.2)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    blocker.join()
+    np.testing.assert_array_equal(client.predict("slow", ids(3, 1)), ids(3, 1) * 2)
+    assert [call[0] for call in Recorder.calls] == [1.0, 3.0]  # request 2 never ran
+
+
+def test_deadline_expired_in_queue_reports_deadline_exceeded() -> None:
+    """A deadline that passes in the queue is reported by the server, not only the client."""
+    from modelhost.server.batching import Batcher, BatchPolicy
+    from modelhost.server.errors import DeadlineExpired
+    from modelhost.server.inference import encode_answer
+
+    release = threading.Event()
+    seen: list[int] = []
+
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        release.wait(5)
+        seen.append(int(batch["x"][0, 0]))
+        return {"output": batch["x"]}
+
+    batcher = Batcher(run, BatchPolicy(1, 0, 8), "unit")
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    first = batcher.submit({"x": torch.zeros(1, 1)}, None, finish)
+    late = batcher.submit({"x": torch.ones(1, 1)}, time.monotonic() + 0.05, finish)
+    time.sleep(0.1)
+    release.set()
+    first.result(5)
+    with pytest.raises(DeadlineExpired):
+        late.result(5)
+    batcher.close()
+    assert seen == [0]
+
+
+def test_incompatible_shapes_run_in_separate_batches(
+    client: ModelHostClient, server: Server
+) -> None:
+    load_recorder(
+        client, "rec", delay=0.3, batching={"max_batch_size": 64, "max_queue_delay_us": 100_000}
+    )
+    blocker = threading.Thread(target=lambda: client.predict("rec", ids(0, 1)))
+    blocker.start()
+    time.sleep(0.1)
+    wide = np.ones((2, 3), np.float32) * 7
+    requests = [ids(10, 2), wide, ids(20, 1)]
+    outs = concurrently([lambda x=x: client.predict("rec", x) for x in requests])
+    blocker.join()
+    for x, out in zip(requests, outs, strict=True):
+        np.testing.assert_array_equal(out, x * 2)
+    assert sorted(len(c) for c in Recorder.calls) == [1, 2, 3]
