@@ -426,8 +426,9 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_dockerfile_builds_a_pinned_multi_stage_non_root_image(stages: list[Stage]) -> None:
     build, final = stages[0], stages[-1]
     assert len(stages) >= 2 and build.name
-    # One CUDA-capable PyTorch base, pinned by its full tag, for both stages.
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", final.image)
+    # One CUDA-capable PyTorch base, pinned by its full tag (and maybe a digest), for both.
+    pinned = r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?"
+    assert re.fullmatch(pinned, final.image), final.image
     assert build.image == final.image
     venv = build.env({})["VIRTUAL_ENV"]
     assert f"--from={build.name} {venv} {venv}" in final.all("COPY")
