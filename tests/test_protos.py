@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from modelhost.v1 import modelhost_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +55,11 @@ def test_contract_names() -> None:
     assert tensor["data"].type == tensor["data"].TYPE_BYTES
 
 
-def test_every_message_and_field_is_documented() -> None:
-    text = (ROOT / "protos" / "modelhost" / "v1" / "modelhost.proto").read_text().splitlines()
+@pytest.mark.parametrize(
+    "proto", sorted((ROOT / "protos").rglob("*.proto")), ids=lambda p: p.parent.name + "/" + p.name
+)
+def test_every_message_and_field_is_documented(proto: Path) -> None:
+    text = proto.read_text().splitlines()
     undocumented = []
     for index, line in enumerate(text):
         stripped = line.strip()

@@ -20,6 +20,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modelhost.server import oip
 from modelhost.server.host import Host
 from modelhost.server.service import ModelHostService
 from modelhost.server.settings import Settings
@@ -64,10 +65,12 @@ class Server:
             ],
         )
         pb_grpc.add_ModelHostServicer_to_server(ModelHostService(self.host), server)
+        inference = oip.add_to_server(self.host, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
                 SERVICE_NAME,
+                inference,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -78,7 +81,7 @@ class Server:
             raise OSError(f"cannot bind {_address(settings.host, settings.port)}")
         await server.start()
         self._grpc = server
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, inference):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "modelhost serving on %s (store %s, device %s)",

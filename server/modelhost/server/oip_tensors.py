@@ -81,9 +81,7 @@ def decode_inputs(request: oip.ModelInferRequest) -> dict[str, pb.Tensor]:
             raise InvalidInput(f"input {name!r}: shape {list(tensor.shape)} has a negative size")
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidInput(
-                    f"input {name!r} sets contents while raw_input_contents is used"
-                )
+                raise InvalidInput(f"input {name!r} sets contents while raw_input_contents is used")
             data = raw[index]
         else:
             data = _typed_contents(tensor)
@@ -103,10 +101,13 @@ def _typed_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> bytes:
             f"input {name!r}: shape {list(tensor.shape)} needs {count} elements, "
             f"contents.{field} has {len(values)}"
         )
-    try:
-        return np.asarray(values, dtype=element).tobytes()
-    except OverflowError:
-        raise InvalidInput(f"input {name!r}: a value in contents.{field} is out of range for {datatype}") from None
+    given = np.asarray(list(values))
+    array = given.astype(element)
+    if array.dtype.kind in "iu" and not np.array_equal(array, given):
+        raise InvalidInput(
+            f"input {name!r}: contents.{field} has values out of range for {datatype}"
+        )
+    return array.tobytes()
 
 
 def encode_outputs(
@@ -138,35 +139,25 @@ def encode_outputs(
 def metadata(specs: Iterable[InputSpec]) -> list[oip.ModelMetadataResponse.TensorMetadata]:
     """Tensor specs (-1: any size) as OIP tensor metadata."""
     return [
-        oip.ModelMetadataResponse.TensorMetadata(
-            name=spec.name, datatype=datatype_name(spec.dtype), shape=spec.shape
-        )
+        oip.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=dtype, shape=spec.shape)
         for spec in specs
-        if datatype_name(spec.dtype)
+        if (dtype := datatype_name(spec.dtype))
     ]
 
 
 def config_inputs(specs: Iterable[InputSpec]) -> list[mc.ModelInput]:
     """Input specs as Triton config inputs: dims without the batch dimension."""
     return [
-        mc.ModelInput(
-            name=spec.name,
-            data_type=CONFIG_TYPES[datatype_name(spec.dtype)],
-            dims=spec.shape[1:],
-        )
+        mc.ModelInput(name=spec.name, data_type=CONFIG_TYPES[dtype], dims=spec.shape[1:])
         for spec in specs
-        if datatype_name(spec.dtype)
+        if (dtype := datatype_name(spec.dtype))
     ]
 
 
 def config_outputs(specs: Iterable[InputSpec]) -> list[mc.ModelOutput]:
     """Output specs as Triton config outputs: dims without the batch dimension."""
     return [
-        mc.ModelOutput(
-            name=spec.name,
-            data_type=CONFIG_TYPES[datatype_name(spec.dtype)],
-            dims=spec.shape[1:],
-        )
+        mc.ModelOutput(name=spec.name, data_type=CONFIG_TYPES[dtype], dims=spec.shape[1:])
         for spec in specs
-        if datatype_name(spec.dtype)
+        if (dtype := datatype_name(spec.dtype))
     ]

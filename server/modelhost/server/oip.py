@@ -1,0 +1,212 @@
+"""The Open Inference Protocol servicer: `inference.GRPCInferenceService` over a `Host`.
+
+It serves on the same port as modelhost.v1.ModelHost and shares its registry and
+batchers: a ModelInfer request joins the same batches as Predict requests. Errors
+map to statuses through the same table (`service.unary`).
+
+Versions are strings in OIP: "" is the newest, "3" is version 3. Model metadata
+lists the inputs the architecture implies (none when it implies nothing) and the
+outputs seen on the model's first successful run (none before it).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import grpc.aio
+
+from modelhost.oip import grpc_service_pb2 as oip
+from modelhost.oip import grpc_service_pb2_grpc as oip_grpc
+from modelhost.oip import model_config_pb2 as mc
+from modelhost.server import oip_tensors as tensors
+from modelhost.server.errors import InvalidArgument, NotFound
+from modelhost.server.host import Host
+from modelhost.server.names import check_name
+from modelhost.server.oip_load import load_request
+from modelhost.server.registry import HostedModel
+from modelhost.server.service import unary
+
+SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PLATFORM = "pytorch_libtorch"  # Triton's name for PyTorch models
+BACKEND = "pytorch"
+EXTENSIONS = ("model_repository", "model_configuration")
+
+
+def parse_version(text: str) -> int:
+    """An OIP version string as a modelhost version: "" -> 0 (newest), "3" -> 3."""
+    if text == "":
+        return 0
+    if not text.isdigit() or int(text) == 0:
+        raise InvalidArgument(f"version {text!r} is not a positive integer")
+    return int(text)
+
+
+def _server_version() -> str:
+    try:
+        return version("modelhost")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over a `Host`."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def _get(self, name: str, version: str) -> HostedModel:
+        return self.host.get_model(name, parse_version(version))
+
+    @unary
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: Any
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: Any
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=True)
+
+    @unary
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: Any
+    ) -> oip.ModelReadyResponse:
+        try:
+            hosted = self._get(request.name, request.version)
+        except NotFound:
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=not hosted.retiring)
+
+    @unary
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: Any
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(
+            name="modelhost", version=_server_version(), extensions=EXTENSIONS
+        )
+
+    @unary
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: Any
+    ) -> oip.ModelMetadataResponse:
+        hosted = self._get(request.name, request.version)
+        return oip.ModelMetadataResponse(
+            name=hosted.name,
+            versions=[str(v) for v in self.host.registry.versions(hosted.name)],
+            platform=PLATFORM,
+            inputs=tensors.metadata(hosted.runner.inputs),
+            outputs=tensors.metadata(hosted.runner.outputs),
+        )
+
+    @unary
+    async def ModelConfig(
+        self, request: oip.ModelConfigRequest, context: Any
+    ) -> oip.ModelConfigResponse:
+        return oip.ModelConfigResponse(
+            config=model_config(self._get(request.name, request.version))
+        )
+
+    @unary
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: Any
+    ) -> oip.ModelInferResponse:
+        inputs = tensors.decode_inputs(request)
+        hosted, answer = await self.host.predict(
+            request.model_name,
+            parse_version(request.model_version),
+            inputs,
+            context.time_remaining(),
+        )
+        described, raw = tensors.encode_outputs(answer.outputs, request.outputs)
+        return oip.ModelInferResponse(
+            model_name=hosted.name,
+            model_version=str(hosted.version),
+            id=request.id,
+            outputs=described,
+            raw_output_contents=raw,
+        )
+
+    @unary
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: Any
+    ) -> oip.RepositoryIndexResponse:
+        Index = oip.RepositoryIndexResponse.ModelIndex
+        return oip.RepositoryIndexResponse(
+            models=[
+                Index(
+                    name=hosted.name,
+                    version=str(hosted.version),
+                    state="UNLOADING" if hosted.retiring else "READY",
+                )
+                for hosted in self.host.registry.all()
+                if not (request.ready and hosted.retiring)
+            ]
+        )
+
+    @unary
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: Any
+    ) -> oip.RepositoryModelLoadResponse:
+        name = check_name(request.model_name, "model")
+        await self.host.load_model(load_request(name, request.parameters))
+        return oip.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: Any
+    ) -> oip.RepositoryModelUnloadResponse:
+        param = request.parameters.get("version")
+        number = 0
+        if param is not None:
+            choice = param.WhichOneof("parameter_choice")
+            number = (
+                param.int64_param if choice == "int64_param" else parse_version(param.string_param)
+            )
+        await self.host.unload_model(request.model_name, number)
+        return oip.RepositoryModelUnloadResponse()
+
+
+def model_config(hosted: HostedModel) -> mc.ModelConfig:
+    """A Triton model configuration describing a hosted version.
+
+    Its "parameters" are the RepositoryModelLoad keys it was loaded with, so the
+    configuration (as JSON) can be sent back as a load's "config".
+    """
+    policy = hosted.batcher.policy
+    device = hosted.loaded.device
+    group = mc.ModelInstanceGroup(name=hosted.name, count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    if device.type == "cuda":
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+        group.gpus.append(device.index or 0)
+    spec = hosted.spec
+    config = mc.ModelConfig(
+        name=hosted.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=policy.max_batch_size,
+        input=tensors.config_inputs(hosted.runner.inputs),
+        output=tensors.config_outputs(hosted.runner.outputs),
+        instance_group=[group],
+        parameters={
+            "architecture": mc.ModelParameter(string_value=spec.architecture),
+            "architecture_args": mc.ModelParameter(string_value=json.dumps(spec.args, default=str)),
+            "checkpoint": mc.ModelParameter(string_value=spec.checkpoint),
+            "device": mc.ModelParameter(string_value=str(device)),
+            "dtype": mc.ModelParameter(
+                string_value=str(hosted.loaded.dtype).removeprefix("torch.")
+            ),
+        },
+    )
+    if policy.max_batch_size > 1:
+        config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
+    return config
+
+
+def add_to_server(host: Host, server: grpc.aio.Server) -> str:
+    """Adds the service to `server`; returns its full name (for health and reflection)."""
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(host), server)
+    return SERVICE_NAME

@@ -1,0 +1,320 @@
+"""The Open Inference Protocol endpoint, driven by Triton's unmodified tritonclient.
+
+The server runs in this process (conftest's fixtures); tritonclient runs in a
+spawned child (helpers/triton.py says why: its protos and ours share the package
+`inference`, which protobuf cannot load twice).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from conftest import images, reference, resnet18
+from helpers.triton import Triton, TritonError, start_child
+from modelhost.client import ModelHostClient
+from modelhost.server import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def child() -> Iterator[Any]:
+    with start_child() as executor:
+        yield executor
+
+
+@pytest.fixture
+def triton(child: Any, server: Server) -> Triton:
+    return Triton(child, server.target)
+
+
+def ints(values: list[str]) -> list[int]:
+    """int64 fields come back from protobuf's JSON mapping as strings."""
+    return [int(v) for v in values]
+
+
+def fails(status: str, call: Any, *args: Any, **kwargs: Any) -> str:
+    """Calls, expects a TritonError with `status`, returns its message."""
+    with pytest.raises(TritonError) as caught:
+        call(*args, **kwargs)
+    assert caught.value.status == status, caught.value
+    return caught.value.message
+
+
+def test_the_child_never_loads_modelhost_protos(triton: Triton) -> None:
+    assert triton.call("is_server_live") is True
+    loaded = triton.modules()
+    assert "tritonclient.grpc.service_pb2" in loaded
+    assert not [m for m in loaded if m.startswith("modelhost")]
+
+
+def test_oip_protos_and_tritonclient_cannot_share_a_process() -> None:
+    """Why tritonclient runs in a child: each order of imports fails the same way."""
+    for first, second in [
+        ("modelhost.oip.grpc_service_pb2", "tritonclient.grpc"),
+        ("tritonclient.grpc", "modelhost.oip.grpc_service_pb2"),
+    ]:
+        run = subprocess.run(
+            [sys.executable, "-c", f"import {first}\nimport {second}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode != 0
+        assert "duplicate symbol 'inference." in run.stderr.splitlines()[-1]
+
+
+def test_our_protos_are_wire_compatible_with_tritonclients(triton: Triton, tmp_path: Path) -> None:
+    out = tmp_path / "oip.binpb"
+    protos = ROOT / "protos"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}", "--include_imports"),
+            *(f"--descriptor_set_out={out}", "modelhost/oip/grpc_service.proto"),
+        ],
+        check=True,
+    )
+    assert triton.compare_protos(out.read_bytes()) == []
+
+
+def test_server_health_metadata_and_reflection(triton: Triton, server: Server) -> None:
+    assert triton.call("is_server_live") is True
+    assert triton.call("is_server_ready") is True
+    metadata = triton.call("get_server_metadata", as_json=True)
+    assert metadata["name"] == "modelhost"
+    assert {"model_repository", "model_configuration"} <= set(metadata["extensions"])
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health.Check(
+            health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in database.get_services()
+        found = database.FindFileContainingSymbol("inference.ModelInferRequest")
+        assert found.name == "modelhost/oip/grpc_service.proto"
+
+
+def test_model_ready(triton: Triton, served_resnet: torch.nn.Module) -> None:
+    assert triton.call("is_model_ready", "r18") is True
+    assert triton.call("is_model_ready", "r18", "1") is True
+    assert triton.call("is_model_ready", "r18", "2") is False
+    assert triton.call("is_model_ready", "nope") is False
+    fails("INVALID_ARGUMENT", triton.call, "is_model_ready", "r18", "latest")
+
+
+def test_metadata_and_config_before_and_after_the_first_run(
+    triton: Triton, served_resnet: torch.nn.Module
+) -> None:
+    metadata = triton.call("get_model_metadata", "r18", as_json=True)
+    assert metadata["name"] == "r18" and metadata["versions"] == ["1"]
+    assert metadata["platform"] == "pytorch_libtorch"
+    (spec,) = metadata["inputs"]
+    assert (spec["name"], spec["datatype"], ints(spec["shape"])) == (
+        "input",
+        "FP32",
+        [-1, 3, -1, -1],
+    )
+    assert metadata.get("outputs", []) == []  # not known before the model has run
+
+    config = triton.call("get_model_config", "r18", as_json=True)["config"]
+    assert config["max_batch_size"] == 32  # the server's default batching
+    assert ints(config["input"][0]["dims"]) == [3, -1, -1]  # without the batch dimension
+    assert config["input"][0]["data_type"] == "TYPE_FP32"
+    assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) == 1000
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+    assert parameters["architecture"] == "resnet18"
+    assert parameters["checkpoint"] == "r18-weights"
+    assert json.loads(parameters["architecture_args"]) == {"num_classes": 10}
+
+    triton.infer("r18", {"input": images(1)})
+    (spec,) = triton.call("get_model_metadata", "r18", as_json=True)["outputs"]
+    assert (spec["name"], spec["datatype"], ints(spec["shape"])) == ("output", "FP32", [-1, 10])
+    (output,) = triton.call("get_model_config", "r18", as_json=True)["config"]["output"]
+    assert ints(output["dims"]) == [10]
+
+
+def test_infer_fp32_matches_the_in_process_model(
+    triton: Triton, served_resnet: torch.nn.Module
+) -> None:
+    x = images(3)
+    version, outputs = triton.infer("r18", {"input": x})
+    assert version == "1"
+    datatype, out = outputs["output"]
+    assert datatype == "FP32" and out.dtype == np.float32 and out.shape == (3, 10)
+    np.testing.assert_array_equal(out, reference(served_resnet, x))
+
+
+def test_infer_half_precision_inputs(triton: Triton, served_resnet: torch.nn.Module) -> None:
+    """Floating-point outputs come back in the input's dtype, as with Predict."""
+    x16 = images(2).astype(np.float16)
+    _, outputs = triton.infer("r18", {"input": x16})
+    datatype, out = outputs["output"]
+    expected = reference(served_resnet, x16.astype(np.float32))
+    assert datatype == "FP16" and out.dtype == np.float16
+    np.testing.assert_array_equal(out, expected.astype(np.float16))
+
+    # BF16: tritonclient sends and returns ml_dtypes.bfloat16 arrays.
+    xbf = images(2).astype(ml_dtypes.bfloat16)
+    _, outputs = triton.infer("r18", {"input": xbf})
+    datatype, out = outputs["output"]
+    expected = reference(served_resnet, xbf.astype(np.float32)).astype(ml_dtypes.bfloat16)
+    assert datatype == "BF16" and out.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(out.astype(np.float32), expected.astype(np.float32))
+
+
+def test_typed_contents_instead_of_raw(triton: Triton, served_resnet: torch.nn.Module) -> None:
+    x = images(2)
+    reply = triton.raw_infer(
+        {
+            "model_name": "r18",
+            "id": "req-7",
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "contents": {"fp32_contents": x.ravel().tolist()},
+                }
+            ],
+        }
+    )
+    (output,) = reply["outputs"]
+    assert output["name"] == "output" and ints(output["shape"]) == [2, 10]
+    out = np.frombuffer(reply["raw_output_contents"][0], "<f4").reshape(2, 10)
+    np.testing.assert_array_equal(out, reference(served_resnet, x))
+
+
+def test_predict_and_model_infer_give_the_same_answer(
+    triton: Triton, client: ModelHostClient, served_resnet: torch.nn.Module
+) -> None:
+    x = images(4, seed=3)
+    _, outputs = triton.infer("r18", {"input": x}, outputs=["output"])
+    np.testing.assert_array_equal(outputs["output"][1], client.predict("r18", x))
+
+
+def test_unknown_models_and_versions(triton: Triton, served_resnet: torch.nn.Module) -> None:
+    x = images(1)
+    assert "nope" in fails("NOT_FOUND", triton.infer, "nope", {"input": x})
+    fails("NOT_FOUND", triton.infer, "r18", {"input": x}, version="5")
+    fails("INVALID_ARGUMENT", triton.infer, "r18", {"input": x}, version="v1")
+    fails("NOT_FOUND", triton.call, "get_model_metadata", "nope")
+    fails("NOT_FOUND", triton.call, "get_model_config", "r18", "5")
+    fails("INVALID_ARGUMENT", triton.infer, "r18", {"input": x}, outputs=["logits"])
+
+
+def _request(datatype: str, shape: list[int], raw: bytes, **extra: Any) -> dict[str, Any]:
+    tensor = {"name": "input", "datatype": datatype, "shape": shape, **extra}
+    return {"model_name": "r18", "inputs": [tensor], "raw_input_contents": [raw] if raw else []}
+
+
+@pytest.mark.parametrize(
+    ("request_", "complaint"),
+    [
+        (_request("BYTES", [1, 3, 8, 8], bytes(192)), "datatype 'BYTES'"),
+        (_request("FP31", [1, 3, 8, 8], bytes(768)), "datatype 'FP31'"),
+        (_request("FP32", [1, 3, 8, 8], bytes(700)), "needs 768 bytes"),
+        (_request("FP32", [3, 8, 8], bytes(768)), "shape [3, 8, 8]"),
+        (_request("FP32", [1, -3, 8, 8], bytes(768)), "negative"),
+        (_request("INT64", [1, 3, 8, 8], bytes(1536)), "dtype int64"),
+        (_request("FP16", [1, 3], b"", contents={"fp32_contents": [1, 2, 3]}), "raw_input"),
+        (_request("FP32", [1, 3], b"", contents={"fp32_contents": [1, 2]}), "needs 3 elements"),
+        (_request("INT8", [1, 3], b"", contents={"int_contents": [1, 2, 300]}), "out of range"),
+        (
+            {**_request("FP32", [1, 3, 8, 8], bytes(768)), "raw_input_contents": [b"", b""]},
+            "2 entries for 1 inputs",
+        ),
+    ],
+)
+def test_malformed_inputs_are_invalid_argument(
+    triton: Triton, served_resnet: torch.nn.Module, request_: dict[str, Any], complaint: str
+) -> None:
+    assert complaint in fails("INVALID_ARGUMENT", triton.raw_infer, request_)
+    _, outputs = triton.infer("r18", {"input": images(1)})  # still serving
+    assert outputs["output"][1].shape == (1, 10)
+
+
+def _config(**parameters: Any) -> str:
+    """A Triton model config (JSON) carrying modelhost's load parameters."""
+    return json.dumps(
+        {
+            "max_batch_size": 4,
+            "dynamic_batching": {"max_queue_delay_microseconds": 200},
+            "parameters": {key: {"string_value": value} for key, value in parameters.items()},
+        }
+    )
+
+
+def test_repository_load_reload_and_unload(triton: Triton, client: ModelHostClient) -> None:
+    first, second = resnet18(seed=1), resnet18(seed=2)
+    client.save_checkpoint("w1", first.state_dict())
+    client.save_checkpoint("w2", second.state_dict())
+    config = _config(
+        architecture="resnet18", checkpoint="w1", architecture_args='{"num_classes": 10}'
+    )
+    triton.call("load_model", "m", config=config)
+
+    assert triton.call("is_model_ready", "m") is True
+    loaded = triton.call("get_model_config", "m", as_json=True)["config"]
+    assert loaded["max_batch_size"] == 4
+    assert int(loaded["dynamic_batching"]["max_queue_delay_microseconds"]) == 200
+    x = images(2)
+    np.testing.assert_array_equal(
+        triton.infer("m", {"input": x})[1]["output"][1], reference(first, x)
+    )
+
+    # A model's config goes back into a load: same settings, new weights, new version.
+    again = triton.call("get_model_config", "m", as_json=True)["config"]
+    again["parameters"]["checkpoint"] = {"string_value": "w2"}
+    triton.call("load_model", "m", config=json.dumps(again))
+    version, outputs = triton.infer("m", {"input": x})
+    assert version == "2"
+    np.testing.assert_array_equal(outputs["output"][1], reference(second, x))
+    _, outputs = triton.infer("m", {"input": x}, version="1")
+    np.testing.assert_array_equal(outputs["output"][1], reference(first, x))
+    assert triton.call("get_model_config", "m", as_json=True)["config"]["max_batch_size"] == 4
+    index = triton.call("get_model_repository_index", as_json=True)["models"]
+    assert [(m["name"], m["version"], m["state"]) for m in index] == [
+        ("m", "1", "READY"),
+        ("m", "2", "READY"),
+    ]
+    assert [m.version for m in client.list_models()] == [1, 2]  # the same registry
+
+    triton.call("unload_model", "m")
+    assert triton.call("is_model_ready", "m") is False
+    assert client.list_models() == []
+    fails("NOT_FOUND", triton.call, "unload_model", "m")
+
+
+def test_repository_load_failures(triton: Triton, client: ModelHostClient) -> None:
+    client.save_checkpoint("w", resnet18().state_dict())
+    message = fails("INVALID_ARGUMENT", triton.call, "load_model", "m")
+    assert "no model repository" in message
+    no_architecture = _config(checkpoint="w")
+    fails("INVALID_ARGUMENT", triton.call, "load_model", "m", config=no_architecture)
+    missing = _config(architecture="resnet18", checkpoint="absent")
+    fails("NOT_FOUND", triton.call, "load_model", "m", config=missing)
+    unknown_key = json.dumps({"parameters": {"weights": {"string_value": "x"}}})
+    assert "weights" in fails(
+        "INVALID_ARGUMENT", triton.call, "load_model", "m", config=unknown_key
+    )
+    files = {"file:1/model.pt": b"\0"}
+    message = fails("INVALID_ARGUMENT", triton.call, "load_model", "m", config="{}", files=files)
+    assert "SaveCheckpoint" in message
+    assert triton.call("get_model_repository_index", as_json=True) == {}
