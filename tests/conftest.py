@@ -19,6 +19,7 @@ TEST_ARCHITECTURES = [
     "tiny_mlp=helpers.models:tiny_mlp",
     "broken=helpers.models:broken",
     "recorder=helpers.models:recorder",
+    "slow_builder=helpers.models:slow_builder",
 ]
 
 

@@ -62,3 +62,11 @@ class Recorder(nn.Module):
 
 def recorder(delay: float = 0.0, picky: bool = False) -> nn.Module:
     return Recorder(delay=delay, picky=picky)
+
+
+def slow_builder(seconds: float = 1.0) -> nn.Module:
+    """Takes `seconds` to build (a stand-in for a big checkpoint)."""
+    import time
+
+    time.sleep(seconds)
+    return Recorder()

@@ -363,7 +363,11 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     overrides = {name: getattr(args, name) for name, *_ in settings_fields()}
-    return serve(Settings.from_env(**overrides))
+    try:
+        return serve(Settings.from_env(**overrides))
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -21,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from modelhost.server import oip
+from modelhost.server.auth import AuthInterceptor, Tokens
 from modelhost.server.host import Host
 from modelhost.server.service import ModelHostService
 from modelhost.server.settings import Settings
@@ -44,6 +46,7 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port = 0
+        self.metrics_port = 0
         self.host: Host | None = None
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -54,15 +57,24 @@ class Server:
         return _address(self.settings.host, self.port)
 
     async def start(self) -> None:
-        """Opens the store, binds the port and starts serving."""
+        """Opens the store, binds the port, starts serving, and restores hosted models.
+
+        Health: the server ("") is SERVING once it accepts calls; the services turn
+        SERVING once restored models are loaded (what readiness probes should check).
+        """
         settings = self.settings
+        tokens = Tokens.from_settings(settings)
+        credentials = server_credentials(settings)
+        check_exposure(settings, tokens.enabled, credentials is not None)
         self.host = Host(settings)
         server = grpc.aio.server(
+            interceptors=[AuthInterceptor(tokens)] if tokens.enabled else [],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         pb_grpc.add_ModelHostServicer_to_server(ModelHostService(self.host), server)
         inference = oip.add_to_server(self.host, server)
@@ -76,19 +88,34 @@ class Server:
             ],
             server,
         )
-        self.port = server.add_insecure_port(_address(settings.host, settings.port))
+        address = _address(settings.host, settings.port)
+        if credentials is not None:
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot bind {_address(settings.host, settings.port)}")
+            raise OSError(f"cannot bind {address}")
+        services = (SERVICE_NAME, inference)
+        for service in services:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._grpc = server
-        for service in ("", SERVICE_NAME, inference):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if settings.metrics_port:
+            self.metrics_port = self.host.metrics.serve(settings.host, settings.metrics_port)
         log.info(
-            "modelhost serving on %s (store %s, device %s)",
+            "modelhost serving on %s (%s, store %s, device %s%s)",
             self.target,
+            "TLS" if credentials else "plaintext",
             settings.store,
             self.host.default_device,
+            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
         )
+        if settings.restore:
+            await self.host.restore()
+        for service in services:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("modelhost ready")
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, refuses new calls, lets calls in flight finish within
@@ -99,12 +126,46 @@ class Server:
             await self._grpc.stop(grace)
         if self.host is not None:
             await self.host.close()
+            self.host.metrics.close()
         log.info("modelhost stopped")
 
     async def wait(self) -> None:
         """Returns when the server has stopped."""
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured; mutual TLS with a client CA."""
+    if not (settings.tls_cert_file or settings.tls_key_file):
+        if settings.tls_client_ca_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return None
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+    client_ca = settings.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=Path(client_ca).read_bytes() if client_ca else None,
+        require_client_auth=bool(client_ca),
+    )
+
+
+def check_exposure(settings: Settings, tokens: bool, tls: bool) -> None:
+    """Refuses to serve beyond this machine without TLS or a token, unless told to."""
+    if settings.is_loopback() or tokens or tls:
+        return
+    if not settings.insecure:
+        raise ValueError(
+            f"refusing to serve on {settings.host} without TLS or a token: anyone who can "
+            "reach it could load and run models. Configure tls_cert_file/tls_key_file or "
+            "token_file/management_token_file, or set insecure to accept the risk."
+        )
+    log.warning(
+        "INSECURE: serving on %s with neither TLS nor tokens; anyone who can reach this "
+        "port can upload checkpoints and load models",
+        settings.host,
+    )
 
 
 def create_server(settings: Settings | None = None) -> Server:

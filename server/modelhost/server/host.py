@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +23,17 @@ from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Finish
 from modelhost.server.devices import resolve_device
-from modelhost.server.errors import ChecksumMismatch, InvalidArgument, ShuttingDown
+from modelhost.server.errors import (
+    ChecksumMismatch,
+    InvalidArgument,
+    InvalidInput,
+    LimitExceeded,
+    ShuttingDown,
+)
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import Answer, Runner, encode_answer, top_classes
-from modelhost.server.loading import LoadedModule, LoadSpec, load_module
+from modelhost.server.loading import LoadedModule, LoadRequest, LoadSpec, load_module
+from modelhost.server.metrics import Metrics
 from modelhost.server.names import check_name
 from modelhost.server.registry import HostedModel, Registry
 from modelhost.server.settings import Settings
@@ -36,34 +42,11 @@ from modelhost.v1 import modelhost_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+HOSTED_STATE = "hosted-models"
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_BYTES = 4096
 _LOAD_DTYPES = {pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16}
 COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
-
-
-@dataclass(frozen=True)
-class LoadRequest:
-    """LoadModel's fields, as sent."""
-
-    name: str
-    architecture: str
-    architecture_args: dict[str, str]
-    checkpoint: str
-    version: int = 0
-    device: str = ""
-    dtype: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
-    strict: bool = True
-    weights: str = ""
-    channels_last: bool = False
-    preprocessing: Preprocessing | None = None
-    labels: tuple[str, ...] = ()
-    warmup_shape: tuple[int, ...] = ()
-    compile: str = ""
-    autocast: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
-    max_batch_size: int = 0
-    max_queue_delay_us: int = 0
-    max_queue_size: int = 0
 
 
 class Host:
@@ -77,6 +60,8 @@ class Host:
         self.store.recover()
         self.catalog = ArchitectureCatalog(settings.architectures)
         self.registry = Registry()
+        self.metrics = Metrics()
+        self.metrics.watch(self.registry)
         self.default_device = resolve_device(settings.device, "auto")
         self._io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._loads = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="load")
@@ -91,6 +76,12 @@ class Host:
     ) -> CheckpointRecord:
         """Streams an upload into the store; nothing is visible unless all of it is valid."""
         name, metadata = self._check_header(header)
+        limit = self.settings.max_checkpoint_bytes
+        if limit and header.upload.size_bytes > limit:
+            raise LimitExceeded(
+                f"the upload announces {header.upload.size_bytes} bytes; the limit is {limit} "
+                "bytes (max_checkpoint_bytes)"
+            )
         loop = asyncio.get_running_loop()
         with self.store.begin() as pending:
             writing: asyncio.Future[int] | None = None
@@ -118,7 +109,9 @@ class Host:
             contents = await loop.run_in_executor(
                 self._io, lambda: formats.inspect(pending.path, allow_pickled=self._unsafe)
             )
-            return await self._commit(pending, name, contents, metadata, header.overwrite)
+            record = await self._commit(pending, name, contents, metadata, header.overwrite)
+        self.metrics.checkpoint_bytes.labels("in").inc(record.size_bytes)
+        return record
 
     async def save_snapshot(self, header: pb.SaveCheckpointHeader) -> CheckpointRecord:
         """Saves a hosted model's state_dict (on the CPU, in its served dtype)."""
@@ -169,9 +162,11 @@ class Host:
         loop = asyncio.get_running_loop()
         with self.store.open(check_name(name, "checkpoint")) as (record, file):
             yield record
+            sent = self.metrics.checkpoint_bytes.labels("out")
             while chunk := await loop.run_in_executor(
                 self._io, file.read, self.settings.chunk_bytes
             ):
+                sent.inc(len(chunk))
                 yield chunk
 
     def list_checkpoints(self) -> list[CheckpointRecord]:
@@ -204,6 +199,8 @@ class Host:
             self.registry.cancel(spec.name, version)
             raise
         self.registry.put(hosted)
+        self.metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
+        self._record_hosted()
         log.info(
             "serving %s version %d (%s from %s on %s, %.2fs)",
             spec.name,
@@ -284,11 +281,15 @@ class Host:
             spec=spec,
             loaded=loaded,
             runner=runner,
-            batcher=Batcher(runner.run, policy, f"{spec.name}-{version}"),
+            batcher=Batcher(
+                runner.run,
+                policy,
+                f"{spec.name}-{version}",
+                observe=self.metrics.batch_observer(spec.name, version),
+            ),
             loaded_at=time.time(),
-            raw_args=dict(request.architecture_args),
             labels=list(request.labels or categories),
-            compile=request.compile,
+            request=dataclasses.replace(request, version=version),
         )
 
     def _preprocessing(
@@ -308,6 +309,7 @@ class Host:
     async def unload_model(self, name: str, version: int = 0) -> list[int]:
         """Removes versions from routing, lets their requests finish, frees them."""
         removed = self.registry.remove(check_name(name, "model"), version)
+        self._record_hosted()
         await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
         log.info("unloaded %s versions %s", name, [h.version for h in removed])
         return [hosted.version for hosted in removed]
@@ -330,6 +332,12 @@ class Host:
         """Runs a hosted model through its batcher; images are preprocessed off the loop."""
         if top_k < 0:
             raise InvalidArgument(f"top_k must not be negative, got {top_k}")
+        elements = sum(_element_count(name, tensor) for name, tensor in inputs.items())
+        if elements > self.settings.max_tensor_elements:
+            raise LimitExceeded(
+                f"the request has {elements} tensor elements; the limit is "
+                f"{self.settings.max_tensor_elements} (max_tensor_elements)"
+            )
         deadline = time.monotonic() + timeout if timeout is not None else None
         loop = asyncio.get_running_loop()
         with self.registry.lease(check_name(model, "model"), version) as hosted:
@@ -349,8 +357,31 @@ class Host:
 
     # Lifecycle
 
+    def _record_hosted(self) -> None:
+        """With `restore`, writes what is hosted (and how it was loaded) into the store."""
+        if self.settings.restore and not self._closing:
+            hosted = [dataclasses.asdict(h.request) for h in self.registry.all()]
+            self.store.write_state(HOSTED_STATE, hosted)
+
+    async def restore(self) -> list[str]:
+        """Loads again what the store records as hosted; returns "name:version" of each.
+
+        A record that fails to load is logged and skipped: the others still come up.
+        """
+        restored = []
+        for fields in self.store.read_state(HOSTED_STATE) or []:
+            try:
+                request = LoadRequest.from_dict(fields)
+                hosted = await self.load_model(request)
+            except Exception:
+                log.exception("could not restore %s", fields.get("name"))
+                continue
+            restored.append(f"{hosted.name}:{hosted.version}")
+        log.info("restored %d model versions: %s", len(restored), ", ".join(restored) or "-")
+        return restored
+
     async def close(self) -> None:
-        """Unloads every model and stops the executors."""
+        """Unloads every model (the restore record stays as it was) and stops the executors."""
         self._closing = True
         for hosted in self.registry.all():
             await self.unload_model(hosted.name, hosted.version)
@@ -371,6 +402,13 @@ def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
     if not job.cancelled() and job.exception() is None:
         hosted: HostedModel = job.result()
         hosted.retire()
+
+
+def _element_count(name: str, tensor: pb.Tensor) -> int:
+    try:
+        return codec.check(tensor, what=f"input {name!r}")
+    except codec.TensorError as error:
+        raise InvalidInput(str(error)) from None
 
 
 def _has_uint8(inputs: Mapping[str, pb.Tensor]) -> bool:

@@ -21,17 +21,61 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelhost.client import codec
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog
 from modelhost.server.devices import is_oom, module_bytes, release_memory
 from modelhost.server.errors import InvalidArgument, InvalidCheckpoint, OutOfMemory, Refused
+from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec
 from modelhost.server.store import CheckpointRecord, CheckpointStore
+from modelhost.v1 import modelhost_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 _MAX_LISTED_KEYS = 10
 _GRAPH_FORMATS = {formats.PICKLED_MODEL, formats.EXPORTED_PROGRAM}
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """LoadModel's fields, as sent."""
+
+    name: str
+    architecture: str
+    architecture_args: dict[str, str]
+    checkpoint: str
+    version: int = 0
+    device: str = ""
+    dtype: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
+    strict: bool = True
+    weights: str = ""
+    channels_last: bool = False
+    preprocessing: Preprocessing | None = None
+    labels: tuple[str, ...] = ()
+    warmup_shape: tuple[int, ...] = ()
+    compile: str = ""
+    autocast: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> LoadRequest:
+        """Rebuilds a request written with dataclasses.asdict (the restore record)."""
+        steps = fields.get("preprocessing")
+        return cls(
+            **{
+                **fields,
+                "preprocessing": Preprocessing(
+                    **{**steps, "mean": tuple(steps["mean"]), "std": tuple(steps["std"])}
+                )
+                if steps
+                else None,
+                "labels": tuple(fields.get("labels", ())),
+                "warmup_shape": tuple(fields.get("warmup_shape", ())),
+            }
+        )
 
 
 @dataclass(frozen=True)

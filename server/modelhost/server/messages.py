@@ -49,7 +49,7 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         versions=versions,
         state=pb.MODEL_STATE_UNLOADING if hosted.retiring else pb.MODEL_STATE_READY,
         architecture=hosted.spec.architecture,
-        architecture_args=hosted.raw_args,
+        architecture_args=hosted.request.architecture_args,
         checkpoint=hosted.spec.checkpoint,
         checkpoint_sha256=loaded.record.sha256 if loaded.record else "",
         device=str(loaded.device),
@@ -74,7 +74,7 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         format=_FORMATS.get(loaded.format, pb.CHECKPOINT_FORMAT_UNSPECIFIED),
         preprocessing=_preprocessing_message(hosted.runner.preprocessing),
         label_count=len(hosted.labels),
-        compile=hosted.compile,
+        compile=hosted.request.compile,
         autocast=codec.data_type(hosted.runner.autocast)
         if hosted.runner.autocast
         else pb.DATA_TYPE_UNSPECIFIED,

@@ -18,7 +18,7 @@ from typing import Any
 from modelhost.client import codec
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.server.errors import InvalidArgument
-from modelhost.server.host import LoadRequest
+from modelhost.server.loading import LoadRequest
 from modelhost.v1 import modelhost_pb2 as pb
 
 KEYS = ("architecture", "checkpoint", "architecture_args", "device", "dtype", "version")

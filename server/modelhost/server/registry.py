@@ -17,7 +17,7 @@ from modelhost.server.batching import Batcher
 from modelhost.server.devices import release_memory
 from modelhost.server.errors import AlreadyExists, ModelNotFound
 from modelhost.server.inference import Runner
-from modelhost.server.loading import LoadedModule, LoadSpec
+from modelhost.server.loading import LoadedModule, LoadRequest, LoadSpec
 
 
 @dataclass
@@ -31,9 +31,8 @@ class HostedModel:
     runner: Runner
     batcher: Batcher
     loaded_at: float
-    raw_args: dict[str, str]
+    request: LoadRequest  # what it was loaded with, its version filled in (kept for restore)
     labels: list[str] = field(default_factory=list)
-    compile: str = ""
     retiring: bool = False
 
     def __post_init__(self) -> None:

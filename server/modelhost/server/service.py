@@ -7,8 +7,10 @@ INTERNAL with that id.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,7 +20,8 @@ import grpc.aio
 
 from modelhost.server import errors as e
 from modelhost.server import messages
-from modelhost.server.host import Host, LoadRequest
+from modelhost.server.host import Host
+from modelhost.server.loading import LoadRequest
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
@@ -45,19 +48,52 @@ def status_of(error: e.ModelHostFailure) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
-    """Ends the call with the error's status (always raises)."""
-    if isinstance(error, grpc.aio.AbortError):
-        raise error
+def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a failed call ends with; bugs are logged with a request id."""
     if isinstance(error, e.ModelHostFailure):
-        code = status_of(error)
-        log.debug("%s -> %s: %s", method, code.name, error)
-        await context.abort(code, str(error))
+        return status_of(error), str(error)
     request_id = uuid.uuid4().hex[:12]
-    log.error("%s failed [request %s]", method, request_id, exc_info=error)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {request_id})"
-    )
+    log.error("internal error [request %s]", request_id, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+
+
+# Request fields that name a hosted model, by method (for metric labels and logs).
+_NAME_IS_MODEL = {
+    "LoadModel",
+    "UnloadModel",
+    "GetModel",
+    "ModelMetadata",
+    "ModelReady",
+    "ModelConfig",
+    "ModelStatistics",
+}
+
+
+class _Call:
+    """Times one RPC, and records its outcome in the metrics and the debug log."""
+
+    def __init__(self, servicer: Any, method: str, request: Any) -> None:
+        self.host: Host = servicer.host
+        self.method = method
+        self.request = request
+        self.started = time.perf_counter()
+
+    def model(self) -> str:
+        name = getattr(self.request, "model", "") or getattr(self.request, "model_name", "")
+        if not name and self.method in _NAME_IS_MODEL:
+            name = getattr(self.request, "name", "")
+        # Only hosted names become label values: callers cannot grow the label set.
+        return name if isinstance(name, str) and self.host.registry.versions(name) else ""
+
+    def done(self, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - self.started
+        model = self.model()
+        metrics = self.host.metrics
+        metrics.requests.labels(self.method, model, code.name).inc()
+        metrics.latency.labels(self.method, model).observe(elapsed)
+        log.debug(
+            "rpc=%s model=%s code=%s ms=%.2f", self.method, model or "-", code.name, elapsed * 1000
+        )
 
 
 R = TypeVar("R")
@@ -65,15 +101,25 @@ Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 
 def unary(method: Handler[R]) -> Handler[R]:
-    """Maps the errors of a method that returns one reply."""
+    """Maps the errors of a method that returns one reply; records it in the metrics."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        call = _Call(self, method.__name__, request)
         try:
-            return await method(self, request, context)
+            reply = await method(self, request, context)
+        except asyncio.CancelledError:
+            call.done(grpc.StatusCode.CANCELLED)
+            raise
+        except grpc.aio.AbortError:
+            call.done(context.code() or grpc.StatusCode.UNKNOWN)
+            raise
         except Exception as error:
-            await _abort(context, error, method.__name__)
-            raise  # unreachable: abort raises
+            code, message = _status(error)
+            call.done(code)
+            await context.abort(code, message)
+        call.done(grpc.StatusCode.OK)
+        return reply
 
     return wrapper
 
@@ -81,17 +127,27 @@ def unary(method: Handler[R]) -> Handler[R]:
 def streaming(
     method: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]]:
-    """Maps the errors of a method that streams its replies."""
+    """Maps the errors of a method that streams its replies; records it in the metrics."""
 
     @functools.wraps(method)
     async def wrapper(
         self: Any, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[R]:
+        call = _Call(self, method.__name__, request)
         try:
             async for reply in method(self, request, context):
                 yield reply
+        except asyncio.CancelledError:
+            call.done(grpc.StatusCode.CANCELLED)
+            raise
+        except grpc.aio.AbortError:
+            call.done(context.code() or grpc.StatusCode.UNKNOWN)
+            raise
         except Exception as error:
-            await _abort(context, error, method.__name__)
+            code, message = _status(error)
+            call.done(code)
+            await context.abort(code, message)
+        call.done(grpc.StatusCode.OK)
 
     return wrapper
 

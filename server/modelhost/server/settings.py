@@ -17,10 +17,10 @@ ENV_PREFIX = "MODELHOST_"
 MiB = 1 << 20
 
 
-def _setting(default: Any, help: str, **kw: Any) -> Any:
+def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, repr=not secret)
 
 
 @dataclass
@@ -56,6 +56,32 @@ class Settings:
         False,
         "UNSAFE: accept whole pickled models (torch.save(model)) and exported programs. "
         "Loading them runs code from the file: only for checkpoints you trust.",
+    )
+    insecure: bool = _setting(
+        False, "Allow a non-loopback host without TLS or a token (logs a warning at start)."
+    )
+    tls_cert_file: str = _setting("", "Server certificate (PEM): serve TLS.")
+    tls_key_file: str = _setting("", "Private key (PEM) of the server certificate.")
+    tls_client_ca_file: str = _setting(
+        "", "CA (PEM) that signs client certificates: turns on mutual TLS."
+    )
+    token: str = _setting("", "Inference bearer token (prefer token_file).", secret=True)
+    token_file: str = _setting("", "File of inference bearer tokens, one per line.")
+    management_token: str = _setting(
+        "", "Management bearer token (prefer management_token_file).", secret=True
+    )
+    management_token_file: str = _setting(
+        "",
+        "File of management tokens, one per line: required by SaveCheckpoint, "
+        "DeleteCheckpoint, LoadModel and UnloadModel.",
+    )
+    max_concurrent_rpcs: int = _setting(1000, "RPCs served at once; more get RESOURCE_EXHAUSTED.")
+    max_tensor_elements: int = _setting(
+        1 << 28, "Most tensor elements in one Predict request (all inputs together)."
+    )
+    metrics_port: int = _setting(0, "Port of the Prometheus /metrics endpoint (0: off).")
+    restore: bool = _setting(
+        False, "Record hosted models in the store and load them again at start."
     )
 
     def __post_init__(self) -> None:

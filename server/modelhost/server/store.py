@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from modelhost.server.errors import AlreadyExists, CheckpointNotFound, LimitExceeded
 from modelhost.server.names import check_name
@@ -134,6 +134,8 @@ class CheckpointStore:
         self._entries = self.root / "checkpoints"
         self._tmp = self.root / "tmp"
         for folder in (self.root, self._blobs, self._entries, self._tmp):
+            if folder.is_symlink():
+                raise OSError(f"{folder} is a symbolic link: the store's folders must be its own")
             folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(folder, DIR_MODE)
         self._lock = threading.Lock()
@@ -289,16 +291,35 @@ class CheckpointStore:
             (self._blobs / sha).unlink(missing_ok=True)
 
     def _write_entry(self, entry: Path, record: CheckpointRecord) -> None:
-        data = json.dumps(asdict(record), indent=1, sort_keys=True).encode()
-        tmp = self._tmp / f"entry-{entry.name}-{time.monotonic_ns()}"
+        self._replace(entry, json.dumps(asdict(record), indent=1, sort_keys=True).encode())
+
+    def _replace(self, path: Path, data: bytes) -> None:
+        """Atomically replaces `path` with `data` (temp file, fsync, rename, fsync dir)."""
+        tmp = self._tmp / f"write-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(tmp, entry)
+            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self._entries)
+        _fsync_dir(path.parent)
+
+    # Server state kept beside the checkpoints (e.g. the models to restore)
+
+    def write_state(self, name: str, value: Any) -> None:
+        """Atomically stores a small JSON document in the store's root."""
+        self._replace(self.root / f"{check_name(name, 'state')}.json", json.dumps(value).encode())
+
+    def read_state(self, name: str) -> Any:
+        """A document written by `write_state`, or None if there is none."""
+        path = self.root / f"{check_name(name, 'state')}.json"
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as file:
+            return json.loads(file.read())

@@ -1,0 +1,118 @@
+"""Prometheus metrics, served on their own port (`metrics_port`).
+
+Each server has its own registry, so several servers in one process (tests) do not
+collide. Queue depth and device memory are read from the registry at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from modelhost.server.registry import Registry
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The server's metrics; `describe()` lists them for the README."""
+
+    def __init__(self) -> None:
+        self._http: WSGIServer | None = None
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "modelhost_requests",
+            "RPCs handled, by method, model and status code.",
+            ["method", "model", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "modelhost_request_seconds",
+            "RPC wall time in seconds, by method and model.",
+            ["method", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "modelhost_batch_rows",
+            "Rows (batch dimension) per model run.",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "modelhost_batch_requests",
+            "Predict requests merged into one model run.",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "modelhost_load_seconds",
+            "LoadModel time in seconds, by model.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_bytes = Counter(
+            "modelhost_checkpoint_bytes",
+            "Checkpoint bytes received (in) and sent (out).",
+            ["direction"],
+            registry=r,
+        )
+
+    def watch(self, registry: Registry) -> None:
+        """Reports queue depth and device memory of every hosted version at scrape time."""
+        self.registry.register(_HostedCollector(registry))
+
+    def batch_observer(self, model: str, version: int) -> Callable[[int, int], None]:
+        rows = self.batch_rows.labels(model, str(version))
+        requests = self.batch_requests.labels(model, str(version))
+
+        def observe(count: int, total_rows: int) -> None:
+            requests.observe(count)
+            rows.observe(total_rows)
+
+        return observe
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP endpoint; returns its port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        """Stops the /metrics endpoint, if it runs."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _HostedCollector(Collector):
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "modelhost_queue_depth",
+            "Predict requests waiting, by model version.",
+            labels=["model", "version"],
+        )
+        memory = GaugeMetricFamily(
+            "modelhost_model_device_bytes",
+            "Bytes of parameters and buffers on the device, by model version.",
+            labels=["model", "version", "device"],
+        )
+        for hosted in self._registry.all():
+            labels = [hosted.name, str(hosted.version)]
+            depth.add_metric(labels, hosted.batcher.depth)
+            memory.add_metric([*labels, str(hosted.loaded.device)], hosted.loaded.device_bytes)
+        yield depth
+        yield memory
