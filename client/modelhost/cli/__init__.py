@@ -331,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_names() -> list[str]:
+    """Every subcommand of `modelhost`."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",

@@ -1,0 +1,22 @@
+"""Prints README's configuration table from the settings' own help (tests/test_docs.py checks it)."""
+
+from __future__ import annotations
+
+from modelhost.server.settings import ENV_PREFIX, settings_fields
+
+
+def settings_table() -> str:
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for name, kind, default, help in settings_fields():
+        flag = "--" + name.replace("_", "-")
+        if kind == list[str]:
+            flag = flag.removesuffix("s")
+        shown = "" if default in ("", [], 0) and kind is not int else str(default)
+        if kind is bool:
+            shown = "on" if default else "off"
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | {shown or '-'} | {help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -1,0 +1,136 @@
+"""The GPU data path (skipped without CUDA; bench/gpu_check.sh runs these on a GPU machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import images, reference, resnet18
+from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.server import Settings, running
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture
+def gpu_client(settings: Settings) -> Iterator[ModelHostClient]:
+    with (
+        running(dataclasses.replace(settings, device="cuda")) as server,
+        ModelHostClient(server.target, timeout=120) as client,
+    ):
+        yield client
+
+
+def load(client: ModelHostClient, name: str, model: torch.nn.Module, **options: Any) -> Any:
+    client.save_checkpoint(f"{name}-w", model.state_dict(), overwrite=True)
+    return client.load_model(
+        name,
+        architecture="resnet18",
+        checkpoint=f"{name}-w",
+        architecture_args={"num_classes": 10},
+        **options,
+    )
+
+
+def test_float32_on_the_gpu_matches_the_cpu_model(gpu_client: ModelHostClient) -> None:
+    model = resnet18()
+    info = load(gpu_client, "m", model)
+    assert info.device.startswith("cuda")
+    x = images(4, size=64)
+    np.testing.assert_allclose(
+        gpu_client.predict("m", x), reference(model, x), rtol=1e-3, atol=1e-3
+    )
+
+
+def test_bfloat16_channels_last_autocast(gpu_client: ModelHostClient) -> None:
+    model = resnet18()
+    x = images(4, size=64)
+    expected = reference(model, x)
+    load(gpu_client, "bf16", model, dtype="bfloat16", channels_last=True)
+    load(gpu_client, "amp", model, autocast="float16", channels_last=True)
+    for name in ("bf16", "amp"):
+        out = gpu_client.predict(name, x)
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, expected, rtol=0.1, atol=0.1)
+
+
+def test_concurrent_batched_requests_on_the_gpu(gpu_client: ModelHostClient) -> None:
+    model = resnet18()
+    load(gpu_client, "m", model, batching={"max_batch_size": 32, "max_queue_delay_us": 20000})
+    inputs = [images(rows, size=32, seed=rows) for rows in (1, 2, 3, 4, 5, 6, 7, 8)]
+    outs: list[Any] = [None] * len(inputs)
+
+    def call(i: int) -> None:
+        outs[i] = gpu_client.predict("m", inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, out in zip(inputs, outs, strict=True):
+        np.testing.assert_allclose(out, reference(model, x), rtol=1e-3, atol=1e-3)
+
+
+def test_jpeg_decoded_on_the_gpu_gives_the_cpu_top_k(gpu_client: ModelHostClient) -> None:
+    from torchvision.io import decode_image, encode_jpeg
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    model = resnet18(num_classes=1000)
+    gpu_client.save_checkpoint("w", model.state_dict())
+    gpu_client.load_model(
+        "cls", architecture="resnet18", checkpoint="w", preprocessing={"weights": "IMAGENET1K_V1"}
+    )
+    pixels = torch.randint(0, 256, (3, 240, 320), dtype=torch.uint8)
+    jpeg = encode_jpeg(pixels, quality=95).numpy().tobytes()
+    top = gpu_client.predict("cls", images=[jpeg], top_k=5)[0]
+    image = decode_image(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+    with torch.inference_mode():
+        probs = model(weights.transforms()(image)[None]).softmax(-1)[0]
+    # nvjpeg and libjpeg may differ by a pixel value here and there: compare the best class
+    # and the scores loosely.
+    assert top[0].index == int(probs.argmax())
+    np.testing.assert_allclose(
+        [c.score for c in top], probs[[c.index for c in top]].numpy(), rtol=0.05, atol=1e-3
+    )
+
+
+def test_gpu_out_of_memory_is_resource_exhausted_and_released(
+    gpu_client: ModelHostClient,
+) -> None:
+    model = resnet18()
+    load(gpu_client, "m", model)
+    gpu_client.save_checkpoint("hog", {"scale": torch.ones(1)})
+    gpu_client.load_model("hog", architecture="memory_hog", checkpoint="hog")
+    before = torch.cuda.memory_allocated()
+    total_gb = torch.cuda.get_device_properties(0).total_memory >> 30
+    ask = np.full((1, 1), 4 * total_gb, dtype=np.float32)
+    with pytest.raises(ModelHostError) as caught:
+        gpu_client.predict("hog", ask)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert torch.cuda.memory_allocated() <= before + (64 << 20)
+    x = images(2, size=32)
+    np.testing.assert_allclose(
+        gpu_client.predict("m", x), reference(model, x), rtol=1e-3, atol=1e-3
+    )
+
+
+def test_unload_frees_device_memory(gpu_client: ModelHostClient) -> None:
+    baseline = torch.cuda.memory_allocated()
+    torch.manual_seed(0)
+    gpu_client.save_checkpoint("vgg", torchvision.models.vgg11().state_dict())
+    info = gpu_client.load_model("vgg", architecture="vgg11", checkpoint="vgg")
+    assert torch.cuda.memory_allocated() >= baseline + info.device_bytes * 0.9
+    gpu_client.unload_model("vgg")
+    assert torch.cuda.memory_allocated() <= baseline + (16 << 20)
