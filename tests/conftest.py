@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import torchvision
 
-from modelhost.client import ModelHostClient
+from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Server, Settings, running
 
 TEST_ARCHITECTURES = [
@@ -49,6 +50,16 @@ def server(settings: Settings) -> Iterator[Server]:
 def client(server: Server) -> Iterator[ModelHostClient]:
     with ModelHostClient(server.target, timeout=120) as c:
         yield c
+
+
+def expect(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> ModelHostError:
+    """Asserts `call` fails with `code` and a message containing every one of `words`."""
+    with pytest.raises(ModelHostError) as caught:
+        call()
+    assert caught.value.code == code, caught.value
+    for word in words:
+        assert word in caught.value.message, caught.value.message
+    return caught.value
 
 
 def resnet18(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tiny_vision.models import TinyCNN
 
-from conftest import images, reference, resnet18
-from modelhost.client import ModelHostClient, ModelHostError
+from conftest import expect, images, reference, resnet18
+from modelhost.client import ModelHostClient
 from modelhost.server import Server, Settings, running
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -26,14 +26,6 @@ def unsafe_client(settings: Settings) -> Iterator[ModelHostClient]:
     unsafe = dataclasses.replace(settings, allow_pickled_models=True)
     with running(unsafe) as server, ModelHostClient(server.target, timeout=120) as client:
         yield client
-
-
-def expect(code: grpc.StatusCode, call: object, *words: str) -> None:
-    with pytest.raises(ModelHostError) as caught:
-        call()  # type: ignore[operator]
-    assert caught.value.code == code, caught.value
-    for word in words:
-        assert word in caught.value.message, caught.value.message
 
 
 def pickled(obj: object) -> bytes:

@@ -13,22 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import images, reference, resnet18
-from modelhost.client import ModelHostClient, ModelHostError
+from conftest import expect, images, reference, resnet18
+from modelhost.client import ModelHostClient
 from modelhost.server import Server
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
 BAD_NAMES = ["", "a/b", "../etc", "..", "x" * 129, "a b", ".hidden", "name\x00"]
-
-
-def expect(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> ModelHostError:
-    with pytest.raises(ModelHostError) as caught:
-        call()
-    assert caught.value.code == code, caught.value
-    for word in words:
-        assert word in caught.value.message, caught.value.message
-    return caught.value
 
 
 @pytest.fixture

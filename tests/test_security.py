@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
 
-from conftest import images, resnet18
+from conftest import expect, images, resnet18
 from helpers.certs import make_pki
 from modelhost.cli import main as cli
-from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
+from modelhost.client import ChannelConfig, ModelHostClient
 from modelhost.server import Settings, running
 from modelhost.server.auth import Tokens
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-
-
-def expect(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> None:
-    with pytest.raises(ModelHostError) as caught:
-        call()
-    assert caught.value.code == code, caught.value
-    for word in words:
-        assert word in caught.value.message, caught.value.message
 
 
 def test_default_settings_bind_loopback_only() -> None:

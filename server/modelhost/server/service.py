@@ -85,6 +85,18 @@ class _Call:
         # Only hosted names become label values: callers cannot grow the label set.
         return name if isinstance(name, str) and self.host.registry.versions(name) else ""
 
+    async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Records a failed call and ends it with the error's status (raises for Exceptions;
+        cancellations and aborts are only recorded)."""
+        if isinstance(error, asyncio.CancelledError):
+            self.done(grpc.StatusCode.CANCELLED)
+        elif isinstance(error, grpc.aio.AbortError):
+            self.done(context.code() or grpc.StatusCode.UNKNOWN)
+        elif isinstance(error, Exception):
+            code, message = _status(error)
+            self.done(code)
+            await context.abort(code, message)
+
     def done(self, code: grpc.StatusCode) -> None:
         elapsed = time.perf_counter() - self.started
         model = self.model()
@@ -108,16 +120,9 @@ def unary(method: Handler[R]) -> Handler[R]:
         call = _Call(self, method.__name__, request)
         try:
             reply = await method(self, request, context)
-        except asyncio.CancelledError:
-            call.done(grpc.StatusCode.CANCELLED)
+        except BaseException as error:
+            await call.fail(error, context)
             raise
-        except grpc.aio.AbortError:
-            call.done(context.code() or grpc.StatusCode.UNKNOWN)
-            raise
-        except Exception as error:
-            code, message = _status(error)
-            call.done(code)
-            await context.abort(code, message)
         call.done(grpc.StatusCode.OK)
         return reply
 
@@ -137,16 +142,9 @@ def streaming(
         try:
             async for reply in method(self, request, context):
                 yield reply
-        except asyncio.CancelledError:
-            call.done(grpc.StatusCode.CANCELLED)
+        except BaseException as error:
+            await call.fail(error, context)
             raise
-        except grpc.aio.AbortError:
-            call.done(context.code() or grpc.StatusCode.UNKNOWN)
-            raise
-        except Exception as error:
-            code, message = _status(error)
-            call.done(code)
-            await context.abort(code, message)
         call.done(grpc.StatusCode.OK)
 
     return wrapper

@@ -219,10 +219,7 @@ class CheckpointStore:
             loss=contents.loss,
         )
         with self._lock:
-            if entry.exists() and not overwrite:
-                raise AlreadyExists(
-                    f"checkpoint {name!r} already exists (set overwrite to replace it)"
-                )
+            self.check_free(name, overwrite)
             previous = self._sha_of(entry)
             blob = self._blobs / record.sha256
             if blob.exists():
