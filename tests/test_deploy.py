@@ -47,7 +47,6 @@ KSERVE = ROOT / "deploy" / "kserve"
 KUBERNETES_VERSION = "1.32.0"
 # Settings referred to by the deployment files before the server has them (issue 5:
 # restart recovery, metrics, token files). Any other MODELHOST_* name must be a setting.
-PENDING_SETTINGS = {"restore", "metrics_port", "token_file", "management_token_file"}
 GPU = "nvidia.com/gpu"
 
 
@@ -324,7 +323,7 @@ def test_services_and_autoscaler_target_the_deployment(
 
 
 def test_every_modelhost_variable_is_a_setting(stages: list[Stage]) -> None:
-    known = {f.name for f in dataclasses.fields(Settings)} | PENDING_SETTINGS
+    known = {f.name for f in dataclasses.fields(Settings)}
     (config,) = by_kind(KUBERNETES)["ConfigMap"]
     (runtime,) = by_kind(KSERVE)["ServingRuntime"]
     names = {

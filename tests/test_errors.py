@@ -151,6 +151,39 @@ def test_bad_architectures_and_arguments(
         ),
         "device",
     )
+    for device in ("cpu:1", "cuda:7" if torch.cuda.is_available() else "cuda"):
+        expect(
+            IA,
+            lambda d=device: load(
+                "m",
+                architecture="resnet18",
+                checkpoint="r18-weights",
+                architecture_args={"num_classes": 10},
+                device=d,
+            ),
+            "device",
+        )
+    expect(
+        IA,
+        lambda: load(
+            "m",
+            architecture="resnet18",
+            checkpoint="r18-weights",
+            architecture_args={"weights": "DEFAULT"},
+        ),
+        "weights field",
+    )
+    expect(
+        IA,
+        lambda: load(
+            "m",
+            architecture="resnet18",
+            checkpoint="r18-weights",
+            architecture_args={"num_classes": 10},
+            batching={"max_queue_delay_us": 1 << 40},
+        ),
+        "max_queue_delay_us",
+    )
     expect(
         IA,
         lambda: load(

@@ -71,6 +71,10 @@ FLOATING = frozenset(
 )
 
 
+MAX_ELEMENTS = 2**62
+"""No tensor has more elements than this (torch's strides must fit an int64)."""
+
+
 class TensorError(ValueError):
     """A tensor message that cannot be decoded (bad dtype, shape or byte length)."""
 
@@ -102,6 +106,8 @@ def check(tensor: pb.Tensor, *, what: str = "tensor") -> int:
             f"{what}: {dtype_name(tensor.dtype)} shape {list(tensor.shape)} needs "
             f"{expected} bytes, got {len(tensor.data)}"
         )
+    if math.prod(dim for dim in tensor.shape if dim) > MAX_ELEMENTS:
+        raise TensorError(f"{what}: shape {list(tensor.shape)} is too large to lay out")
     return count
 
 

@@ -239,6 +239,11 @@ def parse_args(raw: dict[str, str]) -> dict[str, Any]:
     for key, text in raw.items():
         if not key.isidentifier():
             raise InvalidArgument(f"architecture argument {key!r} is not a keyword name")
+        if key in _MANAGED:
+            raise InvalidArgument(
+                f"architecture argument {key!r} is managed by the server: pass pretrained "
+                "weights as LoadModel's weights field (the weights come from a checkpoint)"
+            )
         try:
             args[key] = json.loads(text)
         except json.JSONDecodeError:

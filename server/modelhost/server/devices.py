@@ -7,7 +7,7 @@ import gc
 import torch
 from torch import nn
 
-from modelhost.server.errors import InvalidArgument
+from modelhost.server.errors import InvalidArgument, OutOfMemory
 
 
 def resolve_device(requested: str, default: str) -> torch.device:
@@ -30,7 +30,9 @@ def resolve_device(requested: str, default: str) -> torch.device:
         return torch.device("cuda", index)
     if device.type != "cpu":
         raise InvalidArgument(f"device type {device.type!r} is not supported: use cpu or cuda")
-    return device
+    if device.index not in (None, 0):
+        raise InvalidArgument(f"device {name!r}: there is one cpu device; use cpu")
+    return torch.device("cpu")
 
 
 def is_oom(error: BaseException) -> bool:
@@ -41,6 +43,31 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text
     )
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on `device` (host: MemAvailable), if known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def ensure_room(needed: int, device: torch.device, what: str) -> None:
+    """Raises OutOfMemory before allocating `needed` bytes that `device` cannot hold."""
+    free = free_bytes(device)
+    if free is not None and needed > free:
+        raise OutOfMemory(
+            f"out of memory: {what} needs {needed / 1e9:,.2f} GB on {device}, "
+            f"{free / 1e9:,.2f} GB are free"
+        )
 
 
 def release_memory(device: torch.device | None = None) -> None:

@@ -157,8 +157,8 @@ def _describe(obj: Any) -> Contents:
                 return Contents(
                     GENERAL_CHECKPOINT,
                     len(obj[key]),
-                    epoch=_number(obj.get("epoch"), int),
-                    loss=_number(obj.get("loss"), float),
+                    epoch=_epoch(obj.get("epoch")),
+                    loss=_loss(obj.get("loss")),
                 )
         keys = ", ".join(sorted(map(str, obj))[:10])
         raise InvalidCheckpoint(
@@ -176,12 +176,27 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _number(value: Any, kind: type) -> Any:
+def _scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return kind(value)
-    return None
+    return None if isinstance(value, bool) else value
+
+
+def _epoch(value: Any) -> int | None:
+    """A training checkpoint's epoch, when it is an integer that fits an int64."""
+    value = _scalar(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and -(2**63) <= value < 2**63 else None
+
+
+def _loss(value: Any) -> float | None:
+    """A training checkpoint's loss, when it is a number a double can hold (nan included)."""
+    value = _scalar(value)
+    try:
+        return float(value) if isinstance(value, (int, float)) else None
+    except OverflowError:
+        return None
 
 
 def _safetensors_keys(path: Path) -> list[str]:

@@ -43,6 +43,9 @@ from modelhost.v1 import modelhost_pb2 as pb
 log = logging.getLogger(__name__)
 
 HOSTED_STATE = "hosted-models"
+MAX_BATCH_SIZE = 1 << 16
+MAX_QUEUE_SIZE = 1 << 20
+MAX_QUEUE_DELAY_US = 60_000_000
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_BYTES = 4096
 _LOAD_DTYPES = {pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16}
@@ -251,8 +254,16 @@ class Host:
             max_queue_delay_us=request.max_queue_delay_us or s.max_queue_delay_us,
             max_queue_size=request.max_queue_size or s.max_queue_size,
         )
-        if min(policy.max_batch_size, policy.max_queue_size) < 1 or policy.max_queue_delay_us < 0:
-            raise InvalidArgument(f"batching settings must be positive, got {policy}")
+        for field, value, limit in (
+            ("max_batch_size", policy.max_batch_size, MAX_BATCH_SIZE),
+            ("max_queue_size", policy.max_queue_size, MAX_QUEUE_SIZE),
+            ("max_queue_delay_us", policy.max_queue_delay_us + 1, MAX_QUEUE_DELAY_US + 1),
+        ):
+            if not 1 <= value <= limit:
+                raise InvalidArgument(
+                    f"batching {field}={getattr(policy, field)} is outside its range "
+                    f"(at most {limit})"
+                )
         return policy
 
     def _build(

@@ -24,7 +24,7 @@ from torch import nn
 from modelhost.client import codec
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog
-from modelhost.server.devices import is_oom, module_bytes, release_memory
+from modelhost.server.devices import ensure_room, is_oom, module_bytes, release_memory
 from modelhost.server.errors import InvalidArgument, InvalidCheckpoint, OutOfMemory, Refused
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec
@@ -140,6 +140,8 @@ def load_module(
         else:
             built = _load_weights(spec, record, store, catalog)
         module = built.module
+        if spec.device.type == "cuda":
+            ensure_room(_nbytes(module, spec.dtype), spec.device, f"model {spec.name!r}")
         module.to(device=spec.device, dtype=spec.dtype)
         if spec.channels_last:
             module.to(memory_format=torch.channels_last)
@@ -204,6 +206,7 @@ def _load_weights(
     if _on_meta(module):
         module.load_state_dict(state, strict=spec.strict, assign=True)
     if _on_meta(module):  # something the checkpoint does not hold: build for real
+        ensure_room(_nbytes(module, None), torch.device("cpu"), f"building {spec.architecture}")
         module = builder.build(args, "cpu")
         module.load_state_dict(state, strict=spec.strict)
     shape = builder.input_shape
@@ -294,6 +297,17 @@ def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED_KEYS])
     more = len(keys) - _MAX_LISTED_KEYS
     return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def _nbytes(module: nn.Module, dtype: torch.dtype | None) -> int:
+    """Bytes of the module's tensors once floating-point ones are in `dtype`."""
+    total = 0
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        size = tensor.element_size()
+        if dtype is not None and tensor.is_floating_point():
+            size = torch.empty((), dtype=dtype).element_size()
+        total += tensor.numel() * size
+    return total
 
 
 def _on_meta(module: nn.Module) -> bool:

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 from modelhost.server.batching import Batcher
 from modelhost.server.devices import release_memory
-from modelhost.server.errors import AlreadyExists, ModelNotFound
+from modelhost.server.errors import AlreadyExists, InvalidArgument, ModelNotFound
 from modelhost.server.inference import Runner
 from modelhost.server.loading import LoadedModule, LoadRequest, LoadSpec
+
+MAX_VERSION = 2**63 - 1  # versions travel as int64
 
 
 @dataclass
@@ -77,8 +79,10 @@ class Registry:
                 version = max(taken, default=0) + 1
             elif version in taken:
                 raise AlreadyExists(f"model {name!r} version {version} is already hosted")
-            elif version < 0:
-                raise ValueError("version must be positive")
+            if not 0 < version <= MAX_VERSION:
+                raise InvalidArgument(
+                    f"model {name!r}: version {version} is outside 1..{MAX_VERSION}"
+                )
             self._reserved.add((name, version))
             return version
 

@@ -1,0 +1,255 @@
+"""Predict throughput and latency against the in-process ceiling and a raw gRPC echo.
+
+Starts a server process, loads the model, and drives it with N client threads (one
+channel each, one image per request) at each concurrency level for a fixed time.
+Beside it, in the same run: the in-process ceiling (the same model, device and
+precision at its best batch size) and the raw loopback echo of the same payload.
+
+Targets on a CPU (resnet18, float32): at concurrency 16, at least 90% of the
+in-process ceiling; at concurrency 1, p50 at most the in-process batch-1 time plus
+1.5x the echo time. On a GPU (resnet50): at least 80% of the ceiling with uint8 or
+JPEG inputs.
+
+    python bench/predict.py                                  # CPU defaults
+    python bench/predict.py --model resnet50 --input uint8 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+import torchvision
+from torchvision.io import encode_jpeg
+
+from common import ServerProcess, echo_server, machine, peak_rss_mb, table
+from modelhost.client import ModelHostClient
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def in_process(
+    model: torch.nn.Module,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    size: int,
+    batches: list[int],
+    seconds: float,
+) -> dict[int, float]:
+    """Images/s of the bare model at each batch size (inputs already on the device)."""
+    rates = {}
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            _sync(device)
+            runs, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                model(x)
+                runs += 1
+            _sync(device)
+        rates[batch] = runs * batch / (time.perf_counter() - started)
+    return rates
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def payload(kind: str, size: int, seed: int) -> dict[str, Any]:
+    """Keyword arguments of client.predict for one image of the chosen input kind."""
+    rng = np.random.default_rng(seed)
+    if kind == "float32":
+        return {"inputs": rng.standard_normal((1, 3, size, size), dtype=np.float32)}
+    pixels = rng.integers(0, 256, (1, 3, size, size), dtype=np.uint8)
+    if kind == "uint8":
+        return {"inputs": pixels}
+    jpeg = encode_jpeg(torch.from_numpy(pixels[0]), quality=90).numpy().tobytes()
+    return {"images": [jpeg]}
+
+
+def wire_bytes(model: str, call: dict[str, Any]) -> int:
+    from modelhost.client.calls import PredictCall
+
+    return PredictCall(
+        model, call.get("inputs"), None, images=call.get("images")
+    ).request.ByteSize()
+
+
+def echo(target: str, nbytes: int, clients: int, seconds: float) -> tuple[float, float]:
+    """(p50 latency in ms at concurrency 1, requests/s at `clients`) of the raw echo."""
+    data = b"\x01" * nbytes
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        call = channel.unary_unary("/bench.Echo/Unary")
+        for _ in range(20):
+            call(data)
+        times = []
+        for _ in range(200):
+            started = time.perf_counter()
+            call(data)
+            times.append(time.perf_counter() - started)
+    latencies, _ = drive(lambda i: _echo_caller(target, data, options), clients, seconds)
+    return statistics.median(times) * 1000, len(latencies) / seconds
+
+
+def _echo_caller(target: str, data: bytes, options: list[Any]) -> Any:
+    channel = grpc.insecure_channel(target, options=options)
+    call = channel.unary_unary("/bench.Echo/Unary")
+    return lambda: call(data), channel.close
+
+
+def drive(make_caller: Any, clients: int, seconds: float) -> tuple[list[float], int]:
+    """Runs `clients` threads calling as fast as they can for `seconds`."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start = threading.Barrier(clients + 1)
+    stop = threading.Event()
+
+    def worker(index: int) -> None:
+        call, close = make_caller(index)
+        try:
+            call()  # connect and warm up outside the timed window
+            start.wait()
+            while not stop.is_set():
+                began = time.perf_counter()
+                try:
+                    call()
+                except Exception:  # counted, and reported in the table
+                    errors[index] += 1
+                    continue
+                latencies[index].append(time.perf_counter() - began)
+        finally:
+            close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return [t for per in latencies for t in per], sum(errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--model", default="resnet50" if gpu else "resnet18")
+    parser.add_argument("--device", default="cuda" if gpu else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--input", default="float32", choices=["float32", "uint8", "jpeg"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args.model).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.pt"
+        torch.save(model.state_dict(), path)
+        reference = model.to(args.device, dtype)
+        if args.channels_last:
+            reference = reference.to(memory_format=torch.channels_last)
+        batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(args.max_batch_size, 1)]
+        rates = in_process(
+            reference,
+            device=args.device,
+            dtype=dtype,
+            size=args.size,
+            batches=batches,
+            seconds=max(2.0, args.seconds / 4),
+        )
+        del reference
+        ceiling_batch = max(rates, key=lambda b: rates[b])
+        ceiling, batch1_ms = rates[ceiling_batch], 1000 / rates[1]
+
+        call = payload(args.input, args.size, 0)
+        nbytes = wire_bytes(args.model, call)
+        with echo_server() as echo_target:
+            echo_ms, echo_rps = echo(echo_target, nbytes, 16, min(args.seconds, 5))
+
+        rows = []
+        with (
+            ServerProcess.start(Path(tmp) / "store", args=["--device", args.device]) as server,
+            ModelHostClient(server.target, timeout=60) as client,
+        ):
+            client.save_checkpoint("weights", path)
+            options: dict[str, Any] = {
+                "dtype": args.dtype,
+                "channels_last": args.channels_last,
+                "batching": {
+                    "max_batch_size": args.max_batch_size,
+                    "max_queue_delay_us": args.max_queue_delay_us,
+                },
+                "warmup_shape": (args.max_batch_size, 3, args.size, args.size),
+            }
+            if args.input != "float32":
+                options["preprocessing"] = {"mean": MEAN, "std": STD}
+            info = client.load_model(
+                "bench", architecture=args.model, checkpoint="weights", **options
+            )
+            for level in args.levels:
+
+                def caller(index: int) -> Any:
+                    own = ModelHostClient(server.target, timeout=60)
+                    request = payload(args.input, args.size, index)
+                    return (lambda: own.predict("bench", **request)), own.close
+
+                latencies, errors = drive(caller, level, args.seconds)
+                rps = len(latencies) / args.seconds
+                p50, p99 = (
+                    np.percentile(latencies, [50, 99]) * 1000 if latencies else (float("nan"),) * 2
+                )
+                rows.append([level, rps, rps, p50, p99, errors, f"{rps / ceiling:.0%}"])
+            rss = peak_rss_mb(server.pid)
+
+    print(
+        f"{args.model} {args.dtype} on {args.device}, {args.input} inputs "
+        f"({nbytes / 1e3:,.0f} KB per request), {args.seconds:.0f}s per level"
+    )
+    print(f"machine: {machine()}")
+    print(
+        f"in-process ceiling: {ceiling:,.1f} img/s at batch {ceiling_batch}; "
+        f"batch-1 time {batch1_ms:.2f} ms; by batch: "
+        + ", ".join(f"{b}: {r:,.1f}" for b, r in rates.items())
+    )
+    print(
+        f"raw gRPC echo of the same payload: p50 {echo_ms:.2f} ms at concurrency 1, "
+        f"{echo_rps:,.0f} req/s at 16"
+    )
+    print(
+        table(["concurrency", "req/s", "img/s", "p50 ms", "p99 ms", "errors", "vs ceiling"], rows)
+    )
+    p50_c1 = next((row[3] for row in rows if row[0] == 1), None)
+    if p50_c1 is not None:
+        budget = batch1_ms + 1.5 * echo_ms
+        print(
+            f"concurrency 1: p50 {p50_c1:.2f} ms vs budget {budget:.2f} ms "
+            f"(batch-1 {batch1_ms:.2f} + 1.5 x echo {echo_ms:.2f})"
+        )
+    print(
+        f"server peak RSS {rss:,.0f} MB; model weights on {info.device}: "
+        f"{info.device_bytes / 1e6:,.1f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()
