@@ -1,4 +1,4 @@
-"""Prints README's configuration table from the settings' own help (tests/test_docs.py checks it)."""
+"""Prints README's configuration table from the settings' help (tests/test_docs.py checks it)."""
 
 from __future__ import annotations
 
