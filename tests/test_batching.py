@@ -180,7 +180,7 @@ def test_expired_requests_are_dropped_not_run(client: ModelHostClient) -> None:
 
 def test_deadline_expired_in_queue_reports_deadline_exceeded() -> None:
     """A deadline that passes in the queue is reported by the server, not only the client."""
-    from modelhost.server.batching import Batcher, BatchPolicy
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
     from modelhost.server.errors import DeadlineExpired
     from modelhost.server.inference import encode_answer
 
@@ -192,7 +192,7 @@ def test_deadline_expired_in_queue_reports_deadline_exceeded() -> None:
         seen.append(int(batch["x"][0, 0]))
         return {"output": batch["x"]}
 
-    batcher = Batcher(run, BatchPolicy(1, 0, 8), "unit")
+    batcher = Batcher(run, BatchPolicy(1, 0, 8), Lane("unit"))
     finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
     first = batcher.submit({"x": torch.zeros(1, 1)}, None, finish)
     late = batcher.submit({"x": torch.ones(1, 1)}, time.monotonic() + 0.05, finish)

@@ -21,7 +21,7 @@ import torch
 from modelhost.client import codec
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
-from modelhost.server.batching import Batcher, BatchPolicy, Finish
+from modelhost.server.batching import Batcher, BatchPolicy, Finish, Lane
 from modelhost.server.devices import resolve_device
 from modelhost.server.errors import (
     ChecksumMismatch,
@@ -69,6 +69,8 @@ class Host:
         self._io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._loads = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="load")
         self._prep = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="prep")
+        # All CPU tensor work of predictions runs on this one thread (see batching.py).
+        self._cpu_lane = Lane("cpu", shared=True)
         self._closing = False
         self._unsafe = settings.allow_pickled_models
 
@@ -283,8 +285,9 @@ class Host:
             autocast=codec.torch_dtype(request.autocast) if request.autocast else None,
             compile_mode=request.compile,
         )
+        lane = self._cpu_lane if loaded.device.type == "cpu" else Lane(f"{spec.name}-{version}")
         if request.warmup_shape:
-            runner.warm_up(request.warmup_shape)
+            lane.call(runner.warm_up, request.warmup_shape).result()
         categories = loaded.weights_meta.get("categories", [])
         return HostedModel(
             name=spec.name,
@@ -293,10 +296,7 @@ class Host:
             loaded=loaded,
             runner=runner,
             batcher=Batcher(
-                runner.run,
-                policy,
-                f"{spec.name}-{version}",
-                observe=self.metrics.batch_observer(spec.name, version),
+                runner.run, policy, lane, observe=self.metrics.batch_observer(spec.name, version)
             ),
             loaded_at=time.time(),
             labels=list(request.labels or categories),
@@ -354,7 +354,13 @@ class Host:
         with self.registry.lease(check_name(model, "model"), version) as hosted:
             runner = hosted.runner
             if images or (runner.preprocessing and _has_uint8(inputs)):
-                prepared = await loop.run_in_executor(self._prep, runner.prepare, inputs, images)
+                if runner.device.type == "cpu":  # CPU tensor work stays on the CPU lane
+                    job = self._cpu_lane.call(runner.prepare, inputs, images)
+                    prepared = await asyncio.wrap_future(job)
+                else:
+                    prepared = await loop.run_in_executor(
+                        self._prep, runner.prepare, inputs, images
+                    )
             else:
                 prepared = runner.prepare(inputs)
             finish: Finish
@@ -398,6 +404,7 @@ class Host:
             await self.unload_model(hosted.name, hosted.version)
         self._loads.shutdown(wait=True, cancel_futures=True)
         self._prep.shutdown(wait=True)
+        self._cpu_lane.close()
         self._io.shutdown(wait=True)
 
 
