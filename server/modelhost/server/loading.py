@@ -199,7 +199,7 @@ def _load_weights(
         state = formats.read_weights(store.blob_path(record), record.format)
     else:
         raise InvalidArgument("LoadModel needs a checkpoint or pretrained weights")
-    module = builder.build(args, "meta")
+    module = builder.skeleton(args)
     expected = module.state_dict()
     state = formats.strip_wrapper_prefixes(state, expected.keys())
     missing, unexpected = _check_keys(spec, state, expected)
