@@ -43,6 +43,7 @@ from modelhost.v1 import modelhost_pb2 as pb
 log = logging.getLogger(__name__)
 
 HOSTED_STATE = "hosted-models"
+SPOOL_CHUNKS = 8
 MAX_BATCH_SIZE = 1 << 16
 MAX_QUEUE_SIZE = 1 << 20
 MAX_QUEUE_DELAY_US = 60_000_000
@@ -89,17 +90,7 @@ class Host:
             )
         loop = asyncio.get_running_loop()
         with self.store.begin() as pending:
-            writing: asyncio.Future[int] | None = None
-            try:
-                async for chunk in chunks:
-                    if writing is not None:
-                        await writing  # one write in flight while the next chunk arrives
-                    writing = loop.run_in_executor(self._io, pending.write, chunk)
-                if writing is not None:
-                    await writing
-            finally:
-                if writing is not None and not writing.done():
-                    await asyncio.wait([writing])
+            await self._spool(chunks, pending)
             expected = header.upload.size_bytes
             if expected and pending.size != expected:
                 raise InvalidArgument(
@@ -117,6 +108,43 @@ class Host:
             record = await self._commit(pending, name, contents, metadata, header.overwrite)
         self.metrics.checkpoint_bytes.labels("in").inc(record.size_bytes)
         return record
+
+    async def _spool(self, chunks: AsyncIterator[bytes], pending: PendingWrite) -> None:
+        """Hashes and writes chunks in order on an I/O thread while the next ones arrive.
+
+        Up to SPOOL_CHUNKS chunks wait in memory: reading never stops for a write, so
+        HTTP/2 flow control does not stall the sender. On any failure the write in
+        flight finishes before the caller discards the file.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=SPOOL_CHUNKS)
+        failures: list[BaseException] = []
+        inflight: list[asyncio.Future[Any]] = []
+
+        async def write() -> None:
+            while (chunk := await queue.get()) is not None:
+                if failures:
+                    continue  # drain, so the reader never blocks on a full queue
+                inflight[:] = [loop.run_in_executor(self._io, pending.write, chunk)]
+                try:
+                    await inflight[0]
+                except Exception as error:
+                    failures.append(error)
+
+        writer: asyncio.Future[Any] = asyncio.create_task(write())
+        try:
+            async for chunk in chunks:
+                if failures:
+                    break
+                await queue.put(chunk)
+            await queue.put(None)
+            await writer
+        except BaseException:
+            writer.cancel()
+            await asyncio.wait([writer, *inflight])
+            raise
+        if failures:
+            raise failures[0]
 
     async def save_snapshot(self, header: pb.SaveCheckpointHeader) -> CheckpointRecord:
         """Saves a hosted model's state_dict (on the CPU, in its served dtype)."""
