@@ -264,3 +264,21 @@ def test_health_and_architectures(client: ModelHostClient) -> None:
     assert {"resnet18", "vgg16", "fasterrcnn_resnet50_fpn", "deeplabv3_resnet50"} <= set(names)
     assert names["resnet18"].source == "torchvision"
     assert "num_classes" in {p.name for p in names["resnet18"].parameters}
+
+
+def test_server_reflection_lists_the_services(client: ModelHostClient) -> None:
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(client.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {
+            "modelhost.v1.ModelHost",
+            "grpc.health.v1.Health",
+            "inference.GRPCInferenceService",
+        } <= services
+        predict = database.FindFileContainingSymbol("modelhost.v1.ModelHost")
+        assert predict.package == "modelhost.v1"
