@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers.processes import ServerProcess  # noqa: E402
 
-__all__ = ["ServerProcess", "echo_server", "machine", "median_seconds", "peak_rss_mb", "table"]
+__all__ = ["ServerProcess", "echo_server", "machine", "peak_rss_mb", "table"]
 
 
 def machine() -> str:
@@ -30,22 +29,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    import os
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads"
-    )
-
-
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of `fn` over `repeat` calls."""
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import random
 import statistics
 import sys
@@ -53,13 +51,10 @@ import numpy as np
 import torch
 import torchvision
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from helpers.processes import ServerProcess  # noqa: E402
-from modelhost.client import ModelHostClient, codec  # noqa: E402
-from modelhost.v1 import modelhost_pb2 as pb  # noqa: E402
-from modelhost.v1 import modelhost_pb2_grpc as pb_grpc  # noqa: E402
+from common import ServerProcess, machine
+from modelhost.client import ModelHostClient, codec
+from modelhost.v1 import modelhost_pb2 as pb
+from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
 MODELS = ("alpha", "beta")
 NUM_CLASSES = 10
@@ -334,17 +329,6 @@ def table(rows: Sequence[tuple[str, str]]) -> str:
         out.append(f"| {name.ljust(width)} | {value.ljust(60)} |")
     out.append(line)
     return "\n".join(out)
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
