@@ -14,6 +14,7 @@ from safetensors.torch import save as save_safetensors
 
 from conftest import images, reference, resnet18
 from modelhost.client import ModelHostClient, NotFoundError
+from modelhost.server import Server
 
 
 def test_upload_load_predict_matches_in_process(client: ModelHostClient) -> None:
@@ -282,3 +283,10 @@ def test_server_reflection_lists_the_services(client: ModelHostClient) -> None:
         } <= services
         predict = database.FindFileContainingSymbol("modelhost.v1.ModelHost")
         assert predict.package == "modelhost.v1"
+
+
+def test_dns_targets_balance_round_robin(server: Server) -> None:
+    """`dns:///name:port` resolves every address of the name; calls go round-robin."""
+    with ModelHostClient(f"dns:///localhost:{server.port}", timeout=30) as client:
+        assert client.health() == "SERVING"
+        assert client.list_models() == []

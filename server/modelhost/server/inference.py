@@ -91,13 +91,6 @@ class Runner:
 
     # Preparing inputs (on the event loop, or on a preprocessing thread for images)
 
-    def needs_preprocessing(self, request: pb.PredictRequest) -> bool:
-        """Whether preparing `request` does real work (decoding or resizing images)."""
-        return bool(request.images) or (
-            self.preprocessing is not None
-            and any(t.dtype == pb.DATA_TYPE_UINT8 for t in request.inputs.values())
-        )
-
     def prepare(self, inputs: Mapping[str, pb.Tensor], images: Sequence[bytes] = ()) -> Prepared:
         """Decodes request tensors (zero copy) or images, preprocesses, checks against the model."""
         if images:
