@@ -35,6 +35,7 @@ protos: $(STAMP)
 	PYTHON=$(BIN)/python scripts/gen_protos.sh
 
 bench: $(STAMP)
+	$(BIN)/python bench/options.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/predict.py

@@ -30,6 +30,7 @@ run() { echo "== $*"; "$@"; }
 } 2>&1 | tee "$OUT/machine.txt"
 run python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu.py \
     2>&1 | tee "$OUT/gpu-tests.txt"
+run python3 bench/options.py --model resnet50 --batch 64 --compile 2>&1 | tee "$OUT/options.txt"
 run python3 bench/load.py --device cuda --repeat 3 2>&1 | tee "$OUT/load.txt"
 for input in float32 uint8 jpeg; do
     run python3 bench/predict.py --model resnet50 --device cuda --input "$input" \
