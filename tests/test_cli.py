@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +10,7 @@ import pytest
 import torch
 
 from conftest import images, reference, resnet18
+from helpers.processes import ServerProcess
 from modelhost.cli import main
 from modelhost.client import ModelHostClient
 from modelhost.server import Server
@@ -91,36 +87,12 @@ def test_client_commands(
 
 
 def test_serve_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "MODELHOST_STORE": str(tmp_path / "store"),
-        "MODELHOST_DEVICE": "cpu",
-        "MODELHOST_GRACE_SECONDS": "2",
-        "PYTHONUNBUFFERED": "1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelhost.cli", "serve", "--port", "0", "--host", "127.0.0.1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        target = None
-        deadline = time.monotonic() + 60
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "serving on" in line:
-                target = line.split("serving on ")[1].split()[0]
-                break
-            assert time.monotonic() < deadline
-        assert target, "the server never said where it serves"
-        with ModelHostClient(target, timeout=10) as client:
+    env = {"MODELHOST_GRACE_SECONDS": "2", "MODELHOST_LOG_LEVEL": "debug"}
+    with ServerProcess.start(tmp_path / "store", env=env) as server:
+        with ModelHostClient(server.target, timeout=10) as client:
             assert client.health() == "SERVING"
             assert client.list_checkpoints() == []
         assert (tmp_path / "store" / "checkpoints").is_dir()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
+        assert server.log_count("rpc=ListCheckpoints") == 1  # the env set the log level
+        assert server.stop(timeout=30) == 0  # SIGTERM
+        assert server.log_count("modelhost stopped") == 1
