@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import os
 import stat
 from pathlib import Path
 
 import pytest
 
+from modelhost.server import staged_writer
 from modelhost.server.errors import AlreadyExists, CheckpointNotFound, InvalidName, LimitExceeded
 from modelhost.server.names import check_name
+from modelhost.server.staged_writer import StagedWriter
 from modelhost.server.store import CheckpointStore, Contents
 
 CONTENTS = Contents("state_dict", 1)
@@ -117,3 +122,70 @@ def test_bad_names(name: str) -> None:
 @pytest.mark.parametrize("name", ["a", "resnet50-v2.1", "A_b-c.d", "x" * 128, "0"])
 def test_good_names(name: str) -> None:
     assert check_name(name, "checkpoint") == name
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "page-cache"])
+@pytest.mark.parametrize(
+    "sizes",
+    [[], [1], [4096], [8191, 1], [8192], [8193], [3000] * 7, [20_000, 5, 4091]],
+    ids=str,
+)
+def test_staged_writer_writes_exactly_the_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, sizes: list[int]
+) -> None:
+    """Stage boundaries, direct I/O padding and the tail: the file is the bytes written."""
+    if not direct:
+        monkeypatch.setattr(staged_writer, "_set_direct", lambda fd, on: False)
+    pieces = [bytes([index % 251]) * size for index, size in enumerate(sizes)]
+    path = tmp_path / "file"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        writer = StagedWriter(fd, stage_bytes=8192)
+        for piece in pieces:
+            writer.write(memoryview(piece))
+        writer.close(sum(sizes))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(pieces)
+
+
+def test_staged_writer_falls_back_when_direct_writes_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some file systems take O_DIRECT at open and refuse it on write (EINVAL)."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system")
+    real_write = os.write
+
+    def refusing_write(fd: int, data: bytes | memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(staged_writer.os, "write", refusing_write)
+    path = tmp_path / "file"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        writer = StagedWriter(fd, stage_bytes=8192)
+        writer.write(b"x" * 10_000)
+        writer.close(10_000)
+        assert not writer.direct
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 10_000
+
+
+def test_large_write_is_hashed_and_committed_whole(tmp_path: Path) -> None:
+    """Many uneven chunks through a pending write: size, sha256 and bytes all match."""
+    store = CheckpointStore(tmp_path)
+    chunks = [os.urandom(size) for size in (1 << 20, 3, (3 << 20) + 17, 4096, 9 << 20)]
+    with store.begin() as pending:
+        for chunk in chunks:
+            pending.write(chunk)
+        pending.finish()
+        record = store.commit(pending, "big", CONTENTS, metadata={}, overwrite=False)
+    data = b"".join(chunks)
+    assert record.size_bytes == len(data)
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    with store.open("big") as (_, file):
+        assert file.read() == data

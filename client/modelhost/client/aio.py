@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -36,6 +37,11 @@ class AsyncModelHostClient:
         self._config = config or ChannelConfig()
         self._channel = self._config.aio_channel(target)
         self._stub = pb_grpc.ModelHostStub(self._channel)
+        self._save = self._channel.stream_unary(
+            calls.SAVE_CHECKPOINT,
+            request_serializer=calls.serialize_save_request,
+            response_deserializer=pb.CheckpointInfo.FromString,
+        )
 
     async def __aenter__(self) -> AsyncModelHostClient:
         return self
@@ -69,8 +75,17 @@ class AsyncModelHostClient:
             chunk_bytes=self.chunk_bytes,
             progress=progress,
         )
-        with translate_errors():
-            reply = await self._stub.SaveCheckpoint(iter(upload), **self._kw(timeout))
+        frames = calls.Prefetch(iter(upload))
+
+        async def requests() -> AsyncIterator[bytes]:
+            while (frame := await asyncio.to_thread(next, frames, None)) is not None:
+                yield frame
+
+        try:
+            with translate_errors():
+                reply = await self._save(requests(), **self._kw(timeout))
+        finally:
+            frames.close()
         return upload.verify(reply)
 
     async def snapshot(

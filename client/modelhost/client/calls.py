@@ -6,9 +6,11 @@ import hashlib
 import io
 import json
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar, cast
 
 from modelhost.client import codec
 from modelhost.client.errors import DataLossError
@@ -18,6 +20,8 @@ from modelhost.v1 import modelhost_pb2 as pb
 DEFAULT_CHUNK_BYTES = 2 << 20
 SINGLE_INPUT = "input"
 SINGLE_OUTPUT = "output"
+
+T = TypeVar("T")
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all; 0 when unknown) as a transfer proceeds."""
@@ -62,8 +66,84 @@ def _read_file(path: Path, block: int = 8 << 20) -> Iterator[memoryview]:
             yield memoryview(data)
 
 
+SAVE_CHECKPOINT = "/modelhost.v1.ModelHost/SaveCheckpoint"
+_CHUNK_TAG = b"\x12"  # SaveCheckpointRequest.chunk: field 2, length-delimited
+
+
+def frame_chunk(data: bytes | memoryview) -> bytes:
+    """`SaveCheckpointRequest(chunk=data)` serialized, with one copy of `data` instead of three."""
+    size = len(data) if isinstance(data, bytes) else data.nbytes
+    prefix = bytearray(_CHUNK_TAG)
+    while size > 0x7F:
+        prefix.append(size & 0x7F | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return b"".join((prefix, data))
+
+
+def serialize_save_request(message: pb.SaveCheckpointRequest | bytes) -> bytes:
+    """Request serializer of SaveCheckpoint: framed chunks pass through as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class Prefetch(Iterator[T]):
+    """Runs `source` on a thread of its own, up to `depth` items ahead of the consumer.
+
+    An upload reads, hashes and frames the next chunks while gRPC sends the current
+    one. `close()` (also on exhaustion or error) stops the thread.
+    """
+
+    def __init__(self, source: Iterator[T], depth: int = 4) -> None:
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(
+            target=self._run, args=(source,), name="modelhost-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, source: Iterator[T]) -> None:
+        try:
+            for item in source:
+                if not self._put((True, item)):
+                    return
+        except BaseException as error:  # handed to the consumer
+            self._put((False, error))
+            return
+        self._put((False, None))
+
+    def _put(self, entry: tuple[bool, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> T:
+        if self._ended:
+            raise StopIteration
+        has_item, value = self._queue.get()
+        if has_item:
+            return cast(T, value)
+        self.close()
+        if value is not None:
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stops the producer thread; further items are dropped."""
+        self._ended = True
+        self._stop.set()
+
+
 class Upload:
-    """The request stream of an upload; hashes what it sends so the reply can be checked."""
+    """The request stream of an upload; hashes what it sends so the reply can be checked.
+
+    Iterating gives the serialized requests (pass `serialize_save_request` as the
+    serializer): the header, then framed chunks.
+    """
 
     def __init__(
         self,
@@ -86,15 +166,15 @@ class Upload:
         self._progress = progress
         self._sha256 = hashlib.sha256()
 
-    def __iter__(self) -> Iterator[pb.SaveCheckpointRequest]:
-        yield pb.SaveCheckpointRequest(header=self._header)
+    def __iter__(self) -> Iterator[bytes]:
+        yield pb.SaveCheckpointRequest(header=self._header).SerializeToString()
         sent = 0
         for block in self._blocks:
             for start in range(0, block.nbytes, self._chunk_bytes):
                 chunk = block[start : start + self._chunk_bytes]
                 self._sha256.update(chunk)
                 sent += chunk.nbytes
-                yield pb.SaveCheckpointRequest(chunk=bytes(chunk))
+                yield frame_chunk(chunk)
                 if self._progress:
                     self._progress(sent, self.size)
 
@@ -138,9 +218,10 @@ class Download:
         if message.HasField("info"):
             self.info = message.info
             return
-        self._sha256.update(message.chunk)
-        self._received += len(message.chunk)
-        (self._file or self._buffer).write(message.chunk)
+        chunk = message.chunk  # each access copies
+        self._sha256.update(chunk)
+        self._received += len(chunk)
+        (self._file or self._buffer).write(chunk)
         if self._progress:
             self._progress(self._received, self.info.size_bytes if self.info else 0)
 

@@ -37,6 +37,11 @@ class ModelHostClient:
         self._config = config or ChannelConfig()
         self._channel = self._config.channel(target)
         self._stub = pb_grpc.ModelHostStub(self._channel)
+        self._save = self._channel.stream_unary(
+            calls.SAVE_CHECKPOINT,
+            request_serializer=calls.serialize_save_request,
+            response_deserializer=pb.CheckpointInfo.FromString,
+        )
 
     def __enter__(self) -> ModelHostClient:
         return self
@@ -72,8 +77,12 @@ class ModelHostClient:
             chunk_bytes=self.chunk_bytes,
             progress=progress,
         )
-        with translate_errors():
-            reply = self._stub.SaveCheckpoint(iter(upload), **self._kw(timeout))
+        frames = calls.Prefetch(iter(upload))
+        try:
+            with translate_errors():
+                reply = self._save(frames, **self._kw(timeout))
+        finally:
+            frames.close()
         return upload.verify(reply)
 
     def snapshot(

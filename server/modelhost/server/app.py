@@ -21,7 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modelhost.server import oip
+from modelhost.server import malloc, oip
 from modelhost.server.auth import AuthInterceptor, Tokens
 from modelhost.server.host import Host
 from modelhost.server.service import ModelHostService
@@ -179,6 +179,7 @@ def serve(settings: Settings) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    malloc.keep_large_buffers()
 
     async def main() -> None:
         server = create_server(settings)

@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from modelhost.server.errors import AlreadyExists, CheckpointNotFound, LimitExceeded
 from modelhost.server.names import check_name
+from modelhost.server.staged_writer import StagedWriter
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ class PendingWrite:
         self.size = 0
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
-        self._file: IO[bytes] = os.fdopen(fd, "wb", buffering=0)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
+        self._writer = StagedWriter(self._fd)
+        self._closed = False
         self.committed = False
 
     def __enter__(self) -> PendingWrite:
@@ -100,13 +102,11 @@ class PendingWrite:
                 f"checkpoint exceeds max_checkpoint_bytes ({self._max_bytes} bytes)"
             )
         self._hash.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[self._file.write(view) :]
+        self._writer.write(data)
         return len(data)
 
     def flush(self) -> None:
-        """For file-like use (torch.save); writes are unbuffered."""
+        """For file-like use (torch.save); `finish` makes the bytes durable."""
 
     @property
     def sha256(self) -> str:
@@ -114,14 +114,21 @@ class PendingWrite:
 
     def finish(self) -> None:
         """Makes the bytes durable and closes the file."""
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._writer.close(self.size)
+        finally:
+            self._close()
 
     def discard(self) -> None:
         """Closes and removes the temp file."""
-        with contextlib.suppress(OSError):
-            self._file.close()
+        self._writer.release()
+        self._close()
         self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
 
 
 class CheckpointStore:

@@ -1,0 +1,80 @@
+"""The client's upload stream: framed chunks are valid messages; prefetching keeps order."""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from modelhost.client import calls
+from modelhost.server import malloc
+from modelhost.v1 import modelhost_pb2 as pb
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, (2 << 20) + 3])
+def test_framed_chunks_are_the_serialized_request(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    for source in (data, memoryview(data)):
+        framed = calls.frame_chunk(source)
+        assert framed == pb.SaveCheckpointRequest(chunk=data).SerializeToString()
+        assert pb.SaveCheckpointRequest.FromString(framed).chunk == data
+
+
+def test_upload_stream_is_a_header_then_the_bytes() -> None:
+    data = bytes(range(256)) * 100
+    upload = calls.Upload("c", data, metadata={"k": "v"}, overwrite=True, chunk_bytes=1000)
+    messages = [pb.SaveCheckpointRequest.FromString(frame) for frame in upload]
+    assert messages[0].header.name == "c" and messages[0].header.overwrite
+    assert messages[0].header.upload.size_bytes == len(data)
+    assert b"".join(message.chunk for message in messages[1:]) == data
+    assert all(len(message.chunk) <= 1000 for message in messages[1:])
+    assert calls.serialize_save_request(messages[0]) == upload.__iter__().__next__()
+
+
+def test_prefetch_keeps_order_and_passes_errors_on() -> None:
+    assert list(calls.Prefetch(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise OSError("disk gone")
+
+    prefetch = calls.Prefetch(failing())
+    assert next(prefetch) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(prefetch)
+    with pytest.raises(StopIteration):
+        next(prefetch)
+
+
+def test_prefetch_thread_stops_when_the_consumer_leaves() -> None:
+    produced = threading.Event()
+
+    def endless() -> Iterator[int]:
+        count = 0
+        while True:
+            count += 1
+            if count > 10:
+                produced.set()
+            yield count
+
+    prefetch = calls.Prefetch(endless(), depth=2)
+    assert next(prefetch) == 1
+    prefetch.close()
+    prefetch._thread.join(timeout=5)
+    assert not prefetch._thread.is_alive()
+    assert not produced.is_set()  # it stopped at the queue's depth, not at the end
+
+
+def test_malloc_settings_yield_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert not malloc.keep_large_buffers()
+
+
+def test_malloc_settings_apply_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert malloc.keep_large_buffers()
