@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from modelhost.client import calls
-from modelhost.server import malloc
+from modelhost.server import malloc, messages
 from modelhost.v1 import modelhost_pb2 as pb
 
 
@@ -78,3 +78,44 @@ def test_malloc_settings_apply_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert malloc.keep_large_buffers()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
+def test_server_parses_framed_chunks_as_views_of_the_message(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    parsed = messages.parse_save_request(calls.frame_chunk(data))
+    assert isinstance(parsed, memoryview) and parsed.tobytes() == data
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.SaveCheckpointRequest(header=pb.SaveCheckpointHeader(name="c")),
+        pb.SaveCheckpointRequest(),
+    ],
+    ids=["header", "empty"],
+)
+def test_server_parses_other_messages_with_protobuf(message: pb.SaveCheckpointRequest) -> None:
+    assert messages.parse_save_request(message.SerializeToString()) == message
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"\x12\x03abc\x12\x01z",  # two chunk fields: the last one wins
+        b"\x12\x05abc",  # length past the end
+        b"\x12\x80",  # truncated length
+        b"\x12\x01a\x08\x01",  # a chunk, then another field
+    ],
+)
+def test_server_parses_unusual_chunk_encodings_like_protobuf(wire: bytes) -> None:
+    """The fast path only takes a message that is exactly one chunk field."""
+    try:
+        expected: object = pb.SaveCheckpointRequest.FromString(wire)
+    except Exception as error:
+        expected = type(error)
+    try:
+        parsed: object = messages.parse_save_request(wire)
+    except Exception as error:
+        parsed = type(error)
+    assert parsed == expected

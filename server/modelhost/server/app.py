@@ -21,17 +21,12 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modelhost.server import malloc, oip
+from modelhost.server import malloc, oip, service
 from modelhost.server.auth import AuthInterceptor, Tokens
 from modelhost.server.host import Host
-from modelhost.server.service import ModelHostService
 from modelhost.server.settings import Settings
-from modelhost.v1 import modelhost_pb2 as pb
-from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelHost"].full_name
 
 
 def _address(host: str, port: int) -> str:
@@ -76,12 +71,12 @@ class Server:
             ],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
-        pb_grpc.add_ModelHostServicer_to_server(ModelHostService(self.host), server)
+        modelhost = service.add_to_server(self.host, server)
         inference = oip.add_to_server(self.host, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
-                SERVICE_NAME,
+                modelhost,
                 inference,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
@@ -95,9 +90,9 @@ class Server:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
-        services = (SERVICE_NAME, inference)
-        for service in services:
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        services = (modelhost, inference)
+        for name in services:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._grpc = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -113,8 +108,8 @@ class Server:
         )
         if settings.restore:
             await self.host.restore()
-        for service in services:
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        for name in services:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("modelhost ready")
 
     async def stop(self, grace: float | None = None) -> None:

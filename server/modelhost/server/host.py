@@ -78,7 +78,7 @@ class Host:
     # Checkpoints
 
     async def save_upload(
-        self, header: pb.SaveCheckpointHeader, chunks: AsyncIterator[bytes]
+        self, header: pb.SaveCheckpointHeader, chunks: AsyncIterator[bytes | memoryview]
     ) -> CheckpointRecord:
         """Streams an upload into the store; nothing is visible unless all of it is valid."""
         name, metadata = self._check_header(header)
@@ -109,7 +109,9 @@ class Host:
         self.metrics.checkpoint_bytes.labels("in").inc(record.size_bytes)
         return record
 
-    async def _spool(self, chunks: AsyncIterator[bytes], pending: PendingWrite) -> None:
+    async def _spool(
+        self, chunks: AsyncIterator[bytes | memoryview], pending: PendingWrite
+    ) -> None:
         """Hashes and writes chunks in order on an I/O thread while the next ones arrive.
 
         Up to SPOOL_CHUNKS chunks wait in memory: reading never stops for a write, so
@@ -117,7 +119,7 @@ class Host:
         flight finishes before the caller discards the file.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=SPOOL_CHUNKS)
+        queue: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue(maxsize=SPOOL_CHUNKS)
         failures: list[BaseException] = []
         inflight: list[asyncio.Future[Any]] = []
 

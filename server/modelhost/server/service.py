@@ -150,11 +150,20 @@ def streaming(
     return wrapper
 
 
-async def _chunks(stream: AsyncIterator[pb.SaveCheckpointRequest]) -> AsyncIterator[bytes]:
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelHost"].full_name
+
+SaveRequest = pb.SaveCheckpointRequest | memoryview
+"""What SaveCheckpoint receives: chunks as views (messages.parse_save_request), or messages."""
+
+
+async def _chunks(stream: AsyncIterator[SaveRequest]) -> AsyncIterator[bytes | memoryview]:
     async for message in stream:
-        if not message.HasField("chunk"):
+        if isinstance(message, memoryview):
+            yield message
+        elif message.HasField("chunk"):
+            yield message.chunk
+        else:
             raise e.InvalidArgument("only the first SaveCheckpoint message may be a header")
-        yield message.chunk
 
 
 class ModelHostService(pb_grpc.ModelHostServicer):
@@ -165,10 +174,10 @@ class ModelHostService(pb_grpc.ModelHostServicer):
 
     @unary
     async def SaveCheckpoint(
-        self, request_iterator: AsyncIterator[pb.SaveCheckpointRequest], context: Any
+        self, request_iterator: AsyncIterator[SaveRequest], context: Any
     ) -> pb.CheckpointInfo:
         first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
+        if not isinstance(first, pb.SaveCheckpointRequest) or not first.HasField("header"):
             raise e.InvalidArgument("the first SaveCheckpoint message must be a header")
         header = first.header
         if header.HasField("snapshot"):
@@ -279,3 +288,32 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         return pb.PredictResponse(
             model=hosted.name, version=hosted.version, outputs=answer.outputs, top_k=answer.top_k
         )
+
+
+class _Collect:
+    """Stands in for a server to receive the handlers the generated code registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, name: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_to_server(host: Host, server: grpc.aio.Server) -> str:
+    """Registers the service as the generated code does, with SaveCheckpoint's chunk
+    parser swapped in; returns the service's full name."""
+    collect = _Collect()
+    pb_grpc.add_ModelHostServicer_to_server(ModelHostService(host), collect)
+    handlers = collect.handlers
+    handlers["SaveCheckpoint"] = handlers["SaveCheckpoint"]._replace(
+        request_deserializer=messages.parse_save_request
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    return SERVICE_NAME
