@@ -1,4 +1,4 @@
-"""The client's upload stream: framed chunks are valid messages; prefetching keeps order."""
+"""The client's hand-written wire format and upload stream; the server's chunk parser."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import platform
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
-from modelhost.client import calls
+from modelhost.client import calls, codec, wire
 from modelhost.server import malloc, messages
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -17,7 +18,7 @@ from modelhost.v1 import modelhost_pb2 as pb
 def test_framed_chunks_are_the_serialized_request(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     for source in (data, memoryview(data)):
-        framed = calls.frame_chunk(source)
+        framed = wire.chunk_request(source)
         assert framed == pb.SaveCheckpointRequest(chunk=data).SerializeToString()
         assert pb.SaveCheckpointRequest.FromString(framed).chunk == data
 
@@ -30,7 +31,43 @@ def test_upload_stream_is_a_header_then_the_bytes() -> None:
     assert messages[0].header.upload.size_bytes == len(data)
     assert b"".join(message.chunk for message in messages[1:]) == data
     assert all(len(message.chunk) <= 1000 for message in messages[1:])
-    assert calls.serialize_save_request(messages[0]) == upload.__iter__().__next__()
+
+
+PREDICT_CASES = {
+    "float32 image": {"x": np.arange(3 * 4 * 5, dtype=np.float32).reshape(1, 3, 4, 5)},
+    "two inputs": {"a": np.ones((2, 3), dtype=np.int64), "b": np.zeros((2,), dtype=np.bool_)},
+    "big-endian, strided": {"x": np.arange(20, dtype=">f8").reshape(4, 5)[:, ::2]},
+    "scalar and empty": {"s": np.array(3.5, dtype=np.float16), "e": np.zeros((0, 4), np.uint8)},
+    "negative values": {"": np.array([-1, -(2**40)], dtype=np.int64)},
+}
+
+
+@pytest.mark.parametrize("inputs", PREDICT_CASES.values(), ids=PREDICT_CASES.keys())
+@pytest.mark.parametrize(
+    ("model", "version", "images", "top_k"),
+    [("m", 0, [], 0), ("ümlaut-model", 7, [b"", b"\xff\xd8jpeg"], 5), ("", 2**40, [], -3)],
+)
+def test_predict_request_is_what_protobuf_builds(
+    inputs: dict[str, np.ndarray], model: str, version: int, images: list[bytes], top_k: int
+) -> None:
+    expected = pb.PredictRequest(
+        model=model,
+        version=version,
+        inputs={name: codec.encode(array) for name, array in inputs.items()},
+        images=images,
+        top_k=top_k,
+    )
+    raws = {name: codec.raw(array) for name, array in inputs.items()}
+    written = wire.predict_request(model, version, raws, images, top_k)
+    assert pb.PredictRequest.FromString(written) == expected
+    assert len(written) == expected.ByteSize()
+
+
+def test_raw_is_a_view_when_no_copy_is_needed() -> None:
+    array = np.arange(12, dtype="<f4").reshape(3, 4)
+    _, shape, data = codec.raw(array)
+    assert shape == (3, 4)
+    assert isinstance(data, memoryview) and np.shares_memory(np.asarray(data), array)
 
 
 def test_prefetch_keeps_order_and_passes_errors_on() -> None:
@@ -83,7 +120,7 @@ def test_malloc_settings_apply_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
 def test_server_parses_framed_chunks_as_views_of_the_message(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    parsed = messages.parse_save_request(calls.frame_chunk(data))
+    parsed = messages.parse_save_request(wire.chunk_request(data))
     assert isinstance(parsed, memoryview) and parsed.tobytes() == data
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
-from modelhost.client import calls
+from modelhost.client import calls, wire
 from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import translate_errors
 from modelhost.client.health import check_health_async
@@ -39,8 +39,13 @@ class AsyncModelHostClient:
         self._stub = pb_grpc.ModelHostStub(self._channel)
         self._save = self._channel.stream_unary(
             calls.SAVE_CHECKPOINT,
-            request_serializer=calls.serialize_save_request,
+            request_serializer=wire.passthrough,
             response_deserializer=pb.CheckpointInfo.FromString,
+        )
+        self._predict = self._channel.unary_unary(
+            calls.PREDICT,
+            request_serializer=wire.passthrough,
+            response_deserializer=pb.PredictResponse.FromString,
         )
 
     async def __aenter__(self) -> AsyncModelHostClient:
@@ -195,7 +200,7 @@ class AsyncModelHostClient:
         classes of each row as lists of `TopClass`."""
         call = calls.PredictCall(model, inputs, version, images=images, top_k=top_k)
         with translate_errors():
-            reply = await self._stub.Predict(call.request, **self._kw(timeout))
+            reply = await self._predict(call.payload, **self._kw(timeout))
         return call.result(reply)
 
     async def health(self, service: str = "") -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
 
-from modelhost.client import codec
+from modelhost.client import codec, wire
 from modelhost.client.errors import DataLossError
 from modelhost.client.types import CheckpointInfo, TopClass
 from modelhost.v1 import modelhost_pb2 as pb
@@ -67,23 +67,8 @@ def _read_file(path: Path, block: int = 8 << 20) -> Iterator[memoryview]:
 
 
 SAVE_CHECKPOINT = "/modelhost.v1.ModelHost/SaveCheckpoint"
-_CHUNK_TAG = b"\x12"  # SaveCheckpointRequest.chunk: field 2, length-delimited
-
-
-def frame_chunk(data: bytes | memoryview) -> bytes:
-    """`SaveCheckpointRequest(chunk=data)` serialized, with one copy of `data` instead of three."""
-    size = len(data) if isinstance(data, bytes) else data.nbytes
-    prefix = bytearray(_CHUNK_TAG)
-    while size > 0x7F:
-        prefix.append(size & 0x7F | 0x80)
-        size >>= 7
-    prefix.append(size)
-    return b"".join((prefix, data))
-
-
-def serialize_save_request(message: pb.SaveCheckpointRequest | bytes) -> bytes:
-    """Request serializer of SaveCheckpoint: framed chunks pass through as they are."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
+PREDICT = "/modelhost.v1.ModelHost/Predict"
+"""Methods the clients call with requests they serialize themselves (see `wire`)."""
 
 
 class Prefetch(Iterator[T]):
@@ -141,8 +126,7 @@ class Prefetch(Iterator[T]):
 class Upload:
     """The request stream of an upload; hashes what it sends so the reply can be checked.
 
-    Iterating gives the serialized requests (pass `serialize_save_request` as the
-    serializer): the header, then framed chunks.
+    Iterating gives the serialized requests: the header, then the chunks.
     """
 
     def __init__(
@@ -174,7 +158,7 @@ class Upload:
                 chunk = block[start : start + self._chunk_bytes]
                 self._sha256.update(chunk)
                 sent += chunk.nbytes
-                yield frame_chunk(chunk)
+                yield wire.chunk_request(chunk)
                 if self._progress:
                     self._progress(sent, self.size)
 
@@ -349,13 +333,18 @@ class PredictCall:
             raise ValueError("predict takes inputs or images, not both")
         self.as_torch = bool(named) and codec.is_torch(next(iter(named.values())))
         self.top_k = top_k
-        self.request = pb.PredictRequest(
-            model=model,
-            version=version or 0,
-            inputs={key: codec.encode(value) for key, value in named.items()},
-            images=[_image_bytes(image) for image in images or ()],
-            top_k=top_k,
+        self.payload = wire.predict_request(
+            model,
+            version or 0,
+            {key: codec.raw(value) for key, value in named.items()},
+            [_image_bytes(image) for image in images or ()],
+            top_k,
         )
+
+    @property
+    def request(self) -> pb.PredictRequest:
+        """The request as a message (the call itself sends `payload`, its serialized form)."""
+        return pb.PredictRequest.FromString(self.payload)
 
     def result(self, response: pb.PredictResponse) -> Any:
         """With top_k, the top classes per row; else one array for one input and one

@@ -111,15 +111,25 @@ def check(tensor: pb.Tensor, *, what: str = "tensor") -> int:
     return count
 
 
+Raw = tuple[DataType, tuple[int, ...], memoryview | bytes]
+"""A tensor as (dtype, shape, its little-endian bytes in C order)."""
+
+
 def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
     """Encodes a numpy array (any byte order or layout)."""
+    code, shape, data = numpy_raw(array)
+    return pb.Tensor(dtype=code, shape=shape, data=bytes(data))
+
+
+def numpy_raw(array: np.ndarray[Any, Any]) -> Raw:
+    """The array's `Raw` form: a view of its memory unless its layout or byte order differ."""
     code = _FROM_NUMPY.get(array.dtype.name)
     if code is None:
         raise TypeError(f"numpy dtype {array.dtype} is not supported")
     if code != pb.DATA_TYPE_BFLOAT16:
         array = array.astype(_NUMPY[code], copy=False)
-    data = np.ascontiguousarray(array).tobytes()
-    return pb.Tensor(dtype=code, shape=array.shape, data=data)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return code, tuple(array.shape), flat.view(np.uint8).data
 
 
 def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
@@ -164,6 +174,12 @@ def data_type(dtype: torch.dtype) -> DataType:
 
 def from_torch(tensor: torch.Tensor) -> pb.Tensor:
     """Encodes a torch tensor (any device or layout) without a round trip through float."""
+    code, shape, data = torch_raw(tensor)
+    return pb.Tensor(dtype=code, shape=shape, data=bytes(data))
+
+
+def torch_raw(tensor: torch.Tensor) -> Raw:
+    """The tensor's `Raw` form (copied to the CPU first, and made contiguous if it is not)."""
     import torch
 
     code = data_type(tensor.dtype)
@@ -171,8 +187,8 @@ def from_torch(tensor: torch.Tensor) -> pb.Tensor:
     if flat.dtype == torch.bfloat16:
         flat = flat.view(torch.int16)
     array = flat.numpy()
-    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-    return pb.Tensor(dtype=code, shape=tensor.shape, data=data)
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return code, tuple(tensor.shape), array.reshape(-1).view(np.uint8).data
 
 
 def to_torch(tensor: pb.Tensor, *, what: str = "tensor") -> torch.Tensor:
@@ -201,6 +217,16 @@ def encode(value: Any) -> pb.Tensor:
     if type(value).__module__.startswith("torch"):
         return from_torch(value)
     return from_numpy(np.asarray(value))
+
+
+def raw(value: Any) -> Raw:
+    """`encode`'s dtype, shape and bytes without building a message (no copy when the
+    value is already C-ordered and little-endian)."""
+    if isinstance(value, pb.Tensor):
+        return value.dtype, tuple(value.shape), value.data
+    if type(value).__module__.startswith("torch"):
+        return torch_raw(value)
+    return numpy_raw(np.asarray(value))
 
 
 def is_torch(value: Any) -> bool:
