@@ -1,9 +1,11 @@
 """Predict throughput and latency against the in-process ceiling and a raw gRPC echo.
 
 Starts a server process, loads the model, and drives it with N client threads (one
-channel each, one image per request) at each concurrency level for a fixed time.
-Beside it, in the same run: the in-process ceiling (the same model, device and
-precision at its best batch size) and the raw loopback echo of the same payload.
+channel each, one image per request) at each concurrency level. Beside it, in the same
+run: the in-process ceiling (the same model, device and precision at its best batch
+size) and the raw loopback echo of the same payload. The ceiling is measured in
+windows interleaved with the served windows (`--rounds` of each per level), so both
+see the same machine: shared machines drift by 10-20% over a minute.
 
 Targets on a CPU (resnet18, float32): at concurrency 16, at least 90% of the
 in-process ceiling; at concurrency 1, p50 at most the in-process batch-1 time plus
@@ -42,24 +44,24 @@ def in_process(
     device: str,
     dtype: torch.dtype,
     size: int,
-    batches: list[int],
+    batch: int,
     seconds: float,
-) -> dict[int, float]:
-    """Images/s of the bare model at each batch size (inputs already on the device)."""
-    rates = {}
-    for batch in batches:
-        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-        with torch.inference_mode():
-            for _ in range(3):
-                model(x)
+) -> tuple[int, float, list[float]]:
+    """(images, seconds, per-call latencies) of the bare model (inputs already on the device)."""
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        _sync(device)
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            began = time.perf_counter()
+            model(x)
             _sync(device)
-            runs, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                model(x)
-                runs += 1
-            _sync(device)
-        rates[batch] = runs * batch / (time.perf_counter() - started)
-    return rates
+            times.append(time.perf_counter() - began)
+        elapsed = time.perf_counter() - started
+    return len(times) * batch, elapsed, times
 
 
 def _sync(device: str) -> None:
@@ -154,11 +156,13 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=12.0, help="served time per level")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    window = args.seconds / args.rounds
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model).eval()
@@ -168,18 +172,23 @@ def main() -> None:
         reference = model.to(args.device, dtype)
         if args.channels_last:
             reference = reference.to(memory_format=torch.channels_last)
+
+        def bare(batch: int, seconds: float) -> tuple[int, float, list[float]]:
+            return in_process(
+                reference,
+                device=args.device,
+                dtype=dtype,
+                size=args.size,
+                batch=batch,
+                seconds=seconds,
+            )
+
         batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(args.max_batch_size, 1)]
-        rates = in_process(
-            reference,
-            device=args.device,
-            dtype=dtype,
-            size=args.size,
-            batches=batches,
-            seconds=max(2.0, args.seconds / 4),
-        )
-        del reference
-        ceiling_batch = max(rates, key=lambda b: rates[b])
-        ceiling, batch1_ms = rates[ceiling_batch], 1000 / rates[1]
+        sweep = {}
+        for batch in batches:
+            images, elapsed, _ = bare(batch, 1.5)
+            sweep[batch] = images / elapsed
+        best = max(sweep, key=lambda b: sweep[b])
 
         call = payload(args.input, args.size, 0)
         nbytes = wire_bytes(args.model, call)
@@ -187,6 +196,7 @@ def main() -> None:
             echo_ms, echo_rps = echo(echo_target, nbytes, 16, min(args.seconds, 5))
 
         rows = []
+        latency_check = None
         with (
             ServerProcess.start(Path(tmp) / "store", args=["--device", args.device]) as server,
             ModelHostClient(server.target, timeout=60) as client,
@@ -213,37 +223,63 @@ def main() -> None:
                     request = payload(args.input, args.size, index)
                     return (lambda: own.predict("bench", **request)), own.close
 
-                latencies, errors = drive(caller, level, args.seconds)
-                rps = len(latencies) / args.seconds
+                latencies: list[float] = []
+                errors, ceiling_images, ceiling_seconds, single = 0, 0, 0.0, []
+                for _ in range(args.rounds):
+                    images, elapsed, _ = bare(best, window / 2)
+                    ceiling_images += images
+                    ceiling_seconds += elapsed
+                    if level == 1:
+                        single += bare(1, window / 2)[2]
+                    served, failed = drive(caller, level, window)
+                    latencies += served
+                    errors += failed
+                rps = len(latencies) / (window * args.rounds)
+                ceiling = ceiling_images / ceiling_seconds
                 p50, p99 = (
                     np.percentile(latencies, [50, 99]) * 1000 if latencies else (float("nan"),) * 2
                 )
-                rows.append([level, rps, rps, p50, p99, errors, f"{rps / ceiling:.0%}"])
+                rows.append([level, rps, rps, p50, p99, errors, ceiling, f"{rps / ceiling:.0%}"])
+                if level == 1:
+                    latency_check = (p50, statistics.median(single) * 1000)
             rss = peak_rss_mb(server.pid)
 
     print(
         f"{args.model} {args.dtype} on {args.device}, {args.input} inputs "
-        f"({nbytes / 1e3:,.0f} KB per request), {args.seconds:.0f}s per level"
+        f"({nbytes / 1e3:,.0f} KB per request), {args.seconds:.0f}s served per level "
+        f"in {args.rounds} windows interleaved with in-process windows"
     )
     print(f"machine: {machine()}")
     print(
-        f"in-process ceiling: {ceiling:,.1f} img/s at batch {ceiling_batch}; "
-        f"batch-1 time {batch1_ms:.2f} ms; by batch: "
-        + ", ".join(f"{b}: {r:,.1f}" for b, r in rates.items())
+        "in-process sweep (img/s by batch): "
+        + ", ".join(f"{b}: {r:,.1f}" for b, r in sweep.items())
+        + f"; ceiling batch {best}"
     )
     print(
         f"raw gRPC echo of the same payload: p50 {echo_ms:.2f} ms at concurrency 1, "
         f"{echo_rps:,.0f} req/s at 16"
     )
     print(
-        table(["concurrency", "req/s", "img/s", "p50 ms", "p99 ms", "errors", "vs ceiling"], rows)
+        table(
+            [
+                "concurrency",
+                "req/s",
+                "img/s",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+                f"ceiling img/s (batch {best})",
+                "vs ceiling",
+            ],
+            rows,
+        )
     )
-    p50_c1 = next((row[3] for row in rows if row[0] == 1), None)
-    if p50_c1 is not None:
+    if latency_check is not None:
+        p50_c1, batch1_ms = latency_check
         budget = batch1_ms + 1.5 * echo_ms
         print(
             f"concurrency 1: p50 {p50_c1:.2f} ms vs budget {budget:.2f} ms "
-            f"(batch-1 {batch1_ms:.2f} + 1.5 x echo {echo_ms:.2f})"
+            f"(in-process batch-1 p50 {batch1_ms:.2f} + 1.5 x echo {echo_ms:.2f})"
         )
     print(
         f"server peak RSS {rss:,.0f} MB; model weights on {info.device}: "

@@ -93,21 +93,30 @@ def parse_dtype(name: str) -> DataType:
         raise ValueError(f"unknown dtype {name!r}; expected one of {known}") from None
 
 
-def check(tensor: pb.Tensor, *, what: str = "tensor") -> int:
-    """Validates dtype, shape and byte length; returns the element count."""
+def element_count(tensor: pb.Tensor, *, what: str = "tensor") -> int:
+    """Validates dtype and shape (not the bytes); returns the element count."""
     if tensor.dtype not in ITEMSIZE:
         raise TensorError(f"{what}: dtype {tensor.dtype} is not a supported DataType")
     if any(dim < 0 for dim in tensor.shape):
         raise TensorError(f"{what}: shape {list(tensor.shape)} has a negative dimension")
-    count = math.prod(tensor.shape)
-    expected = count * ITEMSIZE[tensor.dtype]
-    if len(tensor.data) != expected:
-        raise TensorError(
-            f"{what}: {dtype_name(tensor.dtype)} shape {list(tensor.shape)} needs "
-            f"{expected} bytes, got {len(tensor.data)}"
-        )
     if math.prod(dim for dim in tensor.shape if dim) > MAX_ELEMENTS:
         raise TensorError(f"{what}: shape {list(tensor.shape)} is too large to lay out")
+    return math.prod(tensor.shape)
+
+
+def check(tensor: pb.Tensor, *, what: str = "tensor", data: bytes | None = None) -> int:
+    """Validates dtype, shape and byte length; returns the element count.
+
+    Pass `data` when you already hold `tensor.data`: each read of the field copies it.
+    """
+    count = element_count(tensor, what=what)
+    size = len(tensor.data if data is None else data)
+    expected = count * ITEMSIZE[tensor.dtype]
+    if size != expected:
+        raise TensorError(
+            f"{what}: {dtype_name(tensor.dtype)} shape {list(tensor.shape)} needs "
+            f"{expected} bytes, got {size}"
+        )
     return count
 
 
@@ -134,12 +143,13 @@ def numpy_raw(array: np.ndarray[Any, Any]) -> Raw:
 
 def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
     """Decodes into a writable numpy array; bfloat16 becomes float32 (exactly)."""
-    check(tensor)
+    data = tensor.data
+    check(tensor, data=data)
     shape = tuple(tensor.shape)
     if tensor.dtype == pb.DATA_TYPE_BFLOAT16:
-        bits = np.frombuffer(tensor.data, dtype="<u2").astype("<u4") << 16
+        bits = np.frombuffer(data, dtype="<u2").astype("<u4") << 16
         return bits.view("<f4").astype(np.float32).reshape(shape)
-    return np.frombuffer(tensor.data, dtype=_NUMPY[tensor.dtype]).reshape(shape).copy()
+    return np.frombuffer(data, dtype=_NUMPY[tensor.dtype]).reshape(shape).copy()
 
 
 def _torch_dtypes() -> dict[DataType, torch.dtype]:
@@ -198,7 +208,8 @@ def to_torch(tensor: pb.Tensor, *, what: str = "tensor") -> torch.Tensor:
     """
     import torch
 
-    count = check(tensor, what=what)
+    data = tensor.data
+    count = check(tensor, what=what, data=data)
     dtype = torch_dtype(tensor.dtype)
     if count == 0:
         return torch.empty(tuple(tensor.shape), dtype=dtype)
@@ -206,7 +217,7 @@ def to_torch(tensor: pb.Tensor, *, what: str = "tensor") -> torch.Tensor:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write
-        flat = torch.frombuffer(tensor.data, dtype=dtype, count=count)
+        flat = torch.frombuffer(data, dtype=dtype, count=count)
     return flat.view(tuple(tensor.shape))
 
 

@@ -454,7 +454,7 @@ def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
 
 def _element_count(name: str, tensor: pb.Tensor) -> int:
     try:
-        return codec.check(tensor, what=f"input {name!r}")
+        return codec.element_count(tensor, what=f"input {name!r}")
     except codec.TensorError as error:
         raise InvalidInput(str(error)) from None
 
