@@ -14,6 +14,8 @@ def settings_table() -> str:
         shown = "" if default in ("", [], 0) and kind is not int else str(default)
         if kind is bool:
             shown = "on" if default else "off"
+            if default:
+                flag = "--[no-]" + flag.removeprefix("--")
         rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | {shown or '-'} | {help} |")
     return "\n".join(rows)
 

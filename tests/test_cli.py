@@ -96,3 +96,12 @@ def test_serve_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert server.log_count("rpc=ListCheckpoints") == 1  # the env set the log level
         assert server.stop(timeout=30) == 0  # SIGTERM
         assert server.log_count("modelhost stopped") == 1
+
+
+def test_serve_flags_turn_settings_on_and_off() -> None:
+    from modelhost.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--no-direct-io"]).direct_io is False
+    assert parser.parse_args(["serve", "--direct-io", "--restore"]).direct_io is True
+    assert parser.parse_args(["serve"]).direct_io is None  # the environment or the default

@@ -131,16 +131,15 @@ def test_good_names(name: str) -> None:
     ids=str,
 )
 def test_staged_writer_writes_exactly_the_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, sizes: list[int]
+    tmp_path: Path, direct: bool, sizes: list[int]
 ) -> None:
     """Stage boundaries, direct I/O padding and the tail: the file is the bytes written."""
-    if not direct:
-        monkeypatch.setattr(staged_writer, "_set_direct", lambda fd, on: False)
     pieces = [bytes([index % 251]) * size for index, size in enumerate(sizes)]
     path = tmp_path / "file"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     try:
-        writer = StagedWriter(fd, stage_bytes=8192)
+        writer = StagedWriter(fd, direct=direct, stage_bytes=8192)
+        assert writer.direct <= direct
         for piece in pieces:
             writer.write(memoryview(piece))
         writer.close(sum(sizes))
@@ -188,4 +187,17 @@ def test_large_write_is_hashed_and_committed_whole(tmp_path: Path) -> None:
     assert record.size_bytes == len(data)
     assert record.sha256 == hashlib.sha256(data).hexdigest()
     with store.open("big") as (_, file):
+        assert file.read() == data
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_store_writes_with_or_without_direct_io(tmp_path: Path, direct_io: bool) -> None:
+    store = CheckpointStore(tmp_path, direct_io=direct_io)
+    data = os.urandom(100_000)
+    with store.begin() as pending:
+        assert pending._writer.direct <= direct_io
+        pending.write(data)
+        pending.finish()
+        store.commit(pending, "c", CONTENTS, metadata={}, overwrite=False)
+    with store.open("c") as (_, file):
         assert file.read() == data

@@ -353,7 +353,8 @@ def _add_serve(sub: Any) -> None:
     for name, kind, default, help in settings_fields():
         flag = "--" + name.replace("_", "-")
         if kind is bool:
-            p.add_argument(flag, action="store_true", default=None, help=help)
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            p.add_argument(flag, action=action, default=None, help=help)
         elif kind == list[str]:
             p.add_argument(flag.removesuffix("s"), dest=name, action="append", help=help)
         else:

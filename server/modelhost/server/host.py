@@ -59,7 +59,9 @@ class Host:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = CheckpointStore(
-            settings.store, max_checkpoint_bytes=settings.max_checkpoint_bytes
+            settings.store,
+            max_checkpoint_bytes=settings.max_checkpoint_bytes,
+            direct_io=settings.direct_io,
         )
         self.store.recover()
         self.catalog = ArchitectureCatalog(settings.architectures)

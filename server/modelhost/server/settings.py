@@ -40,6 +40,11 @@ class Settings:
     )
     chunk_bytes: int = _setting(2 * MiB, "Chunk size of DownloadCheckpoint streams in bytes.")
     max_checkpoint_bytes: int = _setting(0, "Largest checkpoint accepted, in bytes (0: no limit).")
+    direct_io: bool = _setting(
+        True,
+        "Write checkpoints with direct I/O where the file system allows: uploads skip the "
+        "page cache, and the first load of a checkpoint reads it from disk.",
+    )
     max_batch_size: int = _setting(
         32, "Default most rows batched together per model (1: no batching)."
     )

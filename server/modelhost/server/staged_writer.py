@@ -25,13 +25,16 @@ BLOCK = 4096
 
 
 class StagedWriter:
-    """Appends to the open file `fd`; `close(size)` makes it durable at exactly `size` bytes."""
+    """Appends to the open file `fd`; `close(size)` makes it durable at exactly `size` bytes.
 
-    def __init__(self, fd: int, stage_bytes: int = STAGE_BYTES) -> None:
+    With `direct`, tries direct I/O (`self.direct` says whether it is on).
+    """
+
+    def __init__(self, fd: int, *, direct: bool = True, stage_bytes: int = STAGE_BYTES) -> None:
         if stage_bytes % BLOCK:
             raise ValueError(f"stage_bytes must be a multiple of {BLOCK}")
         self._fd = fd
-        self.direct = _set_direct(fd, True)
+        self.direct = direct and _set_direct(fd, True)
         self._buffers = [mmap.mmap(-1, stage_bytes) for _ in range(2)]
         self._current = 0
         self._fill = 0

@@ -77,13 +77,13 @@ class PendingWrite:
     removed on exit, whatever happened.
     """
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, direct_io: bool = True) -> None:
         self.path = path
         self.size = 0
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
-        self._writer = StagedWriter(self._fd)
+        self._writer = StagedWriter(self._fd, direct=direct_io)
         self._closed = False
         self.committed = False
 
@@ -134,9 +134,12 @@ class PendingWrite:
 class CheckpointStore:
     """Stores checkpoints under validated names; safe for concurrent threads."""
 
-    def __init__(self, root: Path, *, max_checkpoint_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, *, max_checkpoint_bytes: int = 0, direct_io: bool = True
+    ) -> None:
         self.root = root.resolve()
         self.max_checkpoint_bytes = max_checkpoint_bytes
+        self.direct_io = direct_io
         self._blobs = self.root / "blobs"
         self._entries = self.root / "checkpoints"
         self._tmp = self.root / "tmp"
@@ -196,7 +199,9 @@ class CheckpointStore:
         with self._lock:
             self._counter += 1
             suffix = f"{os.getpid()}-{self._counter}-{time.monotonic_ns()}"
-        return PendingWrite(self._tmp / f"upload-{suffix}", self.max_checkpoint_bytes)
+        return PendingWrite(
+            self._tmp / f"upload-{suffix}", self.max_checkpoint_bytes, self.direct_io
+        )
 
     def check_free(self, name: str, overwrite: bool) -> None:
         """Fails early with AlreadyExists when `name` is taken and not to be replaced."""
