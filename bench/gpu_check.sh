@@ -38,3 +38,4 @@ for input in float32 uint8 jpeg; do
 done
 run python3 bench/predict.py --model resnet50 --device cuda --input uint8 --dtype bfloat16 \
     --channels-last --seconds 6 --max-batch-size 128 2>&1 | tee "$OUT/predict-bf16-uint8.txt"
+run python3 bench/upload.py --mb 500 --repeat 3 2>&1 | tee "$OUT/upload.txt"
