@@ -52,6 +52,11 @@ def client(server: Server) -> Iterator[ModelHostClient]:
         yield c
 
 
+def temp_files(store: Path) -> list[str]:
+    """What is in the store's tmp/ besides the servers' owner locks: uploads in progress."""
+    return sorted(p.name for p in (store / "tmp").iterdir() if p.suffix != ".owner")
+
+
 def expect(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> ModelHostError:
     """Asserts `call` fails with `code` and a message containing every one of `words`."""
     with pytest.raises(ModelHostError) as caught:

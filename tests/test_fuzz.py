@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from conftest import images, reference
+from conftest import images, reference, temp_files
 from helpers.models import tiny_mlp
 from modelhost.client import ModelHostClient, codec
 from modelhost.server import Server
@@ -213,7 +213,7 @@ class Fuzzed:
 
     def check_store(self) -> None:
         """No temp file, no blob without an entry, no entry without its blob."""
-        leftovers = sorted(p.name for p in (self.store / "tmp").iterdir())
+        leftovers = temp_files(self.store)
         assert leftovers == [], f"left in the store's tmp/: {leftovers}"
         entries = {
             json.loads(p.read_bytes())["sha256"] for p in (self.store / "checkpoints").iterdir()

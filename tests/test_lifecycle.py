@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import images, reference, resnet18
+from conftest import images, reference, resnet18, temp_files
 from modelhost.client import AsyncModelHostClient, ModelHostClient, NotFoundError
 from modelhost.server import Server
 from modelhost.v1 import modelhost_pb2 as pb
@@ -100,17 +100,17 @@ def test_cancelled_upload_leaves_nothing(client: ModelHostClient, server: Server
 
     with grpc.insecure_channel(server.target) as channel:
         future = pb_grpc.ModelHostStub(channel).SaveCheckpoint.future(stream())
-        tmp = server.settings.store / "tmp"
+        store = server.settings.store
         deadline = time.monotonic() + 10
-        while not any(tmp.iterdir()) and time.monotonic() < deadline:
+        while not temp_files(store) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert any(tmp.iterdir()), "the upload never started"
+        assert temp_files(store), "the upload never started"
         future.cancel()
         release.set()
         deadline = time.monotonic() + 10
-        while any(tmp.iterdir()) and time.monotonic() < deadline:
+        while temp_files(store) and time.monotonic() < deadline:
             time.sleep(0.01)
-    assert list(tmp.iterdir()) == []
+    assert temp_files(store) == []
     assert list((server.settings.store / "blobs").iterdir()) == []
     with pytest.raises(NotFoundError):
         client.get_checkpoint("partial")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import expect, images, reference, resnet18
+from conftest import expect, images, reference, resnet18, temp_files
 from helpers.processes import ServerProcess
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Settings, running
@@ -120,7 +120,7 @@ def test_limits_answer_with_their_value(settings: Settings) -> None:
             "max_checkpoint_bytes",
         )
         assert client.list_checkpoints() == []
-        assert list((settings.store / "tmp").iterdir()) == []
+        assert temp_files(settings.store) == []
         client.save_checkpoint(
             "mlp",
             {

@@ -28,7 +28,12 @@ def put(store: CheckpointStore, name: str, data: bytes, overwrite: bool = False)
 
 
 def files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """The store's files, without its lock files (store.lock, tmp/<owner>.owner)."""
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "store.lock" and p.suffix != ".owner"
+    )
 
 
 def test_commit_read_overwrite_delete(tmp_path: Path) -> None:
@@ -201,3 +206,32 @@ def test_store_writes_with_or_without_direct_io(tmp_path: Path, direct_io: bool)
         store.commit(pending, "c", CONTENTS, metadata={}, overwrite=False)
     with store.open("c") as (_, file):
         assert file.read() == data
+
+
+def test_shared_store_keeps_the_uploads_of_live_servers(tmp_path: Path) -> None:
+    """Two servers on one store (replicas on a shared volume): a starting one leaves the
+    other's upload in progress alone, and cleans up after a server that is gone."""
+    first = CheckpointStore(tmp_path)
+    upload = first.begin()
+    upload.write(b"half an upload")
+    second = CheckpointStore(tmp_path)
+    second.recover()  # the first is alive: its temp file stays
+    assert upload.path.exists()
+    upload.write(b" and the rest")
+    upload.finish()
+    first.commit(upload, "shared", CONTENTS, metadata={}, overwrite=False)
+    assert second.get("shared").size_bytes == len(b"half an upload and the rest")
+
+    stranded = first.begin()
+    stranded.write(b"never finished")
+    first._owner_file.close()  # the first server dies (the kernel drops its lock)
+    third = CheckpointStore(tmp_path)
+    third.recover()
+    assert not stranded.path.exists()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(
+        f"{store.owner}.owner" for store in (second, third)
+    )
+    assert third.get("shared").sha256 == second.get("shared").sha256
+    for store in (second, third):
+        store.close()
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -438,6 +438,7 @@ class Host:
         self._prep.shutdown(wait=True)
         self._cpu_lane.close()
         self._io.shutdown(wait=True)
+        self.store.close()
 
 
 def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:

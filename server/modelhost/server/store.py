@@ -4,21 +4,31 @@ Layout under the root (folders 0700, files 0600):
 
     blobs/<sha256>            the checkpoint bytes, named by their hash
     checkpoints/<name>.json   the manifest entry: name, sha256, size, format, metadata, ...
-    tmp/                      uploads in progress
+    tmp/                      uploads in progress, and a lock file per server using the store
+    store.lock                taken (flock) around commits, deletes and clean-up
 
 A write streams into tmp/ while hashing, is validated, fsynced and renamed into
 blobs/; then the manifest entry is written the same way. Renaming the entry is the
 commit: a reader sees the old checkpoint or the new one, never a part. A crash
-leaves at most a temp file or an unreferenced blob, both removed at the next start.
+leaves at most temp files or an unreferenced blob, both removed at the next start.
+
+Several servers may share one store (replicas on a shared volume): each names its
+temp files after itself and holds a lock on `tmp/<owner>.owner` while it runs, so
+clean-up only removes the temp files of servers that are gone; commits, deletes and
+the removal of unreferenced blobs hold `store.lock`, so no server removes a blob
+another is about to refer to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +45,7 @@ log = logging.getLogger(__name__)
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_OWNER = ".owner"
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,16 @@ class CheckpointStore:
             os.chmod(folder, DIR_MODE)
         self._lock = threading.Lock()
         self._counter = 0
+        host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+        self.owner = f"{host}-{os.getpid()}-{time.time_ns()}"
+        self._owner_file = self._hold(self._tmp / f"{self.owner}{_OWNER}", blocking=False)
+        self._store_lock = self._open_lock(self.root / "store.lock")
+
+    def close(self) -> None:
+        """Releases this server's hold on the store (also done when the process ends)."""
+        self._owner_file.close()
+        (self._tmp / f"{self.owner}{_OWNER}").unlink(missing_ok=True)
+        self._store_lock.close()
 
     # Reading
 
@@ -198,9 +219,9 @@ class CheckpointStore:
         """A new temp file for an upload or snapshot."""
         with self._lock:
             self._counter += 1
-            suffix = f"{os.getpid()}-{self._counter}-{time.monotonic_ns()}"
+            suffix = f"{self._counter}-{time.monotonic_ns()}"
         return PendingWrite(
-            self._tmp / f"upload-{suffix}", self.max_checkpoint_bytes, self.direct_io
+            self._tmp / f"{self.owner}.upload-{suffix}", self.max_checkpoint_bytes, self.direct_io
         )
 
     def check_free(self, name: str, overwrite: bool) -> None:
@@ -230,7 +251,7 @@ class CheckpointStore:
             epoch=contents.epoch,
             loss=contents.loss,
         )
-        with self._lock:
+        with self._locked():
             self.check_free(name, overwrite)
             previous = self._sha_of(entry)
             blob = self._blobs / record.sha256
@@ -254,7 +275,7 @@ class CheckpointStore:
     def delete(self, name: str) -> None:
         """Removes `name`; CheckpointNotFound if there is none."""
         entry = self._entry_path(name)
-        with self._lock:
+        with self._locked():
             sha = self._sha_of(entry)
             if sha is None:
                 raise CheckpointNotFound(f"checkpoint {name!r} not found")
@@ -263,11 +284,18 @@ class CheckpointStore:
             self._drop_blob_if_unused(sha)
 
     def recover(self) -> None:
-        """At start: removes temp files and blobs that no entry refers to."""
-        with self._lock:
+        """At start: removes the temp files of servers that are gone, and blobs that no
+        entry refers to."""
+        with self._locked():
+            live = {self.owner}
+            for lock in self._tmp.glob(f"*{_OWNER}"):
+                owner = lock.name.removesuffix(_OWNER)
+                if owner != self.owner and _held(lock):
+                    live.add(owner)
             for leftover in self._tmp.iterdir():
-                leftover.unlink(missing_ok=True)
-                log.info("removed unfinished upload %s", leftover.name)
+                if leftover.name.split(".", 1)[0] not in live:
+                    leftover.unlink(missing_ok=True)
+                    log.info("removed %s, left by a server that is gone", leftover.name)
             used = self._used_blobs()
             for blob in self._blobs.iterdir():
                 if blob.name not in used:
@@ -278,6 +306,25 @@ class CheckpointStore:
                     log.error("checkpoint store: blob %s is missing", sha)
 
     # Internals
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads, then every server sharing the store."""
+        with self._lock:
+            fcntl.flock(self._store_lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._store_lock, fcntl.LOCK_UN)
+
+    def _open_lock(self, path: Path) -> IO[bytes]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, FILE_MODE)
+        return os.fdopen(fd, "r+b")
+
+    def _hold(self, path: Path, *, blocking: bool) -> IO[bytes]:
+        file = self._open_lock(path)
+        fcntl.flock(file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return file
 
     def _entry_path(self, name: str) -> Path:
         return self._entries / f"{check_name(name, 'checkpoint')}.json"
@@ -304,7 +351,7 @@ class CheckpointStore:
 
     def _replace(self, path: Path, data: bytes) -> None:
         """Atomically replaces `path` with `data` (temp file, fsync, rename, fsync dir)."""
-        tmp = self._tmp / f"write-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp = self._tmp / f"{self.owner}.write-{path.name}-{time.monotonic_ns()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as file:
@@ -332,3 +379,18 @@ class CheckpointStore:
             return None
         with os.fdopen(fd, "rb") as file:
             return json.loads(file.read())
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds `lock` (an owner file in tmp/)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock if we got it
+    return False
