@@ -18,7 +18,7 @@ from modelhost.v1 import modelhost_pb2 as pb
 def test_framed_chunks_are_the_serialized_request(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     for source in (data, memoryview(data)):
-        framed = wire.chunk_request(source)
+        framed = wire.chunk_message(source)
         assert framed == pb.SaveCheckpointRequest(chunk=data).SerializeToString()
         assert pb.SaveCheckpointRequest.FromString(framed).chunk == data
 
@@ -120,7 +120,7 @@ def test_malloc_settings_apply_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
 def test_server_parses_framed_chunks_as_views_of_the_message(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    parsed = messages.parse_save_request(wire.chunk_request(data))
+    parsed = messages.parse_save_request(wire.chunk_message(data))
     assert isinstance(parsed, memoryview) and parsed.tobytes() == data
 
 
@@ -156,3 +156,17 @@ def test_server_parses_unusual_chunk_encodings_like_protobuf(wire: bytes) -> Non
     except Exception as error:
         parsed = type(error)
     assert parsed == expected
+
+
+def test_download_chunks_are_framed_and_parsed_like_protobuf() -> None:
+    parse = wire.chunk_parser(pb.DownloadCheckpointResponse.FromString)
+    data = bytes(range(256)) * 40
+    framed = wire.chunk_message(data)
+    assert framed == pb.DownloadCheckpointResponse(chunk=data).SerializeToString()
+    view = parse(framed)
+    assert isinstance(view, memoryview) and view.tobytes() == data
+    info = pb.DownloadCheckpointResponse(info=pb.CheckpointInfo(name="c", size_bytes=3))
+    assert parse(info.SerializeToString()) == info
+    serialize = messages.serialize_download_response
+    assert serialize(framed) is framed
+    assert serialize(info) == info.SerializeToString()

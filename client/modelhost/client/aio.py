@@ -42,6 +42,11 @@ class AsyncModelHostClient:
             request_serializer=wire.passthrough,
             response_deserializer=pb.CheckpointInfo.FromString,
         )
+        self._download = self._channel.unary_stream(
+            calls.DOWNLOAD_CHECKPOINT,
+            request_serializer=pb.DownloadCheckpointRequest.SerializeToString,
+            response_deserializer=wire.chunk_parser(pb.DownloadCheckpointResponse.FromString),
+        )
         self._predict = self._channel.unary_unary(
             calls.PREDICT,
             request_serializer=wire.passthrough,
@@ -113,9 +118,7 @@ class AsyncModelHostClient:
         download = calls.Download(dest, progress)
         try:
             with translate_errors():
-                stream = self._stub.DownloadCheckpoint(
-                    pb.DownloadCheckpointRequest(name=name), **self._kw()
-                )
+                stream = self._download(pb.DownloadCheckpointRequest(name=name), **self._kw())
                 async for message in stream:
                     download.feed(message)
         except BaseException:

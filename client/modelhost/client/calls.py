@@ -67,6 +67,7 @@ def _read_file(path: Path, block: int = 8 << 20) -> Iterator[memoryview]:
 
 
 SAVE_CHECKPOINT = "/modelhost.v1.ModelHost/SaveCheckpoint"
+DOWNLOAD_CHECKPOINT = "/modelhost.v1.ModelHost/DownloadCheckpoint"
 PREDICT = "/modelhost.v1.ModelHost/Predict"
 """Methods the clients call with requests they serialize themselves (see `wire`)."""
 
@@ -158,7 +159,7 @@ class Upload:
                 chunk = block[start : start + self._chunk_bytes]
                 self._sha256.update(chunk)
                 sent += chunk.nbytes
-                yield wire.chunk_request(chunk)
+                yield wire.chunk_message(chunk)
                 if self._progress:
                     self._progress(sent, self.size)
 
@@ -197,12 +198,15 @@ class Download:
         self._part = self.dest.with_name(self.dest.name + ".part") if self.dest else None
         self._file = self._part.open("wb") if self._part else None
 
-    def feed(self, message: pb.DownloadCheckpointResponse) -> None:
-        """Takes the next message of the stream."""
-        if message.HasField("info"):
+    def feed(self, message: pb.DownloadCheckpointResponse | memoryview) -> None:
+        """Takes the next message of the stream (a chunk may come as a view)."""
+        if isinstance(message, memoryview):
+            chunk: bytes | memoryview = message
+        elif message.HasField("info"):
             self.info = message.info
             return
-        chunk = message.chunk  # each access copies
+        else:
+            chunk = message.chunk  # each access copies
         self._sha256.update(chunk)
         self._received += len(chunk)
         (self._file or self._buffer).write(chunk)

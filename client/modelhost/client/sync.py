@@ -42,6 +42,11 @@ class ModelHostClient:
             request_serializer=wire.passthrough,
             response_deserializer=pb.CheckpointInfo.FromString,
         )
+        self._download = self._channel.unary_stream(
+            calls.DOWNLOAD_CHECKPOINT,
+            request_serializer=pb.DownloadCheckpointRequest.SerializeToString,
+            response_deserializer=wire.chunk_parser(pb.DownloadCheckpointResponse.FromString),
+        )
         self._predict = self._channel.unary_unary(
             calls.PREDICT,
             request_serializer=wire.passthrough,
@@ -111,7 +116,7 @@ class ModelHostClient:
         download = calls.Download(dest, progress)
         try:
             with translate_errors():
-                for message in self._stub.DownloadCheckpoint(
+                for message in self._download(
                     pb.DownloadCheckpointRequest(name=name), **self._kw()
                 ):
                     download.feed(message)

@@ -1,15 +1,20 @@
-"""Protobuf wire format of the two large requests, written with one copy of the payload.
+"""Protobuf wire format of the large messages, written and read with one copy at most.
 
 Building `PredictRequest(inputs={"x": Tensor(data=array.tobytes())})` and serializing
 it copies an input four times (tobytes, the Tensor, the map entry, the serialized
-message); an upload chunk is copied three times. These functions write the same
-bytes (protobuf's encoding of `modelhost.v1` messages) straight from the caller's
-buffer. Tests check them against protobuf's own parser.
+message); a checkpoint chunk is copied three times on the way out and twice on the
+way in (parsing, then reading `.chunk`). These functions write the same bytes
+(protobuf's encoding of `modelhost.v1` messages) straight from the caller's buffer,
+and read a chunk as a view into the received message. Tests check them against
+protobuf's own encoder and parser.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+M = TypeVar("M")
 
 Buffer = bytes | bytearray | memoryview
 Part = bytes | bytearray | memoryview
@@ -49,9 +54,43 @@ def _text(number: int, value: str | bytes) -> list[Part]:
     return _nested(number, [data]) if data else []
 
 
-def chunk_request(data: Buffer) -> bytes:
-    """`SaveCheckpointRequest(chunk=data)`, serialized."""
-    return b"".join(_nested(2, [data]))
+CHUNK_FIELD = 2
+"""`chunk` of SaveCheckpointRequest and of DownloadCheckpointResponse."""
+
+
+def chunk_message(data: Buffer) -> bytes:
+    """`SaveCheckpointRequest(chunk=data)` or `DownloadCheckpointResponse(chunk=data)`."""
+    return b"".join(_nested(CHUNK_FIELD, [data]))
+
+
+def chunk_parser(parse: Callable[[bytes], M]) -> Callable[[bytes], M | memoryview]:
+    """A deserializer that returns a message holding only a chunk as a view of its bytes,
+    and parses anything else (headers, unusual encodings) with `parse`."""
+
+    def parse_chunk(data: bytes) -> M | memoryview:
+        if data[:1] == _tag(CHUNK_FIELD, _LENGTH):
+            size, shift, offset = 0, 0, 1
+            while offset < len(data) and offset <= 10:
+                byte = data[offset]
+                offset += 1
+                size |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    if size == len(data) - offset:
+                        return memoryview(data)[offset:]
+                    break
+        return parse(data)
+
+    return parse_chunk
+
+
+def serialize_chunks(serialize: Callable[[M], bytes]) -> Callable[[M | bytes], bytes]:
+    """A serializer that passes messages already serialized (`chunk_message`) through."""
+
+    def serialize_chunk(message: M | bytes) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return serialize_chunk
 
 
 def tensor(dtype: int, shape: Sequence[int], data: Buffer) -> list[Part]:

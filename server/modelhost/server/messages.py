@@ -1,10 +1,10 @@
-"""Domain objects to protobuf messages, and the zero-copy parser of upload chunks."""
+"""Domain objects to protobuf messages, and the (de)serializers of checkpoint chunks."""
 
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from modelhost.client import codec
+from modelhost.client import codec, wire
 from modelhost.server.architectures import Builder
 from modelhost.server.images import Preprocessing
 from modelhost.server.registry import HostedModel
@@ -20,28 +20,11 @@ _FORMATS = {
 }
 
 
-_CHUNK_TAG = 0x12  # SaveCheckpointRequest.chunk: field 2, length-delimited
+parse_save_request = wire.chunk_parser(pb.SaveCheckpointRequest.FromString)
+"""SaveCheckpoint's deserializer: chunks come as views of the received bytes."""
 
-
-def parse_save_request(data: bytes) -> pb.SaveCheckpointRequest | memoryview:
-    """A SaveCheckpoint message; a message that is exactly one chunk comes back as a view.
-
-    Parsing a 2 MiB chunk with protobuf and reading `.chunk` copies it twice; the view
-    points into the received bytes. Anything else (the header, unusual encodings) is
-    parsed as usual.
-    """
-    if data[:1] == bytes((_CHUNK_TAG,)):
-        size, shift, offset = 0, 0, 1
-        while offset < len(data) and offset <= 10:
-            byte = data[offset]
-            offset += 1
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                if size == len(data) - offset:
-                    return memoryview(data)[offset:]
-                break
-    return pb.SaveCheckpointRequest.FromString(data)
+serialize_download_response = wire.serialize_chunks(pb.DownloadCheckpointResponse.SerializeToString)
+"""DownloadCheckpoint's serializer: chunks go out as `wire.chunk_message` bytes."""
 
 
 def _timestamp(seconds: float) -> Timestamp:

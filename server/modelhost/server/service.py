@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from modelhost.client import wire
 from modelhost.server import errors as e
 from modelhost.server import messages
 from modelhost.server.host import Host
@@ -189,12 +190,12 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         return messages.checkpoint_info(record)
 
     @streaming
-    async def DownloadCheckpoint(
+    async def DownloadCheckpoint(  # type: ignore[override]
         self, request: pb.DownloadCheckpointRequest, context: Any
-    ) -> AsyncIterator[pb.DownloadCheckpointResponse]:
+    ) -> AsyncIterator[pb.DownloadCheckpointResponse | bytes]:
         async for item in self.host.download(request.name):
             if isinstance(item, bytes):
-                yield pb.DownloadCheckpointResponse(chunk=item)
+                yield wire.chunk_message(item)  # serialized already: one copy
             else:
                 yield pb.DownloadCheckpointResponse(info=messages.checkpoint_info(item))
 
@@ -306,13 +307,16 @@ class _Collect:
 
 
 def add_to_server(host: Host, server: grpc.aio.Server) -> str:
-    """Registers the service as the generated code does, with SaveCheckpoint's chunk
-    parser swapped in; returns the service's full name."""
+    """Registers the service as the generated code does, with the chunk (de)serializers
+    of SaveCheckpoint and DownloadCheckpoint swapped in; returns the service's full name."""
     collect = _Collect()
     pb_grpc.add_ModelHostServicer_to_server(ModelHostService(host), collect)
     handlers = collect.handlers
     handlers["SaveCheckpoint"] = handlers["SaveCheckpoint"]._replace(
         request_deserializer=messages.parse_save_request
+    )
+    handlers["DownloadCheckpoint"] = handlers["DownloadCheckpoint"]._replace(
+        response_serializer=messages.serialize_download_response
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
