@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
-from modelhost.client import calls, wire
+from modelhost.client import calls
 from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import translate_errors
 from modelhost.client.health import check_health_async
@@ -37,21 +37,7 @@ class AsyncModelHostClient:
         self._config = config or ChannelConfig()
         self._channel = self._config.aio_channel(target)
         self._stub = pb_grpc.ModelHostStub(self._channel)
-        self._save = self._channel.stream_unary(
-            calls.SAVE_CHECKPOINT,
-            request_serializer=wire.passthrough,
-            response_deserializer=pb.CheckpointInfo.FromString,
-        )
-        self._download = self._channel.unary_stream(
-            calls.DOWNLOAD_CHECKPOINT,
-            request_serializer=pb.DownloadCheckpointRequest.SerializeToString,
-            response_deserializer=wire.chunk_parser(pb.DownloadCheckpointResponse.FromString),
-        )
-        self._predict = self._channel.unary_unary(
-            calls.PREDICT,
-            request_serializer=wire.passthrough,
-            response_deserializer=pb.PredictResponse.FromString,
-        )
+        self._wire = calls.WireStub(self._channel)
 
     async def __aenter__(self) -> AsyncModelHostClient:
         return self
@@ -93,7 +79,7 @@ class AsyncModelHostClient:
 
         try:
             with translate_errors():
-                reply = await self._save(requests(), **self._kw(timeout))
+                reply = await self._wire.SaveCheckpoint(requests(), **self._kw(timeout))
         finally:
             frames.close()
         return upload.verify(reply)
@@ -118,7 +104,9 @@ class AsyncModelHostClient:
         download = calls.Download(dest, progress)
         try:
             with translate_errors():
-                stream = self._download(pb.DownloadCheckpointRequest(name=name), **self._kw())
+                stream = self._wire.DownloadCheckpoint(
+                    pb.DownloadCheckpointRequest(name=name), **self._kw()
+                )
                 async for message in stream:
                     download.feed(message)
         except BaseException:
@@ -203,7 +191,7 @@ class AsyncModelHostClient:
         classes of each row as lists of `TopClass`."""
         call = calls.PredictCall(model, inputs, version, images=images, top_k=top_k)
         with translate_errors():
-            reply = await self._predict(call.payload, **self._kw(timeout))
+            reply = await self._wire.Predict(call.payload, **self._kw(timeout))
         return call.result(reply)
 
     async def health(self, service: str = "") -> str:

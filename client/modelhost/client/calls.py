@@ -66,10 +66,29 @@ def _read_file(path: Path, block: int = 8 << 20) -> Iterator[memoryview]:
             yield memoryview(data)
 
 
-SAVE_CHECKPOINT = "/modelhost.v1.ModelHost/SaveCheckpoint"
-DOWNLOAD_CHECKPOINT = "/modelhost.v1.ModelHost/DownloadCheckpoint"
-PREDICT = "/modelhost.v1.ModelHost/Predict"
-"""Methods the clients call with requests they serialize themselves (see `wire`)."""
+class WireStub:
+    """The calls whose large messages the clients write or read themselves (see `wire`).
+
+    Like the generated stub, it works on a blocking or an asyncio channel.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        service = "/modelhost.v1.ModelHost/"
+        self.SaveCheckpoint = channel.stream_unary(
+            service + "SaveCheckpoint",
+            request_serializer=wire.passthrough,
+            response_deserializer=pb.CheckpointInfo.FromString,
+        )
+        self.DownloadCheckpoint = channel.unary_stream(
+            service + "DownloadCheckpoint",
+            request_serializer=pb.DownloadCheckpointRequest.SerializeToString,
+            response_deserializer=wire.chunk_parser(pb.DownloadCheckpointResponse.FromString),
+        )
+        self.Predict = channel.unary_unary(
+            service + "Predict",
+            request_serializer=wire.passthrough,
+            response_deserializer=pb.PredictResponse.FromString,
+        )
 
 
 class Prefetch(Iterator[T]):

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
-from modelhost.client import calls, wire
+from modelhost.client import calls
 from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import translate_errors
 from modelhost.client.health import check_health
@@ -37,21 +37,7 @@ class ModelHostClient:
         self._config = config or ChannelConfig()
         self._channel = self._config.channel(target)
         self._stub = pb_grpc.ModelHostStub(self._channel)
-        self._save = self._channel.stream_unary(
-            calls.SAVE_CHECKPOINT,
-            request_serializer=wire.passthrough,
-            response_deserializer=pb.CheckpointInfo.FromString,
-        )
-        self._download = self._channel.unary_stream(
-            calls.DOWNLOAD_CHECKPOINT,
-            request_serializer=pb.DownloadCheckpointRequest.SerializeToString,
-            response_deserializer=wire.chunk_parser(pb.DownloadCheckpointResponse.FromString),
-        )
-        self._predict = self._channel.unary_unary(
-            calls.PREDICT,
-            request_serializer=wire.passthrough,
-            response_deserializer=pb.PredictResponse.FromString,
-        )
+        self._wire = calls.WireStub(self._channel)
 
     def __enter__(self) -> ModelHostClient:
         return self
@@ -90,7 +76,7 @@ class ModelHostClient:
         frames = calls.Prefetch(iter(upload))
         try:
             with translate_errors():
-                reply = self._save(frames, **self._kw(timeout))
+                reply = self._wire.SaveCheckpoint(frames, **self._kw(timeout))
         finally:
             frames.close()
         return upload.verify(reply)
@@ -116,7 +102,7 @@ class ModelHostClient:
         download = calls.Download(dest, progress)
         try:
             with translate_errors():
-                for message in self._download(
+                for message in self._wire.DownloadCheckpoint(
                     pb.DownloadCheckpointRequest(name=name), **self._kw()
                 ):
                     download.feed(message)
@@ -206,7 +192,7 @@ class ModelHostClient:
         classes of each row as lists of `TopClass`."""
         call = calls.PredictCall(model, inputs, version, images=images, top_k=top_k)
         with translate_errors():
-            reply = self._predict(call.payload, **self._kw(timeout))
+            reply = self._wire.Predict(call.payload, **self._kw(timeout))
         return call.result(reply)
 
     def health(self, service: str = "") -> str:
