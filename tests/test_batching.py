@@ -16,6 +16,7 @@ from conftest import images, reference, resnet18
 from helpers.models import Recorder
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Server
+from modelhost.server.statistics import Statistics
 
 
 def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
@@ -59,6 +60,12 @@ def ids(first: float, rows: int) -> np.ndarray[Any, Any]:
 @pytest.fixture(autouse=True)
 def clear_recorder() -> None:
     Recorder.calls.clear()
+
+
+def statistics(server: Server, model: str) -> Statistics:
+    """What the OIP ModelStatistics call reports for the newest version of `model`."""
+    assert server.host is not None
+    return server.host.get_model(model).batcher.statistics.snapshot()
 
 
 def test_concurrent_requests_get_their_own_rows(client: ModelHostClient, server: Server) -> None:
@@ -117,6 +124,11 @@ def test_requests_are_merged_and_split_by_rows(client: ModelHostClient, server: 
         np.testing.assert_array_equal(out, x * 2)
     batches = sorted(len(call) for call in Recorder.calls)
     assert batches == [1, sum(sizes[1:])], Recorder.calls
+    stats = statistics(server, "rec")
+    assert (stats.execution_count, stats.inference_count) == (2, sum(sizes))
+    assert sorted(stats.batches) == [1, sum(sizes[1:])]
+    assert (stats.success.count, stats.queue.count, stats.fail.count) == (6, 6, 0)
+    assert stats.compute.infer.ns >= 2 * 0.3e9  # the recorder sleeps 0.3 s per run
 
 
 def test_batching_off_runs_each_request_alone(client: ModelHostClient, server: Server) -> None:
@@ -129,7 +141,7 @@ def test_batching_off_runs_each_request_alone(client: ModelHostClient, server: S
     assert client.get_model("solo").batching.max_batch_size == 1
 
 
-def test_a_failing_request_fails_only_itself(client: ModelHostClient) -> None:
+def test_a_failing_request_fails_only_itself(client: ModelHostClient, server: Server) -> None:
     load_recorder(
         client,
         "picky",
@@ -147,6 +159,8 @@ def test_a_failing_request_fails_only_itself(client: ModelHostClient) -> None:
     assert outs[1].code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in outs[1].message
     np.testing.assert_array_equal(outs[0], requests[0] * 2)
     np.testing.assert_array_equal(outs[2], requests[2] * 2)
+    stats = statistics(server, "picky")
+    assert (stats.success.count, stats.fail.count, stats.inference_count) == (3, 1, 6)
 
 
 def test_full_queue_answers_resource_exhausted_at_once(client: ModelHostClient) -> None:
@@ -165,7 +179,7 @@ def test_full_queue_answers_resource_exhausted_at_once(client: ModelHostClient) 
     assert client.get_model("slow").batching.max_queue_size == 2
 
 
-def test_expired_requests_are_dropped_not_run(client: ModelHostClient) -> None:
+def test_expired_requests_are_dropped_not_run(client: ModelHostClient, server: Server) -> None:
     load_recorder(client, "slow", delay=0.6, batching={"max_batch_size": 1})
     blocker = threading.Thread(target=lambda: client.predict("slow", ids(1, 1)))
     blocker.start()
@@ -176,6 +190,8 @@ def test_expired_requests_are_dropped_not_run(client: ModelHostClient) -> None:
     blocker.join()
     np.testing.assert_array_equal(client.predict("slow", ids(3, 1)), ids(3, 1) * 2)
     assert [call[0] for call in Recorder.calls] == [1.0, 3.0]  # request 2 never ran
+    stats = statistics(server, "slow")
+    assert (stats.execution_count, stats.success.count, stats.fail.count) == (2, 2, 1)
 
 
 def test_deadline_expired_in_queue_reports_deadline_exceeded() -> None:

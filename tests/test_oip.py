@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -318,3 +319,36 @@ def test_repository_load_failures(triton: Triton, client: ModelHostClient) -> No
     message = fails("INVALID_ARGUMENT", triton.call, "load_model", "m", config="{}", files=files)
     assert "SaveCheckpoint" in message
     assert triton.call("get_model_repository_index", as_json=True) == {}
+
+
+def test_model_statistics(
+    triton: Triton, client: ModelHostClient, served_resnet: torch.nn.Module
+) -> None:
+    """Triton's statistics extension: ModelInfer and Predict share one count."""
+    client.load_model(
+        "counted",
+        architecture="resnet18",
+        checkpoint="r18-weights",
+        architecture_args={"num_classes": 10},
+    )
+    before_ms = int(time.time() * 1000)
+    triton.infer("counted", {"input": images(2)})
+    client.predict("counted", images(3))
+    (entry,) = triton.call("get_inference_statistics", "counted")["model_stats"]
+    assert (entry["name"], entry["version"]) == ("counted", "1")
+    assert int(entry["inference_count"]) == 5
+    assert int(entry["execution_count"]) == 2
+    assert int(entry["last_inference"]) >= before_ms
+    stats = entry["inference_stats"]
+    assert int(stats["success"]["count"]) == 2 and int(stats["queue"]["count"]) == 2
+    assert "fail" not in stats or stats["fail"] == {}
+    assert int(stats["compute_infer"]["ns"]) > int(stats["compute_output"].get("ns", 0))
+    assert sorted(int(b["batch_size"]) for b in entry["batch_stats"]) == [2, 3]
+    (memory,) = entry["memory_usage"]
+    assert memory["type"] == "CPU"
+    assert int(memory["byte_size"]) == client.get_model("counted").device_bytes
+    everything = triton.call("get_inference_statistics")["model_stats"]
+    assert {"counted", "r18"} <= {m["name"] for m in everything}
+    assert "statistics" in triton.call("get_server_metadata")["extensions"]
+    assert "nope" in fails("NOT_FOUND", triton.call, "get_inference_statistics", "nope")
+    fails("NOT_FOUND", triton.call, "get_inference_statistics", "counted", "7")

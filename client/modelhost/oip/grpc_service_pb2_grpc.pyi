@@ -73,6 +73,10 @@ class GRPCInferenceServiceStub:
     """Triton extension: loads a model (a new version) from a stored checkpoint."""
     RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]
     """Triton extension: unloads a model."""
+    ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]
+    """Triton extension: per-version counts and cumulative durations of the
+    inferences run since each version was loaded (Predict and ModelInfer alike).
+    """
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -101,6 +105,10 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """Triton extension: loads a model (a new version) from a stored checkpoint."""
     RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
     """Triton extension: unloads a model."""
+    ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
+    """Triton extension: per-version counts and cumulative durations of the
+    inferences run since each version was loaded (Predict and ModelInfer alike).
+    """
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Inference server gRPC endpoints."""
@@ -186,5 +194,15 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelUnloadResponse]]:
         """Triton extension: unloads a model."""
+
+    @_abc_1.abstractmethod
+    def ModelStatistics(
+        self,
+        request: _grpc_service_pb2.ModelStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.ModelStatisticsResponse, _abc.Awaitable[_grpc_service_pb2.ModelStatisticsResponse]]:
+        """Triton extension: per-version counts and cumulative durations of the
+        inferences run since each version was loaded (Predict and ModelInfer alike).
+        """
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,6 +33,7 @@ import torch
 
 from modelhost.server.errors import DeadlineExpired, LimitExceeded, ModelHostFailure, ShuttingDown
 from modelhost.server.inference import Answer, Tensors
+from modelhost.server.statistics import Statistics
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -175,6 +176,7 @@ class Batcher:
         self._running = 0
         self._splittable = policy.max_batch_size > 1
         self._last_batch = 1
+        self.statistics = Statistics()
         lane.attach(self)
 
     @property
@@ -236,9 +238,11 @@ class Batcher:
             groups: dict[object, list[Request]] = {}
             for request in batch:
                 if not request.future.set_running_or_notify_cancel():
+                    self.statistics.failed(request.enqueued)
                     continue  # the caller went away
                 if request.deadline is not None and now > request.deadline:
                     request.fail(DeadlineExpired("deadline passed while the request was queued"))
+                    self.statistics.failed(request.enqueued)
                     continue
                 groups.setdefault(request.signature, []).append(request)
             for group in groups.values():
@@ -253,14 +257,17 @@ class Batcher:
             for request in group:
                 self._run_one(request)
             return
+        started = time.monotonic()
         inputs = {name: torch.cat([r.inputs[name] for r in group]) for name in group[0].inputs}
         rows = [r.rows for r in group]
+        joined = time.monotonic()
         try:
             outputs = self._run(inputs)
         except Exception:
             for request in group:  # isolate the failure to the request that causes it
                 self._run_one(request)
             return
+        ran = time.monotonic()
         total = sum(rows)
         if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
             log.info("outputs cannot be split by rows: batching off for this model")
@@ -270,27 +277,44 @@ class Batcher:
             return
         self._notify(len(group), total)
         parts = {name: torch.split(t, rows) for name, t in outputs.items()}
+        answered = []
         for index, request in enumerate(group):
             own = {name: chunks[index] for name, chunks in parts.items()}
-            self._deliver(request, own)
+            answered.append(self._deliver(request, own))
+        self._record(group, answered, (started, joined, ran, time.monotonic()))
 
     def _run_one(self, request: Request) -> None:
+        started = time.monotonic()
         try:
             outputs = self._run(request.inputs)
         except Exception as error:
             request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
+            self.statistics.failed(request.enqueued)
             return
+        ran = time.monotonic()
         self._notify(1, request.rows)
-        self._deliver(request, outputs)
+        answered = self._deliver(request, outputs)
+        self._record([request], [answered], (started, started, ran, time.monotonic()))
 
-    def _deliver(self, request: Request, outputs: Tensors) -> None:
+    def _deliver(self, request: Request, outputs: Tensors) -> bool:
+        """Finishes a request with its outputs; whether it was answered."""
         try:
             answer = request.finish(outputs)
         except Exception as error:
             request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
-            return
+            return False
         if not request.future.done():
             request.future.set_result(answer)
+        return True
+
+    def _record(
+        self,
+        group: list[Request],
+        answered: list[bool],
+        times: tuple[float, float, float, float],
+    ) -> None:
+        requests = [(r.rows, r.enqueued, ok) for r, ok in zip(group, answered, strict=True)]
+        self.statistics.batch(requests, times)
 
     def _notify(self, requests: int, rows: int) -> None:
         if self._observe:

@@ -27,11 +27,12 @@ from modelhost.server.names import check_name
 from modelhost.server.oip_load import load_request
 from modelhost.server.registry import HostedModel
 from modelhost.server.service import unary
+from modelhost.server.statistics import Duration
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "pytorch_libtorch"  # Triton's name for PyTorch models
 BACKEND = "pytorch"
-EXTENSIONS = ("model_repository", "model_configuration")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 
 
 def parse_version(text: str) -> int:
@@ -168,6 +169,60 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             )
         await self.host.unload_model(request.model_name, number)
         return oip.RepositoryModelUnloadResponse()
+
+    @unary
+    async def ModelStatistics(
+        self, request: oip.ModelStatisticsRequest, context: Any
+    ) -> oip.ModelStatisticsResponse:
+        if request.version:
+            hosted = [self._get(request.name, request.version)]
+        elif request.name:
+            self._get(request.name, "")  # NOT_FOUND for a model not hosted
+            hosted = [h for h in self.host.registry.all() if h.name == request.name]
+        else:
+            hosted = self.host.registry.all()
+        return oip.ModelStatisticsResponse(model_stats=map(model_statistics, hosted))
+
+
+def model_statistics(hosted: HostedModel) -> oip.ModelStatistics:
+    """The OIP statistics of a hosted version (see statistics.py)."""
+    stats = hosted.batcher.statistics.snapshot()
+    device = hosted.loaded.device
+
+    def duration(d: Duration) -> oip.StatisticDuration:
+        return oip.StatisticDuration(count=d.count, ns=d.ns)
+
+    return oip.ModelStatistics(
+        name=hosted.name,
+        version=str(hosted.version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=oip.InferStatistics(
+            success=duration(stats.success),
+            fail=duration(stats.fail),
+            queue=duration(stats.queue),
+            compute_input=duration(stats.compute.input),
+            compute_infer=duration(stats.compute.infer),
+            compute_output=duration(stats.compute.output),
+        ),
+        batch_stats=[
+            oip.InferBatchStatistics(
+                batch_size=rows,
+                compute_input=duration(phases.input),
+                compute_infer=duration(phases.infer),
+                compute_output=duration(phases.output),
+            )
+            for rows, phases in sorted(stats.batches.items())
+        ],
+        memory_usage=[
+            oip.MemoryUsage(
+                type="GPU" if device.type == "cuda" else "CPU",
+                id=device.index or 0,
+                byte_size=hosted.loaded.device_bytes,
+            )
+        ],
+    )
 
 
 def model_config(hosted: HostedModel) -> mc.ModelConfig:
