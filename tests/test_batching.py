@@ -16,6 +16,7 @@ from conftest import images, reference, resnet18
 from helpers.models import Recorder
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Server
+from modelhost.server.batching import preferred_batch_size
 from modelhost.server.statistics import Statistics
 
 
@@ -131,6 +132,68 @@ def test_requests_are_merged_and_split_by_rows(client: ModelHostClient, server: 
     assert stats.compute.infer.ns >= 2 * 0.3e9  # the recorder sleeps 0.3 s per run
 
 
+def queue_behind_a_blocker(
+    server: Server, model: str, requests: list[Any], blocker_rows: int = 1
+) -> list[Any]:
+    """Occupies `model` with one request, queues `requests` meanwhile; their answers."""
+    clients = [ModelHostClient(server.target, timeout=60) for _ in range(len(requests) + 1)]
+    try:
+        blocker = ids(-100, blocker_rows)
+        first = threading.Thread(target=lambda: clients[0].predict(model, blocker))
+        first.start()
+        time.sleep(0.1)
+        calls = [
+            lambda c=c, x=x: c.predict(model, x) for c, x in zip(clients[1:], requests, strict=True)
+        ]
+        outs = concurrently(calls)
+        first.join()
+    finally:
+        for c in clients:
+            c.close()
+    return outs
+
+
+def test_preferred_batch_size_splits_a_long_queue(client: ModelHostClient, server: Server) -> None:
+    batching = {"max_batch_size": 64, "max_queue_delay_us": 100_000, "preferred_batch_size": 2}
+    load_recorder(client, "pairs", delay=0.3, batching=batching)
+    assert client.get_model("pairs").batching.preferred_batch_size == 2
+    requests = [ids(10 * i, 1) for i in range(6)]
+    outs = queue_behind_a_blocker(server, "pairs", requests)
+    for x, out in zip(requests, outs, strict=True):
+        np.testing.assert_array_equal(out, x * 2)
+    assert sorted(len(call) for call in Recorder.calls) == [1, 2, 2, 2]
+
+
+def test_warm_up_picks_the_batch_size_with_the_best_throughput(
+    client: ModelHostClient, server: Server
+) -> None:
+    """A model that runs up to 4 rows in the same time, and more rows slower per row."""
+    client.save_checkpoint("knee-w", {"scale": torch.full((1,), 2.0)})
+    info = client.load_model(
+        "knee",
+        architecture="recorder",
+        checkpoint="knee-w",
+        architecture_args={"delay": 0.02, "row_delay": 0.02, "free_rows": 4},
+        batching={"max_batch_size": 16, "max_queue_delay_us": 100_000},
+        warmup_shape=(16, 2),
+    )
+    assert info.batching.preferred_batch_size == 4  # rows/s: 1: 50, 2: 100, 4: 200, 8: 80
+    Recorder.calls.clear()
+    requests = [ids(10 * i, 1) for i in range(8)]
+    outs = queue_behind_a_blocker(server, "knee", requests, blocker_rows=16)  # runs 0.26 s
+    for x, out in zip(requests, outs, strict=True):
+        np.testing.assert_array_equal(out, x * 2)
+    assert sorted(len(call) for call in Recorder.calls) == [4, 4, 16]
+
+
+def test_preferred_batch_size_above_the_maximum_is_refused(client: ModelHostClient) -> None:
+    batching = {"max_batch_size": 4, "preferred_batch_size": 8}
+    with pytest.raises(ModelHostError) as caught:
+        load_recorder(client, "wrong", batching=batching)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "preferred_batch_size=8" in caught.value.message
+
+
 def test_batching_off_runs_each_request_alone(client: ModelHostClient, server: Server) -> None:
     load_recorder(client, "solo", delay=0.05, batching={"max_batch_size": 1})
     requests = [ids(10 * i, 2) for i in range(4)]
@@ -237,3 +300,17 @@ def test_incompatible_shapes_run_in_separate_batches(
     for x, out in zip(requests, outs, strict=True):
         np.testing.assert_array_equal(out, x * 2)
     assert sorted(len(c) for c in Recorder.calls) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("rates", "limit", "chosen"),
+    [
+        ({1: 30.0, 2: 36.0, 4: 38.0, 8: 45.0, 16: 37.0, 32: 38.0}, 32, 8),
+        ({1: 30.0, 2: 36.0, 4: 44.0, 8: 45.0, 16: 37.0}, 32, 4),  # within 5%: the smaller
+        ({1: 30.0, 2: 36.0, 4: 40.0}, 32, 0),  # the largest measured is best: no cap
+        ({1: 30.0, 2: 36.0, 4: 40.0, 8: 20.0}, 2, 0),  # only sizes up to the maximum count
+        ({}, 32, 0),
+    ],
+)
+def test_preferred_batch_size_choice(rates: dict[int, float], limit: int, chosen: int) -> None:
+    assert preferred_batch_size(rates, limit) == chosen

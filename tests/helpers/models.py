@@ -38,14 +38,19 @@ def broken(**kwargs: object) -> nn.Module:
 class Recorder(nn.Module):
     """Doubles its input; records the first column of every batch it runs (its request ids).
 
-    Sleeps `delay` seconds per call, and fails on negative ids when `picky`.
+    Sleeps `delay` seconds per call plus `row_delay` per row past `free_rows`, and fails
+    on negative ids when `picky`.
     """
 
     calls: ClassVar[list[list[float]]] = []
 
-    def __init__(self, delay: float = 0.0, picky: bool = False) -> None:
+    def __init__(
+        self, delay: float = 0.0, picky: bool = False, row_delay: float = 0.0, free_rows: int = 0
+    ) -> None:
         super().__init__()
         self.delay = delay
+        self.row_delay = row_delay
+        self.free_rows = free_rows
         self.picky = picky
         self.scale = nn.Parameter(torch.full((1,), 2.0))
 
@@ -53,15 +58,18 @@ class Recorder(nn.Module):
         import time
 
         Recorder.calls.append(x[:, 0].tolist())
-        if self.delay:
-            time.sleep(self.delay)
+        delay = self.delay + self.row_delay * max(0, x.shape[0] - self.free_rows)
+        if delay:
+            time.sleep(delay)
         if self.picky and bool((x[:, 0] < 0).any()):
             raise ValueError("negative ids are refused")
         return x * self.scale
 
 
-def recorder(delay: float = 0.0, picky: bool = False) -> nn.Module:
-    return Recorder(delay=delay, picky=picky)
+def recorder(
+    delay: float = 0.0, picky: bool = False, row_delay: float = 0.0, free_rows: int = 0
+) -> nn.Module:
+    return Recorder(delay=delay, picky=picky, row_delay=row_delay, free_rows=free_rows)
 
 
 def slow_builder(seconds: float = 1.0) -> nn.Module:

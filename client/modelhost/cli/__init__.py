@@ -122,6 +122,7 @@ def cmd_load(client: ModelHostClient, args: argparse.Namespace) -> Any:
             ("max_batch_size", args.max_batch_size),
             ("max_queue_delay_us", args.max_queue_delay_us),
             ("max_queue_size", args.max_queue_size),
+            ("preferred_batch_size", args.preferred_batch_size),
         )
         if value is not None
     }
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-us", type=int)
     p.add_argument("--max-queue-size", type=int)
+    p.add_argument("--preferred-batch-size", type=int)
 
     p = command("predict", cmd_predict, "Run a model on .npy tensors or JPEG/PNG images.")
     p.add_argument("model")

@@ -278,7 +278,8 @@ class LoadOptions(TypedDict, total=False):
     - architecture_args: builder keyword arguments, e.g. {"num_classes": 10}.
     - strict: require exact key match (default True).
     - weights: torchvision pretrained weights (e.g. "IMAGENET1K_V1") instead of a checkpoint.
-    - batching: {"max_batch_size", "max_queue_delay_us", "max_queue_size"}.
+    - batching: {"max_batch_size", "max_queue_delay_us", "max_queue_size",
+      "preferred_batch_size"}.
     - channels_last, autocast ("float16" | "bfloat16"), compile ("default", "reduce-overhead",
       "max-autotune"), warmup_shape (e.g. (8, 3, 224, 224)).
     - preprocessing: {"resize", "crop", "mean", "std"} or {"weights": "IMAGENET1K_V1"}, for

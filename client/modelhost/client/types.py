@@ -68,6 +68,7 @@ class Batching:
     max_batch_size: int
     max_queue_delay_us: int
     max_queue_size: int
+    preferred_batch_size: int
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class ModelInfo:
                 msg.batching.max_batch_size,
                 msg.batching.max_queue_delay_us,
                 msg.batching.max_queue_size,
+                msg.batching.preferred_batch_size,
             ),
             inputs=tuple(
                 TensorSpec(s.name, dtype_name(s.dtype), tuple(s.shape)) for s in msg.inputs

@@ -604,6 +604,7 @@ class BatchingConfig(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    PREFERRED_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
     """Most rows (sum of the callers' batch dimensions) run together; 0 uses the
     server default, 1 turns batching off.
@@ -616,16 +617,24 @@ class BatchingConfig(_message.Message):
     """Requests that may wait in the queue; when full, Predict fails at once with
     RESOURCE_EXHAUSTED. 0 uses the server default.
     """
+    preferred_batch_size: _builtins.int
+    """Rows the batcher aims for: when more are queued, it runs batches of about
+    this size instead of everything (some models run fewer rows at a time
+    faster per row). 0 at LoadModel: chosen during warm-up when warmup_shape
+    is set (the smallest power of two within 5% of the best throughput
+    measured), else max_batch_size. ModelInfo reports the value in use.
+    """
     def __init__(
         self,
         *,
         max_batch_size: _builtins.int = ...,
         max_queue_delay_us: _builtins.int = ...,
         max_queue_size: _builtins.int = ...,
+        preferred_batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_queue_delay_us", b"max_queue_delay_us", "max_queue_size", b"max_queue_size", "preferred_batch_size", b"preferred_batch_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

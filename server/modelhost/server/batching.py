@@ -24,7 +24,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -49,6 +49,12 @@ class BatchPolicy:
     max_batch_size: int
     max_queue_delay_us: int
     max_queue_size: int
+    preferred_batch_size: int = 0  # 0: max_batch_size
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows a gathered batch stops at."""
+        return self.preferred_batch_size or self.max_batch_size
 
 
 @dataclass
@@ -156,6 +162,17 @@ class Lane:
         return None
 
 
+def preferred_batch_size(rates: Mapping[int, float], max_batch_size: int) -> int:
+    """The smallest batch size within 5% of the best rows/s measured, when a larger
+    measured size is slower; else 0 (no preference: bigger batches may pay more)."""
+    usable = {rows: rate for rows, rate in rates.items() if rows <= max_batch_size}
+    if not usable:
+        return 0
+    best = max(usable.values())
+    chosen = min(rows for rows, rate in usable.items() if rate >= 0.95 * best)
+    return 0 if chosen == max(usable) else chosen
+
+
 class Batcher:
     """Queues requests for one runner; its lane runs them in batches."""
 
@@ -216,9 +233,9 @@ class Batcher:
         batch = [self._queue.popleft()]
         rows = batch[0].rows
         until = batch[0].enqueued + self.policy.max_queue_delay_us / 1e6
-        while self._splittable and rows < self.policy.max_batch_size:
+        while self._splittable and rows < self.policy.batch_rows:
             if self._queue:
-                if rows + self._queue[0].rows > self.policy.max_batch_size:
+                if rows + self._queue[0].rows > self.policy.batch_rows:
                     break
                 batch.append(self._queue.popleft())
                 rows += batch[-1].rows

@@ -21,7 +21,7 @@ import torch
 from modelhost.client import codec
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
-from modelhost.server.batching import Batcher, BatchPolicy, Finish, Lane
+from modelhost.server.batching import Batcher, BatchPolicy, Finish, Lane, preferred_batch_size
 from modelhost.server.devices import resolve_device
 from modelhost.server.errors import (
     ChecksumMismatch,
@@ -287,6 +287,7 @@ class Host:
             max_batch_size=request.max_batch_size or s.max_batch_size,
             max_queue_delay_us=request.max_queue_delay_us or s.max_queue_delay_us,
             max_queue_size=request.max_queue_size or s.max_queue_size,
+            preferred_batch_size=request.preferred_batch_size,
         )
         for field, value, limit in (
             ("max_batch_size", policy.max_batch_size, MAX_BATCH_SIZE),
@@ -298,6 +299,11 @@ class Host:
                     f"batching {field}={getattr(policy, field)} is outside its range "
                     f"(at most {limit})"
                 )
+        if not 0 <= policy.preferred_batch_size <= policy.max_batch_size:
+            raise InvalidArgument(
+                f"batching preferred_batch_size={policy.preferred_batch_size} must be between 0 "
+                f"and max_batch_size ({policy.max_batch_size})"
+            )
         return policy
 
     def _build(
@@ -319,7 +325,18 @@ class Host:
         )
         lane = self._cpu_lane if loaded.device.type == "cpu" else Lane(f"{spec.name}-{version}")
         if request.warmup_shape:
-            lane.call(runner.warm_up, request.warmup_shape).result()
+            measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
+            warm_up = functools.partial(runner.warm_up, measure=measure)
+            rates = lane.call(warm_up, request.warmup_shape).result()
+            if rates:
+                preferred = preferred_batch_size(rates, policy.max_batch_size)
+                policy = dataclasses.replace(policy, preferred_batch_size=preferred)
+                log.info(
+                    "%s: rows/s by batch size %s; preferred batch size %s",
+                    spec.name,
+                    {rows: round(rate, 1) for rows, rate in rates.items()},
+                    preferred or "-",
+                )
         categories = loaded.weights_meta.get("categories", [])
         return HostedModel(
             name=spec.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -186,12 +187,23 @@ class Runner:
             )
         return host
 
-    def warm_up(self, shape: Sequence[int]) -> None:
-        """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model."""
+    def warm_up(self, shape: Sequence[int], *, measure: bool = False) -> dict[int, float]:
+        """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model.
+
+        With `measure`, runs each size twice more and returns rows/s by batch size (the
+        faster of the two runs).
+        """
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
         batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
-        for rows in batches:
-            self.run({SINGLE_INPUT: torch.zeros((rows, *shape[1:]), dtype=dtype)})
+        inputs = {rows: torch.zeros((rows, *shape[1:]), dtype=dtype) for rows in batches}
+        seconds = {rows: float("inf") for rows in batches}
+        for timed in (False, *((True, True) if measure else ())):
+            for rows in batches:
+                started = time.perf_counter()
+                self.run({SINGLE_INPUT: inputs[rows]})
+                if timed:
+                    seconds[rows] = min(seconds[rows], time.perf_counter() - started)
+        return {rows: rows / seconds[rows] for rows in batches} if measure else {}
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._stream is not None and tensor.device != self.device:

@@ -59,6 +59,7 @@ class LoadRequest:
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
+    preferred_batch_size: int = 0
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> LoadRequest:

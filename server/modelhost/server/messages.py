@@ -69,6 +69,7 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
             max_batch_size=policy.max_batch_size,
             max_queue_delay_us=policy.max_queue_delay_us,
             max_queue_size=policy.max_queue_size,
+            preferred_batch_size=policy.batch_rows,
         ),
         inputs=[
             pb.TensorSpec(name=spec.name, dtype=codec.data_type(spec.dtype), shape=spec.shape)

@@ -258,6 +258,8 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
     )
     if policy.max_batch_size > 1:
         config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
+        if policy.preferred_batch_size:
+            config.dynamic_batching.preferred_batch_size.append(policy.preferred_batch_size)
     return config
 
 

@@ -4,9 +4,10 @@ The convention (also documented on RepositoryModelLoadRequest in grpc_service.pr
 string parameters "architecture", "checkpoint", "architecture_args" (a JSON
 object), "device", "dtype", and "version" (int64 or decimal string); or "config",
 a Triton model configuration as JSON, whose "parameters" entries carry the same
-keys and whose "max_batch_size" and "dynamic_batching.max_queue_delay_microseconds"
-set batching. Direct parameters win over "config". Loading a name that is
-already hosted adds a version, as LoadModel does.
+keys and whose "max_batch_size", "dynamic_batching.max_queue_delay_microseconds"
+and "dynamic_batching.preferred_batch_size" (its smallest entry) set batching.
+Direct parameters win over "config". Loading a name that is already hosted adds a
+version, as LoadModel does.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def load_request(name: str, parameters: Mapping[str, oip.ModelRepositoryParamete
         dtype=_dtype(_text(merged, "dtype")),
         max_batch_size=_int(merged.get("max_batch_size", 0), "max_batch_size"),
         max_queue_delay_us=_int(merged.get("max_queue_delay_us", 0), "max_queue_delay_us"),
+        preferred_batch_size=_int(merged.get("preferred_batch_size", 0), "preferred_batch_size"),
     )
 
 
@@ -87,6 +89,8 @@ def _from_config(name: str, text: str) -> dict[str, Any]:
     batching = config.get("dynamic_batching", {})
     if isinstance(batching, dict) and "max_queue_delay_microseconds" in batching:
         settings["max_queue_delay_us"] = batching["max_queue_delay_microseconds"]
+    if isinstance(batching, dict) and batching.get("preferred_batch_size"):
+        settings["preferred_batch_size"] = min(batching["preferred_batch_size"])
     return settings
 
 

@@ -244,6 +244,7 @@ class ModelHostService(pb_grpc.ModelHostServicer):
                 max_batch_size=batching.max_batch_size,
                 max_queue_delay_us=batching.max_queue_delay_us,
                 max_queue_size=batching.max_queue_size,
+                preferred_batch_size=batching.preferred_batch_size,
             )
         )
         return messages.model_info(hosted, self.host.registry.versions(hosted.name))
