@@ -258,8 +258,8 @@ class Batcher:
                     self.statistics.failed(request.enqueued)
                     continue  # the caller went away
                 if request.deadline is not None and now > request.deadline:
-                    request.fail(DeadlineExpired("deadline passed while the request was queued"))
                     self.statistics.failed(request.enqueued)
+                    request.fail(DeadlineExpired("deadline passed while the request was queued"))
                     continue
                 groups.setdefault(request.signature, []).append(request)
             for group in groups.values():
@@ -294,44 +294,50 @@ class Batcher:
             return
         self._notify(len(group), total)
         parts = {name: torch.split(t, rows) for name, t in outputs.items()}
-        answered = []
-        for index, request in enumerate(group):
-            own = {name: chunks[index] for name, chunks in parts.items()}
-            answered.append(self._deliver(request, own))
-        self._record(group, answered, (started, joined, ran, time.monotonic()))
+        answers = [
+            self._finish(request, {name: chunks[index] for name, chunks in parts.items()})
+            for index, request in enumerate(group)
+        ]
+        self._deliver(group, answers, (started, joined, ran, time.monotonic()))
 
     def _run_one(self, request: Request) -> None:
         started = time.monotonic()
         try:
             outputs = self._run(request.inputs)
         except Exception as error:
-            request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
             self.statistics.failed(request.enqueued)
+            request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
             return
         ran = time.monotonic()
         self._notify(1, request.rows)
-        answered = self._deliver(request, outputs)
-        self._record([request], [answered], (started, started, ran, time.monotonic()))
+        answer = self._finish(request, outputs)
+        self._deliver([request], [answer], (started, started, ran, time.monotonic()))
 
-    def _deliver(self, request: Request, outputs: Tensors) -> bool:
-        """Finishes a request with its outputs; whether it was answered."""
+    def _finish(self, request: Request, outputs: Tensors) -> Answer | Exception:
+        """Encodes a request's outputs, or says why that failed."""
         try:
-            answer = request.finish(outputs)
+            return request.finish(outputs)
         except Exception as error:
-            request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
-            return False
-        if not request.future.done():
-            request.future.set_result(answer)
-        return True
+            return error if isinstance(error, ModelHostFailure) else _unexpected(error)
 
-    def _record(
+    def _deliver(
         self,
         group: list[Request],
-        answered: list[bool],
+        answers: list[Answer | Exception],
         times: tuple[float, float, float, float],
     ) -> None:
-        requests = [(r.rows, r.enqueued, ok) for r, ok in zip(group, answered, strict=True)]
+        """Records the batch's statistics, then answers its callers (so a caller that
+        has its answer also finds it counted)."""
+        requests = [
+            (r.rows, r.enqueued, not isinstance(answer, Exception))
+            for r, answer in zip(group, answers, strict=True)
+        ]
         self.statistics.batch(requests, times)
+        for request, answer in zip(group, answers, strict=True):
+            if isinstance(answer, Exception):
+                request.fail(answer)
+            elif not request.future.done():
+                request.future.set_result(answer)
 
     def _notify(self, requests: int, rows: int) -> None:
         if self._observe:
