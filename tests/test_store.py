@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from modelhost.server import staged_writer
+from modelhost.server import store as store_module
 from modelhost.server.errors import AlreadyExists, CheckpointNotFound, InvalidName, LimitExceeded
 from modelhost.server.names import check_name
 from modelhost.server.staged_writer import StagedWriter
@@ -235,3 +236,23 @@ def test_shared_store_keeps_the_uploads_of_live_servers(tmp_path: Path) -> None:
     for store in (second, third):
         store.close()
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_store_works_where_the_file_system_has_no_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some NFS mounts refuse flock (ENOLCK): one server still works, as if alone."""
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / "gone-1-1.upload-1").write_bytes(b"left by a crash")
+
+    def no_locks(file: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    store = CheckpointStore(tmp_path)
+    assert not store.file_locks
+    store.recover()
+    assert files(tmp_path) == []
+    put(store, "c", b"bytes")
+    store.delete("c")
+    assert files(tmp_path) == []

@@ -22,6 +22,7 @@ another is about to refer to.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -163,7 +164,10 @@ class CheckpointStore:
         self._counter = 0
         host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
         self.owner = f"{host}-{os.getpid()}-{time.time_ns()}"
-        self._owner_file = self._hold(self._tmp / f"{self.owner}{_OWNER}", blocking=False)
+        self._owner_file = self._open_lock(self._tmp / f"{self.owner}{_OWNER}")
+        self.file_locks = _flock(self._owner_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not self.file_locks:
+            log.warning("the store's file system has no file locks: do not share the store")
         self._store_lock = self._open_lock(self.root / "store.lock")
 
     def close(self) -> None:
@@ -290,7 +294,7 @@ class CheckpointStore:
             live = {self.owner}
             for lock in self._tmp.glob(f"*{_OWNER}"):
                 owner = lock.name.removesuffix(_OWNER)
-                if owner != self.owner and _held(lock):
+                if owner != self.owner and self.file_locks and _held(lock):
                     live.add(owner)
             for leftover in self._tmp.iterdir():
                 if leftover.name.split(".", 1)[0] not in live:
@@ -311,20 +315,17 @@ class CheckpointStore:
     def _locked(self) -> Iterator[None]:
         """This process's threads, then every server sharing the store."""
         with self._lock:
-            fcntl.flock(self._store_lock, fcntl.LOCK_EX)
+            if self.file_locks:
+                _flock(self._store_lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.flock(self._store_lock, fcntl.LOCK_UN)
+                if self.file_locks:
+                    _flock(self._store_lock, fcntl.LOCK_UN)
 
     def _open_lock(self, path: Path) -> IO[bytes]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, FILE_MODE)
         return os.fdopen(fd, "r+b")
-
-    def _hold(self, path: Path, *, blocking: bool) -> IO[bytes]:
-        file = self._open_lock(path)
-        fcntl.flock(file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        return file
 
     def _entry_path(self, name: str) -> Path:
         return self._entries / f"{check_name(name, 'checkpoint')}.json"
@@ -379,6 +380,19 @@ class CheckpointStore:
             return None
         with os.fdopen(fd, "rb") as file:
             return json.loads(file.read())
+
+
+def _flock(file: IO[bytes] | int, operation: int) -> bool:
+    """flock; False where the file system has no locks (some NFS mounts)."""
+    try:
+        fcntl.flock(file, operation)
+    except BlockingIOError:
+        raise
+    except OSError as error:
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return False
+        raise
+    return True
 
 
 def _held(lock: Path) -> bool:
