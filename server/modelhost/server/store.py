@@ -164,7 +164,8 @@ class CheckpointStore:
         self._counter = 0
         host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
         self.owner = f"{host}-{os.getpid()}-{time.time_ns()}"
-        self._owner_file = self._open_lock(self._tmp / f"{self.owner}{_OWNER}")
+        self._owner_path = self._tmp / f"{self.owner}{_OWNER}"
+        self._owner_file = self._open_lock(self._owner_path)
         self.file_locks = _flock(self._owner_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not self.file_locks:
             log.warning("the store's file system has no file locks: do not share the store")
@@ -173,7 +174,7 @@ class CheckpointStore:
     def close(self) -> None:
         """Releases this server's hold on the store (also done when the process ends)."""
         self._owner_file.close()
-        (self._tmp / f"{self.owner}{_OWNER}").unlink(missing_ok=True)
+        self._owner_path.unlink(missing_ok=True)
         self._store_lock.close()
 
     # Reading
