@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modelhost.client import calls, codec, wire
 from modelhost.server import malloc, messages
@@ -170,3 +172,99 @@ def test_download_chunks_are_framed_and_parsed_like_protobuf() -> None:
     serialize = messages.serialize_download_response
     assert serialize(framed) is framed
     assert serialize(info) == info.SerializeToString()
+
+
+def _fields_of(request: pb.PredictRequest | wire.PredictRequestView) -> tuple[object, ...]:
+    """What the server reads of a PredictRequest, in a form both kinds compare by."""
+    inputs = {
+        name: (int(t.dtype), list(t.shape), bytes(t.data)) for name, t in request.inputs.items()
+    }
+    return request.model, request.version, inputs, list(request.images), request.top_k
+
+
+@pytest.mark.parametrize("inputs", PREDICT_CASES.values(), ids=PREDICT_CASES.keys())
+def test_server_reads_predict_inputs_as_views_of_the_message(inputs: dict[str, np.ndarray]) -> None:
+    raws = {name: codec.raw(array) for name, array in inputs.items()}
+    written = wire.predict_request("ümlaut", -5, raws, [b"\xff\xd8"], -3)
+    parsed = messages.parse_predict_request(written)
+    assert isinstance(parsed, wire.PredictRequestView)
+    assert _fields_of(parsed) == _fields_of(pb.PredictRequest.FromString(written))
+    for name, tensor in parsed.inputs.items():
+        if len(tensor.data):  # an empty field is not written: nothing to view
+            assert isinstance(tensor.data, memoryview) and tensor.data.obj is written
+        decoded = codec.to_numpy(tensor)
+        assert decoded.shape == inputs[name].shape
+        np.testing.assert_array_equal(decoded, inputs[name])
+
+
+_TENSOR = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[2], data=b"ab").SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "wire_bytes",
+    [
+        b"",  # all defaults
+        b"\x0a\x01m\x0a\x01n",  # model twice: the last one wins
+        b"\x1a\x05\x0a\x01x\x12\x00" * 2,  # one input twice: the last one wins
+        b"\x1a\x00",  # an input with neither name nor tensor
+        b"\x1a\x06\x12\x04\x10\x02\x10\x03",  # shape written unpacked
+        b"\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # version -1
+        b"\x28\xfe\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # top_k -2 (sign-extended int32)
+        b"\x1a\x04\x12\x02\x08\x63",  # an unknown dtype number
+        b"\x30\x01",  # an unknown field: protobuf keeps it, the server never reads it
+        b"\x1a\x0e\x12\x05\x08\x01\x12\x01\x02\x12\x05\x08\x02\x12\x01\x03",  # value merged
+        b"\x1a" + bytes([len(_TENSOR) + 2, 0x12, len(_TENSOR)]) + _TENSOR,
+        b"\x0d\x00\x00\x00\x00",  # model with the wrong wire type
+        b"\x0a\x02\xc3\x28",  # model not UTF-8
+        b"\x1a\x05\x0a\x01x",  # an entry past the end
+        b"\x22\x80",  # truncated length
+        b"\x10" + b"\xff" * 11,  # a varint of 11 bytes
+        b"\x1a\x04\x12\x02\x12\x81",  # a packed shape cut inside a varint
+    ],
+)
+def test_server_reads_predict_requests_like_protobuf(wire_bytes: bytes) -> None:
+    """The same fields, or the same refusal, for encodings protobuf's writer never makes."""
+    try:
+        expected: object = _fields_of(pb.PredictRequest.FromString(wire_bytes))
+    except Exception as error:
+        expected = type(error)
+    try:
+        parsed: object = _fields_of(messages.parse_predict_request(wire_bytes))
+    except Exception as error:
+        parsed = type(error)
+    assert parsed == expected
+
+
+_REQUESTS = st.builds(
+    pb.PredictRequest,
+    model=st.text(max_size=8),
+    version=st.integers(-(2**63), 2**63 - 1),
+    inputs=st.dictionaries(
+        st.text(max_size=6),
+        st.builds(
+            pb.Tensor,
+            dtype=st.integers(-(2**31), 2**31 - 1),
+            shape=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4),
+            data=st.binary(max_size=20),
+        ),
+        max_size=3,
+    ),
+    images=st.lists(st.binary(max_size=10), max_size=3),
+    top_k=st.integers(-(2**31), 2**31 - 1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_REQUESTS, st.data())
+def test_server_reads_any_predict_request_like_protobuf(
+    message: pb.PredictRequest, data: st.DataObject
+) -> None:
+    """Any message protobuf writes, and the same bytes damaged at one place and cut."""
+    written = message.SerializeToString()
+    assert _fields_of(messages.parse_predict_request(written)) == _fields_of(message)
+    if written:
+        damaged = bytearray(written)
+        index = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[index] = data.draw(st.integers(0, 255))
+        cut = bytes(damaged[: data.draw(st.integers(0, len(damaged)))])
+        test_server_reads_predict_requests_like_protobuf(cut)

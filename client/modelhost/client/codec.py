@@ -8,7 +8,8 @@ torch is imported only by the torch functions, so numpy-only callers never need 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 
@@ -71,6 +72,20 @@ FLOATING = frozenset(
 )
 
 
+class TensorFields(Protocol):
+    """What decoding reads of a tensor: a `pb.Tensor`, or a view the server parsed
+    from the received bytes without copying them (`wire.TensorView`)."""
+
+    @property
+    def dtype(self) -> DataType: ...
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+
 MAX_ELEMENTS = 2**62
 """No tensor has more elements than this (torch's strides must fit an int64)."""
 
@@ -93,7 +108,7 @@ def parse_dtype(name: str) -> DataType:
         raise ValueError(f"unknown dtype {name!r}; expected one of {known}") from None
 
 
-def element_count(tensor: pb.Tensor, *, what: str = "tensor") -> int:
+def element_count(tensor: TensorFields, *, what: str = "tensor") -> int:
     """Validates dtype and shape (not the bytes); returns the element count."""
     if tensor.dtype not in ITEMSIZE:
         raise TensorError(f"{what}: dtype {tensor.dtype} is not a supported DataType")
@@ -104,13 +119,17 @@ def element_count(tensor: pb.Tensor, *, what: str = "tensor") -> int:
     return math.prod(tensor.shape)
 
 
-def check(tensor: pb.Tensor, *, what: str = "tensor", data: bytes | None = None) -> int:
+def check(
+    tensor: TensorFields, *, what: str = "tensor", data: bytes | memoryview | None = None
+) -> int:
     """Validates dtype, shape and byte length; returns the element count.
 
     Pass `data` when you already hold `tensor.data`: each read of the field copies it.
     """
     count = element_count(tensor, what=what)
-    size = len(tensor.data if data is None else data)
+    if data is None:
+        data = tensor.data
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
     expected = count * ITEMSIZE[tensor.dtype]
     if size != expected:
         raise TensorError(
@@ -141,7 +160,7 @@ def numpy_raw(array: np.ndarray[Any, Any]) -> Raw:
     return code, tuple(array.shape), flat.view(np.uint8).data
 
 
-def to_numpy(tensor: pb.Tensor) -> np.ndarray[Any, Any]:
+def to_numpy(tensor: TensorFields) -> np.ndarray[Any, Any]:
     """Decodes into a writable numpy array; bfloat16 becomes float32 (exactly)."""
     data = tensor.data
     check(tensor, data=data)
@@ -201,7 +220,7 @@ def torch_raw(tensor: torch.Tensor) -> Raw:
     return code, tuple(tensor.shape), array.reshape(-1).view(np.uint8).data
 
 
-def to_torch(tensor: pb.Tensor, *, what: str = "tensor") -> torch.Tensor:
+def to_torch(tensor: TensorFields, *, what: str = "tensor") -> torch.Tensor:
     """Decodes without copying: the result shares memory with the message's bytes.
 
     Treat it as read-only (copy it before writing in place).

@@ -2,17 +2,24 @@
 
 Building `PredictRequest(inputs={"x": Tensor(data=array.tobytes())})` and serializing
 it copies an input four times (tobytes, the Tensor, the map entry, the serialized
-message); a checkpoint chunk is copied three times on the way out and twice on the
-way in (parsing, then reading `.chunk`). These functions write the same bytes
-(protobuf's encoding of `modelhost.v1` messages) straight from the caller's buffer,
-and read a chunk as a view into the received message. Tests check them against
-protobuf's own encoder and parser.
+message), and the server's parse and each read of `.data` copy it again; a
+checkpoint chunk is copied three times on the way out and twice on the way in
+(parsing, then reading `.chunk`). These functions write the same bytes (protobuf's
+encoding of `modelhost.v1` messages) straight from the caller's buffer, and read
+chunks and input tensors as views into the received message. Anything they do not
+expect (unknown fields, unusual encodings, damaged bytes) is left to protobuf's own
+parser, so they accept and reject exactly what protobuf does. Tests check them
+against protobuf's encoder and parser.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
+
+from modelhost.client.codec import DataType
+from modelhost.v1 import modelhost_pb2 as pb
 
 M = TypeVar("M")
 
@@ -121,3 +128,136 @@ def predict_request(
 def passthrough(message: bytes) -> bytes:
     """Request serializer for messages that are already serialized."""
     return message
+
+
+# Reading
+
+
+class _Unusual(Exception):
+    """An encoding the fast reader leaves to protobuf's parser."""
+
+
+def _read_varint(data: memoryview, offset: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[offset]  # IndexError when truncated
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if value >> 64:
+                raise _Unusual
+            return value, offset
+        shift += 7
+        if shift > 63:
+            raise _Unusual
+
+
+def _fields(data: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+    """(field number, wire type, value) of each field: an int, or a view of the bytes."""
+    offset, end = 0, len(data)
+    while offset < end:
+        key, offset = _read_varint(data, offset)
+        number, kind = key >> 3, key & 7
+        if kind == _VARINT:
+            value, offset = _read_varint(data, offset)
+            yield number, kind, value
+        elif kind == _LENGTH:
+            size, offset = _read_varint(data, offset)
+            if offset + size > end:
+                raise _Unusual
+            yield number, kind, data[offset : offset + size]
+            offset += size
+        else:
+            raise _Unusual
+
+
+def _signed(value: int, bits: int) -> int:
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _int(value: int | memoryview, kind: int) -> int:
+    if kind != _VARINT or not isinstance(value, int):
+        raise _Unusual
+    return value
+
+
+def _view(value: int | memoryview, kind: int) -> memoryview:
+    if kind != _LENGTH or not isinstance(value, memoryview):
+        raise _Unusual
+    return value
+
+
+@dataclass
+class TensorView:
+    """A `Tensor` whose `data` is a view of the received message (see codec.TensorFields)."""
+
+    dtype: DataType = pb.DATA_TYPE_UNSPECIFIED
+    shape: list[int] = field(default_factory=list)
+    data: bytes | memoryview = b""
+
+
+@dataclass
+class PredictRequestView:
+    """A `PredictRequest` read by `read_predict_request`: the fields the server uses."""
+
+    model: str = ""
+    version: int = 0
+    inputs: dict[str, TensorView] = field(default_factory=dict)
+    images: list[bytes] = field(default_factory=list)
+    top_k: int = 0
+
+
+def read_predict_request(data: bytes) -> PredictRequestView | None:
+    """Reads a serialized `PredictRequest` with its input tensors' bytes as views of
+    `data` (no copy); None when protobuf's parser should read it instead."""
+    request = PredictRequestView()
+    try:
+        for number, kind, value in _fields(memoryview(data)):
+            if number == 1:
+                request.model = str(_view(value, kind), "utf-8")
+            elif number == 2:
+                request.version = _signed(_int(value, kind), 64)
+            elif number == 3:
+                name, tensor = _map_entry(_view(value, kind))
+                request.inputs[name] = tensor
+            elif number == 4:
+                request.images.append(bytes(_view(value, kind)))
+            elif number == 5:
+                request.top_k = _signed(_int(value, kind), 32)
+            else:
+                raise _Unusual
+    except (_Unusual, IndexError, UnicodeDecodeError):
+        return None
+    return request
+
+
+def _map_entry(data: memoryview) -> tuple[str, TensorView]:
+    name, tensor, seen = "", TensorView(), False
+    for number, kind, value in _fields(data):
+        if number == 1:
+            name = str(_view(value, kind), "utf-8")
+        elif number == 2 and not seen:  # a repeated value would merge: protobuf's job
+            tensor, seen = _tensor(_view(value, kind)), True
+        else:
+            raise _Unusual
+    return name, tensor
+
+
+def _tensor(data: memoryview) -> TensorView:
+    tensor = TensorView()
+    for number, kind, value in _fields(data):
+        if number == 1:
+            tensor.dtype = cast(DataType, _signed(_int(value, kind), 32))
+        elif number == 2 and kind == _LENGTH:  # packed
+            packed, offset = _view(value, kind), 0
+            while offset < len(packed):
+                dim, offset = _read_varint(packed, offset)
+                tensor.shape.append(_signed(dim, 64))
+        elif number == 2:
+            tensor.shape.append(_signed(_int(value, kind), 64))
+        elif number == 3:
+            tensor.data = _view(value, kind)
+        else:
+            raise _Unusual
+    return tensor

@@ -383,7 +383,7 @@ class Host:
         self,
         model: str,
         version: int,
-        inputs: Mapping[str, pb.Tensor],
+        inputs: Mapping[str, codec.TensorFields],
         timeout: float | None,
         *,
         images: Sequence[bytes] = (),
@@ -472,12 +472,12 @@ def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
         hosted.retire()
 
 
-def _element_count(name: str, tensor: pb.Tensor) -> int:
+def _element_count(name: str, tensor: codec.TensorFields) -> int:
     try:
         return codec.element_count(tensor, what=f"input {name!r}")
     except codec.TensorError as error:
         raise InvalidInput(str(error)) from None
 
 
-def _has_uint8(inputs: Mapping[str, pb.Tensor]) -> bool:
+def _has_uint8(inputs: Mapping[str, codec.TensorFields]) -> bool:
     return any(t.dtype == pb.DATA_TYPE_UINT8 for t in inputs.values())

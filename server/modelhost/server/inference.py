@@ -92,7 +92,9 @@ class Runner:
 
     # Preparing inputs (on the event loop, or on a preprocessing thread for images)
 
-    def prepare(self, inputs: Mapping[str, pb.Tensor], images: Sequence[bytes] = ()) -> Prepared:
+    def prepare(
+        self, inputs: Mapping[str, codec.TensorFields], images: Sequence[bytes] = ()
+    ) -> Prepared:
         """Decodes request tensors (zero copy) or images, preprocesses, checks against the model."""
         if images:
             if inputs:
@@ -122,7 +124,7 @@ class Runner:
             torch.cuda.current_stream(prepared.device).synchronize()
         return prepared
 
-    def _decode(self, inputs: Mapping[str, pb.Tensor]) -> Tensors:
+    def _decode(self, inputs: Mapping[str, codec.TensorFields]) -> Tensors:
         if not inputs:
             raise InvalidInput("the request has no inputs")
         tensors: Tensors = {}

@@ -1,4 +1,4 @@
-"""Domain objects to protobuf messages, and the (de)serializers of checkpoint chunks."""
+"""Domain objects to protobuf messages, and the (de)serializers of large messages."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ parse_save_request = wire.chunk_parser(pb.SaveCheckpointRequest.FromString)
 
 serialize_download_response = wire.serialize_chunks(pb.DownloadCheckpointResponse.SerializeToString)
 """DownloadCheckpoint's serializer: chunks go out as `wire.chunk_message` bytes."""
+
+PredictRequest = pb.PredictRequest | wire.PredictRequestView
+
+
+def parse_predict_request(data: bytes) -> PredictRequest:
+    """Predict's deserializer: input tensors come as views of the received bytes."""
+    return wire.read_predict_request(data) or pb.PredictRequest.FromString(data)
 
 
 def _timestamp(seconds: float) -> Timestamp:

@@ -278,7 +278,7 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         return pb.ListArchitecturesResponse(architectures=map(messages.architecture, builders))
 
     @unary
-    async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+    async def Predict(self, request: messages.PredictRequest, context: Any) -> pb.PredictResponse:
         hosted, answer = await self.host.predict(
             request.model,
             request.version,
@@ -308,8 +308,8 @@ class _Collect:
 
 
 def add_to_server(host: Host, server: grpc.aio.Server) -> str:
-    """Registers the service as the generated code does, with the chunk (de)serializers
-    of SaveCheckpoint and DownloadCheckpoint swapped in; returns the service's full name."""
+    """Registers the service as the generated code does, with the (de)serializers of
+    the large messages swapped in (see `wire`); returns the service's full name."""
     collect = _Collect()
     pb_grpc.add_ModelHostServicer_to_server(ModelHostService(host), collect)
     handlers = collect.handlers
@@ -318,6 +318,9 @@ def add_to_server(host: Host, server: grpc.aio.Server) -> str:
     )
     handlers["DownloadCheckpoint"] = handlers["DownloadCheckpoint"]._replace(
         response_serializer=messages.serialize_download_response
+    )
+    handlers["Predict"] = handlers["Predict"]._replace(
+        request_deserializer=messages.parse_predict_request
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
