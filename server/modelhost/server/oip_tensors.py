@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from modelhost.client import codec
+from modelhost.client import codec, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import model_config_pb2 as mc
 from modelhost.server.errors import InvalidArgument, InvalidInput
@@ -59,14 +59,15 @@ def datatype_name(dtype: torch.dtype) -> str:
         return ""
 
 
-def decode_inputs(request: oip.ModelInferRequest) -> dict[str, pb.Tensor]:
-    """The request's inputs as modelhost tensors; InvalidInput when malformed."""
+def decode_inputs(request: oip.ModelInferRequest) -> dict[str, wire.TensorView]:
+    """The request's inputs as modelhost tensors (each input's bytes read once);
+    InvalidInput when malformed."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
         )
-    tensors: dict[str, pb.Tensor] = {}
+    tensors: dict[str, wire.TensorView] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if name in tensors:
@@ -85,7 +86,7 @@ def decode_inputs(request: oip.ModelInferRequest) -> dict[str, pb.Tensor]:
             data = raw[index]
         else:
             data = _typed_contents(tensor)
-        tensors[name] = pb.Tensor(dtype=dtype, shape=tensor.shape, data=data)
+        tensors[name] = wire.TensorView(dtype, list(tensor.shape), data)
     return tensors
 
 
