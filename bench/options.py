@@ -20,6 +20,7 @@ import torch
 import torchvision
 
 from common import machine, table
+from modelhost.server import malloc
 
 
 def rate(
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--compile", action="store_true", help="also try torch.compile")
     args = parser.parse_args()
+    malloc.keep_large_buffers()  # the in-process ceiling gets the server's malloc settings
     device = torch.device(args.device)
     base = torchvision.models.get_model(args.model).eval().to(device)
 

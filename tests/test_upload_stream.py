@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -117,6 +120,34 @@ def test_malloc_settings_apply_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert malloc.keep_large_buffers()
+
+
+_REUSE = """
+import resource, sys, torch
+from modelhost.server import malloc
+if sys.argv[1] == "keep":
+    assert malloc.keep_large_buffers()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(7_500_000).sum()  # 30 MB, as large as a batch of activations
+before = faults()
+for _ in range(5):
+    torch.ones(7_500_000).sum()
+print(faults() - before)
+"""
+
+
+def test_large_buffers_are_reused_without_page_faults() -> None:
+    """A CPU model's activations, freed and allocated again each run, fault in no pages."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults(mode: str) -> int:
+        command = [sys.executable, "-c", _REUSE, mode]
+        return int(subprocess.run(command, env=env, capture_output=True, check=True).stdout)
+
+    kept, default = faults("keep"), faults("default")
+    assert kept < 100 and default > 1000  # 30 MB is 7,300 pages
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
