@@ -192,13 +192,14 @@ class Runner:
     def warm_up(self, shape: Sequence[int], *, measure: bool = False) -> dict[int, float]:
         """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model.
 
-        With `measure`, runs each size twice more and returns rows/s by batch size (the
-        faster of the two runs).
+        With `measure`, runs each size three times more, in rounds across the sizes, and
+        returns rows/s by batch size from its fastest run (a busy moment on a shared
+        machine only ever slows a run down, so the fastest is the least disturbed).
         """
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
         batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
         seconds = {rows: float("inf") for rows in batches}
-        for run in range(3 if measure else 1):  # the first run of each size is not timed
+        for run in range(4 if measure else 1):  # the first run of each size is not timed
             for rows in batches:
                 zeros = torch.zeros((rows, *shape[1:]), dtype=dtype)
                 started = time.perf_counter()
