@@ -128,26 +128,35 @@ from modelhost.server import malloc
 if sys.argv[1] == "keep":
     assert malloc.keep_large_buffers()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(7_500_000).sum()  # 30 MB, as large as a batch of activations
+
+def run():  # like a CPU model's activations: blocks of 3-30 MB, each freed after the next
+    x = torch.ones(7_500_000)
+    for size in (6_400_000, 3_200_000, 7_000_000, 1_600_000, 800_000):
+        x = torch.full((size,), 1.0) + x[:1]
+    return x.sum()
+
+run(), run()
 before = faults()
-for _ in range(5):
-    torch.ones(7_500_000).sum()
-print(faults() - before)
+for _ in range(20):
+    run()
+print((faults() - before) // 20)
 """
 
 
 def test_large_buffers_are_reused_without_page_faults() -> None:
-    """A CPU model's activations, freed and allocated again each run, fault in no pages."""
+    """A CPU model's activations, freed and allocated again each run, fault in no pages
+    (with glibc's defaults, 10,000-17,000 per run of this pattern)."""
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
-    def faults(mode: str) -> int:
+    def faults_per_run(mode: str) -> int:
         command = [sys.executable, "-c", _REUSE, mode]
         return int(subprocess.run(command, env=env, capture_output=True, check=True).stdout)
 
-    kept, default = faults("keep"), faults("default")
-    assert kept < 100 and default > 1000  # 30 MB is 7,300 pages
+    kept, default = faults_per_run("keep"), faults_per_run("default")
+    assert kept < 1_000, kept  # a rare fresh block: 0-341 in 12 runs here
+    assert default > 5_000, default  # the test can tell the two apart
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
