@@ -7,6 +7,7 @@ torch is imported only by the torch functions, so numpy-only callers never need 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
@@ -171,6 +172,7 @@ def to_numpy(tensor: TensorFields) -> np.ndarray[Any, Any]:
     return np.frombuffer(data, dtype=_NUMPY[tensor.dtype]).reshape(shape).copy()
 
 
+@functools.cache
 def _torch_dtypes() -> dict[DataType, torch.dtype]:
     import torch
 
