@@ -152,20 +152,20 @@ def _read_varint(data: memoryview, offset: int) -> tuple[int, int]:
             raise _Unusual
 
 
-def _fields(data: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
-    """(field number, wire type, value) of each field: an int, or a view of the bytes."""
+def _fields(data: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) of each field: an int (varint), or a view of the bytes."""
     offset, end = 0, len(data)
     while offset < end:
         key, offset = _read_varint(data, offset)
         number, kind = key >> 3, key & 7
         if kind == _VARINT:
             value, offset = _read_varint(data, offset)
-            yield number, kind, value
+            yield number, value
         elif kind == _LENGTH:
             size, offset = _read_varint(data, offset)
             if offset + size > end:
                 raise _Unusual
-            yield number, kind, data[offset : offset + size]
+            yield number, data[offset : offset + size]
             offset += size
         else:
             raise _Unusual
@@ -176,14 +176,14 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-def _int(value: int | memoryview, kind: int) -> int:
-    if kind != _VARINT or not isinstance(value, int):
-        raise _Unusual
+def _int(value: int | memoryview) -> int:
+    if not isinstance(value, int):
+        raise _Unusual  # a length-delimited field where a varint belongs
     return value
 
 
-def _view(value: int | memoryview, kind: int) -> memoryview:
-    if kind != _LENGTH or not isinstance(value, memoryview):
+def _view(value: int | memoryview) -> memoryview:
+    if not isinstance(value, memoryview):
         raise _Unusual
     return value
 
@@ -213,18 +213,18 @@ def read_predict_request(data: bytes) -> PredictRequestView | None:
     `data` (no copy); None when protobuf's parser should read it instead."""
     request = PredictRequestView()
     try:
-        for number, kind, value in _fields(memoryview(data)):
+        for number, value in _fields(memoryview(data)):
             if number == 1:
-                request.model = str(_view(value, kind), "utf-8")
+                request.model = str(_view(value), "utf-8")
             elif number == 2:
-                request.version = _signed(_int(value, kind), 64)
+                request.version = _signed(_int(value), 64)
             elif number == 3:
-                name, tensor = _map_entry(_view(value, kind))
+                name, tensor = _map_entry(_view(value))
                 request.inputs[name] = tensor
             elif number == 4:
-                request.images.append(bytes(_view(value, kind)))
+                request.images.append(bytes(_view(value)))
             elif number == 5:
-                request.top_k = _signed(_int(value, kind), 32)
+                request.top_k = _signed(_int(value), 32)
             else:
                 raise _Unusual
     except (_Unusual, IndexError, UnicodeDecodeError):
@@ -234,11 +234,11 @@ def read_predict_request(data: bytes) -> PredictRequestView | None:
 
 def _map_entry(data: memoryview) -> tuple[str, TensorView]:
     name, tensor, seen = "", TensorView(), False
-    for number, kind, value in _fields(data):
+    for number, value in _fields(data):
         if number == 1:
-            name = str(_view(value, kind), "utf-8")
+            name = str(_view(value), "utf-8")
         elif number == 2 and not seen:  # a repeated value would merge: protobuf's job
-            tensor, seen = _tensor(_view(value, kind)), True
+            tensor, seen = _tensor(_view(value)), True
         else:
             raise _Unusual
     return name, tensor
@@ -246,18 +246,18 @@ def _map_entry(data: memoryview) -> tuple[str, TensorView]:
 
 def _tensor(data: memoryview) -> TensorView:
     tensor = TensorView()
-    for number, kind, value in _fields(data):
+    for number, value in _fields(data):
         if number == 1:
-            tensor.dtype = cast(DataType, _signed(_int(value, kind), 32))
-        elif number == 2 and kind == _LENGTH:  # packed
-            packed, offset = _view(value, kind), 0
+            tensor.dtype = cast(DataType, _signed(_int(value), 32))
+        elif number == 2 and isinstance(value, memoryview):  # packed
+            packed, offset = value, 0
             while offset < len(packed):
                 dim, offset = _read_varint(packed, offset)
                 tensor.shape.append(_signed(dim, 64))
         elif number == 2:
-            tensor.shape.append(_signed(_int(value, kind), 64))
+            tensor.shape.append(_signed(_int(value), 64))
         elif number == 3:
-            tensor.data = _view(value, kind)
+            tensor.data = _view(value)
         else:
             raise _Unusual
     return tensor
