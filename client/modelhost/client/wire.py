@@ -63,6 +63,7 @@ def _text(number: int, value: str | bytes) -> list[Part]:
 
 CHUNK_FIELD = 2
 """`chunk` of SaveCheckpointRequest and of DownloadCheckpointResponse."""
+_CHUNK_TAG = _tag(CHUNK_FIELD, _LENGTH)
 
 
 def chunk_message(data: Buffer) -> bytes:
@@ -75,17 +76,14 @@ def chunk_parser(parse: Callable[[bytes], M]) -> Callable[[bytes], M | memoryvie
     and parses anything else (headers, unusual encodings) with `parse`."""
 
     def parse_chunk(data: bytes) -> M | memoryview:
-        if data[:1] == _tag(CHUNK_FIELD, _LENGTH):
-            size, shift, offset = 0, 0, 1
-            while offset < len(data) and offset <= 10:
-                byte = data[offset]
-                offset += 1
-                size |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    if size == len(data) - offset:
-                        return memoryview(data)[offset:]
-                    break
+        if data[:1] == _CHUNK_TAG:
+            view = memoryview(data)
+            try:
+                size, offset = _read_varint(view, 1)
+            except (_Unusual, IndexError):
+                return parse(data)
+            if size == len(data) - offset:
+                return view[offset:]
         return parse(data)
 
     return parse_chunk
