@@ -146,8 +146,7 @@ Raw = tuple[DataType, tuple[int, ...], memoryview | bytes]
 
 def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
     """Encodes a numpy array (any byte order or layout)."""
-    code, shape, data = numpy_raw(array)
-    return pb.Tensor(dtype=code, shape=shape, data=bytes(data))
+    return _message(numpy_raw(array))
 
 
 def numpy_raw(array: np.ndarray[Any, Any]) -> Raw:
@@ -205,8 +204,7 @@ def data_type(dtype: torch.dtype) -> DataType:
 
 def from_torch(tensor: torch.Tensor) -> pb.Tensor:
     """Encodes a torch tensor (any device or layout) without a round trip through float."""
-    code, shape, data = torch_raw(tensor)
-    return pb.Tensor(dtype=code, shape=shape, data=bytes(data))
+    return _message(torch_raw(tensor))
 
 
 def torch_raw(tensor: torch.Tensor) -> Raw:
@@ -244,11 +242,7 @@ def to_torch(tensor: TensorFields, *, what: str = "tensor") -> torch.Tensor:
 
 def encode(value: Any) -> pb.Tensor:
     """Encodes a numpy array, a torch tensor, or anything `np.asarray` accepts."""
-    if isinstance(value, pb.Tensor):
-        return value
-    if type(value).__module__.startswith("torch"):
-        return from_torch(value)
-    return from_numpy(np.asarray(value))
+    return value if isinstance(value, pb.Tensor) else _message(raw(value))
 
 
 def raw(value: Any) -> Raw:
@@ -259,6 +253,11 @@ def raw(value: Any) -> Raw:
     if type(value).__module__.startswith("torch"):
         return torch_raw(value)
     return numpy_raw(np.asarray(value))
+
+
+def _message(tensor: Raw) -> pb.Tensor:
+    code, shape, data = tensor
+    return pb.Tensor(dtype=code, shape=shape, data=bytes(data))
 
 
 def is_torch(value: Any) -> bool:
