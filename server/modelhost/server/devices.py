@@ -45,6 +45,13 @@ def is_oom(error: BaseException) -> bool:
     )
 
 
+def out_of_memory(error: BaseException, doing: str, device: torch.device) -> OutOfMemory:
+    """Gives cached memory back and says what ran out: raise the result `from None`."""
+    release_memory(device)
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return OutOfMemory(f"out of memory {doing} on {device}: {reason}")
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory that can still be allocated on `device` (host: MemAvailable), if known."""
     if device.type == "cuda":

@@ -7,6 +7,8 @@ in-process `weights.transforms()(image)` would give it.
 
 from __future__ import annotations
 
+import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +18,17 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from modelhost.server.errors import InvalidArgument, InvalidInput
+from modelhost.server.devices import is_oom
+from modelhost.server.errors import InvalidArgument, InvalidInput, LimitExceeded
 
 _JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) do not.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM, RST0..RST7.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+_FILL = re.compile(b"\xff+")
+_MAX_JPEG_MARKERS = 1000
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,16 @@ class Preprocessing:
             return self._batch(images, dtype)
         return torch.cat([self._batch(image.unsqueeze(0), dtype) for image in images])
 
+    def elements(self, width: int, height: int, channels: int = 3) -> int:
+        """The most elements an image of this size takes: decoded, resized or cropped."""
+        sizes = [(height, width)]
+        short, long = sorted((height, width))
+        if self.resize and short:  # the shorter side becomes `resize`, as in torchvision
+            sizes.append((self.resize, int(self.resize * long / short)))
+        if self.crop:
+            sizes.append((self.crop, self.crop))
+        return max(channels * h * w for h, w in sizes)
+
     def _batch(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         mode = InterpolationMode(self.interpolation)
         if self.resize:
@@ -75,21 +95,127 @@ class Preprocessing:
         return images.to(dtype)
 
 
-def decode_images(blobs: Sequence[bytes], device: torch.device) -> list[torch.Tensor]:
-    """JPEG/PNG bytes -> RGB uint8 [3, H, W] tensors; JPEGs decode on the GPU when there is one."""
+def image_size(blob: bytes) -> tuple[int, int]:
+    """(width, height) a JPEG or PNG declares in its header; ValueError if there is none.
+
+    Reads only the header: milliseconds whatever the size of the image it announces.
+    """
+    if blob.startswith(_PNG):
+        if len(blob) < 24 or blob[8:16] != b"\0\0\0\rIHDR":
+            raise ValueError("the PNG does not start with a complete IHDR chunk")
+        width, height = struct.unpack_from(">II", blob, 16)
+    elif blob.startswith(_JPEG):
+        width, height = _jpeg_size(blob)
+    else:
+        raise ValueError("it is neither a JPEG nor a PNG")
+    if not width or not height:
+        raise ValueError(f"it declares a size of {width}x{height}")
+    return width, height
+
+
+def _jpeg_size(blob: bytes) -> tuple[int, int]:
+    """The size in the first SOF segment, found the way libjpeg reads markers.
+
+    Like libjpeg's `next_marker`, bytes up to an 0xFF, fill 0xFFs and stuffed FF 00
+    pairs between segments are skipped; the segments of other markers are skipped by
+    their length. A file with thousands of markers before its frame is refused.
+    """
+    at = 2  # after SOI
+    for _ in range(_MAX_JPEG_MARKERS):
+        at = blob.find(b"\xff", at)
+        fill = _FILL.match(blob, at) if at >= 0 else None
+        if fill is None or fill.end() >= len(blob):
+            break
+        marker, at = blob[fill.end()], fill.end() + 1
+        if marker == 0 or marker in _STANDALONE:
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI, EOI, SOS
+            raise ValueError(f"the JPEG has marker {marker:02X} before its frame header (SOF)")
+        if at + 2 > len(blob):
+            break
+        length = int.from_bytes(blob[at : at + 2], "big")
+        if length < 2:
+            raise ValueError(f"the JPEG has a segment of length {length}")
+        if marker in _SOF:
+            if length < 8 or at + 7 > len(blob):
+                break
+            height, width = struct.unpack_from(">HH", blob, at + 3)
+            return width, height
+        at += length
+    else:
+        raise ValueError(f"the JPEG has over {_MAX_JPEG_MARKERS} markers before its frame header")
+    raise ValueError("the JPEG ends before its frame header (SOF)")
+
+
+def check_images(
+    blobs: Sequence[bytes],
+    max_pixels: int,
+    max_elements: int,
+    preprocessing: Preprocessing | None = None,
+) -> None:
+    """Refuses, from their headers alone, images too large to decode (and preprocess).
+
+    InvalidInput for an unreadable header or an image over `max_pixels` (0: no limit);
+    LimitExceeded when all the images together take more than `max_elements` elements
+    at their largest step (see `Preprocessing.elements`; 3 x H x W without one).
+    """
+    total = 0
+    for index, blob in enumerate(blobs):
+        try:
+            width, height = image_size(blob)
+        except ValueError as error:
+            raise InvalidInput(
+                f"image {index} has no readable JPEG or PNG header: {error}"
+            ) from None
+        if max_pixels and width * height > max_pixels:
+            raise InvalidInput(
+                f"image {index} declares {width}x{height} pixels ({width * height}); the limit "
+                f"is {max_pixels} pixels (max_image_pixels)"
+            )
+        total += preprocessing.elements(width, height) if preprocessing else 3 * width * height
+    check_elements(total, max_elements)
+
+
+def check_elements(total: int, max_elements: int) -> None:
+    """LimitExceeded when a request's images take more than `max_elements` elements."""
+    if total > max_elements:
+        raise LimitExceeded(
+            f"the request's images take {total} tensor elements once decoded and resized; "
+            f"the limit is {max_elements} (max_tensor_elements)"
+        )
+
+
+def decode_images(
+    blobs: Sequence[bytes],
+    device: torch.device,
+    *,
+    max_pixels: int,
+    max_elements: int,
+    preprocessing: Preprocessing | None = None,
+) -> list[torch.Tensor]:
+    """JPEG/PNG bytes -> RGB uint8 [3, H, W] tensors; JPEGs decode on the GPU when there is one.
+
+    The headers are checked first (`check_images`); a failed allocation is re-raised as
+    it is, for the caller to report as out of memory.
+    """
     if not blobs:
         raise InvalidInput("no images given")
+    check_images(blobs, max_pixels, max_elements, preprocessing)
     datas = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
     if device.type == "cuda" and all(blob.startswith(_JPEG) for blob in blobs):
         try:
             return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
         except RuntimeError as error:
+            if is_oom(error):
+                raise
             raise InvalidInput(f"an image is not a decodable JPEG: {error}") from None
     decoded = []
     for index, data in enumerate(datas):
         try:
             decoded.append(decode_image(data, mode=ImageReadMode.RGB).to(device))
         except RuntimeError as error:
+            if is_oom(error):
+                raise
             raise InvalidInput(
                 f"image {index} is not a decodable JPEG or PNG: {str(error).splitlines()[0]}"
             ) from None

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from modelhost.client import codec
-from modelhost.server.devices import is_oom, release_memory
+from modelhost.server.devices import is_oom, out_of_memory
 from modelhost.server.errors import InvalidInput, OutOfMemory
-from modelhost.server.images import Preprocessing, decode_images
+from modelhost.server.images import Preprocessing, check_elements, decode_images
+from modelhost.server.settings import Settings
 from modelhost.v1 import modelhost_pb2 as pb
 
 SINGLE_INPUT = "input"
@@ -75,6 +76,8 @@ class Runner:
         preprocessing: Preprocessing | None = None,
         autocast: torch.dtype | None = None,
         compile_mode: str = "",
+        max_image_pixels: int = Settings.max_image_pixels,
+        max_elements: int = Settings.max_tensor_elements,
     ) -> None:
         self.module = module
         self.device = device
@@ -84,6 +87,8 @@ class Runner:
         self.channels_last = channels_last
         self.preprocessing = preprocessing
         self.autocast = autocast
+        self.max_image_pixels = max_image_pixels
+        self.max_elements = max_elements  # of decoded images, checked from their headers
         self._forward: Callable[..., Any] = module
         if compile_mode:
             mode = None if compile_mode == "default" else compile_mode
@@ -95,31 +100,69 @@ class Runner:
     def prepare(
         self, inputs: Mapping[str, codec.TensorFields], images: Sequence[bytes] = ()
     ) -> Prepared:
-        """Decodes request tensors (zero copy) or images, preprocesses, checks against the model."""
-        if images:
-            if inputs:
-                raise InvalidInput("send either inputs or images, not both")
-            tensors = {SINGLE_INPUT: self._images(decode_images(images, self.device))}
-            out_dtype = torch.float32
-        else:
-            tensors = self._decode(inputs)
-            out_dtype = output_float_dtype(tensors)
-            if self.preprocessing is not None:
-                tensors = {
-                    name: self._images(t.to(self.device)) if _is_image(t) else t
-                    for name, t in tensors.items()
-                }
+        """Decodes request tensors (zero copy) or images, preprocesses, checks against the model.
+
+        Image headers are checked before decoding (`images.check_images`); a failed
+        allocation while decoding or preprocessing raises OutOfMemory.
+        """
+        with self._out_of_memory():
+            if images:
+                if inputs:
+                    raise InvalidInput("send either inputs or images, not both")
+                preprocessing = self._preprocessing()
+                decoded = decode_images(
+                    images,
+                    self.device,
+                    max_pixels=self.max_image_pixels,
+                    max_elements=self.max_elements,
+                    preprocessing=preprocessing,
+                )
+                tensors = {SINGLE_INPUT: self._images(decoded)}
+                out_dtype = torch.float32
+            else:
+                tensors = self._decode(inputs)
+                out_dtype = output_float_dtype(tensors)
+                if self.preprocessing is not None:
+                    self._check_resized(tensors, self.preprocessing)
+                    tensors = {
+                        name: self._images(t.to(self.device)) if _is_image(t) else t
+                        for name, t in tensors.items()
+                    }
         if self.inputs:
             self._check(tensors)
         return Prepared(tensors, out_dtype)
 
-    def _images(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _out_of_memory(self, doing: str = "preparing the inputs") -> Iterator[None]:
+        """Turns a failed allocation into OutOfMemory (RESOURCE_EXHAUSTED), not a bug."""
+        try:
+            yield
+        except Exception as error:
+            if not is_oom(error):
+                raise
+            raise out_of_memory(error, doing, self.device) from None
+
+    def _check_resized(self, tensors: Tensors, preprocessing: Preprocessing) -> None:
+        """Refuses uint8 images that preprocessing would blow up (a resize of a thin strip)."""
+        check_elements(
+            sum(
+                t.shape[0] * preprocessing.elements(t.shape[3], t.shape[2], t.shape[1])
+                for t in tensors.values()
+                if _is_image(t)
+            ),
+            self.max_elements,
+        )
+
+    def _preprocessing(self) -> Preprocessing:
         if self.preprocessing is None:
             raise InvalidInput(
                 "this model takes no images: load it with preprocessing (or pretrained "
                 "weights) to send uint8 or encoded images"
             )
-        prepared = self.preprocessing(images, self.dtype)
+        return self.preprocessing
+
+    def _images(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        prepared = self._preprocessing()(images, self.dtype)
         if prepared.is_cuda:  # the worker reads it on its own stream
             torch.cuda.current_stream(prepared.device).synchronize()
         return prepared
@@ -173,11 +216,7 @@ class Runner:
             raise
         except Exception as error:
             if is_oom(error):
-                release_memory(self.device)
-                raise OutOfMemory(
-                    f"out of memory running the model on {self.device}: "
-                    f"{str(error).splitlines()[0]}"
-                ) from None
+                raise out_of_memory(error, "running the model", self.device) from None
             raise InvalidInput(
                 f"the model rejected the input: {type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}"
@@ -201,7 +240,8 @@ class Runner:
         seconds = {rows: float("inf") for rows in batches}
         for run in range(4 if measure else 1):  # the first run of each size is not timed
             for rows in batches:
-                zeros = torch.zeros((rows, *shape[1:]), dtype=dtype)
+                with self._out_of_memory("allocating the warm-up input"):
+                    zeros = torch.zeros((rows, *shape[1:]), dtype=dtype)
                 started = time.perf_counter()
                 self.run({SINGLE_INPUT: zeros})
                 if run:
