@@ -26,12 +26,28 @@ def test_default_settings_bind_loopback_only() -> None:
     assert Settings().host == "127.0.0.1"
 
 
-def test_public_address_needs_tls_a_token_or_insecure(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+def test_public_address_needs_a_token_mutual_tls_or_insecure(
+    settings: Settings, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     public = dataclasses.replace(settings, host="0.0.0.0")
-    with pytest.raises(ValueError, match="TLS or a token"), running(public):
+    with pytest.raises(ValueError, match="without a token or mutual TLS"), running(public):
         pass
+    # Server-side TLS encrypts but authenticates nobody: not enough on a public bind.
+    pki = make_pki(tmp_path)
+    tls = dataclasses.replace(
+        public, tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key)
+    )
+    with pytest.raises(ValueError, match="authenticates nobody"), running(tls):
+        pass
+    mutual = dataclasses.replace(tls, tls_client_ca_file=str(pki.ca))
+    config = ChannelConfig(
+        ca_file=str(pki.ca), cert_file=str(pki.client_cert), key_file=str(pki.client_key)
+    )
+    with (
+        running(mutual) as server,
+        ModelHostClient(f"127.0.0.1:{server.port}", config=config) as client,
+    ):
+        assert client.list_models() == []
     with (
         caplog.at_level(logging.WARNING),
         running(dataclasses.replace(public, insecure=True)) as server,
@@ -105,6 +121,39 @@ def test_management_token_alone_leaves_inference_open(settings: Settings) -> Non
         assert anonymous.list_checkpoints() == []
 
 
+@pytest.mark.parametrize(
+    ("inference", "management"),
+    [
+        ("", None),
+        ("# only a comment\n\n", None),
+        (None, ""),
+        ("inference-token\n", "  \n# rotated\n"),
+        ("# none\n", "management-token\n"),
+    ],
+)
+def test_token_files_without_tokens_stop_start_up(
+    settings: Settings, tmp_path: Path, inference: str | None, management: str | None
+) -> None:
+    """Naming a token file asks for authentication: an empty one must not turn it off."""
+    files = {}
+    for setting, text in (("token_file", inference), ("management_token_file", management)):
+        if text is not None:
+            path = tmp_path / setting
+            path.write_text(text)
+            files[setting] = str(path)
+    empty = next(name for name, text in files.items() if not _tokens_in(Path(text)))
+    with (
+        pytest.raises(ValueError, match=f"{empty} .* holds no token"),
+        running(dataclasses.replace(settings, **files)),
+    ):
+        pass
+
+
+def _tokens_in(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
 def test_token_verdicts_do_not_depend_on_prefixes() -> None:
     tokens = Tokens(inference=(b"abcdef",), management=(b"123456",))
     method = "/modelhost.v1.ModelHost/Predict"
@@ -171,10 +220,79 @@ def test_serve_refuses_public_address_from_the_command_line(
 ) -> None:
     code = cli(["serve", "--host", "0.0.0.0", "--port", "0", "--store", str(tmp_path / "s")])
     assert code == 2
-    assert "without TLS or a token" in capsys.readouterr().err
+    assert "without a token or mutual TLS" in capsys.readouterr().err
 
 
 def test_checkpoint_files_are_private(client: ModelHostClient, settings: Settings) -> None:
     client.save_checkpoint("w", {"weight": torch.ones(2)})
     for path in settings.store.rglob("*"):
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+# The security contract, written independently of auth.py: these RPCs change what the
+# server stores or hosts, and need the management token.
+MANAGEMENT_RPCS = {
+    "/modelhost.v1.ModelHost/SaveCheckpoint",
+    "/modelhost.v1.ModelHost/DeleteCheckpoint",
+    "/modelhost.v1.ModelHost/LoadModel",
+    "/modelhost.v1.ModelHost/UnloadModel",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+}
+
+
+def _every_rpc() -> list[tuple[str, bool, bool]]:
+    """(path, client streaming, server streaming) of every RPC of both services."""
+    from modelhost.oip import grpc_service_pb2
+    from modelhost.v1 import modelhost_pb2
+
+    return [
+        (f"/{service.full_name}/{method.name}", method.client_streaming, method.server_streaming)
+        for module in (modelhost_pb2, grpc_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+
+
+def _call(channel: grpc.Channel, rpc: tuple[str, bool, bool], token: str | None) -> grpc.StatusCode:
+    path, client_streaming, server_streaming = rpc
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    kind = {
+        (False, False): channel.unary_unary,
+        (True, False): channel.stream_unary,
+        (False, True): channel.unary_stream,
+        (True, True): channel.stream_stream,
+    }[(client_streaming, server_streaming)]
+    request: object = iter([b""]) if client_streaming else b""
+    try:
+        reply = kind(path)(request, metadata=metadata, timeout=30)
+        if server_streaming:
+            list(reply)
+    except grpc.RpcError as error:
+        return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_every_rpc_checks_its_token_tier(settings: Settings, tokens: tuple[Path, Path]) -> None:
+    """Each RPC of both services, from their descriptors (a new RPC is covered as it is
+    added), against no token, the inference token and the management token."""
+    rpcs = _every_rpc()
+    assert {path for path, _, _ in rpcs} >= MANAGEMENT_RPCS
+    guarded = dataclasses.replace(
+        settings, token_file=str(tokens[0]), management_token_file=str(tokens[1])
+    )
+    refusals = {UNAUTH, DENIED}
+    with running(guarded) as server, grpc.insecure_channel(server.target) as channel:
+        for rpc in rpcs:
+            path = rpc[0]
+            assert _call(channel, rpc, None) == UNAUTH, path
+            assert _call(channel, rpc, "wrong") == UNAUTH, path
+            by_user = _call(channel, rpc, "inference-token")
+            if path in MANAGEMENT_RPCS:
+                assert by_user == DENIED, path
+            else:
+                assert by_user not in refusals, path
+            by_admin = _call(channel, rpc, "management-token")
+            assert by_admin not in refusals, path
+            for code in (by_user, by_admin):  # an empty request is the caller's error
+                assert code not in {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}, path

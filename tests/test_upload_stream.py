@@ -226,7 +226,7 @@ def _fields_of(request: pb.PredictRequest | wire.PredictRequestView) -> tuple[ob
 def test_server_reads_predict_inputs_as_views_of_the_message(inputs: dict[str, np.ndarray]) -> None:
     raws = {name: codec.raw(array) for name, array in inputs.items()}
     written = wire.predict_request("ümlaut", -5, raws, [b"\xff\xd8"], -3)
-    parsed = messages.parse_predict_request(written)
+    parsed = messages.predict_parser(256, 256)(written)
     assert isinstance(parsed, wire.PredictRequestView)
     assert _fields_of(parsed) == _fields_of(pb.PredictRequest.FromString(written))
     for name, tensor in parsed.inputs.items():
@@ -269,7 +269,7 @@ def test_server_reads_predict_requests_like_protobuf(wire_bytes: bytes) -> None:
     except Exception as error:
         expected = type(error)
     try:
-        parsed: object = _fields_of(messages.parse_predict_request(wire_bytes))
+        parsed: object = _fields_of(messages.predict_parser(256, 256)(wire_bytes))
     except Exception as error:
         parsed = type(error)
     assert parsed == expected
@@ -301,7 +301,7 @@ def test_server_reads_any_predict_request_like_protobuf(
 ) -> None:
     """Any message protobuf writes, and the same bytes damaged at one place and cut."""
     written = message.SerializeToString()
-    assert _fields_of(messages.parse_predict_request(written)) == _fields_of(message)
+    assert _fields_of(messages.predict_parser(256, 256)(written)) == _fields_of(message)
     if written:
         damaged = bytearray(written)
         index = data.draw(st.integers(0, len(damaged) - 1))

@@ -206,10 +206,26 @@ class PredictRequestView:
     top_k: int = 0
 
 
-def read_predict_request(data: bytes) -> PredictRequestView | None:
+class TooManyEntries(ValueError):
+    """A request with more `what` ("inputs" or "images") than `limit`."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"more than {limit} {what}")
+        self.what = what
+        self.limit = limit
+
+
+def read_predict_request(
+    data: bytes, max_inputs: int | None = None, max_images: int | None = None
+) -> PredictRequestView | None:
     """Reads a serialized `PredictRequest` with its input tensors' bytes as views of
-    `data` (no copy); None when protobuf's parser should read it instead."""
+    `data` (no copy); None when protobuf's parser should read it instead.
+
+    With limits, it stops at the first input or image over them (TooManyEntries), so
+    the work a request can cause is bounded by the limits, not by its size.
+    """
     request = PredictRequestView()
+    inputs = images = 0
     try:
         for number, value in _fields(memoryview(data)):
             if number == 1:
@@ -217,9 +233,15 @@ def read_predict_request(data: bytes) -> PredictRequestView | None:
             elif number == 2:
                 request.version = _signed(_int(value), 64)
             elif number == 3:
+                inputs += 1
+                if max_inputs is not None and inputs > max_inputs:
+                    raise TooManyEntries("inputs", max_inputs)
                 name, tensor = _map_entry(_view(value))
                 request.inputs[name] = tensor
             elif number == 4:
+                images += 1
+                if max_images is not None and images > max_images:
+                    raise TooManyEntries("images", max_images)
                 request.images.append(bytes(_view(value)))
             elif number == 5:
                 request.top_k = _signed(_int(value), 32)

@@ -22,7 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from modelhost.server import malloc, oip, service
-from modelhost.server.auth import AuthInterceptor, Tokens
+from modelhost.server.auth import Tokens
+from modelhost.server.gate import Gate
 from modelhost.server.host import Host
 from modelhost.server.settings import Settings
 
@@ -60,16 +61,20 @@ class Server:
         settings = self.settings
         tokens = Tokens.from_settings(settings)
         credentials = server_credentials(settings)
-        check_exposure(settings, tokens.enabled, credentials is not None)
+        check_exposure(settings, tokens.enabled, bool(settings.tls_client_ca_file))
         self.host = Host(settings)
+        gate = Gate(
+            tokens,
+            max_concurrent=settings.max_concurrent_rpcs,
+            read_timeout=settings.request_read_timeout,
+        )
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(tokens)] if tokens.enabled else [],
+            interceptors=[gate],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         modelhost = service.add_to_server(self.host, server)
         inference = oip.add_to_server(self.host, server)
@@ -97,14 +102,18 @@ class Server:
         self._grpc = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_port:
-            self.metrics_port = self.host.metrics.serve(settings.host, settings.metrics_port)
+            self.metrics_port = self.host.metrics.serve(
+                settings.metrics_host, settings.metrics_port
+            )
         log.info(
             "modelhost serving on %s (%s, store %s, device %s%s)",
             self.target,
             "TLS" if credentials else "plaintext",
             settings.store,
             self.host.default_device,
-            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+            f", metrics on {_address(settings.metrics_host, self.metrics_port)}"
+            if self.metrics_port
+            else "",
         )
         if settings.restore:
             await self.host.restore()
@@ -146,19 +155,21 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def check_exposure(settings: Settings, tokens: bool, tls: bool) -> None:
-    """Refuses to serve beyond this machine without TLS or a token, unless told to."""
-    if settings.is_loopback() or tokens or tls:
+def check_exposure(settings: Settings, tokens: bool, mutual_tls: bool) -> None:
+    """Refuses to serve beyond this machine without authentication (tokens or mutual
+    TLS), unless told to. Server-side TLS alone encrypts but authenticates nobody."""
+    if settings.is_loopback() or tokens or mutual_tls:
         return
     if not settings.insecure:
         raise ValueError(
-            f"refusing to serve on {settings.host} without TLS or a token: anyone who can "
-            "reach it could load and run models. Configure tls_cert_file/tls_key_file or "
-            "token_file/management_token_file, or set insecure to accept the risk."
+            f"refusing to serve on {settings.host} without a token or mutual TLS: anyone "
+            "who can reach it could load and run models (TLS without a client CA "
+            "encrypts but authenticates nobody). Configure token_file/management_token_file "
+            "or tls_client_ca_file, or set insecure to accept the risk."
         )
     log.warning(
-        "INSECURE: serving on %s with neither TLS nor tokens; anyone who can reach this "
-        "port can upload checkpoints and load models",
+        "INSECURE: serving on %s with neither tokens nor mutual TLS; anyone who can reach "
+        "this port can upload checkpoints and load models",
         settings.host,
     )
 

@@ -1,4 +1,4 @@
-"""Bearer-token authentication: a server interceptor with separate management tokens.
+"""Bearer tokens with a management tier (`gate.Gate` applies them to every call).
 
 - Health checks and reflection are always open (Kubernetes probes, grpcurl).
 - Management RPCs (SaveCheckpoint, DeleteCheckpoint, LoadModel, UnloadModel and the
@@ -7,18 +7,19 @@
 - Every other RPC needs an inference or a management token when inference tokens
   are configured.
 - No token or a wrong one: UNAUTHENTICATED. Tokens are compared in constant time.
+- A token file that holds no token stops the server at start: naming a file means
+  the operator wants authentication, so an empty one must not turn it off.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import grpc.aio
 
 from modelhost.server.settings import Settings
 
@@ -35,11 +36,17 @@ MANAGEMENT_METHODS = frozenset(
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _read_tokens(value: str, path: str) -> tuple[bytes, ...]:
+def _read_tokens(value: str, path: str, setting: str) -> tuple[bytes, ...]:
     tokens = [value] if value else []
     if path:
         lines = Path(path).read_text().splitlines()
-        tokens += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        found = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not found:
+            raise ValueError(
+                f"{setting} {path} holds no token (it is empty or only comments): "
+                "refusing to start without the authentication it asks for"
+            )
+        tokens += found
     return tuple(token.encode() for token in tokens)
 
 
@@ -60,8 +67,10 @@ class Tokens:
     @classmethod
     def from_settings(cls, settings: Settings) -> Tokens:
         return cls(
-            inference=_read_tokens(settings.token, settings.token_file),
-            management=_read_tokens(settings.management_token, settings.management_token_file),
+            inference=_read_tokens(settings.token, settings.token_file, "token_file"),
+            management=_read_tokens(
+                settings.management_token, settings.management_token_file, "management_token_file"
+            ),
         )
 
     @property
@@ -105,48 +114,3 @@ def bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip().encode()
     return None
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls whose token does not allow their method."""
-
-    def __init__(self, tokens: Tokens) -> None:
-        self.tokens = tokens
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        metadata = handler_call_details.invocation_metadata
-        verdict = self.tokens.verdict(method, bearer(metadata))
-        if handler is None or verdict is None:
-            return handler
-        return _refusal(handler, *verdict)
-
-
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same shape as `handler` that ends the call with `code`."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    behaviour = refuse_stream if handler.response_streaming else refuse
-    return make(
-        behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )

@@ -1,4 +1,4 @@
-"""Domain errors raised below the servicer; `service.STATUS` maps each to a gRPC status."""
+"""Domain errors raised below the servicer; `rpc.STATUS` maps each to a gRPC status."""
 
 from __future__ import annotations
 
@@ -51,12 +51,24 @@ class LimitExceeded(ModelHostFailure):
     """A configured limit (size, queue, count) was reached."""
 
 
+class StoreFull(LimitExceeded):
+    """The checkpoint store's volume is full (or its quota spent); nothing was changed."""
+
+
 class Refused(ModelHostFailure):
     """The server's configuration refuses the request (e.g. pickled models)."""
 
 
-class ChecksumMismatch(ModelHostFailure):
+class DataLoss(ModelHostFailure):
+    """Bytes that should be there are not, or are not what they should be."""
+
+
+class ChecksumMismatch(DataLoss):
     """Bytes did not hash to the checksum the caller announced."""
+
+
+class MissingBytes(DataLoss):
+    """A checkpoint's manifest entry is there, its bytes are not (removed behind the store)."""
 
 
 class DeadlineExpired(ModelHostFailure):

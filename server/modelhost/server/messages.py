@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec, wire
 from modelhost.server.architectures import Builder
+from modelhost.server.errors import LimitExceeded
 from modelhost.server.images import Preprocessing
 from modelhost.server.registry import HostedModel
 from modelhost.server.store import CheckpointRecord
@@ -29,9 +33,20 @@ serialize_download_response = wire.serialize_chunks(pb.DownloadCheckpointRespons
 PredictRequest = pb.PredictRequest | wire.PredictRequestView
 
 
-def parse_predict_request(data: bytes) -> PredictRequest:
-    """Predict's deserializer: input tensors come as views of the received bytes."""
-    return wire.read_predict_request(data) or pb.PredictRequest.FromString(data)
+def predict_parser(max_inputs: int, max_images: int) -> Callable[[bytes], PredictRequest]:
+    """Predict's deserializer: input tensors come as views of the received bytes; a
+    request with more inputs or images than the limits is refused as soon as it shows."""
+
+    def parse_predict_request(data: bytes) -> PredictRequest:
+        try:
+            request = wire.read_predict_request(data, max_inputs, max_images)
+        except wire.TooManyEntries as error:
+            raise LimitExceeded(
+                f"the request has {error}; the limit is {error.limit} (max_request_{error.what})"
+            ) from None
+        return request or pb.PredictRequest.FromString(data)
+
+    return parse_predict_request
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -93,6 +108,22 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         autocast=codec.data_type(hosted.runner.autocast)
         if hosted.runner.autocast
         else pb.DATA_TYPE_UNSPECIFIED,
+    )
+
+
+def failed_model_info(entry: Mapping[str, Any], reason: str) -> pb.ModelInfo:
+    """A recorded version that is not serving (a restore record entry), and why."""
+    args = entry.get("architecture_args")
+    return pb.ModelInfo(
+        name=str(entry.get("name", "")),
+        version=int(entry.get("version") or 0),
+        state=pb.MODEL_STATE_FAILED,
+        architecture=str(entry.get("architecture", "")),
+        architecture_args={str(k): str(v) for k, v in args.items()}
+        if isinstance(args, dict)
+        else {},
+        checkpoint=str(entry.get("checkpoint", "")),
+        status_message=reason,
     )
 
 

@@ -1,8 +1,5 @@
-"""The gRPC servicer: converts messages, calls `Host`, and maps errors to statuses.
-
-`STATUS` is the one table from domain errors to gRPC status codes. Anything not in
-it is a bug: it is logged with its traceback and a request id, and the caller gets
-INTERNAL with that id.
+"""The gRPC servicer: converts messages, calls `Host`, and maps errors to statuses
+(through `rpc.STATUS`, the one table).
 """
 
 from __future__ import annotations
@@ -11,7 +8,6 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,43 +16,13 @@ import grpc.aio
 
 from modelhost.client import wire
 from modelhost.server import errors as e
-from modelhost.server import messages
+from modelhost.server import messages, rpc
 from modelhost.server.host import Host
 from modelhost.server.loading import LoadRequest
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-STATUS: dict[type[e.ModelHostFailure], grpc.StatusCode] = {
-    e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    e.NotFound: grpc.StatusCode.NOT_FOUND,
-    e.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    e.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    e.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    e.Refused: grpc.StatusCode.FAILED_PRECONDITION,
-    e.ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
-    e.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    e.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def status_of(error: e.ModelHostFailure) -> grpc.StatusCode:
-    """The status for a domain error (its nearest mapped base class)."""
-    for cls in type(error).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and message a failed call ends with; bugs are logged with a request id."""
-    if isinstance(error, e.ModelHostFailure):
-        return status_of(error), str(error)
-    request_id = uuid.uuid4().hex[:12]
-    log.error("internal error [request %s]", request_id, exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
-
 
 # Request fields that name a hosted model, by method (for metric labels and logs).
 _NAME_IS_MODEL = {
@@ -94,7 +60,7 @@ class _Call:
         elif isinstance(error, grpc.aio.AbortError):
             self.done(context.code() or grpc.StatusCode.UNKNOWN)
         elif isinstance(error, Exception):
-            code, message = _status(error)
+            code, message = rpc.failure(error)
             self.done(code)
             await context.abort(code, message)
 
@@ -261,9 +227,10 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
         registry = self.host.registry
-        return pb.ListModelsResponse(
-            models=[messages.model_info(h, registry.versions(h.name)) for h in registry.all()]
-        )
+        hosted = [messages.model_info(h, registry.versions(h.name)) for h in registry.all()]
+        failed = [messages.failed_model_info(*item) for item in self.host.unrestored()]
+        models = sorted([*hosted, *failed], key=lambda info: (info.name, info.version))
+        return pb.ListModelsResponse(models=models)
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
@@ -319,8 +286,11 @@ def add_to_server(host: Host, server: grpc.aio.Server) -> str:
     handlers["DownloadCheckpoint"] = handlers["DownloadCheckpoint"]._replace(
         response_serializer=messages.serialize_download_response
     )
+    settings = host.settings
     handlers["Predict"] = handlers["Predict"]._replace(
-        request_deserializer=messages.parse_predict_request
+        request_deserializer=messages.predict_parser(
+            settings.max_request_inputs, settings.max_request_images
+        )
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
