@@ -70,9 +70,12 @@ def test_restart_recovery_restores_models_versions_and_options(settings: Setting
         np.testing.assert_array_equal(client.predict("m", x), reference(second, x))
         np.testing.assert_array_equal(client.predict("m", x, version=1), reference(first, x))
         client.delete_checkpoint("w1")
-    # A record whose checkpoint is gone is skipped; the rest still comes back.
+    # Deleting a checkpoint name keeps the bytes the record pins: everything comes back,
+    # version 1 with the weights it was loaded with.
     with running(recovering) as server, ModelHostClient(server.target, timeout=60) as client:
-        assert {(m.name, m.version) for m in client.list_models()} == {("m", 2)}
+        restored = {(m.name, m.version) for m in client.list_models()}
+        assert restored == {("m", 1), ("m", 2), ("half", 7)}
+        np.testing.assert_array_equal(client.predict("m", x, version=1), reference(first, x))
     # Without the setting nothing is restored.
     with running(settings) as server, ModelHostClient(server.target) as client:
         assert client.list_models() == []

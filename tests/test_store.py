@@ -13,7 +13,13 @@ import pytest
 
 from modelhost.server import staged_writer
 from modelhost.server import store as store_module
-from modelhost.server.errors import AlreadyExists, CheckpointNotFound, InvalidName, LimitExceeded
+from modelhost.server.errors import (
+    AlreadyExists,
+    CheckpointNotFound,
+    InvalidName,
+    LimitExceeded,
+    StoreFull,
+)
 from modelhost.server.names import check_name
 from modelhost.server.staged_writer import StagedWriter
 from modelhost.server.store import CheckpointStore, Contents
@@ -255,4 +261,39 @@ def test_store_works_where_the_file_system_has_no_locks(
     assert files(tmp_path) == []
     put(store, "c", b"bytes")
     store.delete("c")
+    assert files(tmp_path) == []
+
+
+def test_state_pins_keep_blobs_until_no_document_pins_them(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    sha = put(store, "a", b"first")
+    store.write_state("record", ["m"], pins=[sha])
+    put(store, "a", b"second", overwrite=True)
+    store.delete("a")
+    CheckpointStore(tmp_path).recover()
+    assert files(tmp_path) == [f"blobs/{sha}", "record.json"]
+    # A blob not pinned yet must be there to be pinned: else nothing changes.
+    with pytest.raises(CheckpointNotFound, match="not in the store"):
+        store.write_state("record", ["m", "n"], pins=[sha, hashlib.sha256(b"gone").hexdigest()])
+    assert store.read_state("record") == ["m"]
+    store.write_state("record", [])
+    assert files(tmp_path) == ["record.json"]
+
+
+def test_state_written_before_pins_reads_as_written(tmp_path: Path) -> None:
+    (tmp_path / "record.json").write_text('[{"name": "m"}]')
+    assert CheckpointStore(tmp_path).read_state("record") == [{"name": "m"}]
+
+
+def test_a_full_disk_is_store_full_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path)
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "_write_entry", full)  # the blob is in place, its entry fails
+    with pytest.raises(StoreFull, match="checkpoint store is full"):
+        put(store, "a", b"bytes")
     assert files(tmp_path) == []

@@ -20,6 +20,7 @@ _FORMATS: dict[pb.CheckpointFormat.ValueType, str] = {
 _STATES: dict[pb.ModelState.ValueType, str] = {
     pb.MODEL_STATE_READY: "ready",
     pb.MODEL_STATE_UNLOADING: "unloading",
+    pb.MODEL_STATE_FAILED: "failed",
 }
 
 
@@ -109,6 +110,7 @@ class ModelInfo:
     label_count: int = 0
     compile: str = ""
     autocast: str = ""
+    status_message: str = ""  # why a "failed" version is not serving
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -145,6 +147,7 @@ class ModelInfo:
             label_count=msg.label_count,
             compile=msg.compile,
             autocast=dtype_name(msg.autocast) if msg.autocast else "",
+            status_message=msg.status_message,
         )
 
 

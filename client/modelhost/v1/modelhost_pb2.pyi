@@ -151,6 +151,11 @@ class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState
     """Serving predictions."""
     MODEL_STATE_UNLOADING: _ModelState.ValueType  # 2
     """Removed from routing; finishing accepted requests before freeing memory."""
+    MODEL_STATE_FAILED: _ModelState.ValueType  # 3
+    """Recorded for restart recovery but not serving (its checkpoint bytes are gone, or
+    it failed to load at start): `ModelInfo.status_message` says why. A later start
+    retries it; UnloadModel drops it.
+    """
 
 class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """Lifecycle state of a hosted model version."""
@@ -161,6 +166,11 @@ MODEL_STATE_READY: ModelState.ValueType  # 1
 """Serving predictions."""
 MODEL_STATE_UNLOADING: ModelState.ValueType  # 2
 """Removed from routing; finishing accepted requests before freeing memory."""
+MODEL_STATE_FAILED: ModelState.ValueType  # 3
+"""Recorded for restart recovery but not serving (its checkpoint bytes are gone, or
+it failed to load at start): `ModelInfo.status_message` says why. A later start
+retries it; UnloadModel drops it.
+"""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
 @_typing.final
@@ -916,6 +926,7 @@ class ModelInfo(_message.Message):
     LABEL_COUNT_FIELD_NUMBER: _builtins.int
     COMPILE_FIELD_NUMBER: _builtins.int
     AUTOCAST_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     version: _builtins.int
@@ -950,6 +961,8 @@ class ModelInfo(_message.Message):
     """torch.compile mode, or empty."""
     autocast: Global___DataType.ValueType
     """Autocast dtype, or unspecified."""
+    status_message: _builtins.str
+    """Why the version is not serving (state FAILED); empty otherwise."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every version of this model that is hosted, ascending."""
@@ -1010,10 +1023,11 @@ class ModelInfo(_message.Message):
         label_count: _builtins.int = ...,
         compile: _builtins.str = ...,
         autocast: Global___DataType.ValueType = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "loaded_at", b"loaded_at", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "compile", b"compile", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "label_count", b"label_count", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "parameter_count", b"parameter_count", "preprocessing", b"preprocessing", "state", b"state", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "compile", b"compile", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "label_count", b"label_count", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "parameter_count", b"parameter_count", "preprocessing", b"preprocessing", "state", b"state", "status_message", b"status_message", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

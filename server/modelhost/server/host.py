@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +29,8 @@ from modelhost.server.errors import (
     InvalidArgument,
     InvalidInput,
     LimitExceeded,
+    ModelHostFailure,
+    ModelNotFound,
     ShuttingDown,
 )
 from modelhost.server.images import Preprocessing
@@ -43,6 +46,7 @@ from modelhost.v1 import modelhost_pb2 as pb
 log = logging.getLogger(__name__)
 
 HOSTED_STATE = "hosted-models"
+PINNED = "loaded_checkpoint"  # a restore record entry's key: the bytes it loaded
 SPOOL_CHUNKS = 8
 MAX_BATCH_SIZE = 1 << 16
 MAX_QUEUE_SIZE = 1 << 20
@@ -76,6 +80,9 @@ class Host:
         self._cpu_lane = Lane("cpu", shared=True)
         self._closing = False
         self._unsafe = settings.allow_pickled_models
+        # Restore record entries not hosted (yet): kept in the record, with the reason.
+        self._unrestored: dict[tuple[str, int], tuple[dict[str, Any], str]] = {}
+        self._recorded: Any = None  # the restore record as last read or written
 
     # Checkpoints
 
@@ -173,8 +180,12 @@ class Host:
         if len(metadata) > MAX_METADATA_ENTRIES:
             raise InvalidArgument(f"metadata has {len(metadata)} entries; the limit is 64")
         for key, value in metadata.items():
-            if len(key) + len(value) > MAX_METADATA_BYTES:
-                raise InvalidArgument(f"metadata entry {key!r} is over {MAX_METADATA_BYTES} bytes")
+            size = len(key.encode()) + len(value.encode())  # UTF-8 bytes, not characters
+            if size > MAX_METADATA_BYTES:
+                raise InvalidArgument(
+                    f"metadata entry {key!r:.80} is {size} bytes (UTF-8); "
+                    f"the limit is {MAX_METADATA_BYTES}"
+                )
         self.store.check_free(name, header.overwrite)
         return name, metadata
 
@@ -217,15 +228,22 @@ class Host:
 
     # Models
 
-    async def load_model(self, request: LoadRequest) -> HostedModel:
-        """Builds, loads and registers a model version; the newest serves at once."""
+    async def load_model(
+        self, request: LoadRequest, pinned: CheckpointRecord | None = None
+    ) -> HostedModel:
+        """Builds, loads and registers a model version; the newest serves at once.
+
+        `pinned` (a restore) loads those bytes rather than what the checkpoint name holds
+        now. With `restore`, the record is written before the version serves: if that
+        fails (a full store), the version is thrown away and nothing has changed.
+        """
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         spec = self._load_spec(request)
         policy = self._policy(request)
         version = self.registry.reserve(spec.name, request.version)
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._loads, self._build, spec, version, policy, request)
+        job = loop.run_in_executor(self._loads, self._build, spec, version, policy, request, pinned)
         try:
             hosted = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
@@ -235,9 +253,15 @@ class Host:
         except BaseException:
             self.registry.cancel(spec.name, version)
             raise
+        try:
+            self._record_hosted(adding=hosted)
+        except BaseException:
+            self.registry.cancel(spec.name, version)
+            await asyncio.to_thread(hosted.retire)
+            raise
         self.registry.put(hosted)
+        self._unrestored.pop((spec.name, version), None)
         self.metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
-        self._record_hosted()
         log.info(
             "serving %s version %d (%s from %s on %s, %.2fs)",
             spec.name,
@@ -265,8 +289,15 @@ class Host:
             raise InvalidArgument(
                 f"autocast {codec.dtype_name(request.autocast)}: use float16 or bfloat16"
             )
+        shape = f"warmup_shape {list(request.warmup_shape)!s:.100}"
         if any(dim < 1 for dim in request.warmup_shape):
-            raise InvalidArgument(f"warmup_shape {list(request.warmup_shape)} must be positive")
+            raise InvalidArgument(f"{shape} must be positive")
+        elements = functools.reduce(int.__mul__, request.warmup_shape, 1)
+        if elements > self.settings.max_tensor_elements:
+            raise InvalidArgument(
+                f"{shape} has {elements} elements; the limit is "
+                f"{self.settings.max_tensor_elements} (max_tensor_elements)"
+            )
         if bool(request.checkpoint) == bool(request.weights):
             raise InvalidArgument("LoadModel needs either a checkpoint or pretrained weights")
         return LoadSpec(
@@ -307,10 +338,17 @@ class Host:
         return policy
 
     def _build(
-        self, spec: LoadSpec, version: int, policy: BatchPolicy, request: LoadRequest
+        self,
+        spec: LoadSpec,
+        version: int,
+        policy: BatchPolicy,
+        request: LoadRequest,
+        pinned: CheckpointRecord | None,
     ) -> HostedModel:
         """Loads, wraps and warms up a model version (on a load thread)."""
-        loaded = load_module(spec, self.store, self.catalog, allow_pickled=self._unsafe)
+        loaded = load_module(
+            spec, self.store, self.catalog, allow_pickled=self._unsafe, pinned=pinned
+        )
         if any(s.shape and s.shape[0] != -1 for s in loaded.inputs):
             policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
         runner = Runner(
@@ -322,6 +360,8 @@ class Host:
             preprocessing=self._preprocessing(spec, request, loaded),
             autocast=codec.torch_dtype(request.autocast) if request.autocast else None,
             compile_mode=request.compile,
+            max_image_pixels=self.settings.max_image_pixels,
+            max_elements=self.settings.max_tensor_elements,
         )
         lane = self._cpu_lane if loaded.device.type == "cpu" else Lane(f"{spec.name}-{version}")
         if request.warmup_shape:
@@ -345,7 +385,11 @@ class Host:
             loaded=loaded,
             runner=runner,
             batcher=Batcher(
-                runner.run, policy, lane, observe=self.metrics.batch_observer(spec.name, version)
+                runner.run,
+                policy,
+                lane,
+                observe=self.metrics.batch_observer(spec.name, version),
+                on_error=self.metrics.batch_errors.labels(spec.name, str(version)).inc,
             ),
             loaded_at=time.time(),
             labels=list(request.labels or categories),
@@ -367,15 +411,41 @@ class Host:
         return wanted
 
     async def unload_model(self, name: str, version: int = 0) -> list[int]:
-        """Removes versions from routing, lets their requests finish, frees them."""
-        removed = self.registry.remove(check_name(name, "model"), version)
-        self._record_hosted()
+        """Removes versions from routing, lets their requests finish, frees them.
+
+        With `restore`, the record is written first: if that fails, nothing is removed.
+        Versions the record holds but that were not restored are dropped from it too.
+        """
+        name = check_name(name, "model")
+        forgotten = [key for key in self._unrestored if key[0] == name and version in (0, key[1])]
+        try:
+            leaving = self.registry.select(name, version)
+        except ModelNotFound:
+            if not forgotten:
+                raise
+            leaving = []
+        self._record_hosted(removing=leaving, forgetting=forgotten)
+        for key in forgotten:
+            self._unrestored.pop(key, None)
+        removed = self.registry.remove(name, version) if leaving else []
         await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
         log.info("unloaded %s versions %s", name, [h.version for h in removed])
-        return [hosted.version for hosted in removed]
+        return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
 
     def get_model(self, name: str, version: int = 0) -> HostedModel:
-        return self.registry.get(check_name(name, "model"), version)
+        """The version asked for (0: the newest); NOT_FOUND says why one was not restored."""
+        name = check_name(name, "model")
+        try:
+            return self.registry.get(name, version)
+        except ModelNotFound as error:
+            reasons = [
+                f"version {v} was not restored: {reason}"
+                for (n, v), (_, reason) in sorted(self._unrestored.items())
+                if n == name and version in (0, v)
+            ]
+            if reasons:
+                raise ModelNotFound(f"{error}; " + "; ".join(reasons)) from None
+            raise
 
     # Inference
 
@@ -392,6 +462,7 @@ class Host:
         """Runs a hosted model through its batcher; images are preprocessed off the loop."""
         if top_k < 0:
             raise InvalidArgument(f"top_k must not be negative, got {top_k}")
+        self.check_request_size(len(inputs), len(images))
         elements = sum(_element_count(name, tensor) for name, tensor in inputs.items())
         if elements > self.settings.max_tensor_elements:
             raise LimitExceeded(
@@ -421,26 +492,75 @@ class Host:
             answer = await asyncio.wrap_future(future)
         return hosted, answer
 
+    def unrestored(self) -> list[tuple[dict[str, Any], str]]:
+        """Recorded versions that are not serving (not restored, or not yet), with why."""
+        return [self._unrestored[key] for key in sorted(self._unrestored)]
+
+    def check_request_size(self, inputs: int, images: int) -> None:
+        """Refuses a Predict request with more inputs or images than the settings allow."""
+        for count, what, setting in (
+            (inputs, "input tensors", "max_request_inputs"),
+            (images, "images", "max_request_images"),
+        ):
+            limit = getattr(self.settings, setting)
+            if count > limit:
+                raise LimitExceeded(
+                    f"the request has {count} {what}; the limit is {limit} ({setting})"
+                )
+
     # Lifecycle
 
-    def _record_hosted(self) -> None:
-        """With `restore`, writes what is hosted (and how it was loaded) into the store."""
-        if self.settings.restore and not self._closing:
-            hosted = [dataclasses.asdict(h.request) for h in self.registry.all()]
-            self.store.write_state(HOSTED_STATE, hosted)
+    def _record_hosted(
+        self,
+        adding: HostedModel | None = None,
+        removing: Sequence[HostedModel] = (),
+        forgetting: Collection[tuple[str, int]] = (),
+    ) -> None:
+        """With `restore`, writes into the store what is hosted, how it was loaded and
+        the checkpoint bytes it loaded (pinned there), as it is once `adding` serves and
+        `removing` and `forgetting` are gone. Versions not restored (yet) stay in it."""
+        if not self.settings.restore or self._closing:
+            return
+        hosted = [*self.registry.all(), *([adding] if adding else [])]
+        entries = {(h.name, h.version): _record_entry(h) for h in hosted}
+        for key, (entry, _) in self._unrestored.items():
+            entries.setdefault(key, entry)
+        leaving = {(h.name, h.version) for h in removing} | set(forgetting)
+        kept = json.loads(json.dumps([entries[k] for k in sorted(entries) if k not in leaving]))
+        if kept == self._recorded:
+            return  # e.g. a version restored as recorded: nothing to write (on a full disk)
+        pins = {sha for entry in kept if (sha := _pinned_sha(entry))}
+        self.store.write_state(HOSTED_STATE, kept, pins)
+        self._recorded = kept
 
     async def restore(self) -> list[str]:
         """Loads again what the store records as hosted; returns "name:version" of each.
 
-        A record that fails to load is logged and skipped: the others still come up.
+        Each version loads the checkpoint bytes it loaded before (a record written
+        before those were recorded: what the checkpoint name holds now). One that fails
+        is logged and stays in the record, the others still come up: GetModel says why,
+        a later start retries it (say, once its bytes are uploaded again), and
+        UnloadModel drops it.
         """
+        state = self._recorded = self.store.read_state(HOSTED_STATE) or []
+        entries = [entry for entry in state if isinstance(entry, dict)]
+        pending = "the server is still restoring"
+        self._unrestored = {_key(entry): (entry, pending) for entry in entries}
         restored = []
-        for fields in self.store.read_state(HOSTED_STATE) or []:
+        for entry in entries:
+            key = _key(entry)
+            if key not in self._unrestored:
+                continue  # a client loaded or unloaded that version meanwhile
             try:
-                request = LoadRequest.from_dict(fields)
-                hosted = await self.load_model(request)
-            except Exception:
-                log.exception("could not restore %s", fields.get("name"))
+                fields = {k: v for k, v in entry.items() if k != PINNED}
+                pinned = CheckpointRecord(**entry[PINNED]) if entry.get(PINNED) else None
+                hosted = await self.load_model(LoadRequest.from_dict(fields), pinned)
+            except Exception as error:
+                known = isinstance(error, ModelHostFailure)
+                reason = str(error) if known else f"{type(error).__name__}: {error}"
+                log.error("could not restore %s version %d: %s", *key, reason, exc_info=not known)
+                if key in self._unrestored:
+                    self._unrestored[key] = (entry, reason)
                 continue
             restored.append(f"{hosted.name}:{hosted.version}")
         log.info("restored %d model versions: %s", len(restored), ", ".join(restored) or "-")
@@ -456,6 +576,26 @@ class Host:
         self._cpu_lane.close()
         self._io.shutdown(wait=True)
         self.store.close()
+
+
+def _record_entry(hosted: HostedModel) -> dict[str, Any]:
+    """A restore record entry: the LoadModel request and the checkpoint bytes it loaded."""
+    entry = dataclasses.asdict(hosted.request)
+    if hosted.loaded.record is not None:
+        loaded = dataclasses.replace(hosted.loaded.record, metadata={})
+        entry[PINNED] = dataclasses.asdict(loaded)
+    return entry
+
+
+def _key(entry: dict[str, Any]) -> tuple[str, int]:
+    version = entry.get("version")
+    return str(entry.get("name")), version if isinstance(version, int) else 0
+
+
+def _pinned_sha(entry: dict[str, Any]) -> str | None:
+    loaded = entry.get(PINNED)
+    sha = loaded.get("sha256") if isinstance(loaded, dict) else None
+    return sha if isinstance(sha, str) else None
 
 
 def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:

@@ -24,8 +24,18 @@ from torch import nn
 from modelhost.client import codec
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog
-from modelhost.server.devices import ensure_room, is_oom, module_bytes, release_memory
-from modelhost.server.errors import InvalidArgument, InvalidCheckpoint, OutOfMemory, Refused
+from modelhost.server.devices import (
+    ensure_room,
+    is_oom,
+    module_bytes,
+    out_of_memory,
+)
+from modelhost.server.errors import (
+    CheckpointNotFound,
+    InvalidArgument,
+    InvalidCheckpoint,
+    Refused,
+)
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec
 from modelhost.server.store import CheckpointRecord, CheckpointStore
@@ -131,10 +141,22 @@ def load_module(
     catalog: ArchitectureCatalog,
     *,
     allow_pickled: bool = False,
+    pinned: CheckpointRecord | None = None,
 ) -> LoadedModule:
-    """Builds and loads `spec`; raises InvalidCheckpoint naming keys that do not fit."""
+    """Builds and loads `spec`; raises InvalidCheckpoint naming keys that do not fit.
+
+    `pinned` (a restore) loads those bytes of the checkpoint, not what its name holds now.
+    """
     started = time.perf_counter()
-    record = store.get(spec.checkpoint) if spec.checkpoint else None
+    if pinned is not None:
+        if not store.has_blob(pinned.sha256):
+            raise CheckpointNotFound(
+                f"checkpoint {spec.checkpoint!r} (sha256 {pinned.sha256}) as it was loaded "
+                "is no longer in the store"
+            )
+        record: CheckpointRecord | None = pinned
+    else:
+        record = store.get(spec.checkpoint) if spec.checkpoint else None
     try:
         if record is not None and record.format in _GRAPH_FORMATS:
             built = _load_graph(spec, record, store, allow_pickled)
@@ -153,11 +175,7 @@ def load_module(
             torch.cuda.synchronize(spec.device)
     except Exception as error:
         if is_oom(error):
-            release_memory(spec.device)
-            raise OutOfMemory(
-                f"out of memory loading {spec.name!r} onto {spec.device}: "
-                f"{str(error).splitlines()[0]}"
-            ) from None
+            raise out_of_memory(error, f"loading {spec.name!r}", spec.device) from None
         raise
     dtype = _float_dtype(module)
     return LoadedModule(

@@ -124,24 +124,33 @@ class Registry:
         finally:
             hosted.release()
 
+    def select(self, name: str, version: int = 0) -> list[HostedModel]:
+        """What `remove` would take out, without taking it (ModelNotFound if nothing)."""
+        with self._lock:
+            return self._select(name, version)
+
     def remove(self, name: str, version: int = 0) -> list[HostedModel]:
         """Takes one version (0: all) out of routing; the caller retires them."""
         with self._lock:
-            versions = self._models.get(name)
-            if not versions:
-                raise ModelNotFound(f"model {name!r} is not loaded")
-            if version == 0:
-                removed = list(versions.values())
-                versions.clear()
-            elif version in versions:
-                removed = [versions.pop(version)]
-            else:
-                raise ModelNotFound(
-                    f"model {name!r} has no version {version} (hosted: {sorted(versions)})"
-                )
+            removed = self._select(name, version)
+            versions = self._models[name]
+            for hosted in removed:
+                del versions[hosted.version]
             if not versions:
                 del self._models[name]
             return removed
+
+    def _select(self, name: str, version: int) -> list[HostedModel]:
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        if version == 0:
+            return [versions[v] for v in sorted(versions)]
+        if version not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version} (hosted: {sorted(versions)})"
+            )
+        return [versions[version]]
 
     def versions(self, name: str) -> list[int]:
         """Hosted versions of `name`, ascending."""

@@ -6,6 +6,7 @@ Layout under the root (folders 0700, files 0600):
     checkpoints/<name>.json   the manifest entry: name, sha256, size, format, metadata, ...
     tmp/                      uploads in progress, and a lock file per server using the store
     store.lock                taken (flock) around commits, deletes and clean-up
+    <state>.json              server state (the restore record), with the blobs it pins
 
 A write streams into tmp/ while hashing, is validated, fsynced and renamed into
 blobs/; then the manifest entry is written the same way. Renaming the entry is the
@@ -17,6 +18,10 @@ temp files after itself and holds a lock on `tmp/<owner>.owner` while it runs, s
 clean-up only removes the temp files of servers that are gone; commits, deletes and
 the removal of unreferenced blobs hold `store.lock`, so no server removes a blob
 another is about to refer to.
+
+A state document (`write_state`) may pin blobs: a pinned blob stays, whatever happens
+to the names, until no document pins it and no entry refers to it. A full volume
+(ENOSPC, EDQUOT) is reported as StoreFull, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -32,12 +37,18 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
-from modelhost.server.errors import AlreadyExists, CheckpointNotFound, LimitExceeded
+from modelhost.server.errors import (
+    AlreadyExists,
+    CheckpointNotFound,
+    LimitExceeded,
+    MissingBytes,
+    StoreFull,
+)
 from modelhost.server.names import check_name
 from modelhost.server.staged_writer import StagedWriter
 
@@ -47,6 +58,9 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _OWNER = ".owner"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,17 @@ class Contents:
     tensor_count: int
     epoch: int | None = None
     loss: float | None = None
+
+
+@contextlib.contextmanager
+def _space() -> Iterator[None]:
+    """Reports a full volume (or a spent quota) as StoreFull: RESOURCE_EXHAUSTED."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _FULL:
+            raise
+        raise StoreFull(f"the checkpoint store is full ({os.strerror(error.errno)})") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,7 +139,8 @@ class PendingWrite:
                 f"checkpoint exceeds max_checkpoint_bytes ({self._max_bytes} bytes)"
             )
         self._hash.update(data)
-        self._writer.write(data)
+        with _space():
+            self._writer.write(data)
         return len(data)
 
     def flush(self) -> None:
@@ -127,7 +153,8 @@ class PendingWrite:
     def finish(self) -> None:
         """Makes the bytes durable and closes the file."""
         try:
-            self._writer.close(self.size)
+            with _space():
+                self._writer.close(self.size)
         finally:
             self._close()
 
@@ -200,8 +227,32 @@ class CheckpointStore:
         return records
 
     def blob_path(self, record: CheckpointRecord) -> Path:
-        """Where the bytes of `record` are; open it promptly (a delete may follow)."""
-        return self._blobs / record.sha256
+        """Where the bytes of `record` are; open it promptly (a delete may follow).
+
+        MissingBytes (DATA_LOSS) when the entry still names bytes that are gone;
+        CheckpointNotFound when the checkpoint was deleted or replaced meanwhile.
+        """
+        path = self._blob(record.sha256)
+        if not path.exists():
+            self._missing(record)
+        return path
+
+    def _missing(self, record: CheckpointRecord) -> NoReturn:
+        """Raises why the bytes of `record` cannot be read."""
+        try:
+            current = self.get(record.name).sha256
+        except CheckpointNotFound:
+            current = None
+        if current == record.sha256:
+            raise MissingBytes(
+                f"checkpoint {record.name!r}: its bytes (sha256 {record.sha256}) are missing "
+                "from the store; upload it again, or delete it"
+            )
+        raise CheckpointNotFound(f"checkpoint {record.name!r} was deleted or replaced meanwhile")
+
+    def has_blob(self, sha256: str) -> bool:
+        """Whether the bytes with this sha256 are in the store."""
+        return self._blob(sha256).exists()
 
     @contextlib.contextmanager
     def open(self, name: str) -> Iterator[tuple[CheckpointRecord, IO[bytes]]]:
@@ -212,9 +263,9 @@ class CheckpointStore:
         """
         record = self.get(name)
         try:
-            fd = os.open(self.blob_path(record), os.O_RDONLY | _OPEN_FLAGS)
+            fd = os.open(self._blob(record.sha256), os.O_RDONLY | _OPEN_FLAGS)
         except FileNotFoundError:
-            raise CheckpointNotFound(f"checkpoint {name!r} was deleted") from None
+            self._missing(record)
         with os.fdopen(fd, "rb") as file:
             yield record, file
 
@@ -225,9 +276,9 @@ class CheckpointStore:
         with self._lock:
             self._counter += 1
             suffix = f"{self._counter}-{time.monotonic_ns()}"
-        return PendingWrite(
-            self._tmp / f"{self.owner}.upload-{suffix}", self.max_checkpoint_bytes, self.direct_io
-        )
+        path = self._tmp / f"{self.owner}.upload-{suffix}"
+        with _space():
+            return PendingWrite(path, self.max_checkpoint_bytes, self.direct_io)
 
     def check_free(self, name: str, overwrite: bool) -> None:
         """Fails early with AlreadyExists when `name` is taken and not to be replaced."""
@@ -256,17 +307,23 @@ class CheckpointStore:
             epoch=contents.epoch,
             loss=contents.loss,
         )
-        with self._locked():
+        with self._locked(), _space():
             self.check_free(name, overwrite)
             previous = self._sha_of(entry)
             blob = self._blobs / record.sha256
-            if blob.exists():
-                pending.discard()  # same bytes are stored already
-            else:
+            fresh = not blob.exists()
+            if fresh:
                 os.replace(pending.path, blob)
-                _fsync_dir(self._blobs)
+            else:
+                pending.discard()  # same bytes are stored already
             pending.committed = True
-            self._write_entry(entry, record)
+            try:
+                if fresh:
+                    _fsync_dir(self._blobs)
+                self._write_entry(entry, record)
+            except BaseException:
+                self._drop_blob_if_unused(record.sha256)  # e.g. a full disk: nothing changes
+                raise
             if previous and previous != record.sha256:
                 self._drop_blob_if_unused(previous)
         log.info(
@@ -306,7 +363,7 @@ class CheckpointStore:
                 if blob.name not in used:
                     blob.unlink(missing_ok=True)
                     log.info("removed unreferenced blob %s", blob.name)
-            for sha in used:
+            for sha in used:  # kept: reading them answers DATA_LOSS until deleted
                 if not (self._blobs / sha).exists():
                     log.error("checkpoint store: blob %s is missing", sha)
 
@@ -331,6 +388,14 @@ class CheckpointStore:
     def _entry_path(self, name: str) -> Path:
         return self._entries / f"{check_name(name, 'checkpoint')}.json"
 
+    def _state_path(self, name: str) -> Path:
+        return self.root / f"{check_name(name, 'state')}.json"
+
+    def _blob(self, sha256: str) -> Path:
+        if not _SHA256.fullmatch(sha256):
+            raise CheckpointNotFound(f"{sha256!r} is not a sha256")
+        return self._blobs / sha256
+
     def _sha_of(self, entry: Path) -> str | None:
         try:
             return str(json.loads(entry.read_bytes())["sha256"])
@@ -338,11 +403,24 @@ class CheckpointStore:
             return None
 
     def _used_blobs(self) -> set[str]:
+        """Blobs an entry refers to or a state document pins."""
         used = set()
         for entry in self._entries.glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError):
                 used.add(str(json.loads(entry.read_bytes())["sha256"]))
+        for state in self.root.glob("*.json"):
+            with contextlib.suppress(OSError):
+                used |= self._pinned_by(state)
         return used
+
+    def _pinned_by(self, state: Path) -> set[str]:
+        """The blobs a state document pins (none if it has none, or there is none)."""
+        try:
+            document = json.loads(state.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return set()
+        pins = document.get(_PINS, []) if _wrapped(document) else []
+        return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
 
     def _drop_blob_if_unused(self, sha: str) -> None:
         if sha not in self._used_blobs():
@@ -368,19 +446,40 @@ class CheckpointStore:
 
     # Server state kept beside the checkpoints (e.g. the models to restore)
 
-    def write_state(self, name: str, value: Any) -> None:
-        """Atomically stores a small JSON document in the store's root."""
-        self._replace(self.root / f"{check_name(name, 'state')}.json", json.dumps(value).encode())
+    def write_state(self, name: str, value: Any, pins: Collection[str] = ()) -> None:
+        """Atomically stores a small JSON document in the store's root.
+
+        `pins` are the sha256 of the blobs it refers to: they stay, whatever happens to
+        the names, until no document pins them and no entry refers to them (a string
+        that is not a sha256 pins nothing). A blob the document did not pin before must
+        be there (else CheckpointNotFound, and nothing changes).
+        """
+        path = self._state_path(name)
+        wanted = {sha for sha in pins if _SHA256.fullmatch(sha)}
+        with self._locked(), _space():
+            before = self._pinned_by(path)
+            for sha in sorted(wanted - before):
+                if not self.has_blob(sha):
+                    raise CheckpointNotFound(f"checkpoint bytes sha256 {sha} are not in the store")
+            document = {_VALUE: value, _PINS: sorted(wanted)}
+            self._replace(path, json.dumps(document).encode())
+            for sha in before - wanted:
+                self._drop_blob_if_unused(sha)
 
     def read_state(self, name: str) -> Any:
-        """A document written by `write_state`, or None if there is none."""
-        path = self.root / f"{check_name(name, 'state')}.json"
+        """The value `write_state` stored, or None if there is none."""
         try:
-            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+            fd = os.open(self._state_path(name), os.O_RDONLY | _OPEN_FLAGS)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as file:
-            return json.loads(file.read())
+            document = json.loads(file.read())
+        return document[_VALUE] if _wrapped(document) else document  # older: the bare value
+
+
+def _wrapped(document: Any) -> bool:
+    """Whether a state document has the form `write_state` writes (older ones are bare)."""
+    return isinstance(document, dict) and set(document) == {_VALUE, _PINS}
 
 
 def _flock(file: IO[bytes] | int, operation: int) -> bool:
