@@ -328,3 +328,51 @@ def test_malformed_upload_streams(
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "upload or snapshot" in err.details()
     assert store_files(server) == before
     still_serving()
+
+
+def test_hostile_load_model_fields_are_invalid_argument(
+    client: ModelHostClient, still_serving: Callable[[], None]
+) -> None:
+    """JSON nested past the recursion limit, an integer of over 4300 digits (Python's
+    int max str digits) and a warm-up shape of 2**40 rows answered INTERNAL (or tried
+    to allocate it); each is INVALID_ARGUMENT, with a short message."""
+
+    def load(**fields: Any) -> grpc.RpcError:
+        request = pb.LoadModelRequest(name="m", architecture="tiny_mlp", checkpoint="r18-weights")
+        request.MergeFrom(pb.LoadModelRequest(**fields))
+        return raw(client, "LoadModel", request)
+
+    for text in ["[" * 100_000 + "]" * 100_000, "[" * 33 + "]" * 33, "9" * 5000]:
+        err = load(architecture_args={"features": text})
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+        assert "architecture argument features=" in err.details()
+        assert len(err.details()) < 500
+    err = load(warmup_shape=[2**40, 12])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "warmup_shape [1099511627776, 12]" in err.details()
+    assert "max_tensor_elements" in err.details()
+    assert [m.name for m in client.list_models()] == ["r18"]
+    still_serving()
+
+
+def test_metadata_limit_counts_utf8_bytes(
+    client: ModelHostClient, server: Server, still_serving: Callable[[], None]
+) -> None:
+    """4 KiB per entry is bytes: "é" * 3000 is 3000 characters but 6000 bytes (the limit
+    counted characters: 64 such entries of 16 KiB each were stored)."""
+    before = store_files(server)
+    weights = {"w": torch.ones(2)}
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: client.save_checkpoint("meta", weights, metadata={"note": "é" * 3000}),
+        "'note' is 6004 bytes",
+    )
+    many = {f"k{i}": "é" * 8000 for i in range(64)}
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: client.save_checkpoint("meta", weights, metadata=many),
+    )
+    assert store_files(server) == before
+    fits = {"note": "é" * 2046}  # 4 + 4092 bytes: exactly the limit
+    assert client.save_checkpoint("meta", weights, metadata=fits).metadata == fits
+    still_serving()

@@ -7,6 +7,7 @@ spawned child (helpers/triton.py says why: its protos and ours share the package
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from conftest import images, reference, resnet18
 from helpers.triton import Triton, TritonError, start_child
 from modelhost.client import ModelHostClient
+from modelhost.oip import grpc_service_pb2 as oip
+from modelhost.oip import grpc_service_pb2_grpc as oip_grpc
 from modelhost.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,3 +355,123 @@ def test_model_statistics(
     assert "statistics" in triton.call("get_server_metadata")["extensions"]
     assert "nope" in fails("NOT_FOUND", triton.call, "get_inference_statistics", "nope")
     fails("NOT_FOUND", triton.call, "get_inference_statistics", "counted", "7")
+
+
+# Hostile requests, sent with our own stub (tritonclient checks some fields itself) ----
+
+Param = oip.ModelRepositoryParameter
+
+
+@pytest.fixture
+def stub(server: Server) -> Iterator[oip_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield oip_grpc.GRPCInferenceServiceStub(channel)
+
+
+def refused(call: Any, *words: str, case: object = "") -> str:
+    """Asserts `call` fails with INVALID_ARGUMENT and a short message holding `words`."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, error)
+    message: str = error.details()
+    assert len(message) < 500, (case, message)
+    for word in words:
+        assert word in message, (case, message)
+    return message
+
+
+def _load(stub: oip_grpc.GRPCInferenceServiceStub, name: str = "m", **parameters: Param) -> Any:
+    """A RepositoryModelLoad of resnet18 (10 classes) from "r18-weights", and `parameters`."""
+    valid = {
+        "architecture": Param(string_param="resnet18"),
+        "checkpoint": Param(string_param="r18-weights"),
+        "architecture_args": Param(string_param='{"num_classes": 10}'),
+    }
+    request = oip.RepositoryModelLoadRequest(model_name=name, parameters=valid | parameters)
+    return lambda: stub.RepositoryModelLoad(request)
+
+
+def _hosted(stub: oip_grpc.GRPCInferenceServiceStub) -> list[tuple[str, str]]:
+    index = stub.RepositoryIndex(oip.RepositoryIndexRequest())
+    return [(m.name, m.version) for m in index.models]
+
+
+VERSIONS = ["²", "٣", "\uff11", " 1", "0", "-1", "+1", str(2**63), "1" * 5000]
+
+
+def test_versions_are_ascii_decimals_within_int64(
+    stub: oip_grpc.GRPCInferenceServiceStub, served_resnet: torch.nn.Module
+) -> None:
+    """str.isdigit() takes "²" (which int() refuses: INTERNAL) and "٣" (which int() reads
+    as 3: served as version 3); 2**63 does not fit an int64."""
+    x = images(1, size=8)
+    tensor = oip.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=x.shape)
+    for version in VERSIONS:
+        infer = oip.ModelInferRequest(
+            model_name="r18",
+            model_version=version,
+            inputs=[tensor],
+            raw_input_contents=[x.tobytes()],
+        )
+        unload = oip.RepositoryModelUnloadRequest(
+            model_name="r18", parameters={"version": Param(string_param=version)}
+        )
+        for method, request in [
+            (stub.ModelInfer, infer),
+            (stub.ModelReady, oip.ModelReadyRequest(name="r18", version=version)),
+            (stub.ModelMetadata, oip.ModelMetadataRequest(name="r18", version=version)),
+            (stub.ModelConfig, oip.ModelConfigRequest(name="r18", version=version)),
+            (stub.ModelStatistics, oip.ModelStatisticsRequest(name="r18", version=version)),
+            (stub.RepositoryModelUnload, unload),
+        ]:
+            refused(functools.partial(method, request), "version", case=version)
+        if version != "0":  # a load's "0" is the next version, as int64_param 0 is
+            load = _load(stub, version=Param(string_param=version))
+            refused(load, "version", case=version)
+    assert _hosted(stub) == [("r18", "1")]
+
+
+def test_unload_version_of_a_wrong_type_unloads_nothing(
+    stub: oip_grpc.GRPCInferenceServiceStub, served_resnet: torch.nn.Module
+) -> None:
+    """A bool "version" was read as "" (every version): it unloaded the whole model."""
+    for param in [Param(bool_param=True), Param(), Param(int64_param=-1)]:
+        request = oip.RepositoryModelUnloadRequest(model_name="r18", parameters={"version": param})
+        refused(lambda r=request: stub.RepositoryModelUnload(r), "'version'", case=param)
+    assert _hosted(stub) == [("r18", "1")]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+BAD_CONFIGS = [
+    (DEEP, ["'config'", "deep"]),
+    ('{"a": ' * 40 + "1" + "}" * 40, ["'config'", "deep"]),
+    ('{"max_batch_size": ' + "9" * 5000 + "}", ["'config'", "digits"]),
+    ('{"max_batch_size": 1e400}', ["max_batch_size", "inf"]),
+    ('{"max_batch_size": true}', ["max_batch_size"]),
+    ('{"max_batch_size": "٤"}', ["max_batch_size"]),
+    ('{"max_batch_size": ' + str(2**63) + "}", ["max_batch_size"]),
+    ('{"dynamic_batching": {"preferred_batch_size": 4}}', ["preferred_batch_size", "list"]),
+    ('{"dynamic_batching": {"preferred_batch_size": [4, "a"]}}', ["preferred_batch_size"]),
+    ('{"dynamic_batching": {"preferred_batch_size": [[4]]}}', ["preferred_batch_size"]),
+    ('{"dynamic_batching": [1]}', ["dynamic_batching", "object"]),
+    ('{"dynamic_batching": {"max_queue_delay_microseconds": "1.5"}}', ["max_queue_delay"]),
+    ('{"parameters": []}', ["parameters", "object"]),
+    ('{"parameters": {"version": {"string_value": "٣"}}}', ["version"]),
+    ('{"parameters": {"dtype": {"string_value": 16}}}', ["dtype", "string"]),
+    ("[]", ["'config'", "object"]),
+]
+
+
+def test_configs_of_a_wrong_shape_are_invalid_argument(
+    stub: oip_grpc.GRPCInferenceServiceStub, served_resnet: torch.nn.Module
+) -> None:
+    """Deep nesting raised RecursionError, a 5000-digit number ValueError, and a scalar
+    preferred_batch_size TypeError (all INTERNAL); a list for dynamic_batching and
+    Arabic-Indic digits were accepted."""
+    for config, words in BAD_CONFIGS:
+        refused(_load(stub, config=Param(string_param=config)), *words, case=config[:80])
+    for args in [DEEP, '{"num_classes": ' + "[" * 40 + "]" * 40 + "}", "9" * 5000, "[10]"]:
+        load = _load(stub, architecture_args=Param(string_param=args))
+        refused(load, "architecture_args", case=args[:80])
+    assert _hosted(stub) == [("r18", "1")]

@@ -272,22 +272,45 @@ class ArchitectureCatalog:
         return [self._builders[name] for name in sorted(self._builders)]
 
 
+MAX_JSON_DEPTH = 32
+"""How deeply JSON from a request may nest (builder arguments, OIP model configs)."""
+
+
+def load_json(text: str, what: str, hint: str = "") -> Any:
+    """Parses JSON a client sent; whatever it is (not JSON, nested too deeply, a number
+    too long to convert), a failure is InvalidArgument naming `what`.
+
+    The nesting limit keeps every later repr and json.dumps of the value safe.
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InvalidArgument(f"{what} nests more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as error:  # JSONDecodeError, or an integer over 4300 digits
+        raise InvalidArgument(f"{what} is not JSON ({error}){hint}") from None
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH + 1):  # one more: it finds none below the limit
+        nested = [item for item in level if isinstance(item, (dict, list))]
+        if not nested:
+            return value
+        level = [x for item in nested for x in (item.values() if isinstance(item, dict) else item)]
+    raise InvalidArgument(f"{what} nests more than {MAX_JSON_DEPTH} levels deep")
+
+
 def parse_args(raw: dict[str, str]) -> dict[str, Any]:
     """Decodes builder arguments sent as JSON literals."""
     args = {}
     for key, text in raw.items():
         if not key.isidentifier():
-            raise InvalidArgument(f"architecture argument {key!r} is not a keyword name")
+            raise InvalidArgument(f"architecture argument {key!r:.80} is not a keyword name")
         if key in _MANAGED:
             raise InvalidArgument(
                 f"architecture argument {key!r} is managed by the server: pass pretrained "
                 "weights as LoadModel's weights field (the weights come from a checkpoint)"
             )
-        try:
-            args[key] = json.loads(text)
-        except json.JSONDecodeError:
-            raise InvalidArgument(
-                f"architecture argument {key}={text!r} is not a JSON literal "
-                "(strings need quotes: '\"value\"')"
-            ) from None
+        args[key] = load_json(
+            text,
+            f"architecture argument {key:.80}={text!r:.80}",
+            hint=" (strings need quotes: '\"value\"')",
+        )
     return args

@@ -4,13 +4,15 @@ It serves on the same port as modelhost.v1.ModelHost and shares its registry and
 batchers: a ModelInfer request joins the same batches as Predict requests. Errors
 map to statuses through the same table (`service.unary`).
 
-Versions are strings in OIP: "" is the newest, "3" is version 3. Model metadata
-lists the inputs the architecture implies (none when it implies nothing) and the
-outputs seen on the model's first successful run (none before it).
+Versions are strings in OIP: "" is the newest, "3" is version 3 (ASCII digits only,
+at most 2**63-1: `oip_load.parse_version`). Model metadata lists the inputs the
+architecture implies (none when it implies nothing) and the outputs seen on the
+model's first successful run (none before it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -24,7 +26,7 @@ from modelhost.server import oip_tensors as tensors
 from modelhost.server.errors import InvalidArgument, NotFound
 from modelhost.server.host import Host
 from modelhost.server.names import check_name
-from modelhost.server.oip_load import load_request
+from modelhost.server.oip_load import load_request, parse_version
 from modelhost.server.registry import HostedModel
 from modelhost.server.service import unary
 from modelhost.server.statistics import Duration
@@ -33,15 +35,6 @@ SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "pytorch_libtorch"  # Triton's name for PyTorch models
 BACKEND = "pytorch"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
-
-
-def parse_version(text: str) -> int:
-    """An OIP version string as a modelhost version: "" -> 0 (newest), "3" -> 3."""
-    if text == "":
-        return 0
-    if not text.isdigit() or int(text) == 0:
-        raise InvalidArgument(f"version {text!r} is not a positive integer")
-    return int(text)
 
 
 def _server_version() -> str:
@@ -115,7 +108,11 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: Any
     ) -> oip.ModelInferResponse:
-        inputs = tensors.decode_inputs(request)
+        self.host.check_request_size(len(request.inputs), 0)  # before any per-input work
+        if request.raw_input_contents:  # views of the received bytes: cheap
+            inputs = tensors.decode_inputs(request)
+        else:  # typed contents are converted value by value: not on the event loop
+            inputs = await asyncio.to_thread(tensors.decode_inputs, request)
         hosted, answer = await self.host.predict(
             request.model_name,
             parse_version(request.model_version),
@@ -160,13 +157,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: oip.RepositoryModelUnloadRequest, context: Any
     ) -> oip.RepositoryModelUnloadResponse:
-        param = request.parameters.get("version")
-        number = 0
-        if param is not None:
-            choice = param.WhichOneof("parameter_choice")
-            number = (
-                param.int64_param if choice == "int64_param" else parse_version(param.string_param)
-            )
+        number = _unload_version(request.parameters.get("version"))
         await self.host.unload_model(request.model_name, number)
         return oip.RepositoryModelUnloadResponse()
 
@@ -182,6 +173,21 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         else:
             hosted = self.host.registry.all()
         return oip.ModelStatisticsResponse(model_stats=map(model_statistics, hosted))
+
+
+def _unload_version(param: oip.ModelRepositoryParameter | None) -> int:
+    """RepositoryModelUnload's "version" parameter; absent or "": 0 (every version)."""
+    if param is None:
+        return 0
+    choice = param.WhichOneof("parameter_choice")
+    if choice == "string_param":
+        return parse_version(param.string_param)
+    if choice == "int64_param" and param.int64_param > 0:
+        return param.int64_param
+    got = f"int64_param {param.int64_param}" if choice == "int64_param" else choice or "no value"
+    raise InvalidArgument(
+        f"parameter 'version' must be a positive int64_param or a decimal string_param, got {got}"
+    )
 
 
 def model_statistics(hosted: HostedModel) -> oip.ModelStatistics:

@@ -8,21 +8,41 @@ keys and whose "max_batch_size", "dynamic_batching.max_queue_delay_microseconds"
 and "dynamic_batching.preferred_batch_size" (its smallest entry) set batching.
 Direct parameters win over "config". Loading a name that is already hosted adds a
 version, as LoadModel does.
+
+Every value must have its JSON type (integers: int64, as numbers or decimal strings,
+ASCII digits only); JSON nested deeper than `architectures.MAX_JSON_DEPTH` is refused.
+`parse_version` is the one parser of OIP version strings.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from modelhost.client import codec
 from modelhost.oip import grpc_service_pb2 as oip
+from modelhost.server.architectures import load_json
 from modelhost.server.errors import InvalidArgument
 from modelhost.server.loading import LoadRequest
+from modelhost.server.registry import MAX_VERSION
 from modelhost.v1 import modelhost_pb2 as pb
 
 KEYS = ("architecture", "checkpoint", "architecture_args", "device", "dtype", "version")
+_INT64 = range(-(2**63), 2**63)
+# ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣" (which it reads).
+_DECIMAL = re.compile(r"-?[0-9]{1,19}")
+
+
+def parse_version(text: str) -> int:
+    """An OIP version string as a modelhost version: "" -> 0 (newest), "3" -> 3."""
+    if text == "":
+        return 0
+    number = int(text) if _DECIMAL.fullmatch(text) else 0
+    if not 0 < number <= MAX_VERSION:
+        raise InvalidArgument(f"version {text!r:.40} is not an integer in 1..{MAX_VERSION}")
+    return number
 
 
 def load_request(name: str, parameters: Mapping[str, oip.ModelRepositoryParameter]) -> LoadRequest:
@@ -52,11 +72,11 @@ def load_request(name: str, parameters: Mapping[str, oip.ModelRepositoryParamete
 def _value(key: str, param: oip.ModelRepositoryParameter) -> Any:
     if key.startswith("file:"):
         raise InvalidArgument(
-            f"parameter {key!r}: files cannot be loaded directly; upload the checkpoint "
+            f"parameter {key!r:.80}: files cannot be loaded directly; upload the checkpoint "
             "with modelhost.v1.ModelHost.SaveCheckpoint and name it in 'checkpoint'"
         )
     if key not in (*KEYS, "config"):
-        raise InvalidArgument(f"unknown parameter {key!r} (known: config, {', '.join(KEYS)})")
+        raise InvalidArgument(f"unknown parameter {key!r:.80} (known: config, {', '.join(KEYS)})")
     choice = param.WhichOneof("parameter_choice")
     if choice == "string_param":
         return param.string_param
@@ -67,58 +87,65 @@ def _value(key: str, param: oip.ModelRepositoryParameter) -> Any:
 
 def _from_config(name: str, text: str) -> dict[str, Any]:
     """The load settings in a Triton model configuration (JSON)."""
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidArgument(f"parameter 'config' is not JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise InvalidArgument("parameter 'config' must be a JSON object")
+    config = _object(load_json(text, "parameter 'config'"), "parameter 'config'")
     if config.get("name", name) != name:
-        raise InvalidArgument(f"config names model {config['name']!r}, not {name!r}")
+        raise InvalidArgument(f"config names model {config['name']!r:.80}, not {name!r}")
     settings: dict[str, Any] = {}
-    parameters = config.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise InvalidArgument("config 'parameters' must be an object")
-    for key, value in parameters.items():
+    for key, value in _object(config.get("parameters"), "config 'parameters'").items():
         if key not in KEYS:
-            raise InvalidArgument(f"unknown config parameter {key!r} (known: {', '.join(KEYS)})")
+            raise InvalidArgument(
+                f"unknown config parameter {key!r:.80} (known: {', '.join(KEYS)})"
+            )
         is_triton_style = isinstance(value, dict) and "string_value" in value
         settings[key] = value["string_value"] if is_triton_style else value
-    if "max_batch_size" in config:
+    if config.get("max_batch_size") is not None:
         settings["max_batch_size"] = config["max_batch_size"]
-    batching = config.get("dynamic_batching", {})
-    if isinstance(batching, dict) and "max_queue_delay_microseconds" in batching:
+    batching = _object(config.get("dynamic_batching"), "config 'dynamic_batching'")
+    if batching.get("max_queue_delay_microseconds") is not None:
         settings["max_queue_delay_us"] = batching["max_queue_delay_microseconds"]
-    if isinstance(batching, dict) and batching.get("preferred_batch_size"):
-        settings["preferred_batch_size"] = min(batching["preferred_batch_size"])
+    preferred = batching.get("preferred_batch_size")
+    if preferred is not None and not isinstance(preferred, list):
+        raise InvalidArgument(
+            "config 'dynamic_batching.preferred_batch_size' must be a list of integers, "
+            f"got {preferred!r:.80}"
+        )
+    if preferred:
+        settings["preferred_batch_size"] = min(
+            _int(size, "preferred_batch_size") for size in preferred
+        )
     return settings
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """A JSON object of a config (null or absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {value!r:.80}")
+    return value
 
 
 def _text(settings: Mapping[str, Any], key: str) -> str:
     value = settings.get(key, "")
     if not isinstance(value, str):
-        raise InvalidArgument(f"parameter {key!r} must be a string, got {value!r}")
+        raise InvalidArgument(f"parameter {key!r} must be a string, got {value!r:.80}")
     return value
 
 
 def _int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise InvalidArgument(f"parameter {key!r} must be an integer, got {value!r}")
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(f"parameter {key!r} must be an integer, got {value!r}") from None
+    """An int64: a JSON integer, or a decimal string (how protobuf's JSON writes int64)."""
+    number = int(value) if isinstance(value, str) and _DECIMAL.fullmatch(value) else value
+    if isinstance(number, bool) or not isinstance(number, int) or number not in _INT64:
+        raise InvalidArgument(f"parameter {key!r} must be an integer (int64), got {value!r:.80}")
+    return number
 
 
 def _args(value: Any) -> dict[str, str]:
     """Builder arguments as JSON literals, from a JSON object (or its text)."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise InvalidArgument(f"'architecture_args' is not JSON: {error}") from None
+        value = load_json(value, "'architecture_args'")
     if not isinstance(value, dict):
-        raise InvalidArgument("'architecture_args' must be a JSON object")
+        raise InvalidArgument(f"'architecture_args' must be a JSON object, got {value!r:.80}")
     return {key: json.dumps(item) for key, item in value.items()}
 
 
