@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from conftest import images, reference, resnet18
 from helpers.models import Recorder
@@ -314,3 +315,113 @@ def test_incompatible_shapes_run_in_separate_batches(
 )
 def test_preferred_batch_size_choice(rates: dict[int, float], limit: int, chosen: int) -> None:
     assert preferred_batch_size(rates, limit) == chosen
+
+
+def test_detection_model_answers_concurrent_callers(client: ModelHostClient) -> None:
+    """Per-image outputs cannot be split by rows: merged requests must still get exactly
+    their own detections (the batcher falls back to one request at a time)."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0
+    ).eval()
+    client.save_checkpoint("det", model.state_dict())
+    client.load_model(
+        "det",
+        architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
+        checkpoint="det",
+        architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
+        batching={"max_batch_size": 8, "max_queue_delay_us": 200_000},
+    )
+    rng = np.random.default_rng(0)
+    inputs = [rng.random((rows, 3, 64, 64), dtype=np.float32) for rows in (1, 2, 1, 1)]
+    outs = concurrently([lambda x=x: client.predict("det", x, timeout=120) for x in inputs])
+    for x, out in zip(inputs, outs, strict=True):
+        assert not isinstance(out, Exception), out
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(x))
+        assert {key.split(".")[0] for key in out} == {str(i) for i in range(len(x))}
+        for index, per_image in enumerate(expected):
+            for key in ("boxes", "labels", "scores"):
+                np.testing.assert_allclose(
+                    out[f"{index}.{key}"], per_image[key].numpy(), rtol=1e-4, atol=1e-4
+                )
+
+
+def test_lane_keeps_serving_after_an_unexpected_error() -> None:
+    """A bug outside the model call fails only its own requests; the shared lane goes on."""
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
+    from modelhost.server.inference import encode_answer
+
+    lane = Lane("shared", shared=True)
+    errors: list[int] = []
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+
+    def broken(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"output": object()}  # not a tensor: splitting it fails outside the model
+
+    def double(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"output": batch["x"] * 2}
+
+    policy = BatchPolicy(8, 200_000, 8)
+    bad = Batcher(broken, policy, lane, on_error=lambda: errors.append(1))
+    good = Batcher(double, policy, lane)
+    blocker = lane.call(time.sleep, 0.2)  # queue both requests of `bad` before it runs
+    failing = [bad.submit({"x": torch.ones(1, 1)}, None, finish) for _ in range(2)]
+    blocker.result(5)
+    for future in failing:
+        with pytest.raises(AttributeError):
+            future.result(5)
+    assert errors == [1]
+    answer = good.submit({"x": torch.full((2, 1), 3.0)}, None, finish).result(5)
+    assert answer.outputs["output"].shape == [2, 1]
+    assert bad.statistics.snapshot().fail.count == 2
+    bad.close()
+    good.close()
+    lane.close()
+
+
+def test_unload_waits_for_requests_that_hold_the_version(client: ModelHostClient) -> None:
+    """A request that found a version keeps it: unloading waits for it to finish."""
+    load_recorder(client, "busy", delay=1.0, batching={"max_batch_size": 1})
+    model = resnet18()
+    client.save_checkpoint("r18", model.state_dict())
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    client.load_model(
+        "r18",
+        architecture="resnet18",
+        checkpoint="r18",
+        architecture_args={"num_classes": 10},
+        preprocessing={"mean": mean, "std": std},
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    finished: dict[str, float] = {}
+    results: dict[str, Any] = {}
+
+    def call(name: str, fn: Callable[[], Any]) -> threading.Thread:
+        def run() -> None:
+            try:
+                results[name] = fn()
+            except ModelHostError as error:
+                results[name] = error
+            finished[name] = time.monotonic()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    threads = [call("busy", lambda: client.predict("busy", ids(0, 1)))]
+    time.sleep(0.3)  # the CPU lane runs "busy" for a second
+    # r18's images wait for the lane to preprocess them: the request holds version 1 ...
+    threads.append(call("r18", lambda: client.predict("r18", pixels)))
+    time.sleep(0.3)
+    # ... so unloading it must wait for that request, not pull the model from under it.
+    threads.append(call("unload", lambda: client.unload_model("r18")))
+    for thread in threads:
+        thread.join()
+    assert results["unload"] == [1]
+    assert not isinstance(results["r18"], Exception), results["r18"]
+    x = torch.from_numpy(pixels).float() / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    np.testing.assert_allclose(results["r18"], reference(model, x.numpy()), rtol=1e-4, atol=1e-5)
+    assert finished["unload"] >= finished["r18"]
+    assert client.list_models()[0].name == "busy"

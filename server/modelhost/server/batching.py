@@ -15,7 +15,9 @@ batches, for the same reason.
 A request whose deadline passed while queued is dropped without running. When a
 merged batch fails, its requests are re-run one by one, so a bad request fails
 only itself. Models whose outputs cannot be split by rows (e.g. detection's
-per-image lists) are run one request at a time.
+per-image lists) are run one request at a time. An unexpected error outside the
+model call (a bug) fails only the requests of that group (INTERNAL, logged, counted
+by `on_error`): the lane keeps serving every other model on it.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class Request:
 BatchObserver = Callable[[int, int], None]
 """Called after each run with (requests, rows)."""
 
+ErrorObserver = Callable[[], None]
+"""Called once for each group of requests that failed outside the model call."""
+
 
 class Lane:
     """A worker thread that drains the queues of its batchers and runs jobs, in turn."""
@@ -134,8 +139,11 @@ class Lane:
                         future.set_result(job())
                     except BaseException as error:
                         future.set_exception(error)
-            else:
+                continue
+            try:
                 task()
+            except Exception:  # Batcher.run answers its callers; never let the lane die
+                log.exception("lane %s: unexpected error", self._thread.name)
 
     def _take(self) -> tuple[Callable[[], Any], Future[Any]] | Callable[[], None] | None:
         """The next job, or a gathered batch ready to run; None once closed and idle."""
@@ -182,12 +190,14 @@ class Batcher:
         policy: BatchPolicy,
         lane: Lane,
         observe: BatchObserver | None = None,
+        on_error: ErrorObserver | None = None,
     ) -> None:
         self.policy = policy
         self._run = run
         self._lane = lane
         self._cond = lane.cond
         self._observe = observe
+        self._on_error = on_error
         self._queue: collections.deque[Request] = collections.deque()
         self._closed = False
         self._running = 0
@@ -263,7 +273,10 @@ class Batcher:
                     continue
                 groups.setdefault(request.signature, []).append(request)
             for group in groups.values():
-                self._run_group(group)
+                try:
+                    self._run_group(group)
+                except Exception as error:
+                    self._fail_group(group, error)
         finally:
             with self._cond:
                 self._running -= 1
@@ -299,6 +312,17 @@ class Batcher:
             for index, request in enumerate(group)
         ]
         self._deliver(group, answers, (started, joined, ran, time.monotonic()))
+
+    def _fail_group(self, group: list[Request], error: Exception) -> None:
+        """Fails the requests of a group that broke outside the model call (a bug: each
+        caller gets INTERNAL with a request id)."""
+        log.error("batch of %d requests failed outside the model call", len(group), exc_info=error)
+        if self._on_error:
+            self._on_error()
+        for request in group:
+            if not request.future.done():
+                self.statistics.failed(request.enqueued)
+                request.fail(error)
 
     def _run_one(self, request: Request) -> None:
         started = time.monotonic()

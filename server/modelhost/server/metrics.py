@@ -54,6 +54,12 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_errors = Counter(
+            "modelhost_batch_errors",
+            "Batches that failed outside the model call (a bug: their requests got INTERNAL).",
+            ["model", "version"],
+            registry=r,
+        )
         self.load_seconds = Histogram(
             "modelhost_load_seconds",
             "LoadModel time in seconds, by model.",

@@ -1,0 +1,222 @@
+"""Mutation spot-check: plausible bugs put into the server one at a time; do the tests catch them?
+
+Each mutation replaces one exact piece of source in a temporary copy of the working tree,
+then runs the tests that should notice, against that copy. A mutant is *caught* when
+those tests fail; *missed* means the suite would let that bug through. A mutation whose
+source text is gone (the code was changed) is reported as *stale*: update its text.
+
+    .venv/bin/python bench/mutants.py            # every mutation (about 5 minutes on 2 cores)
+    .venv/bin/python bench/mutants.py -k auth    # the ones whose name contains "auth"
+
+Not part of CI: it runs the same tests many times. Run it after changing the critical
+modules (store, auth, gate, rpc, names, formats, batching, registry, oip_tensors) and
+keep every mutant caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = "server/modelhost/server/"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "batching: outputs split by rows without checking they can be",
+        SERVER + "batching.py",
+        "if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):",
+        "if False:",
+        ("tests/test_batching.py::test_detection_model_answers_concurrent_callers",),
+    ),
+    Mutant(
+        "batching: an error outside the model call escapes the batch (the lane dies)",
+        SERVER + "batching.py",
+        "                try:\n                    self._run_group(group)\n"
+        "                except Exception as error:\n"
+        "                    self._fail_group(group, error)",
+        "                self._run_group(group)",
+        ("tests/test_batching.py::test_lane_keeps_serving_after_an_unexpected_error",),
+    ),
+    Mutant(
+        "auth: RepositoryModelLoad leaves the management tier",
+        SERVER + "auth.py",
+        '        "/inference.GRPCInferenceService/RepositoryModelLoad",\n',
+        "",
+        ("tests/test_security.py::test_every_rpc_checks_its_token_tier",),
+    ),
+    Mutant(
+        "auth: an inference token passes a management RPC",
+        SERVER + "auth.py",
+        "if method in MANAGEMENT_METHODS and self.management:",
+        "if method in MANAGEMENT_METHODS and not self.management:",
+        ("tests/test_security.py",),
+    ),
+    Mutant(
+        "auth: an empty token file turns authentication off",
+        SERVER + "auth.py",
+        "        if not found:\n",
+        "        if not found and False:\n",
+        ("tests/test_security.py",),
+    ),
+    Mutant(
+        "gate: silent callers keep their slots (no read timeout)",
+        SERVER + "gate.py",
+        "async with asyncio.timeout(self.read_timeout):",
+        "async with asyncio.timeout(None):",
+        ("tests/test_gate.py::test_silent_callers_cannot_hold_the_slots",),
+    ),
+    Mutant(
+        "rpc: DeadlineExpired loses its row in the status table",
+        SERVER + "rpc.py",
+        "    e.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,\n",
+        "",
+        ("tests/test_rpc.py",),
+    ),
+    Mutant(
+        "store: the manifest entry is not fsynced before its rename",
+        SERVER + "store.py",
+        "                file.flush()\n                os.fsync(file.fileno())\n",
+        "                file.flush()\n",
+        ("tests/test_store_faults.py",),
+    ),
+    Mutant(
+        "store: the manifest entry is written before the blob is renamed into place",
+        SERVER + "store.py",
+        "            if fresh:\n                os.replace(pending.path, blob)\n",
+        "            self._write_entry(entry, record)\n"
+        "            if fresh:\n                os.replace(pending.path, blob)\n",
+        ("tests/test_store_faults.py",),
+    ),
+    Mutant(
+        "store: the upload is not fsynced before it becomes a blob",
+        SERVER + "staged_writer.py",
+        "            os.fsync(self._fd)",
+        "            pass",
+        ("tests/test_store_faults.py",),
+    ),
+    Mutant(
+        "registry: retire does not wait for the requests holding a version",
+        SERVER + "registry.py",
+        "self._idle.wait_for(lambda: self._leases == 0)",
+        "pass",
+        ("tests/test_batching.py::test_unload_waits_for_requests_that_hold_the_version",),
+    ),
+    Mutant(
+        "names: '..' allowed in names",
+        SERVER + "names.py",
+        'if ".." in name or not _NAME.fullmatch(name):',
+        "if not _NAME.fullmatch(name):",
+        ("tests/test_errors.py", "tests/test_store.py"),
+    ),
+    Mutant(
+        "formats: torch.load without weights_only",
+        SERVER + "formats.py",
+        'return torch.load(path, map_location="cpu", weights_only=True, mmap=True)',
+        'return torch.load(path, map_location="cpu", weights_only=False, mmap=True)',
+        ("tests/test_errors.py",),
+    ),
+    Mutant(
+        "upload: the announced sha256 is not compared",
+        SERVER + "host.py",
+        "if wanted and wanted != pending.sha256:",
+        "if False:",
+        ("tests/test_fuzz.py::test_fuzz_save_checkpoint",),
+    ),
+    Mutant(
+        "oip: INT8 typed contents read as unsigned",
+        SERVER + "oip_tensors.py",
+        '"INT8": ("int_contents", "<i1"),',
+        '"INT8": ("int_contents", "<u1"),',
+        ("tests/test_oip.py",),
+    ),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree as git sees it (tracked and untracked, not ignored files)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        source = ROOT / raw.decode()
+        if source.is_file():
+            target = dest / raw.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+# Runs pytest in the copy with the copy's packages, not the editable install's.
+LAUNCHER = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path[:] = ["client", "server"] + [p for p in sys.path if "__editable__" not in p]
+import modelhost.server, pytest
+assert modelhost.server.__path__[0].startswith(sys.argv[1]), modelhost.server.__path__
+sys.exit(pytest.main(sys.argv[2:]))
+"""
+
+
+def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
+    args = [sys.executable, "-c", LAUNCHER, str(tree), "-q", "-x", "-p", "no:cacheprovider"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(
+        [*args, *tests], cwd=tree, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    return done.returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    chosen = [m for m in MUTANTS if parser.parse_args().k in m.name]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
+        clean = Path(scratch) / "clean"
+        copy_tree(clean)
+        baseline = tuple(dict.fromkeys(test for m in chosen for test in m.tests))
+        if run_tests(clean, baseline) != 0:  # else a failure would not mean "caught"
+            print("the tests fail without any mutation: fix them first", file=sys.stderr)
+            return 2
+        for mutant in chosen:
+            tree = Path(scratch) / "tree"
+            shutil.copytree(clean, tree)
+            source = tree / mutant.path
+            text = source.read_text()
+            started = time.monotonic()
+            if text.count(mutant.old) != 1:
+                verdict = "stale"
+            else:
+                source.write_text(text.replace(mutant.old, mutant.new))
+                verdict = "caught" if run_tests(tree, mutant.tests) != 0 else "MISSED"
+            rows.append((mutant.name, verdict, time.monotonic() - started))
+            print(f"{verdict:7} {rows[-1][2]:6.1f}s  {mutant.name}", flush=True)
+            shutil.rmtree(tree)
+    print("\n| mutation | verdict | seconds |\n|---|---|---|")
+    for name, verdict, seconds in rows:
+        print(f"| {name} | {verdict} | {seconds:.0f} |")
+    return 0 if all(verdict == "caught" for _, verdict, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
