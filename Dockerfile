@@ -53,6 +53,10 @@ COPY --from=build /opt/modelhost /opt/modelhost
 # threads coming and going on every hot swap, resident memory crept up ~1 MB per swap in
 # bench/soak.py. Two arenas kept it flat.
 #
+# MODELHOST_METRICS_HOST=0.0.0.0: /metrics has its own bind address (loopback by default);
+# inside a container it must listen on every interface to be reachable at all. Whether it is
+# reachable from outside is then your choice of `-p 9090:9090` (or none).
+#
 # MODELHOST_RESTORE=true: on start the server loads again the models it hosted before,
 # from the store, so a restarted container serves the same models without a caller
 # replaying LoadModel. The store is a volume: mount a named volume or shared storage there.
@@ -64,6 +68,7 @@ ENV VIRTUAL_ENV=/opt/modelhost \
     MODELHOST_HOST=0.0.0.0 \
     MODELHOST_PORT=50051 \
     MODELHOST_METRICS_PORT=9090 \
+    MODELHOST_METRICS_HOST=0.0.0.0 \
     MODELHOST_STORE=/var/lib/modelhost/store \
     MODELHOST_DEVICE=auto \
     MODELHOST_RESTORE=true \

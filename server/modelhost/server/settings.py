@@ -28,7 +28,8 @@ class Settings:
     """Everything the server can be told at start."""
 
     host: str = _setting(
-        "127.0.0.1", "Address to bind; anything but loopback needs TLS, a token or --insecure."
+        "127.0.0.1",
+        "Address to bind; anything but loopback needs tokens, mutual TLS or --insecure.",
     )
     port: int = _setting(50051, "gRPC port (0 picks a free one).")
     store: Path = _setting(Path("store"), "Folder of the checkpoint store (created if missing).")
@@ -63,7 +64,7 @@ class Settings:
         "Loading them runs code from the file: only for checkpoints you trust.",
     )
     insecure: bool = _setting(
-        False, "Allow a non-loopback host without TLS or a token (logs a warning at start)."
+        False, "Allow a non-loopback host without tokens or mutual TLS (logs a warning at start)."
     )
     tls_cert_file: str = _setting("", "Server certificate (PEM): serve TLS.")
     tls_key_file: str = _setting("", "Private key (PEM) of the server certificate.")
@@ -80,11 +81,34 @@ class Settings:
         "File of management tokens, one per line: required by SaveCheckpoint, "
         "DeleteCheckpoint, LoadModel and UnloadModel.",
     )
-    max_concurrent_rpcs: int = _setting(1000, "RPCs served at once; more get RESOURCE_EXHAUSTED.")
+    max_concurrent_rpcs: int = _setting(
+        1000,
+        "RPCs served at once; more get RESOURCE_EXHAUSTED (health checks and reflection "
+        "are not counted; 0: no limit).",
+    )
+    request_read_timeout: float = _setting(
+        30.0,
+        "Seconds a call may take to send its request (and an upload between chunks) "
+        "before it ends with DEADLINE_EXCEEDED and frees its slot.",
+    )
+    max_request_inputs: int = _setting(256, "Most input tensors in one Predict request.")
+    max_request_images: int = _setting(256, "Most images in one Predict request.")
     max_tensor_elements: int = _setting(
-        1 << 28, "Most tensor elements in one Predict request (all inputs together)."
+        1 << 28,
+        "Most tensor elements in one Predict request (all inputs together, images counted "
+        "as decoded and preprocessed).",
+    )
+    max_image_pixels: int = _setting(
+        40_000_000,
+        "Most pixels (width x height, read from the header before decoding) of one JPEG "
+        "or PNG image input (0: no limit).",
     )
     metrics_port: int = _setting(0, "Port of the Prometheus /metrics endpoint (0: off).")
+    metrics_host: str = _setting(
+        "127.0.0.1",
+        "Address of the /metrics endpoint (its own, so a public gRPC port does not expose "
+        "metrics; 0.0.0.0 for a Prometheus scraping pods).",
+    )
     restore: bool = _setting(
         False, "Record hosted models in the store and load them again at start."
     )
