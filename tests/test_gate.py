@@ -155,14 +155,17 @@ def _entries(count: int) -> bytes:
     return b"\x0a\x03mlp" + entry * count
 
 
-def _health_latency(server: Server, while_running: Future[Any]) -> float:
-    """The slowest of several health checks made while `while_running` is in flight."""
+def _slowest_answer(server: Server, while_running: Future[Any]) -> float:
+    """The slowest of the health checks and valid Predicts made while `while_running`
+    is in flight (at least one of each)."""
     slowest = 0.0
-    with _client(server, None) as client:
+    with _client(server, TOKEN) as client:
+        client.health()  # connected before timing
         for _ in range(5):
-            started = time.perf_counter()
-            assert client.health() == "SERVING"
-            slowest = max(slowest, time.perf_counter() - started)
+            for call in (client.health, lambda: _served_rows(server)):
+                started = time.perf_counter()
+                call()
+                slowest = max(slowest, time.perf_counter() - started)
             if while_running.done():
                 break
     return slowest
@@ -179,7 +182,9 @@ def test_huge_requests_never_stall_the_server(guarded: Server, token: str | None
         call = channel.unary_unary(PREDICT)
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(call, body, metadata=_auth(token), timeout=60)
-            assert _health_latency(guarded, future) < 1.0  # 20 s before the gate
+            slowest = _slowest_answer(guarded, future)
+            print(f"slowest answer while in flight: {slowest * 1000:.1f} ms")
+            assert slowest < 0.5  # 20 s before the gate; ~10 ms here (a loaded CI machine: more)
             with pytest.raises(grpc.RpcError) as caught:
                 future.result()
     if token is None:

@@ -21,7 +21,6 @@ whether) a request is read; the wire format of unary calls is the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -47,23 +46,32 @@ class Gate(grpc.aio.ServerInterceptor):
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout
         self.active = 0
+        # method -> (its handler as served, whether it is open); handlers never change.
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, bool]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method = details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
-        verdict = self.tokens.verdict(method, bearer(details.invocation_metadata))
-        if verdict is not None:
-            return _refusal(handler, *verdict)
-        return self._guarded(handler, method.rsplit("/", 1)[-1])
+        known = self._handlers.get(method)
+        if known is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            is_open = method.startswith(OPEN_PREFIXES)
+            served = handler if is_open else self._guarded(handler, method.rsplit("/", 1)[-1])
+            known = self._handlers[method] = (served, is_open)
+        served, is_open = known
+        if not is_open and self.tokens.enabled:
+            verdict = self.tokens.verdict(method, bearer(details.invocation_metadata))
+            if verdict is not None:
+                return _refusal(served, *verdict)
+        return served
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _take_slot(self, context: grpc.aio.ServicerContext) -> None:
+        """Takes a slot (give it back with `self.active -= 1`), or ends the call."""
         if self.max_concurrent and self.active >= self.max_concurrent:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -71,10 +79,6 @@ class Gate(grpc.aio.ServerInterceptor):
                 "retry later",
             )
         self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
 
     async def _read(
         self,
@@ -123,6 +127,7 @@ class Gate(grpc.aio.ServerInterceptor):
             yield message
 
     def _guarded(self, handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
+        """`handler` served as a client-streaming method behind a slot and the reader."""
         parse = handler.request_deserializer
         serialize = handler.response_serializer
         gate = self
@@ -135,49 +140,36 @@ class Gate(grpc.aio.ServerInterceptor):
                     grpc.StatusCode.INVALID_ARGUMENT, f"the call ended before its {what} message"
                 )
 
-        if handler.request_streaming and handler.response_streaming:
-
-            async def stream_stream(
-                messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-            ) -> Any:
-                async with gate._slot(context):
-                    requests = gate._stream(aiter(messages), parse, what, context)
-                    async for reply in handler.stream_stream(requests, context):
-                        yield reply
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
-
-        if handler.request_streaming:
-
-            async def stream_unary(
-                messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-            ) -> Any:
-                async with gate._slot(context):
-                    requests = gate._stream(aiter(messages), parse, what, context)
-                    return await handler.stream_unary(requests, context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
-
         if handler.response_streaming:
 
-            async def unary_stream(
+            async def replies(
                 messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
             ) -> Any:
-                async with gate._slot(context):
-                    request = await first(messages, context)
-                    async for reply in handler.unary_stream(request, context):
+                await gate._take_slot(context)
+                try:
+                    if handler.request_streaming:
+                        requests = gate._stream(aiter(messages), parse, what, context)
+                        stream = handler.stream_stream(requests, context)
+                    else:
+                        stream = handler.unary_stream(await first(messages, context), context)
+                    async for reply in stream:
                         yield reply
+                finally:
+                    gate.active -= 1
 
-            return grpc.stream_stream_rpc_method_handler(unary_stream, None, serialize)
+            return grpc.stream_stream_rpc_method_handler(replies, None, serialize)
 
-        async def unary_unary(
-            messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> Any:
-            async with gate._slot(context):
-                request = await first(messages, context)
-                return await handler.unary_unary(request, context)
+        async def reply(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            await gate._take_slot(context)
+            try:
+                if handler.request_streaming:
+                    requests = gate._stream(aiter(messages), parse, what, context)
+                    return await handler.stream_unary(requests, context)
+                return await handler.unary_unary(await first(messages, context), context)
+            finally:
+                gate.active -= 1
 
-        return grpc.stream_unary_rpc_method_handler(unary_unary, None, serialize)
+        return grpc.stream_unary_rpc_method_handler(reply, None, serialize)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
