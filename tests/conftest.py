@@ -21,6 +21,7 @@ TEST_ARCHITECTURES = [
     "broken=helpers.models:broken",
     "recorder=helpers.models:recorder",
     "slow_builder=helpers.models:slow_builder",
+    "echo=helpers.models:echo",
 ]
 
 

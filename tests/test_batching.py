@@ -259,7 +259,9 @@ def test_expired_requests_are_dropped_not_run(client: ModelHostClient, server: S
 
 
 def test_deadline_expired_in_queue_reports_deadline_exceeded() -> None:
-    """A deadline that passes in the queue is reported by the server, not only the client."""
+    """A deadline that passes in the queue fails the request with DeadlineExpired, without
+    running it (the status table maps it to DEADLINE_EXCEEDED: tests/test_rpc.py; over a
+    real server the call's own deadline cancels it at the same moment)."""
     from modelhost.server.batching import Batcher, BatchPolicy, Lane
     from modelhost.server.errors import DeadlineExpired
     from modelhost.server.inference import encode_answer

@@ -577,6 +577,7 @@ class SaveCase:
     name: str
     payload: bytes
     note: str
+    broken: frozenset[str] = frozenset()
 
 
 @st.composite
@@ -637,10 +638,23 @@ def save_cases(draw: st.DrawFn) -> SaveCase:
             "nothing": [],
         }[layout]
     note = f"broken: {sorted(broken)}, layout {layout}, {len(payload)} bytes"
-    return SaveCase(messages, name, payload, note)
+    return SaveCase(messages, name, payload, note, frozenset(broken))
+
+
+def _wrong_sha_upload() -> SaveCase:
+    """A valid checkpoint announced with another file's sha256: only the sha is wrong."""
+    header = pb.SaveCheckpointHeader(
+        name="wrong-sha", upload=pb.Upload(size_bytes=len(REAL), sha256="0" * 64)
+    )
+    messages = [
+        pb.SaveCheckpointRequest(header=header),
+        pb.SaveCheckpointRequest(chunk=REAL),
+    ]
+    return SaveCase(messages, "wrong-sha", REAL, "only the sha256 is wrong", frozenset({"sha"}))
 
 
 @settings(FUZZ, max_examples=round(150 * SCALE))
+@example(case=_wrong_sha_upload())
 @given(case=save_cases())
 def test_fuzz_save_checkpoint(fuzzed: Fuzzed, case: SaveCase) -> None:
     before = fuzzed.checkpoints()
@@ -658,6 +672,14 @@ def test_fuzz_save_checkpoint(fuzzed: Fuzzed, case: SaveCase) -> None:
             assert reply.size_bytes == len(case.payload)
     else:
         assert after == before, "a failed SaveCheckpoint changed the store"
+    # An announced sha256 that the bytes sent do not have is never accepted.
+    first = case.messages[0] if case.messages else pb.SaveCheckpointRequest()
+    announced = first.header.upload.sha256 if first.header.HasField("upload") else ""
+    sent = b"".join(m.chunk for m in case.messages[1:] if m.HasField("chunk"))
+    if announced and announced.lower() != hashlib.sha256(sent).hexdigest():
+        assert code != Code.OK, "an upload with a wrong sha256 was stored"
+        if case.broken == {"sha"} and re.fullmatch(r"[0-9a-fA-F]{64}", announced):
+            assert code == Code.DATA_LOSS, code
     fuzzed.check_all()
 
 

@@ -475,3 +475,95 @@ def test_configs_of_a_wrong_shape_are_invalid_argument(
         load = _load(stub, architecture_args=Param(string_param=args))
         refused(load, "architecture_args", case=args[:80])
     assert _hosted(stub) == [("r18", "1")]
+
+
+# Negative and boundary values of every datatype modelhost serves.
+EDGES: dict[str, np.ndarray[Any, Any]] = {
+    "BOOL": np.array([[True, False, True]]),
+    "UINT8": np.array([[0, 1, 255]], np.uint8),
+    "INT8": np.array([[-128, -1, 127]], np.int8),
+    "INT16": np.array([[-32768, -1, 32767]], np.int16),
+    "INT32": np.array([[-(2**31), -1, 2**31 - 1]], np.int32),
+    "INT64": np.array([[-(2**63), -1, 2**63 - 1]], np.int64),
+    "FP16": np.array([[-65504, -0.0, 6e-8]], np.float16),
+    "BF16": np.array([[-3.0e38, -1.5, 1e-38]], ml_dtypes.bfloat16),
+    "FP32": np.array([[-3.4e38, -0.1, 1.4e-45]], np.float32),
+    "FP64": np.array([[-1e30, -0.1, 1e-30]], np.float64),
+}
+# The typed `contents` field each datatype travels in (none for FP16 and BF16).
+TYPED = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+NUMPY = {name: array.dtype for name, array in EDGES.items()}
+
+
+def _as_model_sees_it(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A float32 model receives floating inputs as float32 and answers in the input's type."""
+    if array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16:
+        return array.astype(np.float32).astype(array.dtype)
+    return array
+
+
+@pytest.fixture
+def echo_model(client: ModelHostClient) -> str:
+    client.save_checkpoint("echo", {"marker": torch.zeros(1)})
+    client.load_model("echo", architecture="echo", checkpoint="echo")
+    return "echo"
+
+
+@pytest.mark.parametrize("datatype", list(EDGES))
+def test_every_datatype_round_trips_raw_and_typed(
+    triton: Triton, echo_model: str, datatype: str
+) -> None:
+    """Each datatype's edge values reach the model as they were sent and come back with
+    the same datatype: through tritonclient's raw path and through typed contents."""
+    x = EDGES[datatype]
+    expected = _as_model_sees_it(x)
+    # Raw: tritonclient's InferInput.
+    _, outputs = triton.infer(echo_model, {"input": x}, datatypes={"input": datatype})
+    got_type, got = outputs["output"]
+    assert got_type == datatype
+    np.testing.assert_array_equal(np.asarray(got).astype(expected.dtype), expected)
+    # Typed contents, where the datatype has them.
+    request = {
+        "model_name": echo_model,
+        "inputs": [{"name": "input", "datatype": datatype, "shape": list(x.shape)}],
+    }
+    if datatype not in TYPED:
+        request["inputs"][0]["contents"] = {"fp32_contents": x.astype(np.float32).ravel().tolist()}
+        assert "raw_input_contents" in fails("INVALID_ARGUMENT", triton.raw_infer, request)
+        return
+    request["inputs"][0]["contents"] = {TYPED[datatype]: x.ravel().tolist()}
+    reply = triton.raw_infer(request)
+    (output,) = reply["outputs"]
+    assert output["datatype"] == datatype and ints(output["shape"]) == list(x.shape)
+    got = np.frombuffer(reply["raw_output_contents"][0], NUMPY[datatype]).reshape(x.shape)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("datatype", ["UINT16", "UINT32", "UINT64"])
+def test_datatypes_modelhost_does_not_serve_are_refused(
+    triton: Triton, echo_model: str, datatype: str
+) -> None:
+    x = np.array([[0, 1, 2]], np.dtype(datatype.lower()))
+    message = fails("INVALID_ARGUMENT", triton.infer, echo_model, {"input": x})
+    assert datatype in message and "not supported" in message
+    typed = {
+        "model_name": echo_model,
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": datatype,
+                "shape": [1, 3],
+                "contents": {"uint_contents": [0, 1, 2]},
+            }
+        ],
+    }
+    assert "not supported" in fails("INVALID_ARGUMENT", triton.raw_infer, typed)

@@ -78,3 +78,18 @@ def slow_builder(seconds: float = 1.0) -> nn.Module:
 
     time.sleep(seconds)
     return Recorder()
+
+
+class Echo(nn.Module):
+    """Answers its input as it received it (a copy): what the server handed the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("marker", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def echo() -> nn.Module:
+    return Echo()
