@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STORE ?= ./store
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck protos check-protos bench clean
+.PHONY: install serve test lint typecheck protos check-protos bench mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/predict.py
+
+# Not part of `test`: puts plausible bugs into a copy of the server, one at a time.
+mutants: $(STAMP)
+	$(BIN)/python bench/mutants.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
