@@ -58,15 +58,15 @@ MUTANTS = [
     Mutant(
         "auth: RepositoryModelLoad leaves the management tier",
         SERVER + "auth.py",
-        '        "/inference.GRPCInferenceService/RepositoryModelLoad",\n',
-        "",
+        '"/inference.GRPCInferenceService/RepositoryModelLoad": MANAGEMENT,',
+        '"/inference.GRPCInferenceService/RepositoryModelLoad": INFERENCE,',
         ("tests/test_security.py::test_every_rpc_checks_its_token_tier",),
     ),
     Mutant(
         "auth: an inference token passes a management RPC",
         SERVER + "auth.py",
-        "if method in MANAGEMENT_METHODS and self.management:",
-        "if method in MANAGEMENT_METHODS and not self.management:",
+        "if TIERS.get(method, MANAGEMENT) == MANAGEMENT and self.management:",
+        "if TIERS.get(method, MANAGEMENT) == MANAGEMENT and not self.management:",
         ("tests/test_security.py",),
     ),
     Mutant(

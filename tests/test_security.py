@@ -273,6 +273,14 @@ def _call(channel: grpc.Channel, rpc: tuple[str, bool, bool], token: str | None)
     return grpc.StatusCode.OK
 
 
+def test_every_rpc_has_a_tier() -> None:
+    """The tier table covers every RPC of both services, and names no other."""
+    from modelhost.server.auth import MANAGEMENT, TIERS
+
+    assert set(TIERS) == {path for path, _, _ in _every_rpc()}
+    assert {path for path, tier in TIERS.items() if tier == MANAGEMENT} == MANAGEMENT_RPCS
+
+
 def test_every_rpc_checks_its_token_tier(settings: Settings, tokens: tuple[Path, Path]) -> None:
     """Each RPC of both services, from their descriptors (a new RPC is covered as it is
     added), against no token, the inference token and the management token."""

@@ -1,9 +1,9 @@
 """Bearer tokens with a management tier (`gate.Gate` applies them to every call).
 
 - Health checks and reflection are always open (Kubernetes probes, grpcurl).
-- Management RPCs (SaveCheckpoint, DeleteCheckpoint, LoadModel, UnloadModel and the
-  Open Inference Protocol's repository load/unload) need a management token when
-  any is configured; an inference token there gets PERMISSION_DENIED.
+- Management RPCs (`TIERS`: SaveCheckpoint, DeleteCheckpoint, LoadModel, UnloadModel
+  and the Open Inference Protocol's repository load/unload) need a management token
+  when any is configured; an inference token there gets PERMISSION_DENIED.
 - Every other RPC needs an inference or a management token when inference tokens
   are configured.
 - No token or a wrong one: UNAUTHENTICATED. Tokens are compared in constant time.
@@ -23,16 +23,35 @@ import grpc
 
 from modelhost.server.settings import Settings
 
-MANAGEMENT_METHODS = frozenset(
-    {
-        "/modelhost.v1.ModelHost/SaveCheckpoint",
-        "/modelhost.v1.ModelHost/DeleteCheckpoint",
-        "/modelhost.v1.ModelHost/LoadModel",
-        "/modelhost.v1.ModelHost/UnloadModel",
-        "/inference.GRPCInferenceService/RepositoryModelLoad",
-        "/inference.GRPCInferenceService/RepositoryModelUnload",
-    }
-)
+INFERENCE, MANAGEMENT = "inference", "management"
+TIERS: dict[str, str] = {
+    # Management: what changes the stored checkpoints or the hosted models.
+    "/modelhost.v1.ModelHost/SaveCheckpoint": MANAGEMENT,
+    "/modelhost.v1.ModelHost/DeleteCheckpoint": MANAGEMENT,
+    "/modelhost.v1.ModelHost/LoadModel": MANAGEMENT,
+    "/modelhost.v1.ModelHost/UnloadModel": MANAGEMENT,
+    "/inference.GRPCInferenceService/RepositoryModelLoad": MANAGEMENT,
+    "/inference.GRPCInferenceService/RepositoryModelUnload": MANAGEMENT,
+    # Inference: reading and predicting.
+    "/modelhost.v1.ModelHost/DownloadCheckpoint": INFERENCE,
+    "/modelhost.v1.ModelHost/ListCheckpoints": INFERENCE,
+    "/modelhost.v1.ModelHost/GetCheckpoint": INFERENCE,
+    "/modelhost.v1.ModelHost/ListModels": INFERENCE,
+    "/modelhost.v1.ModelHost/GetModel": INFERENCE,
+    "/modelhost.v1.ModelHost/ListArchitectures": INFERENCE,
+    "/modelhost.v1.ModelHost/Predict": INFERENCE,
+    "/inference.GRPCInferenceService/ServerLive": INFERENCE,
+    "/inference.GRPCInferenceService/ServerReady": INFERENCE,
+    "/inference.GRPCInferenceService/ModelReady": INFERENCE,
+    "/inference.GRPCInferenceService/ServerMetadata": INFERENCE,
+    "/inference.GRPCInferenceService/ModelMetadata": INFERENCE,
+    "/inference.GRPCInferenceService/ModelInfer": INFERENCE,
+    "/inference.GRPCInferenceService/ModelConfig": INFERENCE,
+    "/inference.GRPCInferenceService/RepositoryIndex": INFERENCE,
+    "/inference.GRPCInferenceService/ModelStatistics": INFERENCE,
+}
+"""The tier of every RPC (tests/test_security.py checks every RPC of both services is
+here). A method missing from it needs the management token: the table fails closed."""
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -81,7 +100,7 @@ class Tokens:
         """None when the call may proceed, else the status and message that refuse it."""
         if method.startswith(OPEN_PREFIXES):
             return None
-        if method in MANAGEMENT_METHODS and self.management:
+        if TIERS.get(method, MANAGEMENT) == MANAGEMENT and self.management:
             if presented is not None and _matches(presented, self.management):
                 return None
             if presented is not None and _matches(presented, self.inference):

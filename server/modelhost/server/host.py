@@ -492,6 +492,10 @@ class Host:
             answer = await asyncio.wrap_future(future)
         return hosted, answer
 
+    def is_hosted(self, name: str) -> bool:
+        """Whether any version of `name` is hosted."""
+        return bool(self.registry.versions(name))
+
     def unrestored(self) -> list[tuple[dict[str, Any], str]]:
         """Recorded versions that are not serving (not restored, or not yet), with why."""
         return [self._unrestored[key] for key in sorted(self._unrestored)]

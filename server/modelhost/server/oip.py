@@ -2,7 +2,7 @@
 
 It serves on the same port as modelhost.v1.ModelHost and shares its registry and
 batchers: a ModelInfer request joins the same batches as Predict requests. Errors
-map to statuses through the same table (`service.unary`).
+map to statuses through the same table (`rpc.unary`).
 
 Versions are strings in OIP: "" is the newest, "3" is version 3 (ASCII digits only,
 at most 2**63-1: `oip_load.parse_version`). Model metadata lists the inputs the
@@ -28,7 +28,7 @@ from modelhost.server.host import Host
 from modelhost.server.names import check_name
 from modelhost.server.oip_load import load_request, parse_version
 from modelhost.server.registry import HostedModel
-from modelhost.server.service import unary
+from modelhost.server.rpc import unary
 from modelhost.server.statistics import Duration
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

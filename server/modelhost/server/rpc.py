@@ -1,4 +1,5 @@
-"""The one table from domain errors to gRPC status codes, and what a failed call answers.
+"""The RPC plumbing both servicers share: the one table from domain errors to gRPC
+status codes, and the decorators that map a method's errors and record its metrics.
 
 Anything not in `STATUS` is a bug: it is logged with its traceback and a request id,
 and the caller gets INTERNAL with that id.
@@ -6,10 +7,16 @@ and the caller gets INTERNAL with that id.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import grpc
+import grpc.aio
 
 from modelhost.server import errors as e
 
@@ -53,3 +60,94 @@ def failure(error: Exception) -> tuple[grpc.StatusCode, str]:
     request_id = uuid.uuid4().hex[:12]
     log.error("internal error [request %s]", request_id, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+
+
+class Front(Protocol):
+    """What the decorators need of a servicer's `host`."""
+
+    @property
+    def metrics(self) -> Any: ...
+
+    def is_hosted(self, name: str) -> bool: ...
+
+
+class _Call:
+    """Times one RPC, and records its outcome in the metrics and the debug log."""
+
+    def __init__(self, servicer: Any, method: str, request: Any) -> None:
+        self.host: Front = servicer.host
+        self.method = method
+        self.request = request
+        self.started = time.perf_counter()
+
+    def model(self) -> str:
+        """The hosted model the request names, or "" (the metric label)."""
+        name = getattr(self.request, "model", "") or getattr(self.request, "model_name", "")
+        if not name and "Model" in type(self.request).__name__:  # e.g. LoadModelRequest.name
+            name = getattr(self.request, "name", "")
+        # Only hosted names become label values: callers cannot grow the label set.
+        return name if isinstance(name, str) and self.host.is_hosted(name) else ""
+
+    async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Records a failed call and ends it with the error's status (raises for Exceptions;
+        cancellations and aborts are only recorded)."""
+        if isinstance(error, asyncio.CancelledError):
+            self.done(grpc.StatusCode.CANCELLED)
+        elif isinstance(error, grpc.aio.AbortError):
+            self.done(context.code() or grpc.StatusCode.UNKNOWN)
+        elif isinstance(error, Exception):
+            code, message = failure(error)
+            self.done(code)
+            await context.abort(code, message)
+
+    def done(self, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - self.started
+        model = self.model()
+        metrics = self.host.metrics
+        metrics.requests.labels(self.method, model, code.name).inc()
+        metrics.latency.labels(self.method, model).observe(elapsed)
+        log.debug(
+            "rpc=%s model=%s code=%s ms=%.2f", self.method, model or "-", code.name, elapsed * 1000
+        )
+
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def unary(method: Handler[R]) -> Handler[R]:
+    """Maps the errors of a method that returns one reply; records it in the metrics."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        call = _Call(self, method.__name__, request)
+        try:
+            reply = await method(self, request, context)
+        except BaseException as error:
+            await call.fail(error, context)
+            raise
+        call.done(grpc.StatusCode.OK)
+        return reply
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]]:
+    """Maps the errors of a method that streams its replies; records it in the metrics."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[R]:
+        call = _Call(self, method.__name__, request)
+        try:
+            async for reply in method(self, request, context):
+                yield reply
+        except BaseException as error:
+            await call.fail(error, context)
+            raise
+        call.done(grpc.StatusCode.OK)
+
+    return wrapper

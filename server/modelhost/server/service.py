@@ -4,118 +4,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from modelhost.client import wire
 from modelhost.server import errors as e
-from modelhost.server import messages, rpc
+from modelhost.server import messages
 from modelhost.server.host import Host
 from modelhost.server.loading import LoadRequest
+from modelhost.server.rpc import streaming, unary
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-# Request fields that name a hosted model, by method (for metric labels and logs).
-_NAME_IS_MODEL = {
-    "LoadModel",
-    "UnloadModel",
-    "GetModel",
-    "ModelMetadata",
-    "ModelReady",
-    "ModelConfig",
-    "ModelStatistics",
-}
-
-
-class _Call:
-    """Times one RPC, and records its outcome in the metrics and the debug log."""
-
-    def __init__(self, servicer: Any, method: str, request: Any) -> None:
-        self.host: Host = servicer.host
-        self.method = method
-        self.request = request
-        self.started = time.perf_counter()
-
-    def model(self) -> str:
-        name = getattr(self.request, "model", "") or getattr(self.request, "model_name", "")
-        if not name and self.method in _NAME_IS_MODEL:
-            name = getattr(self.request, "name", "")
-        # Only hosted names become label values: callers cannot grow the label set.
-        return name if isinstance(name, str) and self.host.registry.versions(name) else ""
-
-    async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
-        """Records a failed call and ends it with the error's status (raises for Exceptions;
-        cancellations and aborts are only recorded)."""
-        if isinstance(error, asyncio.CancelledError):
-            self.done(grpc.StatusCode.CANCELLED)
-        elif isinstance(error, grpc.aio.AbortError):
-            self.done(context.code() or grpc.StatusCode.UNKNOWN)
-        elif isinstance(error, Exception):
-            code, message = rpc.failure(error)
-            self.done(code)
-            await context.abort(code, message)
-
-    def done(self, code: grpc.StatusCode) -> None:
-        elapsed = time.perf_counter() - self.started
-        model = self.model()
-        metrics = self.host.metrics
-        metrics.requests.labels(self.method, model, code.name).inc()
-        metrics.latency.labels(self.method, model).observe(elapsed)
-        log.debug(
-            "rpc=%s model=%s code=%s ms=%.2f", self.method, model or "-", code.name, elapsed * 1000
-        )
-
-
-R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
-
-
-def unary(method: Handler[R]) -> Handler[R]:
-    """Maps the errors of a method that returns one reply; records it in the metrics."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        call = _Call(self, method.__name__, request)
-        try:
-            reply = await method(self, request, context)
-        except BaseException as error:
-            await call.fail(error, context)
-            raise
-        call.done(grpc.StatusCode.OK)
-        return reply
-
-    return wrapper
-
-
-def streaming(
-    method: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]]:
-    """Maps the errors of a method that streams its replies; records it in the metrics."""
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: Any, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[R]:
-        call = _Call(self, method.__name__, request)
-        try:
-            async for reply in method(self, request, context):
-                yield reply
-        except BaseException as error:
-            await call.fail(error, context)
-            raise
-        call.done(grpc.StatusCode.OK)
-
-    return wrapper
-
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelHost"].full_name
 
