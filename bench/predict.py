@@ -7,7 +7,7 @@ size) and the raw loopback echo of the same payload. The ceiling is measured in
 windows interleaved with the served windows (`--rounds` of each per level), so both
 see the same machine: shared machines drift by 10-20% over a minute. This process
 takes the server's malloc settings first, so the ceiling's activations are not faulted
-in afresh on every run (on the machine in README that alone made it 10-15% faster).
+in afresh on every run (on the machine in bench/README.md that alone made it 10-15% faster).
 
 Targets on a CPU (resnet18, float32): at concurrency 16, at least 90% of the
 in-process ceiling; at concurrency 1, p50 at most the in-process batch-1 time plus
