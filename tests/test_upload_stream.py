@@ -124,6 +124,7 @@ def test_malloc_settings_apply_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None
 
 _REUSE = """
 import resource, sys, torch
+import modelhost.server.app  # the server's imports, as it runs
 from modelhost.server import malloc
 if sys.argv[1] == "keep":
     assert malloc.keep_large_buffers()

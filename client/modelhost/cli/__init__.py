@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
+from modelhost.client.load_options import LoadOptions
+from modelhost.v1 import modelhost_pb2 as pb
 
 Command = Callable[[ModelHostClient, argparse.Namespace], Any]
 
@@ -75,6 +77,48 @@ def _json_value(text: str) -> Any:
         return text  # a bare word is a string: --arg norm_layer=batch
 
 
+class _KeyJson(argparse.Action):
+    """KEY=JSON, repeatable: collects a dict of decoded values (a bare word is a string)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        key, sep, value = str(values).partition("=")
+        if not sep:
+            raise SystemExit(f"{option_string} {values!r} must be KEY=VALUE")
+        entries = getattr(namespace, self.dest) or {}
+        setattr(namespace, self.dest, {**entries, key: _json_value(value)})
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return [int(dim) for dim in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 8,3,224,224") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _show(value: Any) -> None:
     if isinstance(value, str):
         print(value)
@@ -116,29 +160,31 @@ def cmd_download(client: ModelHostClient, args: argparse.Namespace) -> Any:
 
 
 def cmd_load(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    batching = {
-        key: value
-        for key, value in (
-            ("max_batch_size", args.max_batch_size),
-            ("max_queue_delay_us", args.max_queue_delay_us),
-            ("max_queue_size", args.max_queue_size),
-            ("preferred_batch_size", args.preferred_batch_size),
-        )
-        if value is not None
-    }
     return client.load_model(
         args.name,
         architecture=args.architecture,
         checkpoint=args.checkpoint,
-        version=args.version,
-        device=args.device,
-        dtype=args.dtype,
-        architecture_args={k: _json_value(v) for k, v in _pairs(args.arg, "--arg").items()},
-        strict=not args.no_strict,
-        batching=batching,
-        weights=args.weights,
-        channels_last=args.channels_last,
+        **load_options(args),
     )
+
+
+LOAD_OPTION = "load_option:"
+"""Prefix of the `load` flags' dests: "load_option:NAME" sets load_model's option NAME,
+"load_option:NAME.KEY" one key of a mapping option (batching, preprocessing)."""
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """The load_model options the `load` flags given set (the others stay unset)."""
+    options: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith(LOAD_OPTION) or value is None:
+            continue
+        name, _, key = dest.removeprefix(LOAD_OPTION).partition(".")
+        if key:
+            options[name] = {**options.get(name, {}), key: value}
+        else:
+            options[name] = value
+    return cast(LoadOptions, options)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -254,12 +300,14 @@ def _client_parser() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
+    """The `modelhost` parser. `serve`'s flags come from the server's settings: without
+    `serve_flags` they are left out, and nothing of the server is imported."""
     parser = argparse.ArgumentParser(
         prog="modelhost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub)
+    _add_serve(sub, serve_flags)
     common = _client_parser()
 
     def command(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
@@ -285,29 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("load", cmd_load, "Build an architecture, load a checkpoint, serve it.")
     p.add_argument("name")
-    p.add_argument(
-        "--architecture",
-        "-a",
-        default="",
-        help="architecture to build (omit for exported programs / pickled models)",
-    )
-    p.add_argument("--checkpoint", "-c", default="", help="stored checkpoint with the weights")
-    p.add_argument("--weights", help="torchvision pretrained weights instead, e.g. IMAGENET1K_V1")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument(
-        "--arg",
-        action="append",
-        metavar="KEY=JSON",
-        help="builder argument, e.g. --arg num_classes=10",
-    )
-    p.add_argument("--version", type=int)
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--no-strict", action="store_true", help="allow missing/unexpected keys")
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--max-queue-delay-us", type=int)
-    p.add_argument("--max-queue-size", type=int)
-    p.add_argument("--preferred-batch-size", type=int)
+    _add_load_flags(p)
 
     p = command("predict", cmd_predict, "Run a model on .npy tensors or JPEG/PNG images.")
     p.add_argument("model")
@@ -333,14 +359,103 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BATCHING_HELP = {
+    "max_batch_size": "most rows batched together (1: no batching; default: the server's)",
+    "max_queue_delay_us": "how long a batch waits to fill, in microseconds",
+    "max_queue_size": "requests that may wait; more fail with RESOURCE_EXHAUSTED",
+    "preferred_batch_size": "rows the batcher aims for (default: chosen at warm-up)",
+}
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    """`load`'s flags: one per load_model option (or key of one), see `LOAD_OPTION`.
+    The common --timeout is the `timeout` option: the client's deadline."""
+
+    def option(flag: str, name: str, **kwargs: Any) -> None:
+        p.add_argument(flag, dest=LOAD_OPTION + name, default=None, **kwargs)
+
+    p.add_argument(
+        "--architecture",
+        "-a",
+        default="",
+        help="architecture to build (omit for exported programs / pickled models)",
+    )
+    p.add_argument("--checkpoint", "-c", default="", help="stored checkpoint with the weights")
+    option(
+        "--weights",
+        "weights",
+        metavar="NAME",
+        help="torchvision pretrained weights instead, e.g. IMAGENET1K_V1",
+    )
+    option(
+        "--arg",
+        "architecture_args",
+        action=_KeyJson,
+        metavar="KEY=JSON",
+        help="builder argument, e.g. --arg num_classes=10 (repeatable)",
+    )
+    option("--version", "version", type=int, metavar="N", help="version to register")
+    option(
+        "--device", "device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: the server's)"
+    )
+    option("--dtype", "dtype", choices=["float32", "float16", "bfloat16"], help="weights' dtype")
+    option("--no-strict", "strict", action="store_false", help="allow missing/unexpected keys")
+    option(
+        "--channels-last", "channels_last", action="store_true", help="channels_last memory format"
+    )
+    option(
+        "--autocast", "autocast", choices=["float16", "bfloat16"], help="run under torch.autocast"
+    )
+    option(
+        "--compile",
+        "compile",
+        metavar="MODE",
+        help="torch.compile mode: default, reduce-overhead or max-autotune",
+    )
+    option(
+        "--warmup-shape",
+        "warmup_shape",
+        type=_shape,
+        metavar="N,C,H,W",
+        help="run a zero input of this shape at load, e.g. 8,3,224,224",
+    )
+    for field in pb.BatchingConfig.DESCRIPTOR.fields:  # every batching key, all integers
+        flag = "--" + field.name.replace("_", "-")
+        help = BATCHING_HELP.get(field.name, "batching: " + field.name)
+        option(flag, "batching." + field.name, type=int, metavar="N", help=help)
+    option(
+        "--preprocessing",
+        "preprocessing",
+        type=_json_object,
+        metavar="JSON",
+        help='image preprocessing, e.g. \'{"resize": 256, "crop": 224, "mean": [...], '
+        '"std": [...]}\'',
+    )
+    option(
+        "--preprocessing-weights",
+        "preprocessing.weights",
+        metavar="NAME",
+        help="image preprocessing of these torchvision weights, e.g. IMAGENET1K_V1",
+    )
+    option("--label", "labels", action="append", metavar="NAME", help="class name (repeatable)")
+    option(
+        "--labels-file",
+        "labels",
+        action="extend",
+        type=_lines,
+        metavar="PATH",
+        help="class names, one per line",
+    )
+
+
 def command_names() -> list[str]:
     """Every subcommand of `modelhost`."""
-    parser = build_parser()
+    parser = build_parser(serve_flags=False)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return list(sub.choices)
 
 
-def _add_serve(sub: Any) -> None:
+def _add_serve(sub: Any, flags: bool) -> None:
     p = sub.add_parser(
         "serve",
         help="Run the server.",
@@ -348,6 +463,8 @@ def _add_serve(sub: Any) -> None:
         "flag can also be set as MODELHOST_<NAME> in the environment.",
     )
     p.set_defaults(fn=None)
+    if not flags:
+        return
     try:
         from modelhost.server.settings import settings_fields
     except ImportError:
@@ -381,7 +498,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Client commands never import the server (nor torch): only `serve` needs its settings.
+    args = build_parser(serve_flags=argv[:1] == ["serve"]).parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     config = ChannelConfig(

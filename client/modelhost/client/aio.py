@@ -1,43 +1,56 @@
-"""`AsyncModelHostClient`: the asyncio client on `grpc.aio`, same methods as the sync one."""
+"""`AsyncModelHostClient`: the asyncio client on `grpc.aio`, one channel per instance.
+
+Its methods are those of `ModelHostClient` (`sync`) as coroutines: the same names,
+signatures and docstrings over the same `calls`, kept alike by a test. Only `_run`
+differs: it awaits the call, and pulls a request stream (an upload's chunks) on a
+worker thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
+
+import grpc.aio
 
 from modelhost.client import calls
 from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import translate_errors
-from modelhost.client.health import check_health_async
+from modelhost.client.load_options import LoadOptions
+from modelhost.client.predict import ImageSource
+from modelhost.client.transfers import Progress, Source
 from modelhost.client.types import Architecture, CheckpointInfo, ModelInfo
-from modelhost.v1 import modelhost_pb2 as pb
-from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
-class AsyncModelHostClient:
+class AsyncModelHostClient(calls.ClientBase):
     """Calls a modelhost server from asyncio. Use `async with`, or `await close()`.
 
     Methods and arguments are those of `ModelHostClient`, as coroutines.
     """
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = None,
-        chunk_bytes: int = calls.DEFAULT_CHUNK_BYTES,
-        config: ChannelConfig | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.chunk_bytes = chunk_bytes
-        self._config = config or ChannelConfig()
-        self._channel = self._config.aio_channel(target)
-        self._stub = pb_grpc.ModelHostStub(self._channel)
-        self._wire = calls.WireStub(self._channel)
+    def _connect(self, config: ChannelConfig, target: str) -> grpc.aio.Channel:
+        return config.aio_channel(target)
+
+    async def _run(self, call: calls.Call[T]) -> T:
+        request = call.request
+        if isinstance(request, Iterator):
+            request = _pulled_in_thread(request)
+        try:
+            with translate_errors():
+                if call.feed:
+                    reply = None
+                    async for message in self._stub[call.rpc](request, **self._kw(call.timeout)):
+                        call.feed(message)
+                else:
+                    reply = await self._stub[call.rpc](request, **self._kw(call.timeout))
+            return call.result(reply)
+        finally:
+            call.close()
 
     async def __aenter__(self) -> AsyncModelHostClient:
         return self
@@ -49,87 +62,61 @@ class AsyncModelHostClient:
         """Closes the channel; calls in flight are cancelled."""
         await self._channel.close()
 
-    def _kw(self, timeout: float | None = None) -> dict[str, Any]:
-        return self._config.call_kwargs(timeout if timeout is not None else self.timeout)
+    # Checkpoints
 
     async def save_checkpoint(
         self,
         name: str,
-        source: calls.Source,
+        source: Source,
         *,
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
-        progress: calls.Progress | None = None,
+        progress: Progress | None = None,
         timeout: float | None = None,
     ) -> CheckpointInfo:
         """Uploads a checkpoint: a file path, bytes, or a state_dict / checkpoint dict."""
-        upload = calls.Upload(
-            name,
-            source,
-            metadata=metadata,
-            overwrite=overwrite,
-            chunk_bytes=self.chunk_bytes,
-            progress=progress,
+        return await self._run(
+            calls.save_checkpoint(
+                name,
+                source,
+                metadata=metadata,
+                overwrite=overwrite,
+                chunk_bytes=self.chunk_bytes,
+                progress=progress,
+                timeout=timeout,
+            )
         )
-        frames = calls.Prefetch(iter(upload))
-
-        async def requests() -> AsyncIterator[bytes]:
-            while (frame := await asyncio.to_thread(next, frames, None)) is not None:
-                yield frame
-
-        try:
-            with translate_errors():
-                reply = await self._wire.SaveCheckpoint(requests(), **self._kw(timeout))
-        finally:
-            frames.close()
-        return upload.verify(reply)
 
     async def snapshot(
         self, model: str, checkpoint: str, *, version: int | None = None, overwrite: bool = False
     ) -> CheckpointInfo:
         """Has the server save a hosted model's state_dict as a checkpoint."""
-        stream = calls.snapshot_request(model, checkpoint, version, overwrite)
-        with translate_errors():
-            reply = await self._stub.SaveCheckpoint(iter(stream), **self._kw())
-        return CheckpointInfo.from_proto(reply)
+        return await self._run(calls.snapshot(model, checkpoint, version, overwrite))
 
     async def download_checkpoint(
         self,
         name: str,
         dest: str | os.PathLike[str] | None = None,
         *,
-        progress: calls.Progress | None = None,
+        progress: Progress | None = None,
     ) -> Path | Any:
-        """Writes the checkpoint to `dest` and returns its path, or returns it loaded."""
-        download = calls.Download(dest, progress)
-        try:
-            with translate_errors():
-                stream = self._wire.DownloadCheckpoint(
-                    pb.DownloadCheckpointRequest(name=name), **self._kw()
-                )
-                async for message in stream:
-                    download.feed(message)
-        except BaseException:
-            download.abort()
-            raise
-        return download.finish()
+        """Writes the checkpoint to `dest` and returns its path; without `dest`,
+        returns it loaded (`torch.load(weights_only=True)` or safetensors)."""
+        return await self._run(calls.download_checkpoint(name, dest, progress))
 
     async def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every stored checkpoint, sorted by name."""
-        with translate_errors():
-            reply = await self._stub.ListCheckpoints(pb.ListCheckpointsRequest(), **self._kw())
-        return [CheckpointInfo.from_proto(c) for c in reply.checkpoints]
+        return await self._run(calls.list_checkpoints())
 
     async def get_checkpoint(self, name: str) -> CheckpointInfo:
         """One stored checkpoint."""
-        with translate_errors():
-            reply = await self._stub.GetCheckpoint(pb.GetCheckpointRequest(name=name), **self._kw())
-        return CheckpointInfo.from_proto(reply)
+        return await self._run(calls.get_checkpoint(name))
 
     async def delete_checkpoint(self, name: str) -> None:
-        """Deletes a stored checkpoint."""
-        with translate_errors():
-            await self._stub.DeleteCheckpoint(pb.DeleteCheckpointRequest(name=name), **self._kw())
+        """Deletes a stored checkpoint (models loaded from it keep serving)."""
+        return await self._run(calls.delete_checkpoint(name))
+
+    # Models
 
     async def load_model(
         self,
@@ -137,50 +124,39 @@ class AsyncModelHostClient:
         *,
         architecture: str = "",
         checkpoint: str = "",
-        **options: Unpack[calls.LoadOptions],
+        **options: Unpack[LoadOptions],
     ) -> ModelInfo:
         """Builds `architecture`, loads `checkpoint` into it and serves it as `name`.
 
         Exported programs and pickled models need no `architecture`; `weights` loads
         torchvision pretrained weights instead of a checkpoint. Options: `LoadOptions`.
         """
-        request = calls.load_request(name, architecture, checkpoint, options)
-        with translate_errors():
-            reply = await self._stub.LoadModel(request, **self._kw(options.get("timeout")))
-        return ModelInfo.from_proto(reply)
+        return await self._run(calls.load_model(name, architecture, checkpoint, options))
 
     async def unload_model(self, name: str, version: int | None = None) -> list[int]:
         """Stops serving one version (default: all versions); returns those removed."""
-        request = pb.UnloadModelRequest(name=name, version=version or 0)
-        with translate_errors():
-            reply = await self._stub.UnloadModel(request, **self._kw())
-        return list(reply.versions)
+        return await self._run(calls.unload_model(name, version))
 
     async def list_models(self) -> list[ModelInfo]:
         """Every hosted model version."""
-        with translate_errors():
-            reply = await self._stub.ListModels(pb.ListModelsRequest(), **self._kw())
-        return [ModelInfo.from_proto(m) for m in reply.models]
+        return await self._run(calls.list_models())
 
     async def get_model(self, name: str, version: int | None = None) -> ModelInfo:
         """One hosted model version (default: the newest)."""
-        request = pb.GetModelRequest(name=name, version=version or 0)
-        with translate_errors():
-            reply = await self._stub.GetModel(request, **self._kw())
-        return ModelInfo.from_proto(reply)
+        return await self._run(calls.get_model(name, version))
 
     async def list_architectures(self) -> list[Architecture]:
         """Architectures the server can build."""
-        with translate_errors():
-            reply = await self._stub.ListArchitectures(pb.ListArchitecturesRequest(), **self._kw())
-        return [Architecture.from_proto(a) for a in reply.architectures]
+        return await self._run(calls.list_architectures())
+
+    # Inference
 
     async def predict(
         self,
         model: str,
         inputs: Any = None,
         *,
-        images: Sequence[calls.ImageSource] | None = None,
+        images: Sequence[ImageSource] | None = None,
         top_k: int = 0,
         version: int | None = None,
         timeout: float | None = None,
@@ -189,12 +165,18 @@ class AsyncModelHostClient:
         of them gives a dict of outputs back. `images` sends JPEG/PNG files or bytes
         instead (the model needs preprocessing). With `top_k`, returns the k most likely
         classes of each row as lists of `TopClass`."""
-        call = calls.PredictCall(model, inputs, version, images=images, top_k=top_k)
-        with translate_errors():
-            reply = await self._wire.Predict(call.payload, **self._kw(timeout))
-        return call.result(reply)
+        return await self._run(
+            calls.predict(
+                model, inputs, images=images, top_k=top_k, version=version, timeout=timeout
+            )
+        )
 
     async def health(self, service: str = "") -> str:
         """The grpc.health.v1 status of `service` ("" is the whole server)."""
-        with translate_errors():
-            return await check_health_async(self._channel, service, **self._kw())
+        return await self._run(calls.health(service))
+
+
+async def _pulled_in_thread(items: Iterator[Any]) -> AsyncIterator[Any]:
+    """`items` as an async iterator; each `next` (which may block) runs on a worker thread."""
+    while (item := await asyncio.to_thread(next, items, None)) is not None:
+        yield item

@@ -9,7 +9,16 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from modelhost.client.calls import channel_options
+
+def channel_options(max_message_bytes: int = -1) -> list[tuple[str, Any]]:
+    """gRPC channel options used by both clients: the server enforces the limits."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
 
 
 def _read(path: str | Path | None) -> bytes | None:

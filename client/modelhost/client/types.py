@@ -10,13 +10,6 @@ from typing import Any
 from modelhost.client.codec import dtype_name
 from modelhost.v1 import modelhost_pb2 as pb
 
-_FORMATS: dict[pb.CheckpointFormat.ValueType, str] = {
-    pb.CHECKPOINT_FORMAT_STATE_DICT: "state_dict",
-    pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT: "general_checkpoint",
-    pb.CHECKPOINT_FORMAT_SAFETENSORS: "safetensors",
-    pb.CHECKPOINT_FORMAT_EXPORTED_PROGRAM: "exported_program",
-    pb.CHECKPOINT_FORMAT_PICKLED_MODEL: "pickled_model",
-}
 _STATES: dict[pb.ModelState.ValueType, str] = {
     pb.MODEL_STATE_READY: "ready",
     pb.MODEL_STATE_UNLOADING: "unloading",
@@ -25,8 +18,11 @@ _STATES: dict[pb.ModelState.ValueType, str] = {
 
 
 def format_name(code: pb.CheckpointFormat.ValueType) -> str:
-    """`CHECKPOINT_FORMAT_SAFETENSORS` -> "safetensors"."""
-    return _FORMATS.get(code, "unspecified")
+    """`CHECKPOINT_FORMAT_SAFETENSORS` -> "safetensors": the proto enum is the table."""
+    try:
+        return pb.CheckpointFormat.Name(code).removeprefix("CHECKPOINT_FORMAT_").lower()
+    except ValueError:
+        return "unspecified"
 
 
 def _time(stamp: Any) -> datetime | None:
@@ -111,6 +107,7 @@ class ModelInfo:
     compile: str = ""
     autocast: str = ""
     status_message: str = ""  # why a "failed" version is not serving
+    outputs: tuple[TensorSpec, ...] = ()  # names as Predict answers them; -1: any size
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -135,9 +132,7 @@ class ModelInfo:
                 msg.batching.max_queue_size,
                 msg.batching.preferred_batch_size,
             ),
-            inputs=tuple(
-                TensorSpec(s.name, dtype_name(s.dtype), tuple(s.shape)) for s in msg.inputs
-            ),
+            inputs=tuple(_spec(s) for s in msg.inputs),
             missing_keys=tuple(msg.missing_keys),
             unexpected_keys=tuple(msg.unexpected_keys),
             weights=msg.weights,
@@ -148,7 +143,12 @@ class ModelInfo:
             compile=msg.compile,
             autocast=dtype_name(msg.autocast) if msg.autocast else "",
             status_message=msg.status_message,
+            outputs=tuple(_spec(s) for s in msg.outputs),
         )
+
+
+def _spec(msg: pb.TensorSpec) -> TensorSpec:
+    return TensorSpec(msg.name, dtype_name(msg.dtype), tuple(msg.shape))
 
 
 @dataclass(frozen=True)

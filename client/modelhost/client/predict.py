@@ -1,0 +1,77 @@
+"""Predict for both clients: inputs (arrays, tensors, images) to the request, the reply
+back to the caller's kind of tensor or to top classes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from modelhost.client import codec, wire
+from modelhost.client.types import TopClass
+from modelhost.v1 import modelhost_pb2 as pb
+
+SINGLE_INPUT = "input"
+SINGLE_OUTPUT = "output"
+
+ImageSource = str | os.PathLike[str] | bytes
+"""A JPEG/PNG image for `predict(images=...)`: a file path or the encoded bytes."""
+
+
+class PredictCall:
+    """Encodes Predict inputs and decodes the outputs into the caller's kind of tensor."""
+
+    def __init__(
+        self,
+        model: str,
+        inputs: Any,
+        version: int | None,
+        *,
+        images: Sequence[ImageSource] | None = None,
+        top_k: int = 0,
+    ) -> None:
+        self.single = not isinstance(inputs, Mapping)
+        named = {} if inputs is None else {SINGLE_INPUT: inputs} if self.single else dict(inputs)
+        if not named and not images:
+            raise ValueError("predict needs inputs or images")
+        if named and images:
+            raise ValueError("predict takes inputs or images, not both")
+        self.as_torch = bool(named) and codec.is_torch(next(iter(named.values())))
+        self.top_k = top_k
+        self.payload = wire.predict_request(
+            model,
+            version or 0,
+            {key: codec.raw(value) for key, value in named.items()},
+            [_image_bytes(image) for image in images or ()],
+            top_k,
+        )
+
+    @property
+    def request(self) -> pb.PredictRequest:
+        """The request as a message (the call itself sends `payload`, its serialized form)."""
+        return pb.PredictRequest.FromString(self.payload)
+
+    def result(self, response: pb.PredictResponse) -> Any:
+        """With top_k, the top classes per row; else one array for one input and one
+        output, or a dict of them by output name."""
+        if self.top_k:
+            return [_top_classes(row) for row in response.top_k]
+        outputs = {
+            key: codec.to_torch(tensor).clone() if self.as_torch else codec.to_numpy(tensor)
+            for key, tensor in response.outputs.items()
+        }
+        if self.single and set(outputs) == {SINGLE_OUTPUT}:
+            return outputs[SINGLE_OUTPUT]
+        return outputs
+
+
+def _top_classes(row: pb.TopClasses) -> list[TopClass]:
+    labels = list(row.labels) or [""] * len(row.indices)
+    return [TopClass(i, s, n) for i, s, n in zip(row.indices, row.scores, labels, strict=True)]
+
+
+def _image_bytes(image: ImageSource) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    return Path(image).read_bytes()

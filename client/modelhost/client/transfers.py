@@ -1,0 +1,235 @@
+"""Checkpoint bytes in and out: the upload stream (read, hash, frame, prefetch) and the
+download stream (write, hash, verify), for both clients."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from modelhost.client import wire
+from modelhost.client.errors import DataLossError
+from modelhost.client.types import CheckpointInfo
+from modelhost.v1 import modelhost_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 2 << 20
+
+T = TypeVar("T")
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes in all; 0 when unknown) as a transfer proceeds."""
+
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | Mapping[str, Any]
+"""What `save_checkpoint` uploads: a file path, bytes, or a state_dict / checkpoint dict."""
+
+
+def serialize_source(source: Source) -> tuple[Iterator[memoryview], int]:
+    """The bytes of a checkpoint source, as chunks of any size, and the total size."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return _read_file(path), path.stat().st_size
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source).cast("B")
+        return iter([view]), view.nbytes
+    if isinstance(source, Mapping):
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(source, buffer)
+        view = buffer.getbuffer()
+        return iter([view]), view.nbytes
+    if hasattr(source, "state_dict"):
+        raise TypeError("pass model.state_dict(), not the module itself")
+    raise TypeError(f"cannot upload a {type(source).__name__}: pass a path, bytes or a dict")
+
+
+def _read_file(path: Path, block: int = 8 << 20) -> Iterator[memoryview]:
+    with path.open("rb") as file:
+        while data := file.read(block):
+            yield memoryview(data)
+
+
+class Prefetch(Iterator[T]):
+    """Runs `source` on a thread of its own, up to `depth` items ahead of the consumer.
+
+    An upload reads, hashes and frames the next chunks while gRPC sends the current
+    one. `close()` (also on exhaustion or error) stops the thread.
+    """
+
+    def __init__(self, source: Iterator[T], depth: int = 4) -> None:
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(
+            target=self._run, args=(source,), name="modelhost-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, source: Iterator[T]) -> None:
+        try:
+            for item in source:
+                if not self._put((True, item)):
+                    return
+        except BaseException as error:  # handed to the consumer
+            self._put((False, error))
+            return
+        self._put((False, None))
+
+    def _put(self, entry: tuple[bool, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> T:
+        while not self._ended:  # a consumer waiting when `close()` comes stops too
+            try:
+                has_item, value = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if has_item:
+                return cast(T, value)
+            self.close()
+            if value is not None:
+                raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stops the producer thread; further items are dropped."""
+        self._ended = True
+        self._stop.set()
+
+
+class Upload:
+    """The request stream of an upload; hashes what it sends so the reply can be checked.
+
+    Iterating gives the serialized requests: the header, then the chunks.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: Source,
+        *,
+        metadata: Mapping[str, str] | None,
+        overwrite: bool,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: Progress | None = None,
+    ) -> None:
+        self._blocks, self.size = serialize_source(source)
+        self._header = pb.SaveCheckpointHeader(
+            name=name,
+            metadata=dict(metadata or {}),
+            overwrite=overwrite,
+            upload=pb.Upload(size_bytes=self.size),
+        )
+        self._chunk_bytes = chunk_bytes
+        self._progress = progress
+        self._sha256 = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield pb.SaveCheckpointRequest(header=self._header).SerializeToString()
+        sent = 0
+        for block in self._blocks:
+            for start in range(0, block.nbytes, self._chunk_bytes):
+                chunk = block[start : start + self._chunk_bytes]
+                self._sha256.update(chunk)
+                sent += chunk.nbytes
+                yield wire.chunk_message(chunk)
+                if self._progress:
+                    self._progress(sent, self.size)
+
+    def verify(self, reply: pb.CheckpointInfo) -> CheckpointInfo:
+        """Checks the server stored exactly what was sent."""
+        if reply.sha256 != self._sha256.hexdigest():
+            raise DataLossError(
+                f"checkpoint {reply.name!r}: server stored sha256 {reply.sha256}, "
+                f"sent {self._sha256.hexdigest()}"
+            )
+        return CheckpointInfo.from_proto(reply)
+
+
+class Download:
+    """Receives a DownloadCheckpoint stream into a file (`dest`) or memory.
+
+    `feed` each message, then `finish()`; `abort()` (or `close()` before `finish()`)
+    removes the partial file.
+    """
+
+    def __init__(self, dest: str | os.PathLike[str] | None, progress: Progress | None = None):
+        self.dest = Path(dest) if dest is not None else None
+        self.info: pb.CheckpointInfo | None = None
+        self._progress = progress
+        self._sha256 = hashlib.sha256()
+        self._received = 0
+        self._finished = False
+        self._buffer = io.BytesIO()
+        self._part = self.dest.with_name(self.dest.name + ".part") if self.dest else None
+        self._file = self._part.open("wb") if self._part else None
+
+    def feed(self, message: pb.DownloadCheckpointResponse | memoryview) -> None:
+        """Takes the next message of the stream (a chunk may come as a view)."""
+        if isinstance(message, memoryview):
+            chunk: bytes | memoryview = message
+        elif message.HasField("info"):
+            self.info = message.info
+            return
+        else:
+            chunk = message.chunk  # each access copies
+        self._sha256.update(chunk)
+        self._received += len(chunk)
+        (self._file or self._buffer).write(chunk)
+        if self._progress:
+            self._progress(self._received, self.info.size_bytes if self.info else 0)
+
+    def abort(self) -> None:
+        """Removes the partial file after a failed stream."""
+        if self._file:
+            self._file.close()
+        if self._part:
+            self._part.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """`abort()` unless `finish()` succeeded: the end of every download, however it went."""
+        if not self._finished:
+            self.abort()
+
+    def finish(self) -> Path | Any:
+        """Verifies the checksum; returns the file's path, or the loaded checkpoint."""
+        info = self.info
+        if info is None or info.sha256 != self._sha256.hexdigest():
+            self.abort()
+            expected = info.sha256 if info else "(no header)"
+            raise DataLossError(
+                f"download: sha256 {self._sha256.hexdigest()} does not match {expected}"
+            )
+        if self._file and self._part and self.dest:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._part.replace(self.dest)
+            self._finished = True
+            return self.dest
+        self._finished = True
+        return load_checkpoint_bytes(self._buffer.getvalue(), info.format)
+
+
+def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
+    """Loads downloaded bytes safely: safetensors, or torch.load(weights_only=True)."""
+    if fmt == pb.CHECKPOINT_FORMAT_SAFETENSORS:
+        from safetensors.torch import load
+
+        return load(data)
+    if fmt in (pb.CHECKPOINT_FORMAT_STATE_DICT, pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT):
+        import torch
+
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    raise ValueError("this checkpoint cannot be loaded safely in memory; pass dest= to save it")
