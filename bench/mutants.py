@@ -114,7 +114,7 @@ MUTANTS = [
     ),
     Mutant(
         "registry: retire does not wait for the requests holding a version",
-        SERVER + "registry.py",
+        SERVER + "hosted.py",
         "self._idle.wait_for(lambda: self._leases == 0)",
         "pass",
         ("tests/test_batching.py::test_unload_waits_for_requests_that_hold_the_version",),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import torchvision
 
 from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.client.calls import LoadOptions
 from modelhost.server import Server, Settings, running
 
 TEST_ARCHITECTURES = [
@@ -84,15 +86,50 @@ def reference(model: torch.nn.Module, x: np.ndarray[Any, Any]) -> np.ndarray[Any
         return model(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
 
 
+def build(
+    architecture: str, architecture_args: Mapping[str, Any] | None = None, seed: int = 0
+) -> torch.nn.Module:
+    """`architecture` (one of TEST_ARCHITECTURES, else torchvision's) built in-process with
+    `architecture_args` and seeded random weights, in eval mode."""
+    entries = dict(entry.split("=", 1) for entry in TEST_ARCHITECTURES)
+    torch.manual_seed(seed)
+    model: torch.nn.Module
+    if architecture in entries:
+        module, _, function = entries[architecture].partition(":")
+        model = getattr(importlib.import_module(module), function)(**(architecture_args or {}))
+    else:
+        model = torchvision.models.get_model(architecture, **(architecture_args or {}))
+    return model.eval()
+
+
+def serve(
+    client: ModelHostClient,
+    name: str,
+    model: torch.nn.Module | None = None,
+    *,
+    architecture: str = "resnet18",
+    checkpoint: str | None = None,
+    overwrite: bool = False,
+    **options: Unpack[LoadOptions],
+) -> torch.nn.Module:
+    """Uploads `model`'s state_dict as `checkpoint` (default: `name`) and loads it as `name`.
+
+    `model` defaults to `build(architecture, architecture_args)`: for the default resnet18
+    that is `resnet18()`, seed 0. A resnet18 gets architecture_args={"num_classes": 10}
+    unless told otherwise (architecture_args=None sends none). `overwrite` goes to
+    save_checkpoint, every other keyword to load_model. Returns the in-process twin, in
+    eval mode, to compare the served outputs with.
+    """
+    if architecture == "resnet18":
+        options.setdefault("architecture_args", {"num_classes": 10})
+    if model is None:
+        model = build(architecture, options.get("architecture_args"))
+    client.save_checkpoint(checkpoint or name, model.state_dict(), overwrite=overwrite)
+    client.load_model(name, architecture=architecture, checkpoint=checkpoint or name, **options)
+    return model.eval()
+
+
 @pytest.fixture
 def served_resnet(client: ModelHostClient) -> torch.nn.Module:
     """resnet18 (10 classes) uploaded and loaded as model "r18"; returns the in-process twin."""
-    model = resnet18()
-    client.save_checkpoint("r18-weights", model.state_dict())
-    client.load_model(
-        "r18",
-        architecture="resnet18",
-        checkpoint="r18-weights",
-        architecture_args={"num_classes": 10},
-    )
-    return model
+    return serve(client, "r18", checkpoint="r18-weights")

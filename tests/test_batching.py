@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import images, reference, resnet18
+from conftest import images, reference, serve
 from helpers.models import Recorder
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Server
@@ -42,12 +42,13 @@ def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
 
 
 def load_recorder(client: ModelHostClient, name: str, **args: Any) -> None:
-    client.save_checkpoint(f"{name}-w", {"scale": torch.full((1,), 2.0)}, overwrite=True)
     batching = args.pop("batching", {})
-    client.load_model(
+    serve(
+        client,
         name,
         architecture="recorder",
         checkpoint=f"{name}-w",
+        overwrite=True,
         architecture_args=args,
         batching=batching,
     )
@@ -67,18 +68,12 @@ def clear_recorder() -> None:
 def statistics(server: Server, model: str) -> Statistics:
     """What the OIP ModelStatistics call reports for the newest version of `model`."""
     assert server.host is not None
-    return server.host.get_model(model).batcher.statistics.snapshot()
+    return server.host.models.get(model).batcher.statistics.snapshot()
 
 
 def test_concurrent_requests_get_their_own_rows(client: ModelHostClient, server: Server) -> None:
-    model = resnet18()
-    client.save_checkpoint("w", model.state_dict())
-    client.load_model(
-        "m",
-        architecture="resnet18",
-        checkpoint="w",
-        architecture_args={"num_classes": 10},
-        batching={"max_batch_size": 16, "max_queue_delay_us": 50_000},
+    model = serve(
+        client, "m", checkpoint="w", batching={"max_batch_size": 16, "max_queue_delay_us": 50_000}
     )
     inputs = [
         images(rows, size=size, seed=i)
@@ -326,11 +321,11 @@ def test_detection_model_answers_concurrent_callers(client: ModelHostClient) -> 
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0
     ).eval()
-    client.save_checkpoint("det", model.state_dict())
-    client.load_model(
+    serve(
+        client,
         "det",
+        model,
         architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
-        checkpoint="det",
         architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
         batching={"max_batch_size": 8, "max_queue_delay_us": 200_000},
     )
@@ -385,16 +380,8 @@ def test_lane_keeps_serving_after_an_unexpected_error() -> None:
 def test_unload_waits_for_requests_that_hold_the_version(client: ModelHostClient) -> None:
     """A request that found a version keeps it: unloading waits for it to finish."""
     load_recorder(client, "busy", delay=1.0, batching={"max_batch_size": 1})
-    model = resnet18()
-    client.save_checkpoint("r18", model.state_dict())
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    client.load_model(
-        "r18",
-        architecture="resnet18",
-        checkpoint="r18",
-        architecture_args={"num_classes": 10},
-        preprocessing={"mean": mean, "std": std},
-    )
+    model = serve(client, "r18", preprocessing={"mean": mean, "std": std})
     pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
     finished: dict[str, float] = {}
     results: dict[str, Any] = {}

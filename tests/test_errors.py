@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import expect, images, reference, resnet18
+from conftest import expect, images, reference, resnet18, serve
 from modelhost.client import ModelHostClient
 from modelhost.server import Server
 from modelhost.v1 import modelhost_pb2 as pb
@@ -99,8 +99,7 @@ def test_bad_tensors_are_invalid(
     err = raw(client, "Predict", pb.PredictRequest(model="r18"))
     assert err.code() == IA and "no inputs" in err.details()
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    client.save_checkpoint("mlp", mlp.state_dict())
-    client.load_model("mlp", architecture="tiny_mlp", checkpoint="mlp")
+    serve(client, "mlp", mlp, architecture="tiny_mlp")
     expect(IA, lambda: client.predict("mlp", np.zeros((2, 5), np.float32)), "rejected", "shape")
     assert client.predict("mlp", np.zeros((2, 4), np.float32)).shape == (2, 3)
     still_serving()
@@ -288,8 +287,7 @@ def test_out_of_memory_leaves_other_models_serving(
         "out of memory",
     )
     assert [m.name for m in client.list_models()] == ["r18"]
-    client.save_checkpoint("hog", {"scale": torch.ones(1)})
-    client.load_model("hog", architecture="memory_hog", checkpoint="hog")
+    serve(client, "hog", architecture="memory_hog")
     ask = np.full((1, 1), 1 << 20, dtype=np.float32)  # a petabyte
     expect(RE, lambda: client.predict("hog", ask), "out of memory")
     np.testing.assert_array_equal(client.predict("hog", np.zeros((1, 1), np.float32)), [[0.0]])

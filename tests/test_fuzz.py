@@ -59,7 +59,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from conftest import TEST_ARCHITECTURES, images, reference, temp_files
+from conftest import TEST_ARCHITECTURES, images, reference, serve, temp_files
 from helpers.models import tiny_mlp
 from modelhost.client import ChannelConfig, ModelHostClient, codec
 from modelhost.oip import grpc_service_pb2 as oip
@@ -269,12 +269,10 @@ def mlp_twin() -> nn.Module:
 @pytest.fixture
 def fuzzed(server: Server, client: ModelHostClient, served_resnet: nn.Module) -> Iterator[Fuzzed]:
     """One server hosting "r18" (resnet18) and "mlp" (tiny_mlp), with a few checkpoints."""
-    mlp = mlp_twin()
+    mlp = serve(client, "mlp", mlp_twin(), architecture="tiny_mlp", checkpoint="mlp-weights")
     state = mlp.state_dict()
-    client.save_checkpoint("mlp-weights", state)
     client.save_checkpoint("mlp-general", {"model_state_dict": state, "epoch": 3, "loss": 0.25})
     client.save_checkpoint("mlp-safetensors", save_safetensors(dict(state)))
-    client.load_model("mlp", architecture="tiny_mlp", checkpoint="mlp-weights")
     channel = grpc.insecure_channel(
         server.target, options=[("grpc.max_receive_message_length", -1)]
     )
@@ -1007,8 +1005,7 @@ def guarded(tmp_path: Path) -> Iterator[Guarded]:
         ModelHostClient(server.target, config=admin_config, timeout=TIMEOUT) as admin,
         grpc.insecure_channel(server.target) as channel,
     ):
-        admin.save_checkpoint("mlp-weights", mlp_twin().state_dict())
-        admin.load_model("mlp", architecture="tiny_mlp", checkpoint="mlp-weights")
+        serve(admin, "mlp", mlp_twin(), architecture="tiny_mlp", checkpoint="mlp-weights")
         fuzz = Guarded(
             server,
             channel,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import expect, temp_files
+from conftest import expect, serve, temp_files
 from helpers.models import tiny_mlp
 from modelhost.client import ChannelConfig, ModelHostClient, wire
 from modelhost.oip import grpc_service_pb2 as oip
@@ -46,9 +46,7 @@ def guarded(settings: Settings) -> Iterator[Server]:
     )
     with running(limited) as server:
         with _client(server, ADMIN) as admin:
-            torch.manual_seed(0)
-            admin.save_checkpoint("mlp", tiny_mlp().state_dict())
-            admin.load_model("mlp", architecture="tiny_mlp", checkpoint="mlp")
+            serve(admin, "mlp", architecture="tiny_mlp")  # seed 0, as _served_rows expects
         yield server
 
 
@@ -199,9 +197,7 @@ def test_huge_requests_never_stall_the_server(guarded: Server, token: str | None
 def test_request_entry_limits(settings: Settings) -> None:
     small = dataclasses.replace(settings, max_request_inputs=2, max_request_images=1)
     with running(small) as server, _client(server, None) as client:
-        torch.manual_seed(0)
-        client.save_checkpoint("mlp", tiny_mlp().state_dict())
-        client.load_model("mlp", architecture="tiny_mlp", checkpoint="mlp")
+        serve(client, "mlp", architecture="tiny_mlp")
         three = {name: np.zeros((1, 4), np.float32) for name in "abc"}
         expect(Code.RESOURCE_EXHAUSTED, lambda: client.predict("mlp", three), "max_request_inputs")
         expect(

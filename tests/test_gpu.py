@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import images, reference, resnet18
+from conftest import images, reference, resnet18, serve
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Settings, running
 
@@ -32,20 +32,12 @@ def gpu_client(settings: Settings) -> Iterator[ModelHostClient]:
         yield client
 
 
-def load(client: ModelHostClient, name: str, model: torch.nn.Module, **options: Any) -> Any:
-    client.save_checkpoint(f"{name}-w", model.state_dict(), overwrite=True)
-    return client.load_model(
-        name,
-        architecture="resnet18",
-        checkpoint=f"{name}-w",
-        architecture_args={"num_classes": 10},
-        **options,
-    )
-
-
 def test_float32_on_the_gpu_matches_the_cpu_model(gpu_client: ModelHostClient) -> None:
     model = resnet18()
-    info = load(gpu_client, "m", model)
+    gpu_client.save_checkpoint("m-w", model.state_dict())
+    info = gpu_client.load_model(
+        "m", architecture="resnet18", checkpoint="m-w", architecture_args={"num_classes": 10}
+    )
     assert info.device.startswith("cuda")
     x = images(4, size=64)
     np.testing.assert_allclose(
@@ -57,8 +49,8 @@ def test_bfloat16_channels_last_autocast(gpu_client: ModelHostClient) -> None:
     model = resnet18()
     x = images(4, size=64)
     expected = reference(model, x)
-    load(gpu_client, "bf16", model, dtype="bfloat16", channels_last=True)
-    load(gpu_client, "amp", model, autocast="float16", channels_last=True)
+    serve(gpu_client, "bf16", model, checkpoint="bf16-w", dtype="bfloat16", channels_last=True)
+    serve(gpu_client, "amp", model, checkpoint="amp-w", autocast="float16", channels_last=True)
     for name in ("bf16", "amp"):
         out = gpu_client.predict(name, x)
         assert out.dtype == np.float32
@@ -66,8 +58,12 @@ def test_bfloat16_channels_last_autocast(gpu_client: ModelHostClient) -> None:
 
 
 def test_concurrent_batched_requests_on_the_gpu(gpu_client: ModelHostClient) -> None:
-    model = resnet18()
-    load(gpu_client, "m", model, batching={"max_batch_size": 32, "max_queue_delay_us": 20000})
+    model = serve(
+        gpu_client,
+        "m",
+        checkpoint="m-w",
+        batching={"max_batch_size": 32, "max_queue_delay_us": 20000},
+    )
     inputs = [images(rows, size=32, seed=rows) for rows in (1, 2, 3, 4, 5, 6, 7, 8)]
     outs: list[Any] = [None] * len(inputs)
 
@@ -88,9 +84,13 @@ def test_jpeg_decoded_on_the_gpu_gives_the_cpu_top_k(gpu_client: ModelHostClient
 
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     model = resnet18(num_classes=1000)
-    gpu_client.save_checkpoint("w", model.state_dict())
-    gpu_client.load_model(
-        "cls", architecture="resnet18", checkpoint="w", preprocessing={"weights": "IMAGENET1K_V1"}
+    serve(
+        gpu_client,
+        "cls",
+        model,
+        checkpoint="w",
+        architecture_args=None,  # 1000 classes, as the preprocessing's weights have
+        preprocessing={"weights": "IMAGENET1K_V1"},
     )
     pixels = torch.randint(0, 256, (3, 240, 320), dtype=torch.uint8)
     jpeg = encode_jpeg(pixels, quality=95).numpy().tobytes()
@@ -109,10 +109,8 @@ def test_jpeg_decoded_on_the_gpu_gives_the_cpu_top_k(gpu_client: ModelHostClient
 def test_gpu_out_of_memory_is_resource_exhausted_and_released(
     gpu_client: ModelHostClient,
 ) -> None:
-    model = resnet18()
-    load(gpu_client, "m", model)
-    gpu_client.save_checkpoint("hog", {"scale": torch.ones(1)})
-    gpu_client.load_model("hog", architecture="memory_hog", checkpoint="hog")
+    model = serve(gpu_client, "m", checkpoint="m-w")
+    serve(gpu_client, "hog", architecture="memory_hog")
     before = torch.cuda.memory_allocated()
     total_gb = torch.cuda.get_device_properties(0).total_memory >> 30
     ask = np.full((1, 1), 4 * total_gb, dtype=np.float32)

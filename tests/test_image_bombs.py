@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import decode_image, encode_jpeg, encode_png
 
-from conftest import expect, resnet18
+from conftest import expect, resnet18, serve
 from modelhost.client import ModelHostClient
 from modelhost.server import Settings, running
 from modelhost.server import images as server_images
@@ -88,16 +88,14 @@ def peak_growth_mib(call: Callable[[], Any]) -> int:
 @pytest.fixture
 def pets(client: ModelHostClient) -> torch.nn.Module:
     """resnet18 (3 classes) served as "pets" with explicit preprocessing; its in-process twin."""
-    model = resnet18(num_classes=3)
-    client.save_checkpoint("w", model.state_dict())
-    client.load_model(
+    return serve(
+        client,
         "pets",
-        architecture="resnet18",
+        resnet18(num_classes=3),
         checkpoint="w",
         architecture_args={"num_classes": 3},
         preprocessing=STEPS,
     )
-    return model
 
 
 def check_still_serving(client: ModelHostClient, model: torch.nn.Module) -> None:
@@ -265,11 +263,10 @@ def test_the_request_budget_is_max_tensor_elements(settings: Settings) -> None:
     one = 3 * 180 * 240  # a picture decodes to more elements than it takes after preprocessing
     limited = dataclasses.replace(settings, max_tensor_elements=2 * one, max_image_pixels=50_000)
     with running(limited) as server, ModelHostClient(server.target, timeout=60) as client:
-        model = resnet18(num_classes=3)
-        client.save_checkpoint("w", model.state_dict())
-        client.load_model(
+        model = serve(
+            client,
             "pets",
-            architecture="resnet18",
+            resnet18(num_classes=3),
             checkpoint="w",
             architecture_args={"num_classes": 3},
             preprocessing=STEPS,

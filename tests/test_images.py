@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torchvision.io import decode_image, encode_jpeg, encode_png
 
-from conftest import resnet18
+from conftest import resnet18, serve
 from modelhost.client import ModelHostClient, ModelHostError
 
 WEIGHTS = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
@@ -150,11 +150,7 @@ def test_image_errors(client: ModelHostClient, pretrained: torch.nn.Module) -> N
             call()
         assert caught.value.code == IA, caught.value
         assert words in caught.value.message, caught.value.message
-    model = resnet18()
-    client.save_checkpoint("plain", model.state_dict())
-    client.load_model(
-        "plain", architecture="resnet18", checkpoint="plain", architecture_args={"num_classes": 10}
-    )
+    serve(client, "plain")
     with pytest.raises(ModelHostError) as caught:
         client.predict("plain", images=[encode_png(picture(1)).numpy().tobytes()])
     assert caught.value.code == IA and "preprocessing" in caught.value.message

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from conftest import images, reference, resnet18
+from conftest import images, reference, resnet18, serve
 from helpers.triton import Triton, TritonError, start_child
 from modelhost.client import ModelHostClient
 from modelhost.oip import grpc_service_pb2 as oip
@@ -122,7 +122,7 @@ def test_model_ready(triton: Triton, served_resnet: torch.nn.Module) -> None:
     fails("INVALID_ARGUMENT", triton.call, "is_model_ready", "r18", "latest")
 
 
-def test_metadata_and_config_before_and_after_the_first_run(
+def test_metadata_and_config_know_outputs_before_the_first_run(
     triton: Triton, served_resnet: torch.nn.Module
 ) -> None:
     metadata = triton.call("get_model_metadata", "r18", as_json=True)
@@ -134,7 +134,14 @@ def test_metadata_and_config_before_and_after_the_first_run(
         "FP32",
         [-1, 3, -1, -1],
     )
-    assert metadata.get("outputs", []) == []  # not known before the model has run
+    # Outputs are known once LoadModel returns (found on the meta device), before any run:
+    # tritonclient's flow (metadata, then InferRequestedOutput of its outputs) works at once.
+    (before,) = metadata["outputs"]
+    assert (before["name"], before["datatype"], ints(before["shape"])) == (
+        "output",
+        "FP32",
+        [-1, 10],
+    )
 
     config = triton.call("get_model_config", "r18", as_json=True)["config"]
     assert config["max_batch_size"] == 32  # the server's default batching
@@ -147,11 +154,15 @@ def test_metadata_and_config_before_and_after_the_first_run(
     assert parameters["checkpoint"] == "r18-weights"
     assert json.loads(parameters["architecture_args"]) == {"num_classes": 10}
 
-    triton.infer("r18", {"input": images(1)})
-    (spec,) = triton.call("get_model_metadata", "r18", as_json=True)["outputs"]
-    assert (spec["name"], spec["datatype"], ints(spec["shape"])) == ("output", "FP32", [-1, 10])
-    (output,) = triton.call("get_model_config", "r18", as_json=True)["config"]["output"]
-    assert ints(output["dims"]) == [10]
+    (output,) = config["output"]
+    assert ints(output["dims"]) == [10] and output["name"] == "output"
+    x = images(2)
+    _, outputs = triton.infer("r18", {"input": x}, outputs=[before["name"]])
+    datatype, got = outputs["output"]
+    assert datatype == before["datatype"] and list(got.shape) == [2, 10]
+    np.testing.assert_allclose(got, reference(served_resnet, x), rtol=1e-5, atol=1e-5)
+    (after,) = triton.call("get_model_metadata", "r18", as_json=True)["outputs"]
+    assert after == before
 
 
 def test_infer_fp32_matches_the_in_process_model(
@@ -513,8 +524,7 @@ def _as_model_sees_it(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 @pytest.fixture
 def echo_model(client: ModelHostClient) -> str:
-    client.save_checkpoint("echo", {"marker": torch.zeros(1)})
-    client.load_model("echo", architecture="echo", checkpoint="echo")
+    serve(client, "echo", architecture="echo")
     return "echo"
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import expect, images, reference, resnet18, temp_files
+from conftest import expect, images, reference, resnet18, serve, temp_files
 from helpers.processes import ServerProcess
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Settings, running
@@ -88,9 +88,12 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path) -> None:
         ServerProcess.start(tmp_path / "store", args=args, env=env) as server,
         ModelHostClient(server.target, timeout=60) as client,
     ):
-        client.save_checkpoint("w", {"scale": torch.full((1,), 2.0)})
-        client.load_model(
-            "slow", architecture="recorder", checkpoint="w", architecture_args={"delay": 1.5}
+        serve(
+            client,
+            "slow",
+            architecture="recorder",
+            checkpoint="w",
+            architecture_args={"delay": 1.5},
         )
         x = np.ones((1, 2), np.float32)
         result: list[Any] = []
@@ -150,8 +153,8 @@ def test_limits_answer_with_their_value(settings: Settings) -> None:
 def test_max_concurrent_rpcs(settings: Settings) -> None:
     limited = dataclasses.replace(settings, max_concurrent_rpcs=2)
     with running(limited) as server, ModelHostClient(server.target, timeout=60) as client:
-        client.save_checkpoint("w", {"scale": torch.full((1,), 2.0)})
-        client.load_model(
+        serve(
+            client,
             "slow",
             architecture="recorder",
             checkpoint="w",

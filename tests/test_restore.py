@@ -17,7 +17,6 @@ import torch
 from conftest import expect, reference
 from modelhost.client import ModelHostClient
 from modelhost.server import Settings, running
-from modelhost.server.loading import LoadRequest
 
 NF = grpc.StatusCode.NOT_FOUND
 X = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
@@ -145,12 +144,32 @@ def test_a_record_written_before_sha256_pinning_still_restores_by_name(
     model = mlp(5)
     with running(settings) as server, ModelHostClient(server.target, timeout=60) as client:
         client.save_checkpoint("w", saved(model))
-    request = LoadRequest(
-        name="m", architecture="tiny_mlp", architecture_args={}, checkpoint="w", version=3
-    )
-    (settings.store / "hosted-models.json").write_text(json.dumps([dataclasses.asdict(request)]))
+    # The flat format of then: LoadRequest's fields, batching and preprocessing included.
+    legacy = {
+        "name": "m",
+        "architecture": "tiny_mlp",
+        "architecture_args": {},
+        "checkpoint": "w",
+        "version": 3,
+        "device": "",
+        "dtype": 0,
+        "strict": True,
+        "weights": "",
+        "channels_last": False,
+        "preprocessing": None,
+        "labels": [],
+        "warmup_shape": [],
+        "compile": "",
+        "autocast": 0,
+        "max_batch_size": 4,
+        "max_queue_delay_us": 0,
+        "max_queue_size": 0,
+        "preferred_batch_size": 0,
+    }
+    (settings.store / "hosted-models.json").write_text(json.dumps([legacy]))
     with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
         assert [(m.name, m.version) for m in client.list_models()] == [("m", 3)]
+        assert client.get_model("m").batching.max_batch_size == 4
         same(client.predict("m", X), reference(model, X))
         client.save_checkpoint("w", saved(mlp(6)), overwrite=True)
     # Restored, the version is recorded with its bytes: they stay what it serves.

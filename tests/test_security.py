@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import expect, images, resnet18
+from conftest import expect, images, resnet18, serve
 from helpers.certs import make_pki
 from modelhost.cli import main as cli
 from modelhost.client import ChannelConfig, ModelHostClient
@@ -83,10 +83,7 @@ def test_tokens_guard_inference_and_management(
             return ModelHostClient(server.target, config=ChannelConfig(token=token), timeout=60)
 
         with client("management-token") as admin:
-            admin.save_checkpoint("w", resnet18().state_dict())
-            admin.load_model(
-                "m", architecture="resnet18", checkpoint="w", architecture_args={"num_classes": 10}
-            )
+            serve(admin, "m", checkpoint="w")
             assert admin.predict("m", images(1)).shape == (1, 10)  # management covers inference
         with client(None) as anonymous:
             assert anonymous.health() == "SERVING"  # probes stay open

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from safetensors.torch import save as save_safetensors
 
-from conftest import images, reference, resnet18
+from conftest import images, reference, resnet18, serve
 from modelhost.client import ModelHostClient, NotFoundError
 from modelhost.server import Server, Settings, running
 
@@ -223,9 +223,10 @@ def test_tuple_and_dict_outputs_are_named(client: ModelHostClient) -> None:
     model = torchvision.models.segmentation.fcn_resnet50(
         weights=None, weights_backbone=None, num_classes=3, aux_loss=True
     ).eval()
-    client.save_checkpoint("fcn", model.state_dict())
-    client.load_model(
+    serve(
+        client,
         "seg",
+        model,
         architecture="fcn_resnet50",
         checkpoint="fcn",
         architecture_args={"num_classes": 3, "aux_loss": True},
@@ -244,11 +245,11 @@ def test_detection_model_lists_per_image_outputs(client: ModelHostClient) -> Non
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0
     ).eval()
-    client.save_checkpoint("det", model.state_dict())
-    client.load_model(
+    serve(
+        client,
         "det",
+        model,
         architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
-        checkpoint="det",
         architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
     )
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)

@@ -927,6 +927,7 @@ class ModelInfo(_message.Message):
     COMPILE_FIELD_NUMBER: _builtins.int
     AUTOCAST_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     version: _builtins.int
@@ -995,6 +996,13 @@ class ModelInfo(_message.Message):
     def preprocessing(self) -> Global___ImagePreprocessing:
         """Effective image preprocessing; unset when it takes no images."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
+        """Outputs the model returns (names as Predict answers them; -1: any size), known
+        once LoadModel returns for architectures whose outputs can be found on the meta
+        device, else from the first successful run.
+        """
+
     def __init__(
         self,
         *,
@@ -1024,10 +1032,11 @@ class ModelInfo(_message.Message):
         compile: _builtins.str = ...,
         autocast: Global___DataType.ValueType = ...,
         status_message: _builtins.str = ...,
+        outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "loaded_at", b"loaded_at", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "compile", b"compile", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "label_count", b"label_count", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "parameter_count", b"parameter_count", "preprocessing", b"preprocessing", "state", b"state", "status_message", b"status_message", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "compile", b"compile", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "label_count", b"label_count", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "outputs", b"outputs", "parameter_count", b"parameter_count", "preprocessing", b"preprocessing", "state", b"state", "status_message", b"status_message", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,7 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modelhost.server import malloc, oip, service
+from modelhost.server import malloc, messages, oip, service
 from modelhost.server.auth import Tokens
 from modelhost.server.gate import Gate
 from modelhost.server.host import Host
@@ -62,7 +62,7 @@ class Server:
         tokens = Tokens.from_settings(settings)
         credentials = server_credentials(settings)
         check_exposure(settings, tokens.enabled, bool(settings.tls_client_ca_file))
-        self.host = Host(settings)
+        self.host = Host(settings, messages.RECORDS)
         gate = Gate(
             tokens,
             max_concurrent=settings.max_concurrent_rpcs,
@@ -116,7 +116,7 @@ class Server:
             else "",
         )
         if settings.restore:
-            await self.host.restore()
+            await self.host.models.restore()
         for name in services:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("modelhost ready")

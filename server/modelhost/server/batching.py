@@ -207,6 +207,11 @@ class Batcher:
         lane.attach(self)
 
     @property
+    def lane(self) -> Lane:
+        """The lane that runs this batcher's batches (and its device's other jobs)."""
+        return self._lane
+
+    @property
     def depth(self) -> int:
         """Requests waiting in the queue."""
         return len(self._queue)

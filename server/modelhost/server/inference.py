@@ -12,14 +12,13 @@ import torch
 from torch import nn
 
 from modelhost.client import codec
+from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
 from modelhost.server.devices import is_oom, out_of_memory
 from modelhost.server.errors import InvalidInput, OutOfMemory
 from modelhost.server.images import Preprocessing, check_elements, decode_images
 from modelhost.server.settings import Settings
 from modelhost.v1 import modelhost_pb2 as pb
 
-SINGLE_INPUT = "input"
-SINGLE_OUTPUT = "output"
 Tensors = dict[str, torch.Tensor]
 
 

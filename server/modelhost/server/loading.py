@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelhost.client import codec
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog
 from modelhost.server.devices import (
@@ -37,9 +36,8 @@ from modelhost.server.errors import (
     Refused,
 )
 from modelhost.server.images import Preprocessing
-from modelhost.server.inference import InputSpec
+from modelhost.server.inference import InputSpec, flatten_outputs
 from modelhost.server.store import CheckpointRecord, CheckpointStore
-from modelhost.v1 import modelhost_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +47,18 @@ _GRAPH_FORMATS = {formats.PICKLED_MODEL, formats.EXPORTED_PROGRAM}
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """LoadModel's fields, as sent."""
+    """LoadModel's options, one field per `LoadModelRequest` field (its `batching` fields
+    flattened): the server's one declaration of them. `messages.load_request` fills it
+    from the message by field name, `models.py` checks it, the code that uses an option
+    reads it here. Restore records keep the message itself (`messages.RECORDS`)."""
 
     name: str
-    architecture: str
-    architecture_args: dict[str, str]
-    checkpoint: str
+    architecture: str = ""
+    architecture_args: dict[str, str] = field(default_factory=dict)
+    checkpoint: str = ""
     version: int = 0
     device: str = ""
-    dtype: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
+    dtype: torch.dtype | None = None
     strict: bool = True
     weights: str = ""
     channels_last: bool = False
@@ -65,28 +66,11 @@ class LoadRequest:
     labels: tuple[str, ...] = ()
     warmup_shape: tuple[int, ...] = ()
     compile: str = ""
-    autocast: codec.DataType = pb.DATA_TYPE_UNSPECIFIED
+    autocast: torch.dtype | None = None
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
     preferred_batch_size: int = 0
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> LoadRequest:
-        """Rebuilds a request written with dataclasses.asdict (the restore record)."""
-        steps = fields.get("preprocessing")
-        return cls(
-            **{
-                **fields,
-                "preprocessing": Preprocessing(
-                    **{**steps, "mean": tuple(steps["mean"]), "std": tuple(steps["std"])}
-                )
-                if steps
-                else None,
-                "labels": tuple(fields.get("labels", ())),
-                "warmup_shape": tuple(fields.get("warmup_shape", ())),
-            }
-        )
 
 
 @dataclass(frozen=True)
@@ -338,3 +322,43 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
+
+
+PROBE_SIZES = ((1, 224), (2, 256))
+"""(batch, spatial size) of the two meta-device runs that find a model's outputs."""
+
+
+def probe_outputs(
+    catalog: ArchitectureCatalog, spec: LoadSpec, inputs: list[InputSpec], dtype: torch.dtype
+) -> tuple[InputSpec, ...]:
+    """The outputs (names, dtypes, shapes with -1 where they follow the input) of a
+    catalog architecture with one declared input, found by running its skeleton twice on
+    the meta device (no memory, no compute); () when that cannot tell."""
+    if len(inputs) != 1 or not spec.architecture:
+        return ()
+    try:
+        module = catalog.get(spec.architecture).skeleton(spec.args).eval()
+        runs = []
+        for batch, size in PROBE_SIZES:
+            shape = [
+                batch if i == 0 else size if d == -1 else d for i, d in enumerate(inputs[0].shape)
+            ]
+            with torch.inference_mode():
+                result = module(torch.zeros(shape, dtype=torch.float32, device="meta"))
+            runs.append(flatten_outputs(result))
+    except Exception as error:  # data-dependent ops (detection) have no meta kernels
+        log.debug("%s: outputs not found on the meta device (%s)", spec.name, error)
+        return ()
+    first, second = runs
+    if set(first) != set(second) or any(first[k].dim() != second[k].dim() for k in first):
+        return ()
+    return tuple(
+        InputSpec(
+            name,
+            dtype if tensor.is_floating_point() else tensor.dtype,
+            tuple(
+                a if a == b else -1 for a, b in zip(tensor.shape, second[name].shape, strict=True)
+            ),
+        )
+        for name, tensor in first.items()
+    )

@@ -1,28 +1,29 @@
-"""Domain objects to protobuf messages, and the (de)serializers of large messages."""
+"""Protobuf messages to domain objects and back, and the (de)serializers of large messages.
+
+The one place below the servicers' own modules that knows protobuf: everything
+under it (host, checkpoints, models, hosted, ...) takes and returns domain types.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
+import torch
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec, wire
 from modelhost.server.architectures import Builder
-from modelhost.server.errors import LimitExceeded
+from modelhost.server.checkpoints import Snapshot, Upload
+from modelhost.server.errors import InvalidArgument, LimitExceeded
+from modelhost.server.hosted import HostedModel
 from modelhost.server.images import Preprocessing
-from modelhost.server.registry import HostedModel
+from modelhost.server.inference import InputSpec
+from modelhost.server.loading import LoadRequest
 from modelhost.server.store import CheckpointRecord
 from modelhost.v1 import modelhost_pb2 as pb
-
-_FORMATS = {
-    "state_dict": pb.CHECKPOINT_FORMAT_STATE_DICT,
-    "general_checkpoint": pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT,
-    "safetensors": pb.CHECKPOINT_FORMAT_SAFETENSORS,
-    "exported_program": pb.CHECKPOINT_FORMAT_EXPORTED_PROGRAM,
-    "pickled_model": pb.CHECKPOINT_FORMAT_PICKLED_MODEL,
-}
-
 
 parse_save_request = wire.chunk_parser(pb.SaveCheckpointRequest.FromString)
 """SaveCheckpoint's deserializer: chunks come as views of the received bytes."""
@@ -60,7 +61,7 @@ def checkpoint_info(record: CheckpointRecord) -> pb.CheckpointInfo:
         name=record.name,
         size_bytes=record.size_bytes,
         sha256=record.sha256,
-        format=_FORMATS.get(record.format, pb.CHECKPOINT_FORMAT_UNSPECIFIED),
+        format=_format(record.format),
         metadata=record.metadata,
         created=_timestamp(record.created),
         tensor_count=record.tensor_count,
@@ -93,15 +94,13 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
             max_queue_size=policy.max_queue_size,
             preferred_batch_size=policy.batch_rows,
         ),
-        inputs=[
-            pb.TensorSpec(name=spec.name, dtype=codec.data_type(spec.dtype), shape=spec.shape)
-            for spec in hosted.runner.inputs
-        ],
+        inputs=_specs(hosted.runner.inputs),
+        outputs=_specs(hosted.runner.outputs),
         missing_keys=loaded.missing_keys,
         unexpected_keys=loaded.unexpected_keys,
         weights=hosted.spec.weights,
         channels_last=hosted.spec.channels_last,
-        format=_FORMATS.get(loaded.format, pb.CHECKPOINT_FORMAT_UNSPECIFIED),
+        format=_format(loaded.format),
         preprocessing=_preprocessing_message(hosted.runner.preprocessing),
         label_count=len(hosted.labels),
         compile=hosted.request.compile,
@@ -111,20 +110,25 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
     )
 
 
-def failed_model_info(entry: Mapping[str, Any], reason: str) -> pb.ModelInfo:
+def failed_model_info(request: LoadRequest, reason: str) -> pb.ModelInfo:
     """A recorded version that is not serving (a restore record entry), and why."""
-    args = entry.get("architecture_args")
     return pb.ModelInfo(
-        name=str(entry.get("name", "")),
-        version=int(entry.get("version") or 0),
+        name=request.name,
+        version=request.version,
         state=pb.MODEL_STATE_FAILED,
-        architecture=str(entry.get("architecture", "")),
-        architecture_args={str(k): str(v) for k, v in args.items()}
-        if isinstance(args, dict)
-        else {},
-        checkpoint=str(entry.get("checkpoint", "")),
+        architecture=request.architecture,
+        architecture_args=request.architecture_args,
+        checkpoint=request.checkpoint,
+        weights=request.weights,
         status_message=reason,
     )
+
+
+def _specs(specs: Iterable[InputSpec]) -> list[pb.TensorSpec]:
+    return [
+        pb.TensorSpec(name=spec.name, dtype=codec.data_type(spec.dtype), shape=spec.shape)
+        for spec in specs
+    ]
 
 
 def _preprocessing_message(steps: Preprocessing | None) -> pb.ImagePreprocessing | None:
@@ -132,18 +136,6 @@ def _preprocessing_message(steps: Preprocessing | None) -> pb.ImagePreprocessing
         return None
     return pb.ImagePreprocessing(
         resize=steps.resize, crop=steps.crop, mean=steps.mean, std=steps.std, weights=steps.weights
-    )
-
-
-def preprocessing(request: pb.LoadModelRequest) -> Preprocessing:
-    """LoadModelRequest.preprocessing as the server's Preprocessing."""
-    steps = request.preprocessing
-    return Preprocessing(
-        resize=steps.resize,
-        crop=steps.crop,
-        mean=tuple(steps.mean),
-        std=tuple(steps.std),
-        weights=steps.weights,
     )
 
 
@@ -159,3 +151,139 @@ def architecture(builder: Builder) -> pb.Architecture:
             for p in builder.parameters()
         ],
     )
+
+
+def _format(name: str) -> pb.CheckpointFormat.ValueType:
+    """A checkpoint format's name ("state_dict") as its proto value: the enum is the table."""
+    try:
+        return pb.CheckpointFormat.Value(f"CHECKPOINT_FORMAT_{name.upper()}")
+    except ValueError:
+        return pb.CHECKPOINT_FORMAT_UNSPECIFIED
+
+
+# SaveCheckpoint
+
+
+def save_header(header: pb.SaveCheckpointHeader) -> Upload | Snapshot:
+    """The first SaveCheckpoint message's header as what to save."""
+    if header.HasField("snapshot"):
+        return Snapshot(
+            name=header.name,
+            model=header.snapshot.model,
+            version=header.snapshot.version,
+            metadata=dict(header.metadata),
+            overwrite=header.overwrite,
+        )
+    if header.HasField("upload"):
+        return Upload(
+            name=header.name,
+            metadata=dict(header.metadata),
+            overwrite=header.overwrite,
+            size_bytes=header.upload.size_bytes,
+            sha256=header.upload.sha256,
+        )
+    raise InvalidArgument("the header must set upload or snapshot")
+
+
+# LoadModel: the message's fields, by name, to the server's LoadRequest and back.
+
+_BATCHING = {field.name for field in pb.BatchingConfig.DESCRIPTOR.fields}
+
+
+def _weights_dtype(code: int, field: str) -> torch.dtype | None:
+    if not code:
+        return None
+    try:
+        return codec.torch_dtype(cast(codec.DataType, code))
+    except KeyError:
+        raise InvalidArgument(f"{field} {code} is not a DataType") from None
+
+
+def _steps(message: pb.LoadModelRequest) -> Preprocessing | None:
+    if not message.HasField("preprocessing"):
+        return None
+    steps = message.preprocessing
+    return Preprocessing(
+        resize=steps.resize,
+        crop=steps.crop,
+        mean=tuple(steps.mean),
+        std=tuple(steps.std),
+        weights=steps.weights,
+    )
+
+
+# Fields that need more than a copy; every other field is copied as it is.
+_FROM_MESSAGE: dict[str, Callable[[pb.LoadModelRequest], Any]] = {
+    "architecture_args": lambda m: dict(m.architecture_args),
+    "dtype": lambda m: _weights_dtype(m.dtype, "dtype"),
+    "autocast": lambda m: _weights_dtype(m.autocast, "autocast"),
+    "strict": lambda m: m.strict if m.HasField("strict") else True,
+    "preprocessing": _steps,
+    "labels": lambda m: tuple(m.labels),
+    "warmup_shape": lambda m: tuple(m.warmup_shape),
+}
+
+
+def load_request(message: pb.LoadModelRequest) -> LoadRequest:
+    """LoadModelRequest -> LoadRequest, field by field (tests check none is missed)."""
+    values = {}
+    for field in dataclasses.fields(LoadRequest):
+        if field.name in _FROM_MESSAGE:
+            values[field.name] = _FROM_MESSAGE[field.name](message)
+        elif field.name in _BATCHING:
+            values[field.name] = getattr(message.batching, field.name)
+        else:
+            values[field.name] = getattr(message, field.name)
+    return LoadRequest(**values)
+
+
+def load_message(request: LoadRequest) -> pb.LoadModelRequest:
+    """LoadRequest -> LoadModelRequest: `load_request` undone (restore records)."""
+    message = pb.LoadModelRequest(
+        name=request.name,
+        architecture=request.architecture,
+        architecture_args=request.architecture_args,
+        checkpoint=request.checkpoint,
+        version=request.version,
+        device=request.device,
+        dtype=codec.data_type(request.dtype) if request.dtype else pb.DATA_TYPE_UNSPECIFIED,
+        strict=request.strict,
+        weights=request.weights,
+        channels_last=request.channels_last,
+        preprocessing=_preprocessing_message(request.preprocessing),
+        labels=request.labels,
+        warmup_shape=request.warmup_shape,
+        compile=request.compile,
+        autocast=codec.data_type(request.autocast)
+        if request.autocast
+        else pb.DATA_TYPE_UNSPECIFIED,
+        batching=pb.BatchingConfig(**{name: getattr(request, name) for name in _BATCHING}),
+    )
+    return message
+
+
+class _Records:
+    """Restore record entries as LoadModelRequest JSON (restore.RecordFormat)."""
+
+    def dump(self, request: LoadRequest) -> dict[str, Any]:
+        return json_format.MessageToDict(load_message(request), preserving_proto_field_name=True)
+
+    def load(self, entry: dict[str, Any]) -> LoadRequest:
+        if "max_batch_size" in entry:  # the flat format of before
+            entry = _legacy_entry(entry)
+        return load_request(json_format.ParseDict(entry, pb.LoadModelRequest()))
+
+
+RECORDS = _Records()
+
+
+def _legacy_entry(fields: dict[str, Any]) -> dict[str, Any]:
+    """A record entry written before the record held LoadModelRequests (a flat
+    dataclasses.asdict of the LoadRequest of then) as LoadModelRequest JSON."""
+    known = {field.name for field in pb.LoadModelRequest.DESCRIPTOR.fields}
+    entry = {key: value for key, value in fields.items() if key in known and value is not None}
+    entry["batching"] = {key: fields[key] for key in _BATCHING if fields.get(key)}
+    steps = entry.get("preprocessing")
+    if isinstance(steps, dict):
+        entry["preprocessing"] = {k: v for k, v in steps.items() if k != "interpolation"}
+    return entry

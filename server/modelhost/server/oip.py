@@ -25,9 +25,9 @@ from modelhost.oip import model_config_pb2 as mc
 from modelhost.server import oip_tensors as tensors
 from modelhost.server.errors import InvalidArgument, NotFound
 from modelhost.server.host import Host
+from modelhost.server.hosted import HostedModel
 from modelhost.server.names import check_name
 from modelhost.server.oip_load import load_request, parse_version
-from modelhost.server.registry import HostedModel
 from modelhost.server.rpc import unary
 from modelhost.server.statistics import Duration
 
@@ -51,7 +51,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self.host = host
 
     def _get(self, name: str, version: str) -> HostedModel:
-        return self.host.get_model(name, parse_version(version))
+        return self.host.models.get(name, parse_version(version))
 
     @unary
     async def ServerLive(
@@ -90,7 +90,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         hosted = self._get(request.name, request.version)
         return oip.ModelMetadataResponse(
             name=hosted.name,
-            versions=[str(v) for v in self.host.registry.versions(hosted.name)],
+            versions=[str(v) for v in self.host.versions(hosted.name)],
             platform=PLATFORM,
             inputs=tensors.metadata(hosted.runner.inputs),
             outputs=tensors.metadata(hosted.runner.outputs),
@@ -140,7 +140,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                     version=str(hosted.version),
                     state="UNLOADING" if hosted.retiring else "READY",
                 )
-                for hosted in self.host.registry.all()
+                for hosted in self.host.hosted()
                 if not (request.ready and hosted.retiring)
             ]
         )
@@ -150,7 +150,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.RepositoryModelLoadRequest, context: Any
     ) -> oip.RepositoryModelLoadResponse:
         name = check_name(request.model_name, "model")
-        await self.host.load_model(load_request(name, request.parameters))
+        await self.host.models.load(load_request(name, request.parameters))
         return oip.RepositoryModelLoadResponse()
 
     @unary
@@ -158,7 +158,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.RepositoryModelUnloadRequest, context: Any
     ) -> oip.RepositoryModelUnloadResponse:
         number = _unload_version(request.parameters.get("version"))
-        await self.host.unload_model(request.model_name, number)
+        await self.host.models.unload(request.model_name, number)
         return oip.RepositoryModelUnloadResponse()
 
     @unary
@@ -169,9 +169,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             hosted = [self._get(request.name, request.version)]
         elif request.name:
             self._get(request.name, "")  # NOT_FOUND for a model not hosted
-            hosted = [h for h in self.host.registry.all() if h.name == request.name]
+            hosted = self.host.hosted(request.name)
         else:
-            hosted = self.host.registry.all()
+            hosted = self.host.hosted()
         return oip.ModelStatisticsResponse(model_stats=map(model_statistics, hosted))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from modelhost.client import codec
 from modelhost.oip import grpc_service_pb2 as oip
+from modelhost.server import messages
 from modelhost.server.architectures import load_json
 from modelhost.server.errors import InvalidArgument
 from modelhost.server.loading import LoadRequest
@@ -55,7 +56,7 @@ def load_request(name: str, parameters: Mapping[str, oip.ModelRepositoryParamete
     given = {key: _value(key, param) for key, param in parameters.items()}
     merged = _from_config(name, given.pop("config")) if "config" in given else {}
     merged.update(given)
-    return LoadRequest(
+    message = pb.LoadModelRequest(
         name=name,
         architecture=_text(merged, "architecture"),
         architecture_args=_args(merged.get("architecture_args", {})),
@@ -63,10 +64,15 @@ def load_request(name: str, parameters: Mapping[str, oip.ModelRepositoryParamete
         version=_int(merged.get("version", 0), "version"),
         device=_text(merged, "device"),
         dtype=_dtype(_text(merged, "dtype")),
-        max_batch_size=_int(merged.get("max_batch_size", 0), "max_batch_size"),
-        max_queue_delay_us=_int(merged.get("max_queue_delay_us", 0), "max_queue_delay_us"),
-        preferred_batch_size=_int(merged.get("preferred_batch_size", 0), "preferred_batch_size"),
+        batching=pb.BatchingConfig(
+            max_batch_size=_int(merged.get("max_batch_size", 0), "max_batch_size"),
+            max_queue_delay_us=_int(merged.get("max_queue_delay_us", 0), "max_queue_delay_us"),
+            preferred_batch_size=_int(
+                merged.get("preferred_batch_size", 0), "preferred_batch_size"
+            ),
+        ),
     )
+    return messages.load_request(message)  # the one conversion LoadModel uses too
 
 
 def _value(key: str, param: oip.ModelRepositoryParameter) -> Any:

@@ -1,4 +1,4 @@
-"""The registry of hosted model versions, and what a hosted version holds.
+"""The registry of hosted model versions (each a `hosted.HostedModel`).
 
 `lease` resolves a name (and optional version) and pins the result under one
 lock, so unloading a version never pulls it from under a request that found it:
@@ -11,56 +11,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-from modelhost.server.batching import Batcher
-from modelhost.server.devices import release_memory
 from modelhost.server.errors import AlreadyExists, InvalidArgument, ModelNotFound
-from modelhost.server.inference import Runner
-from modelhost.server.loading import LoadedModule, LoadRequest, LoadSpec
+from modelhost.server.hosted import HostedModel
 
 MAX_VERSION = 2**63 - 1  # versions travel as int64
-
-
-@dataclass
-class HostedModel:
-    """One model version on its device, with its batcher."""
-
-    name: str
-    version: int
-    spec: LoadSpec
-    loaded: LoadedModule
-    runner: Runner
-    batcher: Batcher
-    loaded_at: float
-    request: LoadRequest  # what it was loaded with, its version filled in (kept for restore)
-    labels: list[str] = field(default_factory=list)
-    retiring: bool = False
-
-    def __post_init__(self) -> None:
-        self._leases = 0
-        self._idle = threading.Condition()
-
-    def acquire(self) -> None:
-        with self._idle:
-            self._leases += 1
-
-    def release(self) -> None:
-        with self._idle:
-            self._leases -= 1
-            if self._leases == 0:
-                self._idle.notify_all()
-
-    def retire(self) -> None:
-        """Blocks until no request holds this version, then frees it."""
-        with self._idle:
-            self.retiring = True
-            self._idle.wait_for(lambda: self._leases == 0)
-        self.batcher.close()
-        device = self.loaded.device
-        del self.runner.module
-        del self.loaded.module
-        release_memory(device)
 
 
 class Registry:

@@ -14,8 +14,8 @@ import grpc.aio
 from modelhost.client import wire
 from modelhost.server import errors as e
 from modelhost.server import messages
+from modelhost.server.checkpoints import Snapshot
 from modelhost.server.host import Host
-from modelhost.server.loading import LoadRequest
 from modelhost.server.rpc import streaming, unary
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
@@ -51,20 +51,19 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         first = await anext(aiter(request_iterator), None)
         if not isinstance(first, pb.SaveCheckpointRequest) or not first.HasField("header"):
             raise e.InvalidArgument("the first SaveCheckpoint message must be a header")
-        header = first.header
-        if header.HasField("snapshot"):
-            record = await self.host.save_snapshot(header)
-        elif header.HasField("upload"):
-            record = await self.host.save_upload(header, _chunks(request_iterator))
+        header = messages.save_header(first.header)
+        checkpoints = self.host.checkpoints
+        if isinstance(header, Snapshot):
+            record = await checkpoints.snapshot(header)
         else:
-            raise e.InvalidArgument("the header must set upload or snapshot")
+            record = await checkpoints.upload(header, _chunks(request_iterator))
         return messages.checkpoint_info(record)
 
     @streaming
     async def DownloadCheckpoint(  # type: ignore[override]
         self, request: pb.DownloadCheckpointRequest, context: Any
     ) -> AsyncIterator[pb.DownloadCheckpointResponse | bytes]:
-        async for item in self.host.download(request.name):
+        async for item in self.host.checkpoints.download(request.name):
             if isinstance(item, bytes):
                 yield wire.chunk_message(item)  # serialized already: one copy
             else:
@@ -74,79 +73,54 @@ class ModelHostService(pb_grpc.ModelHostServicer):
     async def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: Any
     ) -> pb.ListCheckpointsResponse:
-        records = self.host.list_checkpoints()
+        records = self.host.checkpoints.list()
         return pb.ListCheckpointsResponse(checkpoints=map(messages.checkpoint_info, records))
 
     @unary
     async def GetCheckpoint(
         self, request: pb.GetCheckpointRequest, context: Any
     ) -> pb.CheckpointInfo:
-        return messages.checkpoint_info(self.host.get_checkpoint(request.name))
+        return messages.checkpoint_info(self.host.checkpoints.get(request.name))
 
     @unary
     async def DeleteCheckpoint(
         self, request: pb.DeleteCheckpointRequest, context: Any
     ) -> pb.DeleteCheckpointResponse:
-        self.host.delete_checkpoint(request.name)
+        self.host.checkpoints.delete(request.name)
         return pb.DeleteCheckpointResponse()
 
     @unary
     async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.ModelInfo:
-        batching = request.batching
-        hosted = await self.host.load_model(
-            LoadRequest(
-                name=request.name,
-                architecture=request.architecture,
-                architecture_args=dict(request.architecture_args),
-                checkpoint=request.checkpoint,
-                version=request.version,
-                device=request.device,
-                dtype=request.dtype,
-                strict=request.strict if request.HasField("strict") else True,
-                weights=request.weights,
-                channels_last=request.channels_last,
-                preprocessing=messages.preprocessing(request)
-                if request.HasField("preprocessing")
-                else None,
-                labels=tuple(request.labels),
-                warmup_shape=tuple(request.warmup_shape),
-                compile=request.compile,
-                autocast=request.autocast,
-                max_batch_size=batching.max_batch_size,
-                max_queue_delay_us=batching.max_queue_delay_us,
-                max_queue_size=batching.max_queue_size,
-                preferred_batch_size=batching.preferred_batch_size,
-            )
-        )
-        return messages.model_info(hosted, self.host.registry.versions(hosted.name))
+        hosted = await self.host.models.load(messages.load_request(request))
+        return messages.model_info(hosted, self.host.versions(hosted.name))
 
     @unary
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: Any
     ) -> pb.UnloadModelResponse:
-        versions = await self.host.unload_model(request.name, request.version)
+        versions = await self.host.models.unload(request.name, request.version)
         return pb.UnloadModelResponse(versions=versions)
 
     @unary
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
-        registry = self.host.registry
-        hosted = [messages.model_info(h, registry.versions(h.name)) for h in registry.all()]
-        failed = [messages.failed_model_info(*item) for item in self.host.unrestored()]
+        host = self.host
+        hosted = [messages.model_info(h, host.versions(h.name)) for h in host.hosted()]
+        failed = [messages.failed_model_info(u.request, u.reason) for u in host.unrestored()]
         models = sorted([*hosted, *failed], key=lambda info: (info.name, info.version))
         return pb.ListModelsResponse(models=models)
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
-        hosted = self.host.get_model(request.name, request.version)
-        return messages.model_info(hosted, self.host.registry.versions(hosted.name))
+        hosted = self.host.models.get(request.name, request.version)
+        return messages.model_info(hosted, self.host.versions(hosted.name))
 
     @unary
     async def ListArchitectures(
         self, request: pb.ListArchitecturesRequest, context: Any
     ) -> pb.ListArchitecturesResponse:
-        builders = self.host.catalog.all()
+        builders = self.host.architectures()
         return pb.ListArchitecturesResponse(architectures=map(messages.architecture, builders))
 
     @unary

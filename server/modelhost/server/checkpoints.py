@@ -1,0 +1,222 @@
+"""Checkpoint operations over the store: uploads (spooled while they arrive), snapshots
+of hosted models, downloads, listing and deletion.
+
+Nothing is visible unless all of it is valid: an upload streams into a temp file while
+it is hashed, is checked (size, announced sha256, a `weights_only` look at its
+contents) and only then committed (store.py). Blocking work runs on the I/O executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modelhost.server import formats
+from modelhost.server.errors import ChecksumMismatch, InvalidArgument, LimitExceeded
+from modelhost.server.hosted import HostedModel
+from modelhost.server.metrics import Metrics
+from modelhost.server.names import check_name
+from modelhost.server.registry import Registry
+from modelhost.server.store import CheckpointRecord, CheckpointStore, Contents, PendingWrite
+
+SPOOL_CHUNKS = 8
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Upload:
+    """SaveCheckpoint of bytes that follow: `size_bytes` and `sha256` are optional checks."""
+
+    name: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    overwrite: bool = False
+    size_bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """SaveCheckpoint of a hosted model's state_dict (version 0: the newest)."""
+
+    name: str
+    model: str
+    version: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    overwrite: bool = False
+
+
+class Checkpoints:
+    """Uploads, snapshots, downloads and deletions of the store's checkpoints."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        registry: Registry,
+        metrics: Metrics,
+        io: Executor,
+        *,
+        chunk_bytes: int,
+        allow_pickled: bool,
+    ) -> None:
+        self.store = store
+        self._registry = registry
+        self._metrics = metrics
+        self._io = io
+        self._chunk_bytes = chunk_bytes
+        self._unsafe = allow_pickled
+
+    async def upload(
+        self, header: Upload, chunks: AsyncIterator[bytes | memoryview]
+    ) -> CheckpointRecord:
+        """Streams an upload into the store; nothing is visible unless all of it is valid."""
+        name, metadata = self._check(header.name, header.metadata, header.overwrite)
+        limit = self.store.max_checkpoint_bytes
+        if limit and header.size_bytes > limit:
+            raise LimitExceeded(
+                f"the upload announces {header.size_bytes} bytes; the limit is {limit} "
+                "bytes (max_checkpoint_bytes)"
+            )
+        loop = asyncio.get_running_loop()
+        with self.store.begin() as pending:
+            await self._spool(chunks, pending)
+            expected = header.size_bytes
+            if expected and pending.size != expected:
+                raise InvalidArgument(
+                    f"upload announced {expected} bytes but sent {pending.size}; nothing stored"
+                )
+            await loop.run_in_executor(self._io, pending.finish)
+            wanted = header.sha256.lower()
+            if wanted and wanted != pending.sha256:
+                raise ChecksumMismatch(
+                    f"upload has sha256 {pending.sha256}, announced {wanted}; nothing stored"
+                )
+            contents = await loop.run_in_executor(
+                self._io, lambda: formats.inspect(pending.path, allow_pickled=self._unsafe)
+            )
+            record = await self._commit(pending, name, contents, metadata, header.overwrite)
+        self._metrics.checkpoint_bytes.labels("in").inc(record.size_bytes)
+        return record
+
+    async def _spool(
+        self, chunks: AsyncIterator[bytes | memoryview], pending: PendingWrite
+    ) -> None:
+        """Hashes and writes chunks in order on an I/O thread while the next ones arrive.
+
+        Up to SPOOL_CHUNKS chunks wait in memory: reading never stops for a write, so
+        HTTP/2 flow control does not stall the sender. On any failure the write in
+        flight finishes before the caller discards the file.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue(maxsize=SPOOL_CHUNKS)
+        failures: list[BaseException] = []
+        inflight: list[asyncio.Future[Any]] = []
+
+        async def write() -> None:
+            while (chunk := await queue.get()) is not None:
+                if failures:
+                    continue  # drain, so the reader never blocks on a full queue
+                inflight[:] = [loop.run_in_executor(self._io, pending.write, chunk)]
+                try:
+                    await inflight[0]
+                except Exception as error:
+                    failures.append(error)
+
+        writer: asyncio.Future[Any] = asyncio.create_task(write())
+        try:
+            async for chunk in chunks:
+                if failures:
+                    break
+                await queue.put(chunk)
+            await queue.put(None)
+            await writer
+        except BaseException:
+            writer.cancel()
+            await asyncio.wait([writer, *inflight])
+            raise
+        if failures:
+            raise failures[0]
+
+    async def snapshot(self, header: Snapshot) -> CheckpointRecord:
+        """Saves a hosted model's state_dict (on the CPU, in its served dtype)."""
+        name, metadata = self._check(header.name, header.metadata, header.overwrite)
+        model = check_name(header.model, "model")
+        loop = asyncio.get_running_loop()
+        with self._registry.lease(model, header.version) as hosted:
+            metadata = {
+                "snapshot_of": f"{hosted.name}:{hosted.version}",
+                "architecture": hosted.spec.architecture,
+                **metadata,
+            }
+            with self.store.begin() as pending:
+                count = await loop.run_in_executor(self._io, _save_state_dict, hosted, pending)
+                await loop.run_in_executor(self._io, pending.finish)
+                contents = Contents(formats.STATE_DICT, count)
+                return await self._commit(pending, name, contents, metadata, header.overwrite)
+
+    def _check(
+        self, name: str, metadata: Mapping[str, str], overwrite: bool
+    ) -> tuple[str, dict[str, str]]:
+        name = check_name(name, "checkpoint")
+        metadata = dict(metadata)
+        if len(metadata) > MAX_METADATA_ENTRIES:
+            raise InvalidArgument(
+                f"metadata has {len(metadata)} entries; the limit is {MAX_METADATA_ENTRIES}"
+            )
+        for key, value in metadata.items():
+            size = len(key.encode()) + len(value.encode())  # UTF-8 bytes, not characters
+            if size > MAX_METADATA_BYTES:
+                raise InvalidArgument(
+                    f"metadata entry {key!r:.80} is {size} bytes (UTF-8); "
+                    f"the limit is {MAX_METADATA_BYTES}"
+                )
+        self.store.check_free(name, overwrite)
+        return name, metadata
+
+    async def _commit(
+        self,
+        pending: PendingWrite,
+        name: str,
+        contents: Contents,
+        metadata: dict[str, str],
+        overwrite: bool,
+    ) -> CheckpointRecord:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._io,
+            lambda: self.store.commit(
+                pending, name, contents, metadata=metadata, overwrite=overwrite
+            ),
+        )
+
+    async def download(self, name: str) -> AsyncIterator[CheckpointRecord | bytes]:
+        """The checkpoint's record, then its bytes in chunks."""
+        loop = asyncio.get_running_loop()
+        with self.store.open(check_name(name, "checkpoint")) as (record, file):
+            yield record
+            sent = self._metrics.checkpoint_bytes.labels("out")
+            while chunk := await loop.run_in_executor(self._io, file.read, self._chunk_bytes):
+                sent.inc(len(chunk))
+                yield chunk
+
+    def list(self) -> list[CheckpointRecord]:
+        return self.store.list()
+
+    def get(self, name: str) -> CheckpointRecord:
+        return self.store.get(check_name(name, "checkpoint"))
+
+    def delete(self, name: str) -> None:
+        self.store.delete(check_name(name, "checkpoint"))
+
+
+def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:
+    state = {
+        key: tensor.detach().cpu() for key, tensor in hosted.loaded.module.state_dict().items()
+    }
+    torch.save(state, pending)  # type: ignore[arg-type]
+    return len(state)

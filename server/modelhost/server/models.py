@@ -1,0 +1,347 @@
+"""Model lifecycle: a LoadRequest -> a checked spec and batching policy -> a built,
+warmed-up `HostedModel` in the registry; unloading; restoring at start.
+
+The newest version of a name serves as soon as it is registered; unloading takes a
+version out of routing at once and frees it once its requests are done. With
+`--restore`, the record (restore.py) is written before either takes effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+from concurrent.futures import Executor, Future
+from typing import Any
+
+import torch
+
+from modelhost.server.architectures import ArchitectureCatalog, parse_args
+from modelhost.server.batching import Batcher, BatchPolicy, Lane, preferred_batch_size
+from modelhost.server.devices import resolve_device
+from modelhost.server.errors import InvalidArgument, ModelHostFailure, ModelNotFound, ShuttingDown
+from modelhost.server.hosted import HostedModel
+from modelhost.server.images import Preprocessing
+from modelhost.server.inference import Runner
+from modelhost.server.loading import (
+    LoadedModule,
+    LoadRequest,
+    LoadSpec,
+    load_module,
+    probe_outputs,
+)
+from modelhost.server.metrics import Metrics
+from modelhost.server.names import check_name
+from modelhost.server.registry import Registry
+from modelhost.server.restore import RestoreRecord
+from modelhost.server.settings import Settings
+from modelhost.server.store import CheckpointRecord, CheckpointStore
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE = 1 << 16
+MAX_QUEUE_SIZE = 1 << 20
+MAX_QUEUE_DELAY_US = 60_000_000
+WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+
+
+class Models:
+    """Loads, unloads and restores the hosted model versions."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: CheckpointStore,
+        catalog: ArchitectureCatalog,
+        registry: Registry,
+        metrics: Metrics,
+        record: RestoreRecord,
+        cpu_lane: Lane,
+        loads: Executor,
+        prep: Executor,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.record = record
+        self.default_device = resolve_device(settings.device, "auto")
+        self._store = store
+        self._catalog = catalog
+        self._metrics = metrics
+        self._cpu_lane = cpu_lane
+        self._loads = loads
+        self._prep = prep
+        self._closing = False
+
+    async def load(
+        self, request: LoadRequest, pinned: CheckpointRecord | None = None
+    ) -> HostedModel:
+        """Builds, loads and registers a model version; the newest serves at once.
+
+        `pinned` (a restore) loads those bytes rather than what the checkpoint name holds
+        now. With `restore`, the record is written before the version serves: if that
+        fails (a full store), the version is thrown away and nothing has changed.
+        """
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        spec = check_request(request, self.settings, self.default_device)
+        policy = batch_policy(request, self.settings)
+        version = self.registry.reserve(spec.name, request.version)
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._loads, self._build, spec, version, policy, request, pinned)
+        try:
+            hosted = await asyncio.shield(job)
+        except asyncio.CancelledError:  # the caller left: finish, then throw it away
+            job.add_done_callback(lambda _: self.registry.cancel(spec.name, version))
+            job.add_done_callback(_discard_load)
+            raise
+        except BaseException:
+            self.registry.cancel(spec.name, version)
+            raise
+        try:
+            self.record.write([*self.registry.all(), hosted])
+        except BaseException:
+            self.registry.cancel(spec.name, version)
+            await asyncio.to_thread(hosted.retire)
+            raise
+        self.registry.put(hosted)
+        self.record.unrestored.pop((spec.name, version), None)
+        self._metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
+        log.info(
+            "serving %s version %d (%s from %s on %s, %.2fs)",
+            spec.name,
+            version,
+            spec.architecture,
+            spec.checkpoint or spec.weights,
+            hosted.loaded.device,
+            hosted.loaded.seconds,
+        )
+        return hosted
+
+    def _build(
+        self,
+        spec: LoadSpec,
+        version: int,
+        policy: BatchPolicy,
+        request: LoadRequest,
+        pinned: CheckpointRecord | None,
+    ) -> HostedModel:
+        """Loads, wraps and warms up a model version (on a load thread)."""
+        settings = self.settings
+        loaded = load_module(
+            spec,
+            self._store,
+            self._catalog,
+            allow_pickled=settings.allow_pickled_models,
+            pinned=pinned,
+        )
+        if any(s.shape and s.shape[0] != -1 for s in loaded.inputs):
+            policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
+        runner = Runner(
+            loaded.module,
+            loaded.device,
+            loaded.dtype,
+            loaded.inputs,
+            channels_last=spec.channels_last,
+            preprocessing=self._preprocessing(spec, request, loaded),
+            autocast=request.autocast,
+            compile_mode=request.compile,
+            max_image_pixels=settings.max_image_pixels,
+            max_elements=settings.max_tensor_elements,
+        )
+        runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
+        lane = self._cpu_lane if loaded.device.type == "cpu" else Lane(f"{spec.name}-{version}")
+        if request.warmup_shape:
+            measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
+            warm_up = functools.partial(runner.warm_up, measure=measure)
+            rates = lane.call(warm_up, request.warmup_shape).result()
+            if rates:
+                preferred = preferred_batch_size(rates, policy.max_batch_size)
+                policy = dataclasses.replace(policy, preferred_batch_size=preferred)
+                log.info(
+                    "%s: rows/s by batch size %s; preferred batch size %s",
+                    spec.name,
+                    {rows: round(rate, 1) for rows, rate in rates.items()},
+                    preferred or "-",
+                )
+        categories = loaded.weights_meta.get("categories", [])
+        return HostedModel(
+            name=spec.name,
+            version=version,
+            spec=spec,
+            loaded=loaded,
+            runner=runner,
+            batcher=Batcher(
+                runner.run,
+                policy,
+                lane,
+                observe=self._metrics.batch_observer(spec.name, version),
+                on_error=self._metrics.batch_errors.labels(spec.name, str(version)).inc,
+            ),
+            prep=self._prep,
+            loaded_at=time.time(),
+            labels=list(request.labels or categories),
+            request=dataclasses.replace(request, version=version),
+        )
+
+    def _preprocessing(
+        self, spec: LoadSpec, request: LoadRequest, loaded: LoadedModule
+    ) -> Preprocessing | None:
+        wanted = request.preprocessing
+        if wanted is not None and wanted.weights:
+            member, _ = self._catalog.get(spec.architecture).pretrained(wanted.weights)
+            return Preprocessing.from_weights(member, wanted.weights)
+        if wanted is None and spec.weights:
+            try:
+                return Preprocessing.from_weights(loaded.weights_meta["weights"], spec.weights)
+            except InvalidArgument:
+                return None  # e.g. detection weights: the model resizes by itself
+        return wanted
+
+    async def unload(self, name: str, version: int = 0) -> list[int]:
+        """Removes versions from routing, lets their requests finish, frees them.
+
+        With `restore`, the record is written first: if that fails, nothing is removed.
+        Versions the record holds but that were not restored are dropped from it too.
+        """
+        name = check_name(name, "model")
+        unrestored = self.record.unrestored
+        forgotten = [key for key in unrestored if key[0] == name and version in (0, key[1])]
+        try:
+            leaving = self.registry.select(name, version)
+        except ModelNotFound:
+            if not forgotten:
+                raise
+            leaving = []
+        if not self._closing:  # closing keeps the record as it is
+            gone = {(h.name, h.version) for h in leaving} | set(forgotten)
+            self.record.write(self.registry.all(), gone)
+        for key in forgotten:
+            unrestored.pop(key, None)
+        removed = self.registry.remove(name, version) if leaving else []
+        await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
+        log.info("unloaded %s versions %s", name, [h.version for h in removed])
+        return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
+
+    def get(self, name: str, version: int = 0) -> HostedModel:
+        """The version asked for (0: the newest); NOT_FOUND says why one was not restored."""
+        name = check_name(name, "model")
+        try:
+            return self.registry.get(name, version)
+        except ModelNotFound as error:
+            reasons = [
+                f"version {v} was not restored: {unrestored.reason}"
+                for (n, v), unrestored in sorted(self.record.unrestored.items())
+                if n == name and version in (0, v)
+            ]
+            if reasons:
+                raise ModelNotFound(f"{error}; " + "; ".join(reasons)) from None
+            raise
+
+    async def restore(self) -> list[str]:
+        """Loads again what the record holds; returns "name:version" of each.
+
+        Each version loads the checkpoint bytes it loaded before (a record written
+        before those were recorded: what the checkpoint name holds now). One that fails
+        is logged and stays in the record, the others still come up: GetModel and
+        ListModels say why, a later start retries it (say, once its bytes are uploaded
+        again), and UnloadModel drops it.
+        """
+        restored = []
+        for request, pinned in self.record.read():
+            key = (request.name, request.version)
+            if key not in self.record.unrestored:
+                continue  # a client loaded or unloaded that version meanwhile
+            try:
+                hosted = await self.load(request, pinned)
+            except Exception as error:
+                known = isinstance(error, ModelHostFailure)
+                reason = str(error) if known else f"{type(error).__name__}: {error}"
+                log.error("could not restore %s version %d: %s", *key, reason, exc_info=not known)
+                if key in self.record.unrestored:
+                    self.record.unrestored[key].reason = reason
+                continue
+            restored.append(f"{hosted.name}:{hosted.version}")
+        log.info("restored %d model versions: %s", len(restored), ", ".join(restored) or "-")
+        return restored
+
+    async def close(self) -> None:
+        """Unloads every model; the restore record stays as it was."""
+        self._closing = True
+        for hosted in self.registry.all():
+            await self.unload(hosted.name, hosted.version)
+
+
+def check_request(request: LoadRequest, settings: Settings, device: torch.device) -> LoadSpec:
+    """The checked, resolved spec of what to load; InvalidArgument says what is wrong."""
+    if request.dtype is not None and request.dtype not in WEIGHT_DTYPES:
+        raise InvalidArgument(
+            f"dtype {str(request.dtype).removeprefix('torch.')} cannot hold weights: "
+            "use float32, float16 or bfloat16"
+        )
+    if request.version < 0:
+        raise InvalidArgument(f"version {request.version} is negative")
+    if request.compile not in COMPILE_MODES:
+        raise InvalidArgument(
+            f"compile mode {request.compile!r:.80} is not one of {sorted(COMPILE_MODES)}"
+        )
+    if request.autocast is not None and request.autocast not in WEIGHT_DTYPES:
+        raise InvalidArgument(
+            f"autocast {str(request.autocast).removeprefix('torch.')}: use float16 or bfloat16"
+        )
+    shape = f"warmup_shape {list(request.warmup_shape)!s:.100}"
+    if any(dim < 1 for dim in request.warmup_shape):
+        raise InvalidArgument(f"{shape} must be positive")
+    elements = functools.reduce(int.__mul__, request.warmup_shape, 1)
+    if elements > settings.max_tensor_elements:
+        raise InvalidArgument(
+            f"{shape} has {elements} elements; the limit is "
+            f"{settings.max_tensor_elements} (max_tensor_elements)"
+        )
+    if bool(request.checkpoint) == bool(request.weights):
+        raise InvalidArgument("LoadModel needs either a checkpoint or pretrained weights")
+    return LoadSpec(
+        name=check_name(request.name, "model"),
+        architecture=request.architecture,
+        args=parse_args(request.architecture_args),
+        checkpoint=check_name(request.checkpoint, "checkpoint") if request.checkpoint else "",
+        device=resolve_device(request.device, str(device)),
+        dtype=request.dtype,
+        strict=request.strict,
+        weights=request.weights,
+        channels_last=request.channels_last,
+    )
+
+
+def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
+    """The request's batching, the server's defaults where it sets none, checked."""
+    policy = BatchPolicy(
+        max_batch_size=request.max_batch_size or settings.max_batch_size,
+        max_queue_delay_us=request.max_queue_delay_us or settings.max_queue_delay_us,
+        max_queue_size=request.max_queue_size or settings.max_queue_size,
+        preferred_batch_size=request.preferred_batch_size,
+    )
+    for field, value, limit in (
+        ("max_batch_size", policy.max_batch_size, MAX_BATCH_SIZE),
+        ("max_queue_size", policy.max_queue_size, MAX_QUEUE_SIZE),
+        ("max_queue_delay_us", policy.max_queue_delay_us + 1, MAX_QUEUE_DELAY_US + 1),
+    ):
+        if not 1 <= value <= limit:
+            raise InvalidArgument(
+                f"batching {field}={getattr(policy, field)} is outside its range (at most {limit})"
+            )
+    if not 0 <= policy.preferred_batch_size <= policy.max_batch_size:
+        raise InvalidArgument(
+            f"batching preferred_batch_size={policy.preferred_batch_size} must be between 0 "
+            f"and max_batch_size ({policy.max_batch_size})"
+        )
+    return policy
+
+
+def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        hosted: HostedModel = job.result()
+        hosted.retire()

@@ -1,0 +1,106 @@
+"""The restore record (`--restore`): which versions this server hosts, how each was
+loaded, and the checkpoint bytes each loaded, kept in the store as `hosted-models.json`.
+
+An entry is `{"request": <the LoadModelRequest, as protobuf JSON>, "loaded_checkpoint":
+<the checkpoint record it loaded>}`: the message itself, so `buf breaking` guards the
+record's compatibility. `RecordFormat` converts (messages.py supplies it: nothing here
+knows protobuf). The bytes an entry names are pinned in the store until no entry names
+them. Entries written before this format (flat LoadRequest fields) still read.
+
+models.py writes the record before what it records takes effect: a LoadModel or
+UnloadModel whose record cannot be written (a full volume) changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from modelhost.server.hosted import HostedModel
+from modelhost.server.loading import LoadRequest
+from modelhost.server.store import CheckpointRecord, CheckpointStore
+
+log = logging.getLogger(__name__)
+
+HOSTED_STATE = "hosted-models"
+REQUEST, PINNED = "request", "loaded_checkpoint"
+Key = tuple[str, int]
+
+
+class RecordFormat(Protocol):
+    """How a LoadRequest is written into the record and read back."""
+
+    def dump(self, request: LoadRequest) -> dict[str, Any]: ...
+
+    def load(self, entry: dict[str, Any]) -> LoadRequest: ...
+
+
+@dataclass
+class Unrestored:
+    """A recorded version that is not serving (not restored, or not yet), and why."""
+
+    entry: dict[str, Any]
+    request: LoadRequest
+    reason: str
+
+
+class RestoreRecord:
+    """The record of hosted versions, and the recorded versions that are not serving."""
+
+    def __init__(self, store: CheckpointStore, formats: RecordFormat, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.unrestored: dict[Key, Unrestored] = {}
+        self._store = store
+        self._formats = formats
+        self._written: Any = None  # the record as last read or written
+
+    def write(self, hosted: Iterable[HostedModel], leaving: Collection[Key] = ()) -> None:
+        """Records `hosted` (with the versions not restored yet), less `leaving`.
+        Writes nothing when nothing changed (a restore as recorded, on a full disk)."""
+        if not self.enabled:
+            return
+        entries = {(h.name, h.version): self._entry(h) for h in hosted}
+        for key, unrestored in self.unrestored.items():
+            entries.setdefault(key, unrestored.entry)
+        kept = json.loads(json.dumps([entries[k] for k in sorted(entries) if k not in leaving]))
+        if kept == self._written:
+            return
+        pins = {sha for entry in kept if (sha := _pinned_sha(entry))}
+        self._store.write_state(HOSTED_STATE, kept, pins)
+        self._written = kept
+
+    def read(self) -> list[tuple[LoadRequest, CheckpointRecord | None]]:
+        """Every recorded version, marked not restored until it is; entries that cannot
+        be read are logged and dropped at the next write."""
+        state = self._written = self._store.read_state(HOSTED_STATE) or []
+        found = []
+        self.unrestored = {}
+        for entry in state:
+            try:
+                request = self._formats.load(entry.get(REQUEST, entry))
+                loaded = entry.get(PINNED)
+                pinned = CheckpointRecord(**loaded) if loaded else None
+            except Exception as error:
+                log.error("restore record: cannot read the entry %.200s (%s)", entry, error)
+                continue
+            key = (request.name, request.version)
+            self.unrestored[key] = Unrestored(entry, request, "the server is still restoring")
+            found.append((request, pinned))
+        return found
+
+    def _entry(self, hosted: HostedModel) -> dict[str, Any]:
+        entry: dict[str, Any] = {REQUEST: self._formats.dump(hosted.request)}
+        if hosted.loaded.record is not None:
+            loaded = dataclasses.replace(hosted.loaded.record, metadata={})
+            entry[PINNED] = dataclasses.asdict(loaded)
+        return entry
+
+
+def _pinned_sha(entry: dict[str, Any]) -> str | None:
+    loaded = entry.get(PINNED)
+    sha = loaded.get("sha256") if isinstance(loaded, dict) else None
+    return sha if isinstance(sha, str) else None

@@ -1,0 +1,56 @@
+"""A model's outputs are known once LoadModel returns, before any request ran."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision
+
+from modelhost.client import ModelHostClient
+from modelhost.server.architectures import ArchitectureCatalog
+from modelhost.server.inference import InputSpec
+from modelhost.server.loading import LoadSpec, probe_outputs
+
+
+def _spec(architecture: str, **args: object) -> LoadSpec:
+    return LoadSpec("m", architecture, dict(args), "w", torch.device("cpu"), None)
+
+
+IMAGE = [InputSpec("input", torch.float32, (-1, 3, -1, -1))]
+
+
+def test_outputs_found_on_the_meta_device() -> None:
+    catalog = ArchitectureCatalog([])
+    (logits,) = probe_outputs(catalog, _spec("resnet18", num_classes=7), IMAGE, torch.bfloat16)
+    assert (logits.name, logits.dtype, logits.shape) == ("output", torch.bfloat16, (-1, 7))
+    # Segmentation: the spatial sizes follow the input's, so they are -1 too.
+    found = probe_outputs(
+        catalog, _spec("lraspp_mobilenet_v3_large", num_classes=3), IMAGE, torch.float32
+    )
+    assert [(o.name, o.shape) for o in found] == [("out", (-1, 3, -1, -1))]
+    # Detection has data-dependent steps without meta kernels: not known until it runs.
+    detection = _spec("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3)
+    assert probe_outputs(catalog, detection, IMAGE, torch.float32) == ()
+
+
+def test_model_info_lists_outputs_at_load(client: ModelHostClient) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3
+    ).eval()
+    client.save_checkpoint("seg", model.state_dict())
+    info = client.load_model(
+        "seg",
+        architecture="lraspp_mobilenet_v3_large",
+        checkpoint="seg",
+        architecture_args={"num_classes": 3},
+    )
+    assert [(o.name, o.dtype, o.shape) for o in info.outputs] == [
+        ("out", "float32", (-1, 3, -1, -1))
+    ]
+    x = np.random.default_rng(0).random((2, 3, 64, 48), dtype=np.float32)
+    out = client.predict("seg", x)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x))["out"].numpy()
+    assert set(out) == {"out"} and out["out"].shape == (2, 3, 64, 48)
+    np.testing.assert_allclose(out["out"], expected, rtol=1e-4, atol=1e-5)
