@@ -71,3 +71,55 @@ def test_load_model_options_survive_the_round_trip() -> None:
     message = messages.load_message(request)
     assert messages.load_request(message) == request
     assert messages.RECORDS.load(messages.RECORDS.dump(request)) == request
+
+
+def test_every_load_model_option_is_an_oip_load_parameter() -> None:
+    """RepositoryModelLoad takes every LoadModelRequest field as a parameter, and each one
+    lands in the same LoadRequest as LoadModel's message with that field set."""
+    from modelhost.oip import grpc_service_pb2 as oip
+    from modelhost.server import oip_load
+
+    assert set(oip_load.KEYS) == _flat_fields() - {"name"}
+    P = oip.ModelRepositoryParameter
+    given = {
+        "architecture": P(string_param="resnet18"),
+        "architecture_args": P(string_param='{"num_classes": 10}'),
+        "checkpoint": P(string_param="w"),
+        "version": P(int64_param=3),
+        "device": P(string_param="cpu"),
+        "dtype": P(string_param="bfloat16"),
+        "strict": P(bool_param=False),
+        "weights": P(string_param="IMAGENET1K_V1"),
+        "channels_last": P(string_param="true"),
+        "preprocessing": P(string_param='{"resize": 256, "crop": 224}'),
+        "labels": P(string_param='["cat", "dog"]'),
+        "warmup_shape": P(string_param="[8, 3, 224, 224]"),
+        "compile": P(string_param="default"),
+        "autocast": P(string_param="float16"),
+        "max_batch_size": P(int64_param=16),
+        "max_queue_delay_us": P(string_param="250"),
+        "max_queue_size": P(int64_param=64),
+        "preferred_batch_size": P(int64_param=8),
+    }
+    assert set(given) == set(oip_load.KEYS)
+    expected = pb.LoadModelRequest(
+        name="m",
+        architecture="resnet18",
+        architecture_args={"num_classes": "10"},
+        checkpoint="w",
+        version=3,
+        device="cpu",
+        dtype=pb.DATA_TYPE_BFLOAT16,
+        strict=False,
+        weights="IMAGENET1K_V1",
+        channels_last=True,
+        preprocessing=pb.ImagePreprocessing(resize=256, crop=224),
+        labels=["cat", "dog"],
+        warmup_shape=[8, 3, 224, 224],
+        compile="default",
+        autocast=pb.DATA_TYPE_FLOAT16,
+        batching=pb.BatchingConfig(
+            max_batch_size=16, max_queue_delay_us=250, max_queue_size=64, preferred_batch_size=8
+        ),
+    )
+    assert oip_load.load_request("m", given) == messages.load_request(expected)

@@ -1,25 +1,28 @@
 """RepositoryModelLoad parameters to a `LoadRequest`.
 
-The convention (also documented on RepositoryModelLoadRequest in grpc_service.proto):
-string parameters "architecture", "checkpoint", "architecture_args" (a JSON
-object), "device", "dtype", and "version" (int64 or decimal string); or "config",
-a Triton model configuration as JSON, whose "parameters" entries carry the same
-keys and whose "max_batch_size", "dynamic_batching.max_queue_delay_microseconds"
-and "dynamic_batching.preferred_batch_size" (its smallest entry) set batching.
-Direct parameters win over "config". Loading a name that is already hosted adds a
-version, as LoadModel does.
+Every LoadModelRequest field is a parameter of the same name (`KEYS`, read from the
+descriptor, its `batching` fields flattened): strings as `string_param`, integers as
+`int64_param` or decimal strings, booleans as `bool_param` or "true"/"false", dtypes by
+name, `architecture_args` and `preprocessing` as JSON objects, `labels` and
+`warmup_shape` as JSON lists. Or "config", a Triton model configuration as JSON, whose
+"parameters" entries carry the same keys and whose "max_batch_size",
+"dynamic_batching.max_queue_delay_microseconds" and "dynamic_batching.preferred_batch_size"
+(its smallest entry) set batching. Direct parameters win over "config". Loading a name
+that is already hosted adds a version, as LoadModel does.
 
 Every value must have its JSON type (integers: int64, as numbers or decimal strings,
 ASCII digits only); JSON nested deeper than `architectures.MAX_JSON_DEPTH` is refused.
 `parse_version` is the one parser of OIP version strings.
 """
-
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from modelhost.client import codec
 from modelhost.oip import grpc_service_pb2 as oip
@@ -30,7 +33,12 @@ from modelhost.server.loading import LoadRequest
 from modelhost.server.registry import MAX_VERSION
 from modelhost.v1 import modelhost_pb2 as pb
 
-KEYS = ("architecture", "checkpoint", "architecture_args", "device", "dtype", "version")
+_FIELDS = {
+    f.name: f for f in pb.LoadModelRequest.DESCRIPTOR.fields if f.name not in ("name", "batching")
+}
+_BATCHING = tuple(f.name for f in pb.BatchingConfig.DESCRIPTOR.fields)
+KEYS = (*_FIELDS, *_BATCHING)
+"""Every LoadModelRequest field (batching's flattened) is a parameter of the same name."""
 _INT64 = range(-(2**63), 2**63)
 # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣" (which it reads).
 _DECIMAL = re.compile(r"-?[0-9]{1,19}")
@@ -56,23 +64,40 @@ def load_request(name: str, parameters: Mapping[str, oip.ModelRepositoryParamete
     given = {key: _value(key, param) for key, param in parameters.items()}
     merged = _from_config(name, given.pop("config")) if "config" in given else {}
     merged.update(given)
-    message = pb.LoadModelRequest(
-        name=name,
-        architecture=_text(merged, "architecture"),
-        architecture_args=_args(merged.get("architecture_args", {})),
-        checkpoint=_text(merged, "checkpoint"),
-        version=_int(merged.get("version", 0), "version"),
-        device=_text(merged, "device"),
-        dtype=_dtype(_text(merged, "dtype")),
-        batching=pb.BatchingConfig(
-            max_batch_size=_int(merged.get("max_batch_size", 0), "max_batch_size"),
-            max_queue_delay_us=_int(merged.get("max_queue_delay_us", 0), "max_queue_delay_us"),
-            preferred_batch_size=_int(
-                merged.get("preferred_batch_size", 0), "preferred_batch_size"
-            ),
-        ),
-    )
+    message = pb.LoadModelRequest(name=name)
+    for key, value in merged.items():
+        if key in _BATCHING:
+            setattr(message.batching, key, _int(value, key))
+        else:
+            _set(message, _FIELDS[key], value)
     return messages.load_request(message)  # the one conversion LoadModel uses too
+
+
+def _set(message: pb.LoadModelRequest, field: FieldDescriptor, value: Any) -> None:
+    """Sets one LoadModelRequest field from a parameter's value, by the field's type."""
+    key = field.name
+    if key == "architecture_args":
+        message.architecture_args.update(_args(value))
+    elif key in ("dtype", "autocast"):
+        setattr(message, key, _dtype(_text(value, key), key))
+    elif field.message_type is not None:  # preprocessing: a JSON object
+        found = _object(load_json(value, f"'{key}'") if isinstance(value, str) else value, key)
+        try:
+            json_format.ParseDict(found, getattr(message, key))
+        except json_format.ParseError as error:
+            raise InvalidArgument(f"parameter {key!r}: {error!s:.200}") from None
+    elif field.is_repeated:  # labels, warmup_shape: JSON lists
+        items = load_json(value, f"'{key}'") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise InvalidArgument(f"parameter {key!r} must be a JSON list, got {value!r:.80}")
+        item = _text if field.type == FieldDescriptor.TYPE_STRING else _int
+        getattr(message, key).extend(item(v, key) for v in items)
+    elif field.type == FieldDescriptor.TYPE_BOOL:
+        setattr(message, key, _bool(value, key))
+    elif field.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32):
+        setattr(message, key, _int(value, key))
+    else:
+        setattr(message, key, _text(value, key))
 
 
 def _value(key: str, param: oip.ModelRepositoryParameter) -> Any:
@@ -86,8 +111,8 @@ def _value(key: str, param: oip.ModelRepositoryParameter) -> Any:
     choice = param.WhichOneof("parameter_choice")
     if choice == "string_param":
         return param.string_param
-    if choice == "int64_param" and key == "version":
-        return param.int64_param
+    if choice in ("int64_param", "bool_param") and key != "config":
+        return getattr(param, choice)
     raise InvalidArgument(f"parameter {key!r} must be a string_param")
 
 
@@ -131,8 +156,7 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _text(settings: Mapping[str, Any], key: str) -> str:
-    value = settings.get(key, "")
+def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"parameter {key!r} must be a string, got {value!r:.80}")
     return value
@@ -155,8 +179,17 @@ def _args(value: Any) -> dict[str, str]:
     return {key: json.dumps(item) for key, item in value.items()}
 
 
-def _dtype(value: str) -> codec.DataType:
+def _dtype(value: str, key: str) -> codec.DataType:
     try:
         return codec.parse_dtype(value) if value else pb.DATA_TYPE_UNSPECIFIED
     except ValueError as error:
-        raise InvalidArgument(f"parameter 'dtype': {error}") from None
+        raise InvalidArgument(f"parameter {key!r}: {error}") from None
+
+
+def _bool(value: Any, key: str) -> bool:
+    """A JSON boolean, or "true"/"false"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise InvalidArgument(f"parameter {key!r} must be true or false, got {value!r:.80}")
