@@ -54,3 +54,20 @@ def test_model_info_lists_outputs_at_load(client: ModelHostClient) -> None:
         expected = model(torch.from_numpy(x))["out"].numpy()
     assert set(out) == {"out"} and out["out"].shape == (2, 3, 64, 48)
     np.testing.assert_allclose(out["out"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_detection_outputs_come_from_a_real_run_at_load(client: ModelHostClient) -> None:
+    """No meta kernels for detection's data-dependent steps: LoadModel runs it once."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3
+    ).eval()
+    client.save_checkpoint("det", model.state_dict())
+    info = client.load_model(
+        "det",
+        architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
+        checkpoint="det",
+        architecture_args={"num_classes": 3},
+    )
+    assert sorted(o.name for o in info.outputs) == ["0.boxes", "0.labels", "0.scores"]
+    assert {o.name: o.dtype for o in info.outputs}["0.labels"] == "int64"

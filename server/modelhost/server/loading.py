@@ -12,8 +12,11 @@ are loaded only when the operator allowed them (`allow_pickled_models`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -325,37 +328,59 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 
 
 PROBE_SIZES = ((1, 224), (2, 256))
-"""(batch, spatial size) of the two meta-device runs that find a model's outputs."""
+"""(batch, spatial size) of the meta-device runs that find a model's outputs."""
+_PROBED: dict[tuple[str, str, tuple[int, ...]], tuple[InputSpec, ...]] = {}
+_PROBE_LOCK = threading.Lock()
 
 
 def probe_outputs(
     catalog: ArchitectureCatalog, spec: LoadSpec, inputs: list[InputSpec], dtype: torch.dtype
 ) -> tuple[InputSpec, ...]:
     """The outputs (names, dtypes, shapes with -1 where they follow the input) of a
-    catalog architecture with one declared input, found by running its skeleton twice on
-    the meta device (no memory, no compute); () when that cannot tell."""
+    catalog architecture with one declared input, found by running its skeleton on the
+    meta device (no memory, no compute): at two batch and image sizes, or at one when
+    the model takes one image size only. () when that cannot tell. Remembered per
+    architecture and arguments, so new versions of a hosted architecture pay nothing."""
     if len(inputs) != 1 or not spec.architecture:
         return ()
+    key = (spec.architecture, json.dumps(spec.args, sort_keys=True, default=repr), inputs[0].shape)
+    with _PROBE_LOCK:
+        found = _PROBED.get(key)
+    if found is None:
+        found = _probe(catalog, spec, inputs[0])
+        with _PROBE_LOCK:
+            _PROBED[key] = found
+            if len(_PROBED) > 256:  # arguments come from callers: keep the memory bounded
+                del _PROBED[next(iter(_PROBED))]
+    return tuple(
+        dataclasses.replace(out, dtype=dtype) if out.dtype.is_floating_point else out
+        for out in found
+    )
+
+
+def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, given: InputSpec) -> tuple[InputSpec, ...]:
+    runs: list[dict[str, torch.Tensor]] = []
     try:
         module = catalog.get(spec.architecture).skeleton(spec.args).eval()
-        runs = []
         for batch, size in PROBE_SIZES:
-            shape = [
-                batch if i == 0 else size if d == -1 else d for i, d in enumerate(inputs[0].shape)
-            ]
+            shape = [batch if i == 0 else size if d == -1 else d for i, d in enumerate(given.shape)]
             with torch.inference_mode():
                 result = module(torch.zeros(shape, dtype=torch.float32, device="meta"))
             runs.append(flatten_outputs(result))
     except Exception as error:  # data-dependent ops (detection) have no meta kernels
         log.debug("%s: outputs not found on the meta device (%s)", spec.name, error)
+    if not runs:
         return ()
-    first, second = runs
+    first = runs[0]
+    second = (
+        runs[1] if len(runs) > 1 else {k: t.new_empty((0, *t.shape[1:])) for k, t in first.items()}
+    )
     if set(first) != set(second) or any(first[k].dim() != second[k].dim() for k in first):
         return ()
     return tuple(
         InputSpec(
             name,
-            dtype if tensor.is_floating_point() else tensor.dtype,
+            tensor.dtype,
             tuple(
                 a if a == b else -1 for a, b in zip(tensor.shape, second[name].shape, strict=True)
             ),

@@ -24,8 +24,9 @@ from modelhost.server.devices import resolve_device
 from modelhost.server.errors import InvalidArgument, ModelHostFailure, ModelNotFound, ShuttingDown
 from modelhost.server.hosted import HostedModel
 from modelhost.server.images import Preprocessing
-from modelhost.server.inference import Runner
+from modelhost.server.inference import InputSpec, Runner
 from modelhost.server.loading import (
+    PROBE_SIZES,
     LoadedModule,
     LoadRequest,
     LoadSpec,
@@ -154,6 +155,8 @@ class Models:
         )
         runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
         lane = self._cpu_lane if loaded.device.type == "cpu" else Lane(f"{spec.name}-{version}")
+        if not runner.outputs and len(loaded.inputs) == 1 and not request.warmup_shape:
+            _probe_by_running(runner, lane, loaded.inputs[0])
         if request.warmup_shape:
             measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
             warm_up = functools.partial(runner.warm_up, measure=measure)
@@ -339,6 +342,16 @@ def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
             f"and max_batch_size ({policy.max_batch_size})"
         )
     return policy
+
+
+def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:
+    """One real batch-1 run of zeros, for outputs the meta device cannot show (detection's
+    data-dependent steps); a model that refuses zeros keeps them unknown until it runs."""
+    shape = [1 if i == 0 else PROBE_SIZES[0][1] if d == -1 else d for i, d in enumerate(spec.shape)]
+    try:
+        lane.call(runner.run, {spec.name: torch.zeros(shape, dtype=spec.dtype)}).result()
+    except ModelHostFailure as error:
+        log.info("outputs not known until the first request: %s", error)
 
 
 def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
