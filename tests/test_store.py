@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from modelhost.server import staged_writer
-from modelhost.server import store as store_module
 from modelhost.server.errors import (
     AlreadyExists,
     CheckpointNotFound,
@@ -231,7 +230,7 @@ def test_shared_store_keeps_the_uploads_of_live_servers(tmp_path: Path) -> None:
 
     stranded = first.begin()
     stranded.write(b"never finished")
-    first._owner_file.close()  # the first server dies (the kernel drops its lock)
+    first._locks.owner_file.close()  # the first server dies (the kernel drops its lock)
     third = CheckpointStore(tmp_path)
     third.recover()
     assert not stranded.path.exists()
@@ -254,7 +253,7 @@ def test_store_works_where_the_file_system_has_no_locks(
     def no_locks(file: object, operation: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
     store = CheckpointStore(tmp_path)
     assert not store.file_locks
     store.recover()

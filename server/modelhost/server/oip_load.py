@@ -14,6 +14,7 @@ Every value must have its JSON type (integers: int64, as numbers or decimal stri
 ASCII digits only); JSON nested deeper than `architectures.MAX_JSON_DEPTH` is refused.
 `parse_version` is the one parser of OIP version strings.
 """
+
 from __future__ import annotations
 
 import json

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -51,13 +49,13 @@ from modelhost.server.errors import (
 )
 from modelhost.server.names import check_name
 from modelhost.server.staged_writer import StagedWriter
+from modelhost.server.store_locks import StoreLocks
 
 log = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_OWNER = ".owner"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
@@ -187,22 +185,19 @@ class CheckpointStore:
                 raise OSError(f"{folder} is a symbolic link: the store's folders must be its own")
             folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(folder, DIR_MODE)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the temp file counter
         self._counter = 0
-        host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
-        self.owner = f"{host}-{os.getpid()}-{time.time_ns()}"
-        self._owner_path = self._tmp / f"{self.owner}{_OWNER}"
-        self._owner_file = self._open_lock(self._owner_path)
-        self.file_locks = _flock(self._owner_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if not self.file_locks:
-            log.warning("the store's file system has no file locks: do not share the store")
-        self._store_lock = self._open_lock(self.root / "store.lock")
+        self._locks = StoreLocks(self.root, self._tmp)
+        self.owner = self._locks.owner
+
+    @property
+    def file_locks(self) -> bool:
+        """Whether the file system has locks (else: use the store from one server only)."""
+        return self._locks.file_locks
 
     def close(self) -> None:
         """Releases this server's hold on the store (also done when the process ends)."""
-        self._owner_file.close()
-        self._owner_path.unlink(missing_ok=True)
-        self._store_lock.close()
+        self._locks.close()
 
     # Reading
 
@@ -349,11 +344,7 @@ class CheckpointStore:
         """At start: removes the temp files of servers that are gone, and blobs that no
         entry refers to."""
         with self._locked():
-            live = {self.owner}
-            for lock in self._tmp.glob(f"*{_OWNER}"):
-                owner = lock.name.removesuffix(_OWNER)
-                if owner != self.owner and self.file_locks and _held(lock):
-                    live.add(owner)
+            live = self._locks.live_owners()
             for leftover in self._tmp.iterdir():
                 if leftover.name.split(".", 1)[0] not in live:
                     leftover.unlink(missing_ok=True)
@@ -369,21 +360,9 @@ class CheckpointStore:
 
     # Internals
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """This process's threads, then every server sharing the store."""
-        with self._lock:
-            if self.file_locks:
-                _flock(self._store_lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if self.file_locks:
-                    _flock(self._store_lock, fcntl.LOCK_UN)
-
-    def _open_lock(self, path: Path) -> IO[bytes]:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, FILE_MODE)
-        return os.fdopen(fd, "r+b")
+        return self._locks.held()
 
     def _entry_path(self, name: str) -> Path:
         return self._entries / f"{check_name(name, 'checkpoint')}.json"
@@ -480,31 +459,3 @@ class CheckpointStore:
 def _wrapped(document: Any) -> bool:
     """Whether a state document has the form `write_state` writes (older ones are bare)."""
     return isinstance(document, dict) and set(document) == {_VALUE, _PINS}
-
-
-def _flock(file: IO[bytes] | int, operation: int) -> bool:
-    """flock; False where the file system has no locks (some NFS mounts)."""
-    try:
-        fcntl.flock(file, operation)
-    except BlockingIOError:
-        raise
-    except OSError as error:
-        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
-            return False
-        raise
-    return True
-
-
-def _held(lock: Path) -> bool:
-    """Whether a live process holds `lock` (an owner file in tmp/)."""
-    try:
-        fd = os.open(lock, os.O_RDWR | _OPEN_FLAGS)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the lock if we got it
-    return False
