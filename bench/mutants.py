@@ -135,7 +135,7 @@ MUTANTS = [
     ),
     Mutant(
         "upload: the announced sha256 is not compared",
-        SERVER + "host.py",
+        SERVER + "checkpoints.py",
         "if wanted and wanted != pending.sha256:",
         "if False:",
         ("tests/test_fuzz.py::test_fuzz_save_checkpoint",),
