@@ -70,6 +70,14 @@ def expect(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> Model
     return caught.value
 
 
+def detector(seed: int = 0, **args: object) -> torch.nn.Module:
+    """torchvision's smallest detection model (3 classes, random weights), in eval mode."""
+    torch.manual_seed(seed)
+    return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, **args
+    ).eval()
+
+
 def resnet18(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
     """A small torchvision model with seeded random weights, in eval mode."""
     torch.manual_seed(seed)

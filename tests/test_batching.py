@@ -11,9 +11,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from conftest import images, reference, serve
+from conftest import detector, images, reference, serve
 from helpers.models import Recorder
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Server
@@ -317,10 +316,7 @@ def test_preferred_batch_size_choice(rates: dict[int, float], limit: int, chosen
 def test_detection_model_answers_concurrent_callers(client: ModelHostClient) -> None:
     """Per-image outputs cannot be split by rows: merged requests must still get exactly
     their own detections (the batcher falls back to one request at a time)."""
-    torch.manual_seed(0)
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0
-    ).eval()
+    model = detector(box_score_thresh=0.0)
     serve(
         client,
         "det",

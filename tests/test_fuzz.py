@@ -36,6 +36,7 @@ found; each fails until its bug is fixed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -261,6 +262,24 @@ def saved(obj: object) -> bytes:
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def recording_thread_errors(errors: list[str]) -> Iterator[None]:
+    """Collects exceptions that end any thread (a dying worker is a bug even if every
+    call answered)."""
+    default_hook = threading.excepthook
+
+    def record(args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread else "?"
+        errors.append(f"{name}: {args.exc_type.__name__}: {args.exc_value}")
+        default_hook(args)
+
+    threading.excepthook = record
+    try:
+        yield
+    finally:
+        threading.excepthook = default_hook
+
+
 def mlp_twin() -> nn.Module:
     torch.manual_seed(5)
     return tiny_mlp().eval()
@@ -282,19 +301,9 @@ def fuzzed(server: Server, client: ModelHostClient, served_resnet: nn.Module) ->
         Path(server.settings.store),
         {"r18": served_resnet, "mlp": mlp},
     )
-    default_hook = threading.excepthook
-
-    def record(args: threading.ExceptHookArgs) -> None:
-        name = args.thread.name if args.thread else "?"
-        fuzz.thread_errors.append(f"{name}: {args.exc_type.__name__}: {args.exc_value}")
-        default_hook(args)
-
-    threading.excepthook = record
-    try:
+    with recording_thread_errors(fuzz.thread_errors):
         fuzz.check_all()
         yield fuzz
-    finally:
-        threading.excepthook = default_hook
         channel.close()
 
 
@@ -1012,19 +1021,9 @@ def guarded(tmp_path: Path) -> Iterator[Guarded]:
             pb_grpc.ModelHostStub(channel),
             oip_grpc.GRPCInferenceServiceStub(channel),
         )
-        default_hook = threading.excepthook
-
-        def record(args: threading.ExceptHookArgs) -> None:
-            name = args.thread.name if args.thread else "?"
-            fuzz.thread_errors.append(f"{name}: {args.exc_type.__name__}: {args.exc_value}")
-            default_hook(args)
-
-        threading.excepthook = record
-        try:
+        with recording_thread_errors(fuzz.thread_errors):
             fuzz.check_serves()
             yield fuzz
-        finally:
-            threading.excepthook = default_hook
 
 
 Param = oip.ModelRepositoryParameter

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torchvision
 
+from conftest import detector
 from modelhost.client import ModelHostClient
 from modelhost.server.architectures import ArchitectureCatalog
 from modelhost.server.inference import InputSpec
@@ -58,10 +59,7 @@ def test_model_info_lists_outputs_at_load(client: ModelHostClient) -> None:
 
 def test_detection_outputs_come_from_a_real_run_at_load(client: ModelHostClient) -> None:
     """No meta kernels for detection's data-dependent steps: LoadModel runs it once."""
-    torch.manual_seed(0)
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=3
-    ).eval()
+    model = detector()
     client.save_checkpoint("det", model.state_dict())
     info = client.load_model(
         "det",

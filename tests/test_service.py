@@ -13,7 +13,7 @@ import torch
 import torchvision
 from safetensors.torch import save as save_safetensors
 
-from conftest import images, reference, resnet18, serve
+from conftest import detector, images, reference, resnet18, serve
 from modelhost.client import ModelHostClient, NotFoundError
 from modelhost.server import Server, Settings, running
 
@@ -241,10 +241,7 @@ def test_tuple_and_dict_outputs_are_named(client: ModelHostClient) -> None:
 
 
 def test_detection_model_lists_per_image_outputs(client: ModelHostClient) -> None:
-    torch.manual_seed(0)
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0
-    ).eval()
+    model = detector(box_score_thresh=0.0)
     serve(
         client,
         "det",
