@@ -93,8 +93,8 @@ MUTANTS = [
     Mutant(
         "store: the manifest entry is not fsynced before its rename",
         SERVER + "store.py",
-        "                file.flush()\n                os.fsync(file.fileno())\n",
-        "                file.flush()\n",
+        "            file.flush()\n            os.fsync(file.fileno())\n",
+        "            file.flush()\n",
         ("tests/test_store_faults.py",),
     ),
     Mutant(

@@ -304,7 +304,7 @@ class CheckpointStore:
         )
         with self._locked(), _space():
             self.check_free(name, overwrite)
-            previous = self._sha_of(entry)
+            previous = _sha_of(entry)
             blob = self._blobs / record.sha256
             fresh = not blob.exists()
             if fresh:
@@ -333,7 +333,7 @@ class CheckpointStore:
         """Removes `name`; CheckpointNotFound if there is none."""
         entry = self._entry_path(name)
         with self._locked():
-            sha = self._sha_of(entry)
+            sha = _sha_of(entry)
             if sha is None:
                 raise CheckpointNotFound(f"checkpoint {name!r} not found")
             entry.unlink()
@@ -375,12 +375,6 @@ class CheckpointStore:
             raise CheckpointNotFound(f"{sha256!r} is not a sha256")
         return self._blobs / sha256
 
-    def _sha_of(self, entry: Path) -> str | None:
-        try:
-            return str(json.loads(entry.read_bytes())["sha256"])
-        except FileNotFoundError:
-            return None
-
     def _used_blobs(self) -> set[str]:
         """Blobs an entry refers to or a state document pins."""
         used = set()
@@ -389,39 +383,22 @@ class CheckpointStore:
                 used.add(str(json.loads(entry.read_bytes())["sha256"]))
         for state in self.root.glob("*.json"):
             with contextlib.suppress(OSError):
-                used |= self._pinned_by(state)
+                used |= _pinned_by(state)
         return used
-
-    def _pinned_by(self, state: Path) -> set[str]:
-        """The blobs a state document pins (none if it has none, or there is none)."""
-        try:
-            document = json.loads(state.read_bytes())
-        except (FileNotFoundError, ValueError):
-            return set()
-        pins = document.get(_PINS, []) if _wrapped(document) else []
-        return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
 
     def _drop_blob_if_unused(self, sha: str) -> None:
         if sha not in self._used_blobs():
             (self._blobs / sha).unlink(missing_ok=True)
 
-    def _write_entry(self, entry: Path, record: CheckpointRecord) -> None:
-        self._replace(entry, json.dumps(asdict(record), indent=1, sort_keys=True).encode())
+    def _temp_name(self, path: Path) -> Path:
+        return self._tmp / f"{self.owner}.write-{path.name}-{time.monotonic_ns()}"
 
-    def _replace(self, path: Path, data: bytes) -> None:
-        """Atomically replaces `path` with `data` (temp file, fsync, rename, fsync dir)."""
-        tmp = self._tmp / f"{self.owner}.write-{path.name}-{time.monotonic_ns()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+    def _write_entry(self, entry: Path, record: CheckpointRecord) -> None:
+        _replace(
+            self._temp_name(entry),
+            entry,
+            json.dumps(asdict(record), indent=1, sort_keys=True).encode(),
+        )
 
     # Server state kept beside the checkpoints (e.g. the models to restore)
 
@@ -436,26 +413,64 @@ class CheckpointStore:
         path = self._state_path(name)
         wanted = {sha for sha in pins if _SHA256.fullmatch(sha)}
         with self._locked(), _space():
-            before = self._pinned_by(path)
+            before = _pinned_by(path)
             for sha in sorted(wanted - before):
                 if not self.has_blob(sha):
                     raise CheckpointNotFound(f"checkpoint bytes sha256 {sha} are not in the store")
             document = {_VALUE: value, _PINS: sorted(wanted)}
-            self._replace(path, json.dumps(document).encode())
+            _replace(self._temp_name(path), path, json.dumps(document).encode())
             for sha in before - wanted:
                 self._drop_blob_if_unused(sha)
 
     def read_state(self, name: str) -> Any:
         """The value `write_state` stored, or None if there is none."""
-        try:
-            fd = os.open(self._state_path(name), os.O_RDONLY | _OPEN_FLAGS)
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd, "rb") as file:
-            document = json.loads(file.read())
-        return document[_VALUE] if _wrapped(document) else document  # older: the bare value
+        return _read_state(self._state_path(name))
 
 
 def _wrapped(document: Any) -> bool:
     """Whether a state document has the form `write_state` writes (older ones are bare)."""
     return isinstance(document, dict) and set(document) == {_VALUE, _PINS}
+
+
+def _replace(tmp: Path, path: Path, data: bytes) -> None:
+    """Atomically replaces `path` with `data`: written to `tmp`, fsynced, renamed, and the
+    folder fsynced."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha_of(entry: Path) -> str | None:
+    """The sha256 a manifest entry names (None: there is no entry)."""
+    try:
+        return str(json.loads(entry.read_bytes())["sha256"])
+    except FileNotFoundError:
+        return None
+
+
+def _pinned_by(state: Path) -> set[str]:
+    """The blobs a state document pins (none if it has none, or there is none)."""
+    try:
+        document = json.loads(state.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return set()
+    pins = document.get(_PINS, []) if _wrapped(document) else []
+    return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
+
+
+def _read_state(path: Path) -> Any:
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        document = json.loads(file.read())
+    return document[_VALUE] if _wrapped(document) else document  # older: the bare value
