@@ -93,3 +93,18 @@ class Echo(nn.Module):
 
 def echo() -> nn.Module:
     return Echo()
+
+
+class DeviceFailure(nn.Module):
+    """Fails the way a device-side assert does (the error CUDA reports at the next sync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("marker", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def device_failure() -> nn.Module:
+    return DeviceFailure()

@@ -98,6 +98,12 @@ class Server:
         services = (modelhost, inference)
         for name in services:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        async def not_serving() -> None:  # a failed device: let the orchestrator restart us
+            for name in ("", *services):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        self.host.on_device_failure = not_serving
         await server.start()
         self._grpc = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -299,6 +299,9 @@ class Batcher:
         try:
             outputs = self._run(inputs)
         except Exception:
+            outputs = None
+        if outputs is None:  # out of the except block, without the merged inputs:
+            del inputs  # a failed allocation gets its memory back before the retries
             for request in group:  # isolate the failure to the request that causes it
                 self._run_one(request)
             return

@@ -46,10 +46,20 @@ def is_oom(error: BaseException) -> bool:
 
 
 def out_of_memory(error: BaseException, doing: str, device: torch.device) -> OutOfMemory:
-    """Gives cached memory back and says what ran out: raise the result `from None`."""
-    release_memory(device)
+    """Says what ran out. Raise it after leaving the `except` block, once `release_memory`
+    ran: inside it the traceback still holds the frames, and so the tensors, that used
+    the memory."""
     reason = (str(error).splitlines() or [type(error).__name__])[0]
     return OutOfMemory(f"out of memory {doing} on {device}: {reason}")
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """Whether `error` says the device itself failed (an illegal address, a device-side
+    assert): its context is lost, and nothing on it can be trusted until a restart."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA error:" in str(error)
 
 
 def free_bytes(device: torch.device) -> int | None:

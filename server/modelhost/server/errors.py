@@ -77,3 +77,8 @@ class DeadlineExpired(ModelHostFailure):
 
 class ShuttingDown(ModelHostFailure):
     """The server is draining and takes no new work."""
+
+
+class DeviceFailed(ModelHostFailure):
+    """The device failed (its context is lost): not the caller's fault. The server
+    reports NOT_SERVING so that it is restarted."""

@@ -9,15 +9,16 @@ Blocking work runs on executors, never on the event loop.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from modelhost.client import codec
 from modelhost.server.architectures import ArchitectureCatalog, Builder
 from modelhost.server.batching import Lane
 from modelhost.server.checkpoints import Checkpoints
-from modelhost.server.errors import InvalidInput, LimitExceeded
+from modelhost.server.errors import DeviceFailed, InvalidInput, LimitExceeded
 from modelhost.server.hosted import HostedModel
 from modelhost.server.inference import Answer
 from modelhost.server.metrics import Metrics
@@ -27,6 +28,8 @@ from modelhost.server.registry import Registry
 from modelhost.server.restore import RecordFormat, RestoreRecord, Unrestored
 from modelhost.server.settings import Settings
 from modelhost.server.store import CheckpointStore
+
+log = logging.getLogger(__name__)
 
 
 class Host:
@@ -58,6 +61,9 @@ class Host:
             chunk_bytes=settings.chunk_bytes,
             allow_pickled=settings.allow_pickled_models,
         )
+        self.device_lost = False
+        # Called once when a device fails (app.py: health turns NOT_SERVING).
+        self.on_device_failure: Callable[[], Awaitable[None]] | None = None
         self.models = Models(
             settings,
             store=store,
@@ -90,7 +96,20 @@ class Host:
             )
         deadline = time.monotonic() + timeout if timeout is not None else None
         with self._registry.lease(check_name(model, "model"), version) as hosted:
-            return hosted, await hosted.predict(inputs, images, top_k, deadline)
+            try:
+                return hosted, await hosted.predict(inputs, images, top_k, deadline)
+            except DeviceFailed as failure:
+                await self._device_failed(failure)
+                raise
+
+    async def _device_failed(self, failure: DeviceFailed) -> None:
+        """A lost device context is fatal: say so once, and report NOT_SERVING."""
+        if self.device_lost:
+            return
+        self.device_lost = True
+        log.critical("%s: this server cannot serve until it is restarted", failure)
+        if self.on_device_failure is not None:
+            await self.on_device_failure()
 
     def check_request_size(self, inputs: int, images: int) -> None:
         """Refuses a Predict request with more inputs or images than the settings allow."""

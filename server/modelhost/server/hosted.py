@@ -98,10 +98,9 @@ class HostedModel:
             self.retiring = True
             self._idle.wait_for(lambda: self._leases == 0)
         self.batcher.close()
-        device = self.loaded.device
-        del self.runner.module
+        self.runner.release()  # the module and its compiled form
         del self.loaded.module
-        release_memory(device)
+        release_memory(self.loaded.device)
 
 
 _UINT8 = codec.parse_dtype("uint8")

@@ -13,8 +13,14 @@ from torch import nn
 
 from modelhost.client import codec
 from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
-from modelhost.server.devices import is_oom, out_of_memory
-from modelhost.server.errors import InvalidInput, OutOfMemory
+from modelhost.server.devices import is_device_failure, is_oom, out_of_memory, release_memory
+from modelhost.server.errors import (
+    DeviceFailed,
+    InvalidInput,
+    ModelHostFailure,
+    OutOfMemory,
+    ShuttingDown,
+)
 from modelhost.server.images import Preprocessing, check_elements, decode_images
 from modelhost.server.settings import Settings
 from modelhost.v1 import modelhost_pb2 as pb
@@ -133,13 +139,18 @@ class Runner:
 
     @contextlib.contextmanager
     def _out_of_memory(self, doing: str = "preparing the inputs") -> Iterator[None]:
-        """Turns a failed allocation into OutOfMemory (RESOURCE_EXHAUSTED), not a bug."""
+        """Turns a failed allocation into OutOfMemory (RESOURCE_EXHAUSTED), not a bug; the
+        memory is released once the traceback that holds it is gone."""
         try:
             yield
         except Exception as error:
             if not is_oom(error):
                 raise
-            raise out_of_memory(error, doing, self.device) from None
+            failure = out_of_memory(error, doing, self.device)
+        else:
+            return
+        release_memory(self.device)
+        raise failure
 
     def _check_resized(self, tensors: Tensors, preprocessing: Preprocessing) -> None:
         """Refuses uint8 images that preprocessing would blow up (a resize of a thin strip)."""
@@ -199,33 +210,54 @@ class Runner:
     # Running (on the model's worker thread)
 
     def run(self, batch: Tensors) -> Tensors:
-        """Runs one batch (host or device tensors in, CPU tensors out, named outputs)."""
+        """Runs one batch (host or device tensors in, CPU tensors out, named outputs).
+
+        A failure is classified in the `except` block and raised after it, once its
+        traceback (and the activations its frames hold) is gone and memory is released.
+        """
         try:
-            with self._on_stream(), torch.inference_mode(), self._autocast():
-                staged = {name: self._stage(t) for name, t in batch.items()}
-                if len(staged) == 1:
-                    result = self._forward(next(iter(staged.values())))
-                else:
-                    result = self._forward(**staged)
-                outputs = flatten_outputs(result)
-                host = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
-                if self._stream is not None:
-                    self._stream.synchronize()
+            host = self._run(batch)
         except (InvalidInput, OutOfMemory):
             raise
         except Exception as error:
-            if is_oom(error):
-                raise out_of_memory(error, "running the model", self.device) from None
-            raise InvalidInput(
-                f"the model rejected the input: {type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}"
-            ) from None
-        if not self.outputs:
-            self.outputs = tuple(
-                InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
-                for name, t in host.items()
-            )
+            failure = self._failure(error)
+        else:
+            if not self.outputs:
+                self.outputs = tuple(
+                    InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
+                    for name, t in host.items()
+                )
+            return host
+        if isinstance(failure, OutOfMemory):
+            release_memory(self.device)
+        raise failure
+
+    def _run(self, batch: Tensors) -> Tensors:
+        with self._on_stream(), torch.inference_mode(), self._autocast():
+            staged = {name: self._stage(t) for name, t in batch.items()}
+            if len(staged) == 1:
+                result = self._forward(next(iter(staged.values())))
+            else:
+                result = self._forward(**staged)
+            outputs = flatten_outputs(result)
+            host = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
+            if self._stream is not None:
+                self._stream.synchronize()
         return host
+
+    def _failure(self, error: Exception) -> ModelHostFailure:
+        """What a failed run reports: out of memory, a failed device, or the input."""
+        if is_oom(error):
+            return out_of_memory(error, "running the model", self.device)
+        first_line = (str(error).splitlines() or [""])[0]
+        if is_device_failure(error):
+            return DeviceFailed(f"the device {self.device} failed: {first_line}")
+        return InvalidInput(f"the model rejected the input: {type(error).__name__}: {first_line}")
+
+    def release(self) -> None:
+        """Drops the module (and its compiled form): its memory can be given back."""
+        del self.module
+        self._forward = _released
 
     def warm_up(self, shape: Sequence[int], *, measure: bool = False) -> dict[int, float]:
         """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model.
@@ -330,3 +362,7 @@ def top_classes(outputs: Tensors, k: int, labels: Sequence[str]) -> Answer:
         names = [labels[i] if i < len(labels) else str(i) for i in row_indices] if labels else []
         rows.append(pb.TopClasses(indices=row_indices, scores=row_scores, labels=names))
     return Answer({}, rows)
+
+
+def _released(*args: Any, **kwargs: Any) -> Any:
+    raise ShuttingDown("this model version has been unloaded")

@@ -31,11 +31,13 @@ from modelhost.server.devices import (
     is_oom,
     module_bytes,
     out_of_memory,
+    release_memory,
 )
 from modelhost.server.errors import (
     CheckpointNotFound,
     InvalidArgument,
     InvalidCheckpoint,
+    OutOfMemory,
     Refused,
 )
 from modelhost.server.images import Preprocessing
@@ -161,9 +163,15 @@ def load_module(
         if spec.device.type == "cuda":
             torch.cuda.synchronize(spec.device)
     except Exception as error:
-        if is_oom(error):
-            raise out_of_memory(error, f"loading {spec.name!r}", spec.device) from None
-        raise
+        if not is_oom(error):
+            raise
+        failure: OutOfMemory | None = out_of_memory(error, f"loading {spec.name!r}", spec.device)
+    else:
+        failure = None
+    if failure is not None:  # out of the except block: the traceback has let go
+        built = module = None  # type: ignore[assignment]
+        release_memory(spec.device)
+        raise failure
     dtype = _float_dtype(module)
     return LoadedModule(
         module=module,

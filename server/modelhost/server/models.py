@@ -155,6 +155,27 @@ class Models:
         )
         runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
         lane = self._cpu_lane if loaded.device.type == "cpu" else Lane(f"{spec.name}-{version}")
+        try:
+            return self._finish_build(
+                spec, version, policy, request, loaded=loaded, runner=runner, lane=lane
+            )
+        except BaseException:
+            if lane is not self._cpu_lane:
+                lane.close()  # a GPU version's own lane: no thread is left behind
+            raise
+
+    def _finish_build(
+        self,
+        spec: LoadSpec,
+        version: int,
+        policy: BatchPolicy,
+        request: LoadRequest,
+        *,
+        loaded: LoadedModule,
+        runner: Runner,
+        lane: Lane,
+    ) -> HostedModel:
+        """Finds the outputs, warms up and wraps a built version (on a load thread)."""
         if not runner.outputs and len(loaded.inputs) == 1 and not request.warmup_shape:
             _probe_by_running(runner, lane, loaded.inputs[0])
         if request.warmup_shape:

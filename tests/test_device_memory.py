@@ -1,0 +1,87 @@
+"""What a failure or an unload leaves behind: no references to model memory, no threads,
+and a failed device reported as the server's fault, with health NOT_SERVING."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import expect, serve
+from modelhost.client import ModelHostClient
+from modelhost.server import Server
+from modelhost.server.errors import OutOfMemory
+from modelhost.server.inference import Runner
+
+KEPT: list[weakref.ref[torch.Tensor]] = []
+
+
+class RunsOutOfMemory(nn.Module):
+    """Holds an activation, then fails as a full device does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activation = torch.ones(1 << 20)
+        KEPT.append(weakref.ref(activation))
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_lets_go_of_the_activations_before_it_is_reported() -> None:
+    runner = Runner(RunsOutOfMemory(), torch.device("cpu"), torch.float32)
+    KEPT.clear()
+    with pytest.raises(OutOfMemory) as caught:
+        runner.run({"input": torch.zeros(2, 3)})
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+    assert KEPT and KEPT[0]() is None  # nothing the failed run allocated is still held
+
+
+def test_unloading_drops_every_reference_to_the_module(
+    client: ModelHostClient, server: Server
+) -> None:
+    serve(client, "m", architecture="tiny_mlp")
+    hosted = server.host.models.get("m")
+    module = weakref.ref(hosted.runner.module)
+    assert client.predict("m", np.zeros((1, 4), np.float32)).shape == (1, 3)
+    del hosted
+    assert client.unload_model("m") == [1]
+    gc.collect()
+    assert module() is None  # nothing (the runner's forward included) keeps it alive
+
+
+def test_a_failed_device_is_internal_and_turns_health_not_serving(
+    client: ModelHostClient,
+) -> None:
+    client.save_checkpoint("w", {"marker": torch.zeros(1)})
+    client.load_model("broken-gpu", architecture="device_failure", checkpoint="w")
+    serve(client, "fine", architecture="tiny_mlp")
+    assert client.health("modelhost.v1.ModelHost") == "SERVING"
+    expect(
+        grpc.StatusCode.INTERNAL,
+        lambda: client.predict("broken-gpu", np.zeros((1, 4), np.float32)),
+        "device cpu failed",
+        "device-side assert",
+    )
+    for service in ("", "modelhost.v1.ModelHost", "inference.GRPCInferenceService"):
+        assert client.health(service) == "NOT_SERVING", service
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_failed_gpu_load_leaves_no_lane_thread(client: ModelHostClient) -> None:
+    client.save_checkpoint("w", {"marker": torch.zeros(1)})
+    before = {t.name for t in threading.enumerate() if t.name.startswith("lane-")}
+    with pytest.raises(Exception):  # noqa: B017 - the failing warm-up's status is not the point
+        client.load_model(
+            "fails",
+            architecture="device_failure",
+            checkpoint="w",
+            device="cuda",
+            warmup_shape=(2, 4),
+        )
+    after = {t.name for t in threading.enumerate() if t.name.startswith("lane-")}
+    assert after == before
