@@ -85,3 +85,48 @@ def test_a_failed_gpu_load_leaves_no_lane_thread(client: ModelHostClient) -> Non
         )
     after = {t.name for t in threading.enumerate() if t.name.startswith("lane-")}
     assert after == before
+
+
+def _tree_state_on_a_new_thread(prepare: bool) -> object:
+    """What CUDA graph trees find on a fresh thread (an exception when they find nothing)."""
+    from torch._inductor import cudagraph_trees as trees
+
+    from modelhost.server.devices import prepare_cuda_graphs_on_this_thread
+
+    found: list[object] = []
+
+    def lane() -> None:
+        try:
+            if prepare:
+                prepare_cuda_graphs_on_this_thread()
+            found.append(trees.get_obj(trees.local, "tree_manager_containers"))
+        except BaseException as error:
+            found.append(error)
+
+    thread = threading.Thread(target=lane)
+    thread.start()
+    thread.join()
+    return found[0]
+
+
+def test_lane_threads_set_up_what_cuda_graphs_expect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch before pytorch#123177 set up CUDA graph trees' thread state only on the thread
+    that imported them: a lane thread found nothing. Simulated here by taking away the
+    lazy set-up later torch releases have."""
+    from torch._inductor import cudagraph_trees as trees
+
+    monkeypatch.delattr(trees, "_initialize_tls")
+    assert isinstance(_tree_state_on_a_new_thread(prepare=False), BaseException)
+    assert _tree_state_on_a_new_thread(prepare=True) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_models_compiled_with_cuda_graphs_serve(client: ModelHostClient) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    for name in ("g1", "g2"):
+        model = serve(client, name, device="cuda", compile="reduce-overhead")
+        with torch.inference_mode():
+            expected = model.cuda()(torch.from_numpy(x).cuda()).cpu().numpy()
+        for _ in range(3):  # the first runs record the graphs, later ones replay them
+            np.testing.assert_allclose(client.predict(name, x), expected, rtol=1e-3, atol=1e-3)

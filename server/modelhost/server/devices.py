@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import gc
+import threading
 
 import torch
 from torch import nn
@@ -104,3 +106,19 @@ def module_bytes(module: nn.Module) -> int:
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     return total
+
+
+def prepare_cuda_graphs_on_this_thread() -> None:
+    """Sets up, on the calling thread, the thread-local state CUDA graph trees (torch.compile
+    "reduce-overhead", "max-autotune") expect. Before torch set it up lazily itself
+    (pytorch#123177), only the thread that imported it had it, and a model compiled and run
+    on a lane thread failed on `assert torch._C._is_key_in_tls(...)`. Cheap when done."""
+    from torch._inductor import cudagraph_trees as trees
+
+    local = trees.local
+    if hasattr(trees, "_initialize_tls") or hasattr(local, "tree_manager_containers"):
+        return  # this torch does it on demand, or this thread has it
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)

@@ -13,7 +13,13 @@ from torch import nn
 
 from modelhost.client import codec
 from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
-from modelhost.server.devices import is_device_failure, is_oom, out_of_memory, release_memory
+from modelhost.server.devices import (
+    is_device_failure,
+    is_oom,
+    out_of_memory,
+    prepare_cuda_graphs_on_this_thread,
+    release_memory,
+)
 from modelhost.server.errors import (
     DeviceFailed,
     InvalidInput,
@@ -67,6 +73,10 @@ class Prepared:
     out_dtype: torch.dtype
 
 
+CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}
+"""torch.compile modes that capture CUDA graphs."""
+
+
 class Runner:
     """Runs a module on its device. `run` is called by one worker thread at a time."""
 
@@ -99,6 +109,8 @@ class Runner:
             mode = None if compile_mode == "default" else compile_mode
             self._forward = torch.compile(module, mode=mode)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # CUDA graphs keep per-thread state that lane threads must set up (devices.py).
+        self._cuda_graphs = device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
 
     # Preparing inputs (on the event loop, or on a preprocessing thread for images)
 
@@ -233,6 +245,8 @@ class Runner:
         raise failure
 
     def _run(self, batch: Tensors) -> Tensors:
+        if self._cuda_graphs:
+            prepare_cuda_graphs_on_this_thread()
         with self._on_stream(), torch.inference_mode(), self._autocast():
             staged = {name: self._stage(t) for name, t in batch.items()}
             if len(staged) == 1:
