@@ -35,7 +35,8 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
     python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 if want tests; then
-    run python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu.py \
+    run python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+        tests/test_gpu.py tests/test_gpu_streams.py tests/test_device_memory.py \
         2>&1 | tee "$OUT/gpu-tests.txt"
 fi
 if want options; then

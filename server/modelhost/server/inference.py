@@ -247,6 +247,10 @@ class Runner:
     def _run(self, batch: Tensors) -> Tensors:
         if self._cuda_graphs:
             prepare_cuda_graphs_on_this_thread()
+        if self._stream is not None:
+            # The batch was made (cat; images decoded and preprocessed) on the default
+            # stream: the model's stream must not read it before that work is done.
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._on_stream(), torch.inference_mode(), self._autocast():
             staged = {name: self._stage(t) for name, t in batch.items()}
             if len(staged) == 1:

@@ -1,0 +1,42 @@
+"""Batches made on one CUDA stream and run on another: every row must be its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_batching import concurrently
+
+from conftest import serve
+from modelhost.client import ModelHostClient
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def test_concurrent_uint8_requests_get_their_own_rows(client: ModelHostClient) -> None:
+    """uint8 images are preprocessed on the GPU (default stream) and batched (cat) before
+    the model runs on its own stream: without ordering, it could read a half-made batch."""
+    model = serve(
+        client,
+        "r18",
+        device="cuda",
+        preprocessing={"mean": MEAN, "std": STD},
+        batching={"max_batch_size": 32, "max_queue_delay_us": 20_000},
+    )
+    twin = model.cuda()
+    rng = np.random.default_rng(0)
+    requests = [rng.integers(0, 256, (1, 3, 64, 64), dtype=np.uint8) for _ in range(64)]
+    outs = concurrently([lambda x=x: client.predict("r18", x, timeout=120) for x in requests])
+    mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
+    std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
+    for x, out in zip(requests, outs, strict=True):
+        assert not isinstance(out, Exception), out
+        with torch.inference_mode():
+            pixels = torch.from_numpy(x).cuda().float() / 255
+            expected = twin((pixels - mean) / std).cpu().numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
