@@ -130,3 +130,29 @@ def test_two_models_compiled_with_cuda_graphs_serve(client: ModelHostClient) -> 
             expected = model.cuda()(torch.from_numpy(x).cuda()).cpu().numpy()
         for _ in range(3):  # the first runs record the graphs, later ones replay them
             np.testing.assert_allclose(client.predict(name, x), expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_and_unload_give_gpu_memory_back(client: ModelHostClient) -> None:
+    """50 load/unload cycles end where they started: allocated bytes, and what the driver
+    says is free once the cache is emptied."""
+    serve(client, "warm", device="cuda")  # CUDA context, cuDNN and cuBLAS set up first
+    client.unload_model("warm")
+    gc.collect()
+    torch.cuda.empty_cache()
+    allocated, (free, _) = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()
+    for cycle in range(50):
+        client.load_model(
+            "m",
+            architecture="resnet18",
+            checkpoint="warm",
+            device="cuda",
+            architecture_args={"num_classes": 10},
+        )
+        client.predict("m", np.zeros((2, 3, 32, 32), np.float32))
+        assert client.unload_model("m") == [1], cycle
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() == allocated
+    assert abs(torch.cuda.mem_get_info()[0] - free) < 64 << 20

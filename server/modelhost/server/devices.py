@@ -68,7 +68,9 @@ def free_bytes(device: torch.device) -> int | None:
     """Memory that can still be allocated on `device` (host: MemAvailable), if known."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # What PyTorch's caching allocator holds but does not use is free to it as well.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
