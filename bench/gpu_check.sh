@@ -1,59 +1,63 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on a machine with CUDA: GPU tests, then the benchmarks.
-# Everything it prints also lands under $OUT (default bench/results).
+# The GPU check on a machine with CUDA: the GPU tests first (correctness before speed), then
+# the benchmarks. Everything it prints also lands under $OUT (default bench/results).
 #
-# The device machine has torch, torchvision, grpcio and protobuf, but maybe not the
-# versions the stubs need; carry wheels (python 3.12, manylinux x86_64) in .whl/:
-#   echo /.whl/ >> .git/info/exclude
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#     protobuf==7.36.2 grpcio==1.85.3 grpcio-health-checking==1.85.1 \
-#     grpcio-reflection==1.85.1 prometheus-client==0.26.0 safetensors==0.8.0 pytest==9.2.0 \
-#     pytest-timeout==2.4.0 iniconfig==2.3.0 pluggy pygments packaging
-# and run it with carry [".whl"]:  bash bench/gpu_check.sh
-# The whole check takes about 10 minutes on an H200; a device call may run at most 10,
-# so run it in two calls, by stage:
-#   bash bench/gpu_check.sh tests options load      # about 4 minutes
-#   bash bench/gpu_check.sh predict upload          # about 6 minutes
+# The device machine (Python 3.12) has torch, torchvision, grpcio and protobuf, older than
+# the stubs need. Once, here: `bash bench/gpu_wheels.sh` (fills .whl/, about 10 MB). Then
+# two device calls of about 4 minutes each, both with carry [".whl"]:
+#   bash bench/gpu_check.sh tests load                # timeout_s 300
+#   bash bench/gpu_check.sh options predict upload    # timeout_s 330
+# Each stage has its own time limit, so a hung stage cannot take the other stages' time.
+# On a machine without CUDA it is a dry run: the GPU tests skip, the benchmarks fail fast.
+#   PYTHON=.venv/bin/python OUT=/tmp/gpu bash bench/gpu_check.sh tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+if [ -d .whl ] && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/client:$PWD/server:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
-run() { echo "== $*"; "$@"; }
-STAGES="${*:-tests options load predict upload}"
+STAGES="${*:-tests load options predict upload}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
+# run SECONDS NAME COMMAND...: one stage, bounded, its output also in $OUT/NAME.txt.
+run() {
+    local seconds=$1 name=$2
+    shift 2
+    echo "== $name: $* (at most ${seconds}s)" | tee "$OUT/$name.txt"
+    timeout -k 5 "$seconds" "$@" 2>&1 | tee -a "$OUT/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
+}
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
+    "$PY" -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 if want tests; then
-    run python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
-        tests/test_gpu.py tests/test_gpu_streams.py tests/test_device_memory.py \
-        2>&1 | tee "$OUT/gpu-tests.txt"
-fi
-if want options; then
-    run python3 bench/options.py --model resnet50 --batch 64 --compile 2>&1 | tee "$OUT/options.txt"
+    # The image's own pytest plugins may not load with the carried pytest: none autoload.
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 run 210 gpu-tests "$PY" -m pytest -q -p pytest_timeout \
+        -p no:cacheprovider -o addopts="" -m gpu --timeout 120 \
+        tests/test_gpu.py tests/test_gpu_streams.py tests/test_device_memory.py
 fi
 if want load; then
-    run python3 bench/load.py --device cuda --repeat 3 2>&1 | tee "$OUT/load.txt"
+    run 60 load "$PY" bench/load.py --device cuda --repeat 3
+fi
+if want options; then
+    run 60 options "$PY" bench/options.py --model resnet50 --batch 64 --compile
 fi
 if want predict; then
-    for input in float32 uint8 jpeg; do
-        run python3 bench/predict.py --model resnet50 --device cuda --input "$input" \
-            --seconds 6 --rounds 2 --max-batch-size 64 2>&1 | tee "$OUT/predict-fp32-$input.txt"
+    for input in uint8 jpeg; do
+        run 70 "predict-fp32-$input" "$PY" bench/predict.py --model resnet50 --device cuda \
+            --input "$input" --levels 1 16 64 --seconds 3 --rounds 1 --max-batch-size 64
     done
-    run python3 bench/predict.py --model resnet50 --device cuda --input uint8 --dtype bfloat16 \
-        --channels-last --seconds 6 --rounds 2 --max-batch-size 128 \
-        2>&1 | tee "$OUT/predict-bf16-uint8.txt"
+    run 70 predict-bf16-uint8 "$PY" bench/predict.py --model resnet50 --device cuda \
+        --input uint8 --dtype bfloat16 --channels-last --levels 1 16 64 --seconds 3 \
+        --rounds 1 --max-batch-size 128
 fi
 if want upload; then
-    run python3 bench/upload.py --mb 500 --repeat 3 2>&1 | tee "$OUT/upload.txt"
+    run 40 upload "$PY" bench/upload.py --mb 500 --repeat 3
 fi
