@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from modelhost.server import staged_writer
+from modelhost.server import store as store_module
 from modelhost.server.errors import (
     AlreadyExists,
     CheckpointNotFound,
@@ -296,3 +297,20 @@ def test_a_full_disk_is_store_full_and_leaves_nothing(
     with pytest.raises(StoreFull, match="checkpoint store is full"):
         put(store, "a", b"bytes")
     assert files(tmp_path) == []
+
+
+def test_a_write_that_cannot_start_leaves_no_file_and_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path)
+
+    def no_buffers(*args: object, **kwargs: object) -> None:
+        raise MemoryError("no memory for the staging buffers")
+
+    monkeypatch.setattr(store_module, "StagedWriter", no_buffers)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(MemoryError):
+        store.begin()
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert files(tmp_path) == []
+    store.close()

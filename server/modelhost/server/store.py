@@ -118,7 +118,12 @@ class PendingWrite:
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
-        self._writer = StagedWriter(self._fd, direct=direct_io)
+        try:
+            self._writer = StagedWriter(self._fd, direct=direct_io)
+        except BaseException:  # e.g. no memory for the staging buffers: leave nothing
+            os.close(self._fd)
+            path.unlink(missing_ok=True)
+            raise
         self._closed = False
         self.committed = False
 
