@@ -7,6 +7,7 @@ in-process `weights.transforms()(image)` would give it.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Sequence
@@ -90,9 +91,24 @@ class Preprocessing:
         if self.crop:
             images = F.center_crop(images, [self.crop])
         images = F.convert_image_dtype(images, torch.float32)
-        if self.mean:
-            images = F.normalize(images, mean=list(self.mean), std=list(self.std))
+        if self.mean:  # F.normalize's arithmetic, with mean and std made once per device
+            mean, std = _statistics(self.mean, self.std, str(images.device))
+            images = images.sub(mean).div(std)
         return images.to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _statistics(
+    mean: tuple[float, ...], std: tuple[float, ...], device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as [C, 1, 1] float32 tensors on `device`, made once: F.normalize makes
+    them (a host-to-device copy each) and checks std for zeros (a device sync) per call;
+    Preprocessing checks std once when it is made."""
+
+    def on_device(values: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+    return on_device(mean), on_device(std)
 
 
 def image_size(blob: bytes) -> tuple[int, int]:
