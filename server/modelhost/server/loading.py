@@ -366,12 +366,17 @@ def probe_outputs(
     )
 
 
+def probe_shape(given: InputSpec, batch: int, size: int) -> list[int]:
+    """`given`'s shape with `batch` rows and `size` for every other dimension it leaves open."""
+    return [batch if i == 0 else size if d == -1 else d for i, d in enumerate(given.shape)]
+
+
 def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, given: InputSpec) -> tuple[InputSpec, ...]:
     runs: list[dict[str, torch.Tensor]] = []
     try:
         module = catalog.get(spec.architecture).skeleton(spec.args).eval()
         for batch, size in PROBE_SIZES:
-            shape = [batch if i == 0 else size if d == -1 else d for i, d in enumerate(given.shape)]
+            shape = probe_shape(given, batch, size)
             with torch.inference_mode():
                 result = module(torch.zeros(shape, dtype=torch.float32, device="meta"))
             runs.append(flatten_outputs(result))

@@ -237,29 +237,28 @@ def load_request(message: pb.LoadModelRequest) -> LoadRequest:
     return LoadRequest(**values)
 
 
+def _data_type(dtype: torch.dtype | None) -> int:
+    return codec.data_type(dtype) if dtype else pb.DATA_TYPE_UNSPECIFIED
+
+
+# `_FROM_MESSAGE` undone: fields that need more than a copy on the way back.
+_TO_MESSAGE: dict[str, Callable[[LoadRequest], Any]] = {
+    "dtype": lambda r: _data_type(r.dtype),
+    "autocast": lambda r: _data_type(r.autocast),
+    "preprocessing": lambda r: _preprocessing_message(r.preprocessing),
+}
+
+
 def load_message(request: LoadRequest) -> pb.LoadModelRequest:
-    """LoadRequest -> LoadModelRequest: `load_request` undone (restore records)."""
-    message = pb.LoadModelRequest(
-        name=request.name,
-        architecture=request.architecture,
-        architecture_args=request.architecture_args,
-        checkpoint=request.checkpoint,
-        version=request.version,
-        device=request.device,
-        dtype=codec.data_type(request.dtype) if request.dtype else pb.DATA_TYPE_UNSPECIFIED,
-        strict=request.strict,
-        weights=request.weights,
-        channels_last=request.channels_last,
-        preprocessing=_preprocessing_message(request.preprocessing),
-        labels=request.labels,
-        warmup_shape=request.warmup_shape,
-        compile=request.compile,
-        autocast=codec.data_type(request.autocast)
-        if request.autocast
-        else pb.DATA_TYPE_UNSPECIFIED,
-        batching=pb.BatchingConfig(**{name: getattr(request, name) for name in _BATCHING}),
-    )
-    return message
+    """LoadRequest -> LoadModelRequest, field by field: `load_request` undone (restore
+    records)."""
+    fields: dict[str, Any] = {}
+    batching: dict[str, int] = {}
+    for field in dataclasses.fields(LoadRequest):
+        convert = _TO_MESSAGE.get(field.name)
+        value = convert(request) if convert else getattr(request, field.name)
+        (batching if field.name in _BATCHING else fields)[field.name] = value
+    return pb.LoadModelRequest(**fields, batching=pb.BatchingConfig(**batching))
 
 
 class _Records:

@@ -32,6 +32,7 @@ from modelhost.server.loading import (
     LoadSpec,
     load_module,
     probe_outputs,
+    probe_shape,
 )
 from modelhost.server.metrics import Metrics
 from modelhost.server.names import check_name
@@ -368,9 +369,9 @@ def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
 def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:
     """One real batch-1 run of zeros, for outputs the meta device cannot show (detection's
     data-dependent steps); a model that refuses zeros keeps them unknown until it runs."""
-    shape = [1 if i == 0 else PROBE_SIZES[0][1] if d == -1 else d for i, d in enumerate(spec.shape)]
+    zeros = torch.zeros(probe_shape(spec, *PROBE_SIZES[0]), dtype=spec.dtype)
     try:
-        lane.call(runner.run, {spec.name: torch.zeros(shape, dtype=spec.dtype)}).result()
+        lane.call(runner.run, {spec.name: zeros}).result()
     except ModelHostFailure as error:
         log.info("outputs not known until the first request: %s", error)
 
