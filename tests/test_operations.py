@@ -114,6 +114,17 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path) -> None:
         assert server.log_count("modelhost stopped") == 1
 
 
+def test_repeated_sigterm_still_exits_zero(tmp_path: Path) -> None:
+    """Orchestrators and impatient users signal again; the exit stays clean (Python
+    restores the default SIGTERM action while it exits, which used to end it with -15)."""
+    with ServerProcess.start(tmp_path / "store") as server:
+        deadline = time.monotonic() + 30
+        while server.returncode is None and time.monotonic() < deadline:
+            os.kill(server.pid, 15)
+            time.sleep(0.05)
+        assert server.stop(timeout=30) == 0
+
+
 def test_limits_answer_with_their_value(settings: Settings) -> None:
     limited = dataclasses.replace(
         settings, max_message_bytes=1 << 20, max_checkpoint_bytes=100_000, max_tensor_elements=1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,15 +10,57 @@ from typing import Any
 import grpc
 import grpc.aio
 
+# Calls that change nothing (`RETRIED`: Predict, Get*, List*, DownloadCheckpoint,
+# health) are retried by gRPC itself, with backoff, on UNAVAILABLE (a replica
+# stopping or unreachable) and CANCELLED (what gRPC answers for calls that reached a
+# server as it began to shut down, before any handler saw them); the retry goes to the
+# next address. Calls the caller cancels are not retried.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+}
+# A call is retried only while its request is buffered: up to this size per call.
+RETRY_BUFFER_BYTES = 64 << 20
+# The calls without side effects (statistics aside); every other call changes the store
+# or what is served and is never retried.
+RETRIED = (
+    ("modelhost.v1.ModelHost", "Predict"),
+    ("modelhost.v1.ModelHost", "GetModel"),
+    ("modelhost.v1.ModelHost", "ListModels"),
+    ("modelhost.v1.ModelHost", "GetCheckpoint"),
+    ("modelhost.v1.ModelHost", "ListCheckpoints"),
+    ("modelhost.v1.ModelHost", "ListArchitectures"),
+    ("modelhost.v1.ModelHost", "DownloadCheckpoint"),
+    ("grpc.health.v1.Health", "Check"),
+)
 
-def channel_options(max_message_bytes: int = -1) -> list[tuple[str, Any]]:
+
+def service_config(retries: bool = True) -> str:
+    """The channel's gRPC service config: round-robin over every address the target
+    resolves to, and (with `retries`) the retry policy of the calls without side effects."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries:
+        names = [{"service": service, "method": method} for service, method in RETRIED]
+        config["methodConfig"] = [{"name": names, "retryPolicy": RETRY_POLICY}]
+    return json.dumps(config)
+
+
+def channel_options(max_message_bytes: int = -1, retries: bool = True) -> list[tuple[str, Any]]:
     """gRPC channel options used by both clients: the server enforces the limits."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.service_config", service_config(retries)),
+        ("grpc.enable_retries", int(retries)),
+        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+        # A replica that went away is tried again within 5 s of coming back (gRPC's
+        # default backoff grows to 2 minutes).
+        ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
 
 
@@ -33,8 +76,12 @@ class ChannelConfig:
     - `tls`: use TLS; `ca_file` verifies the server (system roots when unset);
       `cert_file` + `key_file` present a client certificate (mutual TLS).
     - `server_name`: overrides the name checked against the server's certificate.
-    - Targets may be `host:port` or `dns:///host:port`; several addresses behind
-      one DNS name are balanced round-robin per call.
+    - Targets may be `host:port`, `dns:///host:port` or `ipv4:host:port,host:port`;
+      calls are balanced round-robin over every address the target resolves to.
+    - `retries`: gRPC retries the calls without side effects (Predict, Get*, List*,
+      DownloadCheckpoint, health) on UNAVAILABLE or CANCELLED, up to 5 attempts with
+      backoff (`RETRY_POLICY`), while the request is under 64 MiB. `retries=False`
+      turns it off.
     """
 
     token: str | None = None
@@ -44,10 +91,11 @@ class ChannelConfig:
     key_file: str | None = None
     server_name: str | None = None
     max_message_bytes: int = -1
+    retries: bool = True
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def options(self) -> list[tuple[str, Any]]:
-        options = channel_options(self.max_message_bytes) + list(self.extra_options)
+        options = channel_options(self.max_message_bytes, self.retries) + list(self.extra_options)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return options

@@ -53,16 +53,46 @@ class Server:
         return _address(self.settings.host, self.port)
 
     async def start(self) -> None:
-        """Opens the store, binds the port, starts serving, and restores hosted models.
+        """Opens the store, restores hosted models, then binds the port and serves.
 
-        Health: the server ("") is SERVING once it accepts calls; the services turn
-        SERVING once restored models are loaded (what readiness probes should check).
+        The port opens only once restored models are loaded, so a replica that
+        restarts takes no call it would answer NOT_FOUND: clients balancing over
+        several replicas keep using the others until then. Health: every service is
+        SERVING from then on; NOT_SERVING once draining or after a device failure.
         """
         settings = self.settings
         tokens = Tokens.from_settings(settings)
         credentials = server_credentials(settings)
         check_exposure(settings, tokens.enabled, bool(settings.tls_client_ca_file))
         self.host = Host(settings, messages.RECORDS)
+        try:
+            await self._open(credentials, tokens)
+        except BaseException:
+            await self.host.close()
+            self.host.metrics.close()
+            raise
+        log.info(
+            "modelhost serving on %s (%s, store %s, device %s%s)",
+            self.target,
+            "TLS" if credentials else "plaintext",
+            settings.store,
+            self.host.default_device,
+            f", metrics on {_address(settings.metrics_host, self.metrics_port)}"
+            if self.metrics_port
+            else "",
+        )
+        log.info("modelhost ready")
+
+    async def _open(self, credentials: grpc.ServerCredentials | None, tokens: Tokens) -> None:
+        """Metrics, restore, then the gRPC port (see `start`)."""
+        settings = self.settings
+        assert self.host is not None
+        if settings.metrics_port:
+            self.metrics_port = self.host.metrics.serve(
+                settings.metrics_host, settings.metrics_port
+            )
+        if settings.restore:
+            await self.host.models.restore()
         gate = Gate(
             tokens,
             max_concurrent=settings.max_concurrent_rpcs,
@@ -76,13 +106,14 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        modelhost = service.add_to_server(self.host, server)
-        inference = oip.add_to_server(self.host, server)
+        services = (
+            service.add_to_server(self.host, server),
+            oip.add_to_server(self.host, server),
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
-                modelhost,
-                inference,
+                *services,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -95,41 +126,21 @@ class Server:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
-        services = (modelhost, inference)
-        for name in services:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         async def not_serving() -> None:  # a failed device: let the orchestrator restart us
             for name in ("", *services):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         self.host.on_device_failure = not_serving
+        for name in ("", *services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._grpc = server
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        if settings.metrics_port:
-            self.metrics_port = self.host.metrics.serve(
-                settings.metrics_host, settings.metrics_port
-            )
-        log.info(
-            "modelhost serving on %s (%s, store %s, device %s%s)",
-            self.target,
-            "TLS" if credentials else "plaintext",
-            settings.store,
-            self.host.default_device,
-            f", metrics on {_address(settings.metrics_host, self.metrics_port)}"
-            if self.metrics_port
-            else "",
-        )
-        if settings.restore:
-            await self.host.models.restore()
-        for name in services:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("modelhost ready")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Reports NOT_SERVING, refuses new calls, lets calls in flight finish within
-        `grace` seconds (default: the setting), then unloads every model."""
+        """Drains: reports NOT_SERVING, sends GOAWAY (clients take new calls elsewhere;
+        a call racing it gets UNAVAILABLE, which clients retry), lets calls in flight
+        finish within `grace` seconds (default: the setting), then unloads every model."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
@@ -197,8 +208,15 @@ def serve(settings: Settings) -> int:
         server = create_server(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stop_soon(signum: int, frame: object) -> None:
+            # Not loop.add_signal_handler: the loop restores the default action when it
+            # closes, and a second SIGTERM while the process exits would then kill it.
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(stop.set)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            signal.signal(sig, stop_soon)
         await server.start()
         try:
             await stop.wait()
@@ -207,6 +225,10 @@ def serve(settings: Settings) -> int:
             await server.stop()
 
     asyncio.run(main())
+    # Stopped: a further signal must not kill the process while Python exits (exiting
+    # Python restores the default actions of the handlers it set, but not SIG_IGN).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 
