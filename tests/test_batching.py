@@ -14,7 +14,7 @@ import torch
 
 from conftest import detector, images, reference, serve
 from helpers.models import Recorder
-from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.client import ModelHostClient, ModelHostError, codec
 from modelhost.server import Server
 from modelhost.server.batching import preferred_batch_size
 from modelhost.server.statistics import Statistics
@@ -279,6 +279,44 @@ def test_deadline_expired_in_queue_reports_deadline_exceeded() -> None:
         late.result(5)
     batcher.close()
     assert seen == [0]
+
+
+def test_inputs_made_on_another_stream_are_adopted_before_they_are_joined() -> None:
+    """Inputs prepared on a preprocessing thread's CUDA stream come with an event: the lane
+    adopts each request's inputs (waits for its event) before it concatenates or runs them.
+    On the CPU the same order is observable through the batcher's two hooks."""
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
+    from modelhost.server.inference import encode_answer
+
+    events: list[str] = []
+    release = threading.Event()
+
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        release.wait(5)
+        events.append(f"run {batch['x'].shape[0]}")
+        return {"output": batch["x"] * 2}
+
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        events.append(f"join {len(parts)}")
+        return torch.cat(parts)
+
+    def adopt(inputs: dict[str, torch.Tensor], ready: object) -> None:
+        events.append(f"adopt {ready}")
+
+    lane = Lane("unit")
+    batcher = Batcher(run, BatchPolicy(8, 50_000, 16), lane, join=join, adopt=adopt)
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    first = batcher.submit({"x": torch.zeros(1, 1)}, None, finish, ready="e0")
+    time.sleep(0.2)  # the first runs alone and waits for release; the others queue
+    rest = [batcher.submit({"x": torch.full((1, 1), i)}, None, finish, f"e{i}") for i in (1, 2)]
+    release.set()
+    first.result(5)
+    for i, future in enumerate(rest, 1):
+        (output,) = future.result(5).outputs.values()
+        assert codec.to_numpy(output).item() == 2 * i
+    batcher.close()
+    lane.close()
+    assert events == ["adopt e0", "run 1", "adopt e1", "adopt e2", "join 2", "run 2"]
 
 
 def test_incompatible_shapes_run_in_separate_batches(

@@ -40,3 +40,35 @@ def test_concurrent_uint8_requests_get_their_own_rows(client: ModelHostClient) -
             pixels = torch.from_numpy(x).cuda().float() / 255
             expected = twin((pixels - mean) / std).cpu().numpy()
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_jpeg_requests_decoded_on_their_own_streams(client: ModelHostClient) -> None:
+    """JPEGs are decoded (nvjpeg) and preprocessed on each preprocessing thread's own
+    stream and handed to the lane with an event, with no host synchronisation: every
+    row must still be the one its caller sent."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    model = serve(
+        client,
+        "r18",
+        device="cuda",
+        preprocessing={"mean": MEAN, "std": STD},
+        batching={"max_batch_size": 16, "max_queue_delay_us": 20_000},
+    )
+    twin = model.cuda()
+    rng = np.random.default_rng(1)
+    jpegs = [
+        encode_jpeg(torch.from_numpy(rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)))
+        .numpy()
+        .tobytes()
+        for _ in range(48)
+    ]
+    outs = concurrently([lambda j=j: client.predict("r18", images=[j], timeout=120) for j in jpegs])
+    mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
+    std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
+    for jpeg, out in zip(jpegs, outs, strict=True):
+        assert not isinstance(out, Exception), out
+        pixels = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), device="cuda")
+        with torch.inference_mode():
+            expected = twin((pixels[None].float() / 255 - mean) / std).cpu().numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)

@@ -66,6 +66,7 @@ class Request:
     inputs: Tensors
     deadline: float | None
     finish: Finish
+    ready: Any = None  # an event to wait for before using the inputs (Runner.adopt)
     future: Future[Answer] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -189,11 +190,16 @@ class Batcher:
         run: Callable[[Tensors], Tensors],
         policy: BatchPolicy,
         lane: Lane,
+        *,
         observe: BatchObserver | None = None,
         on_error: ErrorObserver | None = None,
+        join: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
+        adopt: Callable[[Tensors, Any], None] | None = None,
     ) -> None:
         self.policy = policy
         self._run = run
+        self._join = join  # concatenates a group's inputs (Runner.join: pinned staging)
+        self._adopt = adopt  # readies inputs made on another stream (Runner.adopt)
         self._lane = lane
         self._cond = lane.cond
         self._observe = observe
@@ -216,9 +222,12 @@ class Batcher:
         """Requests waiting in the queue."""
         return len(self._queue)
 
-    def submit(self, inputs: Tensors, deadline: float | None, finish: Finish) -> Future[Answer]:
-        """Queues a request; RESOURCE_EXHAUSTED (LimitExceeded) at once when the queue is full."""
-        request = Request(inputs, deadline, finish)
+    def submit(
+        self, inputs: Tensors, deadline: float | None, finish: Finish, ready: Any = None
+    ) -> Future[Answer]:
+        """Queues a request; RESOURCE_EXHAUSTED (LimitExceeded) at once when the queue is full.
+        `ready`: the event after which inputs made on another CUDA stream may be read."""
+        request = Request(inputs, deadline, finish, ready)
         with self._cond:
             if self._closed:
                 raise ShuttingDown("this model version is being unloaded")
@@ -293,7 +302,8 @@ class Batcher:
                 self._run_one(request)
             return
         started = time.monotonic()
-        inputs = {name: torch.cat([r.inputs[name] for r in group]) for name in group[0].inputs}
+        self._ready(group)
+        inputs = {name: self._join([r.inputs[name] for r in group]) for name in group[0].inputs}
         rows = [r.rows for r in group]
         joined = time.monotonic()
         try:
@@ -332,8 +342,15 @@ class Batcher:
                 self.statistics.failed(request.enqueued)
                 request.fail(error)
 
+    def _ready(self, requests: list[Request]) -> None:
+        for request in requests:
+            if request.ready is not None and self._adopt is not None:
+                self._adopt(request.inputs, request.ready)
+                request.ready = None
+
     def _run_one(self, request: Request) -> None:
         started = time.monotonic()
+        self._ready([request])
         try:
             outputs = self._run(request.inputs)
         except Exception as error:

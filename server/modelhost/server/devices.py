@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gc
 import threading
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -124,3 +125,30 @@ def prepare_cuda_graphs_on_this_thread() -> None:
     local.tree_manager_locks = collections.defaultdict(threading.Lock)
     torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
     torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
+_threads = threading.local()
+
+
+def thread_stream(device: torch.device) -> torch.cuda.Stream:
+    """The calling thread's own CUDA stream on `device`, made on first use.
+
+    Preprocessing threads decode and preprocess images on their own streams: on a shared
+    default stream, memory one thread just freed could be handed to another while kernels
+    still read it (torchvision's GPU decode writes on a stream of its own, too)."""
+    streams: dict[torch.device, torch.cuda.Stream] = _threads.__dict__.setdefault("streams", {})
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def adopt(tensors: Iterable[torch.Tensor], ready: torch.cuda.Event, device: torch.device) -> None:
+    """Hands tensors made on another thread's stream to this thread's current stream: it
+    waits for `ready` (recorded after they were made), and the allocator keeps their memory
+    until the work this stream queues on them is done (`record_stream`)."""
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(ready)
+    for tensor in tensors:
+        if tensor.is_cuda:
+            tensor.record_stream(stream)

@@ -66,7 +66,8 @@ class HostedModel:
             finish = functools.partial(top_classes, k=top_k, labels=self.labels)
         else:
             finish = functools.partial(encode_answer, float_dtype=prepared.out_dtype)
-        return await asyncio.wrap_future(self.batcher.submit(prepared.tensors, deadline, finish))
+        submitted = self.batcher.submit(prepared.tensors, deadline, finish, prepared.ready)
+        return await asyncio.wrap_future(submitted)
 
     async def _prepare(
         self, inputs: Mapping[str, codec.TensorFields], images: Sequence[bytes]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,13 @@ from torch import nn
 from modelhost.client import codec
 from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
 from modelhost.server.devices import (
+    adopt,
     is_device_failure,
     is_oom,
     out_of_memory,
     prepare_cuda_graphs_on_this_thread,
     release_memory,
+    thread_stream,
 )
 from modelhost.server.errors import (
     DeviceFailed,
@@ -67,10 +70,12 @@ def _name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Prepared:
-    """Inputs ready for the batcher, and the float dtype the caller gets outputs in."""
+    """Inputs ready for the batcher, the float dtype the caller gets outputs in, and (for
+    inputs made on a GPU by a preprocessing thread) the event that says they are done."""
 
     tensors: Tensors
     out_dtype: torch.dtype
+    ready: torch.cuda.Event | None = None
 
 
 CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}
@@ -120,9 +125,12 @@ class Runner:
         """Decodes request tensors (zero copy) or images, preprocesses, checks against the model.
 
         Image headers are checked before decoding (`images.check_images`); a failed
-        allocation while decoding or preprocessing raises OutOfMemory.
+        allocation while decoding or preprocessing raises OutOfMemory. On a GPU, image
+        work runs on this thread's own stream and `ready` tells the lane when it is done
+        (no host synchronisation).
         """
-        with self._out_of_memory():
+        stream = self._prep_stream(images)
+        with self._out_of_memory(), torch.cuda.stream(stream) if stream else nullcontext():
             if images:
                 if inputs:
                     raise InvalidInput("send either inputs or images, not both")
@@ -145,9 +153,16 @@ class Runner:
                         name: self._images(t.to(self.device)) if _is_image(t) else t
                         for name, t in tensors.items()
                     }
+            ready = stream.record_event() if stream else None
         if self.inputs:
             self._check(tensors)
-        return Prepared(tensors, out_dtype)
+        return Prepared(tensors, out_dtype, ready)
+
+    def _prep_stream(self, images: Sequence[bytes]) -> torch.cuda.Stream | None:
+        """The calling thread's own stream, when this request's work may run on the GPU."""
+        if self.device.type != "cuda" or not (images or self.preprocessing):
+            return None
+        return thread_stream(self.device)
 
     @contextlib.contextmanager
     def _out_of_memory(self, doing: str = "preparing the inputs") -> Iterator[None]:
@@ -184,10 +199,7 @@ class Runner:
         return self.preprocessing
 
     def _images(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        prepared = self._preprocessing()(images, self.dtype)
-        if prepared.is_cuda:  # the worker reads it on its own stream
-            torch.cuda.current_stream(prepared.device).synchronize()
-        return prepared
+        return self._preprocessing()(images, self.dtype)
 
     def _decode(self, inputs: Mapping[str, codec.TensorFields]) -> Tensors:
         if not inputs:
@@ -221,6 +233,19 @@ class Runner:
 
     # Running (on the model's worker thread)
 
+    def adopt(self, tensors: Tensors, ready: torch.cuda.Event) -> None:
+        """Makes inputs prepared on another thread's stream safe to use on this one."""
+        adopt(tensors.values(), ready, self.device)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenates a batch. Host rows bound for a GPU go straight into pinned memory:
+        one host copy, then one DMA (`cat` then `pin_memory` copied twice)."""
+        if self._stream is None or parts[0].is_cuda:
+            return torch.cat(parts)
+        rows = sum(int(p.shape[0]) for p in parts)
+        out = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
+        return torch.cat(parts, out=out)
+
     def run(self, batch: Tensors) -> Tensors:
         """Runs one batch (host or device tensors in, CPU tensors out, named outputs).
 
@@ -248,9 +273,13 @@ class Runner:
         if self._cuda_graphs:
             prepare_cuda_graphs_on_this_thread()
         if self._stream is not None:
-            # The batch was made (cat; images decoded and preprocessed) on the default
-            # stream: the model's stream must not read it before that work is done.
+            # The batch was made (cat, or adopted from a preprocessing stream) on this
+            # thread's current stream: the model's stream must not read it before then,
+            # nor its memory be reused while the model's kernels may still read it.
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            for tensor in batch.values():
+                if tensor.is_cuda:
+                    tensor.record_stream(self._stream)
         with self._on_stream(), torch.inference_mode(), self._autocast():
             staged = {name: self._stage(t) for name, t in batch.items()}
             if len(staged) == 1:
@@ -299,7 +328,9 @@ class Runner:
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._stream is not None and tensor.device != self.device:
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            if not tensor.is_pinned():
+                tensor = tensor.pin_memory()
+            tensor = tensor.to(self.device, non_blocking=True)
         if tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         if self.channels_last and tensor.dim() == 4:

@@ -205,6 +205,8 @@ class Models:
                 lane,
                 observe=self._metrics.batch_observer(spec.name, version),
                 on_error=self._metrics.batch_errors.labels(spec.name, str(version)).inc,
+                join=runner.join,
+                adopt=runner.adopt,
             ),
             prep=self._prep,
             loaded_at=time.time(),
