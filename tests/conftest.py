@@ -20,6 +20,7 @@ from modelhost.server import Server, Settings, running
 TEST_ARCHITECTURES = [
     "memory_hog=helpers.models:memory_hog",
     "tiny_mlp=helpers.models:tiny_mlp",
+    "slow_mlp=helpers.models:slow_mlp",
     "broken=helpers.models:broken",
     "recorder=helpers.models:recorder",
     "slow_builder=helpers.models:slow_builder",

@@ -71,6 +71,7 @@ SAMPLE: LoadOptions = {
     "warmup_shape": [8, 3, 224, 224],
     "preprocessing": {"resize": 256, "crop": 224, "mean": [0.5], "std": [0.25], "weights": "W"},
     "labels": ["cat", "dog"],
+    "residency": "pinned",
     "timeout": 5.0,
 }
 """A value other than the default for every option."""
@@ -153,7 +154,7 @@ def test_load_flags_build_the_same_request_as_the_options(tmp_path: Path) -> Non
         "--warmup-shape", "8,3,224,224",
         "--preprocessing", '{"resize": 256, "crop": 224, "mean": [0.5], "std": [0.25]}',
         "--preprocessing-weights", "W",
-        "--label", "cat", "--labels-file", str(tmp_path / "labels.txt"),
+        "--label", "cat", "--labels-file", str(tmp_path / "labels.txt"), "--pin",
         "--timeout", "5",
     ]  # fmt: skip
     args = build_parser().parse_args(argv)

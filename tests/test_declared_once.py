@@ -56,6 +56,7 @@ def test_load_model_options_survive_the_round_trip() -> None:
         warmup_shape=(8, 3, 224, 224),
         compile="default",
         autocast=torch.float16,
+        residency="pinned",
         max_batch_size=16,
         max_queue_delay_us=250,
         max_queue_size=64,
@@ -96,6 +97,7 @@ def test_every_load_model_option_is_an_oip_load_parameter() -> None:
         "warmup_shape": P(string_param="[8, 3, 224, 224]"),
         "compile": P(string_param="default"),
         "autocast": P(string_param="float16"),
+        "residency": P(string_param="pinned"),
         "max_batch_size": P(int64_param=16),
         "max_queue_delay_us": P(string_param="250"),
         "max_queue_size": P(int64_param=64),
@@ -118,6 +120,7 @@ def test_every_load_model_option_is_an_oip_load_parameter() -> None:
         warmup_shape=[8, 3, 224, 224],
         compile="default",
         autocast=pb.DATA_TYPE_FLOAT16,
+        residency=pb.RESIDENCY_PINNED,
         batching=pb.BatchingConfig(
             max_batch_size=16, max_queue_delay_us=250, max_queue_size=64, preferred_batch_size=8
         ),

@@ -31,6 +31,24 @@ def tiny_mlp(features: int = 4, hidden: int = 8, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
+class SlowMLP(nn.Sequential):
+    """tiny_mlp that sleeps `delay` seconds per call (a busy version)."""
+
+    def __init__(self, features: int, hidden: int, classes: int, delay: float) -> None:
+        super().__init__(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay)
+        return super().forward(x)  # type: ignore[no-any-return]
+
+
+def slow_mlp(features: int = 4, hidden: int = 8, classes: int = 3, delay: float = 1.0) -> nn.Module:
+    return SlowMLP(features, hidden, classes, delay)
+
+
 def broken(**kwargs: object) -> nn.Module:
     raise ValueError("this builder always fails (a test of builder errors)")
 

@@ -232,6 +232,7 @@ def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
     if args.what in ("models", "all"):
         listing["models"] = [
             f"{m.name} v{m.version} {m.state} {m.architecture} on {m.device} {m.dtype} "
+            f"{m.tier}{' pinned' if m.residency == 'pinned' else ''} "
             f"({m.parameter_count:,} parameters, checkpoint {m.checkpoint})"
             if not args.json
             else _plain(m)
@@ -436,6 +437,13 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
         "preprocessing.weights",
         metavar="NAME",
         help="image preprocessing of these torchvision weights, e.g. IMAGENET1K_V1",
+    )
+    option(
+        "--pin",
+        "residency",
+        action="store_const",
+        const="pinned",
+        help="never evict it from its device (default: on demand, under the memory budget)",
     )
     option("--label", "labels", action="append", metavar="NAME", help="class name (repeatable)")
     option(

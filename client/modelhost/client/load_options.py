@@ -9,6 +9,7 @@ checks both against the proto's descriptor.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -30,6 +31,8 @@ class LoadOptions(TypedDict, total=False):
       "max-autotune"), warmup_shape (e.g. (8, 3, 224, 224)).
     - preprocessing: {"resize", "crop", "mean", "std"} or {"weights": "IMAGENET1K_V1"}, for
       uint8 and JPEG/PNG inputs. labels: class names for top_k answers.
+    - residency: "on_demand" (default: may leave the device for others under the server's
+      memory budget, and comes back on its next request) or "pinned" (never leaves).
     - timeout: deadline of this call in seconds.
 
     An option left out, or None, leaves its field unset: the server's default.
@@ -48,6 +51,7 @@ class LoadOptions(TypedDict, total=False):
     warmup_shape: Sequence[int]
     preprocessing: Mapping[str, Any] | None
     labels: Sequence[str]
+    residency: str | None
     timeout: float | None
 
 
@@ -82,8 +86,22 @@ def _field_value(name: str, value: Any) -> Any:
         return {key: json.dumps(arg) for key, arg in value.items()}
     if field.enum_type is not None and field.enum_type.full_name == "modelhost.v1.DataType":
         return codec.parse_dtype(value) if value else None  # a dtype name, e.g. "bfloat16"
+    if field.enum_type is not None:
+        return enum_value(field, value)
     if field.message_type is not None:
         return dict(value) or None  # a sub-message as a dict; empty leaves it unset
     if field.is_repeated:
         return list(value)
     return value
+
+
+def enum_value(field: Any, name: str) -> int:
+    """An enum field's number from a value's short name, e.g. "pinned" for
+    RESIDENCY_PINNED (or its full name); ValueError names the choices."""
+    enum = field.enum_type
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+    choices = [v.name.removeprefix(prefix).lower() for v in enum.values if v.number]
+    found = enum.values_by_name.get(prefix + name.upper()) or enum.values_by_name.get(name)
+    if found is None or found.number == 0:
+        raise ValueError(f"{field.name} {name!r:.40} is not one of {choices}")
+    return int(found.number)

@@ -108,6 +108,10 @@ class ModelInfo:
     autocast: str = ""
     status_message: str = ""  # why a "failed" version is not serving
     outputs: tuple[TensorSpec, ...] = ()  # names as Predict answers them; -1: any size
+    residency: str = "on_demand"  # "pinned": never leaves its device
+    tier: str = ""  # "resident", "host" or "store": where its weights are now
+    last_used: datetime | None = None  # the last Predict
+    page_ins: int = 0  # times paged back in after an eviction
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -144,6 +148,10 @@ class ModelInfo:
             autocast=dtype_name(msg.autocast) if msg.autocast else "",
             status_message=msg.status_message,
             outputs=tuple(_spec(s) for s in msg.outputs),
+            residency="pinned" if msg.residency == pb.RESIDENCY_PINNED else "on_demand",
+            tier=pb.Tier.Name(msg.tier).removeprefix("TIER_").lower() if msg.tier else "",
+            last_used=_time(msg.last_used) if msg.HasField("last_used") else None,
+            page_ins=msg.page_ins,
         )
 
 

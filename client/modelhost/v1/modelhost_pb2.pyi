@@ -139,6 +139,62 @@ with --allow-pickled-models, because loading it executes code from the file.
 """
 Global___CheckpointFormat: _TypeAlias = CheckpointFormat  # noqa: Y015
 
+class _Residency:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResidencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Residency.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESIDENCY_UNSPECIFIED: _Residency.ValueType  # 0
+    """Not set: RESIDENCY_ON_DEMAND."""
+    RESIDENCY_ON_DEMAND: _Residency.ValueType  # 1
+    """Stays registered always; leaves its device (least recently used first) when a
+    load or page-in needs the room, and comes back on its next request.
+    """
+    RESIDENCY_PINNED: _Residency.ValueType  # 2
+    """Never leaves its device."""
+
+class Residency(_Residency, metaclass=_ResidencyEnumTypeWrapper):
+    """How a version uses its device's memory budget."""
+
+RESIDENCY_UNSPECIFIED: Residency.ValueType  # 0
+"""Not set: RESIDENCY_ON_DEMAND."""
+RESIDENCY_ON_DEMAND: Residency.ValueType  # 1
+"""Stays registered always; leaves its device (least recently used first) when a
+load or page-in needs the room, and comes back on its next request.
+"""
+RESIDENCY_PINNED: Residency.ValueType  # 2
+"""Never leaves its device."""
+Global___Residency: _TypeAlias = Residency  # noqa: Y015
+
+class _Tier:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Tier.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TIER_UNSPECIFIED: _Tier.ValueType  # 0
+    """Not set."""
+    TIER_RESIDENT: _Tier.ValueType  # 1
+    """On its device, serving."""
+    TIER_HOST: _Tier.ValueType  # 2
+    """In host memory (pinned, for a GPU): a page-in is one copy to the device."""
+    TIER_STORE: _Tier.ValueType  # 3
+    """Only its checkpoint in the store: a page-in loads it again (meta device, mmap)."""
+
+class Tier(_Tier, metaclass=_TierEnumTypeWrapper):
+    """Where a registered version's weights are now."""
+
+TIER_UNSPECIFIED: Tier.ValueType  # 0
+"""Not set."""
+TIER_RESIDENT: Tier.ValueType  # 1
+"""On its device, serving."""
+TIER_HOST: Tier.ValueType  # 2
+"""In host memory (pinned, for a GPU): a page-in is one copy to the device."""
+TIER_STORE: Tier.ValueType  # 3
+"""Only its checkpoint in the store: a page-in loads it again (meta device, mmap)."""
+Global___Tier: _TypeAlias = Tier  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -726,6 +782,7 @@ class LoadModelRequest(_message.Message):
     WARMUP_SHAPE_FIELD_NUMBER: _builtins.int
     COMPILE_FIELD_NUMBER: _builtins.int
     AUTOCAST_FIELD_NUMBER: _builtins.int
+    RESIDENCY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to serve the model under."""
     architecture: _builtins.str
@@ -768,6 +825,10 @@ class LoadModelRequest(_message.Message):
     autocast: Global___DataType.ValueType
     """Run forward() under torch.autocast with this dtype (DATA_TYPE_FLOAT16 or
     DATA_TYPE_BFLOAT16) while keeping the weights' dtype; unspecified: no autocast.
+    """
+    residency: Global___Residency.ValueType
+    """Whether the version may leave its device to make room for others (the server's
+    device memory budget); unspecified: RESIDENCY_ON_DEMAND.
     """
     @_builtins.property
     def architecture_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -817,10 +878,11 @@ class LoadModelRequest(_message.Message):
         warmup_shape: _abc.Iterable[_builtins.int] | None = ...,
         compile: _builtins.str = ...,
         autocast: Global___DataType.ValueType = ...,
+        residency: Global___Residency.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "batching", b"batching", "preprocessing", b"preprocessing", "strict", b"strict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "compile", b"compile", "device", b"device", "dtype", b"dtype", "labels", b"labels", "name", b"name", "preprocessing", b"preprocessing", "strict", b"strict", "version", b"version", "warmup_shape", b"warmup_shape", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strict", b"_strict", "architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "compile", b"compile", "device", b"device", "dtype", b"dtype", "labels", b"labels", "name", b"name", "preprocessing", b"preprocessing", "residency", b"residency", "strict", b"strict", "version", b"version", "warmup_shape", b"warmup_shape", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__strict: _TypeAlias = _typing.Literal["strict"]  # noqa: Y015
     _WhichOneofArgType__strict: _TypeAlias = _typing.Literal["_strict", b"_strict"]  # noqa: Y015
@@ -928,6 +990,10 @@ class ModelInfo(_message.Message):
     AUTOCAST_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    RESIDENCY_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    LAST_USED_FIELD_NUMBER: _builtins.int
+    PAGE_INS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     version: _builtins.int
@@ -947,7 +1013,9 @@ class ModelInfo(_message.Message):
     parameter_count: _builtins.int
     """Number of parameters (elements)."""
     device_bytes: _builtins.int
-    """Bytes of parameters and buffers held on the device."""
+    """Bytes it holds on its device when resident: parameters, buffers and the
+    workspace its warm-up measured (what counts against the device memory budget).
+    """
     load_seconds: _builtins.float
     """Seconds LoadModel took, from request to ready."""
     weights: _builtins.str
@@ -964,6 +1032,12 @@ class ModelInfo(_message.Message):
     """Autocast dtype, or unspecified."""
     status_message: _builtins.str
     """Why the version is not serving (state FAILED); empty otherwise."""
+    residency: Global___Residency.ValueType
+    """As loaded (LoadModelRequest.residency); unspecified reads as RESIDENCY_ON_DEMAND."""
+    tier: Global___Tier.ValueType
+    """Where its weights are now; a Predict pages a version in that is not resident."""
+    page_ins: _builtins.int
+    """How many times it was paged back in after an eviction."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every version of this model that is hosted, ascending."""
@@ -1003,6 +1077,10 @@ class ModelInfo(_message.Message):
         device, else from the first successful run.
         """
 
+    @_builtins.property
+    def last_used(self) -> _timestamp_pb2.Timestamp:
+        """When a Predict last used it; unset if none has."""
+
     def __init__(
         self,
         *,
@@ -1033,10 +1111,14 @@ class ModelInfo(_message.Message):
         autocast: Global___DataType.ValueType = ...,
         status_message: _builtins.str = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        residency: Global___Residency.ValueType = ...,
+        tier: Global___Tier.ValueType = ...,
+        last_used: _timestamp_pb2.Timestamp | None = ...,
+        page_ins: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "loaded_at", b"loaded_at", "preprocessing", b"preprocessing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "last_used", b"last_used", "loaded_at", b"loaded_at", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "compile", b"compile", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "label_count", b"label_count", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "outputs", b"outputs", "parameter_count", b"parameter_count", "preprocessing", b"preprocessing", "state", b"state", "status_message", b"status_message", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "architecture_args", b"architecture_args", "autocast", b"autocast", "batching", b"batching", "channels_last", b"channels_last", "checkpoint", b"checkpoint", "checkpoint_sha256", b"checkpoint_sha256", "compile", b"compile", "device", b"device", "device_bytes", b"device_bytes", "dtype", b"dtype", "format", b"format", "inputs", b"inputs", "label_count", b"label_count", "last_used", b"last_used", "load_seconds", b"load_seconds", "loaded_at", b"loaded_at", "missing_keys", b"missing_keys", "name", b"name", "outputs", b"outputs", "page_ins", b"page_ins", "parameter_count", b"parameter_count", "preprocessing", b"preprocessing", "residency", b"residency", "state", b"state", "status_message", b"status_message", "tier", b"tier", "unexpected_keys", b"unexpected_keys", "version", b"version", "versions", b"versions", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

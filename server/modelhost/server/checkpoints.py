@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from modelhost.server import formats
-from modelhost.server.errors import ChecksumMismatch, InvalidArgument, LimitExceeded
+from modelhost.server.errors import ChecksumMismatch, InvalidArgument, LimitExceeded, Refused
 from modelhost.server.hosted import HostedModel
 from modelhost.server.metrics import Metrics
 from modelhost.server.names import check_name
@@ -148,6 +148,7 @@ class Checkpoints:
         model = check_name(header.model, "model")
         loop = asyncio.get_running_loop()
         with self._registry.lease(model, header.version) as hosted:
+            await hosted.ensure_resident()
             metadata = {
                 "snapshot_of": f"{hosted.name}:{hosted.version}",
                 "architecture": hosted.spec.architecture,
@@ -211,12 +212,27 @@ class Checkpoints:
         return self.store.get(check_name(name, "checkpoint"))
 
     def delete(self, name: str) -> None:
-        self.store.delete(check_name(name, "checkpoint"))
+        """Deletes a checkpoint, unless an on-demand version would page in from it again
+        (FAILED_PRECONDITION naming them: unload them, or load them pinned)."""
+        name = check_name(name, "checkpoint")
+        sha = self.store.get(name).sha256
+        needed = [
+            f"{h.name}:{h.version}"
+            for h in self._registry.all()
+            if h.pages_in_from == sha and h.spec.checkpoint == name
+        ]
+        if needed:
+            raise Refused(
+                f"checkpoint {name!r} is needed by model versions that may leave their device "
+                f"and be paged in from it again: {', '.join(needed[:10])}; unload them first "
+                "(or load them with residency pinned)"
+            )
+        self.store.delete(name)
 
 
 def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:
-    state = {
-        key: tensor.detach().cpu() for key, tensor in hosted.loaded.module.state_dict().items()
-    }
+    module = hosted.loaded.module
+    assert module is not None, "a leased, resident version has its module"
+    state = {key: tensor.detach().cpu() for key, tensor in module.state_dict().items()}
     torch.save(state, pending)  # type: ignore[arg-type]
     return len(state)

@@ -152,3 +152,19 @@ def adopt(tensors: Iterable[torch.Tensor], ready: torch.cuda.Event, device: torc
     for tensor in tensors:
         if tensor.is_cuda:
             tensor.record_stream(stream)
+
+
+def peak_start(device: torch.device) -> int:
+    """Starts measuring the peak of what PyTorch allocates on a GPU; returns what it holds
+    now (0 on the CPU, which keeps no such count)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(torch.cuda.memory_allocated(device))
+
+
+def peak_since(device: torch.device, start: int) -> int:
+    """Bytes allocated at the peak since `peak_start` beyond what was held then."""
+    if device.type != "cuda":
+        return 0
+    return max(0, int(torch.cuda.max_memory_allocated(device)) - start)

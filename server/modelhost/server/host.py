@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from modelhost.client import codec
 from modelhost.server.architectures import ArchitectureCatalog, Builder
 from modelhost.server.batching import Lane
+from modelhost.server.cache import ModelCache
 from modelhost.server.checkpoints import Checkpoints
 from modelhost.server.errors import DeviceFailed, InvalidInput, LimitExceeded
 from modelhost.server.hosted import HostedModel
@@ -71,6 +72,13 @@ class Host:
             registry=registry,
             metrics=self.metrics,
             record=RestoreRecord(store, records, enabled=settings.restore),
+            cache=ModelCache(
+                registry,
+                self.metrics,
+                self._loads,
+                device_budget=settings.device_memory_budget,
+                host_budget=settings.host_memory_budget,
+            ),
             cpu_lane=self._cpu_lane,
             loads=self._loads,
             prep=self._prep,

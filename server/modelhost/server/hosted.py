@@ -10,7 +10,9 @@
     encode   `finish`: typed tensors in the first floating input's dtype, or top-k classes
 
 A request holds a lease on its version from the moment it finds it until it has its
-answer; `retire` waits for those leases before it frees the model.
+answer; `retire` waits for those leases before it frees the model, and the model cache
+(cache.py) evicts only versions no request holds. A request for a version that is not
+resident pages it in first.
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
 
 from modelhost.client import codec
 from modelhost.server.batching import Batcher, Finish
 from modelhost.server.devices import release_memory
 from modelhost.server.errors import InvalidArgument
 from modelhost.server.inference import Answer, Prepared, Runner, encode_answer, top_classes
-from modelhost.server.loading import LoadedModule, LoadRequest, LoadSpec
+from modelhost.server.loading import PINNED, LoadedModule, LoadRequest, LoadSpec
+
+if TYPE_CHECKING:
+    from modelhost.server.cache import ModelCache
+
+RESIDENT = "resident"  # cache.py's tiers: "resident", "host", "store"
 
 
 @dataclass
@@ -45,10 +55,44 @@ class HostedModel:
     request: LoadRequest  # what it was loaded with, its version filled in (kept for restore)
     labels: list[str] = field(default_factory=list)
     retiring: bool = False
+    cache: ModelCache | None = None
+    workspace_bytes: int = 0  # what its warm-up needed on the device beyond the weights
+    tier: str = RESIDENT
+    page_ins: int = 0
+    last_used: float = 0.0  # wall time of the last Predict; 0: none yet
+    used_order: int = 0  # larger: used more recently (the cache's LRU order)
+    host_module: nn.Module | None = None  # its weights while in the host tier
+    paging: Any = None  # the page-in in progress (a concurrent Future), if any
 
     def __post_init__(self) -> None:
         self._leases = 0
         self._idle = threading.Condition()
+
+    @property
+    def may_leave(self) -> bool:
+        """Whether the cache may evict it: on demand, on a device with a memory budget."""
+        return (
+            self.request.residency != PINNED
+            and self.cache is not None
+            and self.cache.limit(self.loaded.device) is not None
+        )
+
+    @property
+    def pages_in_from(self) -> str:
+        """The checkpoint bytes (sha256) it would be paged in from; "" if none (it never
+        leaves its device, or its pretrained weights come from torchvision's cache)."""
+        record = self.loaded.record
+        return record.sha256 if record and self.may_leave else ""
+
+    @property
+    def device_bytes(self) -> int:
+        """What it holds on its device when resident: weights, buffers and workspace."""
+        return self.loaded.device_bytes + self.workspace_bytes
+
+    async def ensure_resident(self, deadline: float | None = None) -> None:
+        """Pages it in if it is not on its device (the caller holds a lease)."""
+        if self.cache is not None:
+            await self.cache.ensure_resident(self, deadline)
 
     async def predict(
         self,
@@ -60,6 +104,9 @@ class HostedModel:
         """Decodes, queues, batches, runs, splits and encodes one request."""
         if top_k < 0:
             raise InvalidArgument(f"top_k must not be negative, got {top_k}")
+        await self.ensure_resident(deadline)
+        if self.cache is not None:
+            self.cache.touch(self)
         prepared = await self._prepare(inputs, images)
         finish: Finish
         if top_k:
@@ -90,8 +137,31 @@ class HostedModel:
     def release(self) -> None:
         with self._idle:
             self._leases -= 1
-            if self._leases == 0:
+            idle = self._leases == 0
+            if idle:
                 self._idle.notify_all()
+        if idle and self.cache is not None:
+            self.cache.idle()
+
+    # Residency (called by the model cache, under its lock)
+
+    def leave_device(self, tier: str) -> nn.Module | None:
+        """Takes the module off this version if no request holds it (None if one does):
+        from now on a request finds it in `tier` and pages it in."""
+        with self._idle:
+            if self._leases or self.retiring or self.tier != RESIDENT:
+                return None
+            self.tier = tier
+        module = self.runner.detach()
+        self.loaded.module = None
+        return module
+
+    def return_to_device(self, module: nn.Module) -> None:
+        """Serves again with `module`, paged in."""
+        self.runner.attach(module)
+        self.loaded.module = module
+        self.page_ins += 1
+        self.tier = RESIDENT
 
     def retire(self) -> None:
         """Blocks until no request holds this version, then frees it."""
@@ -100,7 +170,8 @@ class HostedModel:
             self._idle.wait_for(lambda: self._leases == 0)
         self.batcher.close()
         self.runner.release()  # the module and its compiled form
-        del self.loaded.module
+        self.loaded.module = None
+        self.host_module = None
         release_memory(self.loaded.device)
 
 

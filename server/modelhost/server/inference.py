@@ -99,7 +99,7 @@ class Runner:
         max_image_pixels: int = Settings.max_image_pixels,
         max_elements: int = Settings.max_tensor_elements,
     ) -> None:
-        self.module = module
+        self.module: nn.Module | None = None
         self.device = device
         self.dtype = dtype
         self.inputs = tuple(inputs)
@@ -109,10 +109,9 @@ class Runner:
         self.autocast = autocast
         self.max_image_pixels = max_image_pixels
         self.max_elements = max_elements  # of decoded images, checked from their headers
-        self._forward: Callable[..., Any] = module
-        if compile_mode:
-            mode = None if compile_mode == "default" else compile_mode
-            self._forward = torch.compile(module, mode=mode)
+        self.compile_mode = compile_mode
+        self._forward: Callable[..., Any] = _released
+        self.attach(module)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # CUDA graphs keep per-thread state that lane threads must set up (devices.py).
         self._cuda_graphs = device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
@@ -301,10 +300,23 @@ class Runner:
             return DeviceFailed(f"the device {self.device} failed: {first_line}")
         return InvalidInput(f"the model rejected the input: {type(error).__name__}: {first_line}")
 
+    def attach(self, module: nn.Module) -> None:
+        """Runs `module` from now on (compiled again with its mode, if it has one)."""
+        self.module = module
+        self._forward = module
+        if self.compile_mode:
+            mode = None if self.compile_mode == "default" else self.compile_mode
+            self._forward = torch.compile(module, mode=mode)
+
+    def detach(self) -> nn.Module | None:
+        """Drops the module (and its compiled form) and returns it: a run now fails."""
+        module, self.module = self.module, None
+        self._forward = _released
+        return module
+
     def release(self) -> None:
         """Drops the module (and its compiled form): its memory can be given back."""
-        del self.module
-        self._forward = _released
+        self.detach()
 
     def warm_up(self, shape: Sequence[int], *, measure: bool = False) -> dict[int, float]:
         """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model.

@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,10 @@ _MAX_LISTED_KEYS = 10
 _GRAPH_FORMATS = {formats.PICKLED_MODEL, formats.EXPORTED_PROGRAM}
 
 
+ON_DEMAND, PINNED = "on_demand", "pinned"
+"""LoadRequest.residency: may leave its device for others (the model cache), or never."""
+
+
 @dataclass(frozen=True)
 class LoadRequest:
     """LoadModel's options, one field per `LoadModelRequest` field (its `batching` fields
@@ -72,6 +77,7 @@ class LoadRequest:
     warmup_shape: tuple[int, ...] = ()
     compile: str = ""
     autocast: torch.dtype | None = None
+    residency: str = ON_DEMAND
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
@@ -97,7 +103,7 @@ class LoadSpec:
 class LoadedModule:
     """An eval-mode module on its device, and what loading it found."""
 
-    module: nn.Module
+    module: nn.Module | None  # None once it left its device (cache.py) or was unloaded
     record: CheckpointRecord | None
     device: torch.device
     dtype: torch.dtype
@@ -131,10 +137,13 @@ def load_module(
     *,
     allow_pickled: bool = False,
     pinned: CheckpointRecord | None = None,
+    make_room: Callable[[int], None] | None = None,
 ) -> LoadedModule:
     """Builds and loads `spec`; raises InvalidCheckpoint naming keys that do not fit.
 
-    `pinned` (a restore) loads those bytes of the checkpoint, not what its name holds now.
+    `pinned` (a restore, a page-in) loads those bytes of the checkpoint, not what its name
+    holds now. `make_room` is told the bytes the weights will take on the device before
+    they move there (the model cache evicts others to fit them).
     """
     started = time.perf_counter()
     if pinned is not None:
@@ -152,6 +161,8 @@ def load_module(
         else:
             built = _load_weights(spec, record, store, catalog)
         module = built.module
+        if make_room is not None:
+            make_room(_nbytes(module, spec.dtype))
         if spec.device.type == "cuda":
             ensure_room(_nbytes(module, spec.dtype), spec.device, f"model {spec.name!r}")
         module.to(device=spec.device, dtype=spec.dtype)

@@ -16,12 +16,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec, wire
 from modelhost.server.architectures import Builder
+from modelhost.server.cache import HOST, RESIDENT, STORE
 from modelhost.server.checkpoints import Snapshot, Upload
 from modelhost.server.errors import InvalidArgument, LimitExceeded
 from modelhost.server.hosted import HostedModel
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec
-from modelhost.server.loading import LoadRequest
+from modelhost.server.loading import ON_DEMAND, PINNED, LoadRequest
 from modelhost.server.store import CheckpointRecord
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -85,7 +86,7 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         device=str(loaded.device),
         dtype=codec.data_type(loaded.dtype),
         parameter_count=loaded.parameter_count,
-        device_bytes=loaded.device_bytes,
+        device_bytes=hosted.device_bytes,
         load_seconds=loaded.seconds,
         loaded_at=_timestamp(hosted.loaded_at),
         batching=pb.BatchingConfig(
@@ -107,6 +108,10 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         autocast=codec.data_type(hosted.runner.autocast)
         if hosted.runner.autocast
         else pb.DATA_TYPE_UNSPECIFIED,
+        residency=_RESIDENCY[hosted.request.residency],
+        tier=_TIERS[hosted.tier],
+        last_used=_timestamp(hosted.last_used) if hosted.last_used else None,
+        page_ins=hosted.page_ins,
     )
 
 
@@ -221,6 +226,7 @@ _FROM_MESSAGE: dict[str, Callable[[pb.LoadModelRequest], Any]] = {
     "preprocessing": _steps,
     "labels": lambda m: tuple(m.labels),
     "warmup_shape": lambda m: tuple(m.warmup_shape),
+    "residency": lambda m: PINNED if m.residency == pb.RESIDENCY_PINNED else ON_DEMAND,
 }
 
 
@@ -241,11 +247,15 @@ def _data_type(dtype: torch.dtype | None) -> int:
     return codec.data_type(dtype) if dtype else pb.DATA_TYPE_UNSPECIFIED
 
 
+_RESIDENCY = {ON_DEMAND: pb.RESIDENCY_ON_DEMAND, PINNED: pb.RESIDENCY_PINNED}
+_TIERS = {RESIDENT: pb.TIER_RESIDENT, HOST: pb.TIER_HOST, STORE: pb.TIER_STORE}
+
 # `_FROM_MESSAGE` undone: fields that need more than a copy on the way back.
 _TO_MESSAGE: dict[str, Callable[[LoadRequest], Any]] = {
     "dtype": lambda r: _data_type(r.dtype),
     "autocast": lambda r: _data_type(r.autocast),
     "preprocessing": lambda r: _preprocessing_message(r.preprocessing),
+    "residency": lambda r: _RESIDENCY[r.residency],
 }
 
 

@@ -7,6 +7,7 @@ collide. Queue depth and device memory are read from the registry at scrape time
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -18,6 +19,11 @@ from modelhost.server.registry import Registry
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+PAGE_IN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class CacheUsage(Protocol):
+    def usage(self) -> dict[str, tuple[int, int | None]]: ...
 
 
 class Metrics:
@@ -74,6 +80,38 @@ class Metrics:
             registry=r,
         )
 
+        self.evictions = Counter(
+            "modelhost_evictions",
+            "Versions taken off their device to make room, by model, version and the tier "
+            "they went to (host, store).",
+            ["model", "version", "tier"],
+            registry=r,
+        )
+        self.page_ins = Counter(
+            "modelhost_page_ins",
+            "Versions brought back to their device, by model, version and the tier they came from.",
+            ["model", "version", "tier"],
+            registry=r,
+        )
+        self.page_in_seconds = Histogram(
+            "modelhost_page_in_seconds",
+            "Page-in time in seconds (room, copy or load), by the tier it came from.",
+            ["tier"],
+            buckets=PAGE_IN_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "modelhost_cache_requests",
+            "Predict requests that found their version resident (hit) or paged it in "
+            "(miss); the hit ratio is hit / (hit + miss).",
+            ["result"],
+            registry=r,
+        )
+
+    def watch_cache(self, cache: CacheUsage) -> None:
+        """Reports each device's resident bytes and budget at scrape time."""
+        self.registry.register(_CacheCollector(cache))
+
     def watch(self, registry: Registry) -> None:
         """Reports queue depth and device memory of every hosted version at scrape time."""
         self.registry.register(_HostedCollector(registry))
@@ -113,12 +151,37 @@ class _HostedCollector(Collector):
         )
         memory = GaugeMetricFamily(
             "modelhost_model_device_bytes",
-            "Bytes of parameters and buffers on the device, by model version.",
+            "Bytes a resident version holds on its device (weights, buffers, warm-up "
+            "workspace), by model version.",
             labels=["model", "version", "device"],
         )
         for hosted in self._registry.all():
             labels = [hosted.name, str(hosted.version)]
             depth.add_metric(labels, hosted.batcher.depth)
-            memory.add_metric([*labels, str(hosted.loaded.device)], hosted.loaded.device_bytes)
+            if hosted.tier == "resident":
+                memory.add_metric([*labels, str(hosted.loaded.device)], hosted.device_bytes)
         yield depth
         yield memory
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: CacheUsage) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        resident = GaugeMetricFamily(
+            "modelhost_device_resident_bytes",
+            "Bytes resident versions (and loads in progress) hold, by device.",
+            labels=["device"],
+        )
+        budget = GaugeMetricFamily(
+            "modelhost_device_budget_bytes",
+            "The device memory budget (device_memory_budget), by device; absent: no limit.",
+            labels=["device"],
+        )
+        for device, (used, limit) in sorted(self._cache.usage().items()):
+            resident.add_metric([device], used)
+            if limit is not None:
+                budget.add_metric([device], limit)
+        yield resident
+        yield budget

@@ -20,7 +20,8 @@ import torch
 
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, preferred_batch_size
-from modelhost.server.devices import resolve_device
+from modelhost.server.cache import ModelCache
+from modelhost.server.devices import peak_since, peak_start, resolve_device
 from modelhost.server.errors import InvalidArgument, ModelHostFailure, ModelNotFound, ShuttingDown
 from modelhost.server.hosted import HostedModel
 from modelhost.server.images import Preprocessing
@@ -48,6 +49,7 @@ MAX_QUEUE_SIZE = 1 << 20
 MAX_QUEUE_DELAY_US = 60_000_000
 WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+ROOM_WAIT_SECONDS = 30.0  # how long a load waits for busy versions to make room
 
 
 class Models:
@@ -62,6 +64,7 @@ class Models:
         registry: Registry,
         metrics: Metrics,
         record: RestoreRecord,
+        cache: ModelCache,
         cpu_lane: Lane,
         loads: Executor,
         prep: Executor,
@@ -69,6 +72,8 @@ class Models:
         self.settings = settings
         self.registry = registry
         self.record = record
+        self.cache = cache
+        cache.rebuild = self._rebuild
         self.default_device = resolve_device(settings.device, "auto")
         self._store = store
         self._catalog = catalog
@@ -97,19 +102,23 @@ class Models:
         try:
             hosted = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
-            job.add_done_callback(lambda _: self.registry.cancel(spec.name, version))
+            job.add_done_callback(lambda _: self._forget(spec.name, version))
             job.add_done_callback(_discard_load)
             raise
         except BaseException:
-            self.registry.cancel(spec.name, version)
+            self._forget(spec.name, version)
             raise
         try:
             self.record.write([*self.registry.all(), hosted])
         except BaseException:
-            self.registry.cancel(spec.name, version)
+            self._forget(spec.name, version)
             await asyncio.to_thread(hosted.retire)
             raise
+        self.cache.touch(hosted)
+        if hosted.pages_in_from:
+            self._store.hold(hosted.pages_in_from)
         self.registry.put(hosted)
+        self.cache.unreserve((spec.name, version))  # from now on it counts as resident
         self.record.unrestored.pop((spec.name, version), None)
         self._metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
         log.info(
@@ -122,6 +131,28 @@ class Models:
             hosted.loaded.seconds,
         )
         return hosted
+
+    def _forget(self, name: str, version: int) -> None:
+        """A load that will not register: its version number and device room go back."""
+        self.registry.cancel(name, version)
+        self.cache.unreserve((name, version))
+
+    def _make_room(self, key: tuple[str, int], device: torch.device, nbytes: int) -> None:
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        self.cache.reserve(key, device, nbytes, deadline=deadline)
+
+    def _rebuild(self, hosted: HostedModel) -> torch.nn.Module:
+        """A version's module loaded again from the bytes it was loaded from (a page-in
+        from the store tier; the cache has reserved its room)."""
+        loaded = load_module(
+            hosted.spec,
+            self._store,
+            self._catalog,
+            allow_pickled=self.settings.allow_pickled_models,
+            pinned=hosted.loaded.record,
+        )
+        assert loaded.module is not None
+        return loaded.module
 
     def _build(
         self,
@@ -139,7 +170,9 @@ class Models:
             self._catalog,
             allow_pickled=settings.allow_pickled_models,
             pinned=pinned,
+            make_room=functools.partial(self._make_room, (spec.name, version), spec.device),
         )
+        assert loaded.module is not None
         if any(s.shape and s.shape[0] != -1 for s in loaded.inputs):
             policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
         runner = Runner(
@@ -176,7 +209,9 @@ class Models:
         runner: Runner,
         lane: Lane,
     ) -> HostedModel:
-        """Finds the outputs, warms up and wraps a built version (on a load thread)."""
+        """Finds the outputs, warms up and wraps a built version (on a load thread); counts
+        the workspace the warm-up needed against the device's budget."""
+        start = peak_start(loaded.device)
         if not runner.outputs and len(loaded.inputs) == 1 and not request.warmup_shape:
             _probe_by_running(runner, lane, loaded.inputs[0])
         if request.warmup_shape:
@@ -193,6 +228,9 @@ class Models:
                     preferred or "-",
                 )
         categories = loaded.weights_meta.get("categories", [])
+        workspace = peak_since(loaded.device, start)
+        if workspace:
+            self._make_room((spec.name, version), loaded.device, loaded.device_bytes + workspace)
         return HostedModel(
             name=spec.name,
             version=version,
@@ -212,6 +250,8 @@ class Models:
             loaded_at=time.time(),
             labels=list(request.labels or categories),
             request=dataclasses.replace(request, version=version),
+            cache=self.cache,
+            workspace_bytes=workspace,
         )
 
     def _preprocessing(
@@ -250,6 +290,9 @@ class Models:
             unrestored.pop(key, None)
         removed = self.registry.remove(name, version) if leaving else []
         await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
+        for hosted in removed:
+            if hosted.pages_in_from:
+                self._store.let_go(hosted.pages_in_from)
         log.info("unloaded %s versions %s", name, [h.version for h in removed])
         return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
 

@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from modelhost.client import codec
+from modelhost.client.load_options import enum_value
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.server import messages
 from modelhost.server.architectures import load_json
@@ -81,6 +82,11 @@ def _set(message: pb.LoadModelRequest, field: FieldDescriptor, value: Any) -> No
         message.architecture_args.update(_args(value))
     elif key in ("dtype", "autocast"):
         setattr(message, key, _dtype(_text(value, key), key))
+    elif field.enum_type is not None:  # residency: a value's name, e.g. "pinned"
+        try:
+            setattr(message, key, enum_value(field, _text(value, key)))
+        except ValueError as error:
+            raise InvalidArgument(f"parameter {error}") from None
     elif field.message_type is not None:  # preprocessing: a JSON object
         found = _object(load_json(value, f"'{key}'") if isinstance(value, str) else value, key)
         try:

@@ -51,7 +51,21 @@ class Settings:
     )
     max_queue_delay_us: int = _setting(1000, "Default wait for a batch to fill, in microseconds.")
     max_queue_size: int = _setting(512, "Default Predict requests that may wait per model version.")
-    load_workers: int = _setting(2, "Threads that load checkpoints and build models.")
+    load_workers: int = _setting(
+        2, "Threads that load checkpoints, build models and page evicted versions back in."
+    )
+    device_memory_budget: float = _setting(
+        0.0,
+        "Device memory hosted versions may hold: bytes, or a fraction (up to 1) of each "
+        "device's total; 0: 0.9 of what is free at start on a GPU, no limit on the CPU. "
+        "Past it, loads and page-ins evict the least recently used on-demand versions.",
+    )
+    host_memory_budget: float = _setting(
+        0.25,
+        "Host memory evicted GPU versions may keep their weights in (a page-in is then one "
+        "copy): bytes, or a fraction (up to 1) of the machine's memory; past it they drop "
+        "to the store tier.",
+    )
     preprocess_workers: int = _setting(4, "Threads that decode and preprocess image inputs.")
     grace_seconds: float = _setting(10.0, "On SIGTERM/SIGINT, how long in-flight calls may finish.")
     log_level: str = _setting("info", "Logging level: debug, info, warning, error.")

@@ -26,6 +26,7 @@ to the names, until no document pins it and no entry refers to it. A full volume
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -194,6 +195,7 @@ class CheckpointStore:
         self._counter = 0
         self._locks = StoreLocks(self.root, self._tmp)
         self.owner = self._locks.owner
+        self._held: collections.Counter[str] = collections.Counter()
 
     @property
     def file_locks(self) -> bool:
@@ -380,9 +382,22 @@ class CheckpointStore:
             raise CheckpointNotFound(f"{sha256!r} is not a sha256")
         return self._blobs / sha256
 
+    def hold(self, sha256: str) -> None:
+        """Keeps a blob while this server needs it (a version that may be paged in again
+        from it), whatever happens to the names; `let_go` when it no longer does."""
+        with self._locked():
+            self._held[sha256] += 1
+
+    def let_go(self, sha256: str) -> None:
+        with self._locked():
+            self._held[sha256] -= 1
+            if self._held[sha256] <= 0:
+                del self._held[sha256]
+                self._drop_blob_if_unused(sha256)
+
     def _used_blobs(self) -> set[str]:
-        """Blobs an entry refers to or a state document pins."""
-        used = set()
+        """Blobs an entry refers to, a state document pins, or this server holds."""
+        used = set(self._held)
         for entry in self._entries.glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError):
                 used.add(str(json.loads(entry.read_bytes())["sha256"]))

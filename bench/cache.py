@@ -1,0 +1,243 @@
+"""The model cache: more resnet18 variants than the device budget holds, under load.
+
+A server process hosts `--models` resnet18 variants (distinct weights) with a device
+memory budget that holds a quarter of them (`--fraction`). Three measurements:
+
+1. Page-in cost, by tier: requests alternate between versions that cannot all be
+   resident, so each one pages its version in. The server's own page-in time (mean of
+   modelhost_page_in_seconds, by tier) is compared with a fresh LoadModel of the same
+   checkpoint (the server's modelhost_load_seconds) and, on a GPU, with the bare
+   host-to-device copy of the same bytes from pinned memory, measured in this process
+   (the ceiling a host-tier page-in is held to: within 2x).
+2. A Zipf mix (s = `--zipf`) from `--clients` clients for `--seconds`: hit ratio (the
+   server's modelhost_cache_requests_total), client p50 and p99.
+3. The same mix against a server with everything resident: hits should keep its p50
+   (within 10%).
+
+    python bench/cache.py [--models 16] [--seconds 60] [--clients 16] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from prometheus_client.parser import text_string_to_metric_families
+
+from common import ServerProcess, machine, table
+from modelhost.client import ModelHostClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the server's /metrics, by name and labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def mean_of(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    key = tuple(sorted(labels.items()))
+    count = samples.get((name + "_count", key), 0.0)
+    return samples.get((name + "_sum", key), 0.0) / count if count else float("nan")
+
+
+def bare_copy_seconds(model: torch.nn.Module, device: str, repeat: int = 5) -> float:
+    """Host (pinned) to device copy of a model's weights, fastest of `repeat`."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    pinned = [t.detach().to("cpu").pin_memory() for t in model.state_dict().values()]
+    best = float("inf")
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        on_device = [t.to(device, non_blocking=True) for t in pinned]
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+        del on_device
+    return best
+
+
+class Server:
+    """A server process with a metrics port, and `count` resnet18 variants loaded."""
+
+    def __init__(self, store: Path, device: str, budget: int, count: int) -> None:
+        self.metrics_port = free_port()
+        args = ["--device", device, "--metrics-port", str(self.metrics_port)]
+        if budget:
+            args += ["--device-memory-budget", str(budget)]
+        self.process = ServerProcess.start(store, args=args)
+        self.client = ModelHostClient(self.process.target, timeout=300)
+        self.names = [f"r18-{i}" for i in range(count)]
+        for name in self.names:
+            self.client.load_model(name, architecture="resnet18", checkpoint=name)
+
+    def close(self) -> None:
+        self.client.close()
+        self.process.stop()
+
+
+def zipf_run(
+    target: str, names: list[str], x: np.ndarray, *, clients: int, seconds: float, s: float
+) -> list[float]:
+    """Latencies of a Zipf-distributed model choice from `clients` threads."""
+    weights = [1 / (rank + 1) ** s for rank in range(len(names))]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        own: list[float] = []
+        with ModelHostClient(target, timeout=300) as c:
+            while time.monotonic() < stop:
+                name = rng.choices(names, weights)[0]
+                started = time.perf_counter()
+                c.predict(name, x)
+                own.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(own)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return 1000 * float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=16)
+    parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--size", type=int, default=64, help="input height and width")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
+    model = torchvision.models.resnet18()
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    budget = int(args.fraction * args.models * weight_bytes * 1.05)
+    print(f"# {machine()}")
+    print(
+        f"# {args.models} resnet18 variants of {weight_bytes / 2**20:.1f} MiB, device budget "
+        f"{budget / 2**20:.0f} MiB (about {args.fraction:.0%} of them), {args.clients} clients, "
+        f"Zipf s={args.zipf}, {args.seconds:.0f} s per run, input {list(x.shape)}, {args.device}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        with ServerProcess.start(store) as uploader, ModelHostClient(uploader.target) as c:
+            for i in range(args.models):
+                torch.manual_seed(i)
+                c.save_checkpoint(f"r18-{i}", torchvision.models.resnet18().state_dict())
+
+        cached = Server(store, args.device, budget, args.models)
+        try:
+            # Requests go round the versions first, so each one misses (page-in cost).
+            for _ in range(3):
+                for name in cached.names:
+                    cached.client.predict(name, x)
+            before = scrape(cached.metrics_port)
+            latencies = zipf_run(
+                cached.process.target,
+                cached.names,
+                x,
+                clients=args.clients,
+                seconds=args.seconds,
+                s=args.zipf,
+            )
+            after = scrape(cached.metrics_port)
+        finally:
+            cached.close()
+        hits = after.get(("modelhost_cache_requests_total", (("result", "hit"),)), 0) - before.get(
+            ("modelhost_cache_requests_total", (("result", "hit"),)), 0
+        )
+        misses = after.get(
+            ("modelhost_cache_requests_total", (("result", "miss"),)), 0
+        ) - before.get(("modelhost_cache_requests_total", (("result", "miss"),)), 0)
+        tiers = {
+            tier: mean_of(after, "modelhost_page_in_seconds", tier=tier)
+            for tier in ("host", "store")
+        }
+        fresh_load = mean_of(after, "modelhost_load_seconds", model="r18-0")
+
+        resident = Server(store, args.device, 0, args.models)
+        try:
+            baseline = zipf_run(
+                resident.process.target,
+                resident.names,
+                x,
+                clients=args.clients,
+                seconds=args.seconds,
+                s=args.zipf,
+            )
+        finally:
+            resident.close()
+
+    bare = bare_copy_seconds(model, args.device)
+    print()
+    print(
+        table(
+            [
+                "page-in from",
+                "mean ms",
+                "fresh LoadModel ms",
+                "bare H2D copy ms",
+                "vs load",
+                "vs copy",
+            ],
+            [
+                [tier, 1000 * t, 1000 * fresh_load, 1000 * bare, t / fresh_load, t / bare]
+                for tier, t in tiers.items()
+                if not np.isnan(t)  # the tiers that were used
+            ],
+        )
+    )
+    print()
+    ratio = hits / (hits + misses) if hits + misses else float("nan")
+    print(
+        table(
+            ["server", "requests", "hit ratio", "p50 ms", "p99 ms", "p50 vs all resident"],
+            [
+                [
+                    "cache (budget)",
+                    len(latencies),
+                    ratio,
+                    pct(latencies, 50),
+                    pct(latencies, 99),
+                    pct(latencies, 50) / pct(baseline, 50),
+                ],
+                ["all resident", len(baseline), 1.0, pct(baseline, 50), pct(baseline, 99), 1.0],
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The model cache: which registered versions are resident on their devices, within each
+device's memory budget (`--device-memory-budget`).
+
+A registered version is in one tier:
+
+    resident  on its device, serving
+    host      its weights in host memory (pinned, for a GPU): a page-in is one copy
+    store     only its checkpoint: a page-in loads it again (meta device + mmap + assign)
+
+Loads and page-ins make room by evicting the least recently used on-demand resident
+versions that no request holds (a request holds a lease from the moment it finds its
+version until it has its answer, queued requests included): evicted GPU weights move to
+the host tier while `--host-memory-budget` has room, the rest drop to the store tier. A
+version loaded with `residency=pinned` never leaves. When the room is held by versions
+that are busy, the caller waits for one to become idle, up to its deadline; when pinned
+versions alone leave no room, it fails at once with RESOURCE_EXHAUSTED saying why.
+
+A Predict on a version that is not resident pages it in on the load executor (never on
+a lane or the event loop); concurrent requests share one page-in. All residency changes
+happen under the cache's one lock; moving weights to the host happens under it too, a
+page-in from the store does not (it reserves its bytes first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from modelhost.server.devices import release_memory
+from modelhost.server.errors import DeadlineExpired, OutOfMemory
+from modelhost.server.loading import PINNED
+from modelhost.server.metrics import Metrics
+from modelhost.server.registry import Registry
+
+if TYPE_CHECKING:
+    from modelhost.server.hosted import HostedModel
+
+log = logging.getLogger(__name__)
+
+RESIDENT, HOST, STORE = "resident", "host", "store"
+DEFAULT_GPU_FRACTION = 0.9
+Key = tuple[str, int]
+Rebuild = Callable[["HostedModel"], nn.Module]
+"""Loads a version's module again from the store, on its device (models.py)."""
+
+
+def budget_bytes(setting: float, device: torch.device) -> int | None:
+    """A device's budget: `setting` bytes, or a fraction (up to 1) of its total; 0: 0.9 of
+    what is free now on a GPU, no limit on the CPU."""
+    if setting > 1:
+        return int(setting)
+    if device.type != "cuda":
+        return None if setting <= 0 else int(setting * _host_total())
+    free, total = torch.cuda.mem_get_info(device)
+    return int(DEFAULT_GPU_FRACTION * free) if setting <= 0 else int(setting * total)
+
+
+def _host_total() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n:,} bytes"
+
+
+class ModelCache:
+    """Device budgets, the residency of every registered version, evictions and page-ins."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        loads: Executor,
+        *,
+        device_budget: float = 0.0,
+        host_budget: float = 0.0,
+    ) -> None:
+        self._registry = registry
+        self._metrics = metrics
+        self._loads = loads
+        self._device_setting = device_budget
+        self._host_limit = int(host_budget if host_budget > 1 else host_budget * _host_total())
+        self._limits: dict[str, int | None] = {}
+        self._reserved: dict[Key, tuple[str, int]] = {}  # loads and page-ins in progress
+        self._cond = threading.Condition()
+        self._clock = itertools.count(1)
+        self.rebuild: Rebuild | None = None  # set by Models
+        metrics.watch_cache(self)
+
+    # Budgets and accounting
+
+    def limit(self, device: torch.device) -> int | None:
+        """The device's budget in bytes (None: no limit), fixed at its first use."""
+        key = str(device)
+        if key not in self._limits:
+            self._limits[key] = budget_bytes(self._device_setting, device)
+            if self._limits[key] is not None:
+                log.info("device memory budget of %s: %s", key, _gib(self._limits[key] or 0))
+        return self._limits[key]
+
+    def usage(self) -> dict[str, tuple[int, int | None]]:
+        """Bytes held (resident and being loaded) and the budget, by device."""
+        with self._cond:
+            return {device: (self._used(device), limit) for device, limit in self._limits.items()}
+
+    def _resident(self, device: str) -> list[HostedModel]:
+        return [
+            h for h in self._registry.all() if h.tier == RESIDENT and str(h.loaded.device) == device
+        ]
+
+    def _used(self, device: str, exclude: Key | None = None) -> int:
+        """Bytes on `device`: resident versions, and loads and page-ins in progress."""
+        held = {(h.name, h.version): h.device_bytes for h in self._resident(device)}
+        for key, (where, nbytes) in self._reserved.items():
+            if where == device:
+                held[key] = max(held.get(key, 0), nbytes)
+        held.pop(exclude, None)  # type: ignore[arg-type]
+        return sum(held.values())
+
+    def _host_used(self) -> int:
+        return sum(h.device_bytes for h in self._registry.all() if h.tier == HOST)
+
+    # Making room
+
+    def reserve(
+        self, key: Key, device: torch.device, nbytes: int, *, deadline: float | None
+    ) -> None:
+        """Counts `nbytes` for a load or page-in of `key` on `device`, evicting least
+        recently used idle versions until they fit. Waits (up to `deadline`) while busy
+        versions hold the room; OutOfMemory when it cannot fit at all."""
+        limit = self.limit(device)
+        where = str(device)
+        with self._cond:
+            while limit is not None:
+                used = self._used(where, exclude=key)
+                if used + nbytes <= limit:
+                    break
+                if self._evict_one(where, exclude=key):
+                    continue
+                held = self._resident(where)
+                pinned_bytes = sum(h.device_bytes for h in held if h.request.residency == PINNED)
+                busy = [h for h in held if h.request.residency != PINNED]
+                if pinned_bytes + nbytes > limit or not (busy or self._reserved):
+                    raise OutOfMemory(
+                        f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
+                        f"(device_memory_budget) is {_gib(limit)}: pinned versions hold "
+                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
+                        f"{_gib(used - pinned_bytes)} more is in use"
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExpired(
+                        f"no room on {where} for {key[0]!r} before the deadline: the versions "
+                        f"holding it ({_names(busy)}) are busy"
+                    )
+                self._cond.wait(timeout=min(remaining or 1.0, 1.0))
+            self._reserved[key] = (where, nbytes)
+
+    def unreserve(self, key: Key) -> None:
+        """Gives back a reservation (a load or page-in that failed, or has registered)."""
+        with self._cond:
+            self._reserved.pop(key, None)
+            self._cond.notify_all()
+
+    def idle(self) -> None:
+        """A version's last request ended: a waiting load or page-in may evict it now."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _evict_one(self, device: str, exclude: Key) -> bool:
+        candidates = sorted(
+            (
+                h
+                for h in self._resident(device)
+                if h.request.residency != PINNED and (h.name, h.version) != exclude
+            ),
+            key=lambda h: h.used_order,
+        )
+        return any(self._evict(hosted) for hosted in candidates)
+
+    def _evict(self, hosted: HostedModel) -> bool:
+        """Takes an idle version off its device (to the host tier when it is a GPU's and
+        the host budget has room, else to the store); False if a request holds it."""
+        to_host = (
+            hosted.loaded.device.type == "cuda"
+            and self._host_used() + hosted.device_bytes <= self._host_limit
+        )
+        module = hosted.leave_device(HOST if to_host else STORE)
+        if module is None:
+            return False
+        if to_host:
+            module.to("cpu")
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tensor.data = tensor.data.pin_memory()
+            hosted.host_module = module
+        else:
+            gone = weakref.ref(module)
+            del module
+            if gone() is not None:  # a reference cycle holds it: only a collection frees it
+                release_memory(hosted.loaded.device)
+        self._metrics.evictions.labels(hosted.name, str(hosted.version), hosted.tier).inc()
+        log.info("evicted %s version %d to the %s tier", hosted.name, hosted.version, hosted.tier)
+        return True
+
+    # Paging in
+
+    def touch(self, hosted: HostedModel) -> None:
+        hosted.used_order = next(self._clock)
+        hosted.last_used = time.time()
+
+    async def ensure_resident(self, hosted: HostedModel, deadline: float | None) -> None:
+        """Returns once `hosted` is on its device, paging it in if needed (one page-in
+        shared by every request that waits for it). DeadlineExpired at the deadline."""
+        if hosted.tier == RESIDENT:
+            self._metrics.cache_requests.labels("hit").inc()
+            return
+        self._metrics.cache_requests.labels("miss").inc()
+        with self._cond:
+            job = hosted.paging
+            if job is None or job.done():
+                job = hosted.paging = self._loads_submit(hosted, deadline)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), remaining)
+        except TimeoutError:
+            raise DeadlineExpired(
+                f"model {hosted.name!r} version {hosted.version} was still being paged in "
+                "when the deadline passed"
+            ) from None
+
+    def _loads_submit(self, hosted: HostedModel, deadline: float | None) -> Future[None]:
+        return self._loads.submit(self._page_in, hosted, deadline)
+
+    def _page_in(self, hosted: HostedModel, deadline: float | None) -> None:
+        """Brings a version back to its device (on a load thread)."""
+        if hosted.tier == RESIDENT or hosted.retiring:
+            return
+        key = (hosted.name, hosted.version)
+        device = hosted.loaded.device
+        started = time.perf_counter()
+        self.reserve(key, device, hosted.device_bytes, deadline=deadline)
+        try:
+            with self._cond:
+                module, tier = hosted.host_module, hosted.tier
+                hosted.host_module = None
+            if module is not None:
+                module.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            else:
+                assert self.rebuild is not None
+                module = self.rebuild(hosted)
+            with self._cond:
+                hosted.return_to_device(module)
+        finally:
+            self.unreserve(key)
+        seconds = time.perf_counter() - started
+        self._metrics.page_ins.labels(hosted.name, str(hosted.version), tier).inc()
+        self._metrics.page_in_seconds.labels(tier).observe(seconds)
+        log.info(
+            "paged in %s version %d from the %s tier (%.3fs)",
+            hosted.name,
+            hosted.version,
+            tier,
+            seconds,
+        )
+
+
+def _names(versions: Iterable[HostedModel]) -> str:
+    listed = [f"{h.name}:{h.version}" for h in versions]
+    return ", ".join(listed[:10]) + (" ..." if len(listed) > 10 else "") or "none"

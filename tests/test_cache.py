@@ -1,0 +1,287 @@
+"""The model cache: more registered versions than the device budget holds.
+
+A byte budget on the CPU holds three of the small models below; the others wait in the
+store tier and are paged in by the requests that need them (cache.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from conftest import build, expect, reference
+from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.server import Server, Settings, running
+
+ARGS = {"features": 16, "hidden": 256, "classes": 4}
+MODEL_BYTES = 4 * (16 * 256 + 256 + 256 * 4 + 4)  # float32 weights and biases
+BUDGET = 3 * MODEL_BYTES + 1000  # three of them fit, not four
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((2, 16)).astype(np.float32)
+DELAY = 0.8  # seconds per call of a slow version
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[Server]:
+    with running(dataclasses.replace(settings, device_memory_budget=BUDGET)) as srv:
+        yield srv
+
+
+def load(
+    client: ModelHostClient, name: str, seed: int, **options: Any
+) -> torch.nn.Module:
+    """Uploads a tiny_mlp of `seed` as checkpoint `name`, loads it; returns the twin."""
+    model = build("tiny_mlp", ARGS, seed=seed)
+    client.save_checkpoint(name, model.state_dict(), overwrite=True)
+    client.load_model(
+        name, architecture="tiny_mlp", checkpoint=name, architecture_args=ARGS, **options
+    )
+    return model
+
+
+def same(served: Any, expected: Any) -> None:
+    """Served output equals the in-process twin's (up to float rounding of the threads)."""
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+
+
+def tiers(client: ModelHostClient) -> dict[str, str]:
+    return {m.name: m.tier for m in client.list_models()}
+
+
+def resident(client: ModelHostClient) -> set[str]:
+    return {name for name, tier in tiers(client).items() if tier == "resident"}
+
+
+def counter(server: Server, name: str, **labels: str) -> float:
+    assert server.host is not None
+    value = server.host.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def test_least_recently_used_versions_leave_and_page_back_in(
+    client: ModelHostClient, server: Server
+) -> None:
+    twins = {name: load(client, name, seed) for seed, name in enumerate("abc")}
+    assert resident(client) == {"a", "b", "c"}
+    info = client.get_model("a")
+    assert info.device_bytes == MODEL_BYTES and info.tier == "resident"
+    client.predict("a", X)  # order of use, oldest first: b, c, a
+    twins["d"] = load(client, "d", 3)
+    assert tiers(client) == {"a": "resident", "b": "store", "c": "resident", "d": "resident"}
+    client.predict("c", X)  # c, then a are used; d was loaded last: a, d, c? a is oldest
+    client.predict("d", X)
+    # b comes back: the least recently used (a) leaves for it.
+    same(client.predict("b", X), reference(twins["b"], X))
+    assert tiers(client) == {"a": "store", "b": "resident", "c": "resident", "d": "resident"}
+    b = client.get_model("b")
+    assert b.page_ins == 1 and b.last_used is not None
+    # Every answer equals its in-process twin, and a version's output after a page-in is
+    # bit-identical to its output before the eviction.
+    before = client.predict("a", X)
+    for name, twin in twins.items():
+        same(client.predict(name, X), reference(twin, X))
+    np.testing.assert_array_equal(client.predict("a", X), before)
+    assert counter(server, "modelhost_evictions_total", model="a", version="1", tier="store") >= 1
+    assert counter(server, "modelhost_page_ins_total", model="b", version="1", tier="store") == 1
+    assert counter(server, "modelhost_cache_requests_total", result="miss") >= 2
+    assert counter(server, "modelhost_device_budget_bytes", device="cpu") == BUDGET
+    used = counter(server, "modelhost_device_resident_bytes", device="cpu")
+    assert used == 3 * MODEL_BYTES
+
+
+def test_pinned_versions_stay_and_alone_cannot_overflow(
+    client: ModelHostClient, server: Server
+) -> None:
+    load(client, "p1", 1, residency="pinned")
+    load(client, "p2", 2, residency="pinned")
+    twins = {name: load(client, name, seed) for seed, name in enumerate("xy", 3)}
+    for _ in range(3):  # x and y take turns in the one place left
+        for name in "xy":
+            same(client.predict(name, X), reference(twins[name], X))
+    assert client.get_model("p1").tier == client.get_model("p2").tier == "resident"
+    assert client.get_model("p1").residency == "pinned"
+    assert client.get_model("p1").page_ins == 0
+    load(client, "p3", 5, residency="pinned")
+    error = expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        lambda: load(client, "p4", 6, residency="pinned"),
+        "device_memory_budget",
+        "p1:1",
+        "p3:1",
+    )
+    assert f"{BUDGET:,}" in error.message
+    assert {m.name for m in client.list_models()} == {"p1", "p2", "p3", "x", "y"}
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: client.predict("x", X), "pinned")
+
+
+def test_random_mix_from_many_threads(client: ModelHostClient, server: Server) -> None:
+    """Eight versions, room for three, one pinned: every answer right, none failed."""
+    twins = {f"m{i}": load(client, f"m{i}", i) for i in range(7)}
+    twins["pinned"] = load(client, "pinned", 7, residency="pinned")
+    expected = {name: reference(twin, X) for name, twin in twins.items()}
+    failures: list[str] = []
+    seen_resident: list[int] = []
+
+    def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        with ModelHostClient(server.target, timeout=60) as own:
+            for _ in range(15):
+                name = rng.choice(list(twins))
+                try:
+                    same(own.predict(name, X), expected[name])
+                except Exception as error:  # every failure counts
+                    failures.append(f"{name}: {error!r}")
+
+    def watcher(stop: threading.Event) -> None:
+        with ModelHostClient(server.target, timeout=60) as own:
+            while not stop.is_set():
+                seen_resident.append(
+                    sum(m.device_bytes for m in own.list_models() if m.tier == "resident")
+                )
+                time.sleep(0.01)
+
+    stop = threading.Event()
+    watching = threading.Thread(target=watcher, args=(stop,))
+    watching.start()
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    watching.join(10)
+    assert failures == [], failures[:5]
+    assert max(seen_resident) <= BUDGET
+    assert client.get_model("pinned").page_ins == 0
+    assert sum(m.page_ins for m in client.list_models()) > 0
+
+
+def test_concurrent_requests_share_one_page_in(client: ModelHostClient) -> None:
+    twins = {name: load(client, name, seed) for seed, name in enumerate("abcd")}
+    assert client.get_model("a").tier == "store"
+    results: list[Any] = [None] * 16
+    barrier = threading.Barrier(16)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = client.predict("a", X)
+        except ModelHostError as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for result in results:
+        same(result, reference(twins["a"], X))
+    assert client.get_model("a").page_ins == 1
+
+
+def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
+    client: ModelHostClient, server: Server
+) -> None:
+    """A page-in waits for room that versions with requests in flight or queued hold; a
+    request whose deadline passes first gets DEADLINE_EXCEEDED, and nothing else breaks.
+    An unload during a page-in lets the request that waits for it finish."""
+    slow = build("slow_mlp", {**ARGS, "delay": DELAY}, seed=9)
+    client.save_checkpoint("slow", slow.state_dict())
+    for i in range(4):  # the fourth evicts the first
+        client.load_model(
+            f"s{i}",
+            architecture="slow_mlp",
+            checkpoint="slow",
+            architecture_args={**ARGS, "delay": DELAY},
+        )
+    assert tiers(client) == {"s0": "store", "s1": "resident", "s2": "resident", "s3": "resident"}
+
+    answers: list[Any] = []
+
+    def keep_busy(*names: str) -> list[threading.Thread]:
+        """One request on each version: one runs, the others queue (the CPU lane)."""
+        busy = [
+            threading.Thread(target=lambda n=n: answers.append(client.predict(n, X, timeout=60)))
+            for n in names
+        ]
+        for t in busy:
+            t.start()
+        time.sleep(0.3)
+        return busy
+
+    busy = keep_busy("s1", "s2", "s3")
+    started = time.monotonic()
+    expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: client.predict("s0", X, timeout=0.3))
+    assert time.monotonic() - started < 2.0
+    for t in busy:
+        t.join(30)
+    for answer in answers:  # none was evicted from under its requests
+        same(answer, reference(slow, X))
+    assert [client.get_model(n).page_ins for n in ("s1", "s2", "s3")] == [0, 0, 0]
+    # s0 pages in (once its page-in finds room, even after the caller has gone).
+    same(client.predict("s0", X, timeout=60), reference(slow, X))
+    assert client.get_model("s0").page_ins == 1
+
+    client.predict("s3", X, timeout=60)  # now s1 is the least recently used
+    client.predict("s2", X, timeout=60)
+    client.predict("s0", X, timeout=60)
+    client.predict("s1", X, timeout=60)  # evicts s3
+    assert client.get_model("s3").tier == "store"
+    busy = keep_busy("s0", "s1", "s2")
+    answer: list[Any] = []
+    waiting = threading.Thread(target=lambda: answer.append(client.predict("s3", X, timeout=60)))
+    waiting.start()
+    time.sleep(0.3)
+    assert server.host is not None
+    assert server.host.models.get("s3").paging is not None  # s3 waits for room
+    assert client.unload_model("s3") == [1]  # returns once its waiting request is answered
+    waiting.join(30)
+    for t in busy:
+        t.join(30)
+    same(answer[0], reference(slow, X))
+    assert "s3" not in tiers(client)
+
+
+def test_hot_swap_of_an_evicted_version(
+    client: ModelHostClient,
+) -> None:
+    for seed, name in enumerate("abc"):
+        load(client, name, seed)
+    old = load(client, "m", 3)  # evicts a
+    for name in "bc":
+        client.predict(name, X)
+    load(client, "filler", 4)  # evicts m (least recently used)
+    assert client.get_model("m").tier == "store"
+    # Hot swap: version 2 of m, new weights under the same checkpoint name, while
+    # version 1 is paged out; version 1 still pages in from its own bytes.
+    new = build("tiny_mlp", ARGS, seed=5)
+    client.save_checkpoint("m", new.state_dict(), overwrite=True)
+    client.load_model("m", architecture="tiny_mlp", checkpoint="m", architecture_args=ARGS)
+    same(client.predict("m", X), reference(new, X))
+    same(client.predict("m", X, version=1), reference(old, X))
+
+
+def test_the_checkpoint_of_an_evictable_version_is_not_deleted(
+    client: ModelHostClient, server: Server
+) -> None:
+    load(client, "a", 0)
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        lambda: client.delete_checkpoint("a"),
+        "a:1",
+        "pinned",
+    )
+    assert [c.name for c in client.list_checkpoints()] == ["a"]
+    load(client, "p", 1, residency="pinned")
+    client.delete_checkpoint("p")  # a pinned version never needs it again
+    client.unload_model("a")
+    client.delete_checkpoint("a")
+    assert client.list_checkpoints() == []
