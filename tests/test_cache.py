@@ -35,9 +35,7 @@ def server(settings: Settings) -> Iterator[Server]:
         yield srv
 
 
-def load(
-    client: ModelHostClient, name: str, seed: int, **options: Any
-) -> torch.nn.Module:
+def load(client: ModelHostClient, name: str, seed: int, **options: Any) -> torch.nn.Module:
     """Uploads a tiny_mlp of `seed` as checkpoint `name`, loads it; returns the twin."""
     model = build("tiny_mlp", ARGS, seed=seed)
     client.save_checkpoint(name, model.state_dict(), overwrite=True)
