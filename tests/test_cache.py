@@ -283,3 +283,48 @@ def test_the_checkpoint_of_an_evictable_version_is_not_deleted(
     client.unload_model("a")
     client.delete_checkpoint("a")
     assert client.list_checkpoints() == []
+
+
+def test_a_restart_brings_pinned_versions_back_resident_and_the_others_on_first_use(
+    settings: Settings,
+) -> None:
+    restoring = dataclasses.replace(settings, device_memory_budget=BUDGET, restore=True)
+    with running(restoring) as first, ModelHostClient(first.target, timeout=60) as client:
+        load(client, "p", 9, residency="pinned")
+        twins = {name: load(client, name, seed) for seed, name in enumerate("abc")}
+        assert tiers(client)["a"] == "store"
+        outputs = {name: client.predict(name, X) for name in twins}
+    with running(restoring) as second, ModelHostClient(second.target, timeout=60) as client:
+        # Nothing but the pinned version was loaded at start.
+        assert tiers(client) == {"p": "resident", "a": "store", "b": "store", "c": "store"}
+        assert client.get_model("a").inputs == ()  # known once it is built
+        for name, twin in twins.items():
+            answer = client.predict(name, X)
+            same(answer, reference(twin, X))
+            np.testing.assert_array_equal(answer, outputs[name])
+        info = client.get_model("a")
+        assert info.page_ins == 1 and info.parameter_count == MODEL_BYTES // 4
+        assert info.device_bytes == MODEL_BYTES
+        assert client.get_model("p").page_ins == 0
+        # The restored versions count like any other: the record still holds them all.
+        client.unload_model("a")
+    with running(restoring) as third, ModelHostClient(third.target, timeout=60) as client:
+        assert set(tiers(client)) == {"p", "b", "c"}
+
+
+def test_triton_clients_see_evicted_versions_ready_and_infer_pages_them_in(
+    client: ModelHostClient, server: Server
+) -> None:
+    from helpers.triton import Triton, start_child
+
+    twins = {name: load(client, name, seed) for seed, name in enumerate("abcd")}
+    assert client.get_model("a").tier == "store"
+    with start_child() as child:
+        triton = Triton(child, server.target)
+        assert triton.call("is_model_ready", "a") is True
+        index = triton.call("get_model_repository_index", as_json=True)
+        assert {m["name"]: m["state"] for m in index["models"]} == dict.fromkeys("abcd", "READY")
+        _, outputs = triton.infer("a", {"input": X})
+    ((_, values),) = outputs.values()
+    same(values, reference(twins["a"], X))
+    assert client.get_model("a").tier == "resident"

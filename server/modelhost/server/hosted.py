@@ -63,6 +63,7 @@ class HostedModel:
     used_order: int = 0  # larger: used more recently (the cache's LRU order)
     host_module: nn.Module | None = None  # its weights while in the host tier
     paging: Any = None  # the page-in in progress (a concurrent Future), if any
+    built: bool = True  # False: registered at restart, built at its first page-in
 
     def __post_init__(self) -> None:
         self._leases = 0
@@ -155,6 +156,18 @@ class HostedModel:
         module = self.runner.detach()
         self.loaded.module = None
         return module
+
+    def take_over(self, built: HostedModel) -> None:
+        """Becomes `built` (this version built at its first page-in: a restart registered it
+        from the restore record only); keeps its own statistics, leases and routing."""
+        old = self.batcher
+        self.spec, self.loaded, self.runner = built.spec, built.loaded, built.runner
+        self.batcher, self.labels = built.batcher, built.labels
+        self.workspace_bytes = built.workspace_bytes
+        self.loaded_at = built.loaded_at
+        self.built = True
+        built.batcher.statistics = old.statistics
+        old.close()
 
     def return_to_device(self, module: nn.Module) -> None:
         """Serves again with `module`, paged in."""

@@ -87,7 +87,7 @@ class Runner:
 
     def __init__(
         self,
-        module: nn.Module,
+        module: nn.Module | None,
         device: torch.device,
         dtype: torch.dtype,
         inputs: Sequence[InputSpec] = (),
@@ -111,7 +111,8 @@ class Runner:
         self.max_elements = max_elements  # of decoded images, checked from their headers
         self.compile_mode = compile_mode
         self._forward: Callable[..., Any] = _released
-        self.attach(module)
+        if module is not None:  # None: a version registered before it is built (restore)
+            self.attach(module)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # CUDA graphs keep per-thread state that lane threads must set up (devices.py).
         self._cuda_graphs = device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES

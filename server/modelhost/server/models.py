@@ -20,13 +20,20 @@ import torch
 
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, preferred_batch_size
-from modelhost.server.cache import ModelCache
+from modelhost.server.cache import STORE, ModelCache
 from modelhost.server.devices import peak_since, peak_start, resolve_device
-from modelhost.server.errors import InvalidArgument, ModelHostFailure, ModelNotFound, ShuttingDown
+from modelhost.server.errors import (
+    CheckpointNotFound,
+    InvalidArgument,
+    ModelHostFailure,
+    ModelNotFound,
+    ShuttingDown,
+)
 from modelhost.server.hosted import HostedModel
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec, Runner
 from modelhost.server.loading import (
+    PINNED,
     PROBE_SIZES,
     LoadedModule,
     LoadRequest,
@@ -144,6 +151,14 @@ class Models:
     def _rebuild(self, hosted: HostedModel) -> torch.nn.Module:
         """A version's module loaded again from the bytes it was loaded from (a page-in
         from the store tier; the cache has reserved its room)."""
+        if not hosted.built:  # registered at restart: built in full the first time
+            policy = batch_policy(hosted.request, self.settings)
+            built = self._build(
+                hosted.spec, hosted.version, policy, hosted.request, hosted.loaded.record
+            )
+            hosted.take_over(built)
+            assert built.loaded.module is not None
+            return built.loaded.module
         loaded = load_module(
             hosted.spec,
             self._store,
@@ -312,13 +327,16 @@ class Models:
             raise
 
     async def restore(self) -> list[str]:
-        """Loads again what the record holds; returns "name:version" of each.
+        """Brings back what the record holds; returns "name:version" of each.
 
-        Each version loads the checkpoint bytes it loaded before (a record written
-        before those were recorded: what the checkpoint name holds now). One that fails
-        is logged and stays in the record, the others still come up: GetModel and
-        ListModels say why, a later start retries it (say, once its bytes are uploaded
-        again), and UnloadModel drops it.
+        Pinned versions, and versions on a device without a memory budget, are loaded
+        again; on-demand versions on a device with one are registered at the store tier
+        and built at their first request (no reload of everything at start). Each uses
+        the checkpoint bytes it loaded before (a record written before those were
+        recorded: what the checkpoint name holds now). One that fails is logged and
+        stays in the record, the others still come up: GetModel and ListModels say why,
+        a later start retries it (say, once its bytes are uploaded again), and
+        UnloadModel drops it.
         """
         restored = []
         for request, pinned in self.record.read():
@@ -326,7 +344,10 @@ class Models:
             if key not in self.record.unrestored:
                 continue  # a client loaded or unloaded that version meanwhile
             try:
-                hosted = await self.load(request, pinned)
+                if self._on_demand(request):
+                    hosted = self._register_unbuilt(request, pinned)
+                else:
+                    hosted = await self.load(request, pinned)
             except Exception as error:
                 known = isinstance(error, ModelHostFailure)
                 reason = str(error) if known else f"{type(error).__name__}: {error}"
@@ -337,6 +358,55 @@ class Models:
             restored.append(f"{hosted.name}:{hosted.version}")
         log.info("restored %d model versions: %s", len(restored), ", ".join(restored) or "-")
         return restored
+
+    def _on_demand(self, request: LoadRequest) -> bool:
+        """Whether a recorded version may wait at the store tier until it is used."""
+        device = resolve_device(request.device, str(self.default_device))
+        return request.residency != PINNED and self.cache.limit(device) is not None
+
+    def _register_unbuilt(
+        self, request: LoadRequest, pinned: CheckpointRecord | None
+    ) -> HostedModel:
+        """Registers a recorded version at the store tier without loading it; its first
+        request builds it (`_rebuild`). Until then ModelInfo knows what the record does."""
+        spec = check_request(request, self.settings, self.default_device)
+        record = pinned or (self._store.get(spec.checkpoint) if spec.checkpoint else None)
+        if record is not None and not self._store.has_blob(record.sha256):
+            raise CheckpointNotFound(
+                f"checkpoint {spec.checkpoint!r} (sha256 {record.sha256}) as it was loaded "
+                "is no longer in the store"
+            )
+        version = self.registry.reserve(spec.name, request.version)
+        dtype = spec.dtype or torch.float32
+        loaded = LoadedModule(
+            module=None,
+            record=record,
+            device=spec.device,
+            dtype=dtype,
+            parameter_count=0,
+            device_bytes=record.size_bytes if record else 0,  # until it is built
+        )
+        runner = Runner(None, spec.device, dtype, preprocessing=request.preprocessing)
+        hosted = HostedModel(
+            name=spec.name,
+            version=version,
+            spec=spec,
+            loaded=loaded,
+            runner=runner,
+            batcher=Batcher(runner.run, batch_policy(request, self.settings), self._cpu_lane),
+            prep=self._prep,
+            loaded_at=time.time(),
+            labels=list(request.labels),
+            request=request,
+            cache=self.cache,
+            tier=STORE,
+            built=False,
+        )
+        if hosted.pages_in_from:
+            self._store.hold(hosted.pages_in_from)
+        self.registry.put(hosted)
+        self.record.unrestored.pop((spec.name, version), None)
+        return hosted
 
     async def close(self) -> None:
         """Unloads every model; the restore record stays as it was."""
