@@ -328,3 +328,15 @@ def test_triton_clients_see_evicted_versions_ready_and_infer_pages_them_in(
     ((_, values),) = outputs.values()
     same(values, reference(twins["a"], X))
     assert client.get_model("a").tier == "resident"
+
+
+def test_the_warm_up_workspace_counts_against_the_budget(client: ModelHostClient) -> None:
+    """On the CPU a version's workspace is estimated during its warm-up: the largest
+    inputs plus outputs of one layer at its largest warm-up batch (here the ReLU's
+    8 x 256 floats in and out); that counts against the budget too."""
+    load(client, "warm", 0, warmup_shape=(8, 16))
+    workspace = 2 * 8 * 256 * 4
+    assert client.get_model("warm").device_bytes == MODEL_BYTES + workspace
+    load(client, "b", 1)
+    load(client, "c", 2)  # three fit, but not with warm's workspace: it leaves
+    assert tiers(client) == {"warm": "store", "b": "resident", "c": "resident"}

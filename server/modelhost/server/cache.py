@@ -249,8 +249,8 @@ class ModelCache:
             return
         key = (hosted.name, hosted.version)
         device = hosted.loaded.device
-        started = time.perf_counter()
         self.reserve(key, device, hosted.device_bytes, deadline=deadline)
+        started = time.perf_counter()  # the page-in itself, after any wait for room
         try:
             with self._cond:
                 module, tier = hosted.host_module, hosted.tier

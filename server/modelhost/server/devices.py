@@ -6,6 +6,7 @@ import collections
 import gc
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,17 +155,48 @@ def adopt(tensors: Iterable[torch.Tensor], ready: torch.cuda.Event, device: torc
             tensor.record_stream(stream)
 
 
-def peak_start(device: torch.device) -> int:
-    """Starts measuring the peak of what PyTorch allocates on a GPU; returns what it holds
-    now (0 on the CPU, which keeps no such count)."""
-    if device.type != "cuda":
-        return 0
-    torch.cuda.reset_peak_memory_stats(device)
-    return int(torch.cuda.memory_allocated(device))
+class Workspace:
+    """What running a module needs on its device beyond its weights, measured around its
+    warm-up (`with Workspace(module, device) as w: ...; w.bytes`). On a GPU: the peak of
+    what PyTorch allocated beyond what it held before. On the CPU, which keeps no such
+    count, an estimate: the largest inputs plus outputs of any one layer (the activations
+    alive at once in a feed-forward network)."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.bytes = 0
+        self._module = module
+        self._device = device
+        self._start = 0
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> Workspace:
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+            self._start = int(torch.cuda.memory_allocated(self._device))
+        else:
+            self._hooks = [
+                layer.register_forward_hook(self._layer)
+                for layer in self._module.modules()
+                if not any(True for _ in layer.children())
+            ]
+        return self
+
+    def _layer(self, layer: nn.Module, inputs: Any, output: Any) -> None:
+        self.bytes = max(self.bytes, _tensor_bytes(inputs) + _tensor_bytes(output))
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        if self._device.type == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(self._device))
+            self.bytes = max(0, peak - self._start)
 
 
-def peak_since(device: torch.device, start: int) -> int:
-    """Bytes allocated at the peak since `peak_start` beyond what was held then."""
-    if device.type != "cuda":
-        return 0
-    return max(0, int(torch.cuda.max_memory_allocated(device)) - start)
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0

@@ -95,7 +95,8 @@ class Metrics:
         )
         self.page_in_seconds = Histogram(
             "modelhost_page_in_seconds",
-            "Page-in time in seconds (room, copy or load), by the tier it came from.",
+            "Page-in time in seconds (the copy or the load, after any wait for room), by "
+            "the tier it came from.",
             ["tier"],
             buckets=PAGE_IN_BUCKETS,
             registry=r,

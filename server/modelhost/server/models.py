@@ -21,7 +21,7 @@ import torch
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, preferred_batch_size
 from modelhost.server.cache import STORE, ModelCache
-from modelhost.server.devices import peak_since, peak_start, resolve_device
+from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
     CheckpointNotFound,
     InvalidArgument,
@@ -226,26 +226,17 @@ class Models:
     ) -> HostedModel:
         """Finds the outputs, warms up and wraps a built version (on a load thread); counts
         the workspace the warm-up needed against the device's budget."""
-        start = peak_start(loaded.device)
-        if not runner.outputs and len(loaded.inputs) == 1 and not request.warmup_shape:
-            _probe_by_running(runner, lane, loaded.inputs[0])
-        if request.warmup_shape:
-            measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
-            warm_up = functools.partial(runner.warm_up, measure=measure)
-            rates = lane.call(warm_up, request.warmup_shape).result()
-            if rates:
-                preferred = preferred_batch_size(rates, policy.max_batch_size)
-                policy = dataclasses.replace(policy, preferred_batch_size=preferred)
-                log.info(
-                    "%s: rows/s by batch size %s; preferred batch size %s",
-                    spec.name,
-                    {rows: round(rate, 1) for rows, rate in rates.items()},
-                    preferred or "-",
-                )
+        assert loaded.module is not None
+        workspace = Workspace(loaded.module, loaded.device)
+        with workspace:
+            policy = self._warm_up(
+                spec, policy, request, runner=runner, lane=lane, inputs=loaded.inputs
+            )
+        if workspace.bytes:
+            self._make_room(
+                (spec.name, version), loaded.device, loaded.device_bytes + workspace.bytes
+            )
         categories = loaded.weights_meta.get("categories", [])
-        workspace = peak_since(loaded.device, start)
-        if workspace:
-            self._make_room((spec.name, version), loaded.device, loaded.device_bytes + workspace)
         return HostedModel(
             name=spec.name,
             version=version,
@@ -266,8 +257,38 @@ class Models:
             labels=list(request.labels or categories),
             request=dataclasses.replace(request, version=version),
             cache=self.cache,
-            workspace_bytes=workspace,
+            workspace_bytes=workspace.bytes,
         )
+
+    def _warm_up(
+        self,
+        spec: LoadSpec,
+        policy: BatchPolicy,
+        request: LoadRequest,
+        *,
+        runner: Runner,
+        lane: Lane,
+        inputs: list[InputSpec],
+    ) -> BatchPolicy:
+        """Finds the outputs by running, or warms up; returns the policy with the preferred
+        batch size the warm-up measured."""
+        if not runner.outputs and len(inputs) == 1 and not request.warmup_shape:
+            _probe_by_running(runner, lane, inputs[0])
+        if not request.warmup_shape:
+            return policy
+        measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
+        warm_up = functools.partial(runner.warm_up, measure=measure)
+        rates = lane.call(warm_up, request.warmup_shape).result()
+        if rates:
+            preferred = preferred_batch_size(rates, policy.max_batch_size)
+            policy = dataclasses.replace(policy, preferred_batch_size=preferred)
+            log.info(
+                "%s: rows/s by batch size %s; preferred batch size %s",
+                spec.name,
+                {rows: round(rate, 1) for rows, rate in rates.items()},
+                preferred or "-",
+            )
+        return policy
 
     def _preprocessing(
         self, spec: LoadSpec, request: LoadRequest, loaded: LoadedModule
