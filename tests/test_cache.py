@@ -340,3 +340,83 @@ def test_the_warm_up_workspace_counts_against_the_budget(client: ModelHostClient
     load(client, "b", 1)
     load(client, "c", 2)  # three fit, but not with warm's workspace: it leaves
     assert tiers(client) == {"warm": "store", "b": "resident", "c": "resident"}
+
+
+def test_state_machine_over_load_unload_predict_and_pin(settings: Settings) -> None:
+    """Random sequences of loads (on demand or pinned), unloads and predictions: every
+    answer is right, pinned versions stay, resident bytes stay within the budget, and a
+    load fails only when pinned versions leave no room."""
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+    twins = {seed: build("tiny_mlp", ARGS, seed=seed) for seed in range(4)}
+    expected = {seed: reference(twin, X) for seed, twin in twins.items()}
+    names = st.sampled_from(["m0", "m1", "m2", "m3", "m4", "m5"])
+
+    with (
+        running(dataclasses.replace(settings, device_memory_budget=BUDGET)) as server,
+        ModelHostClient(server.target, timeout=60) as client,
+    ):
+        for seed, twin in twins.items():
+            client.save_checkpoint(f"w{seed}", twin.state_dict())
+
+        class Cache(RuleBasedStateMachine):
+            def __init__(self) -> None:
+                super().__init__()
+                for model in client.list_models():
+                    client.unload_model(model.name)
+                self.hosted: dict[str, tuple[int, bool]] = {}  # name -> (seed, pinned)
+
+            @precondition(lambda self: len(self.hosted) < 6)
+            @rule(name=names, seed=st.integers(0, 3), pinned=st.booleans())
+            def load(self, name: str, seed: int, pinned: bool) -> None:
+                if name in self.hosted:
+                    return
+                options: dict[str, Any] = {"residency": "pinned"} if pinned else {}
+                pinned_count = sum(p for _, p in self.hosted.values())
+                try:
+                    client.load_model(
+                        name,
+                        architecture="tiny_mlp",
+                        checkpoint=f"w{seed}",
+                        architecture_args=ARGS,
+                        **options,
+                    )
+                except ModelHostError as error:
+                    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                    assert pinned_count == 3, error  # three pinned fill the budget
+                    return
+                self.hosted[name] = (seed, pinned)
+
+            @precondition(lambda self: bool(self.hosted))
+            @rule(data=st.data())
+            def predict(self, data: st.DataObject) -> None:
+                name = data.draw(st.sampled_from(sorted(self.hosted)))
+                seed, _ = self.hosted[name]
+                same(client.predict(name, X), expected[seed])
+
+            @precondition(lambda self: bool(self.hosted))
+            @rule(data=st.data())
+            def unload(self, data: st.DataObject) -> None:
+                name = data.draw(st.sampled_from(sorted(self.hosted)))
+                client.unload_model(name)
+                del self.hosted[name]
+
+            @invariant()
+            def within_budget(self) -> None:
+                models = client.list_models()
+                assert {m.name for m in models} == set(self.hosted)
+                assert sum(m.device_bytes for m in models if m.tier == "resident") <= BUDGET
+                for m in models:
+                    if self.hosted[m.name][1]:
+                        assert m.tier == "resident", m
+
+        Cache.TestCase.settings = hypothesis_settings(
+            max_examples=10,
+            stateful_step_count=12,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        Cache.TestCase().runTest()
