@@ -50,6 +50,18 @@ def same(served: Any, expected: Any) -> None:
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
 
 
+def cache_trailer(server: Server, name: str) -> str:
+    """The "modelhost-cache" trailer of a Predict: "hit" or "miss"."""
+    from modelhost.client import codec
+    from modelhost.client.predict import CACHE_TRAILER
+    from modelhost.v1 import modelhost_pb2, modelhost_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        request = modelhost_pb2.PredictRequest(model=name, inputs={"input": codec.from_numpy(X)})
+        _, call = modelhost_pb2_grpc.ModelHostStub(channel).Predict.with_call(request, timeout=60)
+        return dict(call.trailing_metadata())[CACHE_TRAILER]  # type: ignore[no-any-return]
+
+
 def tiers(client: ModelHostClient) -> dict[str, str]:
     return {m.name: m.tier for m in client.list_models()}
 
@@ -81,6 +93,10 @@ def test_least_recently_used_versions_leave_and_page_back_in(
     assert tiers(client) == {"a": "store", "b": "resident", "c": "resident", "d": "resident"}
     b = client.get_model("b")
     assert b.page_ins == 1 and b.last_used is not None
+    # Each answer says whether it waited for a page-in.
+    assert cache_trailer(server, "b") == "hit"
+    assert cache_trailer(server, "a") == "miss"
+    assert cache_trailer(server, "a") == "hit"
     # Every answer equals its in-process twin, and a version's output after a page-in is
     # bit-identical to its output before the eviction.
     before = client.predict("a", X)

@@ -14,6 +14,9 @@ from modelhost.v1 import modelhost_pb2 as pb
 
 SINGLE_INPUT = "input"
 SINGLE_OUTPUT = "output"
+CACHE_TRAILER = "modelhost-cache"
+"""Trailing metadata of every Predict: "hit" (its version was resident) or "miss" (the
+request waited for a page-in: the model cache)."""
 
 ImageSource = str | os.PathLike[str] | bytes
 """A JPEG/PNG image for `predict(images=...)`: a file path or the encoded bytes."""

@@ -220,12 +220,13 @@ class ModelCache:
         hosted.used_order = next(self._clock)
         hosted.last_used = time.time()
 
-    async def ensure_resident(self, hosted: HostedModel, deadline: float | None) -> None:
+    async def ensure_resident(self, hosted: HostedModel, deadline: float | None) -> bool:
         """Returns once `hosted` is on its device, paging it in if needed (one page-in
-        shared by every request that waits for it). DeadlineExpired at the deadline."""
+        shared by every request that waits for it): False if it was resident (a hit).
+        DeadlineExpired at the deadline."""
         if hosted.tier == RESIDENT:
             self._metrics.cache_requests.labels("hit").inc()
-            return
+            return False
         self._metrics.cache_requests.labels("miss").inc()
         with self._cond:
             job = hosted.paging
@@ -239,6 +240,7 @@ class ModelCache:
                 f"model {hosted.name!r} version {hosted.version} was still being paged in "
                 "when the deadline passed"
             ) from None
+        return True
 
     def _loads_submit(self, hosted: HostedModel, deadline: float | None) -> Future[None]:
         return self._loads.submit(self._page_in, hosted, deadline)

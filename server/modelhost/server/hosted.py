@@ -18,6 +18,7 @@ resident pages it in first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 from collections.abc import Mapping, Sequence
@@ -90,10 +91,10 @@ class HostedModel:
         """What it holds on its device when resident: weights, buffers and workspace."""
         return self.loaded.device_bytes + self.workspace_bytes
 
-    async def ensure_resident(self, deadline: float | None = None) -> None:
-        """Pages it in if it is not on its device (the caller holds a lease)."""
-        if self.cache is not None:
-            await self.cache.ensure_resident(self, deadline)
+    async def ensure_resident(self, deadline: float | None = None) -> bool:
+        """Pages it in if it is not on its device (the caller holds a lease); True if it
+        was not (a cache miss)."""
+        return self.cache is not None and await self.cache.ensure_resident(self, deadline)
 
     async def predict(
         self,
@@ -105,7 +106,7 @@ class HostedModel:
         """Decodes, queues, batches, runs, splits and encodes one request."""
         if top_k < 0:
             raise InvalidArgument(f"top_k must not be negative, got {top_k}")
-        await self.ensure_resident(deadline)
+        missed = await self.ensure_resident(deadline)
         if self.cache is not None:
             self.cache.touch(self)
         prepared = await self._prepare(inputs, images)
@@ -115,7 +116,8 @@ class HostedModel:
         else:
             finish = functools.partial(encode_answer, float_dtype=prepared.out_dtype)
         submitted = self.batcher.submit(prepared.tensors, deadline, finish, prepared.ready)
-        return await asyncio.wrap_future(submitted)
+        answer = await asyncio.wrap_future(submitted)
+        return dataclasses.replace(answer, paged_in=missed) if missed else answer
 
     async def _prepare(
         self, inputs: Mapping[str, codec.TensorFields], images: Sequence[bytes]

@@ -400,6 +400,7 @@ class Answer:
 
     outputs: dict[str, pb.Tensor]
     top_k: list[pb.TopClasses]
+    paged_in: bool = False  # its version was not resident: it waited for a page-in
 
 
 def encode_answer(outputs: Tensors, float_dtype: torch.dtype) -> Answer:

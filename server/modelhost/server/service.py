@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 
 from modelhost.client import wire
+from modelhost.client.predict import CACHE_TRAILER
 from modelhost.server import errors as e
 from modelhost.server import messages
 from modelhost.server.checkpoints import Snapshot
@@ -133,6 +134,7 @@ class ModelHostService(pb_grpc.ModelHostServicer):
             images=request.images,
             top_k=request.top_k,
         )
+        context.set_trailing_metadata(((CACHE_TRAILER, "miss" if answer.paged_in else "hit"),))
         return pb.PredictResponse(
             model=hosted.name, version=hosted.version, outputs=answer.outputs, top_k=answer.top_k
         )
