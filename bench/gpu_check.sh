@@ -5,7 +5,7 @@
 # The device machine (Python 3.12) has torch, torchvision, grpcio and protobuf, older than
 # the stubs need. Once, here: `bash bench/gpu_wheels.sh` (fills .whl/, about 10 MB). Then
 # two device calls of about 4 minutes each, both with carry [".whl"]:
-#   bash bench/gpu_check.sh tests load                # timeout_s 300
+#   bash bench/gpu_check.sh tests load cache          # timeout_s 360
 #   bash bench/gpu_check.sh options predict upload    # timeout_s 330
 # Each stage has its own time limit, so a hung stage cannot take the other stages' time.
 # On a machine without CUDA it is a dry run: the GPU tests skip, the benchmarks fail fast.
@@ -22,7 +22,7 @@ if [ -d .whl ] && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12)
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/client:$PWD/server:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
-STAGES="${*:-tests load options predict upload}"
+STAGES="${*:-tests load cache options predict upload}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # run SECONDS NAME COMMAND...: one stage, bounded, its output also in $OUT/NAME.txt.
 run() {
@@ -41,10 +41,14 @@ if want tests; then
     # The image's own pytest plugins may not load with the carried pytest: none autoload.
     PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 run 210 gpu-tests "$PY" -m pytest -q -p pytest_timeout \
         -p no:cacheprovider -o addopts="" -m gpu --timeout 120 \
-        tests/test_gpu.py tests/test_gpu_streams.py tests/test_device_memory.py
+        tests/test_gpu.py tests/test_gpu_streams.py tests/test_device_memory.py \
+        tests/test_cache_memory.py
 fi
 if want load; then
     run 60 load "$PY" bench/load.py --device cuda --repeat 3
+fi
+if want cache; then
+    run 75 cache "$PY" bench/cache.py --device cuda --models 12 --seconds 10 --clients 16
 fi
 if want options; then
     run 60 options "$PY" bench/options.py --model resnet50 --batch 64 --compile
