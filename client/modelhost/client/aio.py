@@ -113,7 +113,8 @@ class AsyncModelHostClient(calls.ClientBase):
         return await self._run(calls.get_checkpoint(name))
 
     async def delete_checkpoint(self, name: str) -> None:
-        """Deletes a stored checkpoint (models loaded from it keep serving)."""
+        """Deletes a stored checkpoint (models loaded from it keep serving; refused while an
+        on-demand version may be paged in from it again)."""
         return await self._run(calls.delete_checkpoint(name))
 
     # Models

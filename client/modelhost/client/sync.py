@@ -108,7 +108,8 @@ class ModelHostClient(calls.ClientBase):
         return self._run(calls.get_checkpoint(name))
 
     def delete_checkpoint(self, name: str) -> None:
-        """Deletes a stored checkpoint (models loaded from it keep serving)."""
+        """Deletes a stored checkpoint (models loaded from it keep serving; refused while an
+        on-demand version may be paged in from it again)."""
         return self._run(calls.delete_checkpoint(name))
 
     # Models

@@ -130,7 +130,9 @@ class ModelHostServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteCheckpoint(self, request, context):
-        """Deletes a stored checkpoint. Models already loaded from it keep serving.
+        """Deletes a stored checkpoint. Models already loaded from it keep serving; one that
+        an on-demand version may be paged in from again (LoadModelRequest.residency, on a
+        device with a memory budget) is refused with FAILED_PRECONDITION naming them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

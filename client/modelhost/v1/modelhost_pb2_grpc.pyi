@@ -62,7 +62,10 @@ class ModelHostStub:
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_modelhost_pb2.GetCheckpointRequest, _modelhost_pb2.CheckpointInfo]
     """Describes one stored checkpoint."""
     DeleteCheckpoint: _grpc.UnaryUnaryMultiCallable[_modelhost_pb2.DeleteCheckpointRequest, _modelhost_pb2.DeleteCheckpointResponse]
-    """Deletes a stored checkpoint. Models already loaded from it keep serving."""
+    """Deletes a stored checkpoint. Models already loaded from it keep serving; one that
+    an on-demand version may be paged in from again (LoadModelRequest.residency, on a
+    device with a memory budget) is refused with FAILED_PRECONDITION naming them.
+    """
     LoadModel: _grpc.UnaryUnaryMultiCallable[_modelhost_pb2.LoadModelRequest, _modelhost_pb2.ModelInfo]
     """Builds a model, loads a stored checkpoint into it, moves it to its device in
     eval mode and registers it under (name, version). Requests without a version
@@ -104,7 +107,10 @@ class ModelHostAsyncStub(ModelHostStub):
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_modelhost_pb2.GetCheckpointRequest, _modelhost_pb2.CheckpointInfo]  # type: ignore[assignment]
     """Describes one stored checkpoint."""
     DeleteCheckpoint: _aio.UnaryUnaryMultiCallable[_modelhost_pb2.DeleteCheckpointRequest, _modelhost_pb2.DeleteCheckpointResponse]  # type: ignore[assignment]
-    """Deletes a stored checkpoint. Models already loaded from it keep serving."""
+    """Deletes a stored checkpoint. Models already loaded from it keep serving; one that
+    an on-demand version may be paged in from again (LoadModelRequest.residency, on a
+    device with a memory budget) is refused with FAILED_PRECONDITION naming them.
+    """
     LoadModel: _aio.UnaryUnaryMultiCallable[_modelhost_pb2.LoadModelRequest, _modelhost_pb2.ModelInfo]  # type: ignore[assignment]
     """Builds a model, loads a stored checkpoint into it, moves it to its device in
     eval mode and registers it under (name, version). Requests without a version
@@ -173,7 +179,10 @@ class ModelHostServicer(metaclass=_abc_1.ABCMeta):
         request: _modelhost_pb2.DeleteCheckpointRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_modelhost_pb2.DeleteCheckpointResponse, _abc.Awaitable[_modelhost_pb2.DeleteCheckpointResponse]]:
-        """Deletes a stored checkpoint. Models already loaded from it keep serving."""
+        """Deletes a stored checkpoint. Models already loaded from it keep serving; one that
+        an on-demand version may be paged in from again (LoadModelRequest.residency, on a
+        device with a memory budget) is refused with FAILED_PRECONDITION naming them.
+        """
 
     @_abc_1.abstractmethod
     def LoadModel(
