@@ -152,7 +152,8 @@ class ModelCache:
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.request.residency == PINNED)
                 busy = [h for h in held if h.request.residency != PINNED]
-                if pinned_bytes + nbytes > limit or not (busy or self._reserved):
+                loading = any(other != key for other in self._reserved)  # may register soon
+                if pinned_bytes + nbytes > limit or not (busy or loading):
                     raise OutOfMemory(
                         f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
                         f"(device_memory_budget) is {_gib(limit)}: pinned versions hold "
