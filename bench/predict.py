@@ -16,16 +16,19 @@ JPEG inputs.
 
     python bench/predict.py                                  # CPU defaults
     python bench/predict.py --model resnet50 --input uint8 --dtype bfloat16
+    python bench/predict.py --target 127.0.0.1:50051   # a running server, e.g. a container
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ import torchvision
 from torchvision.io import encode_jpeg
 
 from common import ServerProcess, echo_server, machine, peak_rss_mb, table
-from modelhost.client import ModelHostClient
+from modelhost.client import ChannelConfig, ModelHostClient
 from modelhost.server import malloc
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -177,6 +180,16 @@ def drive(
     return [took for took, ok in inside if ok], sum(not ok for _, ok in inside)
 
 
+@contextlib.contextmanager
+def _server(target: str | None, store: Path, device: str) -> Iterator[Any]:
+    """A server process of our own, or the one at `target` (pid None: not ours to watch)."""
+    if target:
+        yield types.SimpleNamespace(target=target, pid=None)
+        return
+    with ServerProcess.start(store, args=["--device", device]) as server:
+        yield server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available()
@@ -191,6 +204,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved windows per level")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument(
+        "--target",
+        help="a running server to measure (e.g. a container on host networking) instead of "
+        "a server process of its own; --token if it wants one",
+    )
+    parser.add_argument("--token", help="management and inference token for --target")
     args = parser.parse_args()
     malloc.keep_large_buffers()  # the in-process ceiling gets the server's malloc settings
     dtype = getattr(torch, args.dtype)
@@ -236,8 +255,10 @@ def main() -> None:
         latency_check = None
         with (
             echo_server() as echo_target,
-            ServerProcess.start(Path(tmp) / "store", args=["--device", args.device]) as server,
-            ModelHostClient(server.target, timeout=60) as client,
+            _server(args.target, Path(tmp) / "store", args.device) as server,
+            ModelHostClient(
+                server.target, timeout=60, config=ChannelConfig(token=args.token)
+            ) as client,
         ):
             client.save_checkpoint("weights", path)
             options: dict[str, Any] = {
@@ -259,7 +280,9 @@ def main() -> None:
             for level in args.levels:
 
                 def caller(index: int) -> Any:
-                    own = ModelHostClient(server.target, timeout=60)
+                    own = ModelHostClient(
+                        server.target, timeout=60, config=ChannelConfig(token=args.token)
+                    )
                     request = payload(args.input, args.size, index)
                     return (lambda: own.predict("bench", **request)), own.close
 
@@ -288,7 +311,7 @@ def main() -> None:
                         statistics.median(single) * 1000,
                         statistics.median(paced) * 1000,
                     )
-            rss = peak_rss_mb(server.pid)
+            rss = peak_rss_mb(server.pid) if server.pid else float("nan")
         echo_ms = statistics.median(echoes) * 1000
 
     print(
