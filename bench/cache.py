@@ -189,39 +189,33 @@ def main() -> None:
         }
         fresh_load = mean_of(idle, "modelhost_load_seconds", model="fresh")
 
-        # 2. The Zipf mix with room for a fraction of the variants.
-        cached = Server(store, args.device, budget, args.models)
-        try:
-            before = scrape(cached.metrics_port)
-            latencies = zipf_run(
-                cached.process.target,
-                cached.names,
-                x,
-                clients=args.clients,
-                seconds=args.seconds,
-                s=args.zipf,
-            )
-            after = scrape(cached.metrics_port)
-        finally:
-            cached.close()
-        hit, miss = (
-            after.get(("modelhost_cache_requests_total", (("result", r),)), 0.0)
-            - before.get(("modelhost_cache_requests_total", (("result", r),)), 0.0)
-            for r in ("hit", "miss")
-        )
+        def mix(budget: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+            """Latencies of the Zipf mix, and how many requests hit and missed."""
+            server = Server(store, args.device, budget, args.models)
+            try:
+                before = scrape(server.metrics_port)
+                latencies = zipf_run(
+                    server.process.target,
+                    server.names,
+                    x,
+                    clients=args.clients,
+                    seconds=args.seconds,
+                    s=args.zipf,
+                )
+                after = scrape(server.metrics_port)
+            finally:
+                server.close()
+            counts = {
+                r: after.get(("modelhost_cache_requests_total", (("result", r),)), 0.0)
+                - before.get(("modelhost_cache_requests_total", (("result", r),)), 0.0)
+                for r in ("hit", "miss")
+            }
+            return latencies, counts
 
-        resident = Server(store, args.device, 0, args.models)
-        try:
-            baseline = zipf_run(
-                resident.process.target,
-                resident.names,
-                x,
-                clients=args.clients,
-                seconds=args.seconds,
-                s=args.zipf,
-            )
-        finally:
-            resident.close()
+        # 2. The Zipf mix with room for a fraction of the variants; 3. with room for all.
+        latencies, counts = mix(budget)
+        hit, miss = counts["hit"], counts["miss"]
+        baseline, _ = mix(0)
 
     bare = bare_copy_seconds(model, args.device)
     print()
