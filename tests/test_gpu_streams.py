@@ -19,8 +19,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def test_concurrent_uint8_requests_get_their_own_rows(client: ModelHostClient) -> None:
-    """uint8 images are preprocessed on the GPU (default stream) and batched (cat) before
-    the model runs on its own stream: without ordering, it could read a half-made batch."""
+    """uint8 images are joined into one pinned batch on the lane, copied once and
+    preprocessed on the model's stream: every row must still be its caller's."""
     model = serve(
         client,
         "r18",

@@ -80,6 +80,41 @@ def test_uint8_tensors_are_preprocessed_on_the_server(
     )
 
 
+def test_concurrent_uint8_requests_are_preprocessed_as_one_batch(
+    client: ModelHostClient,
+) -> None:
+    """uint8 images are preprocessed after batching, a batch at a time on the model's
+    device: every caller still gets its own rows, resized and cropped as its own."""
+    from test_batching import concurrently
+
+    from conftest import serve
+
+    steps = {"resize": 40, "crop": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4]}
+    model = serve(
+        client,
+        "small",
+        preprocessing=steps,
+        batching={"max_batch_size": 16, "max_queue_delay_us": 50_000},
+    )
+    pictures = [picture(seed, 48, 64) for seed in range(12)]
+    outs = concurrently([lambda p=p: client.predict("small", p[None].numpy()) for p in pictures])
+    from torchvision import transforms
+
+    reference_steps = transforms.Compose(
+        [
+            transforms.Resize(40, antialias=True),
+            transforms.CenterCrop(32),
+            transforms.ConvertImageDtype(torch.float32),
+            transforms.Normalize(steps["mean"], steps["std"]),
+        ]
+    )
+    for image, out in zip(pictures, outs, strict=True):
+        assert not isinstance(out, Exception), out
+        with torch.inference_mode():
+            expected = model(reference_steps(image[None]))
+        np.testing.assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_explicit_preprocessing_and_labels_for_a_checkpoint(client: ModelHostClient) -> None:
     from torchvision import transforms
 

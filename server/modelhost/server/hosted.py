@@ -1,11 +1,14 @@
 """A hosted model version, and its whole Predict path, top to bottom.
 
-    decode   Runner.prepare: request tensors become zero-copy views (codec); images
-             are decoded and preprocessed (images.py) where the device's tensor work
-             runs: the CPU lane for CPU models, a thread pool for GPU models
+    page-in  a version that is not resident is brought back first (cache.py)
+    decode   Runner.prepare: request tensors become zero-copy views (codec); encoded
+             images are decoded and preprocessed (images.py) where the device's tensor
+             work runs: the CPU lane for CPU models, a thread pool (each thread its own
+             CUDA stream) for GPU models
     queue    Batcher.submit: the version's queue, bounded (batching.py)
     batch    the lane gathers queued requests with the same signature into one batch
-    run      Runner.run: cat -> device -> the model under inference_mode -> CPU
+    run      Runner.run: join (pinned for a GPU) -> device -> uint8 images preprocessed
+             -> the model under inference_mode -> CPU
     split    each caller gets exactly its own rows of the outputs
     encode   `finish`: typed tensors in the first floating input's dtype, or top-k classes
 
@@ -122,9 +125,9 @@ class HostedModel:
     async def _prepare(
         self, inputs: Mapping[str, codec.TensorFields], images: Sequence[bytes]
     ) -> Prepared:
-        """Request tensors as views at once; image work off the event loop."""
+        """Request tensors as views at once; encoded images decoded off the event loop."""
         runner = self.runner
-        if not (images or (runner.preprocessing and _has_uint8(inputs))):
+        if not images:
             return runner.prepare(inputs)
         if runner.device.type == "cpu":  # CPU tensor work stays on the CPU lane
             return await asyncio.wrap_future(self.batcher.lane.call(runner.prepare, inputs, images))
@@ -188,10 +191,3 @@ class HostedModel:
         self.loaded.module = None
         self.host_module = None
         release_memory(self.loaded.device)
-
-
-_UINT8 = codec.parse_dtype("uint8")
-
-
-def _has_uint8(inputs: Mapping[str, codec.TensorFields]) -> bool:
-    return any(t.dtype == _UINT8 for t in inputs.values())

@@ -84,6 +84,17 @@ class Preprocessing:
             sizes.append((self.crop, self.crop))
         return max(channels * h * w for h, w in sizes)
 
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of uint8 images of `shape` [N, C, H, W] once preprocessed."""
+        n, c, height, width = shape
+        if self.resize and min(height, width):  # torchvision: the shorter side -> resize
+            short, long = sorted((height, width))
+            longer = int(self.resize * long / short)
+            height, width = (self.resize, longer) if height <= width else (longer, self.resize)
+        if self.crop:
+            height = width = self.crop
+        return (n, c, height, width)
+
     def _batch(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         mode = InterpolationMode(self.interpolation)
         if self.resize:

@@ -122,12 +122,15 @@ class Runner:
     def prepare(
         self, inputs: Mapping[str, codec.TensorFields], images: Sequence[bytes] = ()
     ) -> Prepared:
-        """Decodes request tensors (zero copy) or images, preprocesses, checks against the model.
+        """Decodes request tensors (zero copy) or images, checks them against the model.
 
-        Image headers are checked before decoding (`images.check_images`); a failed
-        allocation while decoding or preprocessing raises OutOfMemory. On a GPU, image
+        Encoded images are decoded and preprocessed here, their headers checked before
+        (`images.check_images`); a failed allocation raises OutOfMemory. On a GPU that
         work runs on this thread's own stream and `ready` tells the lane when it is done
-        (no host synchronisation).
+        (no host synchronisation). uint8 image tensors stay as they came: the runner
+        preprocesses them a batch at a time on the model's device (`_stage`: one pinned
+        copy of the uint8 batch, a quarter of the float32 bytes); here they are only
+        checked (their size before and after preprocessing).
         """
         stream = self._prep_stream(images)
         with self._out_of_memory(), torch.cuda.stream(stream) if stream else nullcontext():
@@ -149,20 +152,28 @@ class Runner:
                 out_dtype = output_float_dtype(tensors)
                 if self.preprocessing is not None:
                     self._check_resized(tensors, self.preprocessing)
-                    tensors = {
-                        name: self._images(t.to(self.device)) if _is_image(t) else t
-                        for name, t in tensors.items()
-                    }
             ready = stream.record_event() if stream else None
         if self.inputs:
-            self._check(tensors)
+            self._check(self._as_the_model_sees(tensors))
         return Prepared(tensors, out_dtype, ready)
 
     def _prep_stream(self, images: Sequence[bytes]) -> torch.cuda.Stream | None:
-        """The calling thread's own stream, when this request's work may run on the GPU."""
-        if self.device.type != "cuda" or not (images or self.preprocessing):
+        """The calling thread's own stream, when this request's work runs on the GPU."""
+        if self.device.type != "cuda" or not images:
             return None
         return thread_stream(self.device)
+
+    def _as_the_model_sees(self, tensors: Tensors) -> Tensors:
+        """uint8 images as shapes of what preprocessing will make of them (meta tensors)."""
+        steps = self.preprocessing
+        if steps is None:
+            return tensors
+        return {
+            name: torch.empty(steps.output_shape(t.shape), dtype=self.dtype, device="meta")
+            if _is_image(t)
+            else t
+            for name, t in tensors.items()
+        }
 
     @contextlib.contextmanager
     def _out_of_memory(self, doing: str = "preparing the inputs") -> Iterator[None]:
@@ -340,10 +351,14 @@ class Runner:
         return {rows: rows / seconds[rows] for rows in batches} if measure else {}
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An input on the model's device in the form it runs: copied (from pinned memory,
+        on the model's stream), uint8 images preprocessed, dtype, memory format."""
         if self._stream is not None and tensor.device != self.device:
             if not tensor.is_pinned():
                 tensor = tensor.pin_memory()
             tensor = tensor.to(self.device, non_blocking=True)
+        if self.preprocessing is not None and _is_image(tensor):
+            tensor = self.preprocessing(tensor, self.dtype)
         if tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         if self.channels_last and tensor.dim() == 4:
