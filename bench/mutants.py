@@ -9,7 +9,7 @@ source text is gone (the code was changed) is reported as *stale*: update its te
     .venv/bin/python bench/mutants.py -k auth    # the ones whose name contains "auth"
 
 Not part of CI: it runs the same tests many times. Run it after changing the critical
-modules (store, auth, gate, rpc, names, formats, batching, registry, oip_tensors) and
+modules (store, auth, gate, rpc, names, formats, batching, registry, oip_tensors, cache) and
 keep every mutant caught.
 """
 
@@ -146,6 +146,27 @@ MUTANTS = [
         '"INT8": ("int_contents", "<i1"),',
         '"INT8": ("int_contents", "<u1"),',
         ("tests/test_oip.py",),
+    ),
+    Mutant(
+        "cache: a version with requests in flight or queued is evicted",
+        SERVER + "hosted.py",
+        "if self._leases or self.retiring or self.tier != RESIDENT:",
+        "if self.retiring or self.tier != RESIDENT:",
+        ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
+    ),
+    Mutant(
+        "cache: the most recently used version is evicted first",
+        SERVER + "cache.py",
+        "            key=lambda h: h.used_order,\n        )\n        return any(",
+        "            key=lambda h: -h.used_order,\n        )\n        return any(",
+        ("tests/test_cache.py::test_least_recently_used_versions_leave_and_page_back_in",),
+    ),
+    Mutant(
+        "cache: pinned versions are evicted like the others",
+        SERVER + "cache.py",
+        "                if h.request.residency != PINNED and (h.name, h.version) != exclude",
+        "                if (h.name, h.version) != exclude",
+        ("tests/test_cache.py::test_pinned_versions_stay_and_alone_cannot_overflow",),
     ),
 ]
 

@@ -416,7 +416,10 @@ def test_unload_waits_for_requests_that_hold_the_version(client: ModelHostClient
     load_recorder(client, "busy", delay=1.0, batching={"max_batch_size": 1})
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     model = serve(client, "r18", preprocessing={"mean": mean, "std": std})
+    from torchvision.io import decode_jpeg, encode_jpeg
+
     pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    jpegs = [encode_jpeg(torch.from_numpy(p)).numpy().tobytes() for p in pixels]
     finished: dict[str, float] = {}
     results: dict[str, Any] = {}
 
@@ -434,8 +437,8 @@ def test_unload_waits_for_requests_that_hold_the_version(client: ModelHostClient
 
     threads = [call("busy", lambda: client.predict("busy", ids(0, 1)))]
     time.sleep(0.3)  # the CPU lane runs "busy" for a second
-    # r18's images wait for the lane to preprocess them: the request holds version 1 ...
-    threads.append(call("r18", lambda: client.predict("r18", pixels)))
+    # r18's images wait for the lane to decode them: the request holds version 1 ...
+    threads.append(call("r18", lambda: client.predict("r18", images=jpegs)))
     time.sleep(0.3)
     # ... so unloading it must wait for that request, not pull the model from under it.
     threads.append(call("unload", lambda: client.unload_model("r18")))
@@ -443,7 +446,10 @@ def test_unload_waits_for_requests_that_hold_the_version(client: ModelHostClient
         thread.join()
     assert results["unload"] == [1]
     assert not isinstance(results["r18"], Exception), results["r18"]
-    x = torch.from_numpy(pixels).float() / 255
+    decoded = torch.stack(
+        [decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8)) for j in jpegs]
+    )
+    x = decoded.float() / 255
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     np.testing.assert_allclose(results["r18"], reference(model, x.numpy()), rtol=1e-4, atol=1e-5)
     assert finished["unload"] >= finished["r18"]

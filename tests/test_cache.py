@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import build, expect, reference
-from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.server import Server, Settings, running
 
 ARGS = {"features": 16, "hidden": 256, "classes": 4}
@@ -220,24 +220,33 @@ def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
 
     answers: list[Any] = []
 
+    def ask(name: str) -> None:
+        # No retries: a request failed by an eviction must show, not be retried.
+        with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as once:
+            try:
+                answers.append(once.predict(name, X, timeout=60))
+            except ModelHostError as error:
+                answers.append(error)
+
     def keep_busy(*names: str) -> list[threading.Thread]:
         """One request on each version: one runs, the others queue (the CPU lane)."""
-        busy = [
-            threading.Thread(target=lambda n=n: answers.append(client.predict(n, X, timeout=60)))
-            for n in names
-        ]
+        busy = [threading.Thread(target=ask, args=(n,)) for n in names]
         for t in busy:
             t.start()
         time.sleep(0.3)
         return busy
 
+    client.predict("s1", X)  # s3 becomes the least recently used: its request will wait
+    client.predict("s2", X)  # in the queue behind s1's and s2's
     busy = keep_busy("s1", "s2", "s3")
     started = time.monotonic()
     expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: client.predict("s0", X, timeout=0.3))
     assert time.monotonic() - started < 2.0
     for t in busy:
         t.join(30)
+    assert len(answers) == 3
     for answer in answers:  # none was evicted from under its requests
+        assert not isinstance(answer, ModelHostError), answer
         same(answer, reference(slow, X))
     assert [client.get_model(n).page_ins for n in ("s1", "s2", "s3")] == [0, 0, 0]
     # s0 pages in (once its page-in finds room, even after the caller has gone).
@@ -261,6 +270,7 @@ def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
     for t in busy:
         t.join(30)
     same(answer[0], reference(slow, X))
+    assert len(answers) == 6 and not any(isinstance(a, ModelHostError) for a in answers)
     assert "s3" not in tiers(client)
 
 
