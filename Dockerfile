@@ -1,20 +1,27 @@
 # modelhost: one image for GPU and CPU nodes.
 #
 #   docker build -t modelhost:0.1.0 .
-#   docker run --gpus all -p 50051:50051 -p 9090:9090 -v modelhost-store:/var/lib/modelhost/store \
-#     -v "$PWD/tokens:/etc/modelhost/tokens:ro" \
+#   docker run --gpus all --read-only --tmpfs /tmp -p 50051:50051 -p 9090:9090 \
+#     -v modelhost-store:/var/lib/modelhost/store -v "$PWD/tokens:/etc/modelhost/tokens:ro" \
 #     -e MODELHOST_TOKEN_FILE=/etc/modelhost/tokens/token \
 #     -e MODELHOST_MANAGEMENT_TOKEN_FILE=/etc/modelhost/tokens/management-token \
 #     modelhost:0.1.0
 #
 # The base brings Python, torch 2.14.1 and torchvision 0.29.1 built for CUDA 12.6 and cuDNN 9.
 # On a node without a GPU the same image runs on the CPU (MODELHOST_DEVICE=auto).
-# tests/test_deploy.py runs this file's install, start and health-check commands in a
-# fresh virtual environment, and lints it with hadolint.
+# It runs with a read-only root file system: it writes only to the store volume and /tmp.
+# tests/container/ builds this file and runs the image (read-only, no capabilities, two
+# replicas on one store, rolling replacement); tests/test_deploy.py lints it with hadolint.
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
 
 # Stage 1: a virtual environment holding modelhost and the server dependencies.
 FROM ${BASE_IMAGE} AS build
+# Optional pip settings for this stage only, e.g. behind a proxy or with a private index:
+#   docker build --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt ...
+# Unset by default; nothing of them reaches the final image.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_CERT
 ENV VIRTUAL_ENV=/opt/modelhost \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -60,7 +67,13 @@ COPY --from=build /opt/modelhost /opt/modelhost
 # MODELHOST_RESTORE=true: on start the server loads again the models it hosted before,
 # from the store, so a restarted container serves the same models without a caller
 # replaying LoadModel. The store is a volume: mount a named volume or shared storage there.
+#
+# HOME=/tmp: libraries that cache in the home folder (Triton kernels in ~/.triton, torch
+# hub in ~/.cache) write to /tmp, the one writable place besides the store when the root
+# file system is read-only (docker run --read-only --tmpfs /tmp, or Kubernetes'
+# readOnlyRootFilesystem with an emptyDir on /tmp).
 ENV VIRTUAL_ENV=/opt/modelhost \
+    HOME=/tmp \
     PATH=/opt/modelhost/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -80,10 +93,13 @@ EXPOSE 50051 9090
 USER 10001:0
 WORKDIR /home/modelhost
 
-# For `docker run` and compose; Kubernetes uses its own gRPC probes instead. Health stays
-# open without a token; with TLS on, override this check or run with --no-healthcheck.
+# For `docker run` and compose; Kubernetes uses its own gRPC probes instead. Like the
+# Deployment's readiness probe it asks for the modelhost.v1.ModelHost service: healthy once
+# the models are restored and calls are taken; the check fails while draining (SIGTERM).
+# Health stays open without a token; with TLS on, override this check or run with
+# --no-healthcheck.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, sys; from modelhost.client import ModelHostClient; sys.exit(ModelHostClient('127.0.0.1:' + os.environ['MODELHOST_PORT'], timeout=5).health() != 'SERVING')"]
+    CMD ["python", "-c", "import os, sys; from modelhost.client import ModelHostClient; sys.exit(ModelHostClient('127.0.0.1:' + os.environ['MODELHOST_PORT'], timeout=5).health('modelhost.v1.ModelHost') != 'SERVING')"]
 
 # SIGTERM (docker stop, Kubernetes) drains calls in flight for MODELHOST_GRACE_SECONDS.
 ENTRYPOINT ["modelhost"]

@@ -58,9 +58,9 @@ def channel_options(max_message_bytes: int = -1, retries: bool = True) -> list[t
         ("grpc.service_config", service_config(retries)),
         ("grpc.enable_retries", int(retries)),
         ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
-        # A replica that went away is tried again within 5 s of coming back (gRPC's
+        # A replica that went away is tried again within 2 s of coming back (gRPC's
         # default backoff grows to 2 minutes).
-        ("grpc.max_reconnect_backoff_ms", 5_000),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
 
 
