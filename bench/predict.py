@@ -354,8 +354,8 @@ def main() -> None:
             f"run before each call (as the served calls have): p50 {paced_ms:.2f} ms"
         )
     print(
-        f"server peak RSS {rss:,.0f} MB; model weights on {info.device}: "
-        f"{info.device_bytes / 1e6:,.1f} MB"
+        f"server peak RSS {rss:,.0f} MB; the version holds on {info.device} "
+        f"{info.device_bytes / 1e6:,.1f} MB (weights and its warm-up's workspace)"
     )
 
 
