@@ -157,7 +157,7 @@ def test_large_buffers_are_reused_without_page_faults() -> None:
 
     kept, default = faults_per_run("keep"), faults_per_run("default")
     assert kept < 1_000, kept  # a rare fresh block: 0-341 in 12 runs here
-    assert default > 5_000, default  # the test can tell the two apart
+    assert default > 3_000, default  # the test can tell the two apart (4,889 once, loaded)
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
