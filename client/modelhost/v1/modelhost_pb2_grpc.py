@@ -179,6 +179,8 @@ class ModelHostServicer:
     def Predict(self, request, context):
         """Runs a hosted model on the given inputs. Concurrent requests to the same
         model version may be batched together; each caller gets exactly its own rows.
+        A version that is not resident (ModelInfo.tier) is paged in first, within the
+        call's deadline; the trailing metadata "modelhost-cache" says "hit" or "miss".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -84,6 +84,8 @@ class ModelHostStub:
     Predict: _grpc.UnaryUnaryMultiCallable[_modelhost_pb2.PredictRequest, _modelhost_pb2.PredictResponse]
     """Runs a hosted model on the given inputs. Concurrent requests to the same
     model version may be batched together; each caller gets exactly its own rows.
+    A version that is not resident (ModelInfo.tier) is paged in first, within the
+    call's deadline; the trailing metadata "modelhost-cache" says "hit" or "miss".
     """
 
 @_typing.type_check_only
@@ -129,6 +131,8 @@ class ModelHostAsyncStub(ModelHostStub):
     Predict: _aio.UnaryUnaryMultiCallable[_modelhost_pb2.PredictRequest, _modelhost_pb2.PredictResponse]  # type: ignore[assignment]
     """Runs a hosted model on the given inputs. Concurrent requests to the same
     model version may be batched together; each caller gets exactly its own rows.
+    A version that is not resident (ModelInfo.tier) is paged in first, within the
+    call's deadline; the trailing metadata "modelhost-cache" says "hit" or "miss".
     """
 
 class ModelHostServicer(metaclass=_abc_1.ABCMeta):
@@ -237,6 +241,8 @@ class ModelHostServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_modelhost_pb2.PredictResponse, _abc.Awaitable[_modelhost_pb2.PredictResponse]]:
         """Runs a hosted model on the given inputs. Concurrent requests to the same
         model version may be batched together; each caller gets exactly its own rows.
+        A version that is not resident (ModelInfo.tier) is paged in first, within the
+        call's deadline; the trailing metadata "modelhost-cache" says "hit" or "miss".
         """
 
 def add_ModelHostServicer_to_server(servicer: ModelHostServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
