@@ -82,6 +82,8 @@ class Models:
         self.cache = cache
         cache.rebuild = self._rebuild
         self.default_device = resolve_device(settings.device, "auto")
+        if self.default_device.type == "cuda":  # its budget from what is free at start
+            cache.limit(self.default_device)
         self._store = store
         self._catalog = catalog
         self._metrics = metrics
