@@ -93,9 +93,11 @@ def ensure_room(needed: int, device: torch.device, what: str) -> None:
         )
 
 
-def release_memory(device: torch.device | None = None) -> None:
-    """Collects garbage and returns cached GPU blocks to the driver."""
-    gc.collect()
+def release_memory(device: torch.device | None = None, *, collect: bool = True) -> None:
+    """Collects garbage (unless told it need not) and returns cached GPU blocks to the
+    driver."""
+    if collect:
+        gc.collect()
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
         torch.cuda.empty_cache()
 
