@@ -15,7 +15,7 @@ version loaded with `residency=pinned` never leaves. When the room is held by ve
 that are busy, the caller waits for one to become idle, up to its deadline; when pinned
 versions alone leave no room, it fails at once with RESOURCE_EXHAUSTED saying why.
 
-A Predict on a version that is not resident pages it in on the load executor (never on
+A Predict on a version that is not resident pages it in on the page-in threads (never on
 a lane or the event loop); concurrent requests share one page-in. All residency changes
 happen under the cache's one lock; moving weights to the host happens under it too, a
 page-in from the store does not (it reserves its bytes first).

@@ -52,7 +52,9 @@ class Settings:
     max_queue_delay_us: int = _setting(1000, "Default wait for a batch to fill, in microseconds.")
     max_queue_size: int = _setting(512, "Default Predict requests that may wait per model version.")
     load_workers: int = _setting(
-        2, "Threads that load checkpoints, build models and page evicted versions back in."
+        2,
+        "Threads that load checkpoints and build models (and as many that page evicted "
+        "versions back in).",
     )
     device_memory_budget: float = _setting(
         0.0,
