@@ -26,31 +26,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
-from typing import TYPE_CHECKING
+from concurrent.futures import Executor
 
 import torch
 from torch import nn
 
 from modelhost.server.devices import release_memory
 from modelhost.server.errors import DeadlineExpired, OutOfMemory
+from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.loading import PINNED
 from modelhost.server.metrics import Metrics
 from modelhost.server.registry import Registry
 
-if TYPE_CHECKING:
-    from modelhost.server.hosted import HostedModel
-
 log = logging.getLogger(__name__)
 
-RESIDENT, HOST, STORE = "resident", "host", "store"
 DEFAULT_GPU_FRACTION = 0.9
 Key = tuple[str, int]
-Rebuild = Callable[["HostedModel"], nn.Module]
+Rebuild = Callable[[HostedModel], nn.Module]
 """Loads a version's module again from the store, on its device (models.py)."""
 
 
@@ -66,8 +63,6 @@ def budget_bytes(setting: float, device: torch.device) -> int | None:
 
 
 def _host_total() -> int:
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -82,14 +77,14 @@ class ModelCache:
         self,
         registry: Registry,
         metrics: Metrics,
-        loads: Executor,
+        page_ins: Executor,
         *,
         device_budget: float = 0.0,
         host_budget: float = 0.0,
     ) -> None:
         self._registry = registry
         self._metrics = metrics
-        self._loads = loads
+        self._page_ins = page_ins  # its own threads: a page-in waiting for room blocks no load
         self._device_setting = device_budget
         self._host_limit = int(host_budget if host_budget > 1 else host_budget * _host_total())
         self._limits: dict[str, int | None] = {}
@@ -232,7 +227,7 @@ class ModelCache:
         with self._cond:
             job = hosted.paging
             if job is None or job.done():
-                job = hosted.paging = self._loads_submit(hosted, deadline)
+                job = hosted.paging = self._page_ins.submit(self._page_in, hosted, deadline)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), remaining)
@@ -242,9 +237,6 @@ class ModelCache:
                 "when the deadline passed"
             ) from None
         return True
-
-    def _loads_submit(self, hosted: HostedModel, deadline: float | None) -> Future[None]:
-        return self._loads.submit(self._page_in, hosted, deadline)
 
     def _page_in(self, hosted: HostedModel, deadline: float | None) -> None:
         """Brings a version back to its device (on a load thread)."""

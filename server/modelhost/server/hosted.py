@@ -42,7 +42,9 @@ from modelhost.server.loading import PINNED, LoadedModule, LoadRequest, LoadSpec
 if TYPE_CHECKING:
     from modelhost.server.cache import ModelCache
 
-RESIDENT = "resident"  # cache.py's tiers: "resident", "host", "store"
+RESIDENT, HOST, STORE = "resident", "host", "store"
+"""Where a version's weights are (its `tier`): on its device, in host memory, only in the
+store (cache.py moves versions between them)."""
 
 
 @dataclass

@@ -16,10 +16,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec, wire
 from modelhost.server.architectures import Builder
-from modelhost.server.cache import HOST, RESIDENT, STORE
 from modelhost.server.checkpoints import Snapshot, Upload
 from modelhost.server.errors import InvalidArgument, LimitExceeded
-from modelhost.server.hosted import HostedModel
+from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec
 from modelhost.server.loading import ON_DEMAND, PINNED, LoadRequest

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from modelhost.server.hosted import RESIDENT
 from modelhost.server.registry import Registry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -159,7 +160,7 @@ class _HostedCollector(Collector):
         for hosted in self._registry.all():
             labels = [hosted.name, str(hosted.version)]
             depth.add_metric(labels, hosted.batcher.depth)
-            if hosted.tier == "resident":
+            if hosted.tier == RESIDENT:
                 memory.add_metric([*labels, str(hosted.loaded.device)], hosted.device_bytes)
         yield depth
         yield memory

@@ -20,7 +20,7 @@ import torch
 
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, preferred_batch_size
-from modelhost.server.cache import STORE, ModelCache
+from modelhost.server.cache import ModelCache
 from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
     CheckpointNotFound,
@@ -29,7 +29,7 @@ from modelhost.server.errors import (
     ModelNotFound,
     ShuttingDown,
 )
-from modelhost.server.hosted import HostedModel
+from modelhost.server.hosted import STORE, HostedModel
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec, Runner
 from modelhost.server.loading import (
