@@ -130,6 +130,16 @@ class _Built:
     exported: bool = False
 
 
+def require_bytes(store: CheckpointStore, record: CheckpointRecord, checkpoint: str) -> None:
+    """CheckpointNotFound unless the store still holds the bytes `record` names (those a
+    version was loaded from, whatever its checkpoint name holds now)."""
+    if not store.has_blob(record.sha256):
+        raise CheckpointNotFound(
+            f"checkpoint {checkpoint!r} (sha256 {record.sha256}) as it was loaded "
+            "is no longer in the store"
+        )
+
+
 def load_module(
     spec: LoadSpec,
     store: CheckpointStore,
@@ -147,11 +157,7 @@ def load_module(
     """
     started = time.perf_counter()
     if pinned is not None:
-        if not store.has_blob(pinned.sha256):
-            raise CheckpointNotFound(
-                f"checkpoint {spec.checkpoint!r} (sha256 {pinned.sha256}) as it was loaded "
-                "is no longer in the store"
-            )
+        require_bytes(store, pinned, spec.checkpoint)
         record: CheckpointRecord | None = pinned
     else:
         record = store.get(spec.checkpoint) if spec.checkpoint else None

@@ -23,7 +23,6 @@ from modelhost.server.batching import Batcher, BatchPolicy, Lane, preferred_batc
 from modelhost.server.cache import ModelCache
 from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
-    CheckpointNotFound,
     InvalidArgument,
     ModelHostFailure,
     ModelNotFound,
@@ -41,6 +40,7 @@ from modelhost.server.loading import (
     load_module,
     probe_outputs,
     probe_shape,
+    require_bytes,
 )
 from modelhost.server.metrics import Metrics
 from modelhost.server.names import check_name
@@ -124,11 +124,8 @@ class Models:
             await asyncio.to_thread(hosted.retire)
             raise
         self.cache.touch(hosted)
-        if hosted.pages_in_from:
-            self._store.hold(hosted.pages_in_from)
-        self.registry.put(hosted)
+        self._register(hosted)
         self.cache.unreserve((spec.name, version))  # from now on it counts as resident
-        self.record.unrestored.pop((spec.name, version), None)
         self._metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
         log.info(
             "serving %s version %d (%s from %s on %s, %.2fs)",
@@ -394,11 +391,8 @@ class Models:
         request builds it (`_rebuild`). Until then ModelInfo knows what the record does."""
         spec = check_request(request, self.settings, self.default_device)
         record = pinned or (self._store.get(spec.checkpoint) if spec.checkpoint else None)
-        if record is not None and not self._store.has_blob(record.sha256):
-            raise CheckpointNotFound(
-                f"checkpoint {spec.checkpoint!r} (sha256 {record.sha256}) as it was loaded "
-                "is no longer in the store"
-            )
+        if record is not None:
+            require_bytes(self._store, record, spec.checkpoint)
         version = self.registry.reserve(spec.name, request.version)
         dtype = spec.dtype or torch.float32
         loaded = LoadedModule(
@@ -425,11 +419,16 @@ class Models:
             tier=STORE,
             built=False,
         )
+        self._register(hosted)
+        return hosted
+
+    def _register(self, hosted: HostedModel) -> None:
+        """Publishes a version (it serves from now on), keeping the bytes it may be paged in
+        from; it is no longer one the record still has to restore."""
         if hosted.pages_in_from:
             self._store.hold(hosted.pages_in_from)
         self.registry.put(hosted)
-        self.record.unrestored.pop((spec.name, version), None)
-        return hosted
+        self.record.unrestored.pop((hosted.name, hosted.version), None)
 
     async def close(self) -> None:
         """Unloads every model; the restore record stays as it was."""
