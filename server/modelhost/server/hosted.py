@@ -178,8 +178,10 @@ class HostedModel:
         old.close()
 
     def return_to_device(self, module: nn.Module) -> None:
-        """Serves again with `module`, paged in."""
-        self.runner.attach(module)
+        """Serves again with `module`, paged in (a version built at its first page-in has
+        its runner on it already: no second compile wrapper)."""
+        if self.runner.module is not module:
+            self.runner.attach(module)
         self.loaded.module = module
         self.page_ins += 1
         self.tier = RESIDENT

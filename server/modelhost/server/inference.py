@@ -145,7 +145,7 @@ class Runner:
                     max_elements=self.max_elements,
                     preprocessing=preprocessing,
                 )
-                tensors = {SINGLE_INPUT: self._images(decoded)}
+                tensors = {SINGLE_INPUT: preprocessing(decoded, self.dtype)}
                 out_dtype = torch.float32
             else:
                 tensors = self._decode(inputs)
@@ -208,9 +208,6 @@ class Runner:
                 "weights) to send uint8 or encoded images"
             )
         return self.preprocessing
-
-    def _images(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        return self._preprocessing()(images, self.dtype)
 
     def _decode(self, inputs: Mapping[str, codec.TensorFields]) -> Tensors:
         if not inputs:
