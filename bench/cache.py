@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -33,19 +32,12 @@ import torch
 import torchvision
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import ServerProcess, machine, table
+from common import ServerProcess, free_port, machine, table
 from modelhost.client import ModelHostClient, codec
 from modelhost.client.channel import channel_options
 from modelhost.client.predict import CACHE_TRAILER
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,9 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers.processes import ServerProcess  # noqa: E402
+from helpers.processes import ServerProcess, free_port  # noqa: E402
 
-__all__ = ["ServerProcess", "echo_server", "machine", "peak_rss_mb", "table"]
+__all__ = ["ServerProcess", "echo_server", "free_port", "machine", "peak_rss_mb", "table"]
 
 
 def machine() -> str:

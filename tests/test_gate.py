@@ -4,7 +4,6 @@ keep, health that never waits for a slot, and parsing that never stalls the even
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 import urllib.error
@@ -21,6 +20,7 @@ import torch
 
 from conftest import expect, serve, temp_files
 from helpers.models import tiny_mlp
+from helpers.processes import free_port
 from modelhost.client import ChannelConfig, ModelHostClient, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.server import Server, Settings, running
@@ -244,16 +244,10 @@ def test_unary_call_without_a_message_is_refused(guarded: Server) -> None:
     assert "ended before its Predict message" in caught.value.details()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_metrics_bind_their_own_host(settings: Settings, tmp_path: Path) -> None:
     assert Settings().metrics_host == "127.0.0.1"  # not --host: a public port keeps them private
     observed = dataclasses.replace(
-        settings, metrics_port=_free_port(), metrics_host="127.0.0.2", host="127.0.0.1"
+        settings, metrics_port=free_port(), metrics_host="127.0.0.2", host="127.0.0.1"
     )
     with running(observed) as server:
         url = f"http://127.0.0.2:{server.metrics_port}/metrics"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from conftest import expect, images, reference, resnet18, serve, temp_files
-from helpers.processes import ServerProcess
+from helpers.processes import ServerProcess, free_port
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Settings, running
 
@@ -209,12 +208,6 @@ def test_load_whose_caller_gave_up_leaves_nothing_behind(client: ModelHostClient
     assert info.version == 1  # the abandoned load released its version
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _sample(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -225,7 +218,7 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_prometheus_metrics(settings: Settings) -> None:
-    observed = dataclasses.replace(settings, metrics_port=_free_port())
+    observed = dataclasses.replace(settings, metrics_port=free_port())
     with running(observed) as server, ModelHostClient(server.target, timeout=60) as client:
         info = client.save_checkpoint("w", resnet18().state_dict())
         client.load_model(

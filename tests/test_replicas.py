@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import reference
+from helpers.processes import free_port
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.client.channel import service_config
 from modelhost.server import Server, Settings, running
@@ -41,13 +41,6 @@ def mlp() -> torch.nn.Module:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     model.load_state_dict(MLP)
     return model.eval()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def served(server: Server) -> int:

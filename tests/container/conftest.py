@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import time
 import uuid
 import warnings
@@ -21,6 +20,7 @@ import pytest
 
 from container import docker as d
 from helpers.certs import Pki, make_pki
+from helpers.processes import free_port
 
 IMAGE_UID = 10001
 # The image may add at most this much to its base: the server's virtual environment
@@ -53,12 +53,6 @@ class Tokens:
 
     def mount(self) -> str:
         return f"type=bind,source={self.folder},target={TOKENS_DIR},readonly"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def host_folder(folder: Path) -> Path:

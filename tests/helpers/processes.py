@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,13 @@ from pathlib import Path
 from types import TracebackType
 
 READY = "serving on "
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for a server that must be told its port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ServerFailed(RuntimeError):
