@@ -85,8 +85,7 @@ def peak_growth_mib(call: Callable[[], Any]) -> int:
     return status_mib("VmHWM") - before
 
 
-@pytest.fixture
-def pets(client: ModelHostClient) -> torch.nn.Module:
+def serve_pets(client: ModelHostClient) -> torch.nn.Module:
     """resnet18 (3 classes) served as "pets" with explicit preprocessing; its in-process twin."""
     return serve(
         client,
@@ -96,6 +95,11 @@ def pets(client: ModelHostClient) -> torch.nn.Module:
         architecture_args={"num_classes": 3},
         preprocessing=STEPS,
     )
+
+
+@pytest.fixture
+def pets(client: ModelHostClient) -> torch.nn.Module:
+    return serve_pets(client)
 
 
 def check_still_serving(client: ModelHostClient, model: torch.nn.Module) -> None:
@@ -263,14 +267,7 @@ def test_the_request_budget_is_max_tensor_elements(settings: Settings) -> None:
     one = 3 * 180 * 240  # a picture decodes to more elements than it takes after preprocessing
     limited = dataclasses.replace(settings, max_tensor_elements=2 * one, max_image_pixels=50_000)
     with running(limited) as server, ModelHostClient(server.target, timeout=60) as client:
-        model = serve(
-            client,
-            "pets",
-            resnet18(num_classes=3),
-            checkpoint="w",
-            architecture_args={"num_classes": 3},
-            preprocessing=STEPS,
-        )
+        model = serve_pets(client)
         blob = encode_png(torch.from_numpy(picture(1)).permute(2, 0, 1)).numpy().tobytes()
         assert client.predict("pets", images=[blob, blob]).shape == (2, 3)
         expect(
