@@ -49,11 +49,23 @@ MUTANTS = [
     Mutant(
         "batching: an error outside the model call escapes the batch (the lane dies)",
         SERVER + "batching.py",
-        "                try:\n                    self._run_group(group)\n"
-        "                except Exception as error:\n"
-        "                    self._fail_group(group, error)",
-        "                self._run_group(group)",
+        "                    try:\n                        then()\n"
+        "                    except Exception as error:\n"
+        "                        self._fail_group(group, error)",
+        "                    then()",
         ("tests/test_batching.py::test_lane_keeps_serving_after_an_unexpected_error",),
+    ),
+    Mutant(
+        "batching: a GPU lane finishes a batch before it launches the next (no pipelining)",
+        SERVER + "batching.py",
+        "                launched = self._safely(task)\n"
+        "                if in_flight is not None:\n"
+        "                    self._safely(in_flight)\n"
+        "                in_flight = launched",
+        "                if in_flight is not None:\n"
+        "                    self._safely(in_flight)\n"
+        "                in_flight = self._safely(task)",
+        ("tests/test_batching.py::test_an_asynchronous_runner_is_pipelined",),
     ),
     Mutant(
         "auth: RepositoryModelLoad leaves the management tier",

@@ -319,6 +319,69 @@ def test_inputs_made_on_another_stream_are_adopted_before_they_are_joined() -> N
     assert events == ["adopt e0", "run 1", "adopt e1", "adopt e2", "join 2", "run 2"]
 
 
+def test_an_asynchronous_runner_is_pipelined() -> None:
+    """With an asynchronous runner (a GPU's `Runner.launch`), the lane launches the next
+    batch from what is queued before it finishes the one in flight, so the device never
+    waits for the host to split, encode or concatenate. A merged batch that fails when it
+    is collected (an error the device reports late) is re-run one request at a time, so
+    it fails only its own request; a job on the lane runs with nothing in flight."""
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
+    from modelhost.server.inference import encode_answer
+
+    events: list[str] = []
+    jobs: list[Any] = []
+    release = threading.Event()
+
+    def launch(batch: dict[str, torch.Tensor]) -> Callable[[], dict[str, torch.Tensor]]:
+        x = batch["x"]
+        events.append(f"launch {x.flatten().tolist()}")
+        if x[0, 0] == 0:
+            release.wait(5)  # the first batch: the test queues the next ones meanwhile
+        if x.shape[0] == 3:
+            jobs.append(lane.call(events.append, "job"))  # queued while this batch is in flight
+
+        def collect() -> dict[str, torch.Tensor]:
+            events.append(f"collect {x.flatten().tolist()}")
+            if (x < 0).any():
+                raise ValueError("a late error")
+            return {"output": x * 2}
+
+        return collect
+
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return launch(batch)()
+
+    lane = Lane("unit")
+    batcher = Batcher(run, BatchPolicy(8, 0, 16), lane, launch=launch)
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    submit = lambda v: batcher.submit({"x": torch.full((1, 1), v)}, None, finish)  # noqa: E731
+    first = submit(0.0)
+    time.sleep(0.2)  # the first is launched (and blocked); the next two queue
+    second = [submit(1.0), submit(2.0)]
+    release.set()
+    outputs = [codec.to_numpy(f.result(5).outputs["output"]).item() for f in [first, *second]]
+    assert outputs == [0.0, 2.0, 4.0]
+    assert events == ["launch [0.0]", "launch [1.0, 2.0]", "collect [0.0]", "collect [1.0, 2.0]"]
+
+    events.clear()
+    blocker = lane.call(time.sleep, 0.2)
+    mixed = [submit(3.0), submit(-1.0), submit(5.0)]
+    blocker.result(5)
+    assert codec.to_numpy(mixed[0].result(5).outputs["output"]).item() == 6.0
+    assert codec.to_numpy(mixed[2].result(5).outputs["output"]).item() == 10.0
+    with pytest.raises(ValueError, match="a late error"):
+        mixed[1].result(5)
+    jobs[0].result(5)
+    assert events[:2] == ["launch [3.0, -1.0, 5.0]", "collect [3.0, -1.0, 5.0]"]
+    assert events[2:8] == [
+        f"{step} [{v}]" for v in (3.0, -1.0, 5.0) for step in ("launch", "collect")
+    ]
+    assert events[8:] == ["job"]
+    assert batcher.statistics.snapshot().fail.count == 1
+    batcher.close()
+    lane.close()
+
+
 def test_incompatible_shapes_run_in_separate_batches(
     client: ModelHostClient, server: Server
 ) -> None:

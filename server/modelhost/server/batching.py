@@ -6,7 +6,12 @@ of a queue, gathers more that are already queued (or arrive within
 groups them by input signature (names, dtypes, device, shape past the batch
 dimension), runs each group as one batch, and hands every caller exactly its own rows.
 
-Each GPU model version has a lane of its own (its own CUDA stream). All CPU models
+Each GPU model version has a lane of its own (its own CUDA stream), and its lane
+pipelines: it launches a batch (copies and kernels queued on the stream), then stages and
+launches the next batch from what is queued while the first computes, and only then
+finishes the first (waits for it, splits and encodes its rows). So the GPU does not idle
+while the host concatenates inputs or encodes outputs; at most two batches are in
+flight, and a request waits behind at most one batch launched after its own. All CPU models
 share one lane: a second thread doing parallel CPU work would start a second OpenMP
 team on the same cores, which made resnet18 25-35% slower on this 2-core machine.
 A lane also runs other jobs for its device (warm-ups, image preprocessing) between
@@ -42,6 +47,12 @@ R = TypeVar("R")
 
 Finish = Callable[[Tensors], Answer]
 """Turns one caller's rows of the outputs into its answer (on the worker thread)."""
+
+Collect = Callable[[], Tensors]
+"""Waits for a launched batch and returns its outputs (Runner.launch)."""
+
+Then = Callable[[], None]
+"""What finishes a launched batch: the lane calls it after launching the next one."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,10 @@ ErrorObserver = Callable[[], None]
 """Called once for each group of requests that failed outside the model call."""
 
 
+Job = tuple[Callable[[], Any], Future[Any]]
+"""A call to run on a lane's thread between batches, and its future."""
+
+
 class Lane:
     """A worker thread that drains the queues of its batchers and runs jobs, in turn."""
 
@@ -100,7 +115,7 @@ class Lane:
         self.shared = shared
         self.cond = threading.Condition()
         self._batchers: list[Batcher] = []
-        self._jobs: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._jobs: collections.deque[Job] = collections.deque()
         self._turn = 0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=f"lane-{name}", daemon=True)
@@ -132,31 +147,48 @@ class Lane:
         self._thread.join()
 
     def _work(self) -> None:
-        while (task := self._take()) is not None:
-            if isinstance(task, tuple):
+        in_flight: Then | None = None  # a launched batch, finished after the next launch
+        while True:
+            task = self._take(wait=in_flight is None)
+            if callable(task):  # a gathered batch: launch it, then finish the one before
+                launched = self._safely(task)
+                if in_flight is not None:
+                    self._safely(in_flight)
+                in_flight = launched
+                continue
+            if in_flight is not None:  # nothing to launch now, or a job (a warm-up...):
+                self._safely(in_flight)  # finish what is in flight first
+                in_flight = None
+            elif task is None:  # closed and idle
+                return
+            if task is not None:
                 job, future = task
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(job())
                     except BaseException as error:
                         future.set_exception(error)
-                continue
-            try:
-                task()
-            except Exception:  # Batcher.run answers its callers; never let the lane die
-                log.exception("lane %s: unexpected error", self._thread.name)
 
-    def _take(self) -> tuple[Callable[[], Any], Future[Any]] | Callable[[], None] | None:
-        """The next job, or a gathered batch ready to run; None once closed and idle."""
+    def _safely(self, step: Callable[[], Then | None]) -> Then | None:
+        """Batcher.run and what it returns answer their callers; never let the lane die."""
+        try:
+            return step()
+        except Exception:
+            log.exception("lane %s: unexpected error", self._thread.name)
+            return None
+
+    def _take(self, *, wait: bool) -> Job | Callable[[], Then | None] | None:
+        """The next job, or a gathered batch ready to run. None once closed and idle, or
+        (without `wait`, while a batch is in flight) when nothing is queued now."""
         with self.cond:
             while True:
                 if self._jobs:
                     return self._jobs.popleft()
                 batcher = self._next_batcher()
                 if batcher is not None:
-                    batch = batcher.gather()
+                    batch = batcher.gather(wait=wait)
                     return lambda: batcher.run(batch)
-                if self._closed:
+                if self._closed or not wait:
                     return None
                 self.cond.wait()
 
@@ -195,9 +227,11 @@ class Batcher:
         on_error: ErrorObserver | None = None,
         join: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
         adopt: Callable[[Tensors, Any], None] | None = None,
+        launch: Callable[[Tensors], Collect] | None = None,
     ) -> None:
         self.policy = policy
         self._run = run
+        self._launch = launch  # an asynchronous runner's (Runner.launch): the lane pipelines
         self._join = join  # concatenates a group's inputs (Runner.join: pinned staging)
         self._adopt = adopt  # readies inputs made on another stream (Runner.adopt)
         self._lane = lane
@@ -252,8 +286,9 @@ class Batcher:
 
     # On the lane's thread
 
-    def gather(self) -> list[Request]:
-        """Takes the oldest request and collects a batch around it (call with `cond` held)."""
+    def gather(self, *, wait: bool = True) -> list[Request]:
+        """Takes the oldest request and collects a batch around it (call with `cond` held);
+        without `wait`, of the requests queued now."""
         batch = [self._queue.popleft()]
         rows = batch[0].rows
         until = batch[0].enqueued + self.policy.max_queue_delay_us / 1e6
@@ -265,63 +300,111 @@ class Batcher:
                 rows += batch[-1].rows
                 continue
             remaining = until - time.monotonic()
-            if remaining <= 0 or len(batch) >= self._last_batch or self._closed:
+            if remaining <= 0 or len(batch) >= self._last_batch or self._closed or not wait:
                 break
             self._cond.wait(remaining)
         self._last_batch = len(batch)
         self._running += 1
         return batch
 
-    def run(self, batch: list[Request]) -> None:
-        """Runs a gathered batch: drops expired requests, runs each signature group."""
+    def run(self, batch: list[Request]) -> Then | None:
+        """Runs a gathered batch: drops expired requests, launches each signature group.
+        With an asynchronous runner, returns what finishes the batch (the lane calls it
+        after launching the next one); otherwise finishes it before returning."""
+        launched: list[tuple[list[Request], Then]] = []
         try:
-            now = time.monotonic()
-            groups: dict[object, list[Request]] = {}
-            for request in batch:
-                if not request.future.set_running_or_notify_cancel():
-                    self.statistics.failed(request.enqueued)
-                    continue  # the caller went away
-                if request.deadline is not None and now > request.deadline:
-                    self.statistics.failed(request.enqueued)
-                    request.fail(DeadlineExpired("deadline passed while the request was queued"))
-                    continue
-                groups.setdefault(request.signature, []).append(request)
-            for group in groups.values():
+            for group in self._groups(batch):
                 try:
-                    self._run_group(group)
+                    launched.append((group, self._start(group)))
                 except Exception as error:
                     self._fail_group(group, error)
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+        except BaseException:
+            self._done()
+            raise
 
-    def _run_group(self, group: list[Request]) -> None:
-        if len(group) == 1 or not self._splittable:
-            for request in group:
-                self._run_one(request)
-            return
+        def finish() -> None:
+            try:
+                for group, then in launched:
+                    try:
+                        then()
+                    except Exception as error:
+                        self._fail_group(group, error)
+            finally:
+                self._done()
+
+        if self._launch is None:
+            finish()
+            return None
+        return finish
+
+    def _groups(self, batch: list[Request]) -> list[list[Request]]:
+        """The live requests of a batch, by signature; the expired and cancelled dropped."""
+        now = time.monotonic()
+        groups: dict[object, list[Request]] = {}
+        for request in batch:
+            if not request.future.set_running_or_notify_cancel():
+                self.statistics.failed(request.enqueued)
+                continue  # the caller went away
+            if request.deadline is not None and now > request.deadline:
+                self.statistics.failed(request.enqueued)
+                request.fail(DeadlineExpired("deadline passed while the request was queued"))
+                continue
+            groups.setdefault(request.signature, []).append(request)
+        return list(groups.values())
+
+    def _done(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def _start(self, group: list[Request]) -> Then:
+        """Launches a group as one batch; what finishes it."""
+        if len(group) == 1:
+            return self._start_one(group[0])
+        if not self._splittable:
+            self._one_by_one(group)
+            return _nothing
         started = time.monotonic()
         self._ready(group)
         inputs = {name: self._join([r.inputs[name] for r in group]) for name in group[0].inputs}
-        rows = [r.rows for r in group]
         joined = time.monotonic()
+        collect = self._try_launch(inputs)
+        del inputs  # out of the except block: a failed allocation gets its memory back
+        if collect is None:
+            self._one_by_one(group)  # isolate the failure to the request that causes it
+            return _nothing
+        return lambda: self._finish_group(group, collect, (started, joined))
+
+    def _try_launch(self, inputs: Tensors) -> Collect | None:
         try:
-            outputs = self._run(inputs)
+            return self._launch_or_run(inputs)
+        except Exception:
+            return None
+
+    def _launch_or_run(self, inputs: Tensors) -> Collect:
+        if self._launch is not None:
+            return self._launch(inputs)
+        outputs = self._run(inputs)
+        return lambda: outputs
+
+    def _finish_group(
+        self, group: list[Request], collect: Collect, times: tuple[float, float]
+    ) -> None:
+        """Waits for a launched group, then splits its outputs and answers each caller."""
+        try:
+            outputs = collect()
         except Exception:
             outputs = None
-        if outputs is None:  # out of the except block, without the merged inputs:
-            del inputs  # a failed allocation gets its memory back before the retries
-            for request in group:  # isolate the failure to the request that causes it
-                self._run_one(request)
+        if outputs is None:
+            self._one_by_one(group)
             return
         ran = time.monotonic()
+        rows = [r.rows for r in group]
         total = sum(rows)
         if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
             log.info("outputs cannot be split by rows: batching off for this model")
             self._splittable = False
-            for request in group:
-                self._run_one(request)
+            self._one_by_one(group)
             return
         self._notify(len(group), total)
         parts = {name: torch.split(t, rows) for name, t in outputs.items()}
@@ -329,7 +412,12 @@ class Batcher:
             self._finish(request, {name: chunks[index] for name, chunks in parts.items()})
             for index, request in enumerate(group)
         ]
-        self._deliver(group, answers, (started, joined, ran, time.monotonic()))
+        self._deliver(group, answers, (*times, ran, time.monotonic()))
+
+    def _one_by_one(self, group: list[Request]) -> None:
+        """Runs each request alone, to the end (a failed batch, or rows that don't split)."""
+        for request in group:
+            self._start_one(request)()
 
     def _fail_group(self, group: list[Request], error: Exception) -> None:
         """Fails the requests of a group that broke outside the model call (a bug: each
@@ -348,19 +436,32 @@ class Batcher:
                 self._adopt(request.inputs, request.ready)
                 request.ready = None
 
-    def _run_one(self, request: Request) -> None:
+    def _start_one(self, request: Request) -> Then:
+        """Launches one request alone; what finishes it."""
         started = time.monotonic()
         self._ready([request])
         try:
-            outputs = self._run(request.inputs)
+            collect = self._launch_or_run(request.inputs)
         except Exception as error:
-            self.statistics.failed(request.enqueued)
-            request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
-            return
-        ran = time.monotonic()
-        self._notify(1, request.rows)
-        answer = self._finish(request, outputs)
-        self._deliver([request], [answer], (started, started, ran, time.monotonic()))
+            self._failed(request, error)
+            return _nothing
+
+        def then() -> None:
+            try:
+                outputs = collect()
+            except Exception as error:
+                self._failed(request, error)
+                return
+            ran = time.monotonic()
+            self._notify(1, request.rows)
+            answer = self._finish(request, outputs)
+            self._deliver([request], [answer], (started, started, ran, time.monotonic()))
+
+        return then
+
+    def _failed(self, request: Request, error: Exception) -> None:
+        self.statistics.failed(request.enqueued)
+        request.fail(error if isinstance(error, ModelHostFailure) else _unexpected(error))
 
     def _finish(self, request: Request, outputs: Tensors) -> Answer | Exception:
         """Encodes a request's outputs, or says why that failed."""
@@ -391,6 +492,10 @@ class Batcher:
     def _notify(self, requests: int, rows: int) -> None:
         if self._observe:
             self._observe(requests, rows)
+
+
+def _nothing() -> None:
+    """What finishes a group that is finished already."""
 
 
 def _unexpected(error: Exception) -> Exception:

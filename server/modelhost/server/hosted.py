@@ -7,8 +7,9 @@
              CUDA stream) for GPU models
     queue    Batcher.submit: the version's queue, bounded (batching.py)
     batch    the lane gathers queued requests with the same signature into one batch
-    run      Runner.run: join (pinned for a GPU) -> device -> uint8 images preprocessed
-             -> the model under inference_mode -> CPU
+    run      Runner.launch: join (pinned for a GPU) -> device -> uint8 images preprocessed
+             -> the model under inference_mode -> CPU; on a GPU queued on the model's
+             stream, and the lane launches the next batch before it collects this one
     split    each caller gets exactly its own rows of the outputs
     encode   `finish`: typed tensors in the first floating input's dtype, or top-k classes
 

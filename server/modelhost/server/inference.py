@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from modelhost.server.settings import Settings
 from modelhost.v1 import modelhost_pb2 as pb
 
 Tensors = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -254,30 +255,51 @@ class Runner:
         out = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
         return torch.cat(parts, out=out)
 
-    def run(self, batch: Tensors) -> Tensors:
-        """Runs one batch (host or device tensors in, CPU tensors out, named outputs).
+    @property
+    def asynchronous(self) -> bool:
+        """Whether `launch` returns before the device is done (a GPU: the lane pipelines)."""
+        return self._stream is not None
 
-        A failure is classified in the `except` block and raised after it, once its
+    def run(self, batch: Tensors) -> Tensors:
+        """Runs one batch (host or device tensors in, CPU tensors out, named outputs)."""
+        return self.launch(batch)()
+
+    def launch(self, batch: Tensors) -> Callable[[], Tensors]:
+        """Starts one batch and returns what collects its outputs.
+
+        On a GPU the copies, kernels and the copy back are queued on the model's stream and
+        this returns at once: the lane can stage the next batch while this one computes,
+        and the collect call waits for the device. On the CPU the batch has run already.
+        Failures are classified outside the `except` block that caught them, once their
         traceback (and the activations its frames hold) is gone and memory is released.
         """
+        host, done = self._guarded(lambda: self._launch(batch))
+        return lambda: self._collect(host, done)
+
+    def _collect(self, host: Tensors, done: torch.cuda.Event | None) -> Tensors:
+        if done is not None:
+            self._guarded(done.synchronize)
+        if not self.outputs:
+            self.outputs = tuple(
+                InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
+                for name, t in host.items()
+            )
+        return host
+
+    def _guarded(self, step: Callable[[], T]) -> T:
+        """`step()`, its failures reported as out of memory, a failed device or bad input."""
         try:
-            host = self._run(batch)
+            return step()
         except (InvalidInput, OutOfMemory):
             raise
         except Exception as error:
             failure = self._failure(error)
-        else:
-            if not self.outputs:
-                self.outputs = tuple(
-                    InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
-                    for name, t in host.items()
-                )
-            return host
         if isinstance(failure, OutOfMemory):
             release_memory(self.device)
         raise failure
 
-    def _run(self, batch: Tensors) -> Tensors:
+    def _launch(self, batch: Tensors) -> tuple[Tensors, torch.cuda.Event | None]:
+        """Queues the batch's work; host outputs (valid once the returned event is done)."""
         if self._cuda_graphs:
             prepare_cuda_graphs_on_this_thread()
         if self._stream is not None:
@@ -296,9 +318,8 @@ class Runner:
                 result = self._forward(**staged)
             outputs = flatten_outputs(result)
             host = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
-            if self._stream is not None:
-                self._stream.synchronize()
-        return host
+        done = self._stream.record_event() if self._stream is not None else None
+        return host, done
 
     def _failure(self, error: Exception) -> ModelHostFailure:
         """What a failed run reports: out of memory, a failed device, or the input."""

@@ -250,6 +250,7 @@ class Models:
                 on_error=self._metrics.batch_errors.labels(spec.name, str(version)).inc,
                 join=runner.join,
                 adopt=runner.adopt,
+                launch=runner.launch if runner.asynchronous else None,
             ),
             prep=self._prep,
             loaded_at=time.time(),
