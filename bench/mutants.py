@@ -68,6 +68,13 @@ MUTANTS = [
         ("tests/test_batching.py::test_an_asynchronous_runner_is_pipelined",),
     ),
     Mutant(
+        "models: a load's record write and registration are not ordered with others'",
+        SERVER + "models.py",
+        "        key = (hosted.name, hosted.version)\n        async with self._commits:",
+        "        key = (hosted.name, hosted.version)\n        if True:",
+        ("tests/test_restore.py::test_concurrent_loads_and_unloads_are_recorded_as_they_happened",),
+    ),
+    Mutant(
         "auth: RepositoryModelLoad leaves the management tier",
         SERVER + "auth.py",
         '"/inference.GRPCInferenceService/RepositoryModelLoad": MANAGEMENT,',

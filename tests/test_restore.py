@@ -175,3 +175,29 @@ def test_a_record_written_before_sha256_pinning_still_restores_by_name(
     # Restored, the version is recorded with its bytes: they stay what it serves.
     with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
         same(client.predict("m", X, version=3), reference(model, X))
+
+
+def test_concurrent_loads_and_unloads_are_recorded_as_they_happened(
+    restoring: Settings,
+) -> None:
+    """The record is written off the event loop; loads and unloads that race still leave
+    it saying exactly what was serving: after a restart the same versions come back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", saved(mlp(1)))
+
+        def churn(index: int) -> None:
+            name = f"m{index % 4}"
+            load(client, name)
+            if index % 3 == 0:
+                client.unload_model(name, 0)  # every version of it
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(churn, range(48)))
+        serving = sorted((m.name, m.version) for m in client.list_models())
+        assert serving  # some survived the unloads
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        assert sorted((m.name, m.version) for m in client.list_models()) == serving
+        for name, version in serving:
+            same(client.predict(name, X, version=version), reference(mlp(1), X))

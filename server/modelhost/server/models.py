@@ -13,8 +13,9 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Coroutine
 from concurrent.futures import Executor, Future
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -50,6 +51,7 @@ from modelhost.server.settings import Settings
 from modelhost.server.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BATCH_SIZE = 1 << 16
 MAX_QUEUE_SIZE = 1 << 20
@@ -91,6 +93,9 @@ class Models:
         self._loads = loads
         self._prep = prep
         self._closing = False
+        # Record writes (an fsync: on a thread, off the event loop) and the registry
+        # changes they record happen in the order they were asked for.
+        self._commits = asyncio.Lock()
 
     async def load(
         self, request: LoadRequest, pinned: CheckpointRecord | None = None
@@ -117,15 +122,8 @@ class Models:
         except BaseException:
             self._forget(spec.name, version)
             raise
-        try:
-            self.record.write([*self.registry.all(), hosted])
-        except BaseException:
-            self._forget(spec.name, version)
-            await asyncio.to_thread(hosted.retire)
-            raise
-        self.cache.touch(hosted)
-        self._register(hosted)
-        self.cache.unreserve((spec.name, version))  # from now on it counts as resident
+        # Once the record is being written the load goes through, even if the caller left.
+        await _to_the_end(self._commit_load(hosted))
         self._metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
         log.info(
             "serving %s version %d (%s from %s on %s, %.2fs)",
@@ -137,6 +135,21 @@ class Models:
             hosted.loaded.seconds,
         )
         return hosted
+
+    async def _commit_load(self, hosted: HostedModel) -> None:
+        """Records a built version, then registers it; throws it away if the record
+        cannot be written."""
+        key = (hosted.name, hosted.version)
+        async with self._commits:
+            try:
+                await asyncio.to_thread(self.record.write, [*self.registry.all(), hosted])
+            except BaseException:
+                self._forget(*key)
+                await asyncio.to_thread(hosted.retire)
+                raise
+            self.cache.touch(hosted)
+            self._register(hosted)
+            self.cache.unreserve(key)  # from now on it counts as resident
 
     def _forget(self, name: str, version: int) -> None:
         """A load that will not register: its version number and device room go back."""
@@ -310,7 +323,23 @@ class Models:
         With `restore`, the record is written first: if that fails, nothing is removed.
         Versions the record holds but that were not restored are dropped from it too.
         """
-        name = check_name(name, "model")
+        return await _to_the_end(self._unload(check_name(name, "model"), version))
+
+    async def _unload(self, name: str, version: int) -> list[int]:
+        async with self._commits:
+            removed, forgotten = await self._commit_unload(name, version)
+        await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
+        for hosted in removed:
+            if hosted.pages_in_from:
+                self._store.let_go(hosted.pages_in_from)
+        log.info("unloaded %s versions %s", name, [h.version for h in removed])
+        return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
+
+    async def _commit_unload(
+        self, name: str, version: int
+    ) -> tuple[list[HostedModel], list[tuple[str, int]]]:
+        """Records the versions leaving, then takes them out of routing (call holding
+        `_commits`): the removed versions, and the unrestored entries dropped."""
         unrestored = self.record.unrestored
         forgotten = [key for key in unrestored if key[0] == name and version in (0, key[1])]
         try:
@@ -321,16 +350,10 @@ class Models:
             leaving = []
         if not self._closing:  # closing keeps the record as it is
             gone = {(h.name, h.version) for h in leaving} | set(forgotten)
-            self.record.write(self.registry.all(), gone)
+            await asyncio.to_thread(self.record.write, self.registry.all(), gone)
         for key in forgotten:
             unrestored.pop(key, None)
-        removed = self.registry.remove(name, version) if leaving else []
-        await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
-        for hosted in removed:
-            if hosted.pages_in_from:
-                self._store.let_go(hosted.pages_in_from)
-        log.info("unloaded %s versions %s", name, [h.version for h in removed])
-        return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
+        return self.registry.remove(name, version) if leaving else [], forgotten
 
     def get(self, name: str, version: int = 0) -> HostedModel:
         """The version asked for (0: the newest); NOT_FOUND says why one was not restored."""
@@ -512,6 +535,14 @@ def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:
         lane.call(runner.run, {spec.name: zeros}).result()
     except ModelHostFailure as error:
         log.info("outputs not known until the first request: %s", error)
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Awaits `work`, which runs to its end even if the caller is cancelled (a change
+    half made: a record written but the registry not changed, a version not freed)."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, not logged
+    return await asyncio.shield(task)
 
 
 def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:

@@ -60,7 +60,9 @@ class RestoreRecord:
 
     def write(self, hosted: Iterable[HostedModel], leaving: Collection[Key] = ()) -> None:
         """Records `hosted` (with the versions not restored yet), less `leaving`.
-        Writes nothing when nothing changed (a restore as recorded, on a full disk)."""
+        Writes nothing when nothing changed (a restore as recorded, on a full disk).
+        Models calls it on a thread (an fsync), one write at a time, and changes
+        `unrestored` only between writes."""
         if not self.enabled:
             return
         entries = {(h.name, h.version): self._entry(h) for h in hosted}
