@@ -21,6 +21,7 @@ TEST_ARCHITECTURES = [
     "memory_hog=helpers.models:memory_hog",
     "tiny_mlp=helpers.models:tiny_mlp",
     "slow_mlp=helpers.models:slow_mlp",
+    "slow_load_mlp=helpers.models:slow_load_mlp",
     "broken=helpers.models:broken",
     "recorder=helpers.models:recorder",
     "slow_builder=helpers.models:slow_builder",

@@ -201,6 +201,45 @@ def test_concurrent_requests_share_one_page_in(client: ModelHostClient) -> None:
     assert client.get_model("a").page_ins == 1
 
 
+def test_a_device_pages_in_one_version_at_a_time_at_a_lower_priority(
+    client: ModelHostClient,
+) -> None:
+    """Page-ins of different versions on one device run one after the other (each would
+    hold the room it reserved, evicting more of what is in use), on a page-in thread
+    whose CPU priority is below the server's (resident models keep their speed)."""
+    import os
+
+    from helpers.models import LOADS
+
+    args = {**ARGS, "seconds": 0.3}
+    twins = {}
+    for seed, name in enumerate("abcde"):
+        twins[name] = build("tiny_mlp", ARGS, seed=seed)
+        client.save_checkpoint(name, twins[name].state_dict(), overwrite=True)
+        client.load_model(
+            name, architecture="slow_load_mlp", checkpoint=name, architecture_args=args
+        )
+    assert [client.get_model(n).tier for n in "ab"] == ["store", "store"]
+    LOADS.clear()
+    results: dict[str, Any] = {}
+    threads = [
+        threading.Thread(target=lambda n=n: results.update({n: client.predict(n, X)})) for n in "ab"
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for name in "ab":
+        same(results[name], reference(twins[name], X))
+    assert len(LOADS) == 2
+    (_, _, _, first_end), (_, _, second_start, _) = sorted(LOADS, key=lambda b: b[2])
+    assert second_start >= first_end  # no overlap
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for thread, niceness, _, _ in LOADS:
+        assert thread.startswith("page-in-cpu")
+        assert niceness == min(19, base + 10)
+
+
 def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
     client: ModelHostClient, server: Server
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +47,35 @@ class SlowMLP(nn.Sequential):
 
 def slow_mlp(features: int = 4, hidden: int = 8, classes: int = 3, delay: float = 1.0) -> nn.Module:
     return SlowMLP(features, hidden, classes, delay)
+
+
+class SlowLoadMLP(nn.Sequential):
+    """tiny_mlp whose weights take `seconds` to load (a big checkpoint, paged in); each
+    load is recorded in LOADS: (thread name, its nice value, start, end)."""
+
+    def __init__(self, features: int, hidden: int, classes: int, seconds: float) -> None:
+        super().__init__(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        self.seconds = seconds
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        import os
+        import threading
+        import time
+
+        started = time.monotonic()
+        time.sleep(self.seconds)
+        niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        LOADS.append((threading.current_thread().name, niceness, started, time.monotonic()))
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+LOADS: list[tuple[str, int, float, float]] = []
+
+
+def slow_load_mlp(
+    features: int = 4, hidden: int = 8, classes: int = 3, seconds: float = 0.3
+) -> nn.Module:
+    return SlowLoadMLP(features, hidden, classes, seconds)
 
 
 def broken(**kwargs: object) -> nn.Module:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import gc
+import logging
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -12,6 +14,8 @@ import torch
 from torch import nn
 
 from modelhost.server.errors import InvalidArgument, OutOfMemory
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(requested: str, default: str) -> torch.device:
@@ -131,6 +135,18 @@ def prepare_cuda_graphs_on_this_thread() -> None:
 
 
 _threads = threading.local()
+
+
+PAGE_IN_NICENESS = 10
+
+
+def lower_priority(niceness: int = PAGE_IN_NICENESS) -> None:
+    """Lowers the calling thread's CPU priority (Linux: a thread's own nice value; no
+    privilege needed to lower it). Elsewhere it does nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError) as error:
+        log.debug("could not lower the priority of %s: %s", threading.current_thread().name, error)
 
 
 def thread_stream(device: torch.device) -> torch.cuda.Stream:

@@ -51,8 +51,6 @@ class Host:
         self.metrics.watch(registry)
         self._io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._loads = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="load")
-        # Page-ins have threads of their own: one waiting for room never holds up a LoadModel.
-        self._page_ins = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="page-in")
         self._prep = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="prep")
         # All CPU tensor work of predictions runs on this one thread (see batching.py).
         self._cpu_lane = Lane("cpu", shared=True)
@@ -77,7 +75,6 @@ class Host:
             cache=ModelCache(
                 registry,
                 self.metrics,
-                self._page_ins,
                 device_budget=settings.device_memory_budget,
                 host_budget=settings.host_memory_budget,
             ),
@@ -163,7 +160,7 @@ class Host:
         """Unloads every model (the restore record stays as it was) and stops the executors."""
         await self.models.close()
         self._loads.shutdown(wait=True, cancel_futures=True)
-        self._page_ins.shutdown(wait=True, cancel_futures=True)
+        self.models.cache.close()
         self._prep.shutdown(wait=True)
         self._cpu_lane.close()
         self._io.shutdown(wait=True)

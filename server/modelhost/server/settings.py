@@ -53,8 +53,7 @@ class Settings:
     max_queue_size: int = _setting(512, "Default Predict requests that may wait per model version.")
     load_workers: int = _setting(
         2,
-        "Threads that load checkpoints and build models (and as many that page evicted "
-        "versions back in).",
+        "Threads that load checkpoints and build models (page-ins have one thread per device).",
     )
     device_memory_budget: float = _setting(
         0.0,
