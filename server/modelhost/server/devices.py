@@ -121,13 +121,19 @@ def module_bytes(module: nn.Module) -> int:
 def prepare_cuda_graphs_on_this_thread() -> None:
     """Sets up, on the calling thread, the thread-local state CUDA graph trees (torch.compile
     "reduce-overhead", "max-autotune") expect. Before torch set it up lazily itself
-    (pytorch#123177), only the thread that imported it had it, and a model compiled and run
-    on a lane thread failed on `assert torch._C._is_key_in_tls(...)`. Cheap when done."""
+    (pytorch#123177), only the thread that imported them had it, and a model compiled and
+    run on a lane thread failed on `assert torch._C._is_key_in_tls(...)`. Whether a torch
+    release sets it up lazily is not told by its version or by which helpers it has, so
+    this looks at the state itself. Cheap when done."""
     from torch._inductor import cudagraph_trees as trees
 
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return  # this thread has it
     local = trees.local
-    if hasattr(trees, "_initialize_tls") or hasattr(local, "tree_manager_containers"):
-        return  # this torch does it on demand, or this thread has it
+    initialize = getattr(trees, "_initialize_tls", None)
+    if initialize is not None:
+        initialize(local)
+        return
     local.tree_manager_containers = {}
     local.tree_manager_locks = collections.defaultdict(threading.Lock)
     torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)

@@ -19,7 +19,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from modelhost.server.devices import is_oom
+from modelhost.server.devices import is_device_failure, is_oom
 from modelhost.server.errors import InvalidArgument, InvalidInput, LimitExceeded
 
 _JPEG = b"\xff\xd8\xff"
@@ -222,8 +222,8 @@ def decode_images(
 ) -> list[torch.Tensor]:
     """JPEG/PNG bytes -> RGB uint8 [3, H, W] tensors; JPEGs decode on the GPU when there is one.
 
-    The headers are checked first (`check_images`); a failed allocation is re-raised as
-    it is, for the caller to report as out of memory.
+    The headers are checked first (`check_images`); a failed allocation or a failed device
+    is re-raised as it is, for the caller to report as out of memory or a device failure.
     """
     if not blobs:
         raise InvalidInput("no images given")
@@ -233,7 +233,7 @@ def decode_images(
         try:
             return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
         except RuntimeError as error:
-            if is_oom(error):
+            if is_oom(error) or is_device_failure(error):
                 raise
             raise InvalidInput(f"an image is not a decodable JPEG: {error}") from None
     decoded = []
@@ -241,7 +241,7 @@ def decode_images(
         try:
             decoded.append(decode_image(data, mode=ImageReadMode.RGB).to(device))
         except RuntimeError as error:
-            if is_oom(error):
+            if is_oom(error) or is_device_failure(error):
                 raise
             raise InvalidInput(
                 f"image {index} is not a decodable JPEG or PNG: {str(error).splitlines()[0]}"

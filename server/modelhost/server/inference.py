@@ -126,7 +126,8 @@ class Runner:
         """Decodes request tensors (zero copy) or images, checks them against the model.
 
         Encoded images are decoded and preprocessed here, their headers checked before
-        (`images.check_images`); a failed allocation raises OutOfMemory. On a GPU that
+        (`images.check_images`); a failed allocation raises OutOfMemory, a failed device
+        DeviceFailed. On a GPU that
         work runs on this thread's own stream and `ready` tells the lane when it is done
         (no host synchronisation). uint8 image tensors stay as they came: the runner
         preprocesses them a batch at a time on the model's device (`_stage`: one pinned
@@ -134,7 +135,7 @@ class Runner:
         checked (their size before and after preprocessing).
         """
         stream = self._prep_stream(images)
-        with self._out_of_memory(), torch.cuda.stream(stream) if stream else nullcontext():
+        with self._device_errors(), torch.cuda.stream(stream) if stream else nullcontext():
             if images:
                 if inputs:
                     raise InvalidInput("send either inputs or images, not both")
@@ -177,18 +178,23 @@ class Runner:
         }
 
     @contextlib.contextmanager
-    def _out_of_memory(self, doing: str = "preparing the inputs") -> Iterator[None]:
-        """Turns a failed allocation into OutOfMemory (RESOURCE_EXHAUSTED), not a bug; the
-        memory is released once the traceback that holds it is gone."""
+    def _device_errors(self, doing: str = "preparing the inputs") -> Iterator[None]:
+        """Turns a failed allocation into OutOfMemory (RESOURCE_EXHAUSTED), not a bug, its
+        memory released once the traceback that holds it is gone; and a failed device
+        (a CUDA error while decoding or preprocessing on it) into DeviceFailed."""
         try:
             yield
         except Exception as error:
-            if not is_oom(error):
+            if is_oom(error):
+                failure: ModelHostFailure = out_of_memory(error, doing, self.device)
+            elif is_device_failure(error):
+                failure = self._failure(error)
+            else:
                 raise
-            failure = out_of_memory(error, doing, self.device)
         else:
             return
-        release_memory(self.device)
+        if isinstance(failure, OutOfMemory):
+            release_memory(self.device)
         raise failure
 
     def _check_resized(self, tensors: Tensors, preprocessing: Preprocessing) -> None:
@@ -360,7 +366,7 @@ class Runner:
         seconds = {rows: float("inf") for rows in batches}
         for run in range(4 if measure else 1):  # the first run of each size is not timed
             for rows in batches:
-                with self._out_of_memory("allocating the warm-up input"):
+                with self._device_errors("allocating the warm-up input"):
                     zeros = torch.zeros((rows, *shape[1:]), dtype=dtype)
                 started = time.perf_counter()
                 self.run({SINGLE_INPUT: zeros})
