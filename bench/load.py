@@ -78,7 +78,7 @@ def main() -> None:
                 for fn in (naive, best):  # warm the page cache and lazy imports
                     fn(name, path, args.device)
                 served(client, name, args.device)
-                times = {"naive": [], "best": [], "served": []}
+                times: dict[str, list[float]] = {"naive": [], "best": [], "served": []}
                 for _ in range(args.repeat):  # interleaved, so drift hits all three alike
                     times["naive"].append(naive(name, path, args.device))
                     times["best"].append(best(name, path, args.device))

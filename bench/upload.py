@@ -15,6 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -30,7 +31,7 @@ def raw_rate(target: str, path: Path, chunk: int) -> float:
     with grpc.insecure_channel(target, options=options) as channel:
         sink = channel.stream_unary("/bench.Echo/Sink")
 
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks() -> Iterator[bytes]:
             with path.open("rb") as file:
                 while block := file.read(chunk):
                     yield block

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from modelhost.server.batching import preferred_batch_size
 from modelhost.server.statistics import Statistics
 
 
-def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+def concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
     """Runs the calls on threads, released together; returns results or exceptions."""
     results: list[Any] = [None] * len(calls)
     barrier = threading.Barrier(len(calls))
@@ -83,7 +84,7 @@ def test_concurrent_requests_get_their_own_rows(client: ModelHostClient, server:
     clients = [ModelHostClient(server.target, timeout=60) for _ in inputs]
     try:
         outs = concurrently(
-            [lambda c=c, x=x: c.predict("m", x) for c, x in zip(clients, inputs, strict=True)]
+            [partial(c.predict, "m", x) for c, x in zip(clients, inputs, strict=True)]
         )
     finally:
         for c in clients:
@@ -107,10 +108,7 @@ def test_requests_are_merged_and_split_by_rows(client: ModelHostClient, server: 
         first.start()
         time.sleep(0.1)
         outs = concurrently(
-            [
-                lambda c=c, x=x: c.predict("rec", x)
-                for c, x in zip(clients[1:], requests[1:], strict=True)
-            ]
+            [partial(c.predict, "rec", x) for c, x in zip(clients[1:], requests[1:], strict=True)]
         )
         first.join()
     finally:
@@ -137,9 +135,7 @@ def queue_behind_a_blocker(
         first = threading.Thread(target=lambda: clients[0].predict(model, blocker))
         first.start()
         time.sleep(0.1)
-        calls = [
-            lambda c=c, x=x: c.predict(model, x) for c, x in zip(clients[1:], requests, strict=True)
-        ]
+        calls = [partial(c.predict, model, x) for c, x in zip(clients[1:], requests, strict=True)]
         outs = concurrently(calls)
         first.join()
     finally:
@@ -192,7 +188,7 @@ def test_preferred_batch_size_above_the_maximum_is_refused(client: ModelHostClie
 def test_batching_off_runs_each_request_alone(client: ModelHostClient, server: Server) -> None:
     load_recorder(client, "solo", delay=0.05, batching={"max_batch_size": 1})
     requests = [ids(10 * i, 2) for i in range(4)]
-    outs = concurrently([lambda x=x: client.predict("solo", x) for x in requests])
+    outs = concurrently([partial(client.predict, "solo", x) for x in requests])
     for x, out in zip(requests, outs, strict=True):
         np.testing.assert_array_equal(out, x * 2)
     assert sorted(len(call) for call in Recorder.calls) == [2, 2, 2, 2]
@@ -211,7 +207,7 @@ def test_a_failing_request_fails_only_itself(client: ModelHostClient, server: Se
     blocker.start()
     time.sleep(0.05)
     requests = [ids(1, 2), ids(-5, 1), ids(10, 3)]
-    outs = concurrently([lambda x=x: client.predict("picky", x) for x in requests])
+    outs = concurrently([partial(client.predict, "picky", x) for x in requests])
     blocker.join()
     assert isinstance(outs[1], ModelHostError)
     assert outs[1].code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in outs[1].message
@@ -224,7 +220,7 @@ def test_a_failing_request_fails_only_itself(client: ModelHostClient, server: Se
 def test_full_queue_answers_resource_exhausted_at_once(client: ModelHostClient) -> None:
     load_recorder(client, "slow", delay=0.5, batching={"max_batch_size": 1, "max_queue_size": 2})
     started = time.monotonic()
-    outs = concurrently([lambda i=i: client.predict("slow", ids(i, 1)) for i in range(6)])
+    outs = concurrently([partial(client.predict, "slow", ids(i, 1)) for i in range(6)])
     errors = [o for o in outs if isinstance(o, Exception)]
     assert errors, "some requests should find the queue full"
     for error in errors:
@@ -393,7 +389,7 @@ def test_incompatible_shapes_run_in_separate_batches(
     time.sleep(0.1)
     wide = np.ones((2, 3), np.float32) * 7
     requests = [ids(10, 2), wide, ids(20, 1)]
-    outs = concurrently([lambda x=x: client.predict("rec", x) for x in requests])
+    outs = concurrently([partial(client.predict, "rec", x) for x in requests])
     blocker.join()
     for x, out in zip(requests, outs, strict=True):
         np.testing.assert_array_equal(out, x * 2)
@@ -428,7 +424,7 @@ def test_detection_model_answers_concurrent_callers(client: ModelHostClient) -> 
     )
     rng = np.random.default_rng(0)
     inputs = [rng.random((rows, 3, 64, 64), dtype=np.float32) for rows in (1, 2, 1, 1)]
-    outs = concurrently([lambda x=x: client.predict("det", x, timeout=120) for x in inputs])
+    outs = concurrently([partial(client.predict, "det", x, timeout=120) for x in inputs])
     for x, out in zip(inputs, outs, strict=True):
         assert not isinstance(out, Exception), out
         with torch.inference_mode():

@@ -59,7 +59,7 @@ def cache_trailer(server: Server, name: str) -> str:
     with grpc.insecure_channel(server.target) as channel:
         request = modelhost_pb2.PredictRequest(model=name, inputs={"input": codec.from_numpy(X)})
         _, call = modelhost_pb2_grpc.ModelHostStub(channel).Predict.with_call(request, timeout=60)
-        return dict(call.trailing_metadata())[CACHE_TRAILER]  # type: ignore[no-any-return]
+        return dict(call.trailing_metadata())[CACHE_TRAILER]
 
 
 def tiers(client: ModelHostClient) -> dict[str, str]:
@@ -298,8 +298,8 @@ def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
     client.predict("s1", X, timeout=60)  # evicts s3
     assert client.get_model("s3").tier == "store"
     busy = keep_busy("s0", "s1", "s2")
-    answer: list[Any] = []
-    waiting = threading.Thread(target=lambda: answer.append(client.predict("s3", X, timeout=60)))
+    waited: list[Any] = []
+    waiting = threading.Thread(target=lambda: waited.append(client.predict("s3", X, timeout=60)))
     waiting.start()
     time.sleep(0.3)
     assert server.host is not None
@@ -308,7 +308,7 @@ def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
     waiting.join(30)
     for t in busy:
         t.join(30)
-    same(answer[0], reference(slow, X))
+    same(waited[0], reference(slow, X))
     assert len(answers) == 6 and not any(isinstance(a, ModelHostError) for a in answers)
     assert "s3" not in tiers(client)
 

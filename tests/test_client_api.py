@@ -311,13 +311,14 @@ def test_the_two_clients_answer_alike(server: Server, tmp_path: Path) -> None:
         seen["architectures"] = sorted(a.name for a in call("list_architectures"))
         seen["health"] = call("health"), call("health", "modelhost.v1.ModelHost")
         seen["errors"] = []
-        for method, args, kwargs in [
+        failing: list[tuple[str, list[Any], dict[str, Any]]] = [
             ("get_model", ["missing"], {}),
             ("download_checkpoint", ["missing", tmp_path / (p + "missing.pt")], {}),
             ("snapshot", ["missing", p + "x"], {}),
             ("load_model", [p + "m2"], {"architecture": "tiny_mlp", "checkpoint": "missing"}),
             ("load_model", [p + "m2"], {"architecture": "tiny_mlp", "colour": "red"}),
-        ]:
+        ]
+        for method, args, kwargs in failing:
             with pytest.raises((ModelHostError, TypeError)) as caught:
                 call(method, *args, **kwargs)
             seen["errors"].append((type(caught.value).__name__, str(caught.value)))

@@ -58,7 +58,8 @@ def test_bfloat16_decodes_to_float32_exactly_without_torch() -> None:
 
 
 def test_scalars_and_empty_tensors() -> None:
-    assert codec.to_numpy(codec.from_numpy(np.float32(3.5))) == np.float32(3.5)
+    # A numpy scalar, not an ndarray: from_numpy takes it as a 0-d array.
+    assert codec.to_numpy(codec.from_numpy(np.float32(3.5))) == np.float32(3.5)  # type: ignore[arg-type]
     empty = codec.from_torch(torch.empty(0, 3))
     assert codec.to_torch(empty).shape == (0, 3)
 
@@ -69,7 +70,7 @@ def test_scalars_and_empty_tensors() -> None:
         (pb.Tensor(shape=[1], data=b"\0" * 4), "dtype"),
         (pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2], data=b"\0" * 4), "needs 8 bytes"),
         (pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[-2], data=b""), "negative"),
-        (pb.Tensor(dtype=99, shape=[1], data=b"\0"), "dtype"),
+        (pb.Tensor(dtype=pb.DataType.ValueType(99), shape=[1], data=b"\0"), "dtype"),
     ],
 )
 def test_malformed_tensors(message: pb.Tensor, words: str) -> None:

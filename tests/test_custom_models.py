@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -46,7 +47,9 @@ def exported(model: torch.nn.Module, dynamic_batch: bool = True) -> bytes:
 def tiny(seed: int = 0) -> TinyCNN:
     torch.manual_seed(seed)
     model = TinyCNN(num_classes=5, width=8)
-    model.features[1].running_mean.uniform_(-0.5, 0.5)  # make BatchNorm state matter
+    norm = model.features[1]
+    assert isinstance(norm, torch.nn.BatchNorm2d) and norm.running_mean is not None
+    norm.running_mean.uniform_(-0.5, 0.5)  # make BatchNorm state matter
     return model.eval()
 
 
@@ -81,7 +84,7 @@ def test_requests_cannot_name_import_paths(client: ModelHostClient) -> None:
     for name in ("os:system", "helpers.models:tiny_mlp", "subprocess.run", "tiny_vision.models"):
         expect(
             IA,
-            lambda n=name: client.load_model("m", architecture=n, checkpoint="w"),
+            partial(client.load_model, "m", architecture=name, checkpoint="w"),
             "unknown architecture",
         )
 
@@ -179,7 +182,9 @@ def test_general_checkpoint_resume_matches_continuing_in_process(
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))) for _ in range(3)]
 
-    def step(m: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple) -> float:  # type: ignore[type-arg]
+    def step(
+        m: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> float:
         m.train()
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
@@ -213,6 +218,7 @@ def test_general_checkpoint_resume_matches_continuing_in_process(
 
     # Another trainer downloads the checkpoint and resumes.
     resumed = client.download_checkpoint("epoch-2")
+    assert isinstance(resumed, dict)
     other = TinyCNN(num_classes=5, width=8)
     other.load_state_dict(resumed["model_state_dict"])
     other_opt = torch.optim.Adam(other.parameters(), lr=1e-2)

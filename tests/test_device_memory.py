@@ -44,6 +44,7 @@ def test_unloading_drops_every_reference_to_the_module(
     client: ModelHostClient, server: Server
 ) -> None:
     serve(client, "m", architecture="tiny_mlp")
+    assert server.host is not None
     hosted = server.host.models.get("m")
     module = weakref.ref(hosted.runner.module)
     assert client.predict("m", np.zeros((1, 4), np.float32)).shape == (1, 3)
@@ -118,6 +119,38 @@ def test_lane_threads_set_up_what_cuda_graphs_expect(monkeypatch: pytest.MonkeyP
     monkeypatch.delattr(trees, "_initialize_tls")
     assert isinstance(_tree_state_on_a_new_thread(prepare=False), BaseException)
     assert _tree_state_on_a_new_thread(prepare=True) == {}
+
+
+def test_lane_threads_set_up_cuda_graphs_state_whatever_helpers_torch_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A torch that has the set-up helper (`_initialize_tls`) but whose lookup still only
+    asserts the state is there (as before pytorch#123177 was fixed): the lane thread must
+    set it up itself; knowing the helper exists is not enough."""
+    from torch._inductor import cudagraph_trees as trees
+
+    def asserting_get_obj(local: object, attr_name: str) -> object:
+        if hasattr(local, attr_name):
+            return getattr(local, attr_name)
+        assert torch._C._is_key_in_tls(attr_name)
+        return torch._C._get_obj_in_tls(attr_name)
+
+    monkeypatch.setattr(trees, "get_obj", asserting_get_obj)
+    assert isinstance(_tree_state_on_a_new_thread(prepare=False), AssertionError)
+    assert _tree_state_on_a_new_thread(prepare=True) == {}
+
+
+def test_a_cuda_error_while_preparing_inputs_is_a_failed_device() -> None:
+    """Decoding and preprocessing run on the GPU for GPU models: a CUDA error there (what a
+    lost context raises) is the device's failure, DeviceFailed (INTERNAL, health
+    NOT_SERVING), not the caller's bad image; other errors pass through unchanged."""
+    from modelhost.server.errors import DeviceFailed
+
+    runner = Runner(None, torch.device("cpu"), torch.float32)
+    with pytest.raises(DeviceFailed, match="device-side assert"), runner._device_errors():
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    with pytest.raises(ValueError, match="not the device"), runner._device_errors():
+        raise ValueError("not the device")
 
 
 @pytest.mark.gpu

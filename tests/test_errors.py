@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def test_bad_architectures_and_arguments(
     for options, words in refused:
         expect(
             IA,
-            lambda o=options: load("m", architecture="resnet18", checkpoint="r18-weights", **o),
+            partial(load, "m", architecture="resnet18", checkpoint="r18-weights", **options),
             words,
         )
     assert [m.name for m in client.list_models()] == ["r18"]
@@ -260,9 +261,7 @@ def test_malicious_pickle_never_runs(
     payloads.append(buffer.getvalue())
     payloads.append(pickle.dumps(Exploit(marker), protocol=2))
     for payload in payloads:
-        expect(
-            grpc.StatusCode.INVALID_ARGUMENT, lambda p=payload: client.save_checkpoint("evil", p)
-        )
+        expect(grpc.StatusCode.INVALID_ARGUMENT, partial(client.save_checkpoint, "evil", payload))
         assert not marker.exists()
     assert store_files(server) == before
     still_serving()

@@ -316,7 +316,7 @@ class PredictCase:
     note: str
 
 
-def tensor_bytes(rng: np.random.Generator, dtype: int, count: int) -> bytes:
+def tensor_bytes(rng: np.random.Generator, dtype: codec.DataType, count: int) -> bytes:
     """Plausible elements: normal floats, small integers, 0/1 booleans."""
     if dtype not in codec.ITEMSIZE:
         return b"\0" * count
@@ -326,7 +326,7 @@ def tensor_bytes(rng: np.random.Generator, dtype: int, count: int) -> bytes:
         values = torch.from_numpy(rng.integers(0, 2, count).astype(np.bool_))
     else:
         values = torch.from_numpy(rng.integers(-100, 100, count))
-    return codec.from_torch(values.to(codec.torch_dtype(dtype))).data  # type: ignore[arg-type]
+    return codec.from_torch(values.to(codec.torch_dtype(dtype))).data
 
 
 @st.composite

@@ -87,7 +87,7 @@ class Silent:
         return future
 
 
-def _code(future: Future[Any], timeout: float = 20) -> Code:
+def _code(future: Future[Any], timeout: float = 20) -> grpc.StatusCode:
     try:
         future.result(timeout=timeout)
     except grpc.RpcError as error:

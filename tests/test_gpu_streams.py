@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,7 @@ def test_concurrent_uint8_requests_get_their_own_rows(client: ModelHostClient) -
     twin = model.cuda()
     rng = np.random.default_rng(0)
     requests = [rng.integers(0, 256, (1, 3, 64, 64), dtype=np.uint8) for _ in range(64)]
-    outs = concurrently([lambda x=x: client.predict("r18", x, timeout=120) for x in requests])
+    outs = concurrently([partial(client.predict, "r18", x, timeout=120) for x in requests])
     mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
     std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
     for x, out in zip(requests, outs, strict=True):
@@ -63,7 +65,7 @@ def test_concurrent_jpeg_requests_decoded_on_their_own_streams(client: ModelHost
         .tobytes()
         for _ in range(48)
     ]
-    outs = concurrently([lambda j=j: client.predict("r18", images=[j], timeout=120) for j in jpegs])
+    outs = concurrently([partial(client.predict, "r18", images=[j], timeout=120) for j in jpegs])
     mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
     std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
     for jpeg, out in zip(jpegs, outs, strict=True):

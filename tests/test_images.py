@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def test_concurrent_uint8_requests_are_preprocessed_as_one_batch(
         batching={"max_batch_size": 16, "max_queue_delay_us": 50_000},
     )
     pictures = [picture(seed, 48, 64) for seed in range(12)]
-    outs = concurrently([lambda p=p: client.predict("small", p[None].numpy()) for p in pictures])
+    outs = concurrently([partial(client.predict, "small", p[None].numpy()) for p in pictures])
     from torchvision import transforms
 
     reference_steps = transforms.Compose(

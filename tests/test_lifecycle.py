@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -70,11 +72,11 @@ def test_hot_swap_under_concurrent_predictions(client: ModelHostClient, server: 
 
 
 @pytest.mark.slow
-def test_seed_flow_vgg16(client: ModelHostClient, tmp_path: torch.types.FileLike) -> None:
+def test_seed_flow_vgg16(client: ModelHostClient, tmp_path: Path) -> None:
     """The tutorial: torch.save(model.state_dict()), rebuild, load_state_dict, eval, predict."""
     torch.manual_seed(0)
     model = torchvision.models.vgg16().eval()
-    path = tmp_path / "model_weights.pth"  # type: ignore[operator]
+    path = tmp_path / "model_weights.pth"
     torch.save(model.state_dict(), path)
     info = client.save_checkpoint("vgg16-weights", path)
     assert info.tensor_count == 32
@@ -92,7 +94,7 @@ def test_cancelled_upload_leaves_nothing(client: ModelHostClient, server: Server
         header=pb.SaveCheckpointHeader(name="partial", upload=pb.Upload())
     )
 
-    def stream():  # type: ignore[no-untyped-def]
+    def stream() -> Iterator[pb.SaveCheckpointRequest]:
         yield header
         for _ in range(8):
             yield pb.SaveCheckpointRequest(chunk=b"\x00" * (1 << 20))
@@ -131,6 +133,7 @@ def test_async_client_end_to_end(server: Server) -> None:
             for out in outs:
                 np.testing.assert_allclose(out, reference(model, x), rtol=1e-5, atol=1e-5)
             state = await client.download_checkpoint("w")
+            assert isinstance(state, dict)
             assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
             assert [c.name for c in await client.list_checkpoints()] == ["w"]
             assert (await client.get_model("m")).version == 1

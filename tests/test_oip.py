@@ -542,7 +542,7 @@ def test_every_datatype_round_trips_raw_and_typed(
     assert got_type == datatype
     np.testing.assert_array_equal(np.asarray(got).astype(expected.dtype), expected)
     # Typed contents, where the datatype has them.
-    request = {
+    request: dict[str, Any] = {
         "model_name": echo_model,
         "inputs": [{"name": "input", "datatype": datatype, "shape": list(x.shape)}],
     }

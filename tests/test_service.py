@@ -74,6 +74,7 @@ def test_snapshot_download_bit_for_bit(
     info = client.snapshot("r18", "r18-snapshot")
     assert info.format == "state_dict" and info.metadata["snapshot_of"] == "r18:1"
     state = client.download_checkpoint("r18-snapshot")
+    assert isinstance(state, dict)
     original = served_resnet.state_dict()
     assert state.keys() == original.keys()
     for key, tensor in original.items():
@@ -111,6 +112,7 @@ def test_general_checkpoint_serves_model_and_keeps_training_state(
     x = images(2)
     np.testing.assert_array_equal(client.predict("trained", x), reference(model, x))
     back = client.download_checkpoint("train-3")
+    assert isinstance(back, dict)
     assert back["epoch"] == 3 and back["loss"] == 0.25
     assert back["optimizer_state_dict"]["param_groups"][0]["momentum"] == 0.9
 
@@ -126,6 +128,7 @@ def test_safetensors_checkpoint(client: ModelHostClient) -> None:
     x = images(2)
     np.testing.assert_array_equal(client.predict("st", x), reference(model, x))
     back = client.download_checkpoint("r18-st")
+    assert isinstance(back, dict)
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
@@ -215,6 +218,7 @@ def test_overwrite_replaces_atomically(client: ModelHostClient) -> None:
     assert first.sha256 != second.sha256
     assert client.get_checkpoint("w").sha256 == second.sha256
     back = client.download_checkpoint("w")
+    assert isinstance(back, dict)
     assert all(torch.equal(back[k], v) for k, v in b.state_dict().items())
 
 

@@ -42,7 +42,7 @@ class SlowMLP(nn.Sequential):
         import time
 
         time.sleep(self.delay)
-        return super().forward(x)  # type: ignore[no-any-return]
+        return super().forward(x)
 
 
 def slow_mlp(features: int = 4, hidden: int = 8, classes: int = 3, delay: float = 1.0) -> nn.Module:

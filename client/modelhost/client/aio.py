@@ -12,7 +12,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack, overload
 
 import grpc.aio
 
@@ -92,6 +92,16 @@ class AsyncModelHostClient(calls.ClientBase):
     ) -> CheckpointInfo:
         """Has the server save a hosted model's state_dict as a checkpoint."""
         return await self._run(calls.snapshot(model, checkpoint, version, overwrite))
+
+    @overload
+    async def download_checkpoint(
+        self, name: str, dest: None = None, *, progress: Progress | None = None
+    ) -> Any: ...
+
+    @overload
+    async def download_checkpoint(
+        self, name: str, dest: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> Path: ...
 
     async def download_checkpoint(
         self,

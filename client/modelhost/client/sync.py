@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack, overload
 
 import grpc
 
@@ -87,6 +87,16 @@ class ModelHostClient(calls.ClientBase):
     ) -> CheckpointInfo:
         """Has the server save a hosted model's state_dict as a checkpoint."""
         return self._run(calls.snapshot(model, checkpoint, version, overwrite))
+
+    @overload
+    def download_checkpoint(
+        self, name: str, dest: None = None, *, progress: Progress | None = None
+    ) -> Any: ...
+
+    @overload
+    def download_checkpoint(
+        self, name: str, dest: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> Path: ...
 
     def download_checkpoint(
         self,
