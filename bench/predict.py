@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +181,14 @@ def drive(
 
 
 @contextlib.contextmanager
-def _server(target: str | None, store: Path, device: str) -> Iterator[Any]:
+def _server(
+    target: str | None, store: Path, device: str, extra: Sequence[str] = ()
+) -> Iterator[Any]:
     """A server process of our own, or the one at `target` (pid None: not ours to watch)."""
     if target:
         yield types.SimpleNamespace(target=target, pid=None)
         return
-    with ServerProcess.start(store, args=["--device", device]) as server:
+    with ServerProcess.start(store, args=["--device", device, *extra]) as server:
         yield server
 
 
@@ -210,6 +212,12 @@ def main() -> None:
         "a server process of its own; --token if it wants one",
     )
     parser.add_argument("--token", help="management and inference token for --target")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="a flag for the server process, repeatable (e.g. --server-arg=--no-gpu-pipelining)",
+    )
     args = parser.parse_args()
     malloc.keep_large_buffers()  # the in-process ceiling gets the server's malloc settings
     dtype = getattr(torch, args.dtype)
@@ -255,7 +263,7 @@ def main() -> None:
         latency_check = None
         with (
             echo_server() as echo_target,
-            _server(args.target, Path(tmp) / "store", args.device) as server,
+            _server(args.target, Path(tmp) / "store", args.device, args.server_arg) as server,
             ModelHostClient(
                 server.target, timeout=60, config=ChannelConfig(token=args.token)
             ) as client,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -11,6 +12,7 @@ from test_batching import concurrently
 
 from conftest import serve
 from modelhost.client import ModelHostClient
+from modelhost.server import Settings, running
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,6 +20,28 @@ pytestmark = [
 ]
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_concurrent_float32_batches_pipelined_or_not(settings: Settings, pipelining: bool) -> None:
+    """Small batches (8 rows) from 64 callers keep the lane launching a batch while the one
+    before computes (or, with --no-gpu-pipelining, one at a time): every row is its caller's."""
+    with (
+        running(dataclasses.replace(settings, gpu_pipelining=pipelining)) as server,
+        ModelHostClient(server.target, timeout=120) as client,
+    ):
+        model = serve(
+            client, "r18", device="cuda", batching={"max_batch_size": 8, "max_queue_delay_us": 0}
+        )
+        twin = model.cuda()
+        rng = np.random.default_rng(1)
+        requests = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(64)]
+        outs = concurrently([partial(client.predict, "r18", x, timeout=120) for x in requests])
+    for x, out in zip(requests, outs, strict=True):
+        assert not isinstance(out, Exception), out
+        with torch.inference_mode():
+            expected = twin(torch.from_numpy(x).cuda()).cpu().numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_concurrent_uint8_requests_get_their_own_rows(client: ModelHostClient) -> None:

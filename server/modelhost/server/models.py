@@ -263,7 +263,9 @@ class Models:
                 on_error=self._metrics.batch_errors.labels(spec.name, str(version)).inc,
                 join=runner.join,
                 adopt=runner.adopt,
-                launch=runner.launch if runner.asynchronous else None,
+                launch=runner.launch
+                if runner.asynchronous and self.settings.gpu_pipelining
+                else None,
             ),
             prep=self._prep,
             loaded_at=time.time(),

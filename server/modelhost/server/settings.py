@@ -68,6 +68,11 @@ class Settings:
         "to the store tier.",
     )
     preprocess_workers: int = _setting(4, "Threads that decode and preprocess image inputs.")
+    gpu_pipelining: bool = _setting(
+        True,
+        "GPU models: launch the next batch while one computes (two batches in flight), so "
+        "the GPU does not wait for the host to join inputs or encode outputs.",
+    )
     grace_seconds: float = _setting(10.0, "On SIGTERM/SIGINT, how long in-flight calls may finish.")
     log_level: str = _setting("info", "Logging level: debug, info, warning, error.")
     architectures: list[str] = _setting(
