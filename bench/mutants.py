@@ -75,6 +75,16 @@ MUTANTS = [
         ("tests/test_restore.py::test_concurrent_loads_and_unloads_are_recorded_as_they_happened",),
     ),
     Mutant(
+        "batching: a batch filling up holds the shared lane from other models",
+        SERVER + "batching.py",
+        "                or self._lane.busy_elsewhere(self)\n",
+        "",
+        (
+            "tests/test_batching.py::"
+            "test_a_long_queue_delay_does_not_hold_the_shared_lane_from_other_models",
+        ),
+    ),
+    Mutant(
         "auth: RepositoryModelLoad leaves the management tier",
         SERVER + "auth.py",
         '"/inference.GRPCInferenceService/RepositoryModelLoad": MANAGEMENT,',

@@ -315,6 +315,37 @@ def test_inputs_made_on_another_stream_are_adopted_before_they_are_joined() -> N
     assert events == ["adopt e0", "run 1", "adopt e1", "adopt e2", "join 2", "run 2"]
 
 
+def test_a_long_queue_delay_does_not_hold_the_shared_lane_from_other_models() -> None:
+    """A batch that waits to fill (max_queue_delay_us up to 60 s) stops waiting as soon as
+    another model's request or a job waits for the shared CPU lane: it runs with what it
+    has, and the other goes next (found by test_fuzz: a model with a 59 s delay made every
+    other CPU model's requests miss their deadlines)."""
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
+    from modelhost.server.inference import encode_answer
+
+    def double(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"output": batch["x"] * 2}
+
+    lane = Lane("shared", shared=True)
+    patient = Batcher(double, BatchPolicy(8, 30_000_000, 16), lane)
+    other = Batcher(double, BatchPolicy(8, 0, 16), lane)
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    x = {"x": torch.ones(1, 1)}
+    blocker = lane.call(time.sleep, 0.2)  # two requests queue: its next batch waits for two
+    for future in [patient.submit(x, None, finish) for _ in range(2)]:
+        blocker.result(5)
+        future.result(5)
+    alone = patient.submit(x, None, finish)  # gathered alone: it would wait 30 s for another
+    time.sleep(0.2)
+    job = lane.call(lambda: "ran")
+    assert job.result(5) == "ran"
+    assert other.submit(x, None, finish).result(5).outputs["output"].shape == [1, 1]
+    assert alone.result(5).outputs["output"].shape == [1, 1]
+    patient.close()
+    other.close()
+    lane.close()
+
+
 def test_an_asynchronous_runner_is_pipelined() -> None:
     """With an asynchronous runner (a GPU's `Runner.launch`), the lane launches the next
     batch from what is queued before it finishes the one in flight, so the device never

@@ -2,7 +2,8 @@
 
 Callers `submit` decoded inputs and get a future. The lane takes the oldest request
 of a queue, gathers more that are already queued (or arrive within
-`max_queue_delay_us`, while fewer are queued than joined that queue's previous batch),
+`max_queue_delay_us`, while fewer are queued than joined that queue's previous batch and
+no other work waits for the lane),
 groups them by input signature (names, dtypes, device, shape past the batch
 dimension), runs each group as one batch, and hands every caller exactly its own rows.
 
@@ -192,6 +193,11 @@ class Lane:
                     return None
                 self.cond.wait()
 
+    def busy_elsewhere(self, batcher: Batcher) -> bool:
+        """Whether a job or another batcher's requests wait for this lane (call with
+        `cond` held): a batch filling up must not hold the lane from them."""
+        return bool(self._jobs) or any(b.depth for b in self._batchers if b is not batcher)
+
     def _next_batcher(self) -> Batcher | None:
         """The next batcher with queued requests, round-robin (call with `cond` held)."""
         count = len(self._batchers)
@@ -300,7 +306,13 @@ class Batcher:
                 rows += batch[-1].rows
                 continue
             remaining = until - time.monotonic()
-            if remaining <= 0 or len(batch) >= self._last_batch or self._closed or not wait:
+            if (
+                remaining <= 0
+                or len(batch) >= self._last_batch
+                or self._closed
+                or not wait
+                or self._lane.busy_elsewhere(self)
+            ):
                 break
             self._cond.wait(remaining)
         self._last_batch = len(batch)
