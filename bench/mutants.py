@@ -85,6 +85,21 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "models: a whole warm-up is one job on the shared lane",
+        SERVER + "models.py",
+        "        rates = runner.warm_up(\n"
+        "            request.warmup_shape, measure=measure, "
+        "on_lane=lambda run: lane.call(run).result()\n"
+        "        )",
+        "        rates = lane.call(\n"
+        "            lambda: runner.warm_up(request.warmup_shape, measure=measure)\n"
+        "        ).result()",
+        (
+            "tests/test_batching.py::"
+            "test_a_warm_up_on_the_shared_lane_lets_other_models_run_between_its_runs",
+        ),
+    ),
+    Mutant(
         "auth: RepositoryModelLoad leaves the management tier",
         SERVER + "auth.py",
         '"/inference.GRPCInferenceService/RepositoryModelLoad": MANAGEMENT,',

@@ -177,6 +177,36 @@ def test_warm_up_picks_the_batch_size_with_the_best_throughput(
     assert sorted(len(call) for call in Recorder.calls) == [4, 4, 16]
 
 
+def test_a_warm_up_on_the_shared_lane_lets_other_models_run_between_its_runs(
+    client: ModelHostClient,
+) -> None:
+    """A CPU model's warm-up (up to 4 rounds over every batch size) runs one batch at a time
+    on the shared lane: another model's request runs between two of its runs, not after
+    the whole warm-up (16 runs of 0.15 s here)."""
+    load_recorder(client, "fast")
+    client.save_checkpoint("warming-w", {"scale": torch.full((1,), 2.0)})
+    loading = threading.Thread(
+        target=lambda: client.load_model(
+            "warming",
+            architecture="recorder",
+            checkpoint="warming-w",
+            architecture_args={"delay": 0.15},
+            batching={"max_batch_size": 8},
+            warmup_shape=(8, 2),
+        )
+    )
+    Recorder.calls.clear()
+    loading.start()
+    deadline = time.monotonic() + 30
+    while not Recorder.calls and time.monotonic() < deadline:
+        time.sleep(0.01)  # the warm-up has started
+    np.testing.assert_array_equal(client.predict("fast", ids(100, 1)), ids(100, 1) * 2)
+    loading.join(60)
+    warm_up_runs = [i for i, call in enumerate(Recorder.calls) if call and call[0] == 0.0]
+    assert len(warm_up_runs) == 16  # sizes 1, 2, 4, 8; 4 rounds
+    assert Recorder.calls.index([100.0]) < warm_up_runs[-1], Recorder.calls
+
+
 def test_preferred_batch_size_above_the_maximum_is_refused(client: ModelHostClient) -> None:
     batching = {"max_batch_size": 4, "preferred_batch_size": 8}
     with pytest.raises(ModelHostError) as caught:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -354,25 +355,38 @@ class Runner:
         """Drops the module (and its compiled form): its memory can be given back."""
         self.detach()
 
-    def warm_up(self, shape: Sequence[int], *, measure: bool = False) -> dict[int, float]:
+    def warm_up(
+        self,
+        shape: Sequence[int],
+        *,
+        measure: bool = False,
+        on_lane: Callable[[Callable[[], float]], float] = lambda run: run(),
+    ) -> dict[int, float]:
         """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model.
 
         With `measure`, runs each size three times more, in rounds across the sizes, and
         returns rows/s by batch size from its fastest run (a busy moment on a shared
         machine only ever slows a run down, so the fastest is the least disturbed).
+        Each run is one call of `on_lane` (a job on the model's lane): on the shared CPU
+        lane the other models' batches run between them, not after the whole warm-up.
         """
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
         batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
         seconds = {rows: float("inf") for rows in batches}
         for run in range(4 if measure else 1):  # the first run of each size is not timed
             for rows in batches:
-                with self._device_errors("allocating the warm-up input"):
-                    zeros = torch.zeros((rows, *shape[1:]), dtype=dtype)
-                started = time.perf_counter()
-                self.run({SINGLE_INPUT: zeros})
+                took = on_lane(functools.partial(self._timed_run, (rows, *shape[1:]), dtype))
                 if run:
-                    seconds[rows] = min(seconds[rows], time.perf_counter() - started)
+                    seconds[rows] = min(seconds[rows], took)
         return {rows: rows / seconds[rows] for rows in batches} if measure else {}
+
+    def _timed_run(self, shape: Sequence[int], dtype: torch.dtype) -> float:
+        """Seconds one run of zeros of `shape` takes, to its outputs on the host."""
+        with self._device_errors("allocating the warm-up input"):
+            zeros = torch.zeros(tuple(shape), dtype=dtype)
+        started = time.perf_counter()
+        self.run({SINGLE_INPUT: zeros})
+        return time.perf_counter() - started
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """An input on the model's device in the form it runs: copied (from pinned memory,

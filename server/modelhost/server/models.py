@@ -292,8 +292,9 @@ class Models:
         if not request.warmup_shape:
             return policy
         measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
-        warm_up = functools.partial(runner.warm_up, measure=measure)
-        rates = lane.call(warm_up, request.warmup_shape).result()
+        rates = runner.warm_up(
+            request.warmup_shape, measure=measure, on_lane=lambda run: lane.call(run).result()
+        )
         if rates:
             preferred = preferred_batch_size(rates, policy.max_batch_size)
             policy = dataclasses.replace(policy, preferred_batch_size=preferred)
