@@ -100,6 +100,13 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "cache: a page-in runs after every request for it has passed its deadline",
+        SERVER + "cache.py",
+        "        if time.monotonic() >= until:\n",
+        "        if False:\n",
+        ("tests/test_cache.py::test_a_page_in_nobody_waits_for_any_more_is_skipped",),
+    ),
+    Mutant(
         "auth: RepositoryModelLoad leaves the management tier",
         SERVER + "auth.py",
         '"/inference.GRPCInferenceService/RepositoryModelLoad": MANAGEMENT,',

@@ -240,6 +240,35 @@ def test_a_device_pages_in_one_version_at_a_time_at_a_lower_priority(
         assert niceness == min(19, base + 10)
 
 
+def test_a_page_in_nobody_waits_for_any_more_is_skipped(
+    client: ModelHostClient, server: Server
+) -> None:
+    """Under overload page-ins queue behind each other; one whose requests have all passed
+    their deadlines is not done when its turn comes (it would evict a version in use for
+    nobody), and the next request for that version pages it in as usual."""
+    args = {**ARGS, "seconds": 0.6}
+    twins = {}
+    for seed, name in enumerate("abcde"):
+        twins[name] = build("tiny_mlp", ARGS, seed=seed)
+        client.save_checkpoint(name, twins[name].state_dict(), overwrite=True)
+        client.load_model(
+            name, architecture="slow_load_mlp", checkpoint=name, architecture_args=args
+        )
+    assert resident(client) == {"c", "d", "e"}
+    first = threading.Thread(target=lambda: same(client.predict("a", X), reference(twins["a"], X)))
+    first.start()  # takes the page-in thread for 0.6 s
+    time.sleep(0.1)
+    with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as once:
+        expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: once.predict("b", X, timeout=0.3))
+    first.join(30)
+    time.sleep(0.3)  # b's turn on the page-in thread came and went
+    assert counter(server, "modelhost_page_ins_skipped_total") == 1
+    assert client.get_model("b").page_ins == 0
+    assert resident(client) == {"a", "d", "e"}  # only a's page-in evicted anything
+    same(client.predict("b", X), reference(twins["b"], X))
+    assert client.get_model("b").page_ins == 1
+
+
 def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
     client: ModelHostClient, server: Server
 ) -> None:

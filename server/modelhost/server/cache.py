@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -229,19 +230,24 @@ class ModelCache:
             self._metrics.cache_requests.labels("hit").inc()
             return False
         self._metrics.cache_requests.labels("miss").inc()
-        with self._cond:
-            job = hosted.paging
-            if job is None or job.done():
-                pages_in = self._pages_in(str(hosted.loaded.device))
-                job = hosted.paging = pages_in.submit(self._page_in, hosted, deadline)
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), remaining)
-        except TimeoutError:
-            raise DeadlineExpired(
-                f"model {hosted.name!r} version {hosted.version} was still being paged in "
-                "when the deadline passed"
-            ) from None
+        until = math.inf if deadline is None else deadline
+        while hosted.tier != RESIDENT and not hosted.retiring:
+            with self._cond:
+                job = hosted.paging
+                if job is None or job.done():
+                    hosted.paging_until = until
+                    pages_in = self._pages_in(str(hosted.loaded.device))
+                    job = hosted.paging = pages_in.submit(self._page_in, hosted)
+                else:
+                    hosted.paging_until = max(hosted.paging_until, until)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), remaining)
+            except TimeoutError:
+                raise DeadlineExpired(
+                    f"model {hosted.name!r} version {hosted.version} was still being paged "
+                    "in when the deadline passed"
+                ) from None
         return True
 
     def _pages_in(self, device: str) -> ThreadPoolExecutor:
@@ -259,12 +265,25 @@ class ModelCache:
         for executor in executors:
             executor.shutdown(wait=True, cancel_futures=True)
 
-    def _page_in(self, hosted: HostedModel, deadline: float | None) -> None:
-        """Brings a version back to its device (on a load thread)."""
+    def _page_in(self, hosted: HostedModel) -> None:
+        """Brings a version back to its device (on its device's page-in thread), unless
+        every request that wanted it has passed its deadline meanwhile: under overload,
+        page-ins nobody waits for any more would evict versions that are in use."""
+        with self._cond:
+            until = hosted.paging_until
         if hosted.tier == RESIDENT or hosted.retiring:
+            return
+        if time.monotonic() >= until:
+            self._metrics.page_ins_skipped.inc()
+            log.info(
+                "page-in of %s version %d skipped: its requests passed their deadlines",
+                hosted.name,
+                hosted.version,
+            )
             return
         key = (hosted.name, hosted.version)
         device = hosted.loaded.device
+        deadline = None if until == math.inf else until
         self.reserve(key, device, hosted.device_bytes, deadline=deadline)
         started = time.perf_counter()  # the page-in itself, after any wait for room
         try:

@@ -71,6 +71,7 @@ class HostedModel:
     used_order: int = 0  # larger: used more recently (the cache's LRU order)
     host_module: nn.Module | None = None  # its weights while in the host tier
     paging: Any = None  # the page-in in progress (a concurrent Future), if any
+    paging_until: float = 0.0  # the latest deadline of the requests waiting for it
     built: bool = True  # False: registered at restart, built at its first page-in
 
     def __post_init__(self) -> None:

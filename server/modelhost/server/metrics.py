@@ -94,6 +94,11 @@ class Metrics:
             ["model", "version", "tier"],
             registry=r,
         )
+        self.page_ins_skipped = Counter(
+            "modelhost_page_ins_skipped",
+            "Page-ins not done because every request waiting for them had passed its deadline.",
+            registry=r,
+        )
         self.page_in_seconds = Histogram(
             "modelhost_page_in_seconds",
             "Page-in time in seconds (the copy or the load, after any wait for room), by "
