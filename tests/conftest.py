@@ -22,6 +22,7 @@ TEST_ARCHITECTURES = [
     "tiny_mlp=helpers.models:tiny_mlp",
     "slow_mlp=helpers.models:slow_mlp",
     "slow_load_mlp=helpers.models:slow_load_mlp",
+    "reload_hog=helpers.models:reload_hog",
     "broken=helpers.models:broken",
     "recorder=helpers.models:recorder",
     "slow_builder=helpers.models:slow_builder",

@@ -269,6 +269,32 @@ def test_a_page_in_nobody_waits_for_any_more_is_skipped(
     assert client.get_model("b").page_ins == 1
 
 
+def test_a_page_in_that_runs_out_of_memory_is_resource_exhausted_and_can_retry(
+    client: ModelHostClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page-in whose allocation fails answers RESOURCE_EXHAUSTED (not INTERNAL); the
+    version stays registered at the store tier, the others keep serving, and a later
+    request pages it in once memory allows. (From the store tier here; a GPU version's
+    host copy that fails to move back is dropped to the store tier the same way.)"""
+    from helpers.models import ReloadHog
+
+    twins = {}
+    for seed, name in enumerate("abcd"):
+        twins[name] = build("tiny_mlp", ARGS, seed=seed)
+        client.save_checkpoint(name, twins[name].state_dict(), overwrite=True)
+        client.load_model(name, architecture="reload_hog", checkpoint=name, architecture_args=ARGS)
+    assert client.get_model("a").tier == "store"
+    monkeypatch.setattr(ReloadHog, "FAIL", True)
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: client.predict("a", X), "out of memory")
+    assert client.get_model("a").tier == "store"
+    assert resident(client) == {"c", "d"}  # b made room for it
+    for name in "cd":
+        same(client.predict(name, X), reference(twins[name], X))
+    monkeypatch.setattr(ReloadHog, "FAIL", False)
+    for name in "ab":
+        same(client.predict(name, X), reference(twins[name], X))
+
+
 def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
     client: ModelHostClient, server: Server
 ) -> None:

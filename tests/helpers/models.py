@@ -72,6 +72,25 @@ class SlowLoadMLP(nn.Sequential):
 LOADS: list[tuple[str, int, float, float]] = []
 
 
+class ReloadHog(nn.Sequential):
+    """tiny_mlp whose weights cannot be loaded while FAIL is set: the load asks for far
+    more memory than there is (a real out-of-memory, as a page-in on a full device)."""
+
+    FAIL: ClassVar[bool] = False
+
+    def __init__(self, features: int, hidden: int, classes: int) -> None:
+        super().__init__(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        if ReloadHog.FAIL:
+            torch.empty(1 << 62, dtype=torch.uint8)
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def reload_hog(features: int = 4, hidden: int = 8, classes: int = 3) -> nn.Module:
+    return ReloadHog(features, hidden, classes)
+
+
 def slow_load_mlp(
     features: int = 4, hidden: int = 8, classes: int = 3, seconds: float = 0.3
 ) -> nn.Module:

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from modelhost.server.devices import lower_priority, release_memory
+from modelhost.server.devices import is_oom, lower_priority, out_of_memory, release_memory
 from modelhost.server.errors import DeadlineExpired, OutOfMemory
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.loading import PINNED
@@ -286,21 +286,24 @@ class ModelCache:
         deadline = None if until == math.inf else until
         self.reserve(key, device, hosted.device_bytes, deadline=deadline)
         started = time.perf_counter()  # the page-in itself, after any wait for room
+        tier = hosted.tier
+        failure: OutOfMemory | None = None
         try:
-            with self._cond:
-                module, tier = hosted.host_module, hosted.tier
-                hosted.host_module = None
-            if module is not None:
-                module.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+            try:
+                module = self._bring_back(hosted, device)
+            except Exception as error:
+                if not is_oom(error):
+                    raise
+                # Raised below, without this traceback: its frames hold what was allocated.
+                failure = out_of_memory(error, f"paging in {hosted.name!r}", device)
             else:
-                assert self.rebuild is not None
-                module = self.rebuild(hosted)
-            with self._cond:
-                hosted.return_to_device(module)
+                with self._cond:
+                    hosted.return_to_device(module)
         finally:
             self.unreserve(key)
+        if failure is not None:
+            release_memory(device)
+            raise failure
         seconds = time.perf_counter() - started
         self._metrics.page_ins.labels(hosted.name, str(hosted.version), tier).inc()
         self._metrics.page_in_seconds.labels(tier).observe(seconds)
@@ -311,6 +314,25 @@ class ModelCache:
             tier,
             seconds,
         )
+
+    def _bring_back(self, hosted: HostedModel, device: torch.device) -> nn.Module:
+        """The version's module on its device: its host copy moved back, or loaded again
+        from the store. A host copy that fails to move is gone: the store tier is left."""
+        with self._cond:
+            module = hosted.host_module
+            hosted.host_module = None
+        if module is None:
+            assert self.rebuild is not None
+            return self.rebuild(hosted)
+        try:
+            module.to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except BaseException:
+            with self._cond:
+                hosted.tier = STORE
+            raise
+        return module
 
 
 def _names(versions: Iterable[HostedModel]) -> str:
