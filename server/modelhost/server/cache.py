@@ -326,8 +326,8 @@ class ModelCache:
             return self.rebuild(hosted)
         try:
             module.to(device, non_blocking=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if device.type == "cuda":  # its own copies, not the other models' batches
+                torch.cuda.current_stream(device).synchronize()
         except BaseException:
             with self._cond:
                 hosted.tier = STORE

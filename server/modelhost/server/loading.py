@@ -177,8 +177,8 @@ def load_module(
         if not built.exported:  # an exported graph is fixed in the mode it was exported in
             module.eval()
         module.requires_grad_(False)
-        if spec.device.type == "cuda":
-            torch.cuda.synchronize(spec.device)
+        if spec.device.type == "cuda":  # its own copies, not the other models' batches
+            torch.cuda.current_stream(spec.device).synchronize()
     except Exception as error:
         if not is_oom(error):
             raise
