@@ -155,9 +155,17 @@ def test_large_buffers_are_reused_without_page_faults() -> None:
         command = [sys.executable, "-c", _REUSE, mode]
         return int(subprocess.run(command, env=env, capture_output=True, check=True).stdout)
 
-    kept, default = faults_per_run("keep"), faults_per_run("default")
-    assert kept < 1_000, kept  # a rare fresh block: 0-341 in 12 runs here
-    assert default > 3_000, default  # the test can tell the two apart (4,889 once, loaded)
+    kept = faults_per_run("keep")
+    assert kept < 1_000, kept  # a rare fresh block: 0-498 in 16 runs here
+    # The test can tell the two apart: with glibc's defaults this pattern faults 14,000-
+    # 17,000 pages per run, but glibc's dynamic mmap threshold sometimes lets a process
+    # keep blocks (2,062 once in CI, 4,889 once on a loaded machine): the most of 3.
+    default = 0
+    for _ in range(3):
+        default = max(default, faults_per_run("default"))
+        if default > 3_000:
+            break
+    assert default > 3_000, default
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
