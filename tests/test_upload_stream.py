@@ -158,8 +158,8 @@ def test_large_buffers_are_reused_without_page_faults() -> None:
     kept = faults_per_run("keep")
     assert kept < 1_000, kept  # a rare fresh block: 0-498 in 16 runs here
     # The test can tell the two apart: with glibc's defaults this pattern faults 14,000-
-    # 17,000 pages per run, but glibc's dynamic mmap threshold sometimes lets a process
-    # keep blocks (2,062 once in CI, 4,889 once on a loaded machine): the most of 3.
+    # 17,000 pages per run, but a process sometimes keeps blocks (glibc raises its mmap
+    # threshold as mapped blocks are freed): 2,062 once in CI, 4,889 once loaded. The most of 3.
     default = 0
     for _ in range(3):
         default = max(default, faults_per_run("default"))
