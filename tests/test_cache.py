@@ -35,12 +35,25 @@ def server(settings: Settings) -> Iterator[Server]:
         yield srv
 
 
-def load(client: ModelHostClient, name: str, seed: int, **options: Any) -> torch.nn.Module:
-    """Uploads a tiny_mlp of `seed` as checkpoint `name`, loads it; returns the twin."""
+def load(
+    client: ModelHostClient,
+    name: str,
+    seed: int,
+    *,
+    architecture: str = "tiny_mlp",
+    args: dict[str, Any] | None = None,
+    **options: Any,
+) -> torch.nn.Module:
+    """Uploads a tiny_mlp of `seed` as checkpoint `name`, loads it as `architecture` (a
+    tiny_mlp that also takes `args`); returns the twin."""
     model = build("tiny_mlp", ARGS, seed=seed)
     client.save_checkpoint(name, model.state_dict(), overwrite=True)
     client.load_model(
-        name, architecture="tiny_mlp", checkpoint=name, architecture_args=ARGS, **options
+        name,
+        architecture=architecture,
+        checkpoint=name,
+        architecture_args={**ARGS, **(args or {})},
+        **options,
     )
     return model
 
@@ -211,14 +224,10 @@ def test_a_device_pages_in_one_version_at_a_time_at_a_lower_priority(
 
     from helpers.models import LOADS
 
-    args = {**ARGS, "seconds": 0.3}
-    twins = {}
-    for seed, name in enumerate("abcde"):
-        twins[name] = build("tiny_mlp", ARGS, seed=seed)
-        client.save_checkpoint(name, twins[name].state_dict(), overwrite=True)
-        client.load_model(
-            name, architecture="slow_load_mlp", checkpoint=name, architecture_args=args
-        )
+    twins = {
+        name: load(client, name, seed, architecture="slow_load_mlp", args={"seconds": 0.3})
+        for seed, name in enumerate("abcde")
+    }
     assert [client.get_model(n).tier for n in "ab"] == ["store", "store"]
     LOADS.clear()
     results: dict[str, Any] = {}
@@ -246,14 +255,10 @@ def test_a_page_in_nobody_waits_for_any_more_is_skipped(
     """Under overload page-ins queue behind each other; one whose requests have all passed
     their deadlines is not done when its turn comes (it would evict a version in use for
     nobody), and the next request for that version pages it in as usual."""
-    args = {**ARGS, "seconds": 0.6}
-    twins = {}
-    for seed, name in enumerate("abcde"):
-        twins[name] = build("tiny_mlp", ARGS, seed=seed)
-        client.save_checkpoint(name, twins[name].state_dict(), overwrite=True)
-        client.load_model(
-            name, architecture="slow_load_mlp", checkpoint=name, architecture_args=args
-        )
+    twins = {
+        name: load(client, name, seed, architecture="slow_load_mlp", args={"seconds": 0.6})
+        for seed, name in enumerate("abcde")
+    }
     assert resident(client) == {"c", "d", "e"}
     first = threading.Thread(target=lambda: same(client.predict("a", X), reference(twins["a"], X)))
     first.start()  # takes the page-in thread for 0.6 s
@@ -278,11 +283,7 @@ def test_a_page_in_that_runs_out_of_memory_is_resource_exhausted_and_can_retry(
     host copy that fails to move back is dropped to the store tier the same way.)"""
     from helpers.models import ReloadHog
 
-    twins = {}
-    for seed, name in enumerate("abcd"):
-        twins[name] = build("tiny_mlp", ARGS, seed=seed)
-        client.save_checkpoint(name, twins[name].state_dict(), overwrite=True)
-        client.load_model(name, architecture="reload_hog", checkpoint=name, architecture_args=ARGS)
+    twins = {n: load(client, n, seed, architecture="reload_hog") for seed, n in enumerate("abcd")}
     assert client.get_model("a").tier == "store"
     monkeypatch.setattr(ReloadHog, "FAIL", True)
     expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: client.predict("a", X), "out of memory")
