@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,22 @@ pytestmark = [
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+def normalized(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] pixels on the GPU, preprocessed as the served models are."""
+    mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
+    std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+def assert_own_rows(twin: torch.nn.Module, inputs: list[torch.Tensor], outs: list[Any]) -> None:
+    """Every caller got the in-process model's output (on the GPU) for its own input."""
+    for x, out in zip(inputs, outs, strict=True):
+        assert not isinstance(out, Exception), out
+        with torch.inference_mode():
+            expected = twin(x).cpu().numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 def test_concurrent_float32_batches_pipelined_or_not(settings: Settings, pipelining: bool) -> None:
     """Small batches (8 rows) from 64 callers keep the lane launching a batch while the one
@@ -37,11 +54,7 @@ def test_concurrent_float32_batches_pipelined_or_not(settings: Settings, pipelin
         rng = np.random.default_rng(1)
         requests = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(64)]
         outs = concurrently([partial(client.predict, "r18", x, timeout=120) for x in requests])
-    for x, out in zip(requests, outs, strict=True):
-        assert not isinstance(out, Exception), out
-        with torch.inference_mode():
-            expected = twin(torch.from_numpy(x).cuda()).cpu().numpy()
-        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    assert_own_rows(twin, [torch.from_numpy(x).cuda() for x in requests], outs)
 
 
 def test_concurrent_uint8_requests_get_their_own_rows(client: ModelHostClient) -> None:
@@ -58,14 +71,7 @@ def test_concurrent_uint8_requests_get_their_own_rows(client: ModelHostClient) -
     rng = np.random.default_rng(0)
     requests = [rng.integers(0, 256, (1, 3, 64, 64), dtype=np.uint8) for _ in range(64)]
     outs = concurrently([partial(client.predict, "r18", x, timeout=120) for x in requests])
-    mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
-    for x, out in zip(requests, outs, strict=True):
-        assert not isinstance(out, Exception), out
-        with torch.inference_mode():
-            pixels = torch.from_numpy(x).cuda().float() / 255
-            expected = twin((pixels - mean) / std).cpu().numpy()
-        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    assert_own_rows(twin, [normalized(torch.from_numpy(x).cuda()) for x in requests], outs)
 
 
 def test_concurrent_jpeg_requests_decoded_on_their_own_streams(client: ModelHostClient) -> None:
@@ -90,11 +96,7 @@ def test_concurrent_jpeg_requests_decoded_on_their_own_streams(client: ModelHost
         for _ in range(48)
     ]
     outs = concurrently([partial(client.predict, "r18", images=[j], timeout=120) for j in jpegs])
-    mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
-    for jpeg, out in zip(jpegs, outs, strict=True):
-        assert not isinstance(out, Exception), out
-        pixels = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), device="cuda")
-        with torch.inference_mode():
-            expected = twin((pixels[None].float() / 255 - mean) / std).cpu().numpy()
-        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    decoded = [
+        decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8), device="cuda") for j in jpegs
+    ]
+    assert_own_rows(twin, [normalized(pixels[None]) for pixels in decoded], outs)
