@@ -44,6 +44,7 @@ from torch import nn
 
 from modelhost.server.devices import is_oom, lower_priority, out_of_memory, release_memory
 from modelhost.server.errors import DeadlineExpired, OutOfMemory
+from modelhost.server.host_tier import hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.loading import PINNED
 from modelhost.server.metrics import Metrics
@@ -131,7 +132,7 @@ class ModelCache:
         return sum(held.values())
 
     def _host_used(self) -> int:
-        return sum(h.device_bytes for h in self._registry.all() if h.tier == HOST)
+        return sum(h.host_copy.nbytes for h in self._registry.all() if h.host_copy)
 
     # Making room
 
@@ -195,19 +196,25 @@ class ModelCache:
     def _evict(self, hosted: HostedModel) -> bool:
         """Takes an idle version off its device (to the host tier when it is a GPU's and
         the host budget has room, else to the store); False if a request holds it."""
-        to_host = (
+        module = hosted.loaded.module
+        hosting = (
             hosted.loaded.device.type == "cuda"
-            and self._host_used() + hosted.device_bytes <= self._host_limit
+            and module is not None
+            and hostable(module)
+            and self._host_used() + layout(module)[1] <= self._host_limit
         )
-        module = hosted.leave_device(HOST if to_host else STORE)
+        module = hosted.leave_device(HOST if hosting else STORE)
         if module is None:
             return False
-        if to_host:
-            module.to("cpu")
-            for tensor in [*module.parameters(), *module.buffers()]:
-                tensor.data = tensor.data.pin_memory()
-            hosted.host_module = module
-        else:
+        if hosting:
+            try:
+                hosted.host_copy = to_host(module)
+            except Exception:  # no pinned memory to be had: the store tier it is
+                log.exception(
+                    "%s version %d could not move to host memory", hosted.name, hosted.version
+                )
+                hosted.tier = STORE
+        if hosted.host_copy is None:
             gone = weakref.ref(module)
             del module
             if gone() is not None:  # a reference cycle holds it: only a collection frees it
@@ -317,22 +324,22 @@ class ModelCache:
 
     def _bring_back(self, hosted: HostedModel, device: torch.device) -> nn.Module:
         """The version's module on its device: its host copy moved back, or loaded again
-        from the store. A host copy that fails to move is gone: the store tier is left."""
+        from the store. A host copy that could not move back stays (out of memory: it is
+        still whole in host memory) or is gone (anything later: the store tier is left)."""
         with self._cond:
-            module = hosted.host_module
-            hosted.host_module = None
-        if module is None:
+            copy, hosted.host_copy = hosted.host_copy, None
+        if copy is None:
             assert self.rebuild is not None
             return self.rebuild(hosted)
         try:
-            module.to(device, non_blocking=True)
-            if device.type == "cuda":  # its own copies, not the other models' batches
-                torch.cuda.current_stream(device).synchronize()
+            return to_device(copy, device)
         except BaseException:
             with self._cond:
-                hosted.tier = STORE
+                if any(tensor.is_cuda for tensor, _ in copy.places):
+                    hosted.tier = STORE
+                else:
+                    hosted.host_copy = copy
             raise
-        return module
 
 
 def _names(versions: Iterable[HostedModel]) -> str:

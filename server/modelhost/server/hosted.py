@@ -42,6 +42,7 @@ from modelhost.server.loading import PINNED, LoadedModule, LoadRequest, LoadSpec
 
 if TYPE_CHECKING:
     from modelhost.server.cache import ModelCache
+    from modelhost.server.host_tier import HostCopy
 
 RESIDENT, HOST, STORE = "resident", "host", "store"
 """Where a version's weights are (its `tier`): on its device, in host memory, only in the
@@ -69,7 +70,7 @@ class HostedModel:
     page_ins: int = 0
     last_used: float = 0.0  # wall time of the last Predict; 0: none yet
     used_order: int = 0  # larger: used more recently (the cache's LRU order)
-    host_module: nn.Module | None = None  # its weights while in the host tier
+    host_copy: HostCopy | None = None  # its weights while in the host tier
     paging: Any = None  # the page-in in progress (a concurrent Future), if any
     paging_until: float = 0.0  # the latest deadline of the requests waiting for it
     built: bool = True  # False: registered at restart, built at its first page-in
@@ -194,9 +195,10 @@ class HostedModel:
             self.retiring = True
             self._idle.wait_for(lambda: self._leases == 0)
         self.batcher.close()
-        modules = [weakref.ref(m) for m in (self.runner.module, self.host_module) if m]
+        host_module = self.host_copy.module if self.host_copy else None
+        modules = [weakref.ref(m) for m in (self.runner.module, host_module) if m]
         self.runner.release()  # the module and its compiled form
         self.loaded.module = None
-        self.host_module = None
+        self.host_copy = None
         # A collection (about 0.2 s with torch loaded) only when a cycle keeps one alive.
         release_memory(self.loaded.device, collect=any(ref() is not None for ref in modules))
