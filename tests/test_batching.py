@@ -17,7 +17,7 @@ from conftest import detector, images, reference, serve
 from helpers.models import Recorder
 from modelhost.client import ModelHostClient, ModelHostError, codec
 from modelhost.server import Server
-from modelhost.server.batching import preferred_batch_size
+from modelhost.server.batching import Lane, LanePool, preferred_batch_size
 from modelhost.server.statistics import Statistics
 
 
@@ -574,3 +574,27 @@ def test_unload_waits_for_requests_that_hold_the_version(client: ModelHostClient
     np.testing.assert_allclose(results["r18"], reference(model, x.numpy()), rtol=1e-4, atol=1e-5)
     assert finished["unload"] >= finished["r18"]
     assert client.list_models()[0].name == "busy"
+
+
+def test_a_device_lane_pool_shares_a_bounded_number_of_lanes() -> None:
+    """GPU versions share at most `size` lanes (threads and streams), the least used first;
+    a version leaving gives its place back, and nothing makes a lane anew."""
+    made: list[Lane] = []
+
+    def new_lane(name: str) -> Lane:
+        made.append(Lane(name))
+        return made[-1]
+
+    pool = LanePool("dev", 2, new_lane)
+    try:
+        a, b, c = pool.take(), pool.take(), pool.take()
+        assert (a is not b, c is a, pool.usage()) == (True, True, [2, 1])
+        b.release()  # b's only version left: b is the least used
+        assert pool.take() is b and pool.usage() == [2, 1]
+        for _ in range(20):  # versions come and go: the same two lanes serve them
+            pool.take().release()
+        assert len(made) == 2 and pool.usage() == [2, 1]
+        assert all(lane.call(threading.current_thread).result().is_alive() for lane in made)
+    finally:
+        pool.close()
+    assert not any(lane._thread.is_alive() for lane in made)

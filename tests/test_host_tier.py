@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modelhost.server.host_tier import ALIGN, hostable, layout, to_device, to_host
+from modelhost.server.host_tier import ALIGN, held_bytes, hostable, layout, to_device, to_host
 
 
 class Mixed(nn.Module):
@@ -99,3 +99,10 @@ def test_only_dense_strided_tensors_can_be_hosted() -> None:
     assert hostable(module)
     module.register_buffer("sparse", torch.eye(3).to_sparse())
     assert not hostable(module)
+
+
+def test_pinned_buffers_are_counted_as_the_allocator_rounds_them() -> None:
+    assert held_bytes(45 << 20) == 64 << 20 and held_bytes(64 << 20) == 64 << 20
+    assert held_bytes(45 << 20, pinned=False) == 45 << 20
+    copy = to_host(trained(), pin=False)
+    assert copy.nbytes == copy.buffer.numel()  # unpinned: exactly its size

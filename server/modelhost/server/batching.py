@@ -112,8 +112,12 @@ Job = tuple[Callable[[], Any], Future[Any]]
 class Lane:
     """A worker thread that drains the queues of its batchers and runs jobs, in turn."""
 
-    def __init__(self, name: str, *, shared: bool = False) -> None:
+    def __init__(
+        self, name: str, *, shared: bool = False, stream: torch.cuda.Stream | None = None
+    ) -> None:
         self.shared = shared
+        self.stream = stream  # a GPU lane's: its thread's current stream, the models' too
+        self.pool: LanePool | None = None  # the pool it is one of (a GPU's lanes)
         self.cond = threading.Condition()
         self._batchers: list[Batcher] = []
         self._jobs: collections.deque[Job] = collections.deque()
@@ -140,6 +144,14 @@ class Lane:
         with self.cond:
             self._batchers.remove(batcher)
 
+    def release(self) -> None:
+        """A version it ran has left: its pool counts one fewer, or it stops (a shared
+        lane stays)."""
+        if self.pool is not None:
+            self.pool.give_back(self)
+        elif not self.shared:
+            self.close()
+
     def close(self) -> None:
         """Finishes the jobs queued, then stops the thread (batchers close first)."""
         with self.cond:
@@ -148,6 +160,8 @@ class Lane:
         self._thread.join()
 
     def _work(self) -> None:
+        if self.stream is not None:
+            torch.cuda.set_stream(self.stream)  # this thread's current stream, for good
         in_flight: Then | None = None  # a launched batch, finished after the next launch
         while True:
             task = self._take(wait=in_flight is None)
@@ -220,6 +234,52 @@ def preferred_batch_size(rates: Mapping[int, float], max_batch_size: int) -> int
     return 0 if chosen == max(usable) else chosen
 
 
+class LanePool:
+    """A device's lanes: at most `size`, made as needed; each new version runs on the one
+    that runs the fewest versions (a new lane while every one has some and there is room).
+
+    Lanes outlive their versions, and their number is bounded: cuBLAS keeps a workspace
+    (32 MiB on recent GPUs) for every thread and stream pair that ran a matrix product and
+    never frees it, so a thread and stream per version would leave one behind at every
+    unload, and hold one for every version ever registered."""
+
+    def __init__(self, name: str, size: int, new_lane: Callable[[str], Lane]) -> None:
+        self._name = name
+        self._size = max(1, size)
+        self._new_lane = new_lane
+        self._lock = threading.Lock()
+        self._users: dict[Lane, int] = {}  # versions on each lane (being built included)
+
+    def take(self) -> Lane:
+        with self._lock:
+            lanes = self._users
+            if len(lanes) < self._size and all(lanes.values()):
+                lane = self._new_lane(f"{self._name}-{len(lanes)}")
+                lane.pool = self
+                lanes[lane] = 0
+            else:
+                lane = min(lanes, key=lanes.__getitem__)
+            lanes[lane] += 1
+            return lane
+
+    def give_back(self, lane: Lane) -> None:
+        with self._lock:
+            if lane in self._users:
+                self._users[lane] -= 1
+
+    def usage(self) -> list[int]:
+        """Versions on each lane, in the order they were made."""
+        with self._lock:
+            return list(self._users.values())
+
+    def close(self) -> None:
+        """Stops every lane (their versions have left)."""
+        with self._lock:
+            lanes, self._users = list(self._users), {}
+        for lane in lanes:
+            lane.close()
+
+
 class Batcher:
     """Queues requests for one runner; its lane runs them in batches."""
 
@@ -287,8 +347,7 @@ class Batcher:
             self._cond.notify_all()
             self._cond.wait_for(lambda: not self._queue and not self._running)
         self._lane.detach(self)
-        if not self._lane.shared:
-            self._lane.close()
+        self._lane.release()
 
     # On the lane's thread
 

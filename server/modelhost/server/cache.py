@@ -44,7 +44,7 @@ from torch import nn
 
 from modelhost.server.devices import is_oom, lower_priority, out_of_memory, release_memory
 from modelhost.server.errors import DeadlineExpired, OutOfMemory
-from modelhost.server.host_tier import hostable, layout, to_device, to_host
+from modelhost.server.host_tier import held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.loading import PINNED
 from modelhost.server.metrics import Metrics
@@ -201,7 +201,7 @@ class ModelCache:
             hosted.loaded.device.type == "cuda"
             and module is not None
             and hostable(module)
-            and self._host_used() + layout(module)[1] <= self._host_limit
+            and self._host_used() + held_bytes(layout(module)[1]) <= self._host_limit
         )
         module = hosted.leave_device(HOST if hosting else STORE)
         if module is None:

@@ -97,13 +97,22 @@ def ensure_room(needed: int, device: torch.device, what: str) -> None:
         )
 
 
+CUDA_GRAPHS = threading.RLock()
+"""Held while a model compiled with CUDA graphs runs, and while cached GPU blocks go back
+to the driver. CUDA graph trees may record (capture) during any run, and `empty_cache`
+during a capture fails an internal assert; two versions of one architecture share one
+compiled function, whose graph tree manager is not safe to drive from two lanes at once
+(torch serialises neither before 2.14). Replays only queue work, so the lock is short."""
+
+
 def release_memory(device: torch.device | None = None, *, collect: bool = True) -> None:
     """Collects garbage (unless told it need not) and returns cached GPU blocks to the
     driver."""
     if collect:
         gc.collect()
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        torch.cuda.empty_cache()
+        with CUDA_GRAPHS:
+            torch.cuda.empty_cache()
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -184,7 +193,11 @@ class Workspace:
     warm-up (`with Workspace(module, device) as w: ...; w.bytes`). On a GPU: the peak of
     what PyTorch allocated beyond what it held before. On the CPU, which keeps no such
     count, an estimate: the largest inputs plus outputs of any one layer (the activations
-    alive at once in a feed-forward network)."""
+    alive at once in a feed-forward network). GPU peaks are counted per device, not per
+    thread, so GPU warm-ups are measured one at a time (other models' batches running
+    meanwhile may still add theirs: the estimate errs on the side of more)."""
+
+    _measuring = threading.Lock()
 
     def __init__(self, module: nn.Module, device: torch.device) -> None:
         self.bytes = 0
@@ -195,8 +208,13 @@ class Workspace:
 
     def __enter__(self) -> Workspace:
         if self._device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self._device)
-            self._start = int(torch.cuda.memory_allocated(self._device))
+            self._measuring.acquire()
+            try:
+                torch.cuda.reset_peak_memory_stats(self._device)
+                self._start = int(torch.cuda.memory_allocated(self._device))
+            except BaseException:
+                self._measuring.release()
+                raise
         else:
             self._hooks = [
                 layer.register_forward_hook(self._layer)
@@ -212,8 +230,11 @@ class Workspace:
         for hook in self._hooks:
             hook.remove()
         if self._device.type == "cuda":
-            peak = int(torch.cuda.max_memory_allocated(self._device))
-            self.bytes = max(0, peak - self._start)
+            try:
+                peak = int(torch.cuda.max_memory_allocated(self._device))
+                self.bytes = max(0, peak - self._start)
+            finally:
+                self._measuring.release()
 
 
 def _tensor_bytes(value: Any) -> int:

@@ -29,7 +29,14 @@ class HostCopy:
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel()
+        """Host memory it holds: PyTorch's pinned allocator rounds each block up to a power
+        of two (and keeps freed blocks for reuse)."""
+        return held_bytes(self.buffer.numel(), pinned=self.buffer.is_pinned())
+
+
+def held_bytes(size: int, *, pinned: bool = True) -> int:
+    """What a buffer of `size` bytes holds in host memory."""
+    return 1 << (size - 1).bit_length() if pinned and size > 1 else size
 
 
 def hostable(module: nn.Module) -> bool:

@@ -231,6 +231,10 @@ def decode_images(
     datas = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
     if device.type == "cuda" and all(blob.startswith(_JPEG) for blob in blobs):
         try:
+            # nvJPEG writes its outputs on a stream of its own without waiting for this
+            # thread's: memory freed here may still be read by kernels queued on it
+            # (pytorch/vision#9606). Wait for them, this thread's own work only.
+            torch.cuda.current_stream(device).synchronize()
             return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
         except RuntimeError as error:
             if is_oom(error) or is_device_failure(error):

@@ -16,6 +16,7 @@ from torch import nn
 from modelhost.client import codec
 from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
 from modelhost.server.devices import (
+    CUDA_GRAPHS,
     adopt,
     is_device_failure,
     is_oom,
@@ -100,6 +101,7 @@ class Runner:
         compile_mode: str = "",
         max_image_pixels: int = Settings.max_image_pixels,
         max_elements: int = Settings.max_tensor_elements,
+        stream: torch.cuda.Stream | None = None,
     ) -> None:
         self.module: nn.Module | None = None
         self.device = device
@@ -115,7 +117,8 @@ class Runner:
         self._forward: Callable[..., Any] = _released
         if module is not None:  # None: a version registered before it is built (restore)
             self.attach(module)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # On a GPU the model runs on its lane's stream (the lane thread's current stream).
+        self._stream = (stream or torch.cuda.Stream(device)) if device.type == "cuda" else None
         # CUDA graphs keep per-thread state that lane threads must set up (devices.py).
         self._cuda_graphs = device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
 
@@ -313,16 +316,19 @@ class Runner:
             # The batch was made (cat, or adopted from a preprocessing stream) on this
             # thread's current stream: the model's stream must not read it before then,
             # nor its memory be reused while the model's kernels may still read it.
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            current = torch.cuda.current_stream(self.device)
+            if current != self._stream:
+                self._stream.wait_stream(current)
             for tensor in batch.values():
                 if tensor.is_cuda:
                     tensor.record_stream(self._stream)
         with self._on_stream(), torch.inference_mode(), self._autocast():
             staged = {name: self._stage(t) for name, t in batch.items()}
-            if len(staged) == 1:
-                result = self._forward(next(iter(staged.values())))
-            else:
-                result = self._forward(**staged)
+            with CUDA_GRAPHS if self._cuda_graphs else nullcontext():
+                if len(staged) == 1:
+                    result = self._forward(next(iter(staged.values())))
+                else:
+                    result = self._forward(**staged)
             outputs = flatten_outputs(result)
             host = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
         done = self._stream.record_event() if self._stream is not None else None
@@ -346,7 +352,12 @@ class Runner:
             self._forward = torch.compile(module, mode=mode)
 
     def detach(self) -> nn.Module | None:
-        """Drops the module (and its compiled form) and returns it: a run now fails."""
+        """Drops the module (and its compiled form) and returns it: a run now fails. Waits
+        for the model's stream first: a batch whose callers all left may still be running
+        on the weights."""
+        if self._stream is not None:
+            with contextlib.suppress(Exception):  # a failed device runs nothing any more
+                self._stream.synchronize()
         module, self.module = self.module, None
         self._forward = _released
         return module

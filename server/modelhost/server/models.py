@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections.abc import Coroutine
 from concurrent.futures import Executor, Future
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
-from modelhost.server.batching import Batcher, BatchPolicy, Lane, preferred_batch_size
+from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
 from modelhost.server.cache import ModelCache
 from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
@@ -90,6 +91,8 @@ class Models:
         self._catalog = catalog
         self._metrics = metrics
         self._cpu_lane = cpu_lane
+        self._gpu_lanes: dict[str, LanePool] = {}
+        self._lanes_lock = threading.Lock()
         self._loads = loads
         self._prep = prep
         self._closing = False
@@ -202,6 +205,7 @@ class Models:
         assert loaded.module is not None
         if any(s.shape and s.shape[0] != -1 for s in loaded.inputs):
             policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
+        lane = self._lane(loaded.device)
         runner = Runner(
             loaded.module,
             loaded.device,
@@ -213,17 +217,31 @@ class Models:
             compile_mode=request.compile,
             max_image_pixels=settings.max_image_pixels,
             max_elements=settings.max_tensor_elements,
+            stream=lane.stream,
         )
-        runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
-        lane = self._cpu_lane if loaded.device.type == "cpu" else Lane(f"{spec.name}-{version}")
         try:
+            runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
             return self._finish_build(
                 spec, version, policy, request, loaded=loaded, runner=runner, lane=lane
             )
         except BaseException:
-            if lane is not self._cpu_lane:
-                lane.close()  # a GPU version's own lane: no thread is left behind
+            lane.release()  # a GPU lane counts one version fewer
             raise
+
+    def _lane(self, device: torch.device) -> Lane:
+        """The lane a new version on `device` runs on: the shared CPU lane, or one of the
+        device's GPU lanes (its thread and stream, shared with the fewest versions)."""
+        if device.type == "cpu":
+            return self._cpu_lane
+        with self._lanes_lock:
+            pool = self._gpu_lanes.get(str(device))
+            if pool is None:
+                pool = self._gpu_lanes[str(device)] = LanePool(
+                    str(device),
+                    self.settings.gpu_lanes,
+                    lambda name: Lane(name, stream=torch.cuda.Stream(device)),
+                )
+        return pool.take()
 
     def _finish_build(
         self,
@@ -462,6 +480,10 @@ class Models:
         self._closing = True
         for hosted in self.registry.all():
             await self.unload(hosted.name, hosted.version)
+        with self._lanes_lock:
+            pools, self._gpu_lanes = list(self._gpu_lanes.values()), {}
+        for pool in pools:
+            await asyncio.to_thread(pool.close)
 
 
 def check_request(request: LoadRequest, settings: Settings, device: torch.device) -> LoadSpec:

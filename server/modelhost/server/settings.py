@@ -68,6 +68,11 @@ class Settings:
         "to the store tier.",
     )
     preprocess_workers: int = _setting(4, "Threads that decode and preprocess image inputs.")
+    gpu_lanes: int = _setting(
+        4,
+        "Worker threads per GPU, each with its own CUDA stream, that run the GPU models: "
+        "each model version runs on one, the one with the fewest versions.",
+    )
     gpu_pipelining: bool = _setting(
         True,
         "GPU models: launch the next batch while one computes (two batches in flight), so "
