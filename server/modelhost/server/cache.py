@@ -23,7 +23,9 @@ which evicts more of the versions in use (on 16 resnet18 variants with room for 
 compete with the models serving. Page-in threads run at a lower CPU priority
 (devices.lower_priority), so on a busy CPU resident models keep their speed. All
 residency changes happen under the cache's one lock; moving weights to the host happens
-under it too, a page-in from the store does not (it reserves its bytes first).
+under it too, a page-in from the store does not (it reserves its bytes first). The
+per-request calls on the event loop (finding a page-in to wait for, a version turning
+idle) never wait for that lock.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from modelhost.server.registry import Registry
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_FRACTION = 0.9
+WAIT_STEP = 0.1
+"""Seconds between looks of a load or page-in that waits for busy versions to leave."""
 Key = tuple[str, int]
 Rebuild = Callable[[HostedModel], nn.Module]
 """Loads a version's module again from the store, on its device (models.py)."""
@@ -97,6 +101,9 @@ class ModelCache:
         self._limits: dict[str, int | None] = {}
         self._reserved: dict[Key, tuple[str, int]] = {}  # loads and page-ins in progress
         self._cond = threading.Condition()
+        self._paging = threading.Lock()  # page-in jobs and deadlines (the event loop's)
+        self._idle_count = itertools.count(1)
+        self._idles = 0
         self._clock = itertools.count(1)
         self.rebuild: Rebuild | None = None  # set by Models
         metrics.watch_cache(self)
@@ -146,6 +153,7 @@ class ModelCache:
         where = str(device)
         with self._cond:
             while limit is not None:
+                idles = self._idles
                 used = self._used(where, exclude=key)
                 if used + nbytes <= limit:
                     break
@@ -168,7 +176,8 @@ class ModelCache:
                         f"no room on {where} for {key[0]!r} before the deadline: the versions "
                         f"holding it ({_names(busy)}) are busy"
                     )
-                self._cond.wait(timeout=min(remaining or 1.0, 1.0))
+                if self._idles == idles:  # no request ended since the look above
+                    self._cond.wait(timeout=min(remaining or WAIT_STEP, WAIT_STEP))
             self._reserved[key] = (where, nbytes)
 
     def unreserve(self, key: Key) -> None:
@@ -178,9 +187,16 @@ class ModelCache:
             self._cond.notify_all()
 
     def idle(self) -> None:
-        """A version's last request ended: a waiting load or page-in may evict it now."""
-        with self._cond:
-            self._cond.notify_all()
+        """A version's last request ended: a waiting load or page-in may evict it now.
+        Called as every request ends, on the event loop, so it never waits for the lock
+        (an eviction to the host tier copies under it): a waiter that misses the wake-up
+        sees the count change, or looks again within WAIT_STEP."""
+        self._idles = next(self._idle_count)
+        if self._cond.acquire(blocking=False):
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
 
     def _evict_one(self, device: str, exclude: Key) -> bool:
         candidates = sorted(
@@ -239,7 +255,7 @@ class ModelCache:
         self._metrics.cache_requests.labels("miss").inc()
         until = math.inf if deadline is None else deadline
         while hosted.tier != RESIDENT and not hosted.retiring:
-            with self._cond:
+            with self._paging:
                 job = hosted.paging
                 if job is None or job.done():
                     hosted.paging_until = until
@@ -258,7 +274,7 @@ class ModelCache:
         return True
 
     def _pages_in(self, device: str) -> ThreadPoolExecutor:
-        """The device's page-in thread (call with `_cond` held)."""
+        """The device's page-in thread (call with `_paging` held)."""
         if device not in self._page_ins:
             self._page_ins[device] = ThreadPoolExecutor(
                 1, thread_name_prefix=f"page-in-{device}", initializer=lower_priority
@@ -267,7 +283,7 @@ class ModelCache:
 
     def close(self) -> None:
         """Stops the page-in threads (page-ins not started are cancelled)."""
-        with self._cond:
+        with self._paging:
             executors = list(self._page_ins.values())
         for executor in executors:
             executor.shutdown(wait=True, cancel_futures=True)
@@ -276,7 +292,7 @@ class ModelCache:
         """Brings a version back to its device (on its device's page-in thread), unless
         every request that wanted it has passed its deadline meanwhile: under overload,
         page-ins nobody waits for any more would evict versions that are in use."""
-        with self._cond:
+        with self._paging:
             until = hosted.paging_until
         if hosted.tier == RESIDENT or hosted.retiring:
             return
