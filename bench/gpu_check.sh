@@ -6,7 +6,7 @@
 # the stubs need. Once, here: `bash bench/gpu_wheels.sh` (fills .whl/, about 10 MB). Then
 # two device calls of about 4 minutes each, both with carry [".whl"]:
 #   bash bench/gpu_check.sh tests load cache          # timeout_s 360
-#   bash bench/gpu_check.sh options predict upload    # timeout_s 330
+#   bash bench/gpu_check.sh options predict upload    # timeout_s 360
 # Each stage has its own time limit, so a hung stage cannot take the other stages' time.
 # On a machine without CUDA it is a dry run: the GPU tests skip, the benchmarks fail fast.
 #   PYTHON=.venv/bin/python OUT=/tmp/gpu bash bench/gpu_check.sh tests
@@ -36,6 +36,8 @@ run() {
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$PY" -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
+    # torch.compile needs Triton and a C compiler with Python's headers
+    "$PY" -c "import shutil, sysconfig, triton; print('triton', triton.__version__, shutil.which('cc') or shutil.which('gcc'), sysconfig.get_paths()['include'])"
 } 2>&1 | tee "$OUT/machine.txt"
 if want tests; then
     # The image's own pytest plugins may not load with the carried pytest: none autoload.
@@ -51,7 +53,7 @@ if want cache; then
     run 75 cache "$PY" bench/cache.py --device cuda --models 12 --seconds 10 --clients 16
 fi
 if want options; then
-    run 60 options "$PY" bench/options.py --model resnet50 --batch 64 --compile
+    run 80 options "$PY" bench/options.py --model resnet50 --batch 64 --compile --seconds 3
 fi
 if want predict; then
     for input in uint8 jpeg; do

@@ -119,6 +119,7 @@ def main() -> None:
         started = time.perf_counter()
         images_per_s = rate(model, inputs, args.seconds, autocast)
         baseline = baseline or images_per_s
+        print(f"  {name}: {images_per_s:.1f} img/s", flush=True)  # if a time limit cuts the rest
         rows.append(
             [
                 name,

@@ -79,7 +79,8 @@ def test_concurrent_batched_requests_on_the_gpu(gpu_client: ModelHostClient) -> 
         np.testing.assert_allclose(out, reference(model, x), rtol=1e-3, atol=1e-3)
 
 
-def test_jpeg_decoded_on_the_gpu_gives_the_cpu_top_k(gpu_client: ModelHostClient) -> None:
+def test_jpeg_decoded_on_the_gpu_answers_as_the_cpu_decode(gpu_client: ModelHostClient) -> None:
+    from test_images import picture
     from torchvision.io import decode_image, encode_jpeg
 
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
@@ -92,18 +93,17 @@ def test_jpeg_decoded_on_the_gpu_gives_the_cpu_top_k(gpu_client: ModelHostClient
         architecture_args=None,  # 1000 classes, as the preprocessing's weights have
         preprocessing={"weights": "IMAGENET1K_V1"},
     )
-    pixels = torch.randint(0, 256, (3, 240, 320), dtype=torch.uint8)
-    jpeg = encode_jpeg(pixels, quality=95).numpy().tobytes()
-    top = gpu_client.predict("cls", images=[jpeg], top_k=5)[0]
+    jpeg = encode_jpeg(picture(3, 240, 320), quality=95).numpy().tobytes()
+    served = gpu_client.predict("cls", images=[jpeg])[0]
     image = decode_image(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
     with torch.inference_mode():
-        probs = model(weights.transforms()(image)[None]).softmax(-1)[0]
-    # nvjpeg and libjpeg may differ by a pixel value here and there: compare the best class
-    # and the scores loosely.
-    assert top[0].index == int(probs.argmax())
-    np.testing.assert_allclose(
-        [c.score for c in top], probs[[c.index for c in top]].numpy(), rtol=0.05, atol=1e-3
-    )
+        expected = model(weights.transforms()(image)[None])[0].numpy()
+    # nvJPEG and libjpeg (and the GPU's resize) may differ by a pixel value here and there,
+    # which a smooth picture keeps small; a wrong colour order, scale or crop would not be.
+    assert np.abs(served - expected).max() < 0.1 * expected.std()
+    assert int(served.argmax()) in np.argsort(expected)[-3:]
+    top = gpu_client.predict("cls", images=[jpeg], top_k=5)[0]
+    assert [c.index for c in top] == list(np.argsort(served)[::-1][:5])
 
 
 def test_gpu_out_of_memory_is_resource_exhausted_and_released(
