@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build, expect, reference
+from conftest import TEST_ARCHITECTURES, build, expect, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.server import Server, Settings, running
 
@@ -274,6 +274,36 @@ def test_a_page_in_nobody_waits_for_any_more_is_skipped(
     assert client.get_model("b").page_ins == 1
 
 
+def test_a_version_unloaded_while_its_page_in_waits_answers_unavailable(
+    client: ModelHostClient, server: Server
+) -> None:
+    """A request waiting for a page-in queued behind another one, whose version is then
+    unloaded, is told the version went away (UNAVAILABLE: a retry finds what serves now),
+    not that it sent a bad input."""
+    twins = {
+        name: load(client, name, seed, architecture="slow_load_mlp", args={"seconds": 0.6})
+        for seed, name in enumerate("abcde")
+    }
+    assert resident(client) == {"c", "d", "e"}
+    first = threading.Thread(target=lambda: same(client.predict("a", X), reference(twins["a"], X)))
+    first.start()  # takes the page-in thread for 0.6 s
+    time.sleep(0.1)
+    outcome: list[Any] = []
+    with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as once:
+        waiting = threading.Thread(
+            target=lambda: outcome.append(
+                expect(grpc.StatusCode.UNAVAILABLE, lambda: once.predict("b", X), "unloaded")
+            )
+        )
+        waiting.start()  # queued behind a's page-in
+        time.sleep(0.1)
+        assert client.unload_model("b") == [1]
+        waiting.join(30)
+    first.join(30)
+    assert len(outcome) == 1 and not first.is_alive()
+    same(client.predict("c", X), reference(twins["c"], X))
+
+
 def test_a_page_in_that_runs_out_of_memory_is_resource_exhausted_and_can_retry(
     client: ModelHostClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,6 +449,7 @@ def test_a_restart_brings_pinned_versions_back_resident_and_the_others_on_first_
         # Nothing but the pinned version was loaded at start.
         assert tiers(client) == {"p": "resident", "a": "store", "b": "store", "c": "store"}
         assert client.get_model("a").inputs == ()  # known once it is built
+        assert client.get_model("a").device_bytes == MODEL_BYTES  # from its skeleton
         for name, twin in twins.items():
             answer = client.predict(name, X)
             same(answer, reference(twin, X))
@@ -431,6 +462,51 @@ def test_a_restart_brings_pinned_versions_back_resident_and_the_others_on_first_
         client.unload_model("a")
     with running(restoring) as third, ModelHostClient(third.target, timeout=60) as client:
         assert set(tiers(client)) == {"p", "b", "c"}
+
+
+def test_a_restored_version_reserves_its_weights_not_its_checkpoint_file(
+    settings: Settings,
+) -> None:
+    """A general checkpoint (weights and Adam's state: three times the weights) whose
+    weights alone fit the budget serves after a restart as it did before."""
+    budget = MODEL_BYTES + MODEL_BYTES // 2
+    restoring = dataclasses.replace(settings, device_memory_budget=budget, restore=True)
+    twin = build("tiny_mlp", ARGS, seed=4)
+    optimizer = torch.optim.Adam(twin.parameters())
+    twin(torch.from_numpy(X)).sum().backward()
+    optimizer.step()
+    general = {
+        "model_state_dict": twin.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+    }
+    with running(restoring) as first, ModelHostClient(first.target, timeout=60) as client:
+        client.save_checkpoint("trained", general)
+        assert client.list_checkpoints()[0].size_bytes > 2 * MODEL_BYTES
+        client.load_model(
+            "trained", architecture="tiny_mlp", checkpoint="trained", architecture_args=ARGS
+        )
+        before = client.predict("trained", X)
+    with running(restoring) as second, ModelHostClient(second.target, timeout=60) as client:
+        assert tiers(client) == {"trained": "store"}
+        np.testing.assert_array_equal(client.predict("trained", X), before)
+        same(before, reference(twin.eval(), X))
+
+
+def test_a_restored_version_whose_architecture_is_gone_is_not_ready_and_says_why(
+    settings: Settings,
+) -> None:
+    restoring = dataclasses.replace(settings, device_memory_budget=BUDGET, restore=True)
+    with running(restoring) as first, ModelHostClient(first.target, timeout=60) as client:
+        load(client, "gone", 1, architecture="slow_mlp")
+        load(client, "kept", 2)
+    without = [a for a in TEST_ARCHITECTURES if not a.startswith("slow_mlp=")]
+    restarted = dataclasses.replace(restoring, architectures=without)
+    with running(restarted) as second, ModelHostClient(second.target, timeout=60) as client:
+        states = {m.name: (m.state, m.status_message) for m in client.list_models()}
+        assert states["kept"] == ("ready", "")
+        state, why = states["gone"]
+        assert state == "failed" and "slow_mlp" in why
+        expect(grpc.StatusCode.NOT_FOUND, lambda: client.predict("gone", X))
 
 
 def test_triton_clients_see_evicted_versions_ready_and_infer_pages_them_in(

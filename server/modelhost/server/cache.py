@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from modelhost.server.devices import is_oom, lower_priority, out_of_memory, release_memory
-from modelhost.server.errors import DeadlineExpired, OutOfMemory
+from modelhost.server.errors import DeadlineExpired, OutOfMemory, ShuttingDown
 from modelhost.server.host_tier import held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.loading import PINNED
@@ -271,6 +271,11 @@ class ModelCache:
                     f"model {hosted.name!r} version {hosted.version} was still being paged "
                     "in when the deadline passed"
                 ) from None
+        if hosted.tier != RESIDENT:
+            raise ShuttingDown(
+                f"model {hosted.name!r} version {hosted.version} was unloaded while it "
+                "waited to be paged in"
+            )
         return True
 
     def _pages_in(self, device: str) -> ThreadPoolExecutor:

@@ -300,7 +300,7 @@ class Runner:
         """`step()`, its failures reported as out of memory, a failed device or bad input."""
         try:
             return step()
-        except (InvalidInput, OutOfMemory):
+        except ModelHostFailure:  # said already (an unloaded version: ShuttingDown)
             raise
         except Exception as error:
             failure = self._failure(error)

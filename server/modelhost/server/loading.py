@@ -208,6 +208,24 @@ def load_module(
     )
 
 
+def planned_bytes(
+    spec: LoadSpec, record: CheckpointRecord | None, catalog: ArchitectureCatalog
+) -> int:
+    """The bytes `spec`'s weights will take on its device, from its architecture's
+    skeleton on the meta device (nothing is read or allocated; an unknown architecture or
+    bad arguments raise as a load would). A graph checkpoint, which has no skeleton, counts
+    its file size."""
+    if record is not None and record.format in _GRAPH_FORMATS:
+        return record.size_bytes
+    if not spec.architecture:
+        raise InvalidArgument(
+            f"checkpoint {spec.checkpoint!r} holds weights only: name the architecture to build"
+        )
+    builder = catalog.get(spec.architecture)
+    args = {**builder.pretrained(spec.weights)[1], **spec.args} if spec.weights else spec.args
+    return _nbytes(builder.skeleton(dict(args)), spec.dtype)
+
+
 def _load_weights(
     spec: LoadSpec,
     record: CheckpointRecord | None,

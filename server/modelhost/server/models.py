@@ -40,6 +40,7 @@ from modelhost.server.loading import (
     LoadRequest,
     LoadSpec,
     load_module,
+    planned_bytes,
     probe_outputs,
     probe_shape,
     require_bytes,
@@ -433,11 +434,15 @@ class Models:
         self, request: LoadRequest, pinned: CheckpointRecord | None
     ) -> HostedModel:
         """Registers a recorded version at the store tier without loading it; its first
-        request builds it (`_rebuild`). Until then ModelInfo knows what the record does."""
+        request builds it (`_rebuild`). Until then ModelInfo knows what the record does,
+        and the bytes its weights will take (its architecture's skeleton on the meta
+        device: an architecture no longer configured, or arguments it no longer takes,
+        leave it unrestored with the reason, as a pinned version's failed load does)."""
         spec = check_request(request, self.settings, self.default_device)
         record = pinned or (self._store.get(spec.checkpoint) if spec.checkpoint else None)
         if record is not None:
             require_bytes(self._store, record, spec.checkpoint)
+        nbytes = planned_bytes(spec, record, self._catalog)
         version = self.registry.reserve(spec.name, request.version)
         dtype = spec.dtype or torch.float32
         loaded = LoadedModule(
@@ -446,7 +451,7 @@ class Models:
             device=spec.device,
             dtype=dtype,
             parameter_count=0,
-            device_bytes=record.size_bytes if record else 0,  # until it is built
+            device_bytes=nbytes,  # its weights; its workspace is measured when it is built
         )
         runner = Runner(None, spec.device, dtype, preprocessing=request.preprocessing)
         hosted = HostedModel(
