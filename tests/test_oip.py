@@ -471,6 +471,8 @@ BAD_CONFIGS = [
     ('{"parameters": {"version": {"string_value": "٣"}}}', ["version"]),
     ('{"parameters": {"dtype": {"string_value": 16}}}', ["dtype", "string"]),
     ("[]", ["'config'", "object"]),
+    ('{"max_batch_size": ' + str(2**40) + "}", ["max_batch_size", "out of range"]),
+    ('{"dynamic_batching": {"preferred_batch_size": [8589934592]}}', ["preferred_batch_size"]),
 ]
 
 
@@ -482,6 +484,9 @@ def test_configs_of_a_wrong_shape_are_invalid_argument(
     Arabic-Indic digits were accepted."""
     for config, words in BAD_CONFIGS:
         refused(_load(stub, config=Param(string_param=config)), *words, case=config[:80])
+    for key, value in [("max_batch_size", 2**31), ("max_queue_size", 3_000_000_000)]:
+        load = _load(stub, **{key: Param(int64_param=value)})  # int32 fields: INTERNAL before
+        refused(load, key, "out of range", case=key)
     for args in [DEEP, '{"num_classes": ' + "[" * 40 + "]" * 40 + "}", "9" * 5000, "[10]"]:
         load = _load(stub, architecture_args=Param(string_param=args))
         refused(load, "architecture_args", case=args[:80])

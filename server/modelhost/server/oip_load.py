@@ -69,7 +69,7 @@ def load_request(name: str, parameters: Mapping[str, oip.ModelRepositoryParamete
     message = pb.LoadModelRequest(name=name)
     for key, value in merged.items():
         if key in _BATCHING:
-            setattr(message.batching, key, _int(value, key))
+            _set_int(message.batching, key, value)
         else:
             _set(message, _FIELDS[key], value)
     return messages.load_request(message)  # the one conversion LoadModel uses too
@@ -102,7 +102,7 @@ def _set(message: pb.LoadModelRequest, field: FieldDescriptor, value: Any) -> No
     elif field.type == FieldDescriptor.TYPE_BOOL:
         setattr(message, key, _bool(value, key))
     elif field.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32):
-        setattr(message, key, _int(value, key))
+        _set_int(message, key, value)
     else:
         setattr(message, key, _text(value, key))
 
@@ -167,6 +167,15 @@ def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"parameter {key!r} must be a string, got {value!r:.80}")
     return value
+
+
+def _set_int(message: Any, key: str, value: Any) -> None:
+    """Sets an integer field, refusing a value outside its type's range (an int32's)."""
+    number = _int(value, key)
+    try:
+        setattr(message, key, number)
+    except ValueError:
+        raise InvalidArgument(f"parameter {key!r} is out of range, got {number}") from None
 
 
 def _int(value: Any, key: str) -> int:
