@@ -231,6 +231,15 @@ def test_prometheus_metrics(settings: Settings) -> None:
         client.download_checkpoint("w")
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for version in (2, 3):  # rollouts: an unloaded version's series go with it
+            client.load_model(
+                "m", architecture="resnet18", checkpoint="w", architecture_args={"num_classes": 10}
+            )
+            client.predict("m", images(1))
+            client.unload_model("m", version - 1)
+        rolled = urllib.request.urlopen(url, timeout=10).read().decode()
+    series = [line for line in rolled.splitlines() if 'version="' in line]
+    assert series and all('model="m",version="3"' in line for line in series), series
     assert _sample(text, "modelhost_requests_total", method="Predict", model="m", code="OK") == 3
     assert (
         _sample(text, "modelhost_requests_total", method="Predict", model="", code="NOT_FOUND") == 1

@@ -6,6 +6,7 @@ collide. Queue depth and device memory are read from the registry at scrape time
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from modelhost.server.hosted import RESIDENT
+from modelhost.server.hosted import HOST, RESIDENT, STORE
 from modelhost.server.registry import Registry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -132,6 +133,17 @@ class Metrics:
             rows.observe(total_rows)
 
         return observe
+
+    def forget_version(self, model: str, version: int) -> None:
+        """Drops an unloaded version's series: kept, they would pile up with every rollout
+        (and every scrape would carry them)."""
+        for family in (self.batch_rows, self.batch_requests, self.batch_errors):
+            with contextlib.suppress(KeyError):
+                family.remove(model, str(version))
+        for family in (self.page_ins, self.evictions):
+            for tier in (RESIDENT, HOST, STORE):
+                with contextlib.suppress(KeyError):
+                    family.remove(model, str(version), tier)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint; returns its port."""

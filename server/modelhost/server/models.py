@@ -354,6 +354,7 @@ class Models:
         for hosted in removed:
             if hosted.pages_in_from:
                 self._store.let_go(hosted.pages_in_from)
+            self._metrics.forget_version(hosted.name, hosted.version)
         log.info("unloaded %s versions %s", name, [h.version for h in removed])
         return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
 
