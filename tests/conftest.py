@@ -28,6 +28,7 @@ TEST_ARCHITECTURES = [
     "slow_builder=helpers.models:slow_builder",
     "echo=helpers.models:echo",
     "device_failure=helpers.models:device_failure",
+    "launch_refused=helpers.models:launch_refused",
 ]
 
 

@@ -54,6 +54,20 @@ def test_unloading_drops_every_reference_to_the_module(
     assert module() is None  # nothing (the runner's forward included) keeps it alive
 
 
+def test_a_cuda_error_that_is_not_sticky_fails_only_that_call(client: ModelHostClient) -> None:
+    """A launch an input's shape made invalid fails its request; the device is fine, so
+    health stays SERVING (a caller must not be able to take the server out of service)."""
+    client.save_checkpoint("w", {"marker": torch.zeros(1)})
+    client.load_model("odd", architecture="launch_refused", checkpoint="w")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: client.predict("odd", np.zeros((1, 4), np.float32)),
+        "invalid configuration argument",
+    )
+    assert client.health("") == "SERVING"
+    serve(client, "fine", architecture="tiny_mlp")
+
+
 def test_a_failed_device_is_internal_and_turns_health_not_serving(
     client: ModelHostClient,
 ) -> None:

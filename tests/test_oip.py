@@ -484,8 +484,11 @@ def test_configs_of_a_wrong_shape_are_invalid_argument(
     Arabic-Indic digits were accepted."""
     for config, words in BAD_CONFIGS:
         refused(_load(stub, config=Param(string_param=config)), *words, case=config[:80])
-    for key, value in [("max_batch_size", 2**31), ("max_queue_size", 3_000_000_000)]:
-        load = _load(stub, **{key: Param(int64_param=value)})  # int32 fields: INTERNAL before
+    int32s = {  # values of int32 fields beyond their range: INTERNAL before
+        "max_batch_size": _load(stub, max_batch_size=Param(int64_param=2**31)),
+        "max_queue_size": _load(stub, max_queue_size=Param(int64_param=3_000_000_000)),
+    }
+    for key, load in int32s.items():
         refused(load, key, "out of range", case=key)
     for args in [DEEP, '{"num_classes": ' + "[" * 40 + "]" * 40 + "}", "9" * 5000, "[10]"]:
         load = _load(stub, architecture_args=Param(string_param=args))

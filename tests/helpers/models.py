@@ -174,3 +174,14 @@ class DeviceFailure(nn.Module):
 
 def device_failure() -> nn.Module:
     return DeviceFailure()
+
+
+class LaunchRefused(DeviceFailure):
+    """Fails the way a kernel launch an input's shape made invalid does (not sticky)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: invalid configuration argument")
+
+
+def launch_refused() -> nn.Module:
+    return LaunchRefused()

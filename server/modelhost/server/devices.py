@@ -61,13 +61,34 @@ def out_of_memory(error: BaseException, doing: str, device: torch.device) -> Out
     return OutOfMemory(f"out of memory {doing} on {device}: {reason}")
 
 
+STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "illegal address",
+    "illegal instruction",
+    "misaligned address",
+    "device-side assert",
+    "unspecified launch failure",
+    "launch timed out",
+    "ECC error",
+    "hardware stack error",
+    "invalid program counter",
+    "unknown error",
+)
+"""CUDA's sticky errors: after one the device's context is lost for the whole process."""
+
+
 def is_device_failure(error: BaseException) -> bool:
     """Whether `error` says the device itself failed (an illegal address, a device-side
-    assert): its context is lost, and nothing on it can be trusted until a restart."""
+    assert: one of CUDA's sticky errors): its context is lost, and nothing on it can be
+    trusted until a restart. Other CUDA errors (a launch configuration an input's shape
+    made invalid, an operation refused during a graph capture) fail that call only: a
+    request must not be able to take the server out of service."""
     accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(error, accelerator_error):
-        return True
-    return isinstance(error, RuntimeError) and "CUDA error:" in str(error)
+    cuda = isinstance(error, RuntimeError) and "CUDA error" in str(error)
+    if not (cuda or (accelerator_error is not None and isinstance(error, accelerator_error))):
+        return False
+    text = str(error).lower()
+    return any(sticky.lower() in text for sticky in STICKY_CUDA_ERRORS)
 
 
 def free_bytes(device: torch.device) -> int | None:
