@@ -625,3 +625,18 @@ def test_state_machine_over_load_unload_predict_and_pin(settings: Settings) -> N
             suppress_health_check=list(HealthCheck),
         )
         Cache.TestCase().runTest()
+
+
+def test_pinned_versions_and_ones_compiled_with_cuda_graphs_stay_on_their_device() -> None:
+    """A CUDA graph pool stays with torch's compiled function whether its version leaves
+    or not: evicting it would give nothing back, so the cache treats it as pinned."""
+    from modelhost.server.hosted import stays_resident
+    from modelhost.server.loading import LoadRequest
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert stays_resident(LoadRequest("m", residency="pinned"), cpu)
+    assert not stays_resident(LoadRequest("m"), cuda)
+    assert not stays_resident(LoadRequest("m", compile="default"), cuda)
+    for mode in ("reduce-overhead", "max-autotune"):
+        assert stays_resident(LoadRequest("m", compile=mode), cuda)
+        assert not stays_resident(LoadRequest("m", compile=mode), cpu)  # no graphs there

@@ -11,7 +11,8 @@ Loads and page-ins make room by evicting the least recently used on-demand resid
 versions that no request holds (a request holds a lease from the moment it finds its
 version until it has its answer, queued requests included): evicted GPU weights move to
 the host tier while `--host-memory-budget` has room, the rest drop to the store tier. A
-version loaded with `residency=pinned` never leaves. When the room is held by versions
+version loaded with `residency=pinned` never leaves, nor does one compiled with CUDA graphs
+(their memory pool stays with torch's compiled function). When the room is held by versions
 that are busy, the caller waits for one to become idle, up to its deadline; when pinned
 versions alone leave no room, it fails at once with RESOURCE_EXHAUSTED saying why.
 
@@ -48,7 +49,6 @@ from modelhost.server.devices import is_oom, lower_priority, out_of_memory, rele
 from modelhost.server.errors import DeadlineExpired, OutOfMemory, ShuttingDown
 from modelhost.server.host_tier import held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
-from modelhost.server.loading import PINNED
 from modelhost.server.metrics import Metrics
 from modelhost.server.registry import Registry
 
@@ -160,8 +160,8 @@ class ModelCache:
                 if self._evict_one(where, exclude=key):
                     continue
                 held = self._resident(where)
-                pinned_bytes = sum(h.device_bytes for h in held if h.request.residency == PINNED)
-                busy = [h for h in held if h.request.residency != PINNED]
+                pinned_bytes = sum(h.device_bytes for h in held if h.stays)
+                busy = [h for h in held if not h.stays]
                 loading = any(other != key for other in self._reserved)  # may register soon
                 if pinned_bytes + nbytes > limit or not (busy or loading):
                     raise OutOfMemory(
@@ -200,11 +200,7 @@ class ModelCache:
 
     def _evict_one(self, device: str, exclude: Key) -> bool:
         candidates = sorted(
-            (
-                h
-                for h in self._resident(device)
-                if h.request.residency != PINNED and (h.name, h.version) != exclude
-            ),
+            (h for h in self._resident(device) if not h.stays and (h.name, h.version) != exclude),
             key=lambda h: h.used_order,
         )
         return any(self._evict(hosted) for hosted in candidates)

@@ -31,13 +31,21 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from modelhost.client import codec
 from modelhost.server.batching import Batcher, Finish
 from modelhost.server.devices import release_memory
 from modelhost.server.errors import InvalidArgument
-from modelhost.server.inference import Answer, Prepared, Runner, encode_answer, top_classes
+from modelhost.server.inference import (
+    CUDA_GRAPH_MODES,
+    Answer,
+    Prepared,
+    Runner,
+    encode_answer,
+    top_classes,
+)
 from modelhost.server.loading import PINNED, LoadedModule, LoadRequest, LoadSpec
 
 if TYPE_CHECKING:
@@ -47,6 +55,14 @@ if TYPE_CHECKING:
 RESIDENT, HOST, STORE = "resident", "host", "store"
 """Where a version's weights are (its `tier`): on its device, in host memory, only in the
 store (cache.py moves versions between them)."""
+
+
+def stays_resident(request: LoadRequest, device: torch.device) -> bool:
+    """Whether a version never leaves its device: loaded `residency=pinned`, or compiled
+    with CUDA graphs (their memory pool stays with torch's compiled function whether the
+    version leaves or not, so evicting it would give nothing back)."""
+    cuda_graphs = device.type == "cuda" and request.compile in CUDA_GRAPH_MODES
+    return request.residency == PINNED or cuda_graphs
 
 
 @dataclass
@@ -80,10 +96,15 @@ class HostedModel:
         self._idle = threading.Condition()
 
     @property
+    def stays(self) -> bool:
+        """Whether it never leaves its device (pinned, or compiled with CUDA graphs)."""
+        return stays_resident(self.request, self.loaded.device)
+
+    @property
     def may_leave(self) -> bool:
         """Whether the cache may evict it: on demand, on a device with a memory budget."""
         return (
-            self.request.residency != PINNED
+            not self.stays
             and self.cache is not None
             and self.cache.limit(self.loaded.device) is not None
         )

@@ -30,11 +30,10 @@ from modelhost.server.errors import (
     ModelNotFound,
     ShuttingDown,
 )
-from modelhost.server.hosted import STORE, HostedModel
+from modelhost.server.hosted import STORE, HostedModel, stays_resident
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec, Runner
 from modelhost.server.loading import (
-    PINNED,
     PROBE_SIZES,
     LoadedModule,
     LoadRequest,
@@ -429,7 +428,7 @@ class Models:
     def _on_demand(self, request: LoadRequest) -> bool:
         """Whether a recorded version may wait at the store tier until it is used."""
         device = resolve_device(request.device, str(self.default_device))
-        return request.residency != PINNED and self.cache.limit(device) is not None
+        return not stays_resident(request, device) and self.cache.limit(device) is not None
 
     def _register_unbuilt(
         self, request: LoadRequest, pinned: CheckpointRecord | None
