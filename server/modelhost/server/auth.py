@@ -58,8 +58,8 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 def _read_tokens(value: str, path: str, setting: str) -> tuple[bytes, ...]:
     tokens = [value] if value else []
     if path:
-        lines = Path(path).read_text().splitlines()
-        found = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        lines = (line.strip() for line in Path(path).read_text().splitlines())
+        found = [line for line in lines if line and not line.startswith("#")]
         if not found:
             raise ValueError(
                 f"{setting} {path} holds no token (it is empty or only comments): "

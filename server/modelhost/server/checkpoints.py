@@ -9,6 +9,7 @@ contents) and only then committed (store.py). Blocking work runs on the I/O exec
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from modelhost.server.store import CheckpointRecord, CheckpointStore, Contents, 
 SPOOL_CHUNKS = 8
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_BYTES = 4096
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,11 @@ class Checkpoints:
     ) -> CheckpointRecord:
         """Streams an upload into the store; nothing is visible unless all of it is valid."""
         name, metadata = self._check(header.name, header.metadata, header.overwrite)
-        limit = self.store.max_checkpoint_bytes
-        if limit and header.size_bytes > limit:
-            raise LimitExceeded(
-                f"the upload announces {header.size_bytes} bytes; the limit is {limit} "
-                "bytes (max_checkpoint_bytes)"
-            )
+        self._check_announced(header)
         loop = asyncio.get_running_loop()
+        expected = header.size_bytes
         with self.store.begin() as pending:
-            await self._spool(chunks, pending)
-            expected = header.size_bytes
+            await self._spool(_at_most(chunks, expected), pending)
             if expected and pending.size != expected:
                 raise InvalidArgument(
                     f"upload announced {expected} bytes but sent {pending.size}; nothing stored"
@@ -102,6 +99,21 @@ class Checkpoints:
             record = await self._commit(pending, name, contents, metadata, header.overwrite)
         self._metrics.checkpoint_bytes.labels("in").inc(record.size_bytes)
         return record
+
+    def _check_announced(self, header: Upload) -> None:
+        """Refuses an announced size or sha256 that no upload can match, before any byte."""
+        if header.sha256 and not _SHA256.fullmatch(header.sha256):
+            raise InvalidArgument(
+                f"sha256 {header.sha256[:80]!r} is not 64 hexadecimal digits; nothing stored"
+            )
+        if header.size_bytes < 0:
+            raise InvalidArgument(f"size_bytes is negative ({header.size_bytes}); nothing stored")
+        limit = self.store.max_checkpoint_bytes
+        if limit and header.size_bytes > limit:
+            raise LimitExceeded(
+                f"the upload announces {header.size_bytes} bytes; the limit is {limit} "
+                "bytes (max_checkpoint_bytes)"
+            )
 
     async def _spool(
         self, chunks: AsyncIterator[bytes | memoryview], pending: PendingWrite
@@ -213,7 +225,8 @@ class Checkpoints:
 
     def delete(self, name: str) -> None:
         """Deletes a checkpoint, unless an on-demand version would page in from it again
-        (FAILED_PRECONDITION naming them: unload them, or load them pinned)."""
+        (FAILED_PRECONDITION naming them: unload them, or load them pinned), here or on
+        another server sharing the store (`CheckpointStore.delete`)."""
         name = check_name(name, "checkpoint")
         sha = self.store.get(name).sha256
         needed = [
@@ -228,6 +241,20 @@ class Checkpoints:
                 "(or load them with residency pinned)"
             )
         self.store.delete(name)
+
+
+async def _at_most(
+    chunks: AsyncIterator[bytes | memoryview], announced: int
+) -> AsyncIterator[bytes | memoryview]:
+    """The chunks, failing as soon as they pass the `announced` size (0: none announced)."""
+    received = 0
+    async for chunk in chunks:
+        received += len(chunk)
+        if announced and received > announced:
+            raise InvalidArgument(
+                f"upload announced {announced} bytes but sent at least {received}; nothing stored"
+            )
+        yield chunk
 
 
 def _save_state_dict(hosted: HostedModel, pending: PendingWrite) -> int:

@@ -8,6 +8,11 @@ Recognised by content, never by name:
 
 `torch.load` is only ever called with `weights_only=True` here: its unpickler
 refuses every global outside torch's allow-list, so a file cannot run code.
+
+torch inflates a compressed zip entry whole in memory, so every zip archive is checked
+from its central directory alone (`check_archive`) before torch opens it: its entries
+may not expand past the file's own size (torch.save and torch.export.save never
+compress), and its pickle may declare at most MAX_PICKLE_BYTES.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pickletools
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,21 @@ MODEL_KEYS = ("model_state_dict", "state_dict", "model")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_SAFETENSORS_HEADER = 100 << 20
+# A state_dict's pickle takes about 120 bytes per tensor: this allows half a million.
+MAX_PICKLE_BYTES = 64 << 20
+_ZIP_SLACK = 1 << 20  # what entries may expand past the archive's size (none do uncompressed)
+_ZIP_MAGIC = b"PK\x03\x04"  # a local file header: what torch.load takes for a zip archive
+# What zipfile raises for a broken archive (RuntimeError: an encrypted entry;
+# NotImplementedError: an unknown compression method).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    ValueError,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+)
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 PICKLE_ADVICE = (
@@ -73,6 +94,7 @@ def inspect(path: Path, *, allow_pickled: bool = False) -> Contents:
                 f"constants, sample inputs) and so can run code from the file. {PICKLE_ADVICE} "
                 f"{UNSAFE_ADVICE}"
             )
+        _check_nested_archives(path)
         return Contents(EXPORTED_PROGRAM, _archive_count(path, "/data/weights/weight_"))
     try:
         return _describe(load_torch(path))
@@ -99,7 +121,7 @@ def _check_pickle_structure(path: Path) -> None:
             name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
             for _ in pickletools.genops(archive.read(name)):
                 pass
-    except (StopIteration, ValueError, zipfile.BadZipFile) as error:
+    except (StopIteration, *_ZIP_ERRORS) as error:
         raise InvalidCheckpoint(f"not a readable pickled model: {error}") from None
 
 
@@ -112,12 +134,8 @@ def sniff(path: Path) -> str:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 0 < header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER):
             return SAFETENSORS
-    if head[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except zipfile.BadZipFile as error:
-            raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
+    if head[:4] == _ZIP_MAGIC:
+        names = check_archive(path)
         if any(name.endswith("/archive_format") for name in names):
             return EXPORTED_PROGRAM
         return "torch"
@@ -128,8 +146,74 @@ def sniff(path: Path) -> str:
     )
 
 
+def check_archive(path: Path) -> list[str]:
+    """The entry names of a zip archive, read from its central directory alone (nothing is
+    inflated); InvalidCheckpoint for a broken archive or a zip bomb (`_check_entries`)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except _ZIP_ERRORS as error:
+        raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
+    _check_entries(entries, path.stat().st_size, "the archive")
+    return [entry.filename for entry in entries]
+
+
+def _check_entries(entries: list[zipfile.ZipInfo], size: int, what: str) -> None:
+    """Refuses entries that would expand past `size` (plus a small slack), or a pickle
+    over MAX_PICKLE_BYTES: torch reads those whole into memory."""
+    expanded = sum(entry.file_size for entry in entries)
+    if expanded > size + _ZIP_SLACK:
+        raise InvalidCheckpoint(
+            f"refused as a zip bomb: the entries of {what} would expand to {expanded} bytes "
+            f"from {size}; torch.save and torch.export.save store entries uncompressed"
+        )
+    for entry in entries:
+        if entry.filename.endswith(".pkl") and entry.file_size > MAX_PICKLE_BYTES:
+            raise InvalidCheckpoint(
+                f"refused: {what} holds a pickle ({entry.filename}) of {entry.file_size} "
+                f"bytes; the limit is {MAX_PICKLE_BYTES} bytes"
+            )
+
+
+def _check_nested_archives(path: Path) -> None:
+    """`check_archive`, and the same check of every entry that is a zip archive itself
+    (torch.export.load calls torch.load on some entries: pickled weights, sample inputs)."""
+    check_archive(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                nested = _nested_entries(archive, entry)
+                if nested is not None:
+                    _check_entries(nested, entry.file_size, f"the archive in {entry.filename}")
+    except _ZIP_ERRORS as error:
+        raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
+
+
+def _nested_entries(
+    archive: zipfile.ZipFile, entry: zipfile.ZipInfo
+) -> list[zipfile.ZipInfo] | None:
+    """The entries of `entry` if it is a zip archive itself (from its central directory)."""
+    with archive.open(entry) as member:
+        if member.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            return None
+        try:
+            with zipfile.ZipFile(member) as nested:
+                return nested.infolist()
+        except _ZIP_ERRORS:
+            return None  # not an archive after all: torch.load would refuse it
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether torch.load reads `path` as a zip archive (else as a legacy pickle)."""
+    with path.open("rb") as file:
+        return file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+
+
 def load_torch(path: Path) -> Any:
-    """`torch.load(weights_only=True)`, memory-mapped when the file allows it."""
+    """`torch.load(weights_only=True)`, memory-mapped when the file allows it; a zip
+    archive is checked first (`check_archive`)."""
+    if _is_zip(path):
+        check_archive(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -144,7 +228,9 @@ def load_torch(path: Path) -> Any:
             f"refused: the file holds pickled Python objects{what}, and loading those runs "
             f"code from the file (a whole model saved with torch.save(model)?). {PICKLE_ADVICE}"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # a corrupt pickle fails in many ways (IndexError, struct.error)
         raise InvalidCheckpoint(f"not a readable torch.save file: {error}") from None
 
 
@@ -254,6 +340,7 @@ def strip_wrapper_prefixes(
 
 def load_pickled_model(path: Path) -> torch.nn.Module:
     """UNSAFE, opt-in only: unpickles a whole model (runs code from the file)."""
+    check_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as error:
@@ -269,6 +356,7 @@ def load_pickled_model(path: Path) -> torch.nn.Module:
 
 def load_exported_program(path: Path) -> torch.export.ExportedProgram:
     """UNSAFE, opt-in only: torch.export.load unpickles parts of the archive."""
+    _check_nested_archives(path)
     try:
         with path.open("rb") as file:  # a file object: the blob's name has no .pt2 suffix
             return torch.export.load(file)

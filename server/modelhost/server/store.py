@@ -4,7 +4,8 @@ Layout under the root (folders 0700, files 0600):
 
     blobs/<sha256>            the checkpoint bytes, named by their hash
     checkpoints/<name>.json   the manifest entry: name, sha256, size, format, metadata, ...
-    tmp/                      uploads in progress, and a lock file per server using the store
+    tmp/                      uploads in progress, and per server using the store: a lock
+                              file (<owner>.owner) and the blobs it holds (<owner>.holds)
     store.lock                taken (flock) around commits, deletes and clean-up
     <state>.json              server state (the restore record), with the blobs it pins
 
@@ -20,8 +21,12 @@ the removal of unreferenced blobs hold `store.lock`, so no server removes a blob
 another is about to refer to.
 
 A state document (`write_state`) may pin blobs: a pinned blob stays, whatever happens
-to the names, until no document pins it and no entry refers to it. A full volume
-(ENOSPC, EDQUOT) is reported as StoreFull, and leaves nothing behind.
+to the names, until no document pins it and no entry refers to it. A server may also
+hold blobs while it runs (`hold`: a model version it may page in again): its holds are
+in `tmp/<owner>.holds`, so every server sharing the store keeps those blobs, and refuses
+to delete a checkpoint whose bytes another holds; the holds of a server that is gone
+count for nothing, and the next start removes them. A full volume (ENOSPC, EDQUOT) is
+reported as StoreFull, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from modelhost.server.errors import (
     CheckpointNotFound,
     LimitExceeded,
     MissingBytes,
+    Refused,
     StoreFull,
 )
 from modelhost.server.names import check_name
@@ -60,6 +66,7 @@ _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
+HOLDS = ".holds"  # tmp/<owner>.holds: the blobs a running server holds
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,7 @@ class CheckpointStore:
         self._locks = StoreLocks(self.root, self._tmp)
         self.owner = self._locks.owner
         self._held: collections.Counter[str] = collections.Counter()
+        self._holds = self._tmp / f"{self.owner}{HOLDS}"
 
     @property
     def file_locks(self) -> bool:
@@ -204,6 +212,7 @@ class CheckpointStore:
 
     def close(self) -> None:
         """Releases this server's hold on the store (also done when the process ends)."""
+        self._holds.unlink(missing_ok=True)
         self._locks.close()
 
     # Reading
@@ -337,19 +346,27 @@ class CheckpointStore:
         return record
 
     def delete(self, name: str) -> None:
-        """Removes `name`; CheckpointNotFound if there is none."""
+        """Removes `name`; CheckpointNotFound if there is none, Refused (FAILED_PRECONDITION)
+        while another server sharing the store holds its bytes."""
         entry = self._entry_path(name)
         with self._locked():
             sha = _sha_of(entry)
             if sha is None:
                 raise CheckpointNotFound(f"checkpoint {name!r} not found")
+            holders = sorted(o for o, held in self._held_elsewhere().items() if sha in held)
+            if holders:
+                raise Refused(
+                    f"checkpoint {name!r} is needed by another server sharing the store "
+                    f"({', '.join(holders[:10])}): a model version there may be paged in from "
+                    "it again; unload it there first (or load it with residency pinned)"
+                )
             entry.unlink()
             _fsync_dir(self._entries)
             self._drop_blob_if_unused(sha)
 
     def recover(self) -> None:
-        """At start: removes the temp files of servers that are gone, and blobs that no
-        entry refers to."""
+        """At start: removes the temp files (and holds) of servers that are gone, and the
+        blobs nothing refers to, pins or holds."""
         with self._locked():
             live = self._locks.live_owners()
             for leftover in self._tmp.iterdir():
@@ -384,20 +401,48 @@ class CheckpointStore:
 
     def hold(self, sha256: str) -> None:
         """Keeps a blob while this server needs it (a version that may be paged in again
-        from it), whatever happens to the names; `let_go` when it no longer does."""
+        from it), whatever happens to the names, for every server sharing the store;
+        `let_go` when it no longer does."""
         with self._locked():
             self._held[sha256] += 1
+            if self._held[sha256] == 1:
+                self._publish_holds()
 
     def let_go(self, sha256: str) -> None:
         with self._locked():
             self._held[sha256] -= 1
             if self._held[sha256] <= 0:
                 del self._held[sha256]
+                self._publish_holds()
                 self._drop_blob_if_unused(sha256)
 
+    def _publish_holds(self) -> None:
+        """Writes this server's holds where the others sharing the store read them (no
+        holds: no file). A failure is logged: the holds still count in this server."""
+        try:
+            if self._held:
+                data = json.dumps(sorted(self._held)).encode()
+                _replace(self._temp_name(self._holds), self._holds, data)
+            else:
+                self._holds.unlink(missing_ok=True)
+        except OSError as error:
+            log.error(
+                "could not record the blobs this server holds in %s (%s): other servers "
+                "sharing the store may remove them",
+                self._holds,
+                error,
+            )
+
+    def _held_elsewhere(self) -> dict[str, set[str]]:
+        """The blobs each other live server sharing the store holds, by owner."""
+        return {
+            owner: _holds_in(self._tmp / f"{owner}{HOLDS}")
+            for owner in self._locks.live_owners() - {self.owner}
+        }
+
     def _used_blobs(self) -> set[str]:
-        """Blobs an entry refers to, a state document pins, or this server holds."""
-        used = set(self._held)
+        """Blobs an entry refers to, a state document pins, or a live server holds."""
+        used = set(self._held).union(*self._held_elsewhere().values())
         for entry in self._entries.glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError):
                 used.add(str(json.loads(entry.read_bytes())["sha256"]))
@@ -484,6 +529,16 @@ def _pinned_by(state: Path) -> set[str]:
         return set()
     pins = document.get(_PINS, []) if _wrapped(document) else []
     return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
+
+
+def _holds_in(path: Path) -> set[str]:
+    """The blobs a server's holds file names (none if there is none)."""
+    try:
+        held = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return set()
+    shas = held if isinstance(held, list) else []
+    return {sha for sha in shas if isinstance(sha, str) and _SHA256.fullmatch(sha)}
 
 
 def _read_state(path: Path) -> Any:
