@@ -7,11 +7,12 @@ under it (host, checkpoints, models, hosted, ...) takes and returns domain types
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec, wire
@@ -33,10 +34,64 @@ serialize_download_response = wire.serialize_chunks(pb.DownloadCheckpointRespons
 
 PredictRequest = pb.PredictRequest | wire.PredictRequestView
 
+M = TypeVar("M")
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryLimit:
+    """At most `limit` entries of a repeated (or map) field in one request: `what` they
+    are, as refusals name them, and the `setting` that sets the limit."""
+
+    what: str
+    limit: int
+    setting: str
+
+
+def entry_limited(
+    parse: Callable[[bytes], M], limits: Mapping[int, EntryLimit]
+) -> Callable[[bytes], M]:
+    """A deserializer that counts the top-level entries of the fields in `limits` (by
+    field number) from the wire (`wire.count_entries`) before `parse` reads anything,
+    and refuses a request with more than a limit allows (LimitExceeded) as soon as the
+    count passes it: a million entries cost a limit's worth of loop steps, not a million
+    parsed messages. Within the limits, `parse` reads (or refuses) the message as it
+    would alone.
+    """
+    counted = {number: entry.limit for number, entry in limits.items()}
+
+    def parse_limited(data: bytes) -> M:
+        for number, count in wire.count_entries(data, counted).items():
+            entry = limits[number]
+            if count > entry.limit:
+                raise LimitExceeded(
+                    f"the request has at least {count} {entry.what}; the limit is "
+                    f"{entry.limit} ({entry.setting})"
+                )
+        return parse(data)
+
+    return parse_limited
+
+
+def field_number(message: type[Message], name: str) -> int:
+    """The number of field `name` of a message type, as it is on the wire."""
+    return message.DESCRIPTOR.fields_by_name[name].number
+
 
 def predict_parser(max_inputs: int, max_images: int) -> Callable[[bytes], PredictRequest]:
     """Predict's deserializer: input tensors come as views of the received bytes; a
-    request with more inputs or images than the limits is refused as soon as it shows."""
+    request with more inputs or images than the limits is refused as soon as it shows,
+    also when protobuf's parser reads it (an encoding the fast reader leaves to it)."""
+    parse_unusual = entry_limited(
+        pb.PredictRequest.FromString,
+        {
+            field_number(pb.PredictRequest, "inputs"): EntryLimit(
+                "input tensors", max_inputs, "max_request_inputs"
+            ),
+            field_number(pb.PredictRequest, "images"): EntryLimit(
+                "images", max_images, "max_request_images"
+            ),
+        },
+    )
 
     def parse_predict_request(data: bytes) -> PredictRequest:
         try:
@@ -45,7 +100,7 @@ def predict_parser(max_inputs: int, max_images: int) -> Callable[[bytes], Predic
             raise LimitExceeded(
                 f"the request has {error}; the limit is {error.limit} (max_request_{error.what})"
             ) from None
-        return request or pb.PredictRequest.FromString(data)
+        return request or parse_unusual(data)
 
     return parse_predict_request
 

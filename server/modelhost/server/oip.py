@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -22,6 +23,7 @@ import grpc.aio
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import grpc_service_pb2_grpc as oip_grpc
 from modelhost.oip import model_config_pb2 as mc
+from modelhost.server import messages
 from modelhost.server import oip_tensors as tensors
 from modelhost.server.errors import InvalidArgument, NotFound
 from modelhost.server.host import Host
@@ -29,6 +31,7 @@ from modelhost.server.hosted import HostedModel
 from modelhost.server.names import check_name
 from modelhost.server.oip_load import load_request, parse_version
 from modelhost.server.rpc import unary
+from modelhost.server.service import generated_handlers, register
 from modelhost.server.statistics import Duration
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -111,8 +114,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self.host.check_request_size(len(request.inputs), 0)  # before any per-input work
         if request.raw_input_contents:  # views of the received bytes: cheap
             inputs = tensors.decode_inputs(request)
-        else:  # typed contents are converted value by value: not on the event loop
-            inputs = await asyncio.to_thread(tensors.decode_inputs, request)
+        else:  # typed contents are counted, then copied into arrays: not on the event loop
+            max_elements = self.host.settings.max_tensor_elements
+            inputs = await asyncio.to_thread(tensors.decode_inputs, request, max_elements)
         hosted, answer = await self.host.predict(
             request.model_name,
             parse_version(request.model_version),
@@ -269,7 +273,36 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
     return config
 
 
+def infer_parser(max_inputs: int) -> Callable[[bytes], oip.ModelInferRequest]:
+    """ModelInfer's deserializer: a request with more inputs (or raw_input_contents,
+    requested outputs or parameters) than `max_inputs` is refused from the wire, before
+    protobuf's parser makes a message of each entry (messages.entry_limited)."""
+    request = oip.ModelInferRequest
+
+    def limit(what: str) -> messages.EntryLimit:
+        return messages.EntryLimit(what, max_inputs, "max_request_inputs")
+
+    return messages.entry_limited(
+        request.FromString,
+        {
+            messages.field_number(request, "inputs"): limit("input tensors"),
+            messages.field_number(request, "raw_input_contents"): limit(
+                "raw_input_contents entries"
+            ),
+            messages.field_number(request, "outputs"): limit("requested outputs"),
+            messages.field_number(request, "parameters"): limit("parameters"),
+        },
+    )
+
+
 def add_to_server(host: Host, server: grpc.aio.Server) -> str:
-    """Adds the service to `server`; returns its full name (for health and reflection)."""
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(host), server)
+    """Adds the service to `server`, with ModelInfer's requests counted before they are
+    parsed (`infer_parser`); returns its full name (for health and reflection)."""
+    handlers = generated_handlers(
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceService(host)
+    )
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
+        request_deserializer=infer_parser(host.settings.max_request_inputs)
+    )
+    register(server, SERVICE_NAME, handlers)
     return SERVICE_NAME

@@ -9,7 +9,8 @@ as typed repeated fields (`InferInputTensor.contents`). Both become a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch
 from modelhost.client import codec, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import model_config_pb2 as mc
-from modelhost.server.errors import InvalidArgument, InvalidInput
+from modelhost.server.errors import InvalidArgument, InvalidInput, LimitExceeded
 from modelhost.server.inference import InputSpec
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -49,6 +50,15 @@ _CONTENTS: dict[str, tuple[str, str]] = {
     "FP32": ("fp32_contents", "<f4"),
     "FP64": ("fp64_contents", "<f8"),
 }
+# The element type of each typed `contents` field as protobuf holds it.
+_FIELD_TYPES: dict[str, str] = {
+    "bool_contents": "bool",
+    "int_contents": "<i4",
+    "int64_contents": "<i8",
+    "uint_contents": "<u4",
+    "fp32_contents": "<f4",
+    "fp64_contents": "<f8",
+}
 
 
 def datatype_name(dtype: torch.dtype) -> str:
@@ -59,15 +69,24 @@ def datatype_name(dtype: torch.dtype) -> str:
         return ""
 
 
-def decode_inputs(request: oip.ModelInferRequest) -> dict[str, wire.TensorView]:
+def decode_inputs(
+    request: oip.ModelInferRequest, max_elements: int | None = None
+) -> dict[str, wire.TensorView]:
     """The request's inputs as modelhost tensors (each input's bytes read once);
-    InvalidInput when malformed."""
+    InvalidInput when malformed.
+
+    Typed contents are counted before any is converted: with `max_elements`, a request
+    with more elements than that is refused (LimitExceeded, as `Host.predict` would)
+    before its values are copied.
+    """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
         )
     tensors: dict[str, wire.TensorView] = {}
+    typed: list[tuple[oip.ModelInferRequest.InferInputTensor, Sequence[Any]]] = []
+    elements = 0
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if name in tensors:
@@ -80,35 +99,59 @@ def decode_inputs(request: oip.ModelInferRequest) -> dict[str, wire.TensorView]:
             )
         if any(dim < 0 for dim in tensor.shape):
             raise InvalidInput(f"input {name!r}: shape {list(tensor.shape)} has a negative size")
+        data: bytes | memoryview = b""
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input {name!r} sets contents while raw_input_contents is used")
             data = raw[index]
         else:
-            data = _typed_contents(tensor)
+            values = _typed_values(tensor)
+            typed.append((tensor, values))
+            elements += len(values)
         tensors[name] = wire.TensorView(dtype, list(tensor.shape), data)
+    if max_elements is not None and elements > max_elements:
+        raise LimitExceeded(
+            f"the request has {elements} tensor elements; the limit is {max_elements} "
+            "(max_tensor_elements)"
+        )
+    for tensor, values in typed:
+        tensors[tensor.name].data = _converted(tensor, values)
     return tensors
 
 
-def _typed_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> bytes:
+def _typed_values(
+    tensor: oip.ModelInferRequest.InferInputTensor,
+) -> Sequence[Any]:
+    """The typed contents of an input, checked against its shape (not converted)."""
     name, datatype = tensor.name, tensor.datatype
     if datatype not in _CONTENTS:
         raise InvalidInput(f"input {name!r}: {datatype} data must be sent in raw_input_contents")
-    field, element = _CONTENTS[datatype]
-    values = getattr(tensor.contents, field)
+    field = _CONTENTS[datatype][0]
+    values: Sequence[Any] = getattr(tensor.contents, field)
     count = math.prod(tensor.shape)
     if len(values) != count:
         raise InvalidInput(
             f"input {name!r}: shape {list(tensor.shape)} needs {count} elements, "
             f"contents.{field} has {len(values)}"
         )
-    given = np.asarray(list(values))
-    array = given.astype(element)
-    if array.dtype.kind in "iu" and not np.array_equal(array, given):
-        raise InvalidInput(
-            f"input {name!r}: contents.{field} has values out of range for {datatype}"
-        )
-    return array.tobytes()
+    return values
+
+
+def _converted(tensor: oip.ModelInferRequest.InferInputTensor, values: Sequence[Any]) -> memoryview:
+    """Typed contents as the little-endian bytes of the input's datatype, with no Python
+    object per value: protobuf hands its array to numpy in one copy, integers narrower
+    than their field are range-checked, and the bytes are a view of the array."""
+    field, element = _CONTENTS[tensor.datatype]
+    given = np.asarray(values, dtype=_FIELD_TYPES[field])
+    array = given.astype(element, copy=False)
+    if array.dtype != given.dtype and array.dtype.kind in "iu" and given.size:
+        info = np.iinfo(array.dtype)
+        if given.min() < info.min or given.max() > info.max:
+            raise InvalidInput(
+                f"input {tensor.name!r}: contents.{field} has values out of range "
+                f"for {tensor.datatype}"
+            )
+    return array.data.cast("B")
 
 
 def encode_outputs(

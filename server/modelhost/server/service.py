@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -155,12 +155,28 @@ class _Collect:
         self.handlers = dict(handlers)
 
 
+def generated_handlers(
+    add: Callable[[Any, Any], None], servicer: object
+) -> dict[str, grpc.RpcMethodHandler]:
+    """The handlers the generated `add_..._to_server` function `add` registers for
+    `servicer`, by method name: swap (de)serializers in, then `register` them."""
+    collect = _Collect()
+    add(servicer, collect)
+    return collect.handlers
+
+
+def register(
+    server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> None:
+    """Registers `handlers` as the generated code would (see `generated_handlers`)."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 def add_to_server(host: Host, server: grpc.aio.Server) -> str:
     """Registers the service as the generated code does, with the (de)serializers of
     the large messages swapped in (see `wire`); returns the service's full name."""
-    collect = _Collect()
-    pb_grpc.add_ModelHostServicer_to_server(ModelHostService(host), collect)
-    handlers = collect.handlers
+    handlers = generated_handlers(pb_grpc.add_ModelHostServicer_to_server, ModelHostService(host))
     handlers["SaveCheckpoint"] = handlers["SaveCheckpoint"]._replace(
         request_deserializer=messages.parse_save_request
     )
@@ -173,6 +189,5 @@ def add_to_server(host: Host, server: grpc.aio.Server) -> str:
             settings.max_request_inputs, settings.max_request_images
         )
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    register(server, SERVICE_NAME, handlers)
     return SERVICE_NAME

@@ -116,7 +116,11 @@ class Settings:
         "Seconds a call may take to send its request (and an upload between chunks) "
         "before it ends with DEADLINE_EXCEEDED and frees its slot.",
     )
-    max_request_inputs: int = _setting(256, "Most input tensors in one Predict request.")
+    max_request_inputs: int = _setting(
+        256,
+        "Most input tensors in one Predict request; in one OIP ModelInfer, most inputs, raw "
+        "contents, requested outputs and parameters, each.",
+    )
     max_request_images: int = _setting(256, "Most images in one Predict request.")
     max_tensor_elements: int = _setting(
         1 << 28,
