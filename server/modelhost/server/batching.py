@@ -164,6 +164,7 @@ class Lane:
             torch.cuda.set_stream(self.stream)  # this thread's current stream, for good
         in_flight: Then | None = None  # a launched batch, finished after the next launch
         while True:
+            task = None  # the last batch is not kept (its inputs, its futures) while waiting
             task = self._take(wait=in_flight is None)
             if callable(task):  # a gathered batch: launch it, then finish the one before
                 launched = self._safely(task)
@@ -177,12 +178,7 @@ class Lane:
             elif task is None:  # closed and idle
                 return
             if task is not None:
-                job, future = task
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(job())
-                    except BaseException as error:
-                        future.set_exception(error)
+                _run_job(*task)
 
     def _safely(self, step: Callable[[], Then | None]) -> Then | None:
         """Batcher.run and what it returns answer their callers; never let the lane die."""
@@ -232,6 +228,14 @@ def preferred_batch_size(rates: Mapping[int, float], max_batch_size: int) -> int
     best = max(usable.values())
     chosen = min(rows for rows, rate in usable.items() if rate >= 0.95 * best)
     return 0 if chosen == max(usable) else chosen
+
+
+def _run_job(job: Callable[[], Any], future: Future[Any]) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(job())
+        except BaseException as error:
+            future.set_exception(error)
 
 
 class LanePool:

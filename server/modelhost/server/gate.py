@@ -13,16 +13,26 @@ For each call, in this order:
    DEADLINE_EXCEEDED and gives its slot back. A request larger than `OFFLOAD_BYTES`
    is parsed on a thread, not on the event loop; one that does not parse is
    INVALID_ARGUMENT, or the status of the domain error its parser raised.
+5. Each message of a streamed reply is sent within `request_read_timeout` seconds
+   (gRPC's flow control holds a write while the caller reads nothing): a caller that
+   stops reading has its reply stream closed and its slot freed, then gets
+   DEADLINE_EXCEEDED when it reads on.
 
 The gate serves every method as a client-streaming one, so it decides when (and
 whether) a request is read; the wire format of unary calls is the same.
+
+When a call ends, nothing of it may stay in a reference cycle: the cycle collector
+seldom runs a full collection in a process holding torch (it waits for a quarter as
+many new long-lived objects as it holds already), so every call left in a cycle kept
+its request's memory (see `_serving`, `_forgetting_aborts`, and `rpc` for errors).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -80,6 +90,52 @@ class Gate(grpc.aio.ServerInterceptor):
             )
         self.active += 1
 
+    @contextlib.asynccontextmanager
+    async def _serving(
+        self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A slot for the call (or the call ends) and its request messages, until the call
+        ends. gRPC's request iterator is then closed: it holds the message it yielded last
+        in a reference cycle (with the object that made it), which the cycle collector
+        would free only in one of its rare full collections."""
+        await self._take_slot(context)
+        requests = cast(AsyncGenerator[bytes, None], aiter(messages))  # as gRPC makes it
+        try:
+            yield requests
+        finally:
+            self.active -= 1
+            await requests.aclose()
+
+    async def _send(
+        self, stream: AsyncGenerator[Any, None], context: grpc.aio.ServicerContext
+    ) -> bool:
+        """Sends a reply stream, then closes it (and its files); False when a message could
+        not be sent within `read_timeout`: gRPC's flow control holds a write while the
+        caller reads nothing, and a caller that never reads would hold it forever."""
+        async with contextlib.aclosing(stream):
+            async for message in stream:
+                try:
+                    async with asyncio.timeout(self.read_timeout):
+                        await context.write(message)
+                except TimeoutError:
+                    context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)  # for the metrics
+                    return False
+        return True
+
+    async def _end_stalled(self, context: grpc.aio.ServicerContext) -> None:
+        """Ends a call whose caller stopped reading its reply. The status waits behind the
+        message gRPC still holds, until the caller reads on or goes away."""
+        try:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the caller did not take the next reply message within {self.read_timeout:g}s "
+                "(request_read_timeout)",
+            )
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # the caller went away first: nobody is left to tell
+            pass
+
     async def _read(
         self,
         messages: AsyncIterator[bytes],
@@ -134,7 +190,7 @@ class Gate(grpc.aio.ServerInterceptor):
 
         async def first(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await gate._read(aiter(messages), parse, what, context)
+                return await gate._read(messages, parse, what, context)
             except StopAsyncIteration:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"the call ended before its {what} message"
@@ -144,32 +200,41 @@ class Gate(grpc.aio.ServerInterceptor):
 
             async def replies(
                 messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-            ) -> Any:
-                await gate._take_slot(context)
-                try:
-                    if handler.request_streaming:
-                        requests = gate._stream(aiter(messages), parse, what, context)
-                        stream = handler.stream_stream(requests, context)
-                    else:
-                        stream = handler.unary_stream(await first(messages, context), context)
-                    async for reply in stream:
-                        yield reply
-                finally:
-                    gate.active -= 1
+            ) -> None:
+                with _forgetting_aborts():
+                    async with gate._serving(messages, context) as requests:
+                        if handler.request_streaming:
+                            stream = handler.stream_stream(
+                                gate._stream(requests, parse, what, context), context
+                            )
+                        else:
+                            stream = handler.unary_stream(await first(requests, context), context)
+                        sent = await gate._send(stream, context)
+                    if not sent:  # once its slot and its stream are let go of
+                        await gate._end_stalled(context)
 
             return grpc.stream_stream_rpc_method_handler(replies, None, serialize)
 
         async def reply(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-            await gate._take_slot(context)
-            try:
-                if handler.request_streaming:
-                    requests = gate._stream(aiter(messages), parse, what, context)
-                    return await handler.stream_unary(requests, context)
-                return await handler.unary_unary(await first(messages, context), context)
-            finally:
-                gate.active -= 1
+            with _forgetting_aborts():
+                async with gate._serving(messages, context) as requests:
+                    if handler.request_streaming:
+                        stream = gate._stream(requests, parse, what, context)
+                        return await handler.stream_unary(stream, context)
+                    return await handler.unary_unary(await first(requests, context), context)
 
         return grpc.stream_unary_rpc_method_handler(reply, None, serialize)
+
+
+@contextlib.contextmanager
+def _forgetting_aborts() -> Iterator[None]:
+    """Lets an abort end the call (gRPC raises it again) without the frames it came
+    through: gRPC keeps it with the call's state, which the frames' context holds (a
+    cycle that would keep each failed call's request and what was made of it)."""
+    try:
+        yield
+    except grpc.aio.AbortError as aborted:
+        aborted.__traceback__ = aborted.__context__ = aborted.__cause__ = None
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
@@ -177,12 +242,9 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     serialize = handler.response_serializer
 
     async def refuse(messages: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    async def refuse_stream(messages: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
+        with _forgetting_aborts():
+            await context.abort(code, message)
 
     if handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, None, serialize)
+        return grpc.stream_stream_rpc_method_handler(refuse, None, serialize)
     return grpc.stream_unary_rpc_method_handler(refuse, None, serialize)

@@ -145,8 +145,10 @@ class HostedModel:
             finish = functools.partial(top_classes, k=top_k, labels=self.labels)
         else:
             finish = functools.partial(encode_answer, float_dtype=prepared.out_dtype)
-        submitted = self.batcher.submit(prepared.tensors, deadline, finish, prepared.ready)
-        answer = await asyncio.wrap_future(submitted)
+        # No local holds the future: one that failed would hold this frame (a cycle).
+        answer = await asyncio.wrap_future(
+            self.batcher.submit(prepared.tensors, deadline, finish, prepared.ready)
+        )
         return dataclasses.replace(answer, paged_in=missed) if missed else answer
 
     async def _prepare(

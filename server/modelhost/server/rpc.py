@@ -94,11 +94,14 @@ class _Call:
         cancellations and aborts are only recorded)."""
         if isinstance(error, asyncio.CancelledError):
             self.done(grpc.StatusCode.CANCELLED)
+        elif isinstance(error, GeneratorExit):  # a reply stream closed before its end
+            self.done(context.code() or grpc.StatusCode.CANCELLED)
         elif isinstance(error, grpc.aio.AbortError):
             self.done(context.code() or grpc.StatusCode.UNKNOWN)
         elif isinstance(error, Exception):
             code, message = failure(error)
             self.done(code)
+            _drop_tracebacks(error)
             await context.abort(code, message)
 
     def done(self, code: grpc.StatusCode) -> None:
@@ -110,6 +113,20 @@ class _Call:
         log.debug(
             "rpc=%s model=%s code=%s ms=%.2f", self.method, model or "-", code.name, elapsed * 1000
         )
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+    """Drops the tracebacks of an error (and of those it chains) once its status is known.
+
+    They hold every frame the error came through, and those frames' locals: the request
+    and what was made of it. An error delivered through a future is held by that future,
+    which those frames hold too, a reference cycle that only a full collection of the
+    cycle collector frees (and a process holding torch seldom runs one).
+    """
+    chained: BaseException | None = error
+    while chained is not None and chained.__traceback__ is not None:
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
 
 
 R = TypeVar("R")

@@ -113,8 +113,9 @@ class Settings:
     )
     request_read_timeout: float = _setting(
         30.0,
-        "Seconds a call may take to send its request (and an upload between chunks) "
-        "before it ends with DEADLINE_EXCEEDED and frees its slot.",
+        "Seconds a call may take to send its request (and an upload between chunks), or "
+        "to take its next reply message (a download), before it ends with "
+        "DEADLINE_EXCEEDED and frees its slot.",
     )
     max_request_inputs: int = _setting(
         256,
