@@ -130,8 +130,8 @@ MUTANTS = [
     Mutant(
         "gate: silent callers keep their slots (no read timeout)",
         SERVER + "gate.py",
-        "async with asyncio.timeout(self.read_timeout):",
-        "async with asyncio.timeout(None):",
+        "        try:\n            async with asyncio.timeout(self.read_timeout):",
+        "        try:\n            async with asyncio.timeout(None):",
         ("tests/test_gate.py::test_silent_callers_cannot_hold_the_slots",),
     ),
     Mutant(
@@ -215,9 +215,116 @@ MUTANTS = [
     Mutant(
         "cache: pinned versions are evicted like the others",
         SERVER + "cache.py",
-        "                if h.request.residency != PINNED and (h.name, h.version) != exclude",
-        "                if (h.name, h.version) != exclude",
+        "if not h.stays and (h.name, h.version) != exclude",
+        "if (h.name, h.version) != exclude",
         ("tests/test_cache.py::test_pinned_versions_stay_and_alone_cannot_overflow",),
+    ),
+    Mutant(
+        "formats: zip archives opened without looking at their central directory",
+        SERVER + "formats.py",
+        "    expanded = sum(entry.file_size for entry in entries)\n"
+        "    if expanded > size + _ZIP_SLACK:",
+        "    expanded = 0\n    if expanded > size + _ZIP_SLACK:",
+        (
+            "tests/test_checkpoint_bombs.py::test_a_bomb_upload_is_refused_before_anything_is_inflated",
+        ),
+    ),
+    Mutant(
+        "checkpoints: an upload's announced size checked only at the end",
+        SERVER + "checkpoints.py",
+        "await self._spool(_at_most(chunks, expected), pending)",
+        "await self._spool(chunks, pending)",
+        ("tests/test_checkpoint_bombs.py::test_an_upload_past_its_announced_size_fails_at_once",),
+    ),
+    Mutant(
+        "store: the holds of other servers sharing the store are ignored",
+        SERVER + "store.py",
+        "used = set(self._held).union(*self._held_elsewhere().values())",
+        "used = set(self._held)",
+        (
+            "tests/test_shared_store_holds.py::"
+            "test_an_overwrite_through_another_server_keeps_the_evicted_versions_bytes",
+        ),
+    ),
+    Mutant(
+        "devices: any CUDA error counts as a failed device (a request can take health down)",
+        SERVER + "devices.py",
+        "    return any(sticky.lower() in text for sticky in STICKY_CUDA_ERRORS)",
+        "    return True",
+        ("tests/test_device_memory.py::test_a_cuda_error_that_is_not_sticky_fails_only_that_call",),
+    ),
+    Mutant(
+        "batching: a GPU lane is made anew for every version (cuBLAS workspaces pile up)",
+        SERVER + "batching.py",
+        "            if len(lanes) < self._size and all(lanes.values()):",
+        "            if True:",
+        ("tests/test_batching.py::test_a_device_lane_pool_shares_a_bounded_number_of_lanes",),
+    ),
+    Mutant(
+        "host tier: every tensor placed with contiguous strides (channels_last lost)",
+        SERVER + "host_tier.py",
+        '    strides = torch.empty_like(like, device="meta").stride()',
+        '    strides = torch.empty(like.shape, device="meta").stride()',
+        (
+            "tests/test_host_tier.py::"
+            "test_weights_become_aligned_views_of_one_buffer_and_answer_the_same",
+        ),
+    ),
+    Mutant(
+        "models: a restored version counts its checkpoint file, not its weights",
+        SERVER + "models.py",
+        "            device_bytes=nbytes,",
+        "            device_bytes=record.size_bytes if record else 0,",
+        (
+            "tests/test_cache.py::test_a_restored_version_reserves_its_weights_not_its_checkpoint_file",
+        ),
+    ),
+    Mutant(
+        "metrics: an unloaded version's series stay",
+        SERVER + "models.py",
+        "            self._metrics.forget_version(hosted.name, hosted.version)",
+        "            pass",
+        ("tests/test_operations.py::test_prometheus_metrics",),
+    ),
+    Mutant(
+        "cache: a request whose version was unloaded during its page-in runs on no module",
+        SERVER + "cache.py",
+        "        if hosted.tier != RESIDENT:\n            raise ShuttingDown(",
+        "        if False:\n            raise ShuttingDown(",
+        (
+            "tests/test_cache.py::"
+            "test_a_version_unloaded_while_its_page_in_waits_answers_unavailable",
+        ),
+    ),
+    Mutant(
+        "rpc: a failed call's error keeps the frames it came through (its request)",
+        SERVER + "rpc.py",
+        "            _drop_tracebacks(error)\n",
+        "",
+        ("tests/test_leaks.py::test_large_requests_are_freed_when_their_calls_end",),
+    ),
+    Mutant(
+        "gate: gRPC's request iterator left open when a call ends (it holds the body)",
+        SERVER + "gate.py",
+        "            await requests.aclose()",
+        "            pass",
+        ("tests/test_leaks.py::test_large_requests_are_freed_when_their_calls_end",),
+    ),
+    Mutant(
+        "gate: a reply stream waits for its caller forever",
+        SERVER + "gate.py",
+        "                    async with asyncio.timeout(self.read_timeout):\n"
+        "                        await context.write(message)",
+        "                    async with asyncio.timeout(None):\n"
+        "                        await context.write(message)",
+        ("tests/test_stalled_streams.py::test_a_download_nobody_reads_ends_and_frees_its_slot",),
+    ),
+    Mutant(
+        "messages: entries counted only by the fast reader (protobuf parses a million)",
+        SERVER + "messages.py",
+        "        return request or parse_unusual(data)",
+        "        return request or pb.PredictRequest.FromString(data)",
+        ("tests/test_entry_limits.py::test_a_million_entries_are_refused_before_they_are_parsed",),
     ),
 ]
 
