@@ -200,6 +200,30 @@ def test_the_pickle_of_an_archive_is_bounded(
         formats.inspect(path)
 
 
+def test_an_archive_of_very_many_entries_is_refused_before_its_directory_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zipfile builds an object per entry of the central directory: its size, as the end
+    record declares it, is bounded before anything is parsed (zip64's record included)."""
+    path = tmp_path / "many.pt"
+    torch.save({f"w{i}": torch.zeros(1) for i in range(100)}, path)
+    directory = formats._central_directory_size(path)
+    with zipfile.ZipFile(path) as archive:  # each entry: 46 bytes and its name
+        assert directory == sum(46 + len(i.filename) + len(i.extra) for i in archive.infolist())
+    monkeypatch.setattr(formats, "MAX_CENTRAL_DIRECTORY", directory - 1)
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # must not be reached
+    with pytest.raises(InvalidCheckpoint, match="directory of entries takes"):
+        formats.inspect(path)
+    # zip64: the end record says 0xFFFFFFFF, the zip64 record (found through its
+    # locator, just before the end record) says how big the directory really is.
+    zip64 = b"PK\x06\x06" + bytes(36) + (1 << 40).to_bytes(8, "little") + bytes(8)
+    locator = b"PK\x06\x07" + bytes(4) + (0).to_bytes(8, "little") + bytes(4)
+    end = b"PK\x05\x06" + bytes(8) + b"\xff" * 4 + bytes(6)
+    crafted = tmp_path / "zip64.pt"
+    crafted.write_bytes(zip64 + locator + end)
+    assert formats._central_directory_size(crafted) == 1 << 40
+
+
 def test_entries_sharing_their_bytes_count_once_each(tmp_path: Path) -> None:
     """Central directory entries that all point at the same stored bytes (no compression
     at all) would make torch read them again and again: they expand past the file too."""

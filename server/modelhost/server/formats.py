@@ -18,6 +18,7 @@ compress), and its pickle may declare at most MAX_PICKLE_BYTES.
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import pickletools
 import re
@@ -46,6 +47,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_SAFETENSORS_HEADER = 100 << 20
 # A state_dict's pickle takes about 120 bytes per tensor: this allows half a million.
 MAX_PICKLE_BYTES = 64 << 20
+MAX_CENTRAL_DIRECTORY = 16 << 20  # about 250,000 entries: a tensor each, in torch.save
+_EOCD_SIZE = 22
 _ZIP_SLACK = 1 << 20  # what entries may expand past the archive's size (none do uncompressed)
 _ZIP_MAGIC = b"PK\x03\x04"  # a local file header: what torch.load takes for a zip archive
 # What zipfile raises for a broken archive (RuntimeError: an encrypted entry;
@@ -148,7 +151,14 @@ def sniff(path: Path) -> str:
 
 def check_archive(path: Path) -> list[str]:
     """The entry names of a zip archive, read from its central directory alone (nothing is
-    inflated); InvalidCheckpoint for a broken archive or a zip bomb (`_check_entries`)."""
+    inflated); InvalidCheckpoint for a broken archive or a zip bomb (`_check_entries`), or a
+    central directory over MAX_CENTRAL_DIRECTORY (parsing one costs memory per entry)."""
+    directory = _central_directory_size(path)
+    if directory > MAX_CENTRAL_DIRECTORY:
+        raise InvalidCheckpoint(
+            f"refused: the archive's directory of entries takes {directory} bytes; the limit "
+            f"is {MAX_CENTRAL_DIRECTORY} bytes (about a quarter of a million tensors)"
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
@@ -156,6 +166,30 @@ def check_archive(path: Path) -> list[str]:
         raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
     _check_entries(entries, path.stat().st_size, "the archive")
     return [entry.filename for entry in entries]
+
+
+def _central_directory_size(path: Path) -> int:
+    """The size of a zip archive's central directory, as its end record (zip64's, for a
+    large one) declares it, which is what zipfile then reads and parses; 0 when there is no
+    end record to read (zipfile says what is wrong)."""
+    with path.open("rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        start = max(0, size - _EOCD_SIZE - 0xFFFF)  # the end record, then a comment
+        file.seek(start)
+        tail = file.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + _EOCD_SIZE > len(tail):
+            return 0
+        (directory,) = struct.unpack_from("<I", tail, at + 12)
+        locator = at - 20
+        if directory != 0xFFFFFFFF or locator < 0 or tail[locator : locator + 4] != b"PK\x06\x07":
+            return int(directory)
+        (offset,) = struct.unpack_from("<Q", tail, locator + 8)
+        file.seek(offset)
+        record = file.read(56)
+        if len(record) < 56 or record[:4] != b"PK\x06\x06":
+            return int(directory)
+        return int(struct.unpack_from("<Q", record, 40)[0])
 
 
 def _check_entries(entries: list[zipfile.ZipInfo], size: int, what: str) -> None:
