@@ -319,6 +319,38 @@ def test_predict_images_over_the_limit_with_an_unknown_field(small: Server) -> N
     assert "at least 3 images; the limit is 2 (max_request_images)" in error.details()
 
 
+@pytest.mark.parametrize("method", [INFER, PREDICT])
+@pytest.mark.parametrize(
+    "filler",
+    [b"\x0a\x03mlp", b"\x30\x00"],  # the model name again and again; an unknown varint
+    ids=["repeated-scalar", "unknown-field"],
+)
+def test_filler_fields_are_bounded_before_they_are_parsed(
+    small: Server, method: str, filler: bytes
+) -> None:
+    """A request of half a million fields that are no entries (which protobuf accepts:
+    the last scalar wins, unknown fields are kept) cost the fast reader or the count a
+    Python step each: at most the entries' limits and 64 more top-level fields."""
+    body = b"\x0a\x03mlp" + filler * 500_000 + DAMAGE
+    error = _refusal(small, method, body)
+    assert error.code() == Code.RESOURCE_EXHAUSTED, error.details()
+    assert "top-level fields" in error.details()
+    _serves(small)
+
+
+def test_a_tensor_of_absurd_rank_is_refused_cheaply() -> None:
+    """The fast reader stops building a shape at 65 dimensions (protobuf parses the rest
+    in C), and decoding refuses it."""
+    from modelhost.client import codec
+
+    tensor = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1] * 500_000, data=bytes(4))
+    data = pb.PredictRequest(model="mlp", inputs={"x": tensor}).SerializeToString()
+    assert wire.read_predict_request(data, 4, 2) is None  # left to protobuf
+    parsed = messages.predict_parser(4, 2)(data)
+    with pytest.raises(codec.TensorError, match="500000 dimensions; at most 64"):
+        codec.element_count(parsed.inputs["x"])
+
+
 def test_within_the_limits_damage_is_still_invalid_argument(small: Server) -> None:
     for method, body in (
         (INFER, b"\x0a\x03mlp" + _inputs(4) + DAMAGE),

@@ -88,6 +88,7 @@ class TensorFields(Protocol):
 
 
 MAX_ELEMENTS = 2**62
+MAX_RANK = 64  # dimensions: more is no tensor a model takes, only work for the server
 """No tensor has more elements than this (torch's strides must fit an int64)."""
 
 
@@ -113,6 +114,8 @@ def element_count(tensor: TensorFields, *, what: str = "tensor") -> int:
     """Validates dtype and shape (not the bytes); returns the element count."""
     if tensor.dtype not in ITEMSIZE:
         raise TensorError(f"{what}: dtype {tensor.dtype} is not a supported DataType")
+    if len(tensor.shape) > MAX_RANK:
+        raise TensorError(f"{what}: {len(tensor.shape)} dimensions; at most {MAX_RANK}")
     if any(dim < 0 for dim in tensor.shape):
         raise TensorError(f"{what}: shape {list(tensor.shape)} has a negative dimension")
     if math.prod(dim for dim in tensor.shape if dim) > MAX_ELEMENTS:

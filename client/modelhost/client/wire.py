@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from modelhost.client.codec import DataType
+from modelhost.client.codec import MAX_RANK, DataType
 from modelhost.v1 import modelhost_pb2 as pb
 
 M = TypeVar("M")
@@ -226,9 +226,13 @@ def read_predict_request(
     the work a request can cause is bounded by the limits, not by its size.
     """
     request = PredictRequestView()
-    inputs = images = 0
+    inputs = images = fields = 0
+    most = (max_inputs or 0) + (max_images or 0) + FIELD_SLACK  # filler is protobuf's
     try:
         for number, value in _fields(memoryview(data)):
+            fields += 1
+            if fields > most and max_inputs is not None:
+                raise _Unusual
             if number == 1:
                 request.model = str(_view(value), "utf-8")
             elif number == 2:
@@ -275,8 +279,12 @@ def _tensor(data: memoryview) -> TensorView:
             while offset < len(packed):
                 dim, offset = _read_varint(packed, offset)
                 tensor.shape.append(_signed(dim, 64))
+                if len(tensor.shape) > MAX_RANK:
+                    raise _Unusual
         elif number == 2:
             tensor.shape.append(_signed(_int(value), 64))
+            if len(tensor.shape) > MAX_RANK:
+                raise _Unusual
         elif number == 3:
             tensor.data = _view(value)
         else:
@@ -287,6 +295,10 @@ def _tensor(data: memoryview) -> TensorView:
 # Counting entries before a parse
 
 _FIXED64, _START_GROUP, _END_GROUP, _FIXED32 = 1, 3, 4, 5
+ALL_FIELDS = 0
+"""`count_entries`' key for every top-level field (no field has number 0)."""
+FIELD_SLACK = 64
+"""Top-level fields a request may have beyond its repeated entries' limits."""
 
 
 def count_entries(data: Buffer, limits: Mapping[int, int]) -> dict[int, int]:
@@ -301,7 +313,9 @@ def count_entries(data: Buffer, limits: Mapping[int, int]) -> dict[int, int]:
     sense (cut short, an invalid wire type, an unmatched group end, a varint of more
     than ten bytes), since protobuf's parser refuses the message there or before.
     Unknown fields, groups and overlong encodings are skipped as protobuf skips them.
-    Each top-level field read costs one step of a Python loop (about 0.1 us).
+    Each top-level field read costs one step of a Python loop (about 0.2 us); a limit for
+    ALL_FIELDS bounds those steps (every top-level field counts: filler such as repeated
+    scalars or unknown fields).
     """
     counts = dict.fromkeys(limits, 0)
     groups: list[int] = []  # field numbers of the groups being skipped, innermost last
@@ -314,6 +328,10 @@ def count_entries(data: Buffer, limits: Mapping[int, int]) -> dict[int, int]:
             else:
                 offset += 1
             kind = key & 7
+            if ALL_FIELDS in counts and not groups and kind != _END_GROUP:
+                counts[ALL_FIELDS] += 1
+                if counts[ALL_FIELDS] > limits[ALL_FIELDS]:
+                    break
             if kind == _LENGTH:
                 size = data[offset]
                 if size > 0x7F:
