@@ -120,6 +120,26 @@ def test_management_token_alone_leaves_inference_open(settings: Settings) -> Non
         assert anonymous.list_checkpoints() == []
 
 
+def test_a_public_server_with_a_management_token_only_warns_what_is_open(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing binds beyond loopback here: the start-up check is called as the server
+    calls it, for a public address."""
+    from modelhost.server.app import check_exposure
+    from modelhost.server.auth import Tokens
+
+    public = dataclasses.replace(settings, host="0.0.0.0", management_token="admin")
+    check_exposure(public, Tokens.from_settings(public), mutual_tls=False)
+    assert "DownloadCheckpoint" in caplog.text and "token_file" in caplog.text
+    caplog.clear()
+    both = dataclasses.replace(public, token="inference")
+    check_exposure(both, Tokens.from_settings(both), mutual_tls=False)
+    assert caplog.text == ""
+    with pytest.raises(ValueError, match=r"refusing to serve on 0\.0\.0\.0"):
+        bare = dataclasses.replace(settings, host="0.0.0.0")
+        check_exposure(bare, Tokens.from_settings(bare), mutual_tls=False)
+
+
 @pytest.mark.parametrize(
     ("inference", "management"),
     [

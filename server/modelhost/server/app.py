@@ -63,7 +63,7 @@ class Server:
         settings = self.settings
         tokens = Tokens.from_settings(settings)
         credentials = server_credentials(settings)
-        check_exposure(settings, tokens.enabled, bool(settings.tls_client_ca_file))
+        check_exposure(settings, tokens, bool(settings.tls_client_ca_file))
         self.host = Host(settings, messages.RECORDS)
         try:
             await self._open(credentials, tokens)
@@ -172,10 +172,20 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def check_exposure(settings: Settings, tokens: bool, mutual_tls: bool) -> None:
+def check_exposure(settings: Settings, tokens: Tokens, mutual_tls: bool) -> None:
     """Refuses to serve beyond this machine without authentication (tokens or mutual
-    TLS), unless told to. Server-side TLS alone encrypts but authenticates nobody."""
-    if settings.is_loopback() or tokens or mutual_tls:
+    TLS), unless told to. Server-side TLS alone encrypts but authenticates nobody. With a
+    management token alone, warns that every other RPC is open (checkpoint downloads too)."""
+    if settings.is_loopback() or mutual_tls:
+        return
+    if tokens.management and not tokens.inference:
+        log.warning(
+            "serving on %s with a management token only: Predict, ListCheckpoints and "
+            "DownloadCheckpoint (the bytes of every stored checkpoint) are open to anyone "
+            "who can reach this port; set token_file to guard them",
+            settings.host,
+        )
+    if tokens.enabled:
         return
     if not settings.insecure:
         raise ValueError(
