@@ -374,6 +374,8 @@ def test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait(
         assert not isinstance(answer, ModelHostError), answer
         same(answer, reference(slow, X))
     assert [client.get_model(n).page_ins for n in ("s1", "s2", "s3")] == [0, 0, 0]
+    # None left while busy (one evicted while it ran would still have answered).
+    assert tiers(client) == {"s0": "store", "s1": "resident", "s2": "resident", "s3": "resident"}
     # s0 pages in (once its page-in finds room, even after the caller has gone).
     same(client.predict("s0", X, timeout=60), reference(slow, X))
     assert client.get_model("s0").page_ins == 1
