@@ -292,7 +292,11 @@ def test_a_version_unloaded_while_its_page_in_waits_answers_unavailable(
     with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as once:
         waiting = threading.Thread(
             target=lambda: outcome.append(
-                expect(grpc.StatusCode.UNAVAILABLE, lambda: once.predict("b", X), "unloaded")
+                expect(
+                    grpc.StatusCode.UNAVAILABLE,
+                    lambda: once.predict("b", X),
+                    "unloaded while it waited",
+                )
             )
         )
         waiting.start()  # queued behind a's page-in
