@@ -249,20 +249,29 @@ def test_a_device_pages_in_one_version_at_a_time_at_a_lower_priority(
         assert niceness == min(19, base + 10)
 
 
-def test_a_page_in_nobody_waits_for_any_more_is_skipped(
-    client: ModelHostClient, server: Server
-) -> None:
-    """Under overload page-ins queue behind each other; one whose requests have all passed
-    their deadlines is not done when its turn comes (it would evict a version in use for
-    nobody), and the next request for that version pages it in as usual."""
+def a_page_in_taking_the_thread(
+    client: ModelHostClient,
+) -> tuple[dict[str, torch.nn.Module], threading.Thread]:
+    """Five versions whose page-ins take 0.6 s, room for three; a Predict of "a" has
+    started, whose page-in holds the device's page-in thread (the twins, and its thread)."""
     twins = {
         name: load(client, name, seed, architecture="slow_load_mlp", args={"seconds": 0.6})
         for seed, name in enumerate("abcde")
     }
     assert resident(client) == {"c", "d", "e"}
     first = threading.Thread(target=lambda: same(client.predict("a", X), reference(twins["a"], X)))
-    first.start()  # takes the page-in thread for 0.6 s
+    first.start()
     time.sleep(0.1)
+    return twins, first
+
+
+def test_a_page_in_nobody_waits_for_any_more_is_skipped(
+    client: ModelHostClient, server: Server
+) -> None:
+    """Under overload page-ins queue behind each other; one whose requests have all passed
+    their deadlines is not done when its turn comes (it would evict a version in use for
+    nobody), and the next request for that version pages it in as usual."""
+    twins, first = a_page_in_taking_the_thread(client)
     with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as once:
         expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: once.predict("b", X, timeout=0.3))
     first.join(30)
@@ -280,14 +289,7 @@ def test_a_version_unloaded_while_its_page_in_waits_answers_unavailable(
     """A request waiting for a page-in queued behind another one, whose version is then
     unloaded, is told the version went away (UNAVAILABLE: a retry finds what serves now),
     not that it sent a bad input."""
-    twins = {
-        name: load(client, name, seed, architecture="slow_load_mlp", args={"seconds": 0.6})
-        for seed, name in enumerate("abcde")
-    }
-    assert resident(client) == {"c", "d", "e"}
-    first = threading.Thread(target=lambda: same(client.predict("a", X), reference(twins["a"], X)))
-    first.start()  # takes the page-in thread for 0.6 s
-    time.sleep(0.1)
+    twins, first = a_page_in_taking_the_thread(client)
     outcome: list[Any] = []
     with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as once:
         waiting = threading.Thread(

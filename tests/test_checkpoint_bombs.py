@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 from conftest import build, expect, reference, temp_files
+from helpers.memory import peak_growth_mib
 from modelhost.client import ModelHostClient
 from modelhost.server import Server, formats
 from modelhost.server.errors import InvalidCheckpoint
@@ -64,21 +65,6 @@ def deflate_bomb(declared_mib: int) -> bytes:
             entry.file_size = len(data) + declared_mib * MIB
             entry.CRC = crc
     return out.getvalue()
-
-
-def status_mib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) // 1024
-    raise KeyError(key)
-
-
-def peak_growth_mib(call: Callable[[], Any]) -> int:
-    """How far the peak resident memory of this process (the server runs in it) rises."""
-    before = status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    call()
-    return status_mib("VmHWM") - before
 
 
 def refused_cheaply(call: Callable[[], Any], *words: str) -> None:

@@ -6,8 +6,6 @@ import dataclasses
 import io
 import struct
 import zlib
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +17,7 @@ from torchvision import transforms
 from torchvision.io import decode_image, encode_jpeg, encode_png
 
 from conftest import expect, resnet18, serve
+from helpers.memory import peak_growth_mib
 from modelhost.client import ModelHostClient
 from modelhost.server import Settings, running
 from modelhost.server import images as server_images
@@ -68,21 +67,6 @@ def png_declaring(width: int, height: int) -> bytes:
     blob[16:24] = struct.pack(">II", width, height)
     blob[29:33] = struct.pack(">I", zlib.crc32(blob[12:29]))
     return bytes(blob)
-
-
-def status_mib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) // 1024
-    raise KeyError(key)
-
-
-def peak_growth_mib(call: Callable[[], Any]) -> int:
-    """How far the peak resident memory of this process (the server runs in it) rises."""
-    before = status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    call()
-    return status_mib("VmHWM") - before
 
 
 def serve_pets(client: ModelHostClient) -> torch.nn.Module:
