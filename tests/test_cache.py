@@ -648,3 +648,29 @@ def test_pinned_versions_and_ones_compiled_with_cuda_graphs_stay_on_their_device
     for mode in ("reduce-overhead", "max-autotune"):
         assert stays_resident(LoadRequest("m", compile=mode), cuda)
         assert not stays_resident(LoadRequest("m", compile=mode), cpu)  # no graphs there
+
+
+def test_a_checkpoint_deleted_while_a_version_loads_from_it_stays_for_its_page_ins(
+    client: ModelHostClient,
+) -> None:
+    """The bytes a LoadModel reads are held from before it reads them: a DeleteCheckpoint
+    meanwhile takes the name, not the bytes the version will page in from again."""
+    twin = build("tiny_mlp", ARGS, seed=5)
+    client.save_checkpoint("w", twin.state_dict())
+    loading = threading.Thread(
+        target=lambda: client.load_model(
+            "slow",
+            architecture="slow_load_mlp",
+            checkpoint="w",
+            architecture_args={**ARGS, "seconds": 1.0},
+        )
+    )
+    loading.start()
+    time.sleep(0.4)  # reading the checkpoint
+    client.delete_checkpoint("w")
+    loading.join(30)
+    assert client.get_model("slow").tier == "resident" and client.list_checkpoints() == []
+    for seed, name in enumerate("abc"):  # push it out
+        load(client, name, seed)
+    assert client.get_model("slow").tier == "store"
+    same(client.predict("slow", X), reference(twin, X))  # paged in from the held bytes

@@ -112,6 +112,32 @@ class Models:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         spec = check_request(request, self.settings, self.default_device)
+        if pinned is None and spec.checkpoint:  # the bytes this load reads, whatever comes
+            pinned = await asyncio.to_thread(self._store.get, spec.checkpoint)
+        # Held from before they are read until the version holds them itself (registered):
+        # a DeleteCheckpoint meanwhile must not take bytes it may be paged in from again.
+        if pinned is not None:
+            await asyncio.to_thread(self._store.hold, pinned.sha256)
+        try:
+            hosted = await self._build_and_commit(spec, request, pinned)
+        finally:
+            if pinned is not None:
+                await asyncio.shield(asyncio.to_thread(self._store.let_go, pinned.sha256))
+        self._metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
+        log.info(
+            "serving %s version %d (%s from %s on %s, %.2fs)",
+            spec.name,
+            hosted.version,
+            spec.architecture,
+            spec.checkpoint or spec.weights,
+            hosted.loaded.device,
+            hosted.loaded.seconds,
+        )
+        return hosted
+
+    async def _build_and_commit(
+        self, spec: LoadSpec, request: LoadRequest, pinned: CheckpointRecord | None
+    ) -> HostedModel:
         policy = batch_policy(request, self.settings)
         version = self.registry.reserve(spec.name, request.version)
         loop = asyncio.get_running_loop()
@@ -127,16 +153,6 @@ class Models:
             raise
         # Once the record is being written the load goes through, even if the caller left.
         await _to_the_end(self._commit_load(hosted))
-        self._metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
-        log.info(
-            "serving %s version %d (%s from %s on %s, %.2fs)",
-            spec.name,
-            version,
-            spec.architecture,
-            spec.checkpoint or spec.weights,
-            hosted.loaded.device,
-            hosted.loaded.seconds,
-        )
         return hosted
 
     async def _commit_load(self, hosted: HostedModel) -> None:
@@ -150,6 +166,8 @@ class Models:
                 self._forget(*key)
                 await asyncio.to_thread(hosted.retire)
                 raise
+            if hosted.pages_in_from:
+                await asyncio.to_thread(self._store.hold, hosted.pages_in_from)
             self.cache.touch(hosted)
             self._register(hosted)
             self.cache.unreserve(key)  # from now on it counts as resident
@@ -352,7 +370,7 @@ class Models:
         await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
         for hosted in removed:
             if hosted.pages_in_from:
-                self._store.let_go(hosted.pages_in_from)
+                await asyncio.to_thread(self._store.let_go, hosted.pages_in_from)
             self._metrics.forget_version(hosted.name, hosted.version)
         log.info("unloaded %s versions %s", name, [h.version for h in removed])
         return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
@@ -469,14 +487,14 @@ class Models:
             tier=STORE,
             built=False,
         )
+        if hosted.pages_in_from:
+            self._store.hold(hosted.pages_in_from)
         self._register(hosted)
         return hosted
 
     def _register(self, hosted: HostedModel) -> None:
-        """Publishes a version (it serves from now on), keeping the bytes it may be paged in
-        from; it is no longer one the record still has to restore."""
-        if hosted.pages_in_from:
-            self._store.hold(hosted.pages_in_from)
+        """Publishes a version (it serves from now on; the caller holds the bytes it may be
+        paged in from); it is no longer one the record still has to restore."""
         self.registry.put(hosted)
         self.record.unrestored.pop((hosted.name, hosted.version), None)
 
