@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import threading
 import time
 import zipfile
@@ -190,24 +191,58 @@ def test_an_archive_of_very_many_entries_is_refused_before_its_directory_is_pars
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """zipfile builds an object per entry of the central directory: its size, as the end
-    record declares it, is bounded before anything is parsed (zip64's record included)."""
+    record declares it, is bounded before anything is parsed (zip64's record included,
+    and an end record whose own fields hold its signature: the one both readers find)."""
     path = tmp_path / "many.pt"
     torch.save({f"w{i}": torch.zeros(1) for i in range(100)}, path)
-    directory = formats._central_directory_size(path)
-    with zipfile.ZipFile(path) as archive:  # each entry: 46 bytes and its name
-        assert directory == sum(46 + len(i.filename) + len(i.extra) for i in archive.infolist())
+    data = path.read_bytes()
+    end = len(data) - 22
+    (directory,) = struct.unpack_from("<I", data, end + 12)
     monkeypatch.setattr(formats, "MAX_CENTRAL_DIRECTORY", directory - 1)
-    monkeypatch.setattr(zipfile, "ZipFile", None)  # must not be reached
-    with pytest.raises(InvalidCheckpoint, match="directory of entries takes"):
+    with pytest.raises(
+        InvalidCheckpoint, match=f"directory of entries of the archive takes {directory}"
+    ):
         formats.inspect(path)
+    # Its offset field reading "PK\x05\x06": a search for the last signature lands there.
+    inner = tmp_path / "inner.pt"
+    inner.write_bytes(data[: end + 16] + b"PK\x05\x06" + data[end + 20 :])
+    with pytest.raises(InvalidCheckpoint, match="directory of entries of the archive takes"):
+        formats.check_archive(inner)
     # zip64: the end record says 0xFFFFFFFF, the zip64 record (found through its
     # locator, just before the end record) says how big the directory really is.
-    zip64 = b"PK\x06\x06" + bytes(36) + (1 << 40).to_bytes(8, "little") + bytes(8)
-    locator = b"PK\x06\x07" + bytes(4) + (0).to_bytes(8, "little") + bytes(4)
-    end = b"PK\x05\x06" + bytes(8) + b"\xff" * 4 + bytes(6)
+    zip64 = b"PK\x06\x06" + (44).to_bytes(8, "little") + bytes(28)
+    zip64 += (1 << 40).to_bytes(8, "little") + bytes(8)
+    locator = b"PK\x06\x07" + bytes(4) + (0).to_bytes(8, "little") + (1).to_bytes(4, "little")
+    end_record = b"PK\x05\x06" + bytes(4) + b"\xff" * 12 + bytes(2)
     crafted = tmp_path / "zip64.pt"
-    crafted.write_bytes(zip64 + locator + end)
-    assert formats._central_directory_size(crafted) == 1 << 40
+    crafted.write_bytes(zip64 + locator + end_record)
+    with pytest.raises(InvalidCheckpoint, match=f"takes {1 << 40} bytes"):
+        formats.check_archive(crafted)
+
+
+def test_an_archive_with_two_directories_is_refused(tmp_path: Path) -> None:
+    """zipfile reads the directory just before the end record, torch's reader the one at
+    the offset the record declares: a file with two would show each a different archive
+    (a harmless one to the check, a bomb to torch.load)."""
+    path = tmp_path / "two.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+    data = path.read_bytes()
+    end = len(data) - 22
+    size, offset = struct.unpack_from("<II", data, end + 12)
+    path.write_bytes(data[: offset + size] + data[offset : offset + size] + data[end:])
+    with pytest.raises(InvalidCheckpoint, match="not where its end record says"):
+        formats.inspect(path)
+
+
+def test_compressed_entries_are_refused(tmp_path: Path) -> None:
+    saved = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, saved)
+    path = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info), zipfile.ZIP_DEFLATED)
+    with pytest.raises(InvalidCheckpoint, match="compressed entries"):
+        formats.inspect(path)
 
 
 def test_entries_sharing_their_bytes_count_once_each(tmp_path: Path) -> None:

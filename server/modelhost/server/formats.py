@@ -18,7 +18,6 @@ compress), and its pickle may declare at most MAX_PICKLE_BYTES.
 from __future__ import annotations
 
 import collections
-import os
 import pickle
 import pickletools
 import re
@@ -27,7 +26,7 @@ import zipfile
 import zlib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -48,7 +47,6 @@ _MAX_SAFETENSORS_HEADER = 100 << 20
 # A state_dict's pickle takes about 120 bytes per tensor: this allows half a million.
 MAX_PICKLE_BYTES = 64 << 20
 MAX_CENTRAL_DIRECTORY = 16 << 20  # about 250,000 entries: a tensor each, in torch.save
-_EOCD_SIZE = 22
 _ZIP_SLACK = 1 << 20  # what entries may expand past the archive's size (none do uncompressed)
 _ZIP_MAGIC = b"PK\x03\x04"  # a local file header: what torch.load takes for a zip archive
 # What zipfile raises for a broken archive (RuntimeError: an encrypted entry;
@@ -151,50 +149,46 @@ def sniff(path: Path) -> str:
 
 def check_archive(path: Path) -> list[str]:
     """The entry names of a zip archive, read from its central directory alone (nothing is
-    inflated); InvalidCheckpoint for a broken archive or a zip bomb (`_check_entries`), or a
-    central directory over MAX_CENTRAL_DIRECTORY (parsing one costs memory per entry)."""
-    directory = _central_directory_size(path)
-    if directory > MAX_CENTRAL_DIRECTORY:
-        raise InvalidCheckpoint(
-            f"refused: the archive's directory of entries takes {directory} bytes; the limit "
-            f"is {MAX_CENTRAL_DIRECTORY} bytes (about a quarter of a million tensors)"
-        )
+    inflated); InvalidCheckpoint for a broken archive or a zip bomb (`_directory`)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
+        with path.open("rb") as file:
+            entries = _directory(file, path.stat().st_size, "the archive")
     except _ZIP_ERRORS as error:
         raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
-    _check_entries(entries, path.stat().st_size, "the archive")
     return [entry.filename for entry in entries]
 
 
-def _central_directory_size(path: Path) -> int:
-    """The size of a zip archive's central directory, as its end record (zip64's, for a
-    large one) declares it, which is what zipfile then reads and parses; 0 when there is no
-    end record to read (zipfile says what is wrong)."""
-    with path.open("rb") as file:
-        size = file.seek(0, os.SEEK_END)
-        start = max(0, size - _EOCD_SIZE - 0xFFFF)  # the end record, then a comment
-        file.seek(start)
-        tail = file.read()
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or at + _EOCD_SIZE > len(tail):
-            return 0
-        (directory,) = struct.unpack_from("<I", tail, at + 12)
-        locator = at - 20
-        if directory != 0xFFFFFFFF or locator < 0 or tail[locator : locator + 4] != b"PK\x06\x07":
-            return int(directory)
-        (offset,) = struct.unpack_from("<Q", tail, locator + 8)
-        file.seek(offset)
-        record = file.read(56)
-        if len(record) < 56 or record[:4] != b"PK\x06\x06":
-            return int(directory)
-        return int(struct.unpack_from("<Q", record, 40)[0])
+def _directory(file: IO[bytes], size: int, what: str) -> list[zipfile.ZipInfo]:
+    """The entries of the zip archive in `file` (`size` bytes), as torch's reader (miniz)
+    will see them, checked before anything is inflated:
 
-
-def _check_entries(entries: list[zipfile.ZipInfo], size: int, what: str) -> None:
-    """Refuses entries that would expand past `size` (plus a small slack), or a pickle
-    over MAX_PICKLE_BYTES: torch reads those whole into memory."""
+    - its end record (the one both readers find) may declare a directory of at most
+      MAX_CENTRAL_DIRECTORY bytes (zipfile builds an object per entry);
+    - the directory must be where that record says: zipfile reads the one just before
+      the record, miniz the one at the offset it declares, and a file with two
+      directories would show each reader a different archive;
+    - entries may not add up to more than the file (plus a small slack: a zip bomb), a
+      pickle may take at most MAX_PICKLE_BYTES, and entries are stored, not compressed
+      (torch.save and torch.export.save never compress; torch inflates an entry whole).
+    """
+    end = zipfile._EndRecData(file)  # type: ignore[attr-defined]  # zipfile's own lookup
+    if end is None:
+        raise zipfile.BadZipFile("no end of central directory record")
+    directory, offset = end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
+    if directory > MAX_CENTRAL_DIRECTORY:
+        raise InvalidCheckpoint(
+            f"refused: the directory of entries of {what} takes {directory} bytes; the limit "
+            f"is {MAX_CENTRAL_DIRECTORY} bytes (about a quarter of a million tensors)"
+        )
+    file.seek(0)
+    with zipfile.ZipFile(file) as archive:
+        entries = archive.infolist()
+        found = archive.start_dir
+    if found != offset:
+        raise InvalidCheckpoint(
+            f"refused: the directory of entries of {what} is not where its end record says "
+            f"(at {found}, declared at {offset}): readers would disagree on what it holds"
+        )
     expanded = sum(entry.file_size for entry in entries)
     if expanded > size + _ZIP_SLACK:
         raise InvalidCheckpoint(
@@ -207,6 +201,13 @@ def _check_entries(entries: list[zipfile.ZipInfo], size: int, what: str) -> None
                 f"refused: {what} holds a pickle ({entry.filename}) of {entry.file_size} "
                 f"bytes; the limit is {MAX_PICKLE_BYTES} bytes"
             )
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise InvalidCheckpoint(
+            f"refused: {what} has compressed entries ({', '.join(compressed[:3])}); "
+            "torch.save and torch.export.save store entries uncompressed"
+        )
+    return entries
 
 
 def _check_nested_archives(path: Path) -> None:
@@ -216,25 +217,12 @@ def _check_nested_archives(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             for entry in archive.infolist():
-                nested = _nested_entries(archive, entry)
-                if nested is not None:
-                    _check_entries(nested, entry.file_size, f"the archive in {entry.filename}")
+                with archive.open(entry) as member:  # stored: a seekable view, no inflating
+                    if member.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
+                        member.seek(0)
+                        _directory(member, entry.file_size, f"the archive in {entry.filename}")
     except _ZIP_ERRORS as error:
         raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
-
-
-def _nested_entries(
-    archive: zipfile.ZipFile, entry: zipfile.ZipInfo
-) -> list[zipfile.ZipInfo] | None:
-    """The entries of `entry` if it is a zip archive itself (from its central directory)."""
-    with archive.open(entry) as member:
-        if member.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
-            return None
-        try:
-            with zipfile.ZipFile(member) as nested:
-                return nested.infolist()
-        except _ZIP_ERRORS:
-            return None  # not an archive after all: torch.load would refuse it
 
 
 def _is_zip(path: Path) -> bool:
