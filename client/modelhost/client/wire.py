@@ -295,6 +295,7 @@ def _tensor(data: memoryview) -> TensorView:
 # Counting entries before a parse
 
 _FIXED64, _START_GROUP, _END_GROUP, _FIXED32 = 1, 3, 4, 5
+_MAX_DEPTH = 100  # protobuf's recursion limit
 ALL_FIELDS = 0
 """`count_entries`' key for every top-level field (no field has number 0)."""
 FIELD_SLACK = 64
@@ -314,8 +315,8 @@ def count_entries(data: Buffer, limits: Mapping[int, int]) -> dict[int, int]:
     than ten bytes), since protobuf's parser refuses the message there or before.
     Unknown fields, groups and overlong encodings are skipped as protobuf skips them.
     Each top-level field read costs one step of a Python loop (about 0.2 us); a limit for
-    ALL_FIELDS bounds those steps (every top-level field counts: filler such as repeated
-    scalars or unknown fields).
+    ALL_FIELDS bounds those steps (every field read counts, top-level or inside a group:
+    filler such as repeated scalars, unknown fields and groups).
     """
     counts = dict.fromkeys(limits, 0)
     groups: list[int] = []  # field numbers of the groups being skipped, innermost last
@@ -328,7 +329,7 @@ def count_entries(data: Buffer, limits: Mapping[int, int]) -> dict[int, int]:
             else:
                 offset += 1
             kind = key & 7
-            if ALL_FIELDS in counts and not groups and kind != _END_GROUP:
+            if ALL_FIELDS in counts:  # every field read, inside groups too: all filler
                 counts[ALL_FIELDS] += 1
                 if counts[ALL_FIELDS] > limits[ALL_FIELDS]:
                     break
@@ -359,6 +360,8 @@ def count_entries(data: Buffer, limits: Mapping[int, int]) -> dict[int, int]:
                 offset += 4
             elif kind == _START_GROUP:
                 groups.append(key >> 3)
+                if len(groups) > _MAX_DEPTH:
+                    break  # protobuf refuses a message nested deeper
             elif kind == _END_GROUP and groups and groups[-1] == key >> 3:
                 groups.pop()
             else:

@@ -60,7 +60,7 @@ def entry_limited(
     counted = {number: entry.limit for number, entry in limits.items()}
     most = sum(counted.values()) + wire.FIELD_SLACK
     counted[wire.ALL_FIELDS] = most
-    every = EntryLimit("top-level fields", most, "the entries' limits, and 64 more")
+    every = EntryLimit("fields", most, "the entries' limits, and 64 more")
     limits = {**limits, wire.ALL_FIELDS: every}
 
     def parse_limited(data: bytes) -> M:
