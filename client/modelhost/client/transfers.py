@@ -176,19 +176,31 @@ class Download:
         self._file = self._part.open("wb") if self._part else None
 
     def feed(self, message: pb.DownloadCheckpointResponse | memoryview) -> None:
-        """Takes the next message of the stream (a chunk may come as a view)."""
+        """Takes the next message of the stream (a chunk may come as a view).
+
+        The header comes first, once, and its size bounds the chunks: a server that
+        sends more is cut off at once, nothing past the size is written.
+        """
         if isinstance(message, memoryview):
             chunk: bytes | memoryview = message
         elif message.HasField("info"):
+            if self.info is not None:
+                raise DataLossError("download: the server sent a second header")
             self.info = message.info
             return
         else:
             chunk = message.chunk  # each access copies
-        self._sha256.update(chunk)
+        if self.info is None:
+            raise DataLossError("download: the server sent a chunk before the header")
         self._received += len(chunk)
+        if self._received > self.info.size_bytes:
+            raise DataLossError(
+                f"download: the server sent more than the {self.info.size_bytes} bytes it announced"
+            )
+        self._sha256.update(chunk)
         (self._file or self._buffer).write(chunk)
         if self._progress:
-            self._progress(self._received, self.info.size_bytes if self.info else 0)
+            self._progress(self._received, self.info.size_bytes)
 
     def abort(self) -> None:
         """Removes the partial file after a failed stream."""

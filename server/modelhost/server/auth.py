@@ -7,8 +7,10 @@
 - Every other RPC needs an inference or a management token when inference tokens
   are configured.
 - No token or a wrong one: UNAUTHENTICATED. Tokens are compared in constant time.
-- A token file that holds no token stops the server at start: naming a file means
-  the operator wants authentication, so an empty one must not turn it off.
+- Tokens lose their surrounding whitespace, given by value or in a file (one a line;
+  a UTF-8 byte order mark is dropped).
+- A token file that holds no token, or a token that is only whitespace, stops the
+  server at start: the operator wants authentication, so it must not turn it off.
 """
 
 from __future__ import annotations
@@ -55,14 +57,23 @@ here). A method missing from it needs the management token: the table fails clos
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _read_tokens(value: str, path: str, setting: str) -> tuple[bytes, ...]:
-    tokens = [value] if value else []
+def _read_tokens(setting: str, value: str, path: str) -> tuple[bytes, ...]:
+    """The tokens given by value (`setting`) and in a file (`setting`_file), without
+    surrounding whitespace: a secret put in the environment often ends with a newline."""
+    tokens = []
+    if value:
+        if not value.strip():
+            raise ValueError(
+                f"{setting} is only whitespace: "
+                "refusing to start without the authentication it asks for"
+            )
+        tokens.append(value.strip())
     if path:
-        lines = (line.strip() for line in Path(path).read_text().splitlines())
+        lines = (line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines())
         found = [line for line in lines if line and not line.startswith("#")]
         if not found:
             raise ValueError(
-                f"{setting} {path} holds no token (it is empty or only comments): "
+                f"{setting}_file {path} holds no token (it is empty or only comments): "
                 "refusing to start without the authentication it asks for"
             )
         tokens += found
@@ -86,9 +97,9 @@ class Tokens:
     @classmethod
     def from_settings(cls, settings: Settings) -> Tokens:
         return cls(
-            inference=_read_tokens(settings.token, settings.token_file, "token_file"),
+            inference=_read_tokens("token", settings.token, settings.token_file),
             management=_read_tokens(
-                settings.management_token, settings.management_token_file, "management_token_file"
+                "management_token", settings.management_token, settings.management_token_file
             ),
         )
 

@@ -7,11 +7,15 @@ collide. Queue depth and device memory are read from the registry at scrape time
 from __future__ import annotations
 
 import contextlib
+import socket
+import socketserver
+import sys
+import threading
 from collections.abc import Callable, Iterator
-from typing import Protocol
-from wsgiref.simple_server import WSGIServer
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -22,6 +26,12 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PAGE_IN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+READ_TIMEOUT = 5.0
+"""Seconds a /metrics connection may stay silent (or leave the reply unread) before it
+is closed."""
+MAX_CONNECTIONS = 32
+"""/metrics connections served at once (a thread each); more are closed unanswered."""
 
 
 class CacheUsage(Protocol):
@@ -147,7 +157,14 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint; returns its port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        family, *_, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        self._http = _HTTPServer(family, (str(address[0]), port))
+        self._http.set_app(make_wsgi_app(self.registry))
+        threading.Thread(
+            target=self._http.serve_forever, name="modelhost-metrics", daemon=True
+        ).start()
         return int(self._http.server_port)
 
     def close(self) -> None:
@@ -156,6 +173,48 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT  # of each read and write on the connection
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Logs nothing: scrapes are frequent."""
+
+
+class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
+    """The HTTP server of prometheus_client's `start_http_server` (a thread per
+    connection), with a read timeout and at most MAX_CONNECTIONS connections, so idle
+    connections cannot pile up threads."""
+
+    daemon_threads = True
+    block_on_close = False  # `close()` does not wait for connections still open
+
+    def __init__(self, family: socket.AddressFamily, address: tuple[str, int]) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Closes timed-out and broken connections quietly; prints anything else."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class _HostedCollector(Collector):

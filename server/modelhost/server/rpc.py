@@ -44,14 +44,18 @@ def status_of(error: e.ModelHostFailure) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-MAX_MESSAGE_CHARS = 2000
-"""Longer messages are cut: they travel in a header, and gRPC refuses big ones."""
+MAX_ERROR_MESSAGE_BYTES = 1024
+"""Longer messages (in UTF-8) are cut: they travel in a header, percent-encoded (up to
+three bytes per byte), and gRPC refuses big headers (by default from 8 KiB)."""
 
 
 def message_of(error: e.ModelHostFailure) -> str:
-    """The error's message, cut to MAX_MESSAGE_CHARS (a message may echo client input)."""
-    text = str(error)
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+    """The error's message, cut to MAX_ERROR_MESSAGE_BYTES on a character boundary (it
+    may echo client input)."""
+    data = str(error).encode(errors="replace")
+    if len(data) <= MAX_ERROR_MESSAGE_BYTES:
+        return data.decode()
+    return data[: MAX_ERROR_MESSAGE_BYTES - len("…".encode())].decode(errors="ignore") + "…"
 
 
 def failure(error: Exception) -> tuple[grpc.StatusCode, str]:
