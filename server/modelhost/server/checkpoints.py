@@ -217,16 +217,18 @@ class Checkpoints:
                 sent.inc(len(chunk))
                 yield chunk
 
-    def list(self) -> list[CheckpointRecord]:
-        return self.store.list()
+    async def list(self) -> list[CheckpointRecord]:
+        """Every entry (a read of each manifest entry: on the I/O executor)."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, self.store.list)
 
     def get(self, name: str) -> CheckpointRecord:
         return self.store.get(check_name(name, "checkpoint"))
 
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
         """Deletes a checkpoint, unless an on-demand version would page in from it again
         (FAILED_PRECONDITION naming them: unload them, or load them pinned), here or on
-        another server sharing the store (`CheckpointStore.delete`)."""
+        another server sharing the store (`CheckpointStore.delete`, on the I/O executor:
+        it waits for `store.lock`, which another server may hold)."""
         name = check_name(name, "checkpoint")
         sha = self.store.get(name).sha256
         needed = [
@@ -240,7 +242,7 @@ class Checkpoints:
                 f"and be paged in from it again: {', '.join(needed[:10])}; unload them first "
                 "(or load them with residency pinned)"
             )
-        self.store.delete(name)
+        await asyncio.get_running_loop().run_in_executor(self._io, self.store.delete, name)
 
 
 async def _at_most(

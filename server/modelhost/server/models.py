@@ -114,6 +114,7 @@ class Models:
         spec = check_request(request, self.settings, self.default_device)
         if pinned is None and spec.checkpoint:  # the bytes this load reads, whatever comes
             pinned = await asyncio.to_thread(self._store.get, spec.checkpoint)
+            await asyncio.to_thread(self._store.blob_path, pinned)  # DATA_LOSS if gone
         # Held from before they are read until the version holds them itself (registered):
         # a DeleteCheckpoint meanwhile must not take bytes it may be paged in from again.
         if pinned is not None:

@@ -74,7 +74,7 @@ class ModelHostService(pb_grpc.ModelHostServicer):
     async def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: Any
     ) -> pb.ListCheckpointsResponse:
-        records = self.host.checkpoints.list()
+        records = await self.host.checkpoints.list()
         return pb.ListCheckpointsResponse(checkpoints=map(messages.checkpoint_info, records))
 
     @unary
@@ -87,7 +87,7 @@ class ModelHostService(pb_grpc.ModelHostServicer):
     async def DeleteCheckpoint(
         self, request: pb.DeleteCheckpointRequest, context: Any
     ) -> pb.DeleteCheckpointResponse:
-        self.host.checkpoints.delete(request.name)
+        await self.host.checkpoints.delete(request.name)
         return pb.DeleteCheckpointResponse()
 
     @unary

@@ -25,8 +25,11 @@ to the names, until no document pins it and no entry refers to it. A server may 
 hold blobs while it runs (`hold`: a model version it may page in again): its holds are
 in `tmp/<owner>.holds`, so every server sharing the store keeps those blobs, and refuses
 to delete a checkpoint whose bytes another holds; the holds of a server that is gone
-count for nothing, and the next start removes them. A full volume (ENOSPC, EDQUOT) is
-reported as StoreFull, and leaves nothing behind.
+count for nothing, and the next start removes them. A holds file that no server would
+write (not a regular file, over MAX_HOLDS_BYTES, not a list of sha256) counts for nothing
+either, and an owner file that is not a regular file is no live server's: both are
+logged. A full volume (ENOSPC, EDQUOT) is reported as StoreFull, and leaves nothing
+behind.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -67,6 +71,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
 HOLDS = ".holds"  # tmp/<owner>.holds: the blobs a running server holds
+MAX_HOLDS_BYTES = 1 << 20  # a larger holds file is not a server's: it counts for nothing
 
 
 @dataclass(frozen=True)
@@ -370,13 +375,11 @@ class CheckpointStore:
         with self._locked():
             live = self._locks.live_owners()
             for leftover in self._tmp.iterdir():
-                if leftover.name.split(".", 1)[0] not in live:
-                    leftover.unlink(missing_ok=True)
+                if leftover.name.split(".", 1)[0] not in live and _removed(leftover):
                     log.info("removed %s, left by a server that is gone", leftover.name)
             used = self._used_blobs()
             for blob in self._blobs.iterdir():
-                if blob.name not in used:
-                    blob.unlink(missing_ok=True)
+                if blob.name not in used and _removed(blob):
                     log.info("removed unreferenced blob %s", blob.name)
             for sha in used:  # kept: reading them answers DATA_LOSS until deleted
                 if not (self._blobs / sha).exists():
@@ -452,8 +455,13 @@ class CheckpointStore:
         return used
 
     def _drop_blob_if_unused(self, sha: str) -> None:
-        if sha not in self._used_blobs():
-            (self._blobs / sha).unlink(missing_ok=True)
+        """Clean-up after a change that has happened (a commit, a delete): a failure is
+        logged, not raised, and leaves a blob that the next start removes."""
+        try:
+            if sha not in self._used_blobs():
+                (self._blobs / sha).unlink(missing_ok=True)
+        except Exception:
+            log.exception("could not remove blob %s, which nothing may use any more", sha)
 
     def _temp_name(self, path: Path) -> Path:
         return self._tmp / f"{self.owner}.write-{path.name}-{time.monotonic_ns()}"
@@ -532,13 +540,48 @@ def _pinned_by(state: Path) -> set[str]:
 
 
 def _holds_in(path: Path) -> set[str]:
-    """The blobs a server's holds file names (none if there is none)."""
+    """The blobs a server's holds file names (none if there is none). Another server may
+    have put anything there: what is not a regular file of at most MAX_HOLDS_BYTES with a
+    JSON list of sha256 in it is logged, and holds nothing."""
     try:
-        held = json.loads(path.read_bytes())
-    except (FileNotFoundError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS)
+    except FileNotFoundError:
         return set()
-    shas = held if isinstance(held, list) else []
-    return {sha for sha in shas if isinstance(sha, str) and _SHA256.fullmatch(sha)}
+    except OSError as error:
+        log.warning("ignoring holds file %s (%s)", path.name, error.strerror)
+        return set()
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        small = stat.S_ISREG(info.st_mode) and info.st_size <= MAX_HOLDS_BYTES
+        data = file.read(MAX_HOLDS_BYTES + 1) if small else b""
+    held = None
+    if len(data) <= MAX_HOLDS_BYTES:
+        with contextlib.suppress(ValueError, RecursionError):
+            held = json.loads(data)
+    if not isinstance(held, list) or not all(
+        isinstance(sha, str) and _SHA256.fullmatch(sha) for sha in held
+    ):
+        log.warning(
+            "ignoring holds file %s: not a JSON list of sha256 in a regular file of at most "
+            "%d bytes",
+            path.name,
+            MAX_HOLDS_BYTES,
+        )
+        return set()
+    return set(held)
+
+
+def _removed(path: Path) -> bool:
+    """Removes a leftover. One that cannot be removed (a folder some other process made
+    there) is logged and left: it must not stop a start."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        log.warning("left %s in the checkpoint store (%s)", path, error.strerror)
+        return False
+    return True
 
 
 def _read_state(path: Path) -> Any:

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -88,12 +89,19 @@ def _flock(file: IO[bytes] | int, operation: int) -> bool:
 
 
 def _held(lock: Path) -> bool:
-    """Whether a live process holds `lock` (an owner file in tmp/)."""
+    """Whether a live process holds `lock` (an owner file in tmp/). Anything there but a
+    regular file (a directory, a FIFO, a symbolic link) is no server's: not live."""
     try:
-        fd = os.open(lock, os.O_RDWR | _OPEN_FLAGS)
+        fd = os.open(lock, os.O_RDWR | os.O_NONBLOCK | _OPEN_FLAGS)
     except FileNotFoundError:
         return False
+    except OSError as error:
+        log.warning("ignoring %s in the store's tmp/ (%s)", lock.name, error.strerror)
+        return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            log.warning("ignoring %s in the store's tmp/: not a regular file", lock.name)
+            return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
