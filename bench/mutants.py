@@ -326,6 +326,20 @@ MUTANTS = [
         "        return request or pb.PredictRequest.FromString(data)",
         ("tests/test_entry_limits.py::test_a_million_entries_are_refused_before_they_are_parsed",),
     ),
+    Mutant(
+        "formats: the directory taken wherever zipfile finds it (two directories pass)",
+        SERVER + "formats.py",
+        "    if found != offset:",
+        "    if False:",
+        ("tests/test_checkpoint_bombs.py::test_an_archive_with_two_directories_is_refused",),
+    ),
+    Mutant(
+        "wire: fields inside a group are walked but not counted",
+        "client/modelhost/client/wire.py",
+        "            if ALL_FIELDS in counts:",
+        "            if ALL_FIELDS in counts and not groups:",
+        ("tests/test_entry_limits.py::test_filler_fields_are_bounded_before_they_are_parsed",),
+    ),
 ]
 
 
