@@ -7,7 +7,8 @@ no other work waits for the lane),
 groups them by input signature (names, dtypes, device, shape past the batch
 dimension), runs each group as one batch, and hands every caller exactly its own rows.
 
-Each GPU model version has a lane of its own (its own CUDA stream), and its lane
+GPU model versions run on their device's lanes (`LanePool`: a few worker threads, each
+with its CUDA stream, shared by the versions, kept when versions leave), and a GPU lane
 pipelines: it launches a batch (copies and kernels queued on the stream), then stages and
 launches the next batch from what is queued while the first computes, and only then
 finishes the first (waits for it, splits and encodes its rows). So the GPU does not idle
