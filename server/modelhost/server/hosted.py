@@ -39,12 +39,12 @@ from modelhost.server.batching import Batcher, Finish
 from modelhost.server.devices import release_memory
 from modelhost.server.errors import InvalidArgument
 from modelhost.server.inference import (
-    CUDA_GRAPH_MODES,
     Answer,
     Prepared,
     Runner,
     encode_answer,
     top_classes,
+    uses_cuda_graphs,
 )
 from modelhost.server.loading import PINNED, LoadedModule, LoadRequest, LoadSpec
 
@@ -61,8 +61,7 @@ def stays_resident(request: LoadRequest, device: torch.device) -> bool:
     """Whether a version never leaves its device: loaded `residency=pinned`, or compiled
     with CUDA graphs (their memory pool stays with torch's compiled function whether the
     version leaves or not, so evicting it would give nothing back)."""
-    cuda_graphs = device.type == "cuda" and request.compile in CUDA_GRAPH_MODES
-    return request.residency == PINNED or cuda_graphs
+    return request.residency == PINNED or uses_cuda_graphs(device, request.compile)
 
 
 @dataclass

@@ -82,6 +82,13 @@ class Prepared:
 
 
 CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}
+
+
+def uses_cuda_graphs(device: torch.device, compile_mode: str) -> bool:
+    """Whether a model compiled with `compile_mode` runs as CUDA graphs on `device`."""
+    return device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
+
+
 """torch.compile modes that capture CUDA graphs."""
 
 
@@ -120,7 +127,7 @@ class Runner:
         # On a GPU the model runs on its lane's stream (the lane thread's current stream).
         self._stream = (stream or torch.cuda.Stream(device)) if device.type == "cuda" else None
         # CUDA graphs keep per-thread state that lane threads must set up (devices.py).
-        self._cuda_graphs = device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
+        self._cuda_graphs = uses_cuda_graphs(device, compile_mode)
 
     # Preparing inputs (on the event loop, or on a preprocessing thread for images)
 
@@ -189,12 +196,9 @@ class Runner:
         try:
             yield
         except Exception as error:
-            if is_oom(error):
-                failure: ModelHostFailure = out_of_memory(error, doing, self.device)
-            elif is_device_failure(error):
-                failure = self._failure(error)
-            else:
+            if not (is_oom(error) or is_device_failure(error)):
                 raise
+            failure = self._failure(error, doing)
         else:
             return
         if isinstance(failure, OutOfMemory):
@@ -334,10 +338,10 @@ class Runner:
         done = self._stream.record_event() if self._stream is not None else None
         return host, done
 
-    def _failure(self, error: Exception) -> ModelHostFailure:
-        """What a failed run reports: out of memory, a failed device, or the input."""
+    def _failure(self, error: Exception, doing: str = "running the model") -> ModelHostFailure:
+        """What a failed step reports: out of memory, a failed device, or the input."""
         if is_oom(error):
-            return out_of_memory(error, "running the model", self.device)
+            return out_of_memory(error, doing, self.device)
         first_line = (str(error).splitlines() or [""])[0]
         if is_device_failure(error):
             return DeviceFailed(f"the device {self.device} failed: {first_line}")
