@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modelhost.server import formats
-from modelhost.server.architectures import ArchitectureCatalog
+from modelhost.server.architectures import ArchitectureCatalog, Builder
 from modelhost.server.devices import (
     ensure_room,
     is_oom,
@@ -217,13 +217,22 @@ def planned_bytes(
     its file size."""
     if record is not None and record.format in _GRAPH_FORMATS:
         return record.size_bytes
+    builder, args, _ = _builder(spec, catalog)
+    return _nbytes(builder.skeleton(args), spec.dtype)
+
+
+def _builder(spec: LoadSpec, catalog: ArchitectureCatalog) -> tuple[Builder, dict[str, Any], Any]:
+    """The architecture's builder, its arguments (with those pretrained weights imply),
+    and the pretrained weights' enum member (None without)."""
     if not spec.architecture:
         raise InvalidArgument(
             f"checkpoint {spec.checkpoint!r} holds weights only: name the architecture to build"
         )
     builder = catalog.get(spec.architecture)
-    args = {**builder.pretrained(spec.weights)[1], **spec.args} if spec.weights else spec.args
-    return _nbytes(builder.skeleton(dict(args)), spec.dtype)
+    if not spec.weights:
+        return builder, dict(spec.args), None
+    member, implied = builder.pretrained(spec.weights)
+    return builder, {**implied, **spec.args}, member
 
 
 def _load_weights(
@@ -232,16 +241,9 @@ def _load_weights(
     store: CheckpointStore,
     catalog: ArchitectureCatalog,
 ) -> _Built:
-    if not spec.architecture:
-        raise InvalidArgument(
-            f"checkpoint {spec.checkpoint!r} holds weights only: name the architecture to build"
-        )
-    builder = catalog.get(spec.architecture)
-    args = dict(spec.args)
+    builder, args, member = _builder(spec, catalog)
     weights_meta: dict[str, Any] = {}
-    if spec.weights:
-        member, implied = builder.pretrained(spec.weights)
-        args = {**implied, **args}
+    if member is not None:
         weights_meta = {"weights": member, **member.meta}
         state = _fetch_pretrained(member.url)
     elif record is not None:
