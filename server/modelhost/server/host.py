@@ -96,11 +96,7 @@ class Host:
         """Checks a request against the limits, then runs it through its version."""
         self.check_request_size(len(inputs), len(images))
         elements = sum(_element_count(name, tensor) for name, tensor in inputs.items())
-        if elements > self.settings.max_tensor_elements:
-            raise LimitExceeded(
-                f"the request has {elements} tensor elements; the limit is "
-                f"{self.settings.max_tensor_elements} (max_tensor_elements)"
-            )
+        check_element_count(elements, self.settings.max_tensor_elements)
         deadline = time.monotonic() + timeout if timeout is not None else None
         with self._registry.lease(check_name(model, "model"), version) as hosted:
             try:
@@ -165,6 +161,15 @@ class Host:
         self._cpu_lane.close()
         self._io.shutdown(wait=True)
         self._store.close()
+
+
+def check_element_count(elements: int, limit: int) -> None:
+    """Refuses a request with more tensor elements than `max_tensor_elements` allows."""
+    if elements > limit:
+        raise LimitExceeded(
+            f"the request has {elements} tensor elements; the limit is {limit} "
+            "(max_tensor_elements)"
+        )
 
 
 def _element_count(name: str, tensor: codec.TensorFields) -> int:

@@ -18,7 +18,8 @@ import torch
 from modelhost.client import codec, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import model_config_pb2 as mc
-from modelhost.server.errors import InvalidArgument, InvalidInput, LimitExceeded
+from modelhost.server.errors import InvalidArgument, InvalidInput
+from modelhost.server.host import check_element_count
 from modelhost.server.inference import InputSpec
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -76,7 +77,7 @@ def decode_inputs(
     InvalidInput when malformed.
 
     Typed contents are counted before any is converted: with `max_elements`, a request
-    with more elements than that is refused (LimitExceeded, as `Host.predict` would)
+    with more elements than that is refused (`check_element_count`, as `Host.predict` does)
     before its values are copied.
     """
     raw = request.raw_input_contents
@@ -109,11 +110,8 @@ def decode_inputs(
             typed.append((tensor, values))
             elements += len(values)
         tensors[name] = wire.TensorView(dtype, list(tensor.shape), data)
-    if max_elements is not None and elements > max_elements:
-        raise LimitExceeded(
-            f"the request has {elements} tensor elements; the limit is {max_elements} "
-            "(max_tensor_elements)"
-        )
+    if max_elements is not None:
+        check_element_count(elements, max_elements)
     for tensor, values in typed:
         tensors[tensor.name].data = _converted(tensor, values)
     return tensors
