@@ -10,9 +10,10 @@ Recognised by content, never by name:
 refuses every global outside torch's allow-list, so a file cannot run code.
 
 torch inflates a compressed zip entry whole in memory, so every zip archive is checked
-from its central directory alone (`check_archive`) before torch opens it: its entries
-may not expand past the file's own size (torch.save and torch.export.save never
-compress), and its pickle may declare at most MAX_PICKLE_BYTES.
+from its central directory alone (`check_archive`) before torch opens it: the directory
+must be where its end record says and not too big, entries stored (torch.save and
+torch.export.save never compress) and not larger than the file, and its pickle at most
+MAX_PICKLE_BYTES (`_directory`).
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ def inspect(path: Path, *, allow_pickled: bool = False) -> Contents:
                 f"constants, sample inputs) and so can run code from the file. {PICKLE_ADVICE} "
                 f"{UNSAFE_ADVICE}"
             )
-        _check_nested_archives(path)
+        _check_nested_archives(path)  # sniff checked the archive itself
         return Contents(EXPORTED_PROGRAM, _archive_count(path, "/data/weights/weight_"))
     try:
-        return _describe(load_torch(path))
+        return _describe(_torch_load(path))  # sniff checked the archive
     except PickledObjects as error:
         if not allow_pickled:
             raise InvalidCheckpoint(f"{error} {UNSAFE_ADVICE}") from None
@@ -211,9 +212,9 @@ def _directory(file: IO[bytes], size: int, what: str) -> list[zipfile.ZipInfo]:
 
 
 def _check_nested_archives(path: Path) -> None:
-    """`check_archive`, and the same check of every entry that is a zip archive itself
-    (torch.export.load calls torch.load on some entries: pickled weights, sample inputs)."""
-    check_archive(path)
+    """The check of `check_archive` for every entry of a checked archive that is a zip
+    archive itself (torch.export.load calls torch.load on some entries: pickled weights,
+    sample inputs)."""
     try:
         with zipfile.ZipFile(path) as archive:
             for entry in archive.infolist():
@@ -236,6 +237,11 @@ def load_torch(path: Path) -> Any:
     archive is checked first (`check_archive`)."""
     if _is_zip(path):
         check_archive(path)
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> Any:
+    """`load_torch` of a file whose archive is checked already."""
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -378,6 +384,7 @@ def load_pickled_model(path: Path) -> torch.nn.Module:
 
 def load_exported_program(path: Path) -> torch.export.ExportedProgram:
     """UNSAFE, opt-in only: torch.export.load unpickles parts of the archive."""
+    check_archive(path)
     _check_nested_archives(path)
     try:
         with path.open("rb") as file:  # a file object: the blob's name has no .pt2 suffix
