@@ -112,13 +112,11 @@ class Models:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         spec = check_request(request, self.settings, self.default_device)
-        if pinned is None and spec.checkpoint:  # the bytes this load reads, whatever comes
-            pinned = await asyncio.to_thread(self._store.get, spec.checkpoint)
-            await asyncio.to_thread(self._store.blob_path, pinned)  # DATA_LOSS if gone
-        # Held from before they are read until the version holds them itself (registered):
-        # a DeleteCheckpoint meanwhile must not take bytes it may be paged in from again.
-        if pinned is not None:
-            await asyncio.to_thread(self._store.hold, pinned.sha256)
+        # The bytes this load reads are held from before they are read until the version
+        # holds them itself (registered): a DeleteCheckpoint meanwhile must not take bytes
+        # it may be paged in from again.
+        if pinned is not None or spec.checkpoint:
+            pinned = await asyncio.to_thread(self._hold_bytes, spec.checkpoint, pinned)
         try:
             hosted = await self._build_and_commit(spec, request, pinned)
         finally:
@@ -135,6 +133,15 @@ class Models:
             hosted.loaded.seconds,
         )
         return hosted
+
+    def _hold_bytes(self, checkpoint: str, record: CheckpointRecord | None) -> CheckpointRecord:
+        """Holds `record`'s bytes, or those `checkpoint` names now (DATA_LOSS if they are
+        gone); returns what is held."""
+        if record is None:
+            record = self._store.get(checkpoint)
+            self._store.blob_path(record)
+        self._store.hold(record.sha256)
+        return record
 
     async def _build_and_commit(
         self, spec: LoadSpec, request: LoadRequest, pinned: CheckpointRecord | None
