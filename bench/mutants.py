@@ -206,6 +206,28 @@ MUTANTS = [
         ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
     ),
     Mutant(
+        "cache: weights are copied to the host tier with the cache's lock held",
+        SERVER + "cache.py",
+        "            self._cond.release()\n            copy = None\n            try:\n"
+        "                copy = self._copy_to_host(hosted, module)\n            finally:\n"
+        "                del module\n                self._cond.acquire()\n",
+        "            copy = None\n            try:\n"
+        "                copy = self._copy_to_host(hosted, module)\n            finally:\n"
+        "                del module\n",
+        (
+            "tests/test_cache_host_tier.py::test_weights_are_copied_to_the_host_outside_the_cache_lock",
+        ),
+    ),
+    Mutant(
+        "cache: a page-in does not wait for its version's copy to the host tier to finish",
+        SERVER + "cache.py",
+        "            move.done.wait()",
+        "            pass",
+        (
+            "tests/test_cache_host_tier.py::test_weights_are_copied_to_the_host_outside_the_cache_lock",
+        ),
+    ),
+    Mutant(
         "cache: the most recently used version is evicted first",
         SERVER + "cache.py",
         "            key=lambda h: h.used_order,\n        )\n        return any(",

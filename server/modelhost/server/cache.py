@@ -41,13 +41,14 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from modelhost.server.devices import is_oom, lower_priority, out_of_memory, release_memory
 from modelhost.server.errors import DeadlineExpired, OutOfMemory, ShuttingDown
-from modelhost.server.host_tier import held_bytes, hostable, layout, to_device, to_host
+from modelhost.server.host_tier import HostCopy, held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.metrics import Metrics
 from modelhost.server.registry import Registry
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 DEFAULT_GPU_FRACTION = 0.9
 WAIT_STEP = 0.1
 """Seconds between looks of a load or page-in that waits for busy versions to leave."""
+HOST_TIER_DEVICES = frozenset({"cuda"})
+"""Device types whose evicted versions keep their weights in host memory (pinned). A CPU
+version would gain nothing (its weights are in host memory already); tests add "cpu" to
+run the host tier's bookkeeping without a GPU."""
 Key = tuple[str, int]
 Rebuild = Callable[[HostedModel], nn.Module]
 """Loads a version's module again from the store, on its device (models.py)."""
@@ -81,6 +86,18 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n:,} bytes"
 
 
+@dataclass(eq=False)
+class _Move:
+    """An evicted version's weights on their way to the host tier, copied outside the
+    cache's lock: they still hold `device_bytes` on `device` until the copy is done."""
+
+    hosted: HostedModel
+    device: str
+    device_bytes: int
+    host_bytes: int
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class ModelCache:
     """Device budgets, the residency of every registered version, evictions and page-ins."""
 
@@ -100,6 +117,7 @@ class ModelCache:
         self._host_limit = int(host_budget if host_budget > 1 else host_budget * _host_total())
         self._limits: dict[str, int | None] = {}
         self._reserved: dict[Key, tuple[str, int]] = {}  # loads and page-ins in progress
+        self._moves: list[_Move] = []  # evictions copying weights to the host tier
         self._cond = threading.Condition()
         self._paging = threading.Lock()  # page-in jobs and deadlines (the event loop's)
         self._idle_count = itertools.count(1)
@@ -124,22 +142,30 @@ class ModelCache:
         with self._cond:
             return {device: (self._used(device), limit) for device, limit in self._limits.items()}
 
+    def host_usage(self) -> tuple[int, int]:
+        """Bytes the host tier holds (copies in progress included), and its budget."""
+        with self._cond:
+            return self._host_used(), self._host_limit
+
     def _resident(self, device: str) -> list[HostedModel]:
         return [
             h for h in self._registry.all() if h.tier == RESIDENT and str(h.loaded.device) == device
         ]
 
     def _used(self, device: str, exclude: Key | None = None) -> int:
-        """Bytes on `device`: resident versions, and loads and page-ins in progress."""
+        """Bytes on `device`: resident versions, loads and page-ins in progress, and weights
+        still being copied to the host tier."""
         held = {(h.name, h.version): h.device_bytes for h in self._resident(device)}
         for key, (where, nbytes) in self._reserved.items():
             if where == device:
                 held[key] = max(held.get(key, 0), nbytes)
         held.pop(exclude, None)  # type: ignore[arg-type]
-        return sum(held.values())
+        moving = sum(m.device_bytes for m in self._moves if m.device == device)
+        return sum(held.values()) + moving
 
     def _host_used(self) -> int:
-        return sum(h.host_copy.nbytes for h in self._registry.all() if h.host_copy)
+        copies = sum(h.host_copy.nbytes for h in self._registry.all() if h.host_copy)
+        return copies + sum(m.host_bytes for m in self._moves)
 
     # Making room
 
@@ -163,7 +189,7 @@ class ModelCache:
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
                 busy = [h for h in held if not h.stays]
                 loading = any(other != key for other in self._reserved)  # may register soon
-                if pinned_bytes + nbytes > limit or not (busy or loading):
+                if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
                     raise OutOfMemory(
                         f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
                         f"(device_memory_budget) is {_gib(limit)}: pinned versions hold "
@@ -206,34 +232,57 @@ class ModelCache:
         return any(self._evict(hosted) for hosted in candidates)
 
     def _evict(self, hosted: HostedModel) -> bool:
-        """Takes an idle version off its device (to the host tier when it is a GPU's and
-        the host budget has room, else to the store); False if a request holds it."""
+        """Takes an idle version off its device (to the host tier when its device type has
+        one and the host budget has room, else to the store); False if a request holds it.
+        Called with the lock held; a copy to the host releases it while it runs."""
+        device = hosted.loaded.device
         module = hosted.loaded.module
-        hosting = (
-            hosted.loaded.device.type == "cuda"
-            and module is not None
-            and hostable(module)
-            and self._host_used() + held_bytes(layout(module)[1]) <= self._host_limit
-        )
-        module = hosted.leave_device(HOST if hosting else STORE)
+        host_bytes = 0
+        if device.type in HOST_TIER_DEVICES and module is not None and hostable(module):
+            host_bytes = held_bytes(layout(module)[1], pinned=device.type == "cuda")
+            if self._host_used() + host_bytes > self._host_limit:
+                host_bytes = 0
+        device_bytes = hosted.device_bytes
+        module = hosted.leave_device(HOST if host_bytes else STORE)
         if module is None:
             return False
-        if hosting:
+        if host_bytes:
+            move = _Move(hosted, str(device), device_bytes, host_bytes)
+            self._moves.append(move)
+            self._cond.release()
+            copy = None
             try:
-                hosted.host_copy = to_host(module)
-            except Exception:  # no pinned memory to be had: the store tier it is
-                log.exception(
-                    "%s version %d could not move to host memory", hosted.name, hosted.version
-                )
-                hosted.tier = STORE
-        if hosted.host_copy is None:
+                copy = self._copy_to_host(hosted, module)
+            finally:
+                del module
+                self._cond.acquire()
+                self._moves.remove(move)
+                if copy is not None and not hosted.retiring:
+                    hosted.host_copy = copy
+                else:  # no host memory to be had, or unloaded meanwhile
+                    hosted.tier = STORE
+                move.done.set()
+                self._cond.notify_all()
+        else:
             gone = weakref.ref(module)
             del module
             if gone() is not None:  # a reference cycle holds it: only a collection frees it
-                release_memory(hosted.loaded.device)
+                release_memory(device)
         self._metrics.evictions.labels(hosted.name, str(hosted.version), hosted.tier).inc()
         log.info("evicted %s version %d to the %s tier", hosted.name, hosted.version, hosted.tier)
         return True
+
+    @staticmethod
+    def _copy_to_host(hosted: HostedModel, module: nn.Module) -> HostCopy | None:
+        """The module's weights in one (pinned) host buffer; None if there is none to be
+        had (the version drops to the store tier)."""
+        try:
+            return to_host(module, pin=hosted.loaded.device.type == "cuda")
+        except Exception:
+            log.exception(
+                "%s version %d could not move to host memory", hosted.name, hosted.version
+            )
+            return None
 
     # Paging in
 
@@ -308,6 +357,10 @@ class ModelCache:
         key = (hosted.name, hosted.version)
         device = hosted.loaded.device
         deadline = None if until == math.inf else until
+        with self._cond:
+            move = next((m for m in self._moves if m.hosted is hosted), None)
+        if move is not None:  # evicted a moment ago: its copy to the host is still running
+            move.done.wait()
         self.reserve(key, device, hosted.device_bytes, deadline=deadline)
         started = time.perf_counter()  # the page-in itself, after any wait for room
         tier = hosted.tier

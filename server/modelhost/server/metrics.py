@@ -37,6 +37,8 @@ MAX_CONNECTIONS = 32
 class CacheUsage(Protocol):
     def usage(self) -> dict[str, tuple[int, int | None]]: ...
 
+    def host_usage(self) -> tuple[int, int]: ...
+
 
 class Metrics:
     """The server's metrics; `describe()` lists them for the README."""
@@ -261,5 +263,17 @@ class _CacheCollector(Collector):
             resident.add_metric([device], used)
             if limit is not None:
                 budget.add_metric([device], limit)
+        held, host_limit = self._cache.host_usage()
         yield resident
         yield budget
+        yield GaugeMetricFamily(
+            "modelhost_host_tier_bytes",
+            "Host memory the weights of evicted versions hold (the host tier), counted as "
+            "PyTorch's pinned allocator rounds it.",
+            value=held,
+        )
+        yield GaugeMetricFamily(
+            "modelhost_host_tier_budget_bytes",
+            "The host tier's budget (host_memory_budget).",
+            value=host_limit,
+        )
