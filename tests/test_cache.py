@@ -547,10 +547,21 @@ def test_the_warm_up_workspace_counts_against_the_budget(client: ModelHostClient
     assert tiers(client) == {"warm": "store", "b": "resident", "c": "resident"}
 
 
-def test_state_machine_over_load_unload_predict_and_pin(settings: Settings) -> None:
+@pytest.mark.parametrize("host_tier", [False, True], ids=["store", "host-and-store"])
+def test_state_machine_over_load_unload_predict_and_pin(
+    settings: Settings, host_tier: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Random sequences of loads (on demand or pinned), unloads and predictions: every
     answer is right, pinned versions stay, resident bytes stay within the budget, and a
-    load fails only when pinned versions leave no room."""
+    load fails only when pinned versions leave no room. With a host tier (turned on for
+    the CPU, as on a GPU) that holds two versions, it holds exactly those listed in it."""
+    from modelhost.server import cache
+    from modelhost.server.host_tier import layout
+
+    host_bytes = layout(build("tiny_mlp", ARGS))[1]
+    if host_tier:
+        monkeypatch.setattr(cache, "HOST_TIER_DEVICES", frozenset({"cuda", "cpu"}))
+        settings = dataclasses.replace(settings, host_memory_budget=2 * host_bytes)
     from hypothesis import HealthCheck
     from hypothesis import settings as hypothesis_settings
     from hypothesis import strategies as st
@@ -625,6 +636,9 @@ def test_state_machine_over_load_unload_predict_and_pin(settings: Settings) -> N
                 for m in models:
                     if self.hosted[m.name][1]:
                         assert m.tier == "resident", m
+                in_host = sum(m.tier == "host" for m in models)
+                assert counter(server, "modelhost_host_tier_bytes") == in_host * host_bytes
+                assert in_host <= (2 if host_tier else 0)
 
         Cache.TestCase.settings = hypothesis_settings(
             max_examples=10,
