@@ -243,10 +243,10 @@ MUTANTS = [
     ),
     Mutant(
         "formats: zip archives opened without looking at their central directory",
-        SERVER + "formats.py",
-        "    expanded = sum(entry.file_size for entry in entries)\n"
-        "    if expanded > size + _ZIP_SLACK:",
-        "    expanded = 0\n    if expanded > size + _ZIP_SLACK:",
+        "client/modelhost/client/archives.py",
+        "    expanded = sum(entry.file_size for entry in found_entries)\n"
+        "    if expanded > size + SLACK:",
+        "    expanded = 0\n    if expanded > size + SLACK:",
         (
             "tests/test_checkpoint_bombs.py::test_a_bomb_upload_is_refused_before_anything_is_inflated",
         ),

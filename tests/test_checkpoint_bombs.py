@@ -26,7 +26,7 @@ import torch
 
 from conftest import build, expect, reference, temp_files
 from helpers.memory import peak_growth_mib
-from modelhost.client import ModelHostClient
+from modelhost.client import ModelHostClient, archives
 from modelhost.server import Server, formats
 from modelhost.server.errors import InvalidCheckpoint
 from modelhost.server.store import CheckpointRecord
@@ -121,21 +121,51 @@ def test_a_bomb_already_in_the_store_is_refused_at_load(
 ) -> None:
     """Bytes that reached the store another way (an older server, a copy) are checked at
     every load, not only at upload."""
-    store = server.settings.store
-    sha = hashlib.sha256(bomb).hexdigest()
-    record = CheckpointRecord("bomb", sha, len(bomb), formats.STATE_DICT, 1, time.time())
-    for path, data in (
-        (store / "blobs" / sha, bomb),
-        (store / "checkpoints" / "bomb.json", json.dumps(dataclasses.asdict(record)).encode()),
-    ):
-        path.write_bytes(data)
-        os.chmod(path, 0o600)
-    assert client.get_checkpoint("bomb").sha256 == sha
+    plant(server, "bomb", bomb)
     refused_cheaply(
         lambda: client.load_model("b", architecture="tiny_mlp", checkpoint="bomb"), "zip bomb"
     )
     assert [m.name for m in client.list_models()] == ["tiny"]
     check_still_serving(client, tiny)
+
+
+def plant(server: Server, name: str, blob: bytes) -> None:
+    """Puts `blob` in the store as checkpoint `name` the way an older server would have."""
+    store = server.settings.store
+    sha = hashlib.sha256(blob).hexdigest()
+    record = CheckpointRecord(name, sha, len(blob), formats.STATE_DICT, 1, time.time())
+    for path, data in (
+        (store / "blobs" / sha, blob),
+        (store / "checkpoints" / f"{name}.json", json.dumps(dataclasses.asdict(record)).encode()),
+    ):
+        path.write_bytes(data)
+        os.chmod(path, 0o600)
+    assert client_sees(server, name) == sha
+
+
+def client_sees(server: Server, name: str) -> str:
+    with ModelHostClient(server.target) as own:
+        return own.get_checkpoint(name).sha256
+
+
+def test_the_client_checks_a_download_it_loads_in_memory(
+    client: ModelHostClient, server: Server, bomb: bytes, tmp_path: Path
+) -> None:
+    """A bomb in the store is not the client's to inflate: download_checkpoint without
+    `dest` checks the archive before torch.load (with `dest` it only writes the bytes)."""
+    plant(server, "bomb", bomb)
+
+    def download() -> None:
+        with pytest.raises(archives.UnsafeArchive, match="zip bomb"):
+            client.download_checkpoint("bomb")
+
+    growth = peak_growth_mib(download)
+    assert growth < 100, f"peak memory rose by {growth} MiB"
+    assert client.download_checkpoint("bomb", tmp_path / "bomb.pt").read_bytes() == bomb
+    model = build("tiny_mlp")
+    client.save_checkpoint("fine", model.state_dict())
+    loaded = client.download_checkpoint("fine")
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
 def test_every_reader_checks_the_archive(tmp_path: Path, bomb: bytes) -> None:
@@ -182,7 +212,7 @@ def test_the_pickle_of_an_archive_is_bounded(
     path = tmp_path / "many.pt"
     torch.save({f"w{i}": torch.zeros(1) for i in range(100)}, path)
     assert formats.inspect(path).tensor_count == 100
-    monkeypatch.setattr(formats, "MAX_PICKLE_BYTES", 1000)
+    monkeypatch.setattr(archives, "MAX_PICKLE_BYTES", 1000)
     with pytest.raises(InvalidCheckpoint, match=r"pickle \(many/data.pkl\) of \d+ bytes"):
         formats.inspect(path)
 
@@ -198,7 +228,7 @@ def test_an_archive_of_very_many_entries_is_refused_before_its_directory_is_pars
     data = path.read_bytes()
     end = len(data) - 22
     (directory,) = struct.unpack_from("<I", data, end + 12)
-    monkeypatch.setattr(formats, "MAX_CENTRAL_DIRECTORY", directory - 1)
+    monkeypatch.setattr(archives, "MAX_CENTRAL_DIRECTORY", directory - 1)
     with pytest.raises(
         InvalidCheckpoint, match=f"directory of entries of the archive takes {directory}"
     ):

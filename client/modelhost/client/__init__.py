@@ -12,6 +12,7 @@ state_dicts, or to load a downloaded checkpoint in memory.
 """
 
 from modelhost.client.aio import AsyncModelHostClient
+from modelhost.client.archives import UnsafeArchive
 from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import (
     AlreadyExistsError,
@@ -59,4 +60,5 @@ __all__ = [
     "TopClass",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnsafeArchive",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from modelhost.client import wire
+from modelhost.client import archives, wire
 from modelhost.client.errors import DataLossError
 from modelhost.client.types import CheckpointInfo
 from modelhost.v1 import modelhost_pb2 as pb
@@ -235,7 +235,8 @@ class Download:
 
 
 def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
-    """Loads downloaded bytes safely: safetensors, or torch.load(weights_only=True)."""
+    """Loads downloaded bytes safely: safetensors, or torch.load(weights_only=True) of an
+    archive checked first (archives.UnsafeArchive for a zip bomb: torch would inflate it)."""
     if fmt == pb.CHECKPOINT_FORMAT_SAFETENSORS:
         from safetensors.torch import load
 
@@ -243,5 +244,7 @@ def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
     if fmt in (pb.CHECKPOINT_FORMAT_STATE_DICT, pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT):
         import torch
 
+        if data.startswith(archives.MAGIC):
+            archives.entries(io.BytesIO(data), len(data), "the downloaded checkpoint")
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     raise ValueError("this checkpoint cannot be loaded safely in memory; pass dest= to save it")

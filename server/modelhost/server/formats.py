@@ -13,7 +13,7 @@ torch inflates a compressed zip entry whole in memory, so every zip archive is c
 from its central directory alone (`check_archive`) before torch opens it: the directory
 must be where its end record says and not too big, entries stored (torch.save and
 torch.export.save never compress) and not larger than the file, and its pickle at most
-MAX_PICKLE_BYTES (`_directory`).
+MAX_PICKLE_BYTES (`modelhost.client.archives`, which the client uses too).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import pickletools
 import re
 import struct
 import zipfile
-import zlib
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from modelhost.client import archives
 from modelhost.server.errors import InvalidCheckpoint
 from modelhost.server.store import Contents
 
@@ -45,22 +45,9 @@ MODEL_KEYS = ("model_state_dict", "state_dict", "model")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_SAFETENSORS_HEADER = 100 << 20
-# A state_dict's pickle takes about 120 bytes per tensor: this allows half a million.
-MAX_PICKLE_BYTES = 64 << 20
-MAX_CENTRAL_DIRECTORY = 16 << 20  # about 250,000 entries: a tensor each, in torch.save
-_ZIP_SLACK = 1 << 20  # what entries may expand past the archive's size (none do uncompressed)
-_ZIP_MAGIC = b"PK\x03\x04"  # a local file header: what torch.load takes for a zip archive
-# What zipfile raises for a broken archive (RuntimeError: an encrypted entry;
-# NotImplementedError: an unknown compression method).
-_ZIP_ERRORS = (
-    zipfile.BadZipFile,
-    zlib.error,
-    ValueError,
-    EOFError,
-    OSError,
-    RuntimeError,
-    NotImplementedError,
-)
+_ZIP_MAGIC = archives.MAGIC
+# What zipfile raises for a broken archive (NotImplementedError: an unknown compression).
+_ZIP_ERRORS = (*archives.BROKEN, NotImplementedError)
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 PICKLE_ADVICE = (
@@ -160,55 +147,12 @@ def check_archive(path: Path) -> list[str]:
 
 
 def _directory(file: IO[bytes], size: int, what: str) -> list[zipfile.ZipInfo]:
-    """The entries of the zip archive in `file` (`size` bytes), as torch's reader (miniz)
-    will see them, checked before anything is inflated:
-
-    - its end record (the one both readers find) may declare a directory of at most
-      MAX_CENTRAL_DIRECTORY bytes (zipfile builds an object per entry);
-    - the directory must be where that record says: zipfile reads the one just before
-      the record, miniz the one at the offset it declares, and a file with two
-      directories would show each reader a different archive;
-    - entries may not add up to more than the file (plus a small slack: a zip bomb), a
-      pickle may take at most MAX_PICKLE_BYTES, and entries are stored, not compressed
-      (torch.save and torch.export.save never compress; torch inflates an entry whole).
-    """
-    end = zipfile._EndRecData(file)  # type: ignore[attr-defined]  # zipfile's own lookup
-    if end is None:
-        raise zipfile.BadZipFile("no end of central directory record")
-    directory, offset = end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
-    if directory > MAX_CENTRAL_DIRECTORY:
-        raise InvalidCheckpoint(
-            f"refused: the directory of entries of {what} takes {directory} bytes; the limit "
-            f"is {MAX_CENTRAL_DIRECTORY} bytes (about a quarter of a million tensors)"
-        )
-    file.seek(0)
-    with zipfile.ZipFile(file) as archive:
-        entries = archive.infolist()
-        found = archive.start_dir
-    if found != offset:
-        raise InvalidCheckpoint(
-            f"refused: the directory of entries of {what} is not where its end record says "
-            f"(at {found}, declared at {offset}): readers would disagree on what it holds"
-        )
-    expanded = sum(entry.file_size for entry in entries)
-    if expanded > size + _ZIP_SLACK:
-        raise InvalidCheckpoint(
-            f"refused as a zip bomb: the entries of {what} would expand to {expanded} bytes "
-            f"from {size}; torch.save and torch.export.save store entries uncompressed"
-        )
-    for entry in entries:
-        if entry.filename.endswith(".pkl") and entry.file_size > MAX_PICKLE_BYTES:
-            raise InvalidCheckpoint(
-                f"refused: {what} holds a pickle ({entry.filename}) of {entry.file_size} "
-                f"bytes; the limit is {MAX_PICKLE_BYTES} bytes"
-            )
-    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
-    if compressed:
-        raise InvalidCheckpoint(
-            f"refused: {what} has compressed entries ({', '.join(compressed[:3])}); "
-            "torch.save and torch.export.save store entries uncompressed"
-        )
-    return entries
+    """The entries of the zip archive in `file`, checked before anything is inflated
+    (`archives.entries`: where its directory is, its size, the entries' sizes)."""
+    try:
+        return archives.entries(file, size, what)
+    except archives.UnsafeArchive as error:
+        raise InvalidCheckpoint(str(error)) from None
 
 
 def _check_nested_archives(path: Path) -> None:
