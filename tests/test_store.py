@@ -16,6 +16,7 @@ from modelhost.server import store as store_module
 from modelhost.server.errors import (
     AlreadyExists,
     CheckpointNotFound,
+    DataLoss,
     InvalidName,
     LimitExceeded,
     StoreFull,
@@ -121,7 +122,7 @@ def test_entries_are_not_followed_through_symlinks(tmp_path: Path) -> None:
     outside = tmp_path / "outside.json"
     outside.write_text("{}")
     (tmp_path / "s" / "checkpoints" / "link.json").symlink_to(outside)
-    with pytest.raises(OSError):
+    with pytest.raises(DataLoss, match="symbolic links"):
         store.get("link")
 
 

@@ -156,3 +156,47 @@ def test_an_overwrite_whose_clean_up_fails_is_answered_as_committed(
         monkeypatch.undo()
         assert client.get_checkpoint("a").sha256 == second != first
     assert blobs(settings) == {first, second}  # the next start removes the first
+
+
+def test_unreadable_manifest_entries_are_data_loss_and_can_be_deleted(
+    settings: Settings,
+) -> None:
+    """Entries in checkpoints/ that the store did not write (deep or huge JSON, a FIFO, a
+    symlink, a record of the wrong shape, a sha256 that is a path): listing skips them at
+    once, reading one is DATA_LOSS saying why, deleting one removes it, and the server
+    starts again with them there."""
+    entries = settings.store / "checkpoints"
+    with running(settings) as server, ModelHostClient(server.target, timeout=5) as client:
+        client.save_checkpoint("good", state(1))
+        planted = {
+            "deep": lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+            "huge": lambda p: p.write_bytes(b"{" + b" " * (5 << 20) + b"}"),
+            "fifo": os.mkfifo,
+            "link": lambda p: os.symlink(entries / "good.json", p),
+            "shape": lambda p: p.write_text('{"name": 3}'),
+            "path": lambda p: p.write_text(
+                (entries / "good.json")
+                .read_text()
+                .replace(client.get_checkpoint("good").sha256, "../../../../etc/passwd")
+            ),
+        }
+        for name, plant in planted.items():
+            plant(entries / f"{name}.json")
+        start = time.monotonic()
+        assert [c.name for c in client.list_checkpoints()] == ["good"]
+        assert time.monotonic() - start < 1
+        for name in planted:
+            with pytest.raises(Exception) as caught:
+                client.get_checkpoint(name)
+            assert caught.value.code == grpc.StatusCode.DATA_LOSS, caught.value  # type: ignore[attr-defined]
+            assert "unreadable" in str(caught.value)
+            with pytest.raises(Exception) as caught:
+                client.download_checkpoint(name)
+            assert caught.value.code == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
+        for name in ("deep", "huge", "fifo", "link"):
+            client.delete_checkpoint(name)
+        assert sorted(p.name for p in entries.iterdir()) == ["good.json", "path.json", "shape.json"]
+    with running(settings) as server, ModelHostClient(server.target, timeout=5) as client:
+        assert [c.name for c in client.list_checkpoints()] == ["good"]
+        assert client.download_checkpoint("good")["w"].tolist() == [1.0] * 4
+        answers_quickly(server)

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from modelhost.server import formats
-from modelhost.server.errors import ChecksumMismatch, InvalidArgument, LimitExceeded, Refused
+from modelhost.server.errors import (
+    ChecksumMismatch,
+    DataLoss,
+    InvalidArgument,
+    LimitExceeded,
+    Refused,
+)
 from modelhost.server.hosted import HostedModel
 from modelhost.server.metrics import Metrics
 from modelhost.server.names import check_name
@@ -230,11 +236,14 @@ class Checkpoints:
         another server sharing the store (`CheckpointStore.delete`, on the I/O executor:
         it waits for `store.lock`, which another server may hold)."""
         name = check_name(name, "checkpoint")
-        sha = self.store.get(name).sha256
+        try:
+            sha = self.store.get(name).sha256
+        except DataLoss:  # an unreadable entry: nothing was loaded from it, deleting it helps
+            sha = ""
         needed = [
             f"{h.name}:{h.version}"
             for h in self._registry.all()
-            if h.pages_in_from == sha and h.spec.checkpoint == name
+            if sha and h.pages_in_from == sha and h.spec.checkpoint == name
         ]
         if needed:
             raise Refused(

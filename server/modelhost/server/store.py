@@ -53,6 +53,8 @@ from typing import IO, Any, NoReturn
 from modelhost.server.errors import (
     AlreadyExists,
     CheckpointNotFound,
+    DataLoss,
+    InvalidName,
     LimitExceeded,
     MissingBytes,
     Refused,
@@ -72,6 +74,8 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
 HOLDS = ".holds"  # tmp/<owner>.holds: the blobs a running server holds
 MAX_HOLDS_BYTES = 1 << 20  # a larger holds file is not a server's: it counts for nothing
+MAX_ENTRY_BYTES = 4 << 20  # a manifest entry: 64 metadata entries of 4 KiB, JSON-escaped
+MAX_STATE_BYTES = 256 << 20  # a state document (the restore record)
 
 
 @dataclass(frozen=True)
@@ -224,22 +228,29 @@ class CheckpointStore:
 
     def get(self, name: str) -> CheckpointRecord:
         """The manifest entry of `name`; CheckpointNotFound if there is none."""
-        path = self._entry_path(name)
         try:
-            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+            record = CheckpointRecord(**_read_json(self._entry_path(name), MAX_ENTRY_BYTES))
+            if not (isinstance(record.sha256, str) and _SHA256.fullmatch(record.sha256)):
+                raise ValueError("its sha256 is not one")
+            return record
         except FileNotFoundError:
             raise CheckpointNotFound(f"checkpoint {name!r} not found") from None
-        with os.fdopen(fd, "rb") as file:
-            return CheckpointRecord(**json.loads(file.read()))
+        except (ValueError, TypeError) as error:
+            raise DataLoss(
+                f"the manifest entry of checkpoint {name!r} is unreadable ({error}); "
+                "DeleteCheckpoint removes it"
+            ) from None
 
     def list(self) -> list[CheckpointRecord]:
-        """Every entry, sorted by name."""
+        """Every readable entry, sorted by name."""
         records = []
         for path in sorted(self._entries.glob("*.json")):
             try:
                 records.append(self.get(path.stem))
-            except (CheckpointNotFound, ValueError, TypeError):
+            except (CheckpointNotFound, InvalidName):
                 continue  # deleted meanwhile, or not ours
+            except DataLoss as error:
+                log.warning("%s", error)
         return records
 
     def blob_path(self, record: CheckpointRecord) -> Path:
@@ -367,7 +378,8 @@ class CheckpointStore:
                 )
             entry.unlink()
             _fsync_dir(self._entries)
-            self._drop_blob_if_unused(sha)
+            if sha:  # "": an unreadable entry, which refers to nothing
+                self._drop_blob_if_unused(sha)
 
     def recover(self) -> None:
         """At start: removes the temp files (and holds) of servers that are gone, and the
@@ -446,9 +458,7 @@ class CheckpointStore:
     def _used_blobs(self) -> set[str]:
         """Blobs an entry refers to, a state document pins, or a live server holds."""
         used = set(self._held).union(*self._held_elsewhere().values())
-        for entry in self._entries.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                used.add(str(json.loads(entry.read_bytes())["sha256"]))
+        used.update(filter(None, map(_sha_of, self._entries.glob("*.json"))))
         for state in self.root.glob("*.json"):
             with contextlib.suppress(OSError):
                 used |= _pinned_by(state)
@@ -521,19 +531,50 @@ def _replace(tmp: Path, path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _sha_of(entry: Path) -> str | None:
-    """The sha256 a manifest entry names (None: there is no entry)."""
+def _read_json(path: Path, limit: int) -> Any:
+    """The JSON document in `path`, read with bounds: anyone with write access to the store
+    may have put anything there. FileNotFoundError if there is none; ValueError if it is not
+    a regular file of at most `limit` bytes holding JSON nested at most a few hundred deep
+    (a symlink, a FIFO, a folder: the open does not follow or wait)."""
     try:
-        return str(json.loads(entry.read_bytes())["sha256"])
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # a symlink (ELOOP), no permission
+        raise ValueError(error.strerror) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size} bytes, more than {limit}")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit} bytes")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
+def _sha_of(entry: Path) -> str | None:
+    """The sha256 a manifest entry names (None: there is no entry; "": it is unreadable,
+    and refers to nothing)."""
+    try:
+        document = _read_json(entry, MAX_ENTRY_BYTES)
     except FileNotFoundError:
         return None
+    except (OSError, ValueError):
+        return ""
+    sha = document.get("sha256") if isinstance(document, dict) else None
+    return sha if isinstance(sha, str) and _SHA256.fullmatch(sha) else ""
 
 
 def _pinned_by(state: Path) -> set[str]:
     """The blobs a state document pins (none if it has none, or there is none)."""
     try:
-        document = json.loads(state.read_bytes())
-    except (FileNotFoundError, ValueError):
+        document = _read_json(state, MAX_STATE_BYTES)
+    except (OSError, ValueError):
         return set()
     pins = document.get(_PINS, []) if _wrapped(document) else []
     return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
@@ -544,20 +585,11 @@ def _holds_in(path: Path) -> set[str]:
     have put anything there: what is not a regular file of at most MAX_HOLDS_BYTES with a
     JSON list of sha256 in it is logged, and holds nothing."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS)
+        held = _read_json(path, MAX_HOLDS_BYTES)
     except FileNotFoundError:
         return set()
-    except OSError as error:
-        log.warning("ignoring holds file %s (%s)", path.name, error.strerror)
-        return set()
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        small = stat.S_ISREG(info.st_mode) and info.st_size <= MAX_HOLDS_BYTES
-        data = file.read(MAX_HOLDS_BYTES + 1) if small else b""
-    held = None
-    if len(data) <= MAX_HOLDS_BYTES:
-        with contextlib.suppress(ValueError, RecursionError):
-            held = json.loads(data)
+    except (OSError, ValueError):
+        held = None
     if not isinstance(held, list) or not all(
         isinstance(sha, str) and _SHA256.fullmatch(sha) for sha in held
     ):
@@ -586,9 +618,7 @@ def _removed(path: Path) -> bool:
 
 def _read_state(path: Path) -> Any:
     try:
-        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        document = _read_json(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as file:
-        document = json.loads(file.read())
     return document[_VALUE] if _wrapped(document) else document  # older: the bare value
