@@ -19,8 +19,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelhost.client import ModelHostClient
-from modelhost.server import Server, Settings, running
+from conftest import temp_files
+from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
+from modelhost.server import Server, Settings, running, store_locks
 from modelhost.server.store import CheckpointStore
 
 
@@ -200,3 +201,32 @@ def test_unreadable_manifest_entries_are_data_loss_and_can_be_deleted(
         assert [c.name for c in client.list_checkpoints()] == ["good"]
         assert client.download_checkpoint("good")["w"].tolist() == [1.0] * 4
         answers_quickly(server)
+
+
+def test_a_store_lock_held_too_long_is_unavailable_not_a_thread_forever(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that hangs holding store.lock: a delete or an upload here gives up after
+    LOCK_WAIT with UNAVAILABLE (retryable), nothing changes, and all works once it is
+    released."""
+    monkeypatch.setattr(store_locks, "LOCK_WAIT", 0.5)
+    with (
+        running(settings) as server,
+        ModelHostClient(server.target, timeout=10, config=ChannelConfig(retries=False)) as client,
+    ):
+        client.save_checkpoint("a", state(1))
+        with live_owner(settings.store / "store.lock"):  # a hung server's commit
+            for call in (
+                lambda: client.delete_checkpoint("a"),
+                lambda: client.save_checkpoint("b", state(2)),
+            ):
+                with pytest.raises(ModelHostError) as caught:
+                    call()
+                assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+                assert "store.lock" in caught.value.message
+            answers_quickly(server)
+        assert [c.name for c in client.list_checkpoints()] == ["a"]
+        assert temp_files(settings.store) == []
+        client.save_checkpoint("b", state(2))
+        client.delete_checkpoint("a")
+        assert [c.name for c in client.list_checkpoints()] == ["b"]

@@ -79,6 +79,10 @@ class ShuttingDown(ModelHostFailure):
     """The server is draining and takes no new work."""
 
 
+class StoreBusy(ModelHostFailure):
+    """Another server sharing the store held its lock for longer than a commit takes."""
+
+
 class DeviceFailed(ModelHostFailure):
     """The device failed (its context is lost): not the caller's fault. The server
     reports NOT_SERVING so that it is restarted."""

@@ -32,6 +32,7 @@ STATUS: dict[type[e.ModelHostFailure], grpc.StatusCode] = {
     e.DataLoss: grpc.StatusCode.DATA_LOSS,
     e.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     e.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    e.StoreBusy: grpc.StatusCode.UNAVAILABLE,
     e.DeviceFailed: grpc.StatusCode.INTERNAL,
 }
 

@@ -21,9 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from modelhost.server.errors import StoreBusy
+
 log = logging.getLogger(__name__)
 
 OWNER = ".owner"
+LOCK_WAIT = 30.0
+"""Seconds a commit, delete or hold waits for the store's lock (commits take milliseconds)."""
 _FILE_MODE = 0o600
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -45,15 +49,36 @@ class StoreLocks:
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """This process's threads, then every server sharing the store."""
-        with self._lock:
+        """This process's threads, then every server sharing the store; StoreBusy after
+        LOCK_WAIT seconds (a server that hangs holding it must not take our threads)."""
+        deadline = time.monotonic() + LOCK_WAIT
+        if not self._lock.acquire(timeout=LOCK_WAIT):
+            raise StoreBusy(f"this server's store work took more than {LOCK_WAIT:g} s; try again")
+        try:
             if self.file_locks:
-                _flock(self._store_lock, fcntl.LOCK_EX)
+                self._wait_for_store_lock(deadline)
             try:
                 yield
             finally:
                 if self.file_locks:
                     _flock(self._store_lock, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    def _wait_for_store_lock(self, deadline: float) -> None:
+        pause = 0.001
+        while True:
+            try:
+                _flock(self._store_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreBusy(
+                        f"another server sharing the store has held store.lock for more than "
+                        f"{LOCK_WAIT:g} s; try again"
+                    ) from None
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
 
     def live_owners(self) -> set[str]:
         """The owners (temp file prefixes) of the servers using the store now."""
