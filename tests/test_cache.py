@@ -9,7 +9,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -149,13 +149,15 @@ def test_pinned_versions_stay_and_alone_cannot_overflow(
     expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: client.predict("x", X), "pinned")
 
 
-def test_random_mix_from_many_threads(client: ModelHostClient, server: Server) -> None:
-    """Eight versions, room for three, one pinned: every answer right, none failed."""
-    twins = {f"m{i}": load(client, f"m{i}", i) for i in range(7)}
-    twins["pinned"] = load(client, "pinned", 7, residency="pinned")
+def random_mix(
+    server: Server,
+    twins: dict[str, torch.nn.Module],
+    after_each: Callable[[], object] = lambda: None,
+) -> list[str]:
+    """Eight clients on threads, each 15 Predicts of versions drawn at random: the
+    failures (an answer that differs from the in-process twin's is one)."""
     expected = {name: reference(twin, X) for name, twin in twins.items()}
     failures: list[str] = []
-    seen_resident: list[int] = []
 
     def caller(seed: int) -> None:
         rng = random.Random(seed)
@@ -166,6 +168,21 @@ def test_random_mix_from_many_threads(client: ModelHostClient, server: Server) -
                     same(own.predict(name, X), expected[name])
                 except Exception as error:  # every failure counts
                     failures.append(f"{name}: {error!r}")
+                after_each()
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return failures
+
+
+def test_random_mix_from_many_threads(client: ModelHostClient, server: Server) -> None:
+    """Eight versions, room for three, one pinned: every answer right, none failed."""
+    twins = {f"m{i}": load(client, f"m{i}", i) for i in range(7)}
+    twins["pinned"] = load(client, "pinned", 7, residency="pinned")
+    seen_resident: list[int] = []
 
     def watcher(stop: threading.Event) -> None:
         with ModelHostClient(server.target, timeout=60) as own:
@@ -178,11 +195,7 @@ def test_random_mix_from_many_threads(client: ModelHostClient, server: Server) -
     stop = threading.Event()
     watching = threading.Thread(target=watcher, args=(stop,))
     watching.start()
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    failures = random_mix(server, twins)
     stop.set()
     watching.join(10)
     assert failures == [], failures[:5]

@@ -9,7 +9,6 @@ page-ins from it, the copy made outside the cache's lock, and unloads meanwhile.
 from __future__ import annotations
 
 import dataclasses
-import random
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_cache import ARGS, BUDGET, MODEL_BYTES, X, counter, load, same, tiers
+from test_cache import ARGS, BUDGET, MODEL_BYTES, X, counter, load, random_mix, same, tiers
 
 from conftest import build, reference
 from modelhost.client import ModelHostClient
@@ -171,31 +170,13 @@ def test_random_mix_with_a_host_tier(client: ModelHostClient, server: Server) ->
     """Seven versions, room for three on the device and two in host memory: every answer
     right, none failed, the budgets never passed."""
     twins = {f"m{i}": load(client, f"m{i}", i) for i in range(7)}
-    expected = {name: reference(twin, X) for name, twin in twins.items()}
-    failures: list[str] = []
     seen: list[tuple[float, float]] = []
 
-    def caller(seed: int) -> None:
-        rng = random.Random(seed)
-        with ModelHostClient(server.target, timeout=60) as own:
-            for _ in range(15):
-                name = rng.choice(list(twins))
-                try:
-                    same(own.predict(name, X), expected[name])
-                except Exception as error:  # every failure counts
-                    failures.append(f"{name}: {error!r}")
-                seen.append(
-                    (
-                        counter(server, "modelhost_device_resident_bytes", device="cpu"),
-                        host_bytes(server),
-                    )
-                )
+    def look() -> None:
+        resident = counter(server, "modelhost_device_resident_bytes", device="cpu")
+        seen.append((resident, host_bytes(server)))
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    failures = random_mix(server, twins, look)
     assert failures == [], failures[:5]
     assert max(device for device, _ in seen) <= BUDGET
     assert max(host for _, host in seen) <= 2 * HOST_BYTES
