@@ -113,6 +113,45 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path) -> None:
         assert server.log_count("modelhost stopped") == 1
 
 
+def test_sigterm_during_a_load_that_never_ends_still_exits_within_the_grace(
+    tmp_path: Path,
+) -> None:
+    """A LoadModel still building when the server stops (a long compile, a builder that
+    hangs) is abandoned after the grace period: the process exits 0 without it."""
+    env = {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = ["--architecture", "slow_builder=helpers.models:slow_builder", "--grace-seconds", "1"]
+    with (
+        ServerProcess.start(tmp_path / "store", args=args, env=env) as server,
+        ModelHostClient(server.target, timeout=120) as client,
+    ):
+        outcome: list[Any] = []
+        client.save_checkpoint("w", {"scale": torch.full((1,), 2.0)})
+
+        def load() -> None:
+            try:
+                client.load_model(
+                    "hung",
+                    architecture="slow_builder",
+                    checkpoint="w",
+                    architecture_args={"seconds": 3600.0},
+                )
+            except ModelHostError as error:
+                outcome.append(error.code)
+
+        loading = threading.Thread(target=load)
+        loading.start()
+        time.sleep(1.0)  # the builder is sleeping on a load thread now
+        stopped = time.monotonic()
+        assert server.stop(timeout=30) == 0
+        assert time.monotonic() - stopped < 10
+        assert server.log_count("exiting without threads still at work: load") == 1
+        loading.join(30)
+        assert outcome and outcome[0] in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+        ), outcome
+
+
 def test_repeated_sigterm_still_exits_zero(tmp_path: Path) -> None:
     """Orchestrators and impatient users signal again; the exit stays clean (Python
     restores the default SIGTERM action while it exits, which used to end it with -15)."""

@@ -32,6 +32,7 @@ DOCUMENTED = {
     "MissingBytes": Code.DATA_LOSS,
     "DeadlineExpired": Code.DEADLINE_EXCEEDED,
     "ShuttingDown": Code.UNAVAILABLE,
+    "StoreBusy": Code.UNAVAILABLE,
     "DeviceFailed": Code.INTERNAL,
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -239,7 +240,17 @@ def serve(settings: Settings) -> int:
     # Python restores the default actions of the handlers it set, but not SIG_IGN).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    left = [t.name for t in threading.enumerate() if _keeps_process(t)]
+    if left:  # a load still compiling, a builder that hangs: Python would wait for them
+        log.warning("exiting without threads still at work: %s", ", ".join(left))
+        logging.shutdown()
+        os._exit(0)
     return 0
+
+
+def _keeps_process(thread: threading.Thread) -> bool:
+    """Whether Python waits for `thread` before the process exits."""
+    return thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
 
 
 @contextlib.contextmanager

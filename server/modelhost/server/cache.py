@@ -332,11 +332,12 @@ class ModelCache:
         return self._page_ins[device]
 
     def close(self) -> None:
-        """Stops the page-in threads (page-ins not started are cancelled)."""
+        """Stops the page-in threads: page-ins not started are cancelled, one running is
+        not waited for (its requests have ended)."""
         with self._paging:
             executors = list(self._page_ins.values())
         for executor in executors:
-            executor.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _page_in(self, hosted: HostedModel) -> None:
         """Brings a version back to its device (on its device's page-in thread), unless

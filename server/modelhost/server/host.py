@@ -153,9 +153,12 @@ class Host:
         return self._catalog.all()
 
     async def close(self) -> None:
-        """Unloads every model (the restore record stays as it was) and stops the executors."""
+        """Unloads every model (the restore record stays as it was) and stops the executors.
+        Loads and page-ins still running are not waited for: their calls have ended (a
+        compile or a hung builder could take minutes), and what they build is thrown away
+        (`serve` then exits without them)."""
         await self.models.close()
-        self._loads.shutdown(wait=True, cancel_futures=True)
+        self._loads.shutdown(wait=False, cancel_futures=True)
         self.models.cache.close()
         self._prep.shutdown(wait=True)
         self._cpu_lane.close()
