@@ -228,6 +228,22 @@ def test_max_concurrent_rpcs(settings: Settings) -> None:
         assert 2 <= len(outcomes) - len(refused) < 6
 
 
+def test_load_seconds_cover_the_whole_load_warm_up_included(client: ModelHostClient) -> None:
+    """ModelInfo.load_seconds is the LoadModel's time from request to ready: a warm-up of
+    a model that takes 0.2 s per run counts (its weights load in milliseconds)."""
+    client.save_checkpoint("w", {"scale": torch.full((1,), 2.0)})
+    info = client.load_model(
+        "slow",
+        architecture="recorder",
+        checkpoint="w",
+        architecture_args={"delay": 0.2},
+        warmup_shape=(1, 2),
+        batching={"max_batch_size": 1},
+    )
+    assert 0.2 <= info.load_seconds < 30
+    assert client.get_model("slow").load_seconds == info.load_seconds
+
+
 def test_load_whose_caller_gave_up_leaves_nothing_behind(client: ModelHostClient) -> None:
     client.save_checkpoint("w", {"scale": torch.full((1,), 2.0)})
     with pytest.raises(ModelHostError) as caught:

@@ -78,6 +78,7 @@ class HostedModel:
     loaded_at: float
     request: LoadRequest  # what it was loaded with, its version filled in (kept for restore)
     labels: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0  # LoadModel, request to ready (0: registered at restart, unbuilt)
     retiring: bool = False
     cache: ModelCache | None = None
     workspace_bytes: int = 0  # what its warm-up needed on the device beyond the weights

@@ -145,7 +145,7 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         dtype=codec.data_type(loaded.dtype),
         parameter_count=loaded.parameter_count,
         device_bytes=hosted.device_bytes,
-        load_seconds=loaded.seconds,
+        load_seconds=hosted.load_seconds,
         loaded_at=_timestamp(hosted.loaded_at),
         batching=pb.BatchingConfig(
             max_batch_size=policy.max_batch_size,

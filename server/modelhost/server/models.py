@@ -111,6 +111,7 @@ class Models:
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down")
+        started = time.perf_counter()
         spec = check_request(request, self.settings, self.default_device)
         # The bytes this load reads are held from before they are read until the version
         # holds them itself (registered): a DeleteCheckpoint meanwhile must not take bytes
@@ -122,15 +123,17 @@ class Models:
         finally:
             if pinned is not None:
                 await asyncio.shield(asyncio.to_thread(self._store.let_go, pinned.sha256))
-        self._metrics.load_seconds.labels(spec.name).observe(hosted.loaded.seconds)
+        hosted.load_seconds = time.perf_counter() - started
+        self._metrics.load_seconds.labels(spec.name).observe(hosted.load_seconds)
         log.info(
-            "serving %s version %d (%s from %s on %s, %.2fs)",
+            "serving %s version %d (%s from %s on %s: weights in %.2fs, ready in %.2fs)",
             spec.name,
             hosted.version,
             spec.architecture,
             spec.checkpoint or spec.weights,
             hosted.loaded.device,
             hosted.loaded.seconds,
+            hosted.load_seconds,
         )
         return hosted
 
