@@ -29,6 +29,7 @@ TEST_ARCHITECTURES = [
     "echo=helpers.models:echo",
     "device_failure=helpers.models:device_failure",
     "launch_refused=helpers.models:launch_refused",
+    "thread_namer=helpers.models:thread_namer",
 ]
 
 

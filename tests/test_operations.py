@@ -244,6 +244,31 @@ def test_load_seconds_cover_the_whole_load_warm_up_included(client: ModelHostCli
     assert client.get_model("slow").load_seconds == info.load_seconds
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_cpu_version_compiles_on_its_load_thread_not_the_shared_lane(
+    client: ModelHostClient, compiled: bool
+) -> None:
+    """Compiling takes seconds to minutes, and every CPU version runs on one lane: a
+    compiled version's first warm-up run (the one that compiles) runs on the load thread,
+    so the other CPU versions keep answering; without compile it runs on the lane."""
+    from helpers.models import THREADS_SEEN
+
+    THREADS_SEEN.clear()
+    client.save_checkpoint("two", {"scale": torch.tensor(2.0)})
+    client.load_model(
+        "namer",
+        architecture="thread_namer",
+        checkpoint="two",
+        warmup_shape=(2, 3),
+        batching={"max_batch_size": 1},
+        **({"compile": "default"} if compiled else {}),
+    )
+    np.testing.assert_array_equal(client.predict("namer", np.ones((1, 3), np.float32)), 2.0)
+    warm_up, request = THREADS_SEEN[0], THREADS_SEEN[-1]
+    assert warm_up.startswith("load" if compiled else "lane-cpu"), THREADS_SEEN
+    assert request == "lane-cpu", THREADS_SEEN
+
+
 def test_load_whose_caller_gave_up_leaves_nothing_behind(client: ModelHostClient) -> None:
     client.save_checkpoint("w", {"scale": torch.full((1,), 2.0)})
     with pytest.raises(ModelHostError) as caught:

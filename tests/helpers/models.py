@@ -185,3 +185,25 @@ class LaunchRefused(DeviceFailure):
 
 def launch_refused() -> nn.Module:
     return LaunchRefused()
+
+
+THREADS_SEEN: list[str] = []
+"""The threads `ThreadNamer` versions ran on, in order (in-process servers only)."""
+
+
+class ThreadNamer(nn.Module):
+    """Multiplies its input by `scale`; records the name of the thread each call runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import threading
+
+        THREADS_SEEN.append(threading.current_thread().name)
+        return x * self.scale
+
+
+def thread_namer() -> nn.Module:
+    return ThreadNamer()

@@ -376,6 +376,7 @@ class Runner:
         *,
         measure: bool = False,
         on_lane: Callable[[Callable[[], float]], float] = lambda run: run(),
+        first_here: bool = False,
     ) -> dict[int, float]:
         """Runs zeros of `shape` (and of each smaller power-of-two batch) through the model.
 
@@ -384,13 +385,16 @@ class Runner:
         machine only ever slows a run down, so the fastest is the least disturbed).
         Each run is one call of `on_lane` (a job on the model's lane): on the shared CPU
         lane the other models' batches run between them, not after the whole warm-up.
+        With `first_here`, the first (untimed) run of each size runs on this thread: for a
+        compiled CPU model it is the one that compiles.
         """
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
         batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
         seconds = {rows: float("inf") for rows in batches}
         for run in range(4 if measure else 1):  # the first run of each size is not timed
             for rows in batches:
-                took = on_lane(functools.partial(self._timed_run, (rows, *shape[1:]), dtype))
+                timed = functools.partial(self._timed_run, (rows, *shape[1:]), dtype)
+                took = timed() if first_here and not run else on_lane(timed)
                 if run:
                     seconds[rows] = min(seconds[rows], took)
         return {rows: rows / seconds[rows] for rows in batches} if measure else {}

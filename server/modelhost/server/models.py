@@ -334,13 +334,20 @@ class Models:
     ) -> BatchPolicy:
         """Finds the outputs by running, or warms up; returns the policy with the preferred
         batch size the warm-up measured."""
+        # Compiling takes seconds to minutes: a CPU version compiles on this load thread,
+        # not on the CPU lane that the other CPU versions run on (a GPU version's CUDA
+        # graphs must be captured on its lane's thread and stream).
+        compiles_here = bool(request.compile) and runner.device.type == "cpu"
         if not runner.outputs and len(inputs) == 1 and not request.warmup_shape:
-            _probe_by_running(runner, lane, inputs[0])
+            _probe_by_running(runner, lane, inputs[0], here=compiles_here)
         if not request.warmup_shape:
             return policy
         measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
         rates = runner.warm_up(
-            request.warmup_shape, measure=measure, on_lane=lambda run: lane.call(run).result()
+            request.warmup_shape,
+            measure=measure,
+            on_lane=lambda run: lane.call(run).result(),
+            first_here=compiles_here,
         )
         if rates:
             preferred = preferred_batch_size(rates, policy.max_batch_size)
@@ -586,12 +593,16 @@ def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
     return policy
 
 
-def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:
-    """One real batch-1 run of zeros, for outputs the meta device cannot show (detection's
-    data-dependent steps); a model that refuses zeros keeps them unknown until it runs."""
+def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec, *, here: bool) -> None:
+    """One real batch-1 run of zeros (on its lane, or `here`), for outputs the meta device
+    cannot show (detection's data-dependent steps); a model that refuses zeros keeps them
+    unknown until it runs."""
     zeros = torch.zeros(probe_shape(spec, *PROBE_SIZES[0]), dtype=spec.dtype)
     try:
-        lane.call(runner.run, {spec.name: zeros}).result()
+        if here:
+            runner.run({spec.name: zeros})
+        else:
+            lane.call(runner.run, {spec.name: zeros}).result()
     except ModelHostFailure as error:
         log.info("outputs not known until the first request: %s", error)
 
