@@ -7,13 +7,14 @@ import hashlib
 import io
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save as save_safetensors
 
-from conftest import detector, images, reference, resnet18, serve
+from conftest import build, detector, expect, images, reference, resnet18, serve
 from modelhost.client import ModelHostClient, NotFoundError
 from modelhost.server import Server, Settings, running
 
@@ -262,6 +263,31 @@ def test_detection_model_lists_per_image_outputs(client: ModelHostClient) -> Non
             np.testing.assert_allclose(
                 out[f"{index}.{key}"], per_image[key].numpy(), rtol=1e-4, atol=1e-4
             )
+
+
+def test_labels_are_one_per_class_and_bounded(client: ModelHostClient) -> None:
+    """tiny_mlp has 3 classes (known at load from its warm-up): 3 labels name them in
+    top-k; 2 or 4 are refused (top-k would mix labels and class numbers), and so are a
+    million, or one of 2 KB."""
+    client.save_checkpoint("w", build("tiny_mlp").state_dict())
+    for labels, words in (
+        (["a", "b"], ("2 labels", "3 classes")),
+        (["a", "b", "c", "d"], ("4 labels", "3 classes")),
+        ([str(i) for i in range(1_000_000)], ("1000000 labels", "at most 100000")),
+        (["x" * 2048, "b", "c"], ("more than 1024 bytes",)),
+    ):
+        expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda labels=labels: client.load_model(
+                "m", architecture="tiny_mlp", checkpoint="w", labels=labels, warmup_shape=(1, 4)
+            ),
+            *words,
+        )
+    assert client.list_models() == []
+    info = client.load_model("m", architecture="tiny_mlp", checkpoint="w", labels=["a", "b", "c"])
+    assert info.label_count == 3
+    (top,) = client.predict("m", np.ones((1, 4), np.float32), top_k=3)
+    assert sorted(c.label for c in top) == ["a", "b", "c"]
 
 
 def test_health_and_architectures(client: ModelHostClient) -> None:

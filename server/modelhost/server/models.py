@@ -14,7 +14,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
@@ -57,6 +57,8 @@ T = TypeVar("T")
 MAX_BATCH_SIZE = 1 << 16
 MAX_QUEUE_SIZE = 1 << 20
 MAX_QUEUE_DELAY_US = 60_000_000
+MAX_LABELS = 100_000
+MAX_LABEL_BYTES = 1024
 WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
 ROOM_WAIT_SECONDS = 30.0  # how long a load waits for busy versions to make room
@@ -296,6 +298,7 @@ class Models:
                 (spec.name, version), loaded.device, loaded.device_bytes + workspace.bytes
             )
         categories = loaded.weights_meta.get("categories", [])
+        check_label_count(request.labels, runner.outputs)
         return HostedModel(
             name=spec.name,
             version=version,
@@ -555,6 +558,7 @@ def check_request(request: LoadRequest, settings: Settings, device: torch.device
         )
     if bool(request.checkpoint) == bool(request.weights):
         raise InvalidArgument("LoadModel needs either a checkpoint or pretrained weights")
+    _check_labels(request.labels)
     return LoadSpec(
         name=check_name(request.name, "model"),
         architecture=request.architecture,
@@ -566,6 +570,29 @@ def check_request(request: LoadRequest, settings: Settings, device: torch.device
         weights=request.weights,
         channels_last=request.channels_last,
     )
+
+
+def _check_labels(labels: Sequence[str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels; at most {MAX_LABELS} are allowed")
+    for label in labels:
+        if len(label.encode()) > MAX_LABEL_BYTES:
+            raise InvalidArgument(
+                f"label {label:.40}... takes more than {MAX_LABEL_BYTES} bytes in UTF-8"
+            )
+
+
+def check_label_count(labels: Sequence[str], outputs: Sequence[InputSpec]) -> None:
+    """Refuses labels that are not one per class of a model whose single output is known
+    to be [batch, classes] (top-k would mix labels and class numbers)."""
+    if not labels or len(outputs) != 1 or len(outputs[0].shape) != 2:
+        return
+    classes = outputs[0].shape[1]
+    if classes > 0 and classes != len(labels):
+        raise InvalidArgument(
+            f"{len(labels)} labels for a model with {classes} classes (its output "
+            f"{outputs[0].name!r} is [batch, {classes}]): give one label per class"
+        )
 
 
 def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
