@@ -31,7 +31,7 @@ from typing import IO, Any
 import torch
 
 from modelhost.client import archives
-from modelhost.server.errors import InvalidCheckpoint
+from modelhost.server.errors import InvalidCheckpoint, Refused
 from modelhost.server.store import Contents
 
 STATE_DICT = "state_dict"
@@ -52,7 +52,7 @@ _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 PICKLE_ADVICE = (
     "Send the weights instead: torch.save(model.state_dict(), path) or a safetensors "
-    "file, and name the architecture in LoadModel; or send a torch.export program."
+    "file, and name the architecture in LoadModel."
 )
 
 
@@ -70,14 +70,15 @@ def inspect(path: Path, *, allow_pickled: bool = False) -> Contents:
     """Validates a stored file and says what it holds; InvalidCheckpoint if unusable.
 
     Never runs code from the file: whole pickled models and exported programs are
-    only recognised here (and refused unless `allow_pickled`), not loaded.
+    only recognised here (and Refused unless `allow_pickled`: FAILED_PRECONDITION, as the
+    server's setting decides), not loaded.
     """
     kind = sniff(path)
     if kind == SAFETENSORS:
         return Contents(SAFETENSORS, len(_safetensors_keys(path)))
     if kind == EXPORTED_PROGRAM:
         if not allow_pickled:
-            raise InvalidCheckpoint(
+            raise Refused(
                 "refused: an exported program (torch.export) can only be loaded with "
                 "torch.export.load, which unpickles parts of the archive (weights, "
                 f"constants, sample inputs) and so can run code from the file. {PICKLE_ADVICE} "
@@ -89,7 +90,7 @@ def inspect(path: Path, *, allow_pickled: bool = False) -> Contents:
         return _describe(_torch_load(path))  # sniff checked the archive
     except PickledObjects as error:
         if not allow_pickled:
-            raise InvalidCheckpoint(f"{error} {UNSAFE_ADVICE}") from None
+            raise Refused(f"{error} {UNSAFE_ADVICE}") from None
         _check_pickle_structure(path)
         return Contents(PICKLED_MODEL, _archive_count(path, "/data/"))
 
