@@ -62,7 +62,11 @@ def test_client_commands(
     assert code == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference(model, x))
     code, out, _ = run(capsys, "predict", "m", str(tmp_path / "x.npy"), *target)
-    assert json.loads(out)["output"]["shape"] == [2, 10]
+    assert out.startswith("output: float32 [2, 10]\n")
+    code, out, _ = run(capsys, "predict", "m", str(tmp_path / "x.npy"), "--json", *target)
+    printed = json.loads(out)["output"]  # every value, as JSON numbers
+    assert printed["shape"] == [2, 10]
+    np.testing.assert_allclose(printed["values"], reference(model, x), rtol=1e-6)
 
     code, out, err = run(capsys, "snapshot", "m", "snap", *target)
     assert code == 0 and json.loads(out)["metadata"]["snapshot_of"] == "m:1"
@@ -75,6 +79,8 @@ def test_client_commands(
     assert "m v1 ready resnet18" in out and "snap state_dict" in out
     code, out, _ = run(capsys, "list", "architectures", "--json", *target)
     assert any(a["name"] == "vgg16" for a in json.loads(out)["architectures"])
+    code, out, _ = run(capsys, "list", "architectures", *target)
+    assert "  resnet18(num_classes=1000, zero_init_residual=False," in out
     code, out, _ = run(capsys, "health", *target)
     assert (code, out.strip()) == (0, "SERVING")
     code, out, _ = run(capsys, "unload", "m", *target)

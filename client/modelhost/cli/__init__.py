@@ -126,6 +126,11 @@ def _show(value: Any) -> None:
         print(json.dumps(value, default=str, indent=1))
 
 
+def _signature(parameters: Any) -> str:
+    """`num_classes=1000, weights=None`: the parameters of a builder, as Python writes them."""
+    return ", ".join(p.name if p.required else f"{p.name}={p.default!r}" for p in parameters)
+
+
 def _plain(obj: Any) -> Any:
     return asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
 
@@ -216,15 +221,16 @@ def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
         else:
             np.savez(args.output, **outputs)
         return f"saved {', '.join(outputs)} to {args.output}"
-    np.set_printoptions(threshold=50, edgeitems=3, precision=5)
-    return {
-        name: {
-            "dtype": str(a.dtype),
-            "shape": list(a.shape),
-            "values": a.tolist() if a.size <= 20 else np.array2string(a),
+    if args.json:  # every value, as nested lists
+        return {
+            name: {"dtype": str(a.dtype), "shape": list(a.shape), "values": a.tolist()}
+            for name, a in outputs.items()
         }
-        for name, a in outputs.items()
-    }
+    np.set_printoptions(threshold=50, edgeitems=3, precision=5)
+    for name, a in outputs.items():
+        print(f"{name}: {a.dtype} {list(a.shape)}")
+        print(np.array2string(a))
+    return None
 
 
 def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
@@ -247,7 +253,9 @@ def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
         ]
     if args.what == "architectures":
         listing["architectures"] = [
-            f"{a.name} ({a.source}, {a.task})" if not args.json else _plain(a)
+            f"{a.name}({_signature(a.parameters)}) ({a.source}, {a.task})"
+            if not args.json
+            else _plain(a)
             for a in client.list_architectures()
         ]
     if args.json:
