@@ -93,8 +93,16 @@ def test_client_commands(
 
 
 def test_serve_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
-    env = {"MODELHOST_GRACE_SECONDS": "2", "MODELHOST_LOG_LEVEL": "debug"}
+    env = {
+        "MODELHOST_GRACE_SECONDS": "2",
+        "MODELHOST_LOG_LEVEL": "debug",
+        "MODELHOST_ARCHITECTURE": "x=y:z",  # misspelt: the setting is ARCHITECTURES
+        "MODELHOST_TARGET": "127.0.0.1:1",  # the client's: no warning
+    }
     with ServerProcess.start(tmp_path / "store", env=env) as server:
+        assert server.log_count("MODELHOST_ARCHITECTURE is not a setting and is ignored") == 1
+        assert server.log_count("did you mean MODELHOST_ARCHITECTURES?") == 1
+        assert server.log_count("MODELHOST_TARGET") == 0
         with ModelHostClient(server.target, timeout=10) as client:
             assert client.health() == "SERVING"
             assert client.list_checkpoints() == []

@@ -475,8 +475,10 @@ def _add_serve(sub: Any, flags: bool) -> None:
     p = sub.add_parser(
         "serve",
         help="Run the server.",
-        description="Run the server. Every "
-        "flag can also be set as MODELHOST_<NAME> in the environment.",
+        description="Run the server. Every flag can also be set in the environment as "
+        "MODELHOST_<SETTING> (the flag's name in capitals, - as _; --architecture is "
+        "MODELHOST_ARCHITECTURES, comma-separated); a MODELHOST_ variable that is no "
+        "setting is logged at start.",
     )
     p.set_defaults(fn=None)
     if not flags:

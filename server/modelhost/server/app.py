@@ -26,7 +26,7 @@ from modelhost.server import malloc, messages, oip, service
 from modelhost.server.auth import Tokens
 from modelhost.server.gate import Gate
 from modelhost.server.host import Host
-from modelhost.server.settings import Settings
+from modelhost.server.settings import Settings, unknown_variables
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,8 @@ def serve(settings: Settings) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     malloc.keep_large_buffers()
+    for warning in unknown_variables():
+        log.warning("%s", warning)
 
     async def main() -> None:
         server = create_server(settings)

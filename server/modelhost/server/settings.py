@@ -7,6 +7,7 @@ README's configuration table is written from the same text.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,6 +163,25 @@ class Settings:
     def is_loopback(self) -> bool:
         """Whether the server binds only to this machine."""
         return self.host in {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+CLIENT_VARIABLES = frozenset({"TARGET", "TOKEN"})
+"""`MODELHOST_TARGET` and `MODELHOST_TOKEN` are the command line client's, not settings."""
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each `MODELHOST_*` variable that is no setting (a misspelt one would
+    otherwise be ignored without a word), with the setting it may have meant."""
+    environ = os.environ if environ is None else environ
+    known = {item.name.upper() for item in dataclasses.fields(Settings)} | CLIENT_VARIABLES
+    warnings = []
+    for variable in sorted(environ):
+        name = variable.removeprefix(ENV_PREFIX)
+        if variable.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            warnings.append(f"{variable} is not a setting and is ignored{hint}")
+    return warnings
 
 
 def parse_value(kind: Any, raw: str, name: str) -> Any:
