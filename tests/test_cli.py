@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from conftest import images, reference, resnet18
-from helpers.processes import ServerProcess
+from helpers.processes import ServerProcess, free_port
 from modelhost.cli import main
 from modelhost.client import ModelHostClient
 from modelhost.server import Server
@@ -110,6 +112,36 @@ def test_serve_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert server.log_count("rpc=ListCheckpoints") == 1  # the env set the log level
         assert server.stop(timeout=30) == 0  # SIGTERM
         assert server.log_count("modelhost stopped") == 1
+
+
+def test_common_mistakes_get_a_hint_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "list", "--target", f"127.0.0.1:{free_port()}", "--timeout", "5")
+    assert code == 1 and "hint: no modelhost server answers at 127.0.0.1:" in err
+    serving = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelhost.cli",
+            "serve",
+            "--port",
+            "0",
+            "--store",
+            str(tmp_path / "store"),
+            "--architecture",
+            "mynet=no_such_package.models:build",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert serving.returncode == 2, serving.stderr
+    assert "cannot import no_such_package.models (No module named 'no_such_package')" in (
+        serving.stderr
+    )
+    assert "Traceback" not in serving.stderr
 
 
 def test_serve_flags_turn_settings_on_and_off() -> None:

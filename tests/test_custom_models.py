@@ -89,6 +89,24 @@ def test_requests_cannot_name_import_paths(client: ModelHostClient) -> None:
         )
 
 
+def test_a_misspelt_architecture_gets_a_suggestion(client: ModelHostClient) -> None:
+    client.save_checkpoint("w", tiny().state_dict())
+    for name, meant in (
+        ("ResNet18", "resnet18"),
+        ("resnet-18", "resnet18"),
+        ("tiny-cnn", "tiny_cnn"),
+    ):
+        expect(
+            IA,
+            partial(client.load_model, "m", architecture=name, checkpoint="w"),
+            f"unknown architecture {name!r}: did you mean {meant!r}?",
+        )
+    error = expect(
+        IA, partial(client.load_model, "m", architecture="zzz", checkpoint="w"), "unknown"
+    )
+    assert "did you mean" not in error.message
+
+
 def test_builder_errors_are_invalid_and_register_nothing(client: ModelHostClient) -> None:
     client.save_checkpoint("w", tiny().state_dict())
     expect(
@@ -113,7 +131,7 @@ def test_whole_model_pickle_refused_by_default(client: ModelHostClient, server: 
     ):
         error = expect(
             grpc.StatusCode.FAILED_PRECONDITION,
-            lambda checkpoint=checkpoint: client.save_checkpoint("whole", checkpoint),
+            partial(client.save_checkpoint, "whole", checkpoint),
             what,
             "state_dict",
             "--allow-pickled-models",
@@ -272,10 +290,18 @@ def test_pretrained_weights_through_torchvision_cache(
     assert (info.weights, info.checkpoint) == ("IMAGENET1K_V1", "")
     x = images(1)
     np.testing.assert_array_equal(client.predict("pre", x), reference(model, x))
-    expect(
+    error = expect(
         IA,
         lambda: client.load_model("p2", architecture="resnet18", weights="NOPE"),
-        "IMAGENET1K_V1",
+        "known: DEFAULT, IMAGENET1K_V1",
+    )
+    assert error.message.count("DEFAULT") == 1
+    expect(
+        IA,
+        lambda: client.load_model(
+            "p4", architecture="resnet18", weights="IMAGENET1K_V1", checkpoint="w"
+        ),
+        "a checkpoint or pretrained weights, not both",
     )
     expect(
         IA,

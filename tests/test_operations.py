@@ -261,7 +261,7 @@ def test_a_cpu_version_compiles_on_its_load_thread_not_the_shared_lane(
         checkpoint="two",
         warmup_shape=(2, 3),
         batching={"max_batch_size": 1},
-        **({"compile": "default"} if compiled else {}),
+        compile="default" if compiled else "",
     )
     np.testing.assert_array_equal(client.predict("namer", np.ones((1, 3), np.float32)), 2.0)
     warm_up, request = THREADS_SEEN[0], THREADS_SEEN[-1]

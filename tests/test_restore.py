@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from conftest import expect, reference
+from modelhost import cli
 from modelhost.client import ModelHostClient
 from modelhost.server import Settings, running
 
@@ -113,6 +115,12 @@ def test_a_record_whose_bytes_are_gone_is_not_restored_and_says_why(
             sha in m.status_message and "no longer in the store" in m.status_message for m in listed
         )
         assert listed[0].checkpoint == "w" and listed[0].architecture == "tiny_mlp"
+        listing = io.StringIO()
+        with contextlib.redirect_stdout(listing):
+            assert cli.main(["list", "models", "--target", server.target]) == 0
+        assert f"m v1 failed: {listed[0].status_message} (tiny_mlp, checkpoint w)" in (
+            listing.getvalue()
+        )
         expect(NF, lambda: client.get_model("m"), "version 1 was not restored", sha)
         expect(NF, lambda: client.get_model("m", 1), "version 1 was not restored", sha)
         assert "restored" not in expect(NF, lambda: client.get_model("m", 2)).message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -278,8 +279,13 @@ def test_labels_are_one_per_class_and_bounded(client: ModelHostClient) -> None:
     ):
         expect(
             grpc.StatusCode.INVALID_ARGUMENT,
-            lambda labels=labels: client.load_model(
-                "m", architecture="tiny_mlp", checkpoint="w", labels=labels, warmup_shape=(1, 4)
+            partial(
+                client.load_model,
+                "m",
+                architecture="tiny_mlp",
+                checkpoint="w",
+                labels=labels,
+                warmup_shape=(1, 4),
             ),
             *words,
         )

@@ -126,6 +126,18 @@ def _show(value: Any) -> None:
         print(json.dumps(value, default=str, indent=1))
 
 
+def _model_line(m: Any) -> str:
+    """One line of `modelhost list` for a hosted version (a failed one says why)."""
+    source = f"checkpoint {m.checkpoint}" if m.checkpoint else f"weights {m.weights}"
+    if m.state == "failed":
+        return f"{m.name} v{m.version} failed: {m.status_message} ({m.architecture}, {source})"
+    return (
+        f"{m.name} v{m.version} {m.state} {m.architecture} on {m.device} {m.dtype} "
+        f"{m.tier}{' pinned' if m.residency == 'pinned' else ''} "
+        f"({m.parameter_count:,} parameters, {source})"
+    )
+
+
 def _signature(parameters: Any) -> str:
     """`num_classes=1000, weights=None`: the parameters of a builder, as Python writes them."""
     return ", ".join(p.name if p.required else f"{p.name}={p.default!r}" for p in parameters)
@@ -237,12 +249,7 @@ def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
     listing: dict[str, Any] = {}
     if args.what in ("models", "all"):
         listing["models"] = [
-            f"{m.name} v{m.version} {m.state} {m.architecture} on {m.device} {m.dtype} "
-            f"{m.tier}{' pinned' if m.residency == 'pinned' else ''} "
-            f"({m.parameter_count:,} parameters, checkpoint {m.checkpoint})"
-            if not args.json
-            else _plain(m)
-            for m in client.list_models()
+            _model_line(m) if not args.json else _plain(m) for m in client.list_models()
         ]
     if args.what in ("checkpoints", "all"):
         listing["checkpoints"] = [
@@ -515,6 +522,24 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _hint(error: ModelHostError, target: str) -> str:
+    """What a command line user can do about the commonest connection errors."""
+    code, message = error.code.name, error.message
+    if code == "UNAVAILABLE" and ("Connection refused" in message or "connect" in message):
+        return (
+            f"\nhint: no modelhost server answers at {target}: is `modelhost serve` running "
+            "there? (--target or MODELHOST_TARGET)"
+        )
+    if code == "UNAVAILABLE" and ("Socket closed" in message or "handshake" in message.lower()):
+        return (
+            "\nhint: the server may speak TLS (--tls, --ca-file) or want a client certificate "
+            "(--cert-file, --key-file)"
+        )
+    if code == "UNAUTHENTICATED":
+        return "\nhint: pass the token with --token or MODELHOST_TOKEN"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Client commands never import the server (nor torch): only `serve` needs its settings.
@@ -533,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ModelHostClient(args.target, timeout=args.timeout, config=config) as client:
             result = args.fn(client, args)
     except ModelHostError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}{_hint(error, args.target)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import difflib
 import importlib
 import inspect
 import json
@@ -108,7 +109,7 @@ class Builder:
         try:
             member = enum[weights]
         except KeyError:
-            known = ", ".join(["DEFAULT", *enum.__members__])
+            known = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
             raise InvalidArgument(
                 f"{self.name} has no pretrained weights {weights!r}; known: {known}"
             ) from None
@@ -215,9 +216,15 @@ def load_callable(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"{spec!r} is not MODULE:CALLABLE")
-    target: Any = importlib.import_module(module_name)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{spec!r}: cannot import {module_name} ({error})") from None
     for part in attr.split("."):
-        target = getattr(target, part)
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"{spec!r}: {module_name} has no {attr}") from None
     if not callable(target):
         raise ValueError(f"{spec!r} is not callable")
     return target
@@ -262,8 +269,11 @@ class ArchitectureCatalog:
         try:
             return self._builders[name]
         except KeyError:
+            by_lower = {known.lower(): known for known in self._builders}
+            close = difflib.get_close_matches(name.lower(), by_lower, n=1, cutoff=0.75)
+            hint = f"did you mean {by_lower[close[0]]!r}? " if close else ""
             raise UnknownArchitecture(
-                f"unknown architecture {name!r}: see ListArchitectures for the "
+                f"unknown architecture {name!r:.100}: {hint}see ListArchitectures for the "
                 f"{len(self._builders)} that can be built"
             ) from None
 

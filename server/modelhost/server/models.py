@@ -556,8 +556,13 @@ def check_request(request: LoadRequest, settings: Settings, device: torch.device
             f"{shape} has {elements} elements; the limit is "
             f"{settings.max_tensor_elements} (max_tensor_elements)"
         )
-    if bool(request.checkpoint) == bool(request.weights):
-        raise InvalidArgument("LoadModel needs either a checkpoint or pretrained weights")
+    if request.checkpoint and request.weights:
+        raise InvalidArgument(
+            "LoadModel takes a checkpoint or pretrained weights, not both: "
+            f"checkpoint {request.checkpoint!r:.100}, weights {request.weights!r:.100}"
+        )
+    if not (request.checkpoint or request.weights):
+        raise InvalidArgument("LoadModel needs a checkpoint or pretrained weights")
     _check_labels(request.labels)
     return LoadSpec(
         name=check_name(request.name, "model"),

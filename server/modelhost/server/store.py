@@ -310,7 +310,10 @@ class CheckpointStore:
     def check_free(self, name: str, overwrite: bool) -> None:
         """Fails early with AlreadyExists when `name` is taken and not to be replaced."""
         if not overwrite and self._entry_path(name).exists():
-            raise AlreadyExists(f"checkpoint {name!r} already exists (set overwrite to replace it)")
+            raise AlreadyExists(
+                f"checkpoint {name!r} already exists (set overwrite to replace it: "
+                "--overwrite on the command line)"
+            )
 
     def commit(
         self,
