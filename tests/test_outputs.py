@@ -69,3 +69,21 @@ def test_detection_outputs_come_from_a_real_run_at_load(client: ModelHostClient)
     )
     assert sorted(o.name for o in info.outputs) == ["0.boxes", "0.labels", "0.scores"]
     assert {o.name: o.dtype for o in info.outputs}["0.labels"] == "int64"
+
+
+def test_outputs_come_back_in_a_stable_order() -> None:
+    """A wire map keeps no order: the client sorts output names, positions as numbers."""
+    from modelhost.client.predict import _order
+
+    names = ["10", "2", "0.b", "1.0", "0.a", "1.10", "1.9", "aux", "out"]
+    assert sorted(names, key=_order) == [
+        "0.a",
+        "0.b",
+        "1.0",
+        "1.9",
+        "1.10",
+        "2",
+        "10",
+        "aux",
+        "out",
+    ]

@@ -60,13 +60,19 @@ class PredictCall:
         output, or a dict of them by output name."""
         if self.top_k:
             return [_top_classes(row) for row in response.top_k]
-        outputs = {
+        outputs = {  # sorted: "0", "1", ..., "10" (a tuple's order); "0.a" before "0.b"
             key: codec.to_torch(tensor).clone() if self.as_torch else codec.to_numpy(tensor)
-            for key, tensor in response.outputs.items()
+            for key, tensor in sorted(response.outputs.items(), key=lambda item: _order(item[0]))
         }
         if self.single and set(outputs) == {SINGLE_OUTPUT}:
             return outputs[SINGLE_OUTPUT]
         return outputs
+
+
+def _order(name: str) -> list[tuple[int, int | str]]:
+    """A stable order of output names (a wire map keeps none): they join tuple positions
+    and dict keys with ".", and positions compare as numbers, so tuples keep their order."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
 
 
 def _top_classes(row: pb.TopClasses) -> list[TopClass]:
