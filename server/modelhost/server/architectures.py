@@ -15,6 +15,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from modelhost.server.devices import is_oom
 from modelhost.server.errors import InvalidArgument, UnknownArchitecture
@@ -68,28 +71,43 @@ class Builder:
         return _TASK_INPUTS.get(self.task)
 
     def build(self, args: dict[str, Any], device: torch.device | str) -> nn.Module:
-        """Calls the builder with its tensors created on `device` ("meta" allocates nothing).
+        """Calls the builder with its tensors created on `device`.
 
-        A builder that cannot run on the meta device is retried on the CPU.
+        On "meta" nothing is allocated (`_Skeleton`): a builder that needs the values of
+        tensors it makes (regnet computes its widths with tensors) runs again with the small
+        ones real on the CPU, its weights still on the meta device.
         """
         kwargs = dict(args)
         if self.source == "torchvision":
             kwargs.setdefault("weights", None)
             if "weights_backbone" in inspect.signature(self.fn).parameters:
                 kwargs.setdefault("weights_backbone", None)
-        try:
-            with torch.device(device):
-                model = self.fn(**kwargs)
-        except Exception as error:
-            if is_oom(error):
-                raise
-            if str(device) == "meta":
-                log.debug("%s cannot be built on the meta device (%s)", self.name, error)
-                return self.build(args, "cpu")
-            raise InvalidArgument(
-                f"architecture {self.name!r} failed to build with arguments "
-                f"{json.dumps(args, default=str)}: {type(error).__name__}: {error}"
-            ) from None
+        placements: list[Any] = (
+            [_Skeleton(small_on_cpu=False), _Skeleton(small_on_cpu=True)]
+            if str(device) == "meta"
+            else [torch.device(device)]
+        )
+        for placement in placements:
+            try:
+                with placement:
+                    model = self.fn(**kwargs)
+                break
+            except _TooManyTensors:
+                raise InvalidArgument(
+                    f"architecture {self.name!r} with arguments "
+                    f"{json.dumps(args, default=str):.200} makes more than "
+                    f"{MAX_BUILD_TENSORS} tensors: refused"
+                ) from None
+            except Exception as error:
+                if is_oom(error):
+                    raise
+                if placement is not placements[-1]:
+                    log.debug("%s cannot be built on the meta device (%s)", self.name, error)
+                    continue
+                raise InvalidArgument(
+                    f"architecture {self.name!r} failed to build with arguments "
+                    f"{json.dumps(args, default=str)}: {type(error).__name__}: {error}"
+                ) from None
         if not isinstance(model, nn.Module):
             raise InvalidArgument(
                 f"architecture {self.name!r} returned a {type(model).__name__}, not an nn.Module"
@@ -165,6 +183,61 @@ class Builder:
                 if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                     found.setdefault(param.name, _describe(param, False))
         return list(found.values())
+
+
+MAX_BUILD_TENSORS = 20_000
+"""Tensors a skeleton may make (the largest torchvision models make under 2,000): a few
+bytes of arguments (a block count) must not build a million layers."""
+SMALL_TENSOR = 4096
+"""Elements of a tensor a builder may make for real while its weights go to the meta device."""
+_CONSTRUCTORS = frozenset(_device_constructors())
+_FROM_DATA = frozenset({torch.tensor, torch.as_tensor, torch.asarray, torch.scalar_tensor})
+_RANGES = frozenset({torch.arange, torch.range, torch.linspace, torch.logspace})
+
+
+class _TooManyTensors(Exception):
+    pass
+
+
+class _Skeleton(TorchFunctionMode):
+    """Builds a module without allocating its weights (on this thread only): the tensors
+    factory functions make go to the meta device, as under `torch.device("meta")`; with
+    `small_on_cpu`, those of at most SMALL_TENSOR elements (and those made from data) stay
+    real on the CPU. More than MAX_BUILD_TENSORS refuse the build."""
+
+    def __init__(self, *, small_on_cpu: bool) -> None:
+        super().__init__()
+        self.small_on_cpu = small_on_cpu
+        self.made = 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _CONSTRUCTORS:
+            self.made += 1
+            if self.made > MAX_BUILD_TENSORS:
+                raise _TooManyTensors
+            small = func in _FROM_DATA or _elements(func, args, kwargs) <= SMALL_TENSOR
+            if kwargs.get("device") is None and not (self.small_on_cpu and small):
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _elements(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    """The elements a factory call makes, from its size (infinite when it cannot tell;
+    a range's largest bound)."""
+    if func in _RANGES:
+        bounds = [abs(a) for a in (*args, *kwargs.values()) if isinstance(a, (int, float))]
+        return max(bounds, default=math.inf)
+    size = kwargs.get("size")
+    if size is None:
+        shapes = [a for a in args if isinstance(a, (tuple, list, torch.Size))]
+        size = shapes[0] if shapes else [a for a in args if type(a) is int]
+    try:
+        return math.prod(int(d) for d in size) if size else math.inf
+    except (TypeError, ValueError):
+        return math.inf
 
 
 _SKELETON_CACHE_SIZE = 16
@@ -273,7 +346,7 @@ class ArchitectureCatalog:
             close = difflib.get_close_matches(name.lower(), by_lower, n=1, cutoff=0.75)
             hint = f"did you mean {by_lower[close[0]]!r}? " if close else ""
             raise UnknownArchitecture(
-                f"unknown architecture {name!r:.100}: {hint}see ListArchitectures for the "
+                f"unknown architecture {name!r}: {hint}see ListArchitectures for the "
                 f"{len(self._builders)} that can be built"
             ) from None
 

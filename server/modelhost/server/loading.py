@@ -13,6 +13,7 @@ are loaded only when the operator allowed them (`allow_pickled_models`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -165,7 +166,7 @@ def load_module(
         if record is not None and record.format in _GRAPH_FORMATS:
             built = _load_graph(spec, record, store, allow_pickled)
         else:
-            built = _load_weights(spec, record, store, catalog)
+            built = _load_weights(spec, record, store, catalog, make_room)
         module = built.module
         if make_room is not None:
             make_room(_nbytes(module, spec.dtype))
@@ -235,11 +236,22 @@ def _builder(spec: LoadSpec, catalog: ArchitectureCatalog) -> tuple[Builder, dic
     return builder, {**implied, **spec.args}, member
 
 
+def _seed(spec: LoadSpec, record: CheckpointRecord | None) -> int:
+    """A seed that only the weights and the architecture (with its arguments) decide."""
+    source = record.sha256 if record is not None else spec.weights
+    key = json.dumps([source, spec.architecture, spec.args], sort_keys=True, default=repr)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+_SEEDED = threading.Lock()  # one seeded build at a time: they share the CPU generator
+
+
 def _load_weights(
     spec: LoadSpec,
     record: CheckpointRecord | None,
     store: CheckpointStore,
     catalog: ArchitectureCatalog,
+    make_room: Callable[[int], None] | None,
 ) -> _Built:
     builder, args, member = _builder(spec, catalog)
     weights_meta: dict[str, Any] = {}
@@ -257,8 +269,14 @@ def _load_weights(
     if _on_meta(module):
         module.load_state_dict(state, strict=spec.strict, assign=True)
     if _on_meta(module):  # something the checkpoint does not hold: build for real
+        if make_room is not None:  # the budget first: a load that cannot fit allocates nothing
+            make_room(_nbytes(module, spec.dtype))
         ensure_room(_nbytes(module, None), torch.device("cpu"), f"building {spec.architecture}")
-        module = builder.build(args, "cpu")
+        with _SEEDED, torch.random.fork_rng(devices=[]):
+            # What the checkpoint lacks is initialised the same way at every load, page-in
+            # and restore of these bytes: a version answers the same after each.
+            torch.manual_seed(_seed(spec, record))
+            module = builder.build(args, "cpu")
         module.load_state_dict(state, strict=spec.strict)
     shape = builder.input_shape
     inputs = [InputSpec("input", torch.float32, shape)] if shape else []
