@@ -124,3 +124,60 @@ def test_the_same_missing_layers_differ_between_different_weights(client: ModelH
     a = client.download_checkpoint(snap_a.name)
     b = client.download_checkpoint(snap_b.name)
     assert not torch.equal(a["2.weight"], b["2.weight"])
+
+
+def test_labels_are_bounded_in_total(client: ModelHostClient) -> None:
+    client.save_checkpoint("w", build("tiny_mlp").state_dict())
+    expect(
+        IA,
+        lambda: client.load_model(
+            "m", architecture="tiny_mlp", checkpoint="w", labels=["x" * 1000] * 5000
+        ),
+        "5,000,000 bytes",
+        "at most 4,194,304",
+    )
+
+
+def test_a_load_that_would_outgrow_the_restore_record_is_refused(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is read back at the next start with a size limit: a LoadModel whose
+    entry would take it past that limit is refused (and undone), or the next start would
+    fail, for every replica sharing the store."""
+    from modelhost.server import store
+
+    monkeypatch.setattr(store, "MAX_STATE_BYTES", 50_000)
+    restoring = dataclasses.replace(settings, restore=True)
+    model = build("tiny_mlp")
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", model.state_dict())
+        client.load_model("a", architecture="tiny_mlp", checkpoint="w")
+        expect(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            lambda: client.load_model(
+                "b", architecture="tiny_mlp", checkpoint="w", labels=["y" * 1000] * 60
+            ),
+            "record would take",
+            "the limit is 50,000",
+        )
+        assert [m.name for m in client.list_models()] == ["a"]
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        np.testing.assert_allclose(client.predict("a", X), reference(model, X), rtol=1e-6)
+
+
+def test_an_unreadable_state_document_keeps_every_blob(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an unreadable state document pins is unknown: the start's clean-up removes no
+    blob then (it would have removed those the document pins)."""
+    blob = settings.store / "blobs" / ("ab" * 32)
+    with running(settings):
+        pass
+    blob.write_bytes(b"pinned by a record we cannot read")
+    (settings.store / "other-state.json").write_text("[" * 100_000)
+    with running(settings):
+        assert blob.exists()
+    assert "other-state.json is unreadable: unreferenced blobs are kept" in caplog.text
+    (settings.store / "other-state.json").unlink()
+    with running(settings):
+        assert not blob.exists()

@@ -59,6 +59,7 @@ MAX_QUEUE_SIZE = 1 << 20
 MAX_QUEUE_DELAY_US = 60_000_000
 MAX_LABELS = 100_000
 MAX_LABEL_BYTES = 1024
+MAX_LABELS_BYTES = 4 << 20
 WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
 ROOM_WAIT_SECONDS = 30.0  # how long a load waits for busy versions to make room
@@ -578,13 +579,21 @@ def check_request(request: LoadRequest, settings: Settings, device: torch.device
 
 
 def _check_labels(labels: Sequence[str]) -> None:
+    """Labels are kept in the restore record too: their count and size are bounded."""
     if len(labels) > MAX_LABELS:
         raise InvalidArgument(f"{len(labels)} labels; at most {MAX_LABELS} are allowed")
+    total = 0
     for label in labels:
-        if len(label.encode()) > MAX_LABEL_BYTES:
+        size = len(label.encode())
+        if size > MAX_LABEL_BYTES:
             raise InvalidArgument(
                 f"label {label:.40}... takes more than {MAX_LABEL_BYTES} bytes in UTF-8"
             )
+        total += size
+    if total > MAX_LABELS_BYTES:
+        raise InvalidArgument(
+            f"the labels take {total:,} bytes in UTF-8; at most {MAX_LABELS_BYTES:,} are allowed"
+        )
 
 
 def check_label_count(labels: Sequence[str], outputs: Sequence[InputSpec]) -> None:

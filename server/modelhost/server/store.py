@@ -392,7 +392,11 @@ class CheckpointStore:
             for leftover in self._tmp.iterdir():
                 if leftover.name.split(".", 1)[0] not in live and _removed(leftover):
                     log.info("removed %s, left by a server that is gone", leftover.name)
-            used = self._used_blobs()
+            try:
+                used = self._used_blobs()
+            except DataLoss as error:
+                log.error("%s: unreferenced blobs are kept", error)
+                return
             for blob in self._blobs.iterdir():
                 if blob.name not in used and _removed(blob):
                     log.info("removed unreferenced blob %s", blob.name)
@@ -463,8 +467,10 @@ class CheckpointStore:
         used = set(self._held).union(*self._held_elsewhere().values())
         used.update(filter(None, map(_sha_of, self._entries.glob("*.json"))))
         for state in self.root.glob("*.json"):
-            with contextlib.suppress(OSError):
-                used |= _pinned_by(state)
+            pinned = _pinned_by(state)
+            if pinned is None:  # what it pins is unknown: no blob may be removed
+                raise DataLoss(f"the state document {state.name} is unreadable")
+            used |= pinned
         return used
 
     def _drop_blob_if_unused(self, sha: str) -> None:
@@ -499,12 +505,17 @@ class CheckpointStore:
         path = self._state_path(name)
         wanted = {sha for sha in pins if _SHA256.fullmatch(sha)}
         with self._locked(), _space():
-            before = _pinned_by(path)
+            before = _pinned_by(path) or set()
             for sha in sorted(wanted - before):
                 if not self.has_blob(sha):
                     raise CheckpointNotFound(f"checkpoint bytes sha256 {sha} are not in the store")
-            document = {_VALUE: value, _PINS: sorted(wanted)}
-            _replace(self._temp_name(path), path, json.dumps(document).encode())
+            data = json.dumps({_VALUE: value, _PINS: sorted(wanted)}).encode()
+            if len(data) > MAX_STATE_BYTES:  # the next start could not read it back
+                raise LimitExceeded(
+                    f"the {name} record would take {len(data):,} bytes; the limit is "
+                    f"{MAX_STATE_BYTES:,}"
+                )
+            _replace(self._temp_name(path), path, data)
             for sha in before - wanted:
                 self._drop_blob_if_unused(sha)
 
@@ -573,12 +584,15 @@ def _sha_of(entry: Path) -> str | None:
     return sha if isinstance(sha, str) and _SHA256.fullmatch(sha) else ""
 
 
-def _pinned_by(state: Path) -> set[str]:
-    """The blobs a state document pins (none if it has none, or there is none)."""
+def _pinned_by(state: Path) -> set[str] | None:
+    """The blobs a state document pins (none if it has none, or there is none); None if
+    it is there but cannot be read."""
     try:
         document = _read_json(state, MAX_STATE_BYTES)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return set()
+    except (OSError, ValueError):
+        return None
     pins = document.get(_PINS, []) if _wrapped(document) else []
     return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
 
