@@ -175,12 +175,21 @@ def test_unreadable_manifest_entries_are_data_loss_and_can_be_deleted(
             "fifo": os.mkfifo,
             "link": lambda p: os.symlink(entries / "good.json", p),
             "shape": lambda p: p.write_text('{"name": 3}'),
+            "types": lambda p: like_good(p, size_bytes="a string", metadata={"k": 1}),
+            "time": lambda p: like_good(p, created=1e300),
+            "renamed": lambda p: like_good(p, name="good"),
             "path": lambda p: p.write_text(
                 (entries / "good.json")
                 .read_text()
                 .replace(client.get_checkpoint("good").sha256, "../../../../etc/passwd")
             ),
         }
+
+        def like_good(path: Path, **changes: object) -> None:
+            """The entry of "good" with `changes`, planted as `path`'s checkpoint."""
+            entry = {**json.loads((entries / "good.json").read_text()), "name": path.stem}
+            path.write_text(json.dumps({**entry, **changes}))
+
         for name, plant in planted.items():
             plant(entries / f"{name}.json")
         start = time.monotonic()
@@ -196,7 +205,8 @@ def test_unreadable_manifest_entries_are_data_loss_and_can_be_deleted(
             assert caught.value.code == grpc.StatusCode.DATA_LOSS  # type: ignore[attr-defined]
         for name in ("deep", "huge", "fifo", "link"):
             client.delete_checkpoint(name)
-        assert sorted(p.name for p in entries.iterdir()) == ["good.json", "path.json", "shape.json"]
+        left = sorted(p.stem for p in entries.iterdir())
+        assert left == ["good", "path", "renamed", "shape", "time", "types"]
     with running(settings) as server, ModelHostClient(server.target, timeout=5) as client:
         assert [c.name for c in client.list_checkpoints()] == ["good"]
         assert client.download_checkpoint("good")["w"].tolist() == [1.0] * 4

@@ -48,7 +48,7 @@ import time
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, cast
 
 from modelhost.server.errors import (
     AlreadyExists,
@@ -230,8 +230,7 @@ class CheckpointStore:
         """The manifest entry of `name`; CheckpointNotFound if there is none."""
         try:
             record = CheckpointRecord(**_read_json(self._entry_path(name), MAX_ENTRY_BYTES))
-            if not (isinstance(record.sha256, str) and _SHA256.fullmatch(record.sha256)):
-                raise ValueError("its sha256 is not one")
+            _check_record(record, name)
             return record
         except FileNotFoundError:
             raise CheckpointNotFound(f"checkpoint {name!r} not found") from None
@@ -543,6 +542,42 @@ def _replace(tmp: Path, path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _check_record(record: CheckpointRecord, name: str) -> None:
+    """ValueError unless a manifest entry read from `name`'s file is one the store wrote."""
+
+    def number(value: Any, kind: type | tuple[type, ...], low: float, high: float) -> bool:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return False
+        return bool(low <= float(cast(float, value)) <= high)  # also false for NaN
+
+    problems = [
+        what
+        for what, fine in (
+            ("name (not its file's)", record.name == name),
+            (
+                "sha256",
+                isinstance(record.sha256, str) and bool(_SHA256.fullmatch(record.sha256)),
+            ),
+            ("size_bytes", number(record.size_bytes, int, 0, 1 << 62)),
+            ("format", isinstance(record.format, str) and len(record.format) <= 64),
+            ("tensor_count", number(record.tensor_count, int, 0, 1 << 62)),
+            ("created", number(record.created, (int, float), 0, 253402300799)),  # ≤ 9999
+            (
+                "metadata",
+                isinstance(record.metadata, dict)
+                and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in record.metadata.items()
+                ),
+            ),
+            ("epoch", record.epoch is None or number(record.epoch, int, -(1 << 62), 1 << 62)),
+            ("loss", record.loss is None or number(record.loss, (int, float), -1e308, 1e308)),
+        )
+        if not fine
+    ]
+    if problems:
+        raise ValueError(f"fields not as the store writes them: {', '.join(problems)}")
 
 
 def _read_json(path: Path, limit: int) -> Any:
