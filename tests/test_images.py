@@ -151,6 +151,38 @@ def test_explicit_preprocessing_and_labels_for_a_checkpoint(client: ModelHostCli
     np.testing.assert_allclose([c.score for c in top], scores.numpy(), rtol=1e-5)
 
 
+def test_preprocessing_that_cannot_work_is_refused_at_load_or_predict(
+    client: ModelHostClient,
+) -> None:
+    """Mean and std of the wrong length or not finite are refused at load (they were taken,
+    and every encoded image then failed INTERNAL, or answered NaN); a resize without a crop
+    of images of different aspect ratios is INVALID_ARGUMENT, not INTERNAL."""
+    client.save_checkpoint("w", resnet18(num_classes=3).state_dict())
+    load = partial(
+        client.load_model,
+        architecture="resnet18",
+        checkpoint="w",
+        architecture_args={"num_classes": 3},
+    )
+    for steps in (
+        {"mean": [0.5] * 4, "std": [0.25] * 4},
+        {"mean": [0.5] * 3, "std": [float("nan")] * 3},
+        {"mean": [float("inf")] * 3, "std": [0.25] * 3},
+    ):
+        with pytest.raises(ModelHostError) as refused:
+            load("bad", preprocessing=steps)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one finite value per channel" in refused.value.message
+    load("uncropped", preprocessing={"resize": 32})
+    wide, tall = picture(1, 60, 90), picture(2, 90, 60)
+    pictures = [encode_png(p).numpy().tobytes() for p in (wide, tall)]
+    with pytest.raises(ModelHostError) as refused:
+        client.predict("uncropped", images=pictures)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "differ in shape once preprocessed" in refused.value.message
+    assert client.predict("uncropped", images=pictures[:1]).shape == (1, 3)
+
+
 def test_preprocessing_from_weights_for_a_fine_tuned_checkpoint(client: ModelHostClient) -> None:
     model = resnet18(num_classes=1000, seed=9)
     client.save_checkpoint("tuned", model.state_dict())

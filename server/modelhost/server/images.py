@@ -8,6 +8,7 @@ in-process `weights.transforms()(image)` would give it.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -46,8 +47,16 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.resize < 0 or self.crop < 0:
             raise InvalidArgument("preprocessing resize and crop must not be negative")
-        if len(self.mean) != len(self.std) or any(s == 0 for s in self.std):
-            raise InvalidArgument("preprocessing mean and std need one non-zero value per channel")
+        if (
+            len(self.mean) != len(self.std)
+            or len(self.mean) not in (0, 1, 3)
+            or not all(math.isfinite(v) for v in (*self.mean, *self.std))
+            or any(s == 0 for s in self.std)
+        ):
+            raise InvalidArgument(
+                "preprocessing mean and std need one finite value per channel (3, or 1 for "
+                "all), std none of them zero"
+            )
 
     @classmethod
     def from_weights(cls, member: Any, name: str) -> Preprocessing:
@@ -72,7 +81,15 @@ class Preprocessing:
         """uint8 [N, 3, H, W] (or a list of [3, H, W] of any sizes) -> float [N, 3, crop, crop]."""
         if isinstance(images, torch.Tensor):
             return self._batch(images, dtype)
-        return torch.cat([self._batch(image.unsqueeze(0), dtype) for image in images])
+        prepared = [self._batch(image.unsqueeze(0), dtype) for image in images]
+        shapes = {tuple(p.shape[1:]) for p in prepared}
+        if len(shapes) > 1:
+            raise InvalidInput(
+                f"the images differ in shape once preprocessed ({sorted(shapes)}): a resize "
+                "without a crop keeps each image's aspect ratio; send images of one aspect "
+                "ratio, or load the model with a crop"
+            )
+        return torch.cat(prepared)
 
     def elements(self, width: int, height: int, channels: int = 3) -> int:
         """The most elements an image of this size takes: decoded, resized or cropped."""
