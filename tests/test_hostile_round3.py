@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -181,3 +182,37 @@ def test_an_unreadable_state_document_keeps_every_blob(
     (settings.store / "other-state.json").unlink()
     with running(settings):
         assert not blob.exists()
+
+
+def test_two_authorization_headers_are_refused(settings: Settings, tmp_path: Path) -> None:
+    """Which of two a proxy meant is not ours to guess: the first no longer decides."""
+    from modelhost.v1 import modelhost_pb2 as pb
+    from modelhost.v1 import modelhost_pb2_grpc
+
+    (tmp_path / "tokens").write_text("good-token\n")
+    guarded = dataclasses.replace(settings, token_file=str(tmp_path / "tokens"))
+    with running(guarded) as server, grpc.insecure_channel(server.target) as channel:
+        stub = modelhost_pb2_grpc.ModelHostStub(channel)
+        good = ("authorization", "Bearer good-token")
+        assert stub.ListModels(pb.ListModelsRequest(), metadata=[good], timeout=10) is not None
+        for headers in ([good, ("authorization", "Bearer other")], [good, good]):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ListModels(pb.ListModelsRequest(), metadata=headers, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_an_unknown_residency_is_refused(server: Server) -> None:
+    from modelhost.v1 import modelhost_pb2 as pb
+    from modelhost.v1 import modelhost_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        request = pb.LoadModelRequest(
+            name="m",
+            architecture="tiny_mlp",
+            checkpoint="w",
+            residency=99,  # type: ignore[arg-type]
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            modelhost_pb2_grpc.ModelHostStub(channel).LoadModel(request, timeout=10)
+        assert refused.value.code() == IA
+        assert "residency 99 is not a Residency" in str(refused.value.details())

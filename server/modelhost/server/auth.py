@@ -136,11 +136,12 @@ def _unauthenticated(method: str, presented: bytes | None) -> tuple[grpc.StatusC
 
 
 def bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
-    """The token of an `authorization: Bearer <token>` header, if there is one."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip().encode()
-    return None
+    """The token of the `authorization: Bearer <token>` header, if there is exactly one
+    such header (two are ambiguous: which one a proxy meant is not ours to guess)."""
+    headers = [value for key, value in metadata or () if key.lower() == "authorization"]
+    if len(headers) != 1:
+        return None
+    value = headers[0]
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    scheme, _, token = text.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None

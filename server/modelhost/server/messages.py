@@ -284,8 +284,16 @@ _FROM_MESSAGE: dict[str, Callable[[pb.LoadModelRequest], Any]] = {
     "preprocessing": _steps,
     "labels": lambda m: tuple(m.labels),
     "warmup_shape": lambda m: tuple(m.warmup_shape),
-    "residency": lambda m: PINNED if m.residency == pb.RESIDENCY_PINNED else ON_DEMAND,
+    "residency": lambda m: _residency(m.residency),
 }
+
+
+def _residency(code: int) -> str:
+    if code in (pb.RESIDENCY_UNSPECIFIED, pb.RESIDENCY_ON_DEMAND):
+        return ON_DEMAND
+    if code == pb.RESIDENCY_PINNED:
+        return PINNED
+    raise InvalidArgument(f"residency {code} is not a Residency (on demand: 1, pinned: 2)")
 
 
 def load_request(message: pb.LoadModelRequest) -> LoadRequest:
