@@ -206,6 +206,50 @@ MUTANTS = [
         ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
     ),
     Mutant(
+        "architectures: a build may make any number of tensors",
+        SERVER + "architectures.py",
+        "            if self.made > MAX_BUILD_TENSORS:",
+        "            if False:",
+        ("tests/test_hostile_round3.py::test_arguments_that_build_a_million_layers_are_refused",),
+    ),
+    Mutant(
+        "architectures: a builder that needs tensor values is built for real on the CPU",
+        SERVER + "architectures.py",
+        "            [_Skeleton(small_on_cpu=False), _Skeleton(small_on_cpu=True)]",
+        '            [_Skeleton(small_on_cpu=False), torch.device("cpu")]',
+        (
+            "tests/test_hostile_round3.py::"
+            "test_a_model_that_cannot_be_built_on_the_meta_device_allocates_no_weights",
+        ),
+    ),
+    Mutant(
+        "loading: what a partial checkpoint lacks is initialised differently at every build",
+        SERVER + "loading.py",
+        "            torch.manual_seed(_seed(spec, record))",
+        "            pass",
+        (
+            "tests/test_hostile_round3.py::"
+            "test_what_a_partial_checkpoint_lacks_is_the_same_after_a_page_in_and_a_restart",
+        ),
+    ),
+    Mutant(
+        "store: a state document too big to read back is written",
+        SERVER + "store.py",
+        "            if len(data) > MAX_STATE_BYTES:  # the next start could not read it back",
+        "            if False:",
+        (
+            "tests/test_hostile_round3.py::"
+            "test_a_load_that_would_outgrow_the_restore_record_is_refused",
+        ),
+    ),
+    Mutant(
+        "auth: of two authorization headers the first decides",
+        SERVER + "auth.py",
+        "    if len(headers) != 1:",
+        "    if not headers:",
+        ("tests/test_hostile_round3.py::test_two_authorization_headers_are_refused",),
+    ),
+    Mutant(
         "cache: weights are copied to the host tier with the cache's lock held",
         SERVER + "cache.py",
         "            self._cond.release()\n            copy = None\n            try:\n"
