@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,38 +30,41 @@ def refused_cheaply(call: object, code: grpc.StatusCode, *words: str) -> None:
     assert growth < 200, f"peak memory rose by {growth} MiB"
 
 
+def refused_load(
+    client: ModelHostClient,
+    architecture: str,
+    args: dict[str, Any],
+    code: grpc.StatusCode,
+    *words: str,
+    strict: bool = True,
+) -> None:
+    """A LoadModel of `architecture` with `args` (and a tiny_mlp's weights) is refused
+    cheaply, with `code` naming `words`."""
+    client.save_checkpoint("w", build("tiny_mlp").state_dict(), overwrite=True)
+    load = partial(
+        client.load_model,
+        "m",
+        architecture=architecture,
+        checkpoint="w",
+        architecture_args=args,
+        strict=strict,
+    )
+    refused_cheaply(load, code, *words)
+
+
 def test_a_model_that_cannot_be_built_on_the_meta_device_allocates_no_weights(
     client: ModelHostClient,
 ) -> None:
     """regnet computes its widths with tensors, so it cannot be built on the meta device
     alone; it was built for real on the CPU before any check: 3.5 GB for 2M classes."""
-    client.save_checkpoint("w", build("tiny_mlp").state_dict())
-    refused_cheaply(
-        lambda: client.load_model(
-            "big",
-            architecture="regnet_y_400mf",
-            checkpoint="w",
-            architecture_args={"num_classes": 2_000_000},
-        ),
-        IA,
-        "does not fit",
-    )
+    refused_load(client, "regnet_y_400mf", {"num_classes": 2_000_000}, IA, "does not fit")
     assert client.list_models() == []
 
 
 def test_arguments_that_build_a_million_layers_are_refused(client: ModelHostClient) -> None:
     """19 bytes of arguments asked mobilenet_v2 for 30,000 blocks: 88 s of CPU and 2 GB."""
-    client.save_checkpoint("w", build("tiny_mlp").state_dict())
-    refused_cheaply(
-        lambda: client.load_model(
-            "deep",
-            architecture="mobilenet_v2",
-            checkpoint="w",
-            architecture_args={"inverted_residual_setting": [[1, 16, 30000, 1]]},
-        ),
-        IA,
-        "makes more than 20000 tensors",
-    )
+    setting = {"inverted_residual_setting": [[1, 16, 30000, 1]]}
+    refused_load(client, "mobilenet_v2", setting, IA, "makes more than 20000 tensors")
 
 
 @pytest.fixture
@@ -75,17 +80,13 @@ def test_a_partial_checkpoint_is_checked_against_the_budget_before_it_is_built(
     """strict=False builds the model for real (what the checkpoint lacks is initialised):
     the budget is asked first, so a load that cannot fit allocates nothing."""
     with ModelHostClient(budgeted.target, timeout=60) as client:
-        client.save_checkpoint("w", build("tiny_mlp").state_dict())
-        refused_cheaply(
-            lambda: client.load_model(
-                "big",
-                architecture="squeezenet1_1",
-                checkpoint="w",
-                strict=False,
-                architecture_args={"num_classes": 1_000_000},
-            ),
+        refused_load(
+            client,
+            "squeezenet1_1",
+            {"num_classes": 1_000_000},
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "device_memory_budget",
+            strict=False,
         )
 
 
