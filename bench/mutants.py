@@ -87,11 +87,11 @@ MUTANTS = [
     Mutant(
         "models: a whole warm-up is one job on the shared lane",
         SERVER + "models.py",
-        "        rates = runner.warm_up(\n"
-        "            request.warmup_shape, measure=measure, "
-        "on_lane=lambda run: lane.call(run).result()\n"
+        "            on_lane=lambda run: lane.call(run).result(),\n"
+        "            first_here=compiles_here,\n"
         "        )",
-        "        rates = lane.call(\n"
+        "            first_here=compiles_here,\n"
+        "        ) if False else lane.call(\n"
         "            lambda: runner.warm_up(request.warmup_shape, measure=measure)\n"
         "        ).result()",
         (
@@ -226,10 +226,20 @@ MUTANTS = [
         "loading: what a partial checkpoint lacks is initialised differently at every build",
         SERVER + "loading.py",
         "            torch.manual_seed(_seed(spec, record))",
-        "            pass",
+        "            torch.manual_seed(time.time_ns())",
         (
             "tests/test_hostile_round3.py::"
             "test_what_a_partial_checkpoint_lacks_is_the_same_after_a_page_in_and_a_restart",
+        ),
+    ),
+    Mutant(
+        "loading: what a partial checkpoint lacks is seeded the same for any bytes",
+        SERVER + "loading.py",
+        "            torch.manual_seed(_seed(spec, record))",
+        "            torch.manual_seed(0)",
+        (
+            "tests/test_hostile_round3.py::"
+            "test_the_same_missing_layers_differ_between_different_weights",
         ),
     ),
     Mutant(
@@ -393,8 +403,8 @@ MUTANTS = [
         ("tests/test_entry_limits.py::test_a_million_entries_are_refused_before_they_are_parsed",),
     ),
     Mutant(
-        "formats: the directory taken wherever zipfile finds it (two directories pass)",
-        SERVER + "formats.py",
+        "archives: the directory taken wherever zipfile finds it (two directories pass)",
+        "client/modelhost/client/archives.py",
         "    if found != offset:",
         "    if False:",
         ("tests/test_checkpoint_bombs.py::test_an_archive_with_two_directories_is_refused",),
