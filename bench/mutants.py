@@ -263,10 +263,10 @@ MUTANTS = [
         "cache: weights are copied to the host tier with the cache's lock held",
         SERVER + "cache.py",
         "            self._cond.release()\n            copy = None\n            try:\n"
-        "                copy = self._copy_to_host(hosted, module)\n            finally:\n"
+        "                copy = self._copy_to_host(hosted, module, pin)\n            finally:\n"
         "                del module\n                self._cond.acquire()\n",
         "            copy = None\n            try:\n"
-        "                copy = self._copy_to_host(hosted, module)\n            finally:\n"
+        "                copy = self._copy_to_host(hosted, module, pin)\n            finally:\n"
         "                del module\n",
         (
             "tests/test_cache_host_tier.py::test_weights_are_copied_to_the_host_outside_the_cache_lock",

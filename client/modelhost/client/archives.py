@@ -18,8 +18,17 @@ MAX_PICKLE_BYTES = 64 << 20
 """A state_dict's pickle takes about 120 bytes per tensor: this allows half a million."""
 SLACK = 1 << 20
 """What entries may expand past the archive's own size (none do: they are stored)."""
-BROKEN = (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError, RuntimeError)
-"""What zipfile raises for a broken archive (RuntimeError: an encrypted entry)."""
+BROKEN = (
+    zipfile.BadZipFile,
+    zlib.error,
+    ValueError,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+)
+"""What zipfile raises for a broken archive (RuntimeError: an encrypted entry;
+NotImplementedError: an unknown compression method)."""
 
 
 class UnsafeArchive(ValueError):
@@ -43,7 +52,7 @@ def entries(file: IO[bytes], size: int, what: str = "the archive") -> list[zipfi
         return _entries(file, size, what)
     except UnsafeArchive:
         raise
-    except (*BROKEN, NotImplementedError) as error:
+    except BROKEN as error:
         raise UnsafeArchive(f"not a checkpoint: broken zip archive ({error})") from None
 
 

@@ -237,9 +237,10 @@ class ModelCache:
         Called with the lock held; a copy to the host releases it while it runs."""
         device = hosted.loaded.device
         module = hosted.loaded.module
+        pin = device.type == "cuda"  # pinned memory: what makes a page-in one fast copy
         host_bytes = 0
         if device.type in HOST_TIER_DEVICES and module is not None and hostable(module):
-            host_bytes = held_bytes(layout(module)[1], pinned=device.type == "cuda")
+            host_bytes = held_bytes(layout(module)[1], pinned=pin)
             if self._host_used() + host_bytes > self._host_limit:
                 host_bytes = 0
         device_bytes = hosted.device_bytes
@@ -252,7 +253,7 @@ class ModelCache:
             self._cond.release()
             copy = None
             try:
-                copy = self._copy_to_host(hosted, module)
+                copy = self._copy_to_host(hosted, module, pin)
             finally:
                 del module
                 self._cond.acquire()
@@ -273,11 +274,11 @@ class ModelCache:
         return True
 
     @staticmethod
-    def _copy_to_host(hosted: HostedModel, module: nn.Module) -> HostCopy | None:
+    def _copy_to_host(hosted: HostedModel, module: nn.Module, pin: bool) -> HostCopy | None:
         """The module's weights in one (pinned) host buffer; None if there is none to be
         had (the version drops to the store tier)."""
         try:
-            return to_host(module, pin=hosted.loaded.device.type == "cuda")
+            return to_host(module, pin=pin)
         except Exception:
             log.exception(
                 "%s version %d could not move to host memory", hosted.name, hosted.version

@@ -45,9 +45,6 @@ MODEL_KEYS = ("model_state_dict", "state_dict", "model")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_SAFETENSORS_HEADER = 100 << 20
-_ZIP_MAGIC = archives.MAGIC
-# What zipfile raises for a broken archive (NotImplementedError: an unknown compression).
-_ZIP_ERRORS = (*archives.BROKEN, NotImplementedError)
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 PICKLE_ADVICE = (
@@ -111,7 +108,7 @@ def _check_pickle_structure(path: Path) -> None:
             name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
             for _ in pickletools.genops(archive.read(name)):
                 pass
-    except (StopIteration, *_ZIP_ERRORS) as error:
+    except (StopIteration, *archives.BROKEN) as error:
         raise InvalidCheckpoint(f"not a readable pickled model: {error}") from None
 
 
@@ -124,7 +121,7 @@ def sniff(path: Path) -> str:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 0 < header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER):
             return SAFETENSORS
-    if head[:4] == _ZIP_MAGIC:
+    if head[:4] == archives.MAGIC:
         names = check_archive(path)
         if any(name.endswith("/archive_format") for name in names):
             return EXPORTED_PROGRAM
@@ -142,7 +139,7 @@ def check_archive(path: Path) -> list[str]:
     try:
         with path.open("rb") as file:
             entries = _directory(file, path.stat().st_size, "the archive")
-    except _ZIP_ERRORS as error:
+    except archives.BROKEN as error:
         raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
     return [entry.filename for entry in entries]
 
@@ -164,17 +161,17 @@ def _check_nested_archives(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             for entry in archive.infolist():
                 with archive.open(entry) as member:  # stored: a seekable view, no inflating
-                    if member.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
+                    if member.read(len(archives.MAGIC)) == archives.MAGIC:
                         member.seek(0)
                         _directory(member, entry.file_size, f"the archive in {entry.filename}")
-    except _ZIP_ERRORS as error:
+    except archives.BROKEN as error:
         raise InvalidCheckpoint(f"not a checkpoint: broken zip archive ({error})") from None
 
 
 def _is_zip(path: Path) -> bool:
     """Whether torch.load reads `path` as a zip archive (else as a legacy pickle)."""
     with path.open("rb") as file:
-        return file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+        return file.read(len(archives.MAGIC)) == archives.MAGIC
 
 
 def load_torch(path: Path) -> Any:

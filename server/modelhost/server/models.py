@@ -299,7 +299,7 @@ class Models:
                 (spec.name, version), loaded.device, loaded.device_bytes + workspace.bytes
             )
         categories = loaded.weights_meta.get("categories", [])
-        check_label_count(request.labels, runner.outputs)
+        _check_label_count(request.labels, runner.outputs)
         return HostedModel(
             name=spec.name,
             version=version,
@@ -596,7 +596,7 @@ def _check_labels(labels: Sequence[str]) -> None:
         )
 
 
-def check_label_count(labels: Sequence[str], outputs: Sequence[InputSpec]) -> None:
+def _check_label_count(labels: Sequence[str], outputs: Sequence[InputSpec]) -> None:
     """Refuses labels that are not one per class of a model whose single output is known
     to be [batch, classes] (top-k would mix labels and class numbers)."""
     if not labels or len(outputs) != 1 or len(outputs[0].shape) != 2:
