@@ -416,6 +416,66 @@ MUTANTS = [
         "            if ALL_FIELDS in counts and not groups:",
         ("tests/test_entry_limits.py::test_filler_fields_are_bounded_before_they_are_parsed",),
     ),
+    Mutant(
+        "inference: requests of a compiled version compile on the lane (new shapes stall it)",
+        SERVER + "inference.py",
+        "self._compiling if self._cuda_graphs else torch._dynamo.run(module)",
+        "self._compiling",
+        (
+            "tests/test_compiled.py::"
+            "test_a_new_shape_runs_uncompiled_at_once_and_compiles_on_the_compile_thread",
+        ),
+    ),
+    Mutant(
+        "inference: a new shape is never compiled after the warm-up",
+        SERVER + "inference.py",
+        "        self._compiler.submit(self._compile_for, key)\n",
+        "",
+        (
+            "tests/test_compiled.py::test_without_warmup_shape_the_first_requests_compile_in_the_background",
+        ),
+    ),
+    Mutant(
+        "inference: no bound on the shapes a compiled version compiles for",
+        SERVER + "inference.py",
+        "if key in self._compiled or len(self._compiled) >= MAX_COMPILED_SHAPES:",
+        "if key in self._compiled:",
+        ("tests/test_compiled.py::test_new_shapes_past_the_limit_stay_uncompiled",),
+    ),
+    Mutant(
+        "inference: warm-up runs do not compile",
+        SERVER + "inference.py",
+        "self._timed_run, (rows, *shape[1:]), dtype, compile=not run",
+        "self._timed_run, (rows, *shape[1:]), dtype, compile=False",
+        ("tests/test_compiled.py::test_warm_up_shapes_run_compiled_code_and_any_row_count_does",),
+    ),
+    Mutant(
+        "models: a LoadModel refuses no warmup_shape of too many dimensions",
+        SERVER + "models.py",
+        "if len(request.warmup_shape) > codec.MAX_RANK:",
+        "if False:",
+        (
+            "tests/test_hostile_round4.py::"
+            "test_a_warmup_shape_of_more_dimensions_than_a_tensor_may_have_is_refused",
+        ),
+    ),
+    Mutant(
+        "architectures: detection arguments used at every Predict are not checked",
+        SERVER + "architectures.py",
+        "            _check_detection_args(self.name, args)\n",
+        "            pass\n",
+        (
+            "tests/test_hostile_round4.py::test_detection_arguments_used_at_every_predict_are_bounded",
+        ),
+    ),
+    Mutant(
+        "app: health Watch streams are not counted",
+        SERVER + "app.py",
+        "        async with self.streams.held(context):\n"
+        "            await super().Watch(request, context)",
+        "        await super().Watch(request, context)",
+        ("tests/test_hostile_round4.py::test_open_health_watch_and_reflection_streams_are_capped",),
+    ),
 ]
 
 

@@ -30,6 +30,7 @@ TEST_ARCHITECTURES = [
     "device_failure=helpers.models:device_failure",
     "launch_refused=helpers.models:launch_refused",
     "thread_namer=helpers.models:thread_namer",
+    "compile_marker=helpers.models:compile_marker",
 ]
 
 

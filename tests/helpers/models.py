@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Any, ClassVar
 
 import torch
@@ -207,3 +208,42 @@ class ThreadNamer(nn.Module):
 
 def thread_namer() -> nn.Module:
     return ThreadNamer()
+
+
+@torch._dynamo.assume_constant_result
+def _traced() -> bool:
+    """True while TorchDynamo traces the calling thread's code (a constant of the compiled
+    graph), False when run uncompiled; unlike `torch.compiler.is_compiling()`, which says
+    whether any thread is compiling."""
+    from torch._guards import TracingContext
+
+    return TracingContext.try_get() is not None
+
+
+class CompileMarker(nn.Module):
+    """Multiplies its input by `scale`; its output "compiled" is 1 per row when the call ran
+    as code TorchDynamo compiled, 0 when it ran uncompiled."""
+
+    def __init__(self, padding: int = 0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.padding = nn.Parameter(torch.zeros(padding))  # to take room in a budget
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        compiled = 1.0 if _traced() else 0.0
+        return {"y": x * self.scale, "compiled": x.new_full((x.shape[0],), compiled)}
+
+
+_MARKERS: dict[int, type[CompileMarker]] = {}
+
+
+def compile_marker(padding: int = 0, variant: int = 0) -> nn.Module:
+    """A CompileMarker whose forward has a code object of its own per `variant`: TorchDynamo
+    keeps what it compiled (and which dimensions it found dynamic) per code object, shared
+    by every instance, so tests that use distinct variants do not see each other's."""
+    if variant not in _MARKERS:
+        forward = CompileMarker.forward
+        code = forward.__code__.replace(co_name=f"forward_{variant}")
+        own = types.FunctionType(code, forward.__globals__, code.co_name)
+        _MARKERS[variant] = type(f"CompileMarker{variant}", (CompileMarker,), {"forward": own})
+    return _MARKERS[variant](padding)

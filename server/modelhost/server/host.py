@@ -19,6 +19,7 @@ from modelhost.server.architectures import ArchitectureCatalog, Builder
 from modelhost.server.batching import Lane
 from modelhost.server.cache import ModelCache
 from modelhost.server.checkpoints import Checkpoints
+from modelhost.server.devices import lower_priority
 from modelhost.server.errors import DeviceFailed, InvalidInput, LimitExceeded
 from modelhost.server.hosted import HostedModel
 from modelhost.server.inference import Answer
@@ -52,6 +53,10 @@ class Host:
         self._io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._loads = ThreadPoolExecutor(settings.load_workers, thread_name_prefix="load")
         self._prep = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="prep")
+        # Compiles for input shapes compiled versions meet after their load (inference.py).
+        self._compiles = ThreadPoolExecutor(
+            1, thread_name_prefix="compile", initializer=lower_priority
+        )
         # All CPU tensor work of predictions runs on this one thread (see batching.py).
         self._cpu_lane = Lane("cpu", shared=True)
         self.checkpoints = Checkpoints(
@@ -81,6 +86,7 @@ class Host:
             cpu_lane=self._cpu_lane,
             loads=self._loads,
             prep=self._prep,
+            compiles=self._compiles,
         )
 
     async def predict(
@@ -159,6 +165,7 @@ class Host:
         (`serve` then exits without them)."""
         await self.models.close()
         self._loads.shutdown(wait=False, cancel_futures=True)
+        self._compiles.shutdown(wait=False, cancel_futures=True)
         self.models.cache.close()
         self._prep.shutdown(wait=True)
         self._cpu_lane.close()

@@ -22,11 +22,12 @@ resident pages it in first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,7 @@ class HostedModel:
     def __post_init__(self) -> None:
         self._leases = 0
         self._idle = threading.Condition()
+        self.runner.hold = self.held_if_resident
 
     @property
     def stays(self) -> bool:
@@ -169,6 +171,19 @@ class HostedModel:
         with self._idle:
             self._leases += 1
 
+    @contextlib.contextmanager
+    def held_if_resident(self) -> Iterator[bool]:
+        """A lease for work on its module off the request path (a compile), taken only while
+        it is on its device: yields whether it was."""
+        with self._idle:
+            held = self.tier == RESIDENT and not self.retiring
+            self._leases += held
+        try:
+            yield held
+        finally:
+            if held:
+                self.release()
+
     def release(self) -> None:
         with self._idle:
             self._leases -= 1
@@ -197,6 +212,7 @@ class HostedModel:
         old = self.batcher
         self.spec, self.loaded, self.runner = built.spec, built.loaded, built.runner
         self.batcher, self.labels = built.batcher, built.labels
+        self.runner.hold = self.held_if_resident
         self.workspace_bytes = built.workspace_bytes
         self.loaded_at = built.loaded_at
         self.built = True

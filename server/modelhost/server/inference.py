@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,6 +41,7 @@ from modelhost.v1 import modelhost_pb2 as pb
 
 Tensors = dict[str, torch.Tensor]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,12 @@ class Prepared:
 
 
 CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}
+"""torch.compile modes that capture CUDA graphs."""
+
+MAX_COMPILED_SHAPES = 8
+"""Input shapes a compiled version compiles for after its warm-up; others run uncompiled."""
+
+ShapeKey = tuple[tuple[str, torch.dtype, int, tuple[int, ...]], ...]
 
 
 def uses_cuda_graphs(device: torch.device, compile_mode: str) -> bool:
@@ -89,7 +99,14 @@ def uses_cuda_graphs(device: torch.device, compile_mode: str) -> bool:
     return device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES
 
 
-"""torch.compile modes that capture CUDA graphs."""
+def shape_key(batch: Tensors) -> ShapeKey:
+    """What decides which compiled graph runs a batch: each input's dtype and shape, its
+    rows counted as 1 or more (TorchDynamo compiles one graph for 1 row and, once it has
+    seen a second row count, one for any count above 1)."""
+    return tuple(
+        (name, t.dtype, min(int(t.shape[0]), 2) if t.dim() else -1, tuple(t.shape[1:]))
+        for name, t in sorted(batch.items())
+    )
 
 
 class Runner:
@@ -109,6 +126,7 @@ class Runner:
         max_image_pixels: int = Settings.max_image_pixels,
         max_elements: int = Settings.max_tensor_elements,
         stream: torch.cuda.Stream | None = None,
+        compiler: Executor | None = None,
     ) -> None:
         self.module: nn.Module | None = None
         self.device = device
@@ -121,13 +139,25 @@ class Runner:
         self.max_image_pixels = max_image_pixels
         self.max_elements = max_elements  # of decoded images, checked from their headers
         self.compile_mode = compile_mode
-        self._forward: Callable[..., Any] = _released
-        if module is not None:  # None: a version registered before it is built (restore)
-            self.attach(module)
         # On a GPU the model runs on its lane's stream (the lane thread's current stream).
         self._stream = (stream or torch.cuda.Stream(device)) if device.type == "cuda" else None
         # CUDA graphs keep per-thread state that lane threads must set up (devices.py).
         self._cuda_graphs = uses_cuda_graphs(device, compile_mode)
+        # A compiled version compiles off its lane: `run(compile=True)` (warm-up) and jobs
+        # on `compiler` for shapes it meets later; requests run only what is compiled
+        # already (`_forward`), anything else uncompiled. CUDA graphs compile and capture
+        # on the lane, as torch needs.
+        self._compiler = compiler
+        # Held around a background compile: a lease on the version if it is on its device.
+        self.hold: Callable[[], contextlib.AbstractContextManager[bool]] = lambda: (
+            contextlib.nullcontext(True)
+        )
+        self._compiled: set[ShapeKey] = set()  # compiled for, or queued
+        self._shapes_lock = threading.Lock()
+        self._forward: Callable[..., Any] = _released
+        self._compiling: Callable[..., Any] = _released
+        if module is not None:  # None: a version registered before it is built (restore)
+            self.attach(module)
 
     # Preparing inputs (on the event loop, or on a preprocessing thread for images)
 
@@ -274,8 +304,13 @@ class Runner:
         """Whether `launch` returns before the device is done (a GPU: the lane pipelines)."""
         return self._stream is not None
 
-    def run(self, batch: Tensors) -> Tensors:
-        """Runs one batch (host or device tensors in, CPU tensors out, named outputs)."""
+    def run(self, batch: Tensors, *, compile: bool = False) -> Tensors:
+        """Runs one batch (host or device tensors in, CPU tensors out, named outputs); with
+        `compile`, a compiled version compiles for its shape first if it has not yet."""
+        if compile and self.compile_mode:
+            with self._shapes_lock:
+                self._compiled.add(shape_key(batch))
+            return self._run_with(batch, self._compiling)
         return self.launch(batch)()
 
     def launch(self, batch: Tensors) -> Callable[[], Tensors]:
@@ -287,8 +322,53 @@ class Runner:
         Failures are classified outside the `except` block that caught them, once their
         traceback (and the activations its frames hold) is gone and memory is released.
         """
-        host, done = self._guarded(lambda: self._launch(batch))
+        if self._compiler is not None and self.compile_mode and not self._cuda_graphs:
+            self._compile_later(shape_key(batch))
+        host, done = self._guarded(lambda: self._launch(batch, self._forward))
         return lambda: self._collect(host, done)
+
+    def _compile_later(self, key: ShapeKey) -> None:
+        """Queues a compile for a batch shape this version has not compiled for (the batch
+        runs uncompiled meanwhile), up to MAX_COMPILED_SHAPES."""
+        with self._shapes_lock:
+            if key in self._compiled or len(self._compiled) >= MAX_COMPILED_SHAPES:
+                return
+            self._compiled.add(key)
+            full = len(self._compiled) == MAX_COMPILED_SHAPES
+        assert self._compiler is not None
+        self._compiler.submit(self._compile_for, key)
+        if full:
+            log.warning(
+                "a compiled version met %d input shapes: new shapes from now on run "
+                "uncompiled (warmup_shape compiles the shapes it serves at load)",
+                MAX_COMPILED_SHAPES,
+            )
+
+    def _compile_for(self, key: ShapeKey) -> None:
+        """Compiles for `key`'s shape by running zeros of it (on the compile thread, holding
+        the version like a request does): one row, or two then three rows (a graph for any
+        count above one). Skipped if the version is not on its device."""
+        rows = (1,) if key and key[0][2] == 1 else (2, 3)
+        started = time.perf_counter()
+        with self.hold() as held:
+            if not held:
+                return
+            try:
+                for count in rows:
+                    zeros = {
+                        name: torch.zeros((count, *rest) if ndim != -1 else (), dtype=dtype)
+                        for name, dtype, ndim, rest in key
+                    }
+                    self._run_with(zeros, self._compiling)
+            except ModelHostFailure as error:  # that shape keeps running uncompiled
+                log.warning("compiling for input shape %s failed: %s", _shapes(key), error)
+                return
+        took = time.perf_counter() - started
+        log.info("compiled for input shape %s (%.1fs)", _shapes(key), took)
+
+    def _run_with(self, batch: Tensors, forward: Callable[..., Any]) -> Tensors:
+        host, done = self._guarded(lambda: self._launch(batch, forward))
+        return self._collect(host, done)
 
     def _collect(self, host: Tensors, done: torch.cuda.Event | None) -> Tensors:
         if done is not None:
@@ -312,8 +392,11 @@ class Runner:
             release_memory(self.device)
         raise failure
 
-    def _launch(self, batch: Tensors) -> tuple[Tensors, torch.cuda.Event | None]:
-        """Queues the batch's work; host outputs (valid once the returned event is done)."""
+    def _launch(
+        self, batch: Tensors, forward: Callable[..., Any]
+    ) -> tuple[Tensors, torch.cuda.Event | None]:
+        """Queues the batch's work through `forward`; host outputs (valid once the returned
+        event is done)."""
         if self._cuda_graphs:
             prepare_cuda_graphs_on_this_thread()
         if self._stream is not None:
@@ -330,9 +413,9 @@ class Runner:
             staged = {name: self._stage(t) for name, t in batch.items()}
             with CUDA_GRAPHS if self._cuda_graphs else nullcontext():
                 if len(staged) == 1:
-                    result = self._forward(next(iter(staged.values())))
+                    result = forward(next(iter(staged.values())))
                 else:
-                    result = self._forward(**staged)
+                    result = forward(**staged)
             outputs = flatten_outputs(result)
             host = {name: t.to("cpu", non_blocking=True) for name, t in outputs.items()}
         done = self._stream.record_event() if self._stream is not None else None
@@ -348,12 +431,17 @@ class Runner:
         return InvalidInput(f"the model rejected the input: {type(error).__name__}: {first_line}")
 
     def attach(self, module: nn.Module) -> None:
-        """Runs `module` from now on (compiled again with its mode, if it has one)."""
+        """Runs `module` from now on, compiled with its mode if it has one: requests run
+        what is compiled for their shape (`torch._dynamo.run`: never compiles), compiles
+        happen off the lane (see `run`, `_compile_later`)."""
         self.module = module
-        self._forward = module
+        self._forward = self._compiling = module
+        with self._shapes_lock:  # after a page-in, compiled for the module before: a
+            self._compiled.clear()  # request's compile job checks it fits (TorchDynamo's guards)
         if self.compile_mode:
             mode = None if self.compile_mode == "default" else self.compile_mode
-            self._forward = torch.compile(module, mode=mode)
+            self._compiling = torch.compile(module, mode=mode)
+            self._forward = self._compiling if self._cuda_graphs else torch._dynamo.run(module)
 
     def detach(self) -> nn.Module | None:
         """Drops the module (and its compiled form) and returns it: a run now fails. Waits
@@ -363,7 +451,7 @@ class Runner:
             with contextlib.suppress(Exception):  # a failed device runs nothing any more
                 self._stream.synchronize()
         module, self.module = self.module, None
-        self._forward = _released
+        self._forward = self._compiling = _released
         return module
 
     def release(self) -> None:
@@ -385,26 +473,29 @@ class Runner:
         machine only ever slows a run down, so the fastest is the least disturbed).
         Each run is one call of `on_lane` (a job on the model's lane): on the shared CPU
         lane the other models' batches run between them, not after the whole warm-up.
-        With `first_here`, the first (untimed) run of each size runs on this thread: for a
-        compiled CPU model it is the one that compiles.
+        The first (untimed) run of each size compiles, for a compiled model; with
+        `first_here` it runs on this thread.
         """
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
         batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
         seconds = {rows: float("inf") for rows in batches}
         for run in range(4 if measure else 1):  # the first run of each size is not timed
             for rows in batches:
-                timed = functools.partial(self._timed_run, (rows, *shape[1:]), dtype)
+                # The first run of each size compiles (a compiled version), the others not.
+                timed = functools.partial(
+                    self._timed_run, (rows, *shape[1:]), dtype, compile=not run
+                )
                 took = timed() if first_here and not run else on_lane(timed)
                 if run:
                     seconds[rows] = min(seconds[rows], took)
         return {rows: rows / seconds[rows] for rows in batches} if measure else {}
 
-    def _timed_run(self, shape: Sequence[int], dtype: torch.dtype) -> float:
+    def _timed_run(self, shape: Sequence[int], dtype: torch.dtype, *, compile: bool) -> float:
         """Seconds one run of zeros of `shape` takes, to its outputs on the host."""
         with self._device_errors("allocating the warm-up input"):
             zeros = torch.zeros(tuple(shape), dtype=dtype)
         started = time.perf_counter()
-        self.run({SINGLE_INPUT: zeros})
+        self.run({SINGLE_INPUT: zeros}, compile=compile)
         return time.perf_counter() - started
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -497,6 +588,14 @@ def top_classes(outputs: Tensors, k: int, labels: Sequence[str]) -> Answer:
         names = [labels[i] if i < len(labels) else str(i) for i in row_indices] if labels else []
         rows.append(pb.TopClasses(indices=row_indices, scores=row_scores, labels=names))
     return Answer({}, rows)
+
+
+def _shapes(key: ShapeKey) -> str:
+    rows = {1: "1", 2: "N", -1: ""}
+    return ", ".join(
+        f"{name} {[rows[ndim], *rest] if ndim != -1 else []} {_name(dtype)}"
+        for name, dtype, ndim, rest in key
+    )
 
 
 def _released(*args: Any, **kwargs: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from modelhost.client import codec
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
 from modelhost.server.cache import ModelCache
@@ -32,7 +33,7 @@ from modelhost.server.errors import (
 )
 from modelhost.server.hosted import STORE, HostedModel, stays_resident
 from modelhost.server.images import Preprocessing
-from modelhost.server.inference import InputSpec, Runner
+from modelhost.server.inference import InputSpec, Runner, uses_cuda_graphs
 from modelhost.server.loading import (
     PROBE_SIZES,
     LoadedModule,
@@ -81,6 +82,7 @@ class Models:
         cpu_lane: Lane,
         loads: Executor,
         prep: Executor,
+        compiles: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -98,6 +100,7 @@ class Models:
         self._lanes_lock = threading.Lock()
         self._loads = loads
         self._prep = prep
+        self._compiles = compiles
         self._closing = False
         # Record writes (an fsync: on a thread, off the event loop) and the registry
         # changes they record happen in the order they were asked for.
@@ -250,6 +253,7 @@ class Models:
             max_image_pixels=settings.max_image_pixels,
             max_elements=settings.max_tensor_elements,
             stream=lane.stream,
+            compiler=self._compiles,
         )
         try:
             runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
@@ -289,6 +293,7 @@ class Models:
         """Finds the outputs, warms up and wraps a built version (on a load thread); counts
         the workspace the warm-up needed against the device's budget."""
         assert loaded.module is not None
+        _check_label_count(request.labels, runner.outputs)  # before a warm-up is spent
         workspace = Workspace(loaded.module, loaded.device)
         with workspace:
             policy = self._warm_up(
@@ -299,7 +304,7 @@ class Models:
                 (spec.name, version), loaded.device, loaded.device_bytes + workspace.bytes
             )
         categories = loaded.weights_meta.get("categories", [])
-        _check_label_count(request.labels, runner.outputs)
+        _check_label_count(request.labels, runner.outputs)  # outputs the warm-up found
         return HostedModel(
             name=spec.name,
             version=version,
@@ -338,12 +343,14 @@ class Models:
     ) -> BatchPolicy:
         """Finds the outputs by running, or warms up; returns the policy with the preferred
         batch size the warm-up measured."""
-        # Compiling takes seconds to minutes: a CPU version compiles on this load thread,
-        # not on the CPU lane that the other CPU versions run on (a GPU version's CUDA
-        # graphs must be captured on its lane's thread and stream).
-        compiles_here = bool(request.compile) and runner.device.type == "cpu"
+        # Compiling takes seconds to minutes: it runs on this load thread, not on the lane
+        # the other versions on the device run on (CUDA graphs must be captured on their
+        # lane's thread and stream).
+        compiles_here = bool(request.compile) and not uses_cuda_graphs(
+            runner.device, request.compile
+        )
         if not runner.outputs and len(inputs) == 1 and not request.warmup_shape:
-            _probe_by_running(runner, lane, inputs[0], here=compiles_here)
+            _probe_by_running(runner, lane, inputs[0])
         if not request.warmup_shape:
             return policy
         measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
@@ -549,6 +556,11 @@ def check_request(request: LoadRequest, settings: Settings, device: torch.device
             f"autocast {str(request.autocast).removeprefix('torch.')}: use float16 or bfloat16"
         )
     shape = f"warmup_shape {list(request.warmup_shape)!s:.100}"
+    if len(request.warmup_shape) > codec.MAX_RANK:
+        raise InvalidArgument(
+            f"{shape} has {len(request.warmup_shape)} dimensions; at most {codec.MAX_RANK} "
+            "(as any Predict input)"
+        )
     if any(dim < 1 for dim in request.warmup_shape):
         raise InvalidArgument(f"{shape} must be positive")
     elements = functools.reduce(int.__mul__, request.warmup_shape, 1)
@@ -634,16 +646,13 @@ def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
     return policy
 
 
-def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec, *, here: bool) -> None:
-    """One real batch-1 run of zeros (on its lane, or `here`), for outputs the meta device
+def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:
+    """One real batch-1 run of zeros on its lane (uncompiled), for outputs the meta device
     cannot show (detection's data-dependent steps); a model that refuses zeros keeps them
     unknown until it runs."""
     zeros = torch.zeros(probe_shape(spec, *PROBE_SIZES[0]), dtype=spec.dtype)
     try:
-        if here:
-            runner.run({spec.name: zeros})
-        else:
-            lane.call(runner.run, {spec.name: zeros}).result()
+        lane.call(runner.run, {spec.name: zeros}).result()
     except ModelHostFailure as error:
         log.info("outputs not known until the first request: %s", error)
 

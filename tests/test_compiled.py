@@ -1,0 +1,142 @@
+"""Compiled versions compile off the lanes: requests run what is compiled for their shape,
+and a new shape runs uncompiled while the compile thread compiles for it (inference.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from modelhost.client import ModelHostClient
+from modelhost.server import Settings, inference, running
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+_VARIANTS = itertools.count(1)  # a code object per test: TorchDynamo's state stays apart
+
+
+def _load(
+    client: ModelHostClient,
+    name: str,
+    scale: float,
+    padding: int = 0,
+    variant: int = 0,
+    **options: Any,
+) -> int:
+    """Loads a compiled CompileMarker multiplying by `scale`; returns its variant."""
+    variant = variant or next(_VARIANTS)
+    weights = {"scale": torch.tensor(scale), "padding": torch.zeros(padding)}
+    client.save_checkpoint(name, weights, overwrite=True)
+    client.load_model(
+        name,
+        architecture="compile_marker",
+        checkpoint=name,
+        compile="default",
+        architecture_args={"padding": padding, "variant": variant},
+        **options,
+    )
+    return variant
+
+
+def _run(client: ModelHostClient, name: str, shape: tuple[int, ...]) -> bool:
+    """Predicts ones of `shape`, checks the answer, and says whether it ran compiled."""
+    outputs = client.predict(name, np.ones(shape, np.float32))
+    scale = float(name.rsplit("x", 1)[1])
+    np.testing.assert_array_equal(outputs["y"], np.full(shape, scale, np.float32))
+    marks = set(outputs["compiled"].tolist())
+    assert len(marks) == 1, marks
+    return marks == {1.0}
+
+
+def _compiled_soon(client: ModelHostClient, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether requests of `shape` run compiled within a minute (a compile in the back)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if _run(client, name, shape):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _compiled_on(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The threads that logged a finished background compile."""
+    return [str(r.threadName) for r in caplog.records if r.getMessage().startswith("compiled for")]
+
+
+def test_warm_up_shapes_run_compiled_code_and_any_row_count_does(
+    client: ModelHostClient,
+) -> None:
+    _load(client, "m-x2", 2.0, warmup_shape=(2, 3))
+    assert _run(client, "m-x2", (1, 3))
+    assert _run(client, "m-x2", (3, 3))  # rows other than 1 are dynamic after the warm-up
+
+
+def test_a_new_shape_runs_uncompiled_at_once_and_compiles_on_the_compile_thread(
+    client: ModelHostClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request of a shape the version has not compiled for answers at once, uncompiled:
+    nothing compiles on the lane the other CPU versions share. The compile thread compiles
+    for it, and the later requests of that shape run compiled."""
+    caplog.set_level(logging.INFO, logger="modelhost.server.inference")
+    _load(client, "m-x3", 3.0, warmup_shape=(2, 3))
+    assert not _run(client, "m-x3", (2, 5))
+    assert _compiled_soon(client, "m-x3", (2, 5))
+    assert _run(client, "m-x3", (7, 5))  # compiled for any row count above one
+    assert _compiled_on(caplog) and all(t.startswith("compile") for t in _compiled_on(caplog))
+
+
+def test_without_warmup_shape_the_first_requests_compile_in_the_background(
+    client: ModelHostClient,
+) -> None:
+    _load(client, "m-x4", 4.0)
+    assert not _run(client, "m-x4", (1, 6))
+    assert _compiled_soon(client, "m-x4", (1, 6))
+
+
+def test_new_shapes_past_the_limit_stay_uncompiled(
+    client: ModelHostClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller sending ever new shapes cannot keep the compile thread busy for ever."""
+    monkeypatch.setattr(inference, "MAX_COMPILED_SHAPES", 3)
+    caplog.set_level(logging.INFO, logger="modelhost.server.inference")
+    _load(client, "m-x5", 5.0, warmup_shape=(2, 3))  # two shapes: 1 row, and more rows
+    assert not _run(client, "m-x5", (1, 4))  # the third: compiled in the background
+    assert _compiled_soon(client, "m-x5", (1, 4))
+    new_ranks = [(1, 2, 4), (1, 2, 2, 4), (1, 2, 2, 2, 4)]  # no graph of another rank fits
+    for shape in new_ranks:
+        assert not _run(client, "m-x5", shape)
+    time.sleep(1)
+    assert not _run(client, "m-x5", new_ranks[0])
+    assert len(_compiled_on(caplog)) == 1
+    assert any("met 3 input shapes" in r.getMessage() for r in caplog.records)
+
+
+def test_a_paged_in_version_compiles_again_in_the_background(settings: Settings) -> None:
+    """A page-in brings a new module: the version answers with its own weights at once,
+    and runs compiled code again (TorchDynamo's guards decide whether what was compiled
+    fits the new module; the compile thread compiles again for the shapes it had)."""
+    budget = dataclasses.replace(settings, device_memory_budget=1 << 20)
+    with running(budget) as server, ModelHostClient(server.target, timeout=120) as client:
+        variant = _load(client, "m-x6", 6.0, padding=150_000, warmup_shape=(2, 3))  # 600 KB
+        _load(client, "other-x1", 1.0, padding=150_000, variant=variant)  # evicts m-x6
+        assert client.get_model("m-x6").tier == "store"
+        assert _compiled_soon(client, "m-x6", (3, 3))  # and its own weights (checked)
+        assert client.get_model("m-x6").page_ins == 1
+        assert _compiled_soon(client, "other-x1", (3, 3))  # paged in too: weights apart
+        assert client.get_model("other-x1").page_ins == 1
+
+
+def test_an_unload_while_its_version_compiles_in_the_background(
+    client: ModelHostClient,
+) -> None:
+    _load(client, "m-x7", 7.0, warmup_shape=(1, 3))
+    assert not _run(client, "m-x7", (1, 9))  # its compile starts in the background
+    client.unload_model("m-x7")
+    assert client.list_models() == []
+    _load(client, "m-x7", 7.0, warmup_shape=(1, 3))  # the name serves again
+    assert _run(client, "m-x7", (1, 3))
