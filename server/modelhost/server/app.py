@@ -4,6 +4,9 @@
 - `serve(settings)` runs one until SIGTERM/SIGINT (what `modelhost serve` does).
 - `running(settings)` runs one on a background thread, for tests, benchmarks and
   scripts that are not asyncio programs.
+
+Health and reflection need no token and take no slot; their streams (Watch, reflection)
+are bounded in number and size (`OpenStreams`). Check is never refused.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from modelhost.server import malloc, messages, oip, service
 from modelhost.server.auth import Tokens
@@ -29,6 +33,78 @@ from modelhost.server.host import Host
 from modelhost.server.settings import Settings, unknown_variables
 
 log = logging.getLogger(__name__)
+
+
+MAX_OPEN_STREAMS = 1000
+"""Health Watch and reflection streams open at once, all callers together. They need no
+token and take no slot (probes answer however busy the server is), and each holds about
+20 KB for as long as its caller keeps it open. Health Check is never refused."""
+MAX_REFLECTION_REQUEST_BYTES = 4096
+"""Largest reflection request (a symbol or file name); a stream keeps its last one."""
+
+
+class OpenStreams:
+    """Counts the open streams that need no token against MAX_OPEN_STREAMS: one more
+    gets RESOURCE_EXHAUSTED at once; its place comes back when a stream ends."""
+
+    def __init__(self) -> None:
+        self.open = 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if self.open >= MAX_OPEN_STREAMS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.open} health Watch and reflection streams are open, the most this "
+                "server keeps (they need no token): use health Check, or retry later",
+            )
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """gRPC's health service, with Watch streams bounded: by `OpenStreams`, and to the
+    services this server has. Those are all set before the port opens and never change, so
+    Watch answers an unknown one NOT_FOUND at once, as Check does, rather than keep its name
+    (up to max_message_bytes) until the caller goes away."""
+
+    def __init__(self, streams: OpenStreams) -> None:
+        super().__init__()
+        self.streams = streams
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        await self.Check(request, context)  # NOT_FOUND for a service this server lacks
+        async with self.streams.held(context):
+            await super().Watch(request, context)
+
+
+class ReflectionServicer(reflection.aio.ReflectionServicer):
+    """gRPC's reflection service, with streams bounded by `OpenStreams` and requests by
+    MAX_REFLECTION_REQUEST_BYTES (INVALID_ARGUMENT)."""
+
+    def __init__(self, names: list[str], streams: OpenStreams) -> None:
+        super().__init__(names)
+        self.streams = streams
+
+    async def ServerReflectionInfo(
+        self, requests: AsyncIterable[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async def small() -> AsyncIterator[Any]:
+            async for request in requests:
+                if request.ByteSize() > MAX_REFLECTION_REQUEST_BYTES:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a reflection request of {request.ByteSize()} bytes; at most "
+                        f"{MAX_REFLECTION_REQUEST_BYTES}",
+                    )
+                yield request
+
+        async with self.streams.held(context):
+            async for response in super().ServerReflectionInfo(small(), context):
+                yield response
 
 
 def _address(host: str, port: int) -> str:
@@ -45,7 +121,8 @@ class Server:
         self.port = 0
         self.metrics_port = 0
         self.host: Host | None = None
-        self.health = health.aio.HealthServicer()
+        self.streams = OpenStreams()
+        self.health = HealthServicer(self.streams)
         self._grpc: grpc.aio.Server | None = None
 
     @property
@@ -112,13 +189,13 @@ class Server:
             oip.add_to_server(self.host, server),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [
-                *services,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        reflected = [
+            *services,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(reflected, self.streams), server
         )
         address = _address(settings.host, settings.port)
         if credentials is not None:

@@ -75,8 +75,11 @@ class Builder:
 
         On "meta" nothing is allocated (`_Skeleton`): a builder that needs the values of
         tensors it makes (regnet computes its widths with tensors) runs again with the small
-        ones real on the CPU, its weights still on the meta device.
+        ones real on the CPU, its weights still on the meta device. A torchvision detection
+        model's arguments that cost at every Predict are checked first (`_DETECTION_RULES`).
         """
+        if self.task == "detection" and self.source == "torchvision":
+            _check_detection_args(self.name, args)
         kwargs = dict(args)
         if self.source == "torchvision":
             kwargs.setdefault("weights", None)
@@ -238,6 +241,79 @@ def _elements(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float
         return math.prod(int(d) for d in size) if size else math.inf
     except (TypeError, ValueError):
         return math.inf
+
+
+MAX_IMAGE_SIDE = 2048
+"""Most pixels a side of the images a detection model resizes its inputs to, inside its
+forward (`min_size`, `max_size`, `fixed_size`): torchvision's defaults are 800 x 1333 at
+most. A Predict's memory grows as its square: at 3500, a 12 KB Predict took 2.3 GB."""
+MAX_DETECTIONS = 10_000
+"""Most boxes a detection model may propose or keep per image (torchvision's defaults are
+1,000 at most)."""
+MAX_SIZE_DIVISIBLE = 128
+"""Most pixels a detection model may pad its images' sides to a multiple of (torchvision
+uses 32; the coarsest FPN level has a stride of 128)."""
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What an argument a detection model uses at every Predict (not to build layers) may
+    be: `length` numbers in a list (0: one number; -1: one, or a non-empty list of them),
+    whole from 1 to `most`, or any finite numbers when `most` is None."""
+
+    why: str
+    most: int | None = None
+    length: int = 0
+
+    def allows(self, value: Any) -> bool:
+        if isinstance(value, list):
+            fits = len(value) == self.length if self.length > 0 else self.length < 0 and bool(value)
+        else:
+            fits, value = self.length <= 0, [value]
+        return fits and all(self._number(v) for v in value)
+
+    def _number(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.most is None:
+            return math.isfinite(value)
+        return isinstance(value, int) and 1 <= value <= self.most
+
+    def describe(self) -> str:
+        number = "a finite number" if self.most is None else f"a whole number from 1 to {self.most}"
+        if self.length > 0:
+            return f"a list of {self.length} numbers, each {number}"
+        return number + (", or a list of them" if self.length < 0 else "")
+
+
+_RESIZES = "resizes every image to it inside the model: a Predict's memory grows as its square"
+_KEEPS = "proposes or keeps this many boxes per image at every Predict"
+_NORMALIZES = "normalizes the 3 color channels of every image with it"
+_DETECTION_RULES = {
+    "min_size": _Rule(_RESIZES, MAX_IMAGE_SIDE, length=-1),
+    "max_size": _Rule(_RESIZES, MAX_IMAGE_SIDE),
+    "fixed_size": _Rule(_RESIZES, MAX_IMAGE_SIDE, length=2),
+    "size_divisible": _Rule("pads every image to a multiple of it", MAX_SIZE_DIVISIBLE),
+    "rpn_pre_nms_top_n_test": _Rule(_KEEPS, MAX_DETECTIONS),
+    "rpn_post_nms_top_n_test": _Rule(_KEEPS, MAX_DETECTIONS),
+    "box_detections_per_img": _Rule(_KEEPS, MAX_DETECTIONS),
+    "detections_per_img": _Rule(_KEEPS, MAX_DETECTIONS),
+    "topk_candidates": _Rule(_KEEPS, MAX_DETECTIONS),
+    "image_mean": _Rule(_NORMALIZES, length=3),
+    "image_std": _Rule(_NORMALIZES, length=3),
+}
+"""torchvision detection arguments the model uses at every Predict: a build would take
+any value, and the first Predict (the load's own output probe) would pay for it."""
+
+
+def _check_detection_args(name: str, args: dict[str, Any]) -> None:
+    """InvalidArgument for the first argument (in `_DETECTION_RULES` order) out of bounds."""
+    for key, rule in _DETECTION_RULES.items():
+        if key in args and not rule.allows(args[key]):
+            raise InvalidArgument(
+                f"architecture argument {key}={json.dumps(args[key], default=str):.80} is "
+                f"refused: it must be {rule.describe()} ({name} {rule.why})"
+            )
 
 
 _SKELETON_CACHE_SIZE = 16
