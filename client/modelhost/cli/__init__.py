@@ -23,7 +23,9 @@ from typing import Any, cast
 import numpy as np
 
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
+from modelhost.client.channel import DEFAULT_MAX_MESSAGE_BYTES
 from modelhost.client.load_options import LoadOptions
+from modelhost.client.transfers import DEFAULT_MAX_DOWNLOAD_BYTES
 from modelhost.v1 import modelhost_pb2 as pb
 
 Command = Callable[[ModelHostClient, argparse.Namespace], Any]
@@ -119,9 +121,18 @@ def _lines(path: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def printable(text: str) -> str:
+    """`text` with each character a terminal would act on (escape sequences and other
+    controls, newlines, bidirectional overrides) written as its Python escape, `\\x1b`:
+    server-provided strings are printed through it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _show(value: Any) -> None:
     if isinstance(value, str):
-        print(value)
+        print(printable(value))
     elif value is not None:
         print(json.dumps(value, default=str, indent=1))
 
@@ -171,6 +182,7 @@ def cmd_snapshot(client: ModelHostClient, args: argparse.Namespace) -> Any:
 
 def cmd_download(client: ModelHostClient, args: argparse.Namespace) -> Any:
     bar = ProgressBar(f"download {args.name}", not args.quiet)
+    client.max_download_bytes = args.max_bytes or None
     path = client.download_checkpoint(args.name, args.dest, progress=bar)
     bar.done()
     return str(path)
@@ -240,7 +252,7 @@ def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
         }
     np.set_printoptions(threshold=50, edgeitems=3, precision=5)
     for name, a in outputs.items():
-        print(f"{name}: {a.dtype} {list(a.shape)}")
+        print(printable(f"{name}: {a.dtype} {list(a.shape)}"))
         print(np.array2string(a))
     return None
 
@@ -270,7 +282,7 @@ def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
     for section, rows in listing.items():
         print(f"{section}:")
         for row in rows or ["(none)"]:
-            print(f"  {row}")
+            print(f"  {printable(row)}")
     return None
 
 
@@ -300,7 +312,12 @@ def _client_parser() -> argparse.ArgumentParser:
         default=os.environ.get("MODELHOST_TARGET", "127.0.0.1:50051"),
         help="server address host:port or dns:///name:port",
     )
-    common.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="deadline in seconds (default: 60 for list and health, none for the others)",
+    )
     common.add_argument(
         "--token",
         default=os.environ.get("MODELHOST_TOKEN"),
@@ -311,6 +328,13 @@ def _client_parser() -> argparse.ArgumentParser:
     common.add_argument("--cert-file", help="client certificate (mutual TLS)")
     common.add_argument("--key-file", help="client private key (mutual TLS)")
     common.add_argument("--server-name", help="name to expect in the server's certificate")
+    common.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request or reply, as the server's --max-message-bytes "
+        f"(default: {DEFAULT_MAX_MESSAGE_BYTES >> 20} MiB)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return common
@@ -346,6 +370,13 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     p = command("download", cmd_download, "Download a checkpoint to a file.")
     p.add_argument("name")
     p.add_argument("dest", type=Path)
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_DOWNLOAD_BYTES,
+        help="refuse a larger checkpoint "
+        f"(0: no limit; default: {DEFAULT_MAX_DOWNLOAD_BYTES >> 30} GiB)",
+    )
 
     p = command("load", cmd_load, "Build an architecture, load a checkpoint, serve it.")
     p.add_argument("name")
@@ -553,15 +584,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cert_file=args.cert_file,
         key_file=args.key_file,
         server_name=args.server_name,
+        max_message_bytes=args.max_message_bytes,
     )
     try:
         with ModelHostClient(args.target, timeout=args.timeout, config=config) as client:
             result = args.fn(client, args)
     except ModelHostError as error:
-        print(f"error: {error}{_hint(error, args.target)}", file=sys.stderr)
+        print(f"error: {printable(str(error))}{_hint(error, args.target)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 1
     _show(_plain(result))
     return 0

@@ -21,7 +21,7 @@ from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import translate_errors
 from modelhost.client.load_options import LoadOptions
 from modelhost.client.predict import ImageSource
-from modelhost.client.transfers import Progress, Source
+from modelhost.client.transfers import Progress, Source, Stall
 from modelhost.client.types import Architecture, CheckpointInfo, ModelInfo
 
 T = TypeVar("T")
@@ -37,17 +37,27 @@ class AsyncModelHostClient(calls.ClientBase):
         return config.aio_channel(target)
 
     async def _run(self, call: calls.Call[T]) -> T:
+        rpc, kw = self._stub[call.rpc], self._kw(call)
+        stall = Stall(call.rpc, self.stall_timeout)
         request = call.request
-        if isinstance(request, Iterator):
-            request = _pulled_in_thread(request)
+        if isinstance(request, Iterator):  # an upload: each chunk sent is a move
+            request = _pulled_in_thread(stall.sending(request))
         try:
-            with translate_errors():
-                if call.feed:
+            with translate_errors(), stall:
+                started = rpc(request, **kw)
+                if call.feed or isinstance(call.request, Iterator):
+                    loop = asyncio.get_running_loop()
+                    stall.start(lambda: loop.call_soon_threadsafe(started.cancel))
+                if call.feed:  # a download: each message received is a move
                     reply = None
-                    async for message in self._stub[call.rpc](request, **self._kw(call.timeout)):
-                        call.feed(message)
+                    try:
+                        async for message in started:
+                            stall.moved()
+                            call.feed(message)
+                    finally:
+                        started.cancel()  # stops a server still sending (no-op once ended)
                 else:
-                    reply = await self._stub[call.rpc](request, **self._kw(call.timeout))
+                    reply = await started
             return call.result(reply)
         finally:
             call.close()
@@ -112,7 +122,9 @@ class AsyncModelHostClient(calls.ClientBase):
     ) -> Path | Any:
         """Writes the checkpoint to `dest` and returns its path; without `dest`,
         returns it loaded (`torch.load(weights_only=True)` or safetensors)."""
-        return await self._run(calls.download_checkpoint(name, dest, progress))
+        return await self._run(
+            calls.download_checkpoint(name, dest, progress, self.max_download_bytes)
+        )
 
     async def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every stored checkpoint, sorted by name."""

@@ -20,12 +20,15 @@ from grpc_health.v1 import health_pb2
 
 from modelhost.client import wire
 from modelhost.client.channel import ChannelConfig
+from modelhost.client.errors import decoding
 
 # Upload, Prefetch, PredictCall and LoadOptions are also imported from here by tests/bench.
 from modelhost.client.load_options import LoadOptions, load_request
 from modelhost.client.predict import ImageSource, PredictCall
 from modelhost.client.transfers import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_DOWNLOAD_BYTES,
+    DEFAULT_STALL_SECONDS,
     Download,
     Prefetch,
     Progress,
@@ -105,10 +108,14 @@ def snapshot(
 
 
 def download_checkpoint(
-    name: str, dest: str | os.PathLike[str] | None, progress: Progress | None
+    name: str,
+    dest: str | os.PathLike[str] | None,
+    progress: Progress | None,
+    max_bytes: int | None = None,
 ) -> Call[Path | Any]:
-    """Receives the stream into `dest` (via `dest.part`) or memory; checks the sha256."""
-    download = Download(dest, progress)
+    """Receives the stream into `dest` (via `dest.part`) or memory; checks the sha256.
+    A checkpoint announced larger than `max_bytes` is refused before any byte is kept."""
+    download = Download(dest, progress, max_bytes)
     return Call(
         "DownloadCheckpoint",
         pb.DownloadCheckpointRequest(name=name),
@@ -200,9 +207,19 @@ def health(service: str) -> Call[str]:
     )
 
 
+@decoding("HealthCheckResponse")
 def status_name(status: int) -> str:
     """A HealthCheckResponse status as its name, e.g. "SERVING"."""
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+
+QUICK = frozenset(
+    {"GetCheckpoint", "ListCheckpoints", "GetModel", "ListModels", "ListArchitectures", "Check"}
+)
+"""The calls that only read what the server holds: they answer at once."""
+QUICK_TIMEOUT = 60.0
+"""The deadline of a `QUICK` call when neither it nor the client sets one: a server that
+takes longer has hung. Every other call (a load may compile for minutes) has none."""
 
 
 # The stub
@@ -259,8 +276,9 @@ class Stub:
 
 
 class ClientBase:
-    """The state of either client: target, default deadline, upload chunk size, channel
-    settings, and the channel (blocking or asyncio, from `_connect`) with a `Stub` on it."""
+    """The state of either client: target, default deadline, upload chunk size, limits,
+    channel settings, and the channel (blocking or asyncio, from `_connect`) with a
+    `Stub` on it."""
 
     def __init__(
         self,
@@ -269,10 +287,14 @@ class ClientBase:
         timeout: float | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         config: ChannelConfig | None = None,
+        max_download_bytes: int | None = DEFAULT_MAX_DOWNLOAD_BYTES,
+        stall_timeout: float | None = DEFAULT_STALL_SECONDS,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        self.max_download_bytes = max_download_bytes
+        self.stall_timeout = stall_timeout
         self._config = config or ChannelConfig()
         self._channel = self._connect(self._config, target)
         self._stub = Stub(self._channel)
@@ -280,6 +302,10 @@ class ClientBase:
     def _connect(self, config: ChannelConfig, target: str) -> Any:
         raise NotImplementedError
 
-    def _kw(self, timeout: float | None) -> dict[str, Any]:
-        """Keyword arguments of a stub call: its deadline (default: the client's) and auth."""
-        return self._config.call_kwargs(timeout if timeout is not None else self.timeout)
+    def _kw(self, call: Call[Any]) -> dict[str, Any]:
+        """Keyword arguments of a stub call: its deadline (the call's, else the client's,
+        else `QUICK_TIMEOUT` for a quick call) and auth."""
+        timeout = call.timeout if call.timeout is not None else self.timeout
+        if timeout is None and call.rpc in QUICK:
+            timeout = QUICK_TIMEOUT
+        return self._config.call_kwargs(timeout)

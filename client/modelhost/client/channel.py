@@ -48,8 +48,16 @@ def service_config(retries: bool = True) -> str:
     return json.dumps(config)
 
 
-def channel_options(max_message_bytes: int = -1, retries: bool = True) -> list[tuple[str, Any]]:
-    """gRPC channel options used by both clients: the server enforces the limits."""
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+"""The largest message either client sends or takes: the server's own default
+(`--max-message-bytes`), so no reply of a default server is refused, and a larger one
+fails with RESOURCE_EXHAUSTED instead of being buffered whole (-1: no limit)."""
+
+
+def channel_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retries: bool = True
+) -> list[tuple[str, Any]]:
+    """gRPC channel options used by both clients."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -78,6 +86,9 @@ class ChannelConfig:
     - `server_name`: overrides the name checked against the server's certificate.
     - Targets may be `host:port`, `dns:///host:port` or `ipv4:host:port,host:port`;
       calls are balanced round-robin over every address the target resolves to.
+    - `max_message_bytes`: the largest request or reply (a Predict, a list), 256 MiB
+      like the server's default; set it to the server's `--max-message-bytes` if that
+      is larger (-1: no limit).
     - `retries`: gRPC retries the calls without side effects (Predict, Get*, List*,
       DownloadCheckpoint, health) on UNAVAILABLE or CANCELLED, up to 5 attempts with
       backoff (`RETRY_POLICY`), while the request is under 64 MiB. `retries=False`
@@ -90,7 +101,7 @@ class ChannelConfig:
     cert_file: str | None = None
     key_file: str | None = None
     server_name: str | None = None
-    max_message_bytes: int = -1
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     retries: bool = True
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 

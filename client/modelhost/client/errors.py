@@ -93,6 +93,11 @@ class InternalError(ModelHostError):
     code = grpc.StatusCode.INTERNAL
 
 
+class ProtocolError(InternalError):
+    """The server's reply is malformed (a field out of range or inconsistent with
+    another): found by the client, which trusts nothing it receives."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ModelHostError]] = {
     cls.code: cls
     for cls in (
@@ -121,6 +126,17 @@ def from_rpc_error(error: grpc.RpcError) -> ModelHostError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     return error_for(code, details or code.name)
+
+
+@contextmanager
+def decoding(what: str) -> Iterator[None]:
+    """Re-raises what decoding a malformed reply raises (`ValueError`, `LookupError`,
+    `ArithmeticError`, `RecursionError`) as a `ProtocolError` naming `what`; a context
+    manager, or a decorator of the function that decodes it."""
+    try:
+        yield
+    except (ValueError, LookupError, ArithmeticError, RecursionError) as error:
+        raise ProtocolError(f"malformed {what} in the server's reply: {error}") from error
 
 
 @contextmanager

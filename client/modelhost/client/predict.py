@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from modelhost.client import codec, wire
+from modelhost.client.errors import decoding
 from modelhost.client.types import TopClass
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -55,6 +56,7 @@ class PredictCall:
         """The request as a message (the call itself sends `payload`, its serialized form)."""
         return pb.PredictRequest.FromString(self.payload)
 
+    @decoding("PredictResponse")
     def result(self, response: pb.PredictResponse) -> Any:
         """With top_k, the top classes per row; else one array for one input and one
         output, or a dict of them by output name."""
@@ -72,11 +74,16 @@ class PredictCall:
 def _order(name: str) -> list[tuple[int, int | str]]:
     """A stable order of output names (a wire map keeps none): they join tuple positions
     and dict keys with ".", and positions compare as numbers, so tuples keep their order."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+    return [(0, int(part)) if part.isdecimal() else (1, part) for part in name.split(".")]
 
 
 def _top_classes(row: pb.TopClasses) -> list[TopClass]:
     labels = list(row.labels) or [""] * len(row.indices)
+    if not len(row.indices) == len(row.scores) == len(labels):
+        raise ValueError(
+            f"a top_k row of {len(row.indices)} indices, {len(row.scores)} scores "
+            f"and {len(row.labels)} labels"
+        )
     return [TopClass(i, s, n) for i, s, n in zip(row.indices, row.scores, labels, strict=True)]
 
 

@@ -8,7 +8,7 @@ signatures and docstrings over the same `calls`, and a test keeps the two alike.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Unpack, overload
 
@@ -19,7 +19,7 @@ from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import translate_errors
 from modelhost.client.load_options import LoadOptions
 from modelhost.client.predict import ImageSource
-from modelhost.client.transfers import Progress, Source
+from modelhost.client.transfers import Progress, Source, Stall
 from modelhost.client.types import Architecture, CheckpointInfo, ModelInfo
 
 T = TypeVar("T")
@@ -28,21 +28,38 @@ T = TypeVar("T")
 class ModelHostClient(calls.ClientBase):
     """Calls a modelhost server. Use as a context manager, or call `close()`.
 
-    `timeout` (seconds) is the default deadline of every call; methods that
-    take `timeout=` override it. Every failure raises `ModelHostError`.
+    `timeout` (seconds) is the default deadline of every call; methods that take
+    `timeout=` override it. Without one, only the calls that read the server's state
+    (get_*, list_*, health) have a deadline: `calls.QUICK_TIMEOUT` (60 s).
+    `stall_timeout` (60 s; None: off) ends an upload or download that moves no message
+    for that long with `DeadlineExceededError`. `max_download_bytes` (64 GiB; None: no
+    limit) refuses larger checkpoints. Every failure raises `ModelHostError`.
     """
 
     def _connect(self, config: ChannelConfig, target: str) -> grpc.Channel:
         return config.channel(target)
 
     def _run(self, call: calls.Call[T]) -> T:
+        rpc, kw = self._stub[call.rpc], self._kw(call)
+        stall = Stall(call.rpc, self.stall_timeout)
         try:
-            with translate_errors():
-                reply = self._stub[call.rpc](call.request, **self._kw(call.timeout))
-                if call.feed:
-                    for message in reply:
-                        call.feed(message)
+            with translate_errors(), stall:
+                if call.feed:  # a download: each message received is a move
+                    stream = rpc(call.request, **kw)
+                    stall.start(stream.cancel)
+                    try:
+                        for message in stream:
+                            stall.moved()
+                            call.feed(message)
+                    finally:
+                        stream.cancel()  # stops a server still sending (no-op once ended)
                     reply = None
+                elif isinstance(call.request, Iterator):  # an upload: each chunk sent is one
+                    future = rpc.future(stall.sending(call.request), **kw)
+                    stall.start(future.cancel)
+                    reply = future.result()
+                else:
+                    reply = rpc(call.request, **kw)
             return call.result(reply)
         finally:
             call.close()
@@ -107,7 +124,7 @@ class ModelHostClient(calls.ClientBase):
     ) -> Path | Any:
         """Writes the checkpoint to `dest` and returns its path; without `dest`,
         returns it loaded (`torch.load(weights_only=True)` or safetensors)."""
-        return self._run(calls.download_checkpoint(name, dest, progress))
+        return self._run(calls.download_checkpoint(name, dest, progress, self.max_download_bytes))
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Every stored checkpoint, sorted by name."""

@@ -8,16 +8,22 @@ import io
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from modelhost.client import archives, wire
-from modelhost.client.errors import DataLossError
+from modelhost.client.errors import DataLossError, DeadlineExceededError, ResourceExhaustedError
 from modelhost.client.types import CheckpointInfo
 from modelhost.v1 import modelhost_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 2 << 20
+DEFAULT_MAX_DOWNLOAD_BYTES = 64 << 30
+"""The largest checkpoint a client downloads unless told otherwise (`max_download_bytes`)."""
+DEFAULT_STALL_SECONDS = 60.0
+"""How long a transfer may go without moving (`stall_timeout`): twice the time the
+server's default `--request-read-timeout` gives a client."""
 
 T = TypeVar("T")
 
@@ -161,11 +167,18 @@ class Download:
     """Receives a DownloadCheckpoint stream into a file (`dest`) or memory.
 
     `feed` each message, then `finish()`; `abort()` (or `close()` before `finish()`)
-    removes the partial file.
+    removes the partial file. A header announcing more than `max_bytes` (None: no
+    limit) is refused before anything is written.
     """
 
-    def __init__(self, dest: str | os.PathLike[str] | None, progress: Progress | None = None):
+    def __init__(
+        self,
+        dest: str | os.PathLike[str] | None,
+        progress: Progress | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.dest = Path(dest) if dest is not None else None
+        self.max_bytes = max_bytes
         self.info: pb.CheckpointInfo | None = None
         self._progress = progress
         self._sha256 = hashlib.sha256()
@@ -186,6 +199,7 @@ class Download:
         elif message.HasField("info"):
             if self.info is not None:
                 raise DataLossError("download: the server sent a second header")
+            self._check(message.info)
             self.info = message.info
             return
         else:
@@ -201,6 +215,15 @@ class Download:
         (self._file or self._buffer).write(chunk)
         if self._progress:
             self._progress(self._received, self.info.size_bytes)
+
+    def _check(self, info: pb.CheckpointInfo) -> None:
+        if self.max_bytes is not None and info.size_bytes > self.max_bytes:
+            raise ResourceExhaustedError(
+                f"download: the server announced {info.size_bytes:,} bytes, more than "
+                f"max_download_bytes ({self.max_bytes:,})"
+            )
+        if self.dest is None and info.format not in IN_MEMORY:
+            raise ValueError(_NOT_IN_MEMORY)
 
     def abort(self) -> None:
         """Removes the partial file after a failed stream."""
@@ -234,6 +257,15 @@ class Download:
         return load_checkpoint_bytes(self._buffer.getvalue(), info.format)
 
 
+IN_MEMORY = (
+    pb.CHECKPOINT_FORMAT_SAFETENSORS,
+    pb.CHECKPOINT_FORMAT_STATE_DICT,
+    pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT,
+)
+"""The formats a download without `dest` can load."""
+_NOT_IN_MEMORY = "this checkpoint cannot be loaded safely in memory; pass dest= to save it"
+
+
 def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
     """Loads downloaded bytes safely: safetensors, or torch.load(weights_only=True) of an
     archive checked first (archives.UnsafeArchive for a zip bomb: torch would inflate it)."""
@@ -247,4 +279,57 @@ def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
         if data.startswith(archives.MAGIC):
             archives.entries(io.BytesIO(data), len(data), "the downloaded checkpoint")
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    raise ValueError("this checkpoint cannot be loaded safely in memory; pass dest= to save it")
+    raise ValueError(_NOT_IN_MEMORY)
+
+
+class Stall:
+    """Cancels a transfer that stops moving: no message received (a download) or
+    request message taken by gRPC to send (an upload) for `seconds` (None: never).
+
+    Wrap the request stream in `sending`, call `moved()` for each message received,
+    `start(cancel)` once the call exists; used as a context manager around the call, it
+    turns the failure of a cancelled call into `DeadlineExceededError`. The wait for an
+    upload's reply after its last chunk is not watched: the server commits then.
+    """
+
+    def __init__(self, rpc: str, seconds: float | None) -> None:
+        self.rpc = rpc
+        self.seconds = seconds
+        self.fired = False
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+
+    def moved(self) -> None:
+        self._last = time.monotonic()
+
+    def sending(self, requests: Iterator[T]) -> Iterator[T]:
+        """`requests`, each one taken counting as a move; the watch ends after the last."""
+        for request in requests:
+            self.moved()
+            yield request
+        self._stopped.set()
+
+    def start(self, cancel: Callable[[], object]) -> None:
+        """Watches on a thread of its own, calling `cancel` (thread-safe) on a stall."""
+        if self.seconds is not None:
+            self.moved()
+            threading.Thread(
+                target=self._watch, args=(self.seconds, cancel), name="modelhost-stall", daemon=True
+            ).start()
+
+    def _watch(self, seconds: float, cancel: Callable[[], object]) -> None:
+        while not self._stopped.wait(self._last + seconds - time.monotonic()):
+            if time.monotonic() - self._last >= seconds and not self._stopped.is_set():
+                self.fired = True
+                cancel()
+                return
+
+    def __enter__(self) -> Stall:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self._stopped.set()
+        if self.fired and error is not None:
+            raise DeadlineExceededError(
+                f"{self.rpc}: nothing received or sent for {self.seconds:g} s (stall_timeout)"
+            ) from None

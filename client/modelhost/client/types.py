@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelhost.client.codec import dtype_name
+from modelhost.client.errors import decoding
 from modelhost.v1 import modelhost_pb2 as pb
 
 _STATES: dict[pb.ModelState.ValueType, str] = {
@@ -25,8 +26,13 @@ def format_name(code: pb.CheckpointFormat.ValueType) -> str:
         return "unspecified"
 
 
-def _time(stamp: Any) -> datetime | None:
-    return stamp.ToDatetime(tzinfo=UTC) if stamp.seconds or stamp.nanos else None
+def _time(stamp: Any, field: str) -> datetime | None:
+    if not (stamp.seconds or stamp.nanos):
+        return None
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except ValueError:  # protobuf's message does not name the field
+        raise ValueError(f"{field} ({stamp.seconds} s, {stamp.nanos} ns) is out of range") from None
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class CheckpointInfo:
     loss: float | None = None
 
     @classmethod
+    @decoding("CheckpointInfo")
     def from_proto(cls, msg: pb.CheckpointInfo) -> CheckpointInfo:
         return cls(
             name=msg.name,
@@ -51,7 +58,7 @@ class CheckpointInfo:
             sha256=msg.sha256,
             format=format_name(msg.format),
             metadata=dict(msg.metadata),
-            created=_time(msg.created),
+            created=_time(msg.created, "created"),
             tensor_count=msg.tensor_count,
             epoch=msg.epoch if msg.HasField("epoch") else None,
             loss=msg.loss if msg.HasField("loss") else None,
@@ -114,6 +121,7 @@ class ModelInfo:
     page_ins: int = 0  # times paged back in after an eviction
 
     @classmethod
+    @decoding("ModelInfo")
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
         return cls(
             name=msg.name,
@@ -129,7 +137,7 @@ class ModelInfo:
             parameter_count=msg.parameter_count,
             device_bytes=msg.device_bytes,
             load_seconds=msg.load_seconds,
-            loaded_at=_time(msg.loaded_at),
+            loaded_at=_time(msg.loaded_at, "loaded_at"),
             batching=Batching(
                 msg.batching.max_batch_size,
                 msg.batching.max_queue_delay_us,
@@ -150,7 +158,7 @@ class ModelInfo:
             outputs=tuple(_spec(s) for s in msg.outputs),
             residency="pinned" if msg.residency == pb.RESIDENCY_PINNED else "on_demand",
             tier=pb.Tier.Name(msg.tier).removeprefix("TIER_").lower() if msg.tier else "",
-            last_used=_time(msg.last_used) if msg.HasField("last_used") else None,
+            last_used=_time(msg.last_used, "last_used") if msg.HasField("last_used") else None,
             page_ins=msg.page_ins,
         )
 
@@ -201,6 +209,7 @@ class Architecture:
     parameters: tuple[Parameter, ...] = field(default_factory=tuple)
 
     @classmethod
+    @decoding("Architecture")
     def from_proto(cls, msg: pb.Architecture) -> Architecture:
         return cls(
             name=msg.name,
