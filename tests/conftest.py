@@ -31,6 +31,7 @@ TEST_ARCHITECTURES = [
     "launch_refused=helpers.models:launch_refused",
     "thread_namer=helpers.models:thread_namer",
     "compile_marker=helpers.models:compile_marker",
+    "named_outputs=helpers.models:named_outputs",
 ]
 
 

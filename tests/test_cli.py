@@ -151,3 +151,25 @@ def test_serve_flags_turn_settings_on_and_off() -> None:
     assert parser.parse_args(["serve", "--no-direct-io"]).direct_io is False
     assert parser.parse_args(["serve", "--direct-io", "--restore"]).direct_io is True
     assert parser.parse_args(["serve"]).direct_io is None  # the environment or the default
+
+
+def test_predict_saves_outputs_whatever_their_names(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several outputs go to one .npz, entries named as the outputs, even names that
+    `np.savez` takes as its own arguments ("file", "allow_pickle")."""
+    with ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", {"scale": torch.tensor(3.0)})
+        client.load_model("named", architecture="named_outputs", checkpoint="w")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = run(
+        capsys, "predict", "named", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y"),
+        "--target", server.target,
+    )  # fmt: skip
+    assert code == 0, err
+    assert str(tmp_path / "y.npz") in out
+    with np.load(tmp_path / "y.npz") as saved:
+        assert sorted(saved.files) == ["allow_pickle", "file"]
+        np.testing.assert_array_equal(saved["file"], x * 3)
+        np.testing.assert_array_equal(saved["allow_pickle"], x * 6)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -240,11 +241,8 @@ def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
             for source, classes in zip(images or ["row"] * len(outputs), outputs, strict=False)
         ]
     if args.output:
-        if len(outputs) == 1:
-            np.save(args.output, next(iter(outputs.values())))
-        else:
-            np.savez(args.output, **outputs)
-        return f"saved {', '.join(outputs)} to {args.output}"
+        saved = _save(args.output, outputs)
+        return printable(f"saved {', '.join(outputs)} to {saved}")
     if args.json:  # every value, as nested lists
         return {
             name: {"dtype": str(a.dtype), "shape": list(a.shape), "values": a.tolist()}
@@ -569,6 +567,22 @@ def _hint(error: ModelHostError, target: str) -> str:
     if code == "UNAUTHENTICATED":
         return "\nhint: pass the token with --token or MODELHOST_TOKEN"
     return ""
+
+
+def _save(path: Path, outputs: dict[str, np.ndarray]) -> Path:
+    """Saves one output as .npy, several as .npz (entries named as the outputs, whatever
+    the names: `np.savez` would take "file" or "allow_pickle" as its own arguments);
+    returns the file written (numpy's suffix added where missing, as `np.save` does)."""
+    if len(outputs) == 1:
+        path = path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
+        np.save(path, next(iter(outputs.values())), allow_pickle=False)
+        return path
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in outputs.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
