@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from modelhost.client import ModelHostClient
-from modelhost.server import Settings, inference, running
+from modelhost.server import Server, Settings, inference, running
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 _VARIANTS = itertools.count(1)  # a code object per test: TorchDynamo's state stays apart
@@ -77,7 +77,7 @@ def test_warm_up_shapes_run_compiled_code_and_any_row_count_does(
 
 
 def test_a_new_shape_runs_uncompiled_at_once_and_compiles_on_the_compile_thread(
-    client: ModelHostClient, caplog: pytest.LogCaptureFixture
+    client: ModelHostClient, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A request of a shape the version has not compiled for answers at once, uncompiled:
     nothing compiles on the lane the other CPU versions share. The compile thread compiles
@@ -88,6 +88,11 @@ def test_a_new_shape_runs_uncompiled_at_once_and_compiles_on_the_compile_thread(
     assert _compiled_soon(client, "m-x3", (2, 5))
     assert _run(client, "m-x3", (7, 5))  # compiled for any row count above one
     assert _compiled_on(caplog) and all(t.startswith("compile") for t in _compiled_on(caplog))
+    assert server.host is not None
+    samples = server.host.metrics.registry.get_sample_value
+    compiled = {"model": "m-x3", "outcome": "compiled"}
+    assert samples("modelhost_background_compiles_total", compiled) == len(_compiled_on(caplog))
+    assert samples("modelhost_background_compile_seconds_count") == len(_compiled_on(caplog))
 
 
 def test_without_warmup_shape_the_first_requests_compile_in_the_background(

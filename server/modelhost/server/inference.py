@@ -127,6 +127,7 @@ class Runner:
         max_elements: int = Settings.max_tensor_elements,
         stream: torch.cuda.Stream | None = None,
         compiler: Executor | None = None,
+        on_compiled: Callable[[bool, float], None] = lambda compiled, seconds: None,
     ) -> None:
         self.module: nn.Module | None = None
         self.device = device
@@ -148,6 +149,7 @@ class Runner:
         # already (`_forward`), anything else uncompiled. CUDA graphs compile and capture
         # on the lane, as torch needs.
         self._compiler = compiler
+        self._on_compiled = on_compiled  # (whether it compiled, seconds) of each job
         # Held around a background compile: a lease on the version if it is on its device.
         self.hold: Callable[[], contextlib.AbstractContextManager[bool]] = lambda: (
             contextlib.nullcontext(True)
@@ -362,9 +364,11 @@ class Runner:
                     self._run_with(zeros, self._compiling)
             except ModelHostFailure as error:  # that shape keeps running uncompiled
                 log.warning("compiling for input shape %s failed: %s", _shapes(key), error)
+                self._on_compiled(False, time.perf_counter() - started)
                 return
         took = time.perf_counter() - started
         log.info("compiled for input shape %s (%.1fs)", _shapes(key), took)
+        self._on_compiled(True, took)
 
     def _run_with(self, batch: Tensors, forward: Callable[..., Any]) -> Tensors:
         host, done = self._guarded(lambda: self._launch(batch, forward))

@@ -120,6 +120,20 @@ class Metrics:
             buckets=PAGE_IN_BUCKETS,
             registry=r,
         )
+        self.compiles = Counter(
+            "modelhost_background_compiles",
+            "Compiles of compiled versions for input shapes met after their load, by model "
+            "and outcome (compiled, failed).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.compile_seconds = Histogram(
+            "modelhost_background_compile_seconds",
+            "Time of a background compile in seconds (requests of its shape run uncompiled "
+            "meanwhile).",
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         self.cache_requests = Counter(
             "modelhost_cache_requests",
             "Predict requests that found their version resident (hit) or paged it in "
@@ -143,6 +157,13 @@ class Metrics:
         def observe(count: int, total_rows: int) -> None:
             requests.observe(count)
             rows.observe(total_rows)
+
+        return observe
+
+    def compile_observer(self, model: str) -> Callable[[bool, float], None]:
+        def observe(compiled: bool, seconds: float) -> None:
+            self.compiles.labels(model, "compiled" if compiled else "failed").inc()
+            self.compile_seconds.observe(seconds)
 
         return observe
 

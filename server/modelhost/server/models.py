@@ -254,6 +254,7 @@ class Models:
             max_elements=settings.max_tensor_elements,
             stream=lane.stream,
             compiler=self._compiles,
+            on_compiled=self._metrics.compile_observer(spec.name),
         )
         try:
             runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
