@@ -476,6 +476,23 @@ MUTANTS = [
         "        await super().Watch(request, context)",
         ("tests/test_hostile_round4.py::test_open_health_watch_and_reflection_streams_are_capped",),
     ),
+    Mutant(
+        "inference: compiles keep TorchDynamo's default 8 graphs per model class",
+        SERVER + "inference.py",
+        "            config.recompile_limit = RECOMPILE_LIMIT\n",
+        "            pass\n",
+        ("tests/test_compiled.py::test_a_model_class_keeps_more_graphs_than_torchs_default",),
+    ),
+    Mutant(
+        "inference: callers' shapes may spend every graph of a model class",
+        SERVER + "inference.py",
+        "            if not _class_may_compile(self._code):\n                return\n",
+        "",
+        (
+            "tests/test_compiled.py::"
+            "test_the_graphs_of_a_model_class_are_not_all_spent_on_callers_shapes",
+        ),
+    ),
 ]
 
 

@@ -121,6 +121,39 @@ def test_new_shapes_past_the_limit_stay_uncompiled(
     assert any("met 3 input shapes" in r.getMessage() for r in caplog.records)
 
 
+def test_the_graphs_of_a_model_class_are_not_all_spent_on_callers_shapes(
+    client: ModelHostClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TorchDynamo keeps a limited number of graphs per code object, shared by every
+    version of one model class: background compiles (callers' shapes) may take only a
+    share of them, so the warm-ups of later loads still compile."""
+    monkeypatch.setattr(inference, "MAX_BACKGROUND_COMPILES_PER_CLASS", 1)
+    caplog.set_level(logging.WARNING, logger="modelhost.server.inference")
+    variant = _load(client, "a-x2", 2.0, warmup_shape=(2, 3))
+    _load(client, "b-x3", 3.0, variant=variant, warmup_shape=(2, 3))  # the same class
+    assert not _run(client, "a-x2", (1, 2, 4))
+    assert _compiled_soon(client, "a-x2", (1, 2, 4))  # the class's one background compile
+    assert not _run(client, "b-x3", (1, 2, 2, 4))
+    time.sleep(1)
+    assert not _run(client, "b-x3", (1, 2, 2, 4))  # none left for this class
+    assert any("met 1 input shapes after their loads" in r.getMessage() for r in caplog.records)
+    _load(client, "c-x4", 4.0, variant=variant, warmup_shape=(2, 5))  # a load still compiles
+    assert _run(client, "c-x4", (3, 5))
+
+
+def test_a_model_class_keeps_more_graphs_than_torchs_default(
+    client: ModelHostClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TorchDynamo keeps 8 graphs per code object by default, then runs whatever has none
+    uncompiled: the server allows RECOMPILE_LIMIT on the threads that compile."""
+    monkeypatch.setattr(inference, "MAX_COMPILED_SHAPES", 16)
+    _load(client, "m-x8", 8.0, warmup_shape=(2, 3))  # two graphs
+    shapes = [(1,) + (2,) * rank + (3,) for rank in range(1, 10)]  # nine more, by rank
+    for shape in shapes:
+        assert not _run(client, "m-x8", shape)
+    assert all(_compiled_soon(client, "m-x8", shape) for shape in shapes)
+
+
 def test_a_paged_in_version_compiles_again_in_the_background(settings: Settings) -> None:
     """A page-in brings a new module: the version answers with its own weights at once,
     and runs compiled code again (TorchDynamo's guards decide whether what was compiled

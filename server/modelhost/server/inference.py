@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -90,6 +91,15 @@ CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}
 
 MAX_COMPILED_SHAPES = 8
 """Input shapes a compiled version compiles for after its warm-up; others run uncompiled."""
+RECOMPILE_LIMIT = 64
+"""TorchDynamo's graphs per code object (`torch._dynamo.config.recompile_limit`, 8 by
+default), which every compiled version of one model class shares (resnet18 and resnet50
+share ResNet.forward's): past it, whatever has no graph yet runs uncompiled."""
+MAX_BACKGROUND_COMPILES_PER_CLASS = RECOMPILE_LIMIT // 2
+"""Background compiles (for shapes met after a load) per model class in a process: callers'
+shapes can never take the graphs that the warm-ups of later loads need."""
+_class_compiles: collections.Counter[Any] = collections.Counter()
+_class_compiles_lock = threading.Lock()
 
 ShapeKey = tuple[tuple[str, torch.dtype, int, tuple[int, ...]], ...]
 
@@ -158,6 +168,7 @@ class Runner:
         self._shapes_lock = threading.Lock()
         self._forward: Callable[..., Any] = _released
         self._compiling: Callable[..., Any] = _released
+        self._code: Any = None  # the module's forward code, for MAX_BACKGROUND_COMPILES_PER_CLASS
         if module is not None:  # None: a version registered before it is built (restore)
             self.attach(module)
 
@@ -335,6 +346,8 @@ class Runner:
         with self._shapes_lock:
             if key in self._compiled or len(self._compiled) >= MAX_COMPILED_SHAPES:
                 return
+            if not _class_may_compile(self._code):
+                return
             self._compiled.add(key)
             full = len(self._compiled) == MAX_COMPILED_SHAPES
         assert self._compiler is not None
@@ -440,11 +453,12 @@ class Runner:
         happen off the lane (see `run`, `_compile_later`)."""
         self.module = module
         self._forward = self._compiling = module
+        self._code = getattr(module.forward, "__code__", None)  # where torch keeps graphs
         with self._shapes_lock:  # after a page-in, compiled for the module before: a
             self._compiled.clear()  # request's compile job checks it fits (TorchDynamo's guards)
         if self.compile_mode:
             mode = None if self.compile_mode == "default" else self.compile_mode
-            self._compiling = torch.compile(module, mode=mode)
+            self._compiling = _compiled(module, mode)
             self._forward = self._compiling if self._cuda_graphs else torch._dynamo.run(module)
 
     def detach(self) -> nn.Module | None:
@@ -592,6 +606,38 @@ def top_classes(outputs: Tensors, k: int, labels: Sequence[str]) -> Answer:
         names = [labels[i] if i < len(labels) else str(i) for i in row_indices] if labels else []
         rows.append(pb.TopClasses(indices=row_indices, scores=row_scores, labels=names))
     return Answer({}, rows)
+
+
+def _class_may_compile(code: Any) -> bool:
+    """Counts one background compile against its model class's share of the graphs torch
+    keeps per code object; False once that share is spent (logged once)."""
+    with _class_compiles_lock:
+        if _class_compiles[code] >= MAX_BACKGROUND_COMPILES_PER_CLASS:
+            return False
+        _class_compiles[code] += 1
+        spent = _class_compiles[code] == MAX_BACKGROUND_COMPILES_PER_CLASS
+    if spent:
+        log.warning(
+            "compiled versions of %s met %d input shapes after their loads: new shapes of "
+            "this model class from now on run uncompiled",
+            getattr(code, "co_qualname", code),
+            MAX_BACKGROUND_COMPILES_PER_CLASS,
+        )
+    return True
+
+
+def _compiled(module: nn.Module, mode: str | None) -> Callable[..., Any]:
+    """`torch.compile(module)`, whose compiles may keep RECOMPILE_LIMIT graphs per code
+    object (TorchDynamo's settings are per thread: set on the thread that compiles)."""
+    compiled = torch.compile(module, mode=mode)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        config = torch._dynamo.config
+        if config.recompile_limit < RECOMPILE_LIMIT:  # noqa: PLR1730 (set only if lower: a set is not free)
+            config.recompile_limit = RECOMPILE_LIMIT
+        return compiled(*args, **kwargs)
+
+    return run
 
 
 def _shapes(key: ShapeKey) -> str:
