@@ -493,6 +493,36 @@ MUTANTS = [
             "test_the_graphs_of_a_model_class_are_not_all_spent_on_callers_shapes",
         ),
     ),
+    Mutant(
+        "hosted: an unload waits for a background compile of its version",
+        SERVER + "hosted.py",
+        "            self._compiles += held\n"
+        "        try:\n"
+        "            yield held\n"
+        "        finally:\n"
+        "            if held:\n"
+        "                with self._idle:\n"
+        "                    self._compiles -= 1\n"
+        "                if self.cache is not None:\n"
+        "                    self.cache.idle()\n",
+        "            self._leases += held\n"
+        "        try:\n"
+        "            yield held\n"
+        "        finally:\n"
+        "            if held:\n"
+        "                self.release()\n",
+        (
+            "tests/test_compiled.py::"
+            "test_an_unload_does_not_wait_for_a_background_compile_of_its_version",
+        ),
+    ),
+    Mutant(
+        "client: empty download messages count as progress (a trickle defeats stall_timeout)",
+        "client/modelhost/client/transfers.py",
+        'if len(message) if isinstance(message, memoryview) else message.HasField("info"):',
+        "if True:",
+        ("tests/test_client_hostile.py::test_a_stalled_download_ends_with_deadline_exceeded",),
+    ),
 ]
 
 

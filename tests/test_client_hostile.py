@@ -224,23 +224,34 @@ def test_a_download_to_memory_that_could_not_be_loaded_stops_at_its_header() -> 
 
 
 class StalledDownload(Fake):
-    """Sends a header, then nothing (until the client gives up)."""
+    """Sends a header, then nothing (until the client gives up); with `empty`, an empty
+    message or an empty chunk every 50 ms, which moves no bytes either."""
+
+    def __init__(self, empty: bool = False) -> None:
+        super().__init__()
+        self.empty = empty
 
     def DownloadCheckpoint(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         yield _header(10)
-        while context.is_active() and not self.released.wait(0.05):
-            pass
-        if not context.is_active():
-            self.cancelled.set()
+        empty = [pb.DownloadCheckpointResponse(chunk=b""), pb.DownloadCheckpointResponse()]
+        try:
+            while context.is_active() and not self.released.wait(0.05):
+                if self.empty:
+                    yield empty[0]
+                    empty.reverse()
+        finally:  # also when the client's cancel ends the stream at a yield
+            if not context.is_active():
+                self.cancelled.set()
 
 
 @CLIENTS
 @pytest.mark.parametrize("to_file", [False, True], ids=["memory", "file"])
+@pytest.mark.parametrize("empty", [False, True], ids=["silent", "empty-messages"])
 def test_a_stalled_download_ends_with_deadline_exceeded(
-    tmp_path: Path, aio: bool, to_file: bool
+    tmp_path: Path, aio: bool, to_file: bool, empty: bool
 ) -> None:
-    """No deadline, but no message for `stall_timeout`: the download is cancelled."""
-    fake = StalledDownload()
+    """No deadline, but no bytes for `stall_timeout`: the download is cancelled."""
+    fake = StalledDownload(empty)
     dest = tmp_path / "x.pt" if to_file else None
     with serving(fake) as target:
         raised = fails(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import types
 from typing import Any, ClassVar
 
@@ -210,6 +212,12 @@ def thread_namer() -> nn.Module:
     return ThreadNamer()
 
 
+TRACE_SECONDS = 0.0
+"""How long each trace of a CompileMarker's forward takes on top (a slow compile)."""
+TRACING = threading.Event()
+"""Set when a CompileMarker's forward is being traced."""
+
+
 @torch._dynamo.assume_constant_result
 def _traced() -> bool:
     """True while TorchDynamo traces the calling thread's code (a constant of the compiled
@@ -217,7 +225,11 @@ def _traced() -> bool:
     whether any thread is compiling."""
     from torch._guards import TracingContext
 
-    return TracingContext.try_get() is not None
+    tracing = TracingContext.try_get() is not None
+    if tracing:
+        TRACING.set()
+        time.sleep(TRACE_SECONDS)
+    return tracing
 
 
 class CompileMarker(nn.Module):

@@ -52,7 +52,7 @@ class AsyncModelHostClient(calls.ClientBase):
                     reply = None
                     try:
                         async for message in started:
-                            stall.moved()
+                            stall.received(message)
                             call.feed(message)
                     finally:
                         started.cancel()  # stops a server still sending (no-op once ended)

@@ -49,7 +49,7 @@ class ModelHostClient(calls.ClientBase):
                     stall.start(stream.cancel)
                     try:
                         for message in stream:
-                            stall.moved()
+                            stall.received(message)
                             call.feed(message)
                     finally:
                         stream.cancel()  # stops a server still sending (no-op once ended)

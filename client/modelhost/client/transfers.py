@@ -286,7 +286,7 @@ class Stall:
     """Cancels a transfer that stops moving: no message received (a download) or
     request message taken by gRPC to send (an upload) for `seconds` (None: never).
 
-    Wrap the request stream in `sending`, call `moved()` for each message received,
+    Wrap the request stream in `sending`, call `received()` for each message received,
     `start(cancel)` once the call exists; used as a context manager around the call, it
     turns the failure of a cancelled call into `DeadlineExceededError`. The wait for an
     upload's reply after its last chunk is not watched: the server commits then.
@@ -301,6 +301,12 @@ class Stall:
 
     def moved(self) -> None:
         self._last = time.monotonic()
+
+    def received(self, message: pb.DownloadCheckpointResponse | memoryview) -> None:
+        """A download's message (a chunk comes as a view): progress only if it carries
+        bytes or is the header, so empty messages do not keep a stalled download alive."""
+        if len(message) if isinstance(message, memoryview) else message.HasField("info"):
+            self.moved()
 
     def sending(self, requests: Iterator[T]) -> Iterator[T]:
         """`requests`, each one taken counting as a move; the watch ends after the last."""

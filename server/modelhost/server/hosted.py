@@ -94,6 +94,7 @@ class HostedModel:
 
     def __post_init__(self) -> None:
         self._leases = 0
+        self._compiles = 0  # background compiles running on its module
         self._idle = threading.Condition()
         self.runner.hold = self.held_if_resident
 
@@ -173,16 +174,20 @@ class HostedModel:
 
     @contextlib.contextmanager
     def held_if_resident(self) -> Iterator[bool]:
-        """A lease for work on its module off the request path (a compile), taken only while
-        it is on its device: yields whether it was."""
+        """Keeps it on its device (no eviction) during work on its module off the request
+        path (a background compile), if it is there: yields whether it was. An unload does
+        not wait for that work: the module is freed once the work lets go of it."""
         with self._idle:
             held = self.tier == RESIDENT and not self.retiring
-            self._leases += held
+            self._compiles += held
         try:
             yield held
         finally:
             if held:
-                self.release()
+                with self._idle:
+                    self._compiles -= 1
+                if self.cache is not None:
+                    self.cache.idle()
 
     def release(self) -> None:
         with self._idle:
@@ -199,7 +204,7 @@ class HostedModel:
         """Takes the module off this version if no request holds it (None if one does):
         from now on a request finds it in `tier` and pages it in."""
         with self._idle:
-            if self._leases or self.retiring or self.tier != RESIDENT:
+            if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:
                 return None
             self.tier = tier
         module = self.runner.detach()
@@ -222,11 +227,14 @@ class HostedModel:
     def return_to_device(self, module: nn.Module) -> None:
         """Serves again with `module`, paged in (a version built at its first page-in has
         its runner on it already: no second compile wrapper)."""
-        if self.runner.module is not module:
+        attach = self.runner.module is not module
+        if attach:
             self.runner.attach(module)
         self.loaded.module = module
         self.page_ins += 1
         self.tier = RESIDENT
+        if attach:  # torch's graphs fit the new module unless their guards say otherwise
+            self.runner.compile_again()
 
     def retire(self) -> None:
         """Blocks until no request holds this version, then frees it."""

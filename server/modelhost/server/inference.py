@@ -383,6 +383,16 @@ class Runner:
         log.info("compiled for input shape %s (%.1fs)", _shapes(key), took)
         self._on_compiled(True, took)
 
+    def compile_again(self) -> None:
+        """Runs each shape compiled for before once more on the compile thread, compiling
+        it where torch's graphs do not fit the module now attached (a page-in brings a new
+        one; they usually fit). Not counted against any budget: no new shape."""
+        with self._shapes_lock:
+            keys = list(self._compiled)
+        if self._compiler is not None and not self._cuda_graphs:
+            for key in keys:
+                self._compiler.submit(self._compile_for, key)
+
     def _run_with(self, batch: Tensors, forward: Callable[..., Any]) -> Tensors:
         host, done = self._guarded(lambda: self._launch(batch, forward))
         return self._collect(host, done)
@@ -454,8 +464,6 @@ class Runner:
         self.module = module
         self._forward = self._compiling = module
         self._code = getattr(module.forward, "__code__", None)  # where torch keeps graphs
-        with self._shapes_lock:  # after a page-in, compiled for the module before: a
-            self._compiled.clear()  # request's compile job checks it fits (TorchDynamo's guards)
         if self.compile_mode:
             mode = None if self.compile_mode == "default" else self.compile_mode
             self._compiling = _compiled(module, mode)
