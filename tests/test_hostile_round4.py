@@ -3,6 +3,7 @@ cost, unauthenticated streams that stay open, and a warm-up shape of too many di
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,8 +17,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_hostile_round3 import refused_load
 
 from conftest import build, detector, expect, serve
+from helpers.processes import free_port
 from modelhost.client import ModelHostClient
-from modelhost.server import Server, app
+from modelhost.server import Server, Settings, app, running
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
 SIDE = "a whole number from 1 to 2048"
@@ -164,3 +166,30 @@ def test_a_warmup_shape_of_more_dimensions_than_a_tensor_may_have_is_refused(
         "70 dimensions",
         "at most 64",
     )
+
+
+def test_probes_on_a_port_of_their_own_take_only_small_requests(settings: Settings) -> None:
+    """gRPC buffers a whole request before any check: without a token, a caller could send
+    most of a 256 MiB health Check and stop, and the server held it. With `health_port`,
+    probes answer there without a token and requests over 64 KiB are refused; on the main
+    port health and reflection then need a token, refused before the body is read."""
+    probed = dataclasses.replace(settings, token="s3cret", health_port=free_port())
+    check = health_pb2.HealthCheckRequest(service="modelhost.v1.ModelHost")
+    with running(probed) as server:
+        assert server.health_port == probed.health_port
+        with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as probes:
+            health = health_pb2_grpc.HealthStub(probes)
+            answer = health.Check(check, timeout=30)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            huge = health_pb2.HealthCheckRequest(service="x" * (100 << 10))
+            _refused(lambda: health.Check(huge, timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            reflect = reflection_pb2_grpc.ServerReflectionStub(probes).ServerReflectionInfo
+            listing = reflection_pb2.ServerReflectionRequest(list_services="")
+            listed = next(reflect(iter([listing]), timeout=30)).list_services_response
+            assert "modelhost.v1.ModelHost" in {service.name for service in listed.service}
+        with grpc.insecure_channel(server.target) as main:
+            health = health_pb2_grpc.HealthStub(main)
+            _refused(lambda: health.Check(check, timeout=30), grpc.StatusCode.UNAUTHENTICATED)
+            token = [("authorization", "Bearer s3cret")]
+            answer = health.Check(check, timeout=30, metadata=token)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -39,6 +39,10 @@ MAX_OPEN_STREAMS = 1000
 """Health Watch and reflection streams open at once, all callers together. They need no
 token and take no slot (probes answer however busy the server is), and each holds about
 20 KB for as long as its caller keeps it open. Health Check is never refused."""
+PROBE_MESSAGE_BYTES = 64 << 10
+"""Largest request the probe port (`health_port`) receives: gRPC buffers a whole message
+before any check can run, so on a port that needs no token the limit is what bounds a
+caller that sends most of a huge message and stops."""
 MAX_REFLECTION_REQUEST_BYTES = 4096
 """Largest reflection request (a symbol or file name); a stream keeps its last one."""
 
@@ -119,11 +123,13 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port = 0
+        self.health_port = 0
         self.metrics_port = 0
         self.host: Host | None = None
         self.streams = OpenStreams()
         self.health = HealthServicer(self.streams)
         self._grpc: grpc.aio.Server | None = None
+        self._probes: grpc.aio.Server | None = None
 
     @property
     def target(self) -> str:
@@ -150,7 +156,7 @@ class Server:
             self.host.metrics.close()
             raise
         log.info(
-            "modelhost serving on %s (%s, store %s, device %s%s)",
+            "modelhost serving on %s (%s, store %s, device %s%s%s)",
             self.target,
             "TLS" if credentials else "plaintext",
             settings.store,
@@ -158,6 +164,7 @@ class Server:
             f", metrics on {_address(settings.metrics_host, self.metrics_port)}"
             if self.metrics_port
             else "",
+            f", probes on {_address(settings.host, self.health_port)}" if self.health_port else "",
         )
         log.info("modelhost ready")
 
@@ -188,15 +195,24 @@ class Server:
             service.add_to_server(self.host, server),
             oip.add_to_server(self.host, server),
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflected = [
             *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            ReflectionServicer(reflected, self.streams), server
-        )
+        self._add_probes(server, reflected)
+        if settings.health_port:
+            self._probes = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", PROBE_MESSAGE_BYTES),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            self._add_probes(self._probes, reflected)
+            probes_at = _address(settings.host, settings.health_port)
+            self.health_port = self._probes.add_insecure_port(probes_at)
+            if self.health_port == 0:
+                raise OSError(f"cannot bind {probes_at}")
         address = _address(settings.host, settings.port)
         if credentials is not None:
             self.port = server.add_secure_port(address, credentials)
@@ -212,8 +228,17 @@ class Server:
         self.host.on_device_failure = not_serving
         for name in ("", *services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._probes is not None:
+            await self._probes.start()
         await server.start()
         self._grpc = server
+
+    def _add_probes(self, server: grpc.aio.Server, reflected: list[str]) -> None:
+        """Health and reflection (one health servicer: every port reports the same)."""
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(reflected, self.streams), server
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: reports NOT_SERVING, sends GOAWAY (clients take new calls elsewhere;
@@ -223,6 +248,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self._probes is not None:
+            await self._probes.stop(0)
         if self.host is not None:
             await self.host.close()
             self.host.metrics.close()

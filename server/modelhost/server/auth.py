@@ -93,6 +93,9 @@ class Tokens:
 
     inference: tuple[bytes, ...] = ()
     management: tuple[bytes, ...] = ()
+    # Health and reflection need no token, unless probes have a port of their own: then
+    # they need an inference token on the main port.
+    open_prefixes: tuple[str, ...] = OPEN_PREFIXES
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tokens:
@@ -101,6 +104,7 @@ class Tokens:
             management=_read_tokens(
                 "management_token", settings.management_token, settings.management_token_file
             ),
+            open_prefixes=() if settings.health_port else OPEN_PREFIXES,
         )
 
     @property
@@ -109,9 +113,10 @@ class Tokens:
 
     def verdict(self, method: str, presented: bytes | None) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and message that refuse it."""
-        if method.startswith(OPEN_PREFIXES):
+        if method.startswith(self.open_prefixes):
             return None
-        if TIERS.get(method, MANAGEMENT) == MANAGEMENT and self.management:
+        tier = INFERENCE if method.startswith(OPEN_PREFIXES) else TIERS.get(method, MANAGEMENT)
+        if tier == MANAGEMENT and self.management:
             if presented is not None and _matches(presented, self.management):
                 return None
             if presented is not None and _matches(presented, self.inference):

@@ -2,8 +2,9 @@
 
 For each call, in this order:
 
-1. Health checks and reflection pass straight through: they need no token and take
-   no slot, so probes answer however busy the server is.
+1. Health checks and reflection pass straight through: they take no slot, so probes
+   answer however busy the server is, and need no token (unless probes have a port of
+   their own, `health_port`: then an inference token).
 2. The bearer token is checked against the method's tier (`auth.Tokens`) from the
    call's headers alone: a refused caller's body is never read, let alone parsed.
 3. The call takes one of `max_concurrent_rpcs` slots or is refused with
@@ -56,8 +57,8 @@ class Gate(grpc.aio.ServerInterceptor):
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout
         self.active = 0
-        # method -> (its handler as served, whether it is open); handlers never change.
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, bool]] = {}
+        # method -> its handler as served; handlers never change.
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -65,16 +66,15 @@ class Gate(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
-        known = self._handlers.get(method)
-        if known is None:
+        served = self._handlers.get(method)
+        if served is None:
             handler = await continuation(details)
             if handler is None:
                 return None
-            is_open = method.startswith(OPEN_PREFIXES)
-            served = handler if is_open else self._guarded(handler, method.rsplit("/", 1)[-1])
-            known = self._handlers[method] = (served, is_open)
-        served, is_open = known
-        if not is_open and self.tokens.enabled:
+            is_probe = method.startswith(OPEN_PREFIXES)  # no slot, no read timeout
+            served = handler if is_probe else self._guarded(handler, method.rsplit("/", 1)[-1])
+            self._handlers[method] = served
+        if self.tokens.enabled:  # open methods pass, unless probes have their own port
             verdict = self.tokens.verdict(method, bearer(details.invocation_metadata))
             if verdict is not None:
                 return _refusal(served, *verdict)

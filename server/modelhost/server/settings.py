@@ -134,6 +134,12 @@ class Settings:
         "Most pixels (width x height, read from the header before decoding) of one JPEG "
         "or PNG image input (0: no limit).",
     )
+    health_port: int = _setting(
+        0,
+        "Port (on --host, plaintext) of a second gRPC listener with only health and "
+        "reflection, for probes: no token, requests of at most 64 KiB. When set, health and "
+        "reflection on the main port need a token like every other call (0: off).",
+    )
     metrics_port: int = _setting(0, "Port of the Prometheus /metrics endpoint (0: off).")
     metrics_host: str = _setting(
         "127.0.0.1",
