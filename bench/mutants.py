@@ -116,8 +116,8 @@ MUTANTS = [
     Mutant(
         "auth: an inference token passes a management RPC",
         SERVER + "auth.py",
-        "if TIERS.get(method, MANAGEMENT) == MANAGEMENT and self.management:",
-        "if TIERS.get(method, MANAGEMENT) == MANAGEMENT and not self.management:",
+        "if tier == MANAGEMENT and self.management:",
+        "if tier == MANAGEMENT and not self.management:",
         ("tests/test_security.py",),
     ),
     Mutant(
@@ -201,8 +201,8 @@ MUTANTS = [
     Mutant(
         "cache: a version with requests in flight or queued is evicted",
         SERVER + "hosted.py",
-        "if self._leases or self.retiring or self.tier != RESIDENT:",
-        "if self.retiring or self.tier != RESIDENT:",
+        "if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:",
+        "if self._compiles or self.retiring or self.tier != RESIDENT:",
         ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
     ),
     Mutant(
@@ -429,6 +429,7 @@ MUTANTS = [
     Mutant(
         "inference: a new shape is never compiled after the warm-up",
         SERVER + "inference.py",
+        "        assert self._compiler is not None\n"
         "        self._compiler.submit(self._compile_for, key)\n",
         "",
         (
@@ -522,6 +523,16 @@ MUTANTS = [
         'if len(message) if isinstance(message, memoryview) else message.HasField("info"):',
         "if True:",
         ("tests/test_client_hostile.py::test_a_stalled_download_ends_with_deadline_exceeded",),
+    ),
+    Mutant(
+        "auth: health on the main port stays open when probes have a port of their own",
+        SERVER + "auth.py",
+        "open_prefixes=() if settings.health_port else OPEN_PREFIXES,",
+        "open_prefixes=OPEN_PREFIXES,",
+        (
+            "tests/test_hostile_round4.py::"
+            "test_probes_on_a_port_of_their_own_take_only_small_requests",
+        ),
     ),
 ]
 
