@@ -226,12 +226,12 @@ def test_deployment_runs_the_image_on_a_gpu_with_grpc_probes(
 ) -> None:
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 50051, "probes": 50052, "metrics": 9090}
+    assert ports == {"grpc": 50051, "metrics": 9090}
     assert set(stages[-1].one("EXPOSE").split()) == {"50051", "9090"}
     for which in ("requests", "limits"):
         assert container["resources"][which][GPU] == 1
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):  # no token there
-        assert container[probe]["grpc"]["port"] == ports["probes"], probe
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == 50051, probe
     assert container["readinessProbe"]["grpc"]["service"] == "modelhost.v1.ModelHost"
 
 
@@ -262,8 +262,6 @@ def test_configuration_store_and_tokens_fit_together(
     assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     assert settings["MODELHOST_HOST"] == "0.0.0.0"
     assert settings["MODELHOST_PORT"] == "50051"
-    probes = {p["name"]: p["containerPort"] for p in container["ports"]}["probes"]
-    assert settings["MODELHOST_HEALTH_PORT"] == str(probes)  # where the probes go
     assert settings["MODELHOST_RESTORE"] == "true"
     assert "MODELHOST_INSECURE" not in settings
 
