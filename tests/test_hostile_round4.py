@@ -131,6 +131,22 @@ def test_open_health_watch_and_reflection_streams_are_capped(
         stream.cancel()
 
 
+def test_one_address_holds_only_its_share_of_the_open_streams(
+    three_streams: grpc.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One caller cannot take every open stream (all the others' Watch would be refused):
+    past its address's share, its next stream is RESOURCE_EXHAUSTED; Check still answers."""
+    monkeypatch.setattr(app, "MAX_OPEN_STREAMS_PER_ADDRESS", 2)
+    channel = three_streams
+    streams = [_watch(channel), _watch(channel)]
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    _refused(lambda: _watch(channel), exhausted, "2 health Watch", "from your address")
+    check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    for stream in streams:
+        stream.cancel()
+
+
 def test_watch_of_an_unknown_service_is_not_found_at_once(three_streams: grpc.Channel) -> None:
     """The services are set before the port opens and never change: a Watch of another
     name (up to max_message_bytes of it) is NOT_FOUND, as Check answers, and holds

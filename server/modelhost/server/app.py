@@ -12,6 +12,7 @@ are bounded in number and size (`OpenStreams`). Check is never refused.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -39,6 +40,8 @@ MAX_OPEN_STREAMS = 1000
 """Health Watch and reflection streams open at once, all callers together. They need no
 token and take no slot (probes answer however busy the server is), and each holds about
 20 KB for as long as its caller keeps it open. Health Check is never refused."""
+MAX_OPEN_STREAMS_PER_ADDRESS = 100
+"""Of those, the most one client address may hold: one caller cannot take them all."""
 PROBE_MESSAGE_BYTES = 64 << 10
 """Largest request the probe port (`health_port`) receives: gRPC buffers a whole message
 before any check can run, so on a port that needs no token the limit is what bounds a
@@ -53,20 +56,32 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self.open = 0
+        self._by_address: collections.Counter[str] = collections.Counter()
 
     @contextlib.asynccontextmanager
     async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        address = str(context.peer()).rsplit(":", 1)[0]  # "ipv4:10.0.0.5:43210": no port
         if self.open >= MAX_OPEN_STREAMS:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.open} health Watch and reflection streams are open, the most this "
                 "server keeps (they need no token): use health Check, or retry later",
             )
+        if self._by_address[address] >= MAX_OPEN_STREAMS_PER_ADDRESS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._by_address[address]} health Watch and reflection streams are open "
+                "from your address, the most one address may keep: use health Check",
+            )
         self.open += 1
+        self._by_address[address] += 1
         try:
             yield
         finally:
             self.open -= 1
+            self._by_address[address] -= 1
+            if not self._by_address[address]:
+                del self._by_address[address]
 
 
 class HealthServicer(health.aio.HealthServicer):
