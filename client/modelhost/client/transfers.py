@@ -269,17 +269,17 @@ _NOT_IN_MEMORY = "this checkpoint cannot be loaded safely in memory; pass dest= 
 def load_checkpoint_bytes(data: bytes, fmt: int) -> Any:
     """Loads downloaded bytes safely: safetensors, or torch.load(weights_only=True) of an
     archive checked first (archives.UnsafeArchive for a zip bomb: torch would inflate it)."""
+    if fmt not in IN_MEMORY:
+        raise ValueError(_NOT_IN_MEMORY)
     if fmt == pb.CHECKPOINT_FORMAT_SAFETENSORS:
         from safetensors.torch import load
 
         return load(data)
-    if fmt in (pb.CHECKPOINT_FORMAT_STATE_DICT, pb.CHECKPOINT_FORMAT_GENERAL_CHECKPOINT):
-        import torch
+    import torch
 
-        if data.startswith(archives.MAGIC):
-            archives.entries(io.BytesIO(data), len(data), "the downloaded checkpoint")
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    raise ValueError(_NOT_IN_MEMORY)
+    if data.startswith(archives.MAGIC):
+        archives.entries(io.BytesIO(data), len(data), "the downloaded checkpoint")
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
 class Stall:

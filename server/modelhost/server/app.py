@@ -5,8 +5,9 @@
 - `running(settings)` runs one on a background thread, for tests, benchmarks and
   scripts that are not asyncio programs.
 
-Health and reflection need no token and take no slot; their streams (Watch, reflection)
-are bounded in number and size (`OpenStreams`). Check is never refused.
+Health and reflection take no slot and need no token (on the main port, unless probes have
+a port of their own: `health_port`, where requests are small); their streams (Watch,
+reflection) are bounded in number and size (`OpenStreams`). Check is never refused.
 """
 
 from __future__ import annotations

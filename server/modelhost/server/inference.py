@@ -160,7 +160,7 @@ class Runner:
         # on the lane, as torch needs.
         self._compiler = compiler
         self._on_compiled = on_compiled  # (whether it compiled, seconds) of each job
-        # Held around a background compile: a lease on the version if it is on its device.
+        # Held around a background compile: keeps the version on its device (if it is).
         self.hold: Callable[[], contextlib.AbstractContextManager[bool]] = lambda: (
             contextlib.nullcontext(True)
         )
@@ -360,19 +360,19 @@ class Runner:
             )
 
     def _compile_for(self, key: ShapeKey) -> None:
-        """Compiles for `key`'s shape by running zeros of it (on the compile thread, holding
-        the version like a request does): one row, or two then three rows (a graph for any
-        count above one). Skipped if the version is not on its device."""
-        rows = (1,) if key and key[0][2] == 1 else (2, 3)
+        """Compiles for `key`'s shape by running zeros of it (on the compile thread, keeping
+        the version on its device meanwhile): one row, or two then three rows (a graph for
+        any count above one). Skipped if the version is not on its device."""
+        counts = (1,) if key and key[0][2] == 1 else (2, 3)
         started = time.perf_counter()
         with self.hold() as held:
             if not held:
                 return
             try:
-                for count in rows:
+                for count in counts:
                     zeros = {
-                        name: torch.zeros((count, *rest) if ndim != -1 else (), dtype=dtype)
-                        for name, dtype, ndim, rest in key
+                        name: torch.zeros((count, *rest) if rows != -1 else (), dtype=dtype)
+                        for name, dtype, rows, rest in key
                     }
                     self._run_with(zeros, self._compiling)
             except ModelHostFailure as error:  # that shape keeps running uncompiled
@@ -649,10 +649,10 @@ def _compiled(module: nn.Module, mode: str | None) -> Callable[..., Any]:
 
 
 def _shapes(key: ShapeKey) -> str:
-    rows = {1: "1", 2: "N", -1: ""}
+    shown = {1: "1", 2: "N"}
     return ", ".join(
-        f"{name} {[rows[ndim], *rest] if ndim != -1 else []} {_name(dtype)}"
-        for name, dtype, ndim, rest in key
+        f"{name} {[shown[rows], *rest] if rows != -1 else []} {_name(dtype)}"
+        for name, dtype, rows, rest in key
     )
 
 
