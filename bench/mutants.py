@@ -534,6 +534,29 @@ MUTANTS = [
             "test_probes_on_a_port_of_their_own_take_only_small_requests",
         ),
     ),
+    Mutant(
+        "app: one client address may hold every open Watch stream",
+        SERVER + "app.py",
+        "        if self._by_address[address] >= MAX_OPEN_STREAMS_PER_ADDRESS:",
+        "        if False:",
+        (
+            "tests/test_hostile_round4.py::"
+            "test_one_address_holds_only_its_share_of_the_open_streams",
+        ),
+    ),
+    Mutant(
+        "inference: a background compile runs two then three rows (two graphs, more rows)",
+        SERVER + "inference.py",
+        "                self._run_with(zeros, self._compiling, dynamic_rows=count > 1)\n",
+        "                self._run_with(zeros, self._compiling)\n"
+        "                if count > 1:\n"
+        "                    zeros = {n: torch.cat([t, t[:1]]) for n, t in zeros.items()}\n"
+        "                    self._run_with(zeros, self._compiling)\n",
+        (
+            "tests/test_compiled.py::"
+            "test_a_background_compile_makes_one_graph_for_any_row_count_above_one",
+        ),
+    ),
 ]
 
 

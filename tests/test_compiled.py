@@ -103,6 +103,24 @@ def test_without_warmup_shape_the_first_requests_compile_in_the_background(
     assert _compiled_soon(client, "m-x4", (1, 6))
 
 
+def test_a_background_compile_makes_one_graph_for_any_row_count_above_one(
+    client: ModelHostClient,
+) -> None:
+    """A request of several rows queues one compile, at two rows marked dynamic: not a
+    graph for two rows and another for three (twice the compiles, and more rows than a
+    two-row request brought, red team 4's L5)."""
+    from helpers import models
+
+    _load(client, "m-x9", 9.0)
+    before = len(models.TRACES)
+    assert not _run(client, "m-x9", (4, 5))
+    assert _compiled_soon(client, "m-x9", (4, 5))
+    assert _run(client, "m-x9", (2, 5))
+    assert _run(client, "m-x9", (11, 5))
+    traces = models.TRACES[before:]
+    assert len(traces) == 1 and traces[0].startswith("compile"), traces
+
+
 def test_new_shapes_past_the_limit_stay_uncompiled(
     client: ModelHostClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

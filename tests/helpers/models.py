@@ -216,6 +216,8 @@ TRACE_SECONDS = 0.0
 """How long each trace of a CompileMarker's forward takes on top (a slow compile)."""
 TRACING = threading.Event()
 """Set when a CompileMarker's forward is being traced."""
+TRACES: list[str] = []
+"""The thread of each trace of a CompileMarker's forward (a graph compiled), in order."""
 
 
 @torch._dynamo.assume_constant_result
@@ -227,6 +229,7 @@ def _traced() -> bool:
 
     tracing = TracingContext.try_get() is not None
     if tracing:
+        TRACES.append(threading.current_thread().name)
         TRACING.set()
         time.sleep(TRACE_SECONDS)
     return tracing

@@ -361,20 +361,20 @@ class Runner:
 
     def _compile_for(self, key: ShapeKey) -> None:
         """Compiles for `key`'s shape by running zeros of it (on the compile thread, keeping
-        the version on its device meanwhile): one row, or two then three rows (a graph for
-        any count above one). Skipped if the version is not on its device."""
-        counts = (1,) if key and key[0][2] == 1 else (2, 3)
+        the version on its device meanwhile): one row, or two rows marked dynamic (one
+        graph for any count above one, compiled at no more rows than the request that
+        queued it had). Skipped if the version is not on its device."""
+        count = 1 if key and key[0][2] == 1 else 2
         started = time.perf_counter()
         with self.hold() as held:
             if not held:
                 return
             try:
-                for count in counts:
-                    zeros = {
-                        name: torch.zeros((count, *rest) if rows != -1 else (), dtype=dtype)
-                        for name, dtype, rows, rest in key
-                    }
-                    self._run_with(zeros, self._compiling)
+                zeros = {
+                    name: torch.zeros((count, *rest) if rows != -1 else (), dtype=dtype)
+                    for name, dtype, rows, rest in key
+                }
+                self._run_with(zeros, self._compiling, dynamic_rows=count > 1)
             except ModelHostFailure as error:  # that shape keeps running uncompiled
                 log.warning("compiling for input shape %s failed: %s", _shapes(key), error)
                 self._on_compiled(False, time.perf_counter() - started)
@@ -393,8 +393,10 @@ class Runner:
             for key in keys:
                 self._compiler.submit(self._compile_for, key)
 
-    def _run_with(self, batch: Tensors, forward: Callable[..., Any]) -> Tensors:
-        host, done = self._guarded(lambda: self._launch(batch, forward))
+    def _run_with(
+        self, batch: Tensors, forward: Callable[..., Any], *, dynamic_rows: bool = False
+    ) -> Tensors:
+        host, done = self._guarded(lambda: self._launch(batch, forward, dynamic_rows))
         return self._collect(host, done)
 
     def _collect(self, host: Tensors, done: torch.cuda.Event | None) -> Tensors:
@@ -420,10 +422,10 @@ class Runner:
         raise failure
 
     def _launch(
-        self, batch: Tensors, forward: Callable[..., Any]
+        self, batch: Tensors, forward: Callable[..., Any], dynamic_rows: bool = False
     ) -> tuple[Tensors, torch.cuda.Event | None]:
         """Queues the batch's work through `forward`; host outputs (valid once the returned
-        event is done)."""
+        event is done). With `dynamic_rows`, a compile treats the row count as dynamic."""
         if self._cuda_graphs:
             prepare_cuda_graphs_on_this_thread()
         if self._stream is not None:
@@ -438,6 +440,10 @@ class Runner:
                     tensor.record_stream(self._stream)
         with self._on_stream(), torch.inference_mode(), self._autocast():
             staged = {name: self._stage(t) for name, t in batch.items()}
+            if dynamic_rows:
+                for tensor in staged.values():
+                    if tensor.dim():
+                        torch._dynamo.maybe_mark_dynamic(tensor, 0)
             with CUDA_GRAPHS if self._cuda_graphs else nullcontext():
                 if len(staged) == 1:
                     result = forward(next(iter(staged.values())))
