@@ -5,7 +5,11 @@
 #     -v modelhost-store:/var/lib/modelhost/store -v "$PWD/tokens:/etc/modelhost/tokens:ro" \
 #     -e MODELHOST_TOKEN_FILE=/etc/modelhost/tokens/token \
 #     -e MODELHOST_MANAGEMENT_TOKEN_FILE=/etc/modelhost/tokens/management-token \
+#     -e MODELHOST_HEALTH_PORT=50052 \
 #     modelhost:0.1.0
+#
+# (MODELHOST_HEALTH_PORT: health checks get a plaintext port of their own, which the
+# HEALTHCHECK below asks; it need not be published.)
 #
 # The base brings Python, torch 2.14.1 and torchvision 0.29.1 built for CUDA 12.6 and cuDNN 9.
 # On a node without a GPU the same image runs on the CPU (MODELHOST_DEVICE=auto).
@@ -96,10 +100,12 @@ WORKDIR /home/modelhost
 # For `docker run` and compose; Kubernetes uses its own gRPC probes instead. Like the
 # Deployment's readiness probe it asks for the modelhost.v1.ModelHost service: healthy once
 # the models are restored and calls are taken; the check fails while draining (SIGTERM).
-# Health stays open without a token; with TLS on, override this check or run with
-# --no-healthcheck.
+# `modelhost health --local` asks this container's server, plaintext and without a token:
+# on the probe port (MODELHOST_HEALTH_PORT) when it is set, else on MODELHOST_PORT (where
+# health is open when there is no probe port). With TLS on the main port, set
+# MODELHOST_HEALTH_PORT (the probe port is always plaintext) or run with --no-healthcheck.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, sys; from modelhost.client import ModelHostClient; sys.exit(ModelHostClient('127.0.0.1:' + os.environ['MODELHOST_PORT'], timeout=5).health('modelhost.v1.ModelHost') != 'SERVING')"]
+    CMD ["modelhost", "health", "--local", "--service", "modelhost.v1.ModelHost", "--timeout", "5"]
 
 # SIGTERM (docker stop, Kubernetes) drains calls in flight for MODELHOST_GRACE_SECONDS.
 ENTRYPOINT ["modelhost"]

@@ -28,6 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from modelhost.cli import build_parser
 from modelhost.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,17 +222,27 @@ def test_kustomization_applies_every_manifest_but_the_secret_example() -> None:
     assert set(kustomization["resources"]) == manifests - {"secret.example.yaml"}
 
 
-def test_deployment_runs_the_image_on_a_gpu_with_grpc_probes(
-    stages: list[Stage], pod: dict[str, Any]
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+
+
+def test_deployment_runs_the_image_on_a_gpu_with_grpc_probes_on_the_probe_port(
+    stages: list[Stage], k8s: dict[str, list[dict[str, Any]]], pod: dict[str, Any]
 ) -> None:
     (container,) = pod["spec"]["containers"]
+    (config,) = k8s["ConfigMap"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9090}
+    assert ports == {"grpc": 50051, "metrics": 9090, "probe": 50052}
+    # The image publishes what callers use; the probe port is only asked from inside.
     assert set(stages[-1].one("EXPOSE").split()) == {"50051", "9090"}
     for which in ("requests", "limits"):
         assert container["resources"][which][GPU] == 1
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == 50051, probe
+    # The probes ask the server's probe port (no token there), not the main port (where
+    # health then needs a token): the ConfigMap turns it on at the port they ask.
+    assert config["data"]["MODELHOST_HEALTH_PORT"] == str(ports["probe"])
+    assert config["data"]["MODELHOST_PORT"] == str(ports["grpc"])
+    for probe in PROBES:
+        assert set(container[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
+        assert container[probe]["grpc"]["port"] == ports["probe"], probe
     assert container["readinessProbe"]["grpc"]["service"] == "modelhost.v1.ModelHost"
 
 
@@ -302,6 +313,12 @@ def test_services_and_autoscaler_target_the_deployment(
     assert {"name": "grpc", "port": 50051} in [
         {"name": p["name"], "port": p["port"]} for p in services["modelhost-headless"]["ports"]
     ]
+    # The probe port is for the kubelet only: no Service exposes it.
+    probe_port = {p["name"]: p["containerPort"] for p in container["ports"]}["probe"]
+    for name, spec in services.items():
+        for port in spec["ports"]:
+            assert port["targetPort"] not in ("probe", probe_port), (name, port)
+            assert port["port"] != probe_port, (name, port)
 
     (hpa,) = k8s["HorizontalPodAutoscaler"]
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -342,10 +359,16 @@ def test_kserve_runtime_serves_the_open_inference_protocol_on_the_grpc_port(
     (container,) = spec["containers"]
     assert container["image"] == pod["spec"]["containers"][0]["image"]
     assert container["command"] + container["args"] == ["modelhost", "serve"]
-    # KServe sends gRPC to the container port named h2c: modelhost's only port for calls.
+    # KServe sends gRPC to the container port named h2c: modelhost's only port for calls,
+    # and the only one listed (Knative allows one).
     assert container["ports"] == [{"name": "h2c", "containerPort": 50051, "protocol": "TCP"}]
     env = env_names(container)
     assert env["MODELHOST_PORT"] == "50051"
+    # The probes ask the probe port, as the Deployment's do.
+    assert env["MODELHOST_HEALTH_PORT"] == "50052"
+    for probe in PROBES:
+        assert container[probe]["grpc"]["port"] == 50052, probe
+    assert container["readinessProbe"]["grpc"]["service"] == "modelhost.v1.ModelHost"
     assert env["MODELHOST_STORE"] == "/mnt/models"  # where KServe mounts storageUri
     assert env["MODELHOST_RESTORE"] == "true"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -433,6 +456,23 @@ def test_dockerfile_builds_a_pinned_multi_stage_non_root_image(stages: list[Stag
         "modelhost",
         "serve",
     ]
+
+
+def test_healthcheck_asks_what_the_readiness_probe_asks(
+    stages: list[Stage], pod: dict[str, Any]
+) -> None:
+    """The HEALTHCHECK runs `modelhost health --local` (the probe port when
+    MODELHOST_HEALTH_PORT is set, else the main port) for the readiness probe's service,
+    with a deadline inside Docker's timeout; the command parses as the CLI reads it."""
+    (container,) = pod["spec"]["containers"]
+    options, _, command = stages[-1].one("HEALTHCHECK").partition(" CMD ")
+    argv = exec_form(command)
+    assert argv[:3] == ["modelhost", "health", "--local"], argv
+    args = build_parser(serve_flags=False).parse_args(argv[1:])
+    assert args.local and args.service == container["readinessProbe"]["grpc"]["service"]
+    docker_timeout = re.search(r"--timeout=(\d+)s", options)
+    assert docker_timeout and args.timeout is not None
+    assert 0 < args.timeout < int(docker_timeout[1]), (args.timeout, options)
 
 
 def test_build_context_holds_the_sources_and_nothing_else(stages: list[Stage]) -> None:

@@ -6,8 +6,10 @@ to get a daemon or to build the image fails the tests, it never skips them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
 import time
 import uuid
 import warnings
@@ -20,7 +22,6 @@ import pytest
 
 from container import docker as d
 from helpers.certs import Pki, make_pki
-from helpers.processes import free_port
 
 IMAGE_UID = 10001
 # The image may add at most this much to its base: the server's virtual environment
@@ -127,6 +128,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return found
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different ports free on 127.0.0.1 now (held together while they are picked,
+    so that no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 class Containers:
     """Makes containers and volumes for one test; `cleanup()` removes them."""
 
@@ -150,13 +161,16 @@ class Containers:
         tokens: Tokens | None = None,
         image: str | None = None,
         port: int | None = None,
+        probes: bool = True,
         mounts: tuple[str, ...] = (),
         **options: Any,
     ) -> d.Container:
-        """A container of the image (or `image`) on a free port (or `port`), its store
-        on the named volume `store` (a new one by default), `tokens` mounted read-only
-        where deploy/kubernetes mounts them; `options` go to docker.run_container."""
+        """A container of the image (or `image`) on a free port (or `port`), with a probe
+        port of its own (a free one; none without `probes`), its store on the named volume
+        `store` (a new one by default), `tokens` mounted read-only where deploy/kubernetes
+        mounts them; `options` go to docker.run_container."""
         store = store or self.volume()
+        picked = iter(p for p in free_ports(3) if p != port)
         all_mounts = [f"type=volume,source={store},target={STORE}", *mounts]
         if tokens is not None:
             all_mounts.append(tokens.mount())
@@ -164,8 +178,9 @@ class Containers:
             self.docker,
             image or self.image.tag,
             name=f"{self.prefix}-{role}",
-            port=port or free_port(),
-            metrics_port=free_port(),
+            port=port or next(picked),
+            metrics_port=next(picked),
+            health_port=next(picked) if probes else 0,
             mounts=all_mounts,
             **options,
         )

@@ -12,7 +12,9 @@ Dockerfile built with it, and containers run from that image.
   configuration, tagged by a hash of its recipe so that it is built once per machine.
 - `build_image()`: `docker build` of the repository, as a user runs it.
 - `Container`: `docker run` with the options the deployment uses (read-only root, /tmp
-  tmpfs, no capabilities, no new privileges, host network on 127.0.0.1).
+  tmpfs, no capabilities, no new privileges, host network on 127.0.0.1), and the
+  configmap's settings with ports of its own (gRPC, probes, metrics): containers share the
+  host's network, so the configmap's fixed ports would collide.
 
 Every container, volume and image made here carries the label `LABEL`, with the session's
 id as value, and is removed by the fixtures (tests/container/conftest.py).
@@ -518,10 +520,17 @@ class Container:
     name: str
     port: int = 0
     metrics_port: int = 0
+    health_port: int = 0  # the probe port (MODELHOST_HEALTH_PORT); 0: none
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def probe_target(self) -> str:
+        """The probe port's address (health and reflection only, no token)."""
+        assert self.health_port, f"{self.name} runs without a probe port"
+        return f"127.0.0.1:{self.health_port}"
 
     def state(self) -> dict[str, Any]:
         return self.docker.inspect(self.name)["State"]
@@ -557,18 +566,6 @@ class Container:
                 )
             time.sleep(0.25)
 
-    def wait_serving(self, ready: Callable[[], bool], timeout: float = 180) -> float:
-        """Waits until `ready()` (for containers without a usable HEALTHCHECK, e.g. TLS)."""
-        began = time.monotonic()
-        while not ready():
-            state = self.state()
-            if not state["Running"]:
-                raise DockerError(f"{self.name} exited ({state['ExitCode']}):\n{self.logs()}")
-            if time.monotonic() - began > timeout:
-                raise DockerError(f"{self.name} not serving in {timeout:.0f}s:\n{self.logs()}")
-            time.sleep(0.25)
-        return time.monotonic() - began
-
     def stop(self, grace: float = 45) -> float:
         """`docker stop -t grace` (SIGTERM, SIGKILL after `grace`); returns its seconds."""
         began = time.monotonic()
@@ -599,6 +596,7 @@ def run_container(
     name: str,
     port: int,
     metrics_port: int,
+    health_port: int,
     env: Mapping[str, str] = {},
     mounts: Sequence[str] = (),
     read_only: bool = True,
@@ -606,19 +604,22 @@ def run_container(
     stop_timeout: int = 45,
 ) -> Container:
     """`docker run -d` of `image`, locked down like deploy/kubernetes/deployment.yaml: the
-    configmap's settings, on 127.0.0.1:`port` (host network), metrics on `metrics_port`.
+    configmap's settings, on 127.0.0.1:`port` (host network), probes on `health_port`
+    (0: no probe port, MODELHOST_HEALTH_PORT left out), metrics on `metrics_port`.
 
     `mounts`: `--mount` values (e.g. a named store volume, read-only token files).
     `healthcheck`: "fast" keeps the image's HEALTHCHECK command and makes it run every
-    second; "image" keeps it as it is; "none" turns it off (a TLS port: the check is
-    plaintext)."""
+    second; "image" keeps it as it is; "none" turns it off."""
     settings = configmap_env() | {
         "MODELHOST_HOST": "127.0.0.1",
         "MODELHOST_PORT": str(port),
+        "MODELHOST_HEALTH_PORT": str(health_port),
         "MODELHOST_METRICS_HOST": "127.0.0.1",
         "MODELHOST_METRICS_PORT": str(metrics_port),
         **env,
     }
+    if not health_port:
+        del settings["MODELHOST_HEALTH_PORT"]  # as an image run without it
     args = [
         "run",
         "--detach",
@@ -638,7 +639,7 @@ def run_container(
     elif healthcheck == "none":
         args.append("--no-healthcheck")
     docker.run(*args, image)
-    return Container(docker, name, port, metrics_port)
+    return Container(docker, name, port, metrics_port, health_port)
 
 
 def volume(docker: Docker, name: str) -> str:

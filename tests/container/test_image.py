@@ -27,6 +27,7 @@ from container.conftest import (
 from container.service import MODEL, check_predict, connect, metrics, predicts, serve_model
 from helpers.certs import Pki
 from helpers.triton import start_child
+from modelhost.cli import build_parser, local_target
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -70,25 +71,34 @@ def test_image_is_lean_non_root_and_holds_no_build_leftovers(
 def test_kubernetes_probes_and_the_healthcheck_ask_the_same_health_service(
     docker: d.Docker, image: Image
 ) -> None:
-    """Docker's HEALTHCHECK and Kubernetes' readiness probe both ask grpc.health.v1 for
-    the ModelHost service on the gRPC port: healthy means models restored and serving."""
+    """Docker's HEALTHCHECK and Kubernetes' probes both ask grpc.health.v1 on the probe
+    port (MODELHOST_HEALTH_PORT, set by the configmap) for the ModelHost service: healthy
+    means models restored and serving. The image leaves the probe port off (containers
+    sharing a host network would fight over a fixed one): its check then asks the main
+    port, where health is open while there is no probe port."""
     (deployment,) = [doc for doc in yaml.safe_load_all(DEPLOYMENT.read_text()) if doc]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     readiness = container["readinessProbe"]["grpc"]
     command = healthcheck(docker, image.tag)
-    asked = re.findall(r"\.health\('([^']*)'\)", " ".join(command))
-    assert asked == [readiness["service"]] == ["modelhost.v1.ModelHost"], command
-    # Same port: the probes' port is the container's gRPC port, the one the image listens on.
+    assert command[:3] == ["modelhost", "health", "--local"], command
+    args = build_parser(serve_flags=False).parse_args(command[1:])
+    assert args.service == readiness["service"] == "modelhost.v1.ModelHost", command
     env = dict(
         item.split("=", 1)
         for item in json.loads(
             docker.out("image", "inspect", "--format={{json .Config.Env}}", image.tag)
         )
     )
+    config = d.configmap_env()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == ports["grpc"] == int(env["MODELHOST_PORT"])
-    assert "MODELHOST_PORT" in " ".join(command)
+        assert container[probe]["grpc"]["port"] == ports["probe"], probe
+    assert ports["probe"] == int(config["MODELHOST_HEALTH_PORT"])
+    assert ports["grpc"] == int(env["MODELHOST_PORT"]) == int(config["MODELHOST_PORT"])
+    # Where the check asks: the image alone, then with the configmap's settings.
+    assert "MODELHOST_HEALTH_PORT" not in env
+    assert local_target(env) == f"127.0.0.1:{ports['grpc']}"
+    assert local_target(env | config) == f"127.0.0.1:{ports['probe']}"
 
 
 def test_serves_read_only_with_mounted_tokens(
@@ -108,11 +118,18 @@ def test_serves_read_only_with_mounted_tokens(
     assert re.search(r"^CapEff:\s+0+$", status, re.MULTILINE), status
     print(f"healthy {waited:.1f}s after docker run")
 
+    # The probe port answers health without a token, and nothing else. On the main port
+    # health then needs a token like every call: the HEALTHCHECK asked the probe port.
+    with connect(server.probe_target) as probe:
+        assert probe.health("modelhost.v1.ModelHost") == "SERVING"
+        expect(grpc.StatusCode.UNIMPLEMENTED, probe.list_models)
+    assert "SERVING" in inspected["State"]["Health"]["Log"][-1]["Output"]
     # Without a token: refused; with the inference token: no uploads.
     with connect(server.target) as anonymous:
-        assert anonymous.health() == "SERVING"  # health stays open, for the probes
+        expect(grpc.StatusCode.UNAUTHENTICATED, anonymous.health)
         expect(grpc.StatusCode.UNAUTHENTICATED, anonymous.list_models)
     with connect(server.target, tokens.inference) as reader:
+        assert reader.health() == "SERVING"
         expect(grpc.StatusCode.PERMISSION_DENIED, lambda: reader.save_checkpoint("x", b"0"))
 
     # Upload, load and predict from the host, as the management tier.
@@ -139,11 +156,20 @@ def test_writes_nothing_outside_the_store_and_tmp(
     docker: d.Docker, tokens: Tokens, containers: Containers
 ) -> None:
     """The same work on a writable root: `docker diff` shows that nothing but the store
-    (a volume) and /tmp (a tmpfs) was written, so --read-only costs nothing."""
+    (a volume) and /tmp (a tmpfs) was written, so --read-only costs nothing. Without a
+    probe port (the image's default): the HEALTHCHECK asks the main port, where health is
+    then open."""
     server = containers.run(
-        "writable", tokens=tokens, read_only=False, mounts=("type=tmpfs,target=/tmp",)
+        "writable",
+        tokens=tokens,
+        read_only=False,
+        mounts=("type=tmpfs,target=/tmp",),
+        probes=False,
     )
+    assert "MODELHOST_HEALTH_PORT" not in "".join(docker.inspect(server.name)["Config"]["Env"])
     server.wait_healthy()
+    with connect(server.target) as anonymous:
+        assert anonymous.health("modelhost.v1.ModelHost") == "SERVING"
     with connect(server.target, tokens.management) as client:
         model = serve_model(client)
         check_predict(client, model)
@@ -163,8 +189,8 @@ def test_tls_and_tokens_from_mounted_files(
     tokens: Tokens, pki: Pki, containers: Containers
 ) -> None:
     """TLS certificate and key read from a read-only mount (like a Kubernetes TLS
-    Secret), tokens too. The HEALTHCHECK speaks plaintext: off here, as the Dockerfile
-    says to do with TLS."""
+    Secret), tokens too. The HEALTHCHECK speaks plaintext: with a probe port (always
+    plaintext) it works with TLS on the main port."""
     folder = Path(pki.ca).parent
     server = containers.run(
         "tls",
@@ -174,18 +200,12 @@ def test_tls_and_tokens_from_mounted_files(
             "MODELHOST_TLS_CERT_FILE": f"{TLS_DIR}/{pki.server_cert.name}",
             "MODELHOST_TLS_KEY_FILE": f"{TLS_DIR}/{pki.server_key.name}",
         },
-        healthcheck="none",
     )
-
-    def serving() -> bool:
-        try:
-            with connect(server.target, ca_file=str(pki.ca), timeout=2) as probe:
-                return probe.health("modelhost.v1.ModelHost") == "SERVING"
-        except Exception:
-            return False
-
-    server.wait_serving(serving)
+    server.wait_healthy()
+    with connect(server.probe_target) as probe:
+        assert probe.health("modelhost.v1.ModelHost") == "SERVING"
     with connect(server.target, tokens.inference, ca_file=str(pki.ca)) as client:
+        assert client.health("modelhost.v1.ModelHost") == "SERVING"
         assert client.list_models() == []
     with connect(server.target, ca_file=str(pki.ca)) as anonymous:
         expect(grpc.StatusCode.UNAUTHENTICATED, anonymous.list_models)

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
@@ -300,6 +300,32 @@ def cmd_health(client: ModelHostClient, args: argparse.Namespace) -> Any:
     return status
 
 
+WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def local_target(environ: Mapping[str, str]) -> str:
+    """Where `health --local` asks: the server that the `MODELHOST_*` variables of
+    `environ` configure (as the image's HEALTHCHECK runs it, inside the container). Its
+    probe port (MODELHOST_HEALTH_PORT) when set, which is plaintext and needs no token;
+    else its main port (MODELHOST_PORT), unless that one speaks TLS. On 127.0.0.1 when
+    MODELHOST_HOST binds every address, else on MODELHOST_HOST."""
+    host = environ.get("MODELHOST_HOST", "").strip()
+    host = "127.0.0.1" if host in WILDCARDS else host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    probes = environ.get("MODELHOST_HEALTH_PORT", "").strip() or "0"
+    if not probes.isdigit():
+        raise ValueError(f"MODELHOST_HEALTH_PORT={probes!r} is not a port")
+    if int(probes):
+        return f"{host}:{int(probes)}"
+    if environ.get("MODELHOST_TLS_CERT_FILE", "").strip():
+        raise ValueError(
+            "the main port speaks TLS and this check plaintext: give probes a port of their "
+            "own (MODELHOST_HEALTH_PORT, always plaintext), or turn the check off"
+        )
+    return f"{host}:{environ.get('MODELHOST_PORT', '').strip() or '50051'}"
+
+
 # Parser
 
 
@@ -401,6 +427,14 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
 
     p = command("health", cmd_health, "Check the server's health; exit 1 unless SERVING.")
     p.add_argument("--service", default="")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="instead of --target, ask the server that this environment's MODELHOST_* "
+        "variables configure (the image's HEALTHCHECK): its probe port "
+        "(MODELHOST_HEALTH_PORT) when set, else its main port (MODELHOST_PORT); "
+        "plaintext, no token",
+    )
     return parser
 
 
@@ -600,6 +634,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_name=args.server_name,
         max_message_bytes=args.max_message_bytes,
     )
+    if getattr(args, "local", False):
+        try:
+            args.target = local_target(os.environ)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        config = ChannelConfig(max_message_bytes=args.max_message_bytes)
     try:
         with ModelHostClient(args.target, timeout=args.timeout, config=config) as client:
             result = args.fn(client, args)
