@@ -557,6 +557,65 @@ MUTANTS = [
             "test_a_background_compile_makes_one_graph_for_any_row_count_above_one",
         ),
     ),
+    Mutant(
+        "wire: check_fields counts top-level fields only (nested entries parsed unbounded)",
+        "client/modelhost/client/wire.py",
+        "if field is not None and field.message is not None:",
+        "if False:",
+        ("tests/test_nested_limits.py::test_model_infer_bounds_nested_fields",),
+    ),
+    Mutant(
+        "oip: ModelInfer's nested fields are not counted before protobuf parses them",
+        SERVER + "oip.py",
+        "        request.DESCRIPTOR,\n",
+        "",
+        ("tests/test_nested_limits.py::test_model_infer_bounds_nested_fields",),
+    ),
+    Mutant(
+        "client: replies are parsed without counting their fields",
+        "client/modelhost/client/calls.py",
+        "            wire.check_fields(data, reply, most_fields)",
+        "            pass",
+        (
+            "tests/test_client_reply_limits.py::"
+            "test_a_reply_over_its_field_limit_is_refused_unparsed",
+        ),
+    ),
+    Mutant(
+        "client: a download into memory is bounded only by max_download_bytes",
+        "client/modelhost/client/transfers.py",
+        "if self.dest is None and info.size_bytes > MAX_MEMORY_DOWNLOAD_BYTES:",
+        "if False:",
+        ("tests/test_client_reply_limits.py::test_a_download_into_memory_is_capped",),
+    ),
+    Mutant(
+        "inference: a detection batch runs whatever its estimated memory",
+        SERVER + "inference.py",
+        "        self.check_cost(batch)\n",
+        "",
+        ("tests/test_detection_cost.py::test_a_costly_batch_is_refused_before_the_model_runs",),
+    ),
+    Mutant(
+        "architectures: Mask R-CNN's masks pasted at the input's size are not counted",
+        SERVER + "architectures.py",
+        "pasted = 8 * height * width if self.masks else 0",
+        "pasted = 0",
+        ("tests/test_detection_cost.py::test_the_estimate_covers_the_measured_peaks",),
+    ),
+    Mutant(
+        "models: the runner ignores the operator's max_detection_bytes",
+        SERVER + "models.py",
+        "            max_detection_bytes=settings.max_detection_bytes,\n",
+        "",
+        ("tests/test_detection_cost.py::test_the_limit_is_the_servers_setting",),
+    ),
+    Mutant(
+        "models: a detection model whose every Predict is refused loads",
+        SERVER + "models.py",
+        "            _check_one_image_fits(runner, loaded.inputs)\n",
+        "",
+        ("tests/test_detection_cost.py::test_mask_rcnn_detections_are_bounded_by_their_cost",),
+    ),
 ]
 
 

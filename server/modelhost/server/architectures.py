@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -314,6 +314,113 @@ def _check_detection_args(name: str, args: dict[str, Any]) -> None:
                 f"architecture argument {key}={json.dumps(args[key], default=str):.80} is "
                 f"refused: it must be {rule.describe()} ({name} {rule.why})"
             )
+
+
+PIXEL_BYTES = 512
+"""Bytes a detection model's forward takes per pixel of an image as it resizes and pads it
+(backbone, feature pyramid, proposals): about 420 for ResNet-50 FPN on the CPU."""
+CLASS_PIXEL_BYTES = 6
+"""More bytes per pixel and class for a one-stage model, which scores every class at every
+anchor (RetinaNet: about 5)."""
+PROPOSAL_BYTES = 256 << 10
+"""Bytes per region proposal a two-stage model's box head scores (the v2 head: 210 KB)."""
+MASK_BYTES = 3 << 20
+"""Bytes per detection of Mask R-CNN's mask head (about 2.6 MB), besides its pasted mask."""
+KEYPOINT_BYTES = 2 << 20
+"""Bytes per detection of Keypoint R-CNN's keypoint head (about 1.5 MB)."""
+
+
+@dataclass(frozen=True)
+class DetectionCost:
+    """The memory a torchvision detection model's forward takes per image, estimated from
+    its settings: the image as the model resizes and pads it, its proposals, the mask or
+    keypoint head per detection, and a mask model's masks, pasted at the input's size in
+    float32 (twice: one by one, then stacked). The constants are the peak memory of CPU
+    forwards, rounded up (red team round 4, M1)."""
+
+    min_size: int
+    max_size: int
+    fixed_size: tuple[int, int] | None  # (width, height)
+    size_divisible: int
+    dense_classes: int  # classes a one-stage model scores at every anchor (two-stage: 0)
+    proposals: int
+    detections: int
+    head_bytes: int  # per detection
+    masks: bool
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """An image's size once the model has resized and padded it (as torchvision does)."""
+        if self.fixed_size is not None:
+            width, height = self.fixed_size
+        elif height and width:
+            scale = min(self.min_size / min(height, width), self.max_size / max(height, width))
+            height, width = math.floor(height * scale), math.floor(width * scale)
+        step = self.size_divisible
+        return -(-height // step) * step, -(-width // step) * step
+
+    def estimate(self, shape: Sequence[int]) -> int:
+        """Bytes, estimated, for a batch of images of `shape` (N, C, H, W); 0 for other shapes."""
+        if len(shape) != 4:
+            return 0
+        rows, _, height, width = shape
+        resized = math.prod(self.resized(height, width))
+        pixel = PIXEL_BYTES + CLASS_PIXEL_BYTES * self.dense_classes
+        pasted = 8 * height * width if self.masks else 0
+        heads = self.proposals * PROPOSAL_BYTES + self.detections * (self.head_bytes + pasted)
+        return rows * (resized * pixel + heads)
+
+    def describe(self, shape: Sequence[int]) -> str:
+        """What the estimate for `shape` counts, in words."""
+        rows, _, height, width = shape
+        resized = "x".join(map(str, self.resized(height, width)))
+        proposals = f"{self.proposals} proposals and " if self.proposals else ""
+        kind = "masks" if self.masks else "keypoint detections" if self.head_bytes else ""
+        return (
+            f"{rows} image{'s' * (rows != 1)} of {height}x{width} (each resized to {resized}, "
+            f"{proposals}up to {self.detections} {kind or 'detections'})"
+        )
+
+
+def detection_cost(module: nn.Module) -> DetectionCost | None:
+    """The cost model of a torchvision detection model, however it was built (None for
+    other modules, and for one whose parts are not torchvision's)."""
+    try:
+        from torchvision.models.detection.fcos import FCOS
+        from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+        from torchvision.models.detection.retinanet import RetinaNet
+        from torchvision.models.detection.ssd import SSD
+    except ImportError:  # pragma: no cover - torchvision is a server dependency
+        return None
+    if not isinstance(module, (GeneralizedRCNN, RetinaNet, FCOS, SSD)):
+        return None
+    try:
+        transform = module.transform
+        fixed = transform.fixed_size
+        if isinstance(module, GeneralizedRCNN):
+            heads = module.roi_heads
+            masks = bool(heads.has_mask())
+            dense_classes, proposals = 0, int(module.rpn._post_nms_top_n["testing"])
+            detections = int(heads.detections_per_img)
+            head_bytes = MASK_BYTES if masks else KEYPOINT_BYTES if heads.has_keypoint() else 0
+        else:
+            scores = module.head.classification_head
+            dense_classes = int(getattr(scores, "num_classes", None) or scores.num_columns)  # SSD
+            proposals, detections = 0, int(module.detections_per_img)
+            head_bytes, masks = 0, False
+        return DetectionCost(
+            min_size=int(transform.min_size[-1]),  # what eval mode resizes to
+            max_size=int(transform.max_size),
+            fixed_size=(int(fixed[0]), int(fixed[1])) if fixed else None,
+            size_divisible=int(transform.size_divisible),
+            dense_classes=dense_classes,
+            proposals=proposals,
+            detections=detections,
+            head_bytes=head_bytes,
+            masks=masks,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        log.warning("%s: not torchvision's parts: no cost estimate", type(module).__name__)
+        return None
 
 
 _SKELETON_CACHE_SIZE = 16

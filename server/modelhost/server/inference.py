@@ -19,6 +19,7 @@ from torch import nn
 
 from modelhost.client import codec
 from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
+from modelhost.server.architectures import DetectionCost, detection_cost
 from modelhost.server.devices import (
     CUDA_GRAPHS,
     adopt,
@@ -31,7 +32,9 @@ from modelhost.server.devices import (
 )
 from modelhost.server.errors import (
     DeviceFailed,
+    InvalidArgument,
     InvalidInput,
+    LimitExceeded,
     ModelHostFailure,
     OutOfMemory,
     ShuttingDown,
@@ -135,6 +138,7 @@ class Runner:
         compile_mode: str = "",
         max_image_pixels: int = Settings.max_image_pixels,
         max_elements: int = Settings.max_tensor_elements,
+        max_detection_bytes: int = Settings.max_detection_bytes,
         stream: torch.cuda.Stream | None = None,
         compiler: Executor | None = None,
         on_compiled: Callable[[bool, float], None] = lambda compiled, seconds: None,
@@ -149,6 +153,8 @@ class Runner:
         self.autocast = autocast
         self.max_image_pixels = max_image_pixels
         self.max_elements = max_elements  # of decoded images, checked from their headers
+        self.max_detection_bytes = max_detection_bytes
+        self._cost: DetectionCost | None = None  # a detection model's (architectures.py)
         self.compile_mode = compile_mode
         # On a GPU the model runs on its lane's stream (the lane thread's current stream).
         self._stream = (stream or torch.cuda.Stream(device)) if device.type == "cuda" else None
@@ -283,6 +289,23 @@ class Runner:
         if len(rows) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {sorted(rows)}")
         return tensors
+
+    def check_cost(
+        self, batch: Tensors, refuse: type[ModelHostFailure] = LimitExceeded, what: str = ""
+    ) -> None:
+        """Refuses a batch a detection model would need more than `max_detection_bytes`
+        for, by its estimate (a request, a merged group: then one request at a time, the
+        load's output probe or warm-up)."""
+        if self._cost is None or not self.max_detection_bytes:
+            return
+        for tensor in self._as_the_model_sees(batch).values():
+            estimate = self._cost.estimate(tensor.shape)
+            if estimate > self.max_detection_bytes:
+                raise refuse(
+                    f"{what}{self._cost.describe(tensor.shape)} would take about "
+                    f"{estimate / 1e9:.1f} GB; the limit is {self.max_detection_bytes} bytes "
+                    "(max_detection_bytes)"
+                )
 
     def _check(self, tensors: Tensors) -> None:
         if len(tensors) == 1 and len(self.inputs) == 1:
@@ -426,6 +449,7 @@ class Runner:
     ) -> tuple[Tensors, torch.cuda.Event | None]:
         """Queues the batch's work through `forward`; host outputs (valid once the returned
         event is done). With `dynamic_rows`, a compile treats the row count as dynamic."""
+        self.check_cost(batch)
         if self._cuda_graphs:
             prepare_cuda_graphs_on_this_thread()
         if self._stream is not None:
@@ -468,6 +492,7 @@ class Runner:
         what is compiled for their shape (`torch._dynamo.run`: never compiles), compiles
         happen off the lane (see `run`, `_compile_later`)."""
         self.module = module
+        self._cost = detection_cost(module)
         self._forward = self._compiling = module
         self._code = getattr(module.forward, "__code__", None)  # where torch keeps graphs
         if self.compile_mode:
@@ -509,6 +534,8 @@ class Runner:
         `first_here` it runs on this thread.
         """
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
+        largest = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        self.check_cost({SINGLE_INPUT: largest}, InvalidArgument, "warmup_shape: ")
         batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
         seconds = {rows: float("inf") for rows in batches}
         for run in range(4 if measure else 1):  # the first run of each size is not timed

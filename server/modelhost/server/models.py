@@ -252,11 +252,13 @@ class Models:
             compile_mode=request.compile,
             max_image_pixels=settings.max_image_pixels,
             max_elements=settings.max_tensor_elements,
+            max_detection_bytes=settings.max_detection_bytes,
             stream=lane.stream,
             compiler=self._compiles,
             on_compiled=self._metrics.compile_observer(spec.name),
         )
         try:
+            _check_one_image_fits(runner, loaded.inputs)
             runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
             return self._finish_build(
                 spec, version, policy, request, loaded=loaded, runner=runner, lane=lane
@@ -645,6 +647,16 @@ def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
             f"and max_batch_size ({policy.max_batch_size})"
         )
     return policy
+
+
+def _check_one_image_fits(runner: Runner, inputs: list[InputSpec]) -> None:
+    """Refuses a detection model whose every Predict would be refused: one small image (the
+    probe's) already costs more than max_detection_bytes by its estimate (its arguments
+    allow too many proposals or detections, or too large a resized image)."""
+    if len(inputs) == 1:
+        shape = probe_shape(inputs[0], *PROBE_SIZES[0])
+        one = torch.empty(shape, dtype=inputs[0].dtype, device="meta")
+        runner.check_cost({inputs[0].name: one}, InvalidArgument, "architecture_args: ")
 
 
 def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:

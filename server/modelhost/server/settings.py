@@ -129,6 +129,13 @@ class Settings:
         "Most tensor elements in one Predict request (all inputs together, images counted "
         "as decoded and preprocessed).",
     )
+    max_detection_bytes: int = _setting(
+        4 << 30,
+        "Most memory, in bytes, one Predict of a torchvision detection model may take by the "
+        "server's estimate (its images as the model resizes them, its proposals and "
+        "detections, Mask R-CNN's masks at the input's size); more is refused with "
+        "RESOURCE_EXHAUSTED before it runs (0: no limit).",
+    )
     max_image_pixels: int = _setting(
         40_000_000,
         "Most pixels (width x height, read from the header before decoding) of one JPEG "
