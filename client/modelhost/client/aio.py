@@ -121,7 +121,8 @@ class AsyncModelHostClient(calls.ClientBase):
         progress: Progress | None = None,
     ) -> Path | Any:
         """Writes the checkpoint to `dest` and returns its path; without `dest`,
-        returns it loaded (`torch.load(weights_only=True)` or safetensors)."""
+        returns it loaded (`torch.load(weights_only=True)` or safetensors), up to 2 GiB
+        (`MAX_MEMORY_DOWNLOAD_BYTES`: pass `dest` for bigger ones)."""
         return await self._run(
             calls.download_checkpoint(name, dest, progress, self.max_download_bytes)
         )

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2
 
 from modelhost.client import wire
 from modelhost.client.channel import ChannelConfig
-from modelhost.client.errors import decoding
+from modelhost.client.errors import ProtocolError, decoding
 
 # Upload, Prefetch, PredictCall and LoadOptions are also imported from here by tests/bench.
 from modelhost.client.load_options import LoadOptions, load_request
@@ -64,6 +65,29 @@ class Call(Generic[T]):
     timeout: float | None = None
     feed: Callable[[Any], None] | None = None
     close: Callable[[], None] = _nothing
+
+    def __post_init__(self) -> None:
+        self.result = _unless_refused(self.result)
+        if self.feed is not None:
+            self.feed = _unless_refused(self.feed)
+
+
+class Refused:
+    """A reply the `Stub` refused to parse: what the call gets in its place, and raises
+    (a deserializer's exception would reach the caller only as gRPC's INTERNAL
+    "Exception deserializing response!")."""
+
+    def __init__(self, error: ProtocolError) -> None:
+        self.error = error
+
+
+def _unless_refused(use: Callable[[Any], T]) -> Callable[[Any], T]:
+    def use_parsed(reply: Any) -> T:
+        if isinstance(reply, Refused):
+            raise reply.error
+        return use(reply)
+
+    return use_parsed
 
 
 # Checkpoints
@@ -237,6 +261,67 @@ _KINDS = {
 _CHUNKED_REPLIES = {"DownloadCheckpoint"}
 """Replies whose chunks are read as views of the received bytes (`wire.chunk_parser`)."""
 
+MAX_REPLY_FIELDS = 1 << 22
+"""The most fields (nested ones included) the client parses of one reply; a reply with
+more is refused unparsed (`ProtocolError`). A field parsed and converted costs up to
+about 120 bytes, so this bounds a hostile reply to about 500 MB; a real one stays far
+below: a listing of 10,000 models of 400 fields each (names, shapes, missing keys) is
+under it, and a Predict's outputs are a few fields each, however large."""
+MAX_PREDICT_REPLY_FIELDS = 1 << 23
+"""MAX_REPLY_FIELDS of Predict: top_k gives a row 3 + k fields (with labels), so a batch
+of a million rows with their top 5 classes and labels (8M fields) still comes back."""
+MAX_REPLY_ENTRIES = 100_000
+"""The most entries of a listing (models, checkpoints, architectures) or outputs of a
+Predict: an entry costs more than its fields once converted (an empty ModelInfo becomes
+about 2 KB of Python objects, an output 1.7 KB, an empty CheckpointInfo 400 B)."""
+_ENTRIES = {
+    "ListModels": "models",
+    "ListCheckpoints": "checkpoints",
+    "ListArchitectures": "architectures",
+    "Predict": "outputs",
+}
+
+
+def reply_parser(method: MethodDescriptor) -> Callable[[bytes], Any]:
+    """The deserializer of a method's replies: counts the entries and fields of each
+    (`wire.count_entries`, `wire.check_fields`) before protobuf parses it, and gives a
+    reply over the limits above as `Refused`, unparsed, so that a small reply cannot
+    make the client build objects worth thousands of times its size."""
+    reply = method.output_type
+    parse = message_factory.GetMessageClass(reply).FromString
+    predict = method.name == "Predict"
+    most_fields = MAX_PREDICT_REPLY_FIELDS if predict else MAX_REPLY_FIELDS
+    limit_name = "MAX_PREDICT_REPLY_FIELDS" if predict else "MAX_REPLY_FIELDS"
+    listed = _ENTRIES.get(method.name, "")
+    most_entries = MAX_REPLY_ENTRIES
+    entries = {reply.fields_by_name[listed].number: most_entries} if listed else {}
+
+    def parse_reply(data: bytes) -> Any:
+        if (
+            entries
+            and len(data) > 2 * most_entries  # an entry takes 2 bytes at least
+            and max(wire.count_entries(data, entries).values()) > most_entries
+        ):
+            return Refused(
+                ProtocolError(
+                    f"the server's {reply.name} has more than {most_entries} {listed}; "
+                    f"the client takes at most {most_entries} (MAX_REPLY_ENTRIES)"
+                )
+            )
+        try:
+            wire.check_fields(data, reply, most_fields)
+        except wire.TooManyFields as error:
+            return Refused(
+                ProtocolError(
+                    f"the server's {reply.name} has more than {error.limit} fields, nested "
+                    f"ones included (the last one read: {error.path}); the client parses at "
+                    f"most {error.limit} ({limit_name})"
+                )
+            )
+        return parse(data)
+
+    return parse_reply
+
 
 def _serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
@@ -255,8 +340,7 @@ class Stub:
         for service in _SERVICES:
             for method in service.methods:
                 assert method.name not in self._methods, method.full_name
-                reply = message_factory.GetMessageClass(method.output_type)
-                parse: Callable[[bytes], Any] = reply.FromString
+                parse = reply_parser(method)
                 if method.name in _CHUNKED_REPLIES:
                     parse = wire.chunk_parser(parse)
                 make = getattr(channel, _KINDS[method.client_streaming, method.server_streaming])

@@ -21,6 +21,9 @@ from modelhost.v1 import modelhost_pb2 as pb
 DEFAULT_CHUNK_BYTES = 2 << 20
 DEFAULT_MAX_DOWNLOAD_BYTES = 64 << 30
 """The largest checkpoint a client downloads unless told otherwise (`max_download_bytes`)."""
+MAX_MEMORY_DOWNLOAD_BYTES = 2 << 30
+"""The largest checkpoint a download without `dest` keeps in memory (it is held twice
+while loaded); a larger one is refused at its header: pass `dest` to write it to a file."""
 DEFAULT_STALL_SECONDS = 60.0
 """How long a transfer may go without moving (`stall_timeout`): twice the time the
 server's default `--request-read-timeout` gives a client."""
@@ -168,7 +171,8 @@ class Download:
 
     `feed` each message, then `finish()`; `abort()` (or `close()` before `finish()`)
     removes the partial file. A header announcing more than `max_bytes` (None: no
-    limit) is refused before anything is written.
+    limit), or without `dest` more than MAX_MEMORY_DOWNLOAD_BYTES, is refused before
+    anything is kept.
     """
 
     def __init__(
@@ -224,6 +228,12 @@ class Download:
             )
         if self.dest is None and info.format not in IN_MEMORY:
             raise ValueError(_NOT_IN_MEMORY)
+        if self.dest is None and info.size_bytes > MAX_MEMORY_DOWNLOAD_BYTES:
+            raise ResourceExhaustedError(
+                f"download: the server announced {info.size_bytes:,} bytes, more than a "
+                f"download into memory keeps ({MAX_MEMORY_DOWNLOAD_BYTES:,}, "
+                "MAX_MEMORY_DOWNLOAD_BYTES); pass dest= to write it to a file"
+            )
 
     def abort(self) -> None:
         """Removes the partial file after a failed stream."""
@@ -304,7 +314,10 @@ class Stall:
 
     def received(self, message: pb.DownloadCheckpointResponse | memoryview) -> None:
         """A download's message (a chunk comes as a view): progress only if it carries
-        bytes or is the header, so empty messages do not keep a stalled download alive."""
+        bytes or is the header, so empty messages do not keep a stalled download alive
+        (nor does a reply refused unparsed, `calls.Refused`: feeding it raises)."""
+        if not isinstance(message, (memoryview, pb.DownloadCheckpointResponse)):
+            return
         if len(message) if isinstance(message, memoryview) else message.HasField("info"):
             self.moved()
 

@@ -10,14 +10,20 @@ chunks and input tensors as views into the received message. Anything they do no
 expect (unknown fields, unusual encodings, damaged bytes) is left to protobuf's own
 parser, so they accept and reject exactly what protobuf does. Tests check them
 against protobuf's encoder and parser. `count_entries` counts a message's entries
-before protobuf parses it, so that a request over a limit is refused unparsed.
+(and `check_fields` all its fields) before protobuf parses it, so that a message over a
+limit is refused unparsed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from modelhost.client.codec import MAX_RANK, DataType
 from modelhost.v1 import modelhost_pb2 as pb
@@ -369,3 +375,147 @@ def count_entries(data: Buffer, limits: Mapping[int, int]) -> dict[int, int]:
     except (_Unusual, IndexError):
         pass  # cut short, or a varint of more than ten bytes
     return counts
+
+
+# Counting every field a parse would read
+
+_UNPACKED_VALUE = {
+    _VARINT: rb"[\x80-\xff]{0,9}+[\x00-\x7f]",
+    _FIXED64: rb".{8}",
+    _FIXED32: rb".{4}",
+}
+_SCALAR_WIRE_TYPES = {
+    **dict.fromkeys(
+        (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64),
+        _FIXED64,
+    ),
+    **dict.fromkeys(
+        (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_SFIXED32),
+        _FIXED32,
+    ),
+}
+
+
+class TooManyFields(ValueError):
+    """A message with more fields than `limit`, nested ones included; `path` names the
+    field read when the count went past it ("inputs.contents.bytes_contents")."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        super().__init__(f"more than {limit} fields (nested ones included) at {path}")
+        self.path = path
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    message: Descriptor | None  # a message (or map entry) field: walked into
+    run: re.Pattern[bytes] | None  # a repeated scalar's unpacked elements, skipped at once
+
+
+@functools.cache
+def _plan(message: Descriptor) -> dict[int, _Field]:
+    """The fields of a message type by number, as `check_fields` walks them."""
+    plan = {}
+    for f in message.fields:
+        sub = f.message_type if f.type == FieldDescriptor.TYPE_MESSAGE else None
+        run = None
+        if f.is_repeated and sub is None and f.cpp_type != FieldDescriptor.CPPTYPE_STRING:
+            kind = _SCALAR_WIRE_TYPES.get(f.type, _VARINT)
+            value = _UNPACKED_VALUE[kind]
+            run = re.compile(b"(?:" + re.escape(_tag(f.number, kind)) + value + b")++", re.DOTALL)
+        plan[f.number] = _Field(f.name, sub, run)
+    return plan
+
+
+def check_fields(data: Buffer, message: Descriptor, limit: int) -> None:
+    """Raises TooManyFields if protobuf's parser would read more than `limit` fields
+    from a serialized `message`, nested messages and map entries included; counted from
+    tags and lengths alone, and stopped as soon as the count passes the limit, so the
+    cost of a check is bounded by the limit, not by the message.
+
+    Each field read counts one: a message, a map entry, a string or bytes entry, an
+    unknown field, a packed run of scalars (a length-delimited payload is skipped by its
+    length, never read). A run of unpacked elements of a repeated scalar counts one too,
+    skipped by a regular expression: like a packed run, it makes one array of at most
+    8 bytes per 2 bytes received, not an object per element. Every field has a tag byte
+    of its own, so the count also stops once the bytes left are fewer than the fields
+    the limit still allows (a message of `limit` bytes or less is not read at all); and
+    where the bytes stop making sense (cut short, an invalid wire type, nested too
+    deep), as protobuf's parser refuses the message there.
+    """
+    walk = _Walk(data, limit)
+    with contextlib.suppress(_Fits, _Unusual, IndexError):  # malformed: protobuf refuses it
+        walk.message(0, len(data), message, "")
+
+
+class _Fits(Exception):
+    """The bytes left hold fewer fields than the limit still allows."""
+
+
+class _Walk:
+    def __init__(self, data: Buffer, limit: int) -> None:
+        self.data, self.limit, self.count = data, limit, 0
+
+    def message(
+        self, offset: int, end: int, message: Descriptor | None, path: str, group: int = 0
+    ) -> int:
+        """Counts the fields from `offset` to `end` of a `message` (None: an unknown
+        group's, to its end at `group`); returns the offset after them."""
+        if path.count(".") >= _MAX_DEPTH:
+            raise _Unusual  # protobuf refuses a message nested deeper
+        data, limit, count, total = self.data, self.limit, self.count, len(self.data)
+        plan = _plan(message) if message is not None else {}
+        while offset < end:
+            if count + total - offset <= limit:
+                raise _Fits
+            start = offset
+            key = data[offset]
+            if key > 0x7F:
+                key, offset = _read_varint(data, offset)
+            else:
+                offset += 1
+            number, kind = key >> 3, key & 7
+            field = plan.get(number)
+            count += 1
+            if count > limit:
+                raise TooManyFields(_name(path, field, number)[1:], limit)
+            if kind == _LENGTH:
+                size = data[offset]
+                if size > 0x7F:
+                    size, offset = _read_varint(data, offset)
+                else:
+                    offset += 1
+                if offset + size > end:
+                    raise _Unusual
+                if field is not None and field.message is not None:
+                    self.count = count
+                    self.message(offset, offset + size, field.message, _name(path, field, number))
+                    count = self.count
+                offset += size
+            elif field and field.run and (run := field.run.match(data, start, end)):
+                offset = run.end()
+            elif kind == _VARINT:
+                _, offset = _read_varint(data, offset)
+            elif kind == _FIXED64:
+                offset += 8
+            elif kind == _FIXED32:
+                offset += 4
+            elif kind == _START_GROUP:
+                self.count = count
+                offset = self.message(offset, end, None, _name(path, field, number), number)
+                count = self.count
+            elif kind == _END_GROUP and number == group:
+                self.count = count
+                return offset
+            else:
+                raise _Unusual  # wire type 6 or 7, or a group end that matches no start
+        if group or offset > end:
+            raise _Unusual  # a group never ended, or a fixed value cut short
+        self.count = count
+        return offset
+
+
+def _name(path: str, field: _Field | None, number: int) -> str:
+    """A field's path: ".inputs.contents.bytes_contents" (an unknown field by number)."""
+    return f"{path}.{field.name if field else number}"

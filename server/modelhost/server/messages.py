@@ -12,6 +12,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -47,21 +48,33 @@ class EntryLimit:
     setting: str
 
 
+FIELDS_PER_ENTRY = 64
+"""Fields a request may hold in all (nested ones included: names, shapes, parameters,
+contents), on average, per top-level entry its limits allow."""
+
+
 def entry_limited(
-    parse: Callable[[bytes], M], limits: Mapping[int, EntryLimit]
+    parse: Callable[[bytes], M],
+    limits: Mapping[int, EntryLimit],
+    message: Descriptor | None = None,
 ) -> Callable[[bytes], M]:
     """A deserializer that counts the top-level entries of the fields in `limits` (by
     field number) from the wire (`wire.count_entries`) before `parse` reads anything,
     and refuses a request with more than a limit allows (LimitExceeded) as soon as the
     count passes it: a million entries cost a limit's worth of loop steps, not a million
-    parsed messages. Within the limits, `parse` reads (or refuses) the message as it
-    would alone.
+    parsed messages. With the `message` type, it then counts every field the parse
+    would read, nested ones included (`wire.check_fields`), against FIELDS_PER_ENTRY
+    per entry the limits allow: each becomes an object (a message, a map entry, a
+    string), so an entry's nested fields are bounded too. Within the limits, `parse`
+    reads (or refuses) the message as it would alone.
     """
     counted = {number: entry.limit for number, entry in limits.items()}
     most = sum(counted.values()) + wire.FIELD_SLACK
     counted[wire.ALL_FIELDS] = most
     every = EntryLimit("fields", most, "the entries' limits, and 64 more")
     limits = {**limits, wire.ALL_FIELDS: every}
+    settings = ", ".join(sorted({entry.setting for entry in limits.values()} - {every.setting}))
+    nested = most * FIELDS_PER_ENTRY
 
     def parse_limited(data: bytes) -> M:
         for number, count in wire.count_entries(data, counted).items():
@@ -71,6 +84,15 @@ def entry_limited(
                     f"the request has at least {count} {entry.what}; the limit is "
                     f"{entry.limit} ({entry.setting})"
                 )
+        if message is not None:
+            try:
+                wire.check_fields(data, message, nested)
+            except wire.TooManyFields as error:
+                raise LimitExceeded(
+                    f"the request has more than {nested} fields, nested ones included "
+                    f"(the last one read: {error.path}); the limit is {nested} "
+                    f"({FIELDS_PER_ENTRY} for each entry {settings} allows)"
+                ) from None
         return parse(data)
 
     return parse_limited
@@ -95,6 +117,7 @@ def predict_parser(max_inputs: int, max_images: int) -> Callable[[bytes], Predic
                 "images", max_images, "max_request_images"
             ),
         },
+        pb.PredictRequest.DESCRIPTOR,
     )
 
     def parse_predict_request(data: bytes) -> PredictRequest:

@@ -275,8 +275,10 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
 
 def infer_parser(max_inputs: int) -> Callable[[bytes], oip.ModelInferRequest]:
     """ModelInfer's deserializer: a request with more inputs (or raw_input_contents,
-    requested outputs or parameters) than `max_inputs` is refused from the wire, before
-    protobuf's parser makes a message of each entry (messages.entry_limited)."""
+    requested outputs or parameters) than `max_inputs`, or more fields in all (nested
+    ones included: an input's contents, shape and parameters) than
+    `messages.FIELDS_PER_ENTRY` per entry those allow, is refused from the wire, before
+    protobuf's parser makes a message of each (messages.entry_limited)."""
     request = oip.ModelInferRequest
 
     def limit(what: str) -> messages.EntryLimit:
@@ -292,6 +294,7 @@ def infer_parser(max_inputs: int) -> Callable[[bytes], oip.ModelInferRequest]:
             messages.field_number(request, "outputs"): limit("requested outputs"),
             messages.field_number(request, "parameters"): limit("parameters"),
         },
+        request.DESCRIPTOR,
     )
 
 

@@ -1,0 +1,301 @@
+"""Nested fields are counted before protobuf parses a request (red team round 4, M2).
+
+`wire.check_fields` counts every field a parse would read, nested messages and map
+entries included, from tags and lengths alone; `messages.entry_limited` refuses a
+ModelInfer (or a Predict left to protobuf) with more than FIELDS_PER_ENTRY fields per
+entry its limits allow. Before, 64 MiB of empty `bytes_contents` entries in one input
+cost the server 1.2 GB. A run of unpacked scalars (typed contents sent unpacked) counts
+as one field, as a packed run does: it makes one array, not an object per element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import serve
+from modelhost.client import ModelHostClient, wire
+from modelhost.oip import grpc_service_pb2 as oip
+from modelhost.server import Server, Settings, messages, running
+from modelhost.server import oip as oip_service
+from modelhost.server.errors import LimitExceeded
+
+Code = grpc.StatusCode
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+PREDICT = "/modelhost.v1.ModelHost/Predict"
+Infer = oip.ModelInferRequest
+Input = Infer.InferInputTensor
+DAMAGE = b"\x2a\x05\x0a"  # an input whose length runs past the end: protobuf refuses it
+UNKNOWN = b"\x30\x01"  # field 6 of PredictRequest: the fast reader leaves it to protobuf
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return wire.varint(number << 3 | 2) + wire.varint(len(payload)) + payload
+
+
+def _input(*fields: bytes) -> bytes:
+    """An `inputs` entry of a ModelInferRequest named "input", FP32, shape [N, 4]."""
+    return _field(5, _field(1, b"input") + _field(2, b"FP32") + b"".join(fields))
+
+
+def _contents(*fields: bytes) -> bytes:
+    return _field(5, b"".join(fields))
+
+
+# wire.check_fields
+
+
+class _Watched(bytes):
+    """Bytes that remember the furthest offset read from them."""
+
+    furthest = -1
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int):
+            self.furthest = max(self.furthest, index)
+        return super().__getitem__(index)
+
+
+def _counts(data: bytes, fields: int) -> bool:
+    """Whether `check_fields` counts `fields` fields in a ModelInferRequest: it lets that
+    many pass, and refuses one fewer."""
+    wire.check_fields(data, Infer.DESCRIPTOR, fields)
+    try:
+        wire.check_fields(data, Infer.DESCRIPTOR, fields - 1)
+    except wire.TooManyFields:
+        return True
+    return False
+
+
+def test_counting_stops_at_the_first_field_over_the_limit() -> None:
+    """A million empty bytes_contents (2 MB): the count reads 100 fields and stops."""
+    flood = _Watched(b"\x0a\x01m" + _input(_contents(b"\x42\x00" * 1_000_000)) + DAMAGE)
+    with pytest.raises(wire.TooManyFields) as caught:
+        wire.check_fields(flood, Infer.DESCRIPTOR, 100)
+    assert caught.value.path == "inputs.contents.bytes_contents"
+    assert str(caught.value) == (
+        "more than 100 fields (nested ones included) at inputs.contents.bytes_contents"
+    )
+    assert flood.furthest < 300  # of 2 MB: the headers, then 100 fields at most
+
+
+@pytest.mark.parametrize(
+    ("request_", "path"),
+    [
+        (Infer(inputs=[Input(parameters={str(i): oip.InferParameter() for i in range(9)})]),
+         "inputs.parameters"),
+        (Infer(outputs=[Infer.InferRequestedOutputTensor(parameters={"a": oip.InferParameter(
+            string_param="b")} | {str(i): oip.InferParameter() for i in range(9)})]),
+         "outputs.parameters"),
+        (Infer(inputs=[Input(contents=oip.InferTensorContents(bytes_contents=[b""] * 20))]),
+         "inputs.contents.bytes_contents"),
+        (Infer(parameters={str(i): oip.InferParameter(bool_param=True) for i in range(9)}),
+         "parameters"),
+    ],
+)  # fmt: skip
+def test_the_refusal_names_the_field(request_: Infer, path: str) -> None:
+    with pytest.raises(wire.TooManyFields) as caught:
+        wire.check_fields(request_.SerializeToString(), Infer.DESCRIPTOR, 12)
+    assert caught.value.path.startswith(path), caught.value.path
+
+
+def _unpacked(number: int, kind: int, values: list[bytes]) -> bytes:
+    return b"".join(wire.varint(number << 3 | kind) + value for value in values)
+
+
+UNPACKED = {  # typed contents, each element with its own tag, as no protobuf writer packs
+    "int64": (
+        _unpacked(3, 0, [wire.varint(v) for v in [0, 1, 300, 1 << 40, -1, 7]]),
+        oip.InferTensorContents(int64_contents=[0, 1, 300, 1 << 40, -1, 7]),
+    ),
+    "fp32": (
+        _unpacked(6, 5, [np.float32(v).tobytes() for v in [1.5, -2, 0]]),
+        oip.InferTensorContents(fp32_contents=[1.5, -2, 0]),
+    ),
+    "fp64": (
+        _unpacked(7, 1, [np.float64(v).tobytes() for v in [1.5, 3]]),
+        oip.InferTensorContents(fp64_contents=[1.5, 3]),
+    ),
+    "bool": (
+        _unpacked(1, 0, [b"\x01", b"\x00", b"\x01"]),
+        oip.InferTensorContents(bool_contents=[True, False, True]),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNPACKED))
+def test_a_run_of_unpacked_scalars_counts_as_one_field(kind: str) -> None:
+    """As protobuf writes them (packed) or not, typed contents cost the same count."""
+    raw, contents = UNPACKED[kind]
+    written = Infer(inputs=[Input(contents=contents)]).SerializeToString()
+    unpacked = _field(5, _field(5, raw))
+    assert Infer.FromString(unpacked) == Infer.FromString(written)
+    assert _counts(written, 3)  # the input, its contents, the run
+    assert _counts(unpacked, 3)
+    # A million elements: one field, skipped without a Python step per element.
+    many = _field(5, _field(5, raw * 200_000))
+    assert _counts(many, 3)
+
+
+def test_interleaved_unpacked_scalars_count_one_each() -> None:
+    """Two fields in turn break every run: each element counts, and the limit holds."""
+    mixed = _unpacked(3, 0, [b"\x01"]) + _unpacked(1, 0, [b"\x01"])
+    with pytest.raises(wire.TooManyFields, match=r"at inputs\.contents\.(int64|bool)_contents$"):
+        wire.check_fields(_field(5, _field(5, mixed * 1000)), Infer.DESCRIPTOR, 100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_are_counted_or_left_to_protobuf(data: bytes) -> None:
+    """Damaged or random bytes never make the count fail: a limit refuses, or protobuf
+    parses (or refuses) them as it would alone."""
+    limited = oip_service.infer_parser(2)
+    try:
+        expected: object = Infer.FromString(data)
+    except DecodeError:
+        expected = DecodeError
+    try:
+        got: object = limited(data)
+    except (DecodeError, LimitExceeded) as error:
+        got = type(error)
+    assert got in (expected, LimitExceeded)
+
+
+# The server
+
+
+@pytest.fixture
+def small(settings: Settings) -> Iterator[Server]:
+    """A server hosting "mlp" (tiny_mlp: float32 [N, 4] -> [N, 3]), with 4 inputs at
+    most per request (so ModelInfer may hold (4 * 4 + 64) * 64 = 5120 fields, Predict
+    (4 + 4 + 64) * 64) and 1000 tensor elements."""
+    limited = dataclasses.replace(
+        settings, max_request_inputs=4, max_request_images=4, max_tensor_elements=1000
+    )
+    with running(limited) as server:
+        with ModelHostClient(server.target, timeout=60) as client:
+            serve(client, "mlp", architecture="tiny_mlp")
+        yield server
+
+
+INFER_FIELDS = (4 * 4 + 64) * messages.FIELDS_PER_ENTRY
+
+
+def _call(server: Server, method: str, body: bytes) -> bytes:
+    options = [("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        reply: bytes = channel.unary_unary(method)(body, timeout=60)
+    return reply
+
+
+def _refusal(server: Server, method: str, body: bytes) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        _call(server, method, body)
+    return caught.value
+
+
+def _body(*fields: bytes) -> bytes:
+    """A ModelInfer of 2 rows of "mlp", with `fields` added to its input: 6 fields."""
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    shape = _field(3, wire.varint(2) + wire.varint(4))
+    return b"\x0a\x03mlp" + _input(shape, *fields) + _field(7, x.tobytes())
+
+
+def _rows(server: Server, *fields: bytes) -> list[int]:
+    """The shape of the output of `_body(*fields)`."""
+    reply = oip.ModelInferResponse.FromString(_call(server, INFER, _body(*fields)))
+    return list(reply.outputs[0].shape)
+
+
+FLOODS = {  # a million nested entries in one input: 2 to 10 MB
+    "bytes_contents": (
+        _input(_contents(b"\x42\x00" * 1_000_000)),
+        "inputs.contents.bytes_contents",
+    ),
+    "input-parameters": (
+        _input(*(_field(4, _field(1, b"%d" % i)) for i in range(1_000_000))),
+        "inputs.parameters",
+    ),
+    "output-parameters": (
+        _field(6, _field(1, b"y") + _field(2, _field(1, b"k")) * 1_000_000),
+        "outputs.parameters",
+    ),
+    "shape-unknown-fields": (_input(b"\x48\x01" * 1_000_000), "inputs.9"),
+}
+
+
+@pytest.mark.parametrize("flood", sorted(FLOODS))
+def test_model_infer_bounds_nested_fields(small: Server, flood: str) -> None:
+    """Refused from the count: the damage after the flood is never reached (a parse
+    would answer INVALID_ARGUMENT), and the server keeps serving."""
+    entries, path = FLOODS[flood]
+    error = _refusal(small, INFER, b"\x0a\x03mlp" + entries + DAMAGE)
+    assert error.code() == Code.RESOURCE_EXHAUSTED, error.details()
+    assert error.details().startswith(
+        f"the request has more than {INFER_FIELDS} fields, nested ones included (the last "
+        f"one read: {path}"
+    ), error.details()
+    assert error.details().endswith(
+        f"the limit is {INFER_FIELDS} (64 for each entry max_request_inputs allows)"
+    )
+    assert _rows(small) == [2, 3]
+
+
+def test_model_infer_at_the_field_limit_is_served(small: Server) -> None:
+    """model_name, the input (name, datatype, shape) and the raw contents are 6 fields:
+    unknown fields inside the input fill it to the limit exactly, then one more."""
+    filler = INFER_FIELDS - 6
+    assert _counts(_body(b"\x48\x01" * filler), INFER_FIELDS)
+    assert _rows(small, b"\x48\x01" * filler) == [2, 3]
+    error = _refusal(small, INFER, _body(b"\x48\x01" * (filler + 1)))
+    assert error.code() == Code.RESOURCE_EXHAUSTED, error.details()
+    assert "(the last one read: raw_input_contents)" in error.details()
+    assert _rows(small) == [2, 3]
+
+
+def test_typed_contents_unpacked_up_to_max_tensor_elements_are_served(small: Server) -> None:
+    """1000 FP32 elements (max_tensor_elements), each with its own tag: one run."""
+    x = np.arange(1000, dtype=np.float32).reshape(250, 4)
+    run = _unpacked(6, 5, [value.tobytes() for value in x.ravel()])
+    shape = _field(3, wire.varint(250) + wire.varint(4))
+    reply = oip.ModelInferResponse.FromString(
+        _call(small, INFER, b"\x0a\x03mlp" + _input(shape, _contents(run)))
+    )
+    assert list(reply.outputs[0].shape) == [250, 3]
+
+
+def test_predict_left_to_protobuf_bounds_nested_fields(small: Server) -> None:
+    """A Predict input's tensor full of unknown fields, with an unknown field first so
+    that protobuf (not the fast reader) would parse it."""
+    tensor = b"\x08\x0b" + b"\x20\x01" * 1_000_000  # dtype float32, then field 4s
+    entry = _field(1, b"input") + _field(2, tensor)
+    error = _refusal(small, PREDICT, UNKNOWN + b"\x0a\x03mlp" + _field(3, entry) + DAMAGE)
+    assert error.code() == Code.RESOURCE_EXHAUSTED, error.details()
+    fields = (4 + 4 + 64) * messages.FIELDS_PER_ENTRY
+    assert (
+        f"more than {fields} fields, nested ones included (the last one read: inputs.value.4)"
+        in (error.details())
+    )
+    assert "(64 for each entry max_request_images, max_request_inputs allows)" in error.details()
+    with ModelHostClient(small.target, timeout=60) as client:
+        assert client.predict("mlp", np.zeros((2, 4), np.float32)).shape == (2, 3)
+
+
+def test_entry_limited_without_a_message_type_counts_top_level_only() -> None:
+    """The nested count is opt-in per parser: a parser built without the message type
+    leaves nested fields to protobuf, as before."""
+    nested = _input(_contents(b"\x42\x00" * 10_000))
+    limits = {5: messages.EntryLimit("input tensors", 4, "max_request_inputs")}
+    assert len(messages.entry_limited(Infer.FromString, limits)(nested).inputs) == 1
+    with pytest.raises(
+        LimitExceeded, match=r"the last one read: inputs\.contents\.bytes_contents\)"
+    ):
+        messages.entry_limited(Infer.FromString, limits, Infer.DESCRIPTOR)(nested)
