@@ -616,6 +616,18 @@ MUTANTS = [
         "",
         ("tests/test_detection_cost.py::test_mask_rcnn_detections_are_bounded_by_their_cost",),
     ),
+    Mutant(
+        "service: other methods' requests are parsed without counting their fields",
+        SERVER + "service.py",
+        "        if parse is not None and message is not None:  # the generated Message.FromString",
+        "        if False:",
+        (
+            "tests/test_nested_limits.py::"
+            "test_load_model_labels_are_counted_before_they_are_parsed",
+            "tests/test_nested_limits.py::"
+            "test_an_oip_repository_load_is_counted_before_it_is_parsed",
+        ),
+    ),
 ]
 
 

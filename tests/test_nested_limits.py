@@ -299,3 +299,54 @@ def test_entry_limited_without_a_message_type_counts_top_level_only() -> None:
         LimitExceeded, match=r"the last one read: inputs\.contents\.bytes_contents\)"
     ):
         messages.entry_limited(Infer.FromString, limits, Infer.DESCRIPTOR)(nested)
+
+
+# Every other request: MAX_REQUEST_FIELDS
+
+LOAD = "/modelhost.v1.ModelHost/LoadModel"
+SAVE = "/modelhost.v1.ModelHost/SaveCheckpoint"
+REPOSITORY_LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
+MOST = messages.MAX_REQUEST_FIELDS
+
+
+def _too_many(server: Server, call: Any, path: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    error = caught.value
+    assert error.code() == Code.RESOURCE_EXHAUSTED, error.details()
+    assert error.details() == (
+        f"the request has more than {MOST} fields, nested ones included (the last one "
+        f"read: {path}); the limit is {MOST}"
+    )
+    assert _rows(server) == [2, 3]  # and the server serves on
+
+
+def test_load_model_labels_are_counted_before_they_are_parsed(small: Server) -> None:
+    """Labels are bounded after the parse (MAX_LABELS), but each parsed one is an
+    object: a request of more fields than any real one is refused unparsed; one of
+    100,000 labels (MAX_LABELS) is parsed and goes on to the service's checks."""
+    many = b"\x0a\x03mlp" + b"\x6a\x00" * (MOST + 1)  # field 13: labels, empty
+    _too_many(small, lambda: _call(small, LOAD, many + DAMAGE), "labels")
+    labels = b"\x0a\x03mlp" + b"\x6a\x01x" * 100_000
+    error = _refusal(small, LOAD, labels)
+    assert error.code() == Code.INVALID_ARGUMENT, error.details()
+    assert "needs a checkpoint" in error.details(), error.details()  # parsed, then checked
+
+
+def test_a_checkpoint_header_is_counted_before_it_is_parsed(small: Server) -> None:
+    """SaveCheckpoint's chunks take the fast path; its header is counted first: a header
+    of a million metadata entries is refused, and nothing is stored."""
+    metadata = _field(2, _field(1, b"k")) * (MOST // 2 + 1)  # 2 fields each
+    header = _field(1, _field(1, b"w") + metadata)
+    options = [("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(small.target, options=options) as channel:
+        save = channel.stream_unary(SAVE)
+        _too_many(small, lambda: save(iter([header + DAMAGE]), timeout=60), "header.metadata")
+    with ModelHostClient(small.target, timeout=60) as client:
+        assert "w" not in [c.name for c in client.list_checkpoints()]
+
+
+def test_an_oip_repository_load_is_counted_before_it_is_parsed(small: Server) -> None:
+    parameters = _field(3, _field(1, b"k")) * (MOST // 2 + 1)  # a map entry and its key
+    body = _field(2, b"mlp") + parameters + DAMAGE
+    _too_many(small, lambda: _call(small, REPOSITORY_LOAD, body), "parameters.key")

@@ -27,8 +27,38 @@ from modelhost.server.loading import ON_DEMAND, PINNED, LoadRequest
 from modelhost.server.store import CheckpointRecord
 from modelhost.v1 import modelhost_pb2 as pb
 
-parse_save_request = wire.chunk_parser(pb.SaveCheckpointRequest.FromString)
-"""SaveCheckpoint's deserializer: chunks come as views of the received bytes."""
+MAX_REQUEST_FIELDS = 1 << 18
+"""Fields (nested ones included) a request of any method may hold, counted from the wire
+before protobuf parses it (`fields_limited`): each becomes an object, so a small request
+of empty entries (labels, metadata, JSON values) could otherwise take about 20 times its
+size. A LoadModel's 100,000 labels (MAX_LABELS) fit."""
+
+
+def fields_limited(
+    parse: Callable[[bytes], M], message: Descriptor, limit: int = MAX_REQUEST_FIELDS, why: str = ""
+) -> Callable[[bytes], M]:
+    """A deserializer that refuses (LimitExceeded) a request with more than `limit`
+    fields, nested ones included (`wire.check_fields`: counted from tags and lengths,
+    stopped at the limit), before `parse` reads it; `why` says where the limit comes from."""
+
+    def parse_limited(data: bytes) -> M:
+        try:
+            wire.check_fields(data, message, limit)
+        except wire.TooManyFields as error:
+            raise LimitExceeded(
+                f"the request has more than {limit} fields, nested ones included (the last "
+                f"one read: {error.path}); the limit is {limit}{why}"
+            ) from None
+        return parse(data)
+
+    return parse_limited
+
+
+parse_save_request = wire.chunk_parser(
+    fields_limited(pb.SaveCheckpointRequest.FromString, pb.SaveCheckpointRequest.DESCRIPTOR)
+)
+"""SaveCheckpoint's deserializer: chunks come as views of the received bytes; a header is
+parsed once its fields are counted."""
 
 serialize_download_response = wire.serialize_chunks(pb.DownloadCheckpointResponse.SerializeToString)
 """DownloadCheckpoint's serializer: chunks go out as `wire.chunk_message` bytes."""
@@ -74,7 +104,9 @@ def entry_limited(
     every = EntryLimit("fields", most, "the entries' limits, and 64 more")
     limits = {**limits, wire.ALL_FIELDS: every}
     settings = ", ".join(sorted({entry.setting for entry in limits.values()} - {every.setting}))
-    nested = most * FIELDS_PER_ENTRY
+    if message is not None:
+        why = f" ({FIELDS_PER_ENTRY} for each entry {settings} allows)"
+        parse = fields_limited(parse, message, most * FIELDS_PER_ENTRY, why)
 
     def parse_limited(data: bytes) -> M:
         for number, count in wire.count_entries(data, counted).items():
@@ -84,15 +116,6 @@ def entry_limited(
                     f"the request has at least {count} {entry.what}; the limit is "
                     f"{entry.limit} ({entry.setting})"
                 )
-        if message is not None:
-            try:
-                wire.check_fields(data, message, nested)
-            except wire.TooManyFields as error:
-                raise LimitExceeded(
-                    f"the request has more than {nested} fields, nested ones included "
-                    f"(the last one read: {error.path}); the limit is {nested} "
-                    f"({FIELDS_PER_ENTRY} for each entry {settings} allows)"
-                ) from None
         return parse(data)
 
     return parse_limited

@@ -159,10 +159,18 @@ def generated_handlers(
     add: Callable[[Any, Any], None], servicer: object
 ) -> dict[str, grpc.RpcMethodHandler]:
     """The handlers the generated `add_..._to_server` function `add` registers for
-    `servicer`, by method name: swap (de)serializers in, then `register` them."""
+    `servicer`, by method name, each request's fields counted before it is parsed
+    (`messages.fields_limited`): swap (de)serializers in, then `register` them."""
     collect = _Collect()
     add(servicer, collect)
-    return collect.handlers
+    handlers = collect.handlers
+    for name, handler in handlers.items():
+        parse = handler.request_deserializer
+        message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        if parse is not None and message is not None:  # the generated Message.FromString
+            limited = messages.fields_limited(parse, message)
+            handlers[name] = handler._replace(request_deserializer=limited)
+    return handlers
 
 
 def register(
