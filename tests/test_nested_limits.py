@@ -335,7 +335,8 @@ def test_load_model_labels_are_counted_before_they_are_parsed(small: Server) -> 
 
 def test_a_checkpoint_header_is_counted_before_it_is_parsed(small: Server) -> None:
     """SaveCheckpoint's chunks take the fast path; its header is counted first: a header
-    of a million metadata entries is refused, and nothing is stored."""
+    of more metadata entries than any real one (the proto allows 64) is refused, and
+    nothing is stored."""
     metadata = _field(2, _field(1, b"k")) * (MOST // 2 + 1)  # 2 fields each
     header = _field(1, _field(1, b"w") + metadata)
     options = [("grpc.max_send_message_length", -1)]
