@@ -628,6 +628,23 @@ MUTANTS = [
             "test_an_oip_repository_load_is_counted_before_it_is_parsed",
         ),
     ),
+    Mutant(
+        "host: a zero-size dimension makes an input count no elements",
+        SERVER + "host.py",
+        "    return math.prod(dim or 1 for dim in tensor.shape)",
+        "    return math.prod(tensor.shape)",
+        (
+            "tests/test_zero_rows.py::test_a_predict_without_rows_counts_its_other_sizes",
+            "tests/test_zero_rows.py::test_a_model_infer_without_rows_counts_its_other_sizes",
+        ),
+    ),
+    Mutant(
+        "inference: a batch without rows queues a background compile",
+        SERVER + "inference.py",
+        "        if any(rows == 0 for _, _, rows, _ in key):\n            return\n",
+        "",
+        ("tests/test_compiled.py::test_a_batch_without_rows_queues_no_compile",),
+    ),
 ]
 
 

@@ -121,6 +121,44 @@ def test_a_background_compile_makes_one_graph_for_any_row_count_above_one(
     assert len(traces) == 1 and traces[0].startswith("compile"), traces
 
 
+def test_a_batch_without_rows_queues_no_compile(
+    client: ModelHostClient, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch of no rows has nothing worth compiling for: it answers (empty) and takes
+    none of the version's shapes (a compile of it used to run two rows of its other
+    sizes, counted against nothing; red team 5's H1), and its shape logs readably."""
+    from helpers import models
+
+    caplog.set_level(logging.INFO, logger="modelhost.server.inference")
+    _load(client, "m-x10", 10.0, warmup_shape=(2, 3))
+    before = len(models.TRACES)
+    for shape in [(0, 3), (0, 5), (0, 2, 4)]:
+        outputs = client.predict("m-x10", np.ones(shape, np.float32))
+        assert outputs["y"].shape == shape
+    time.sleep(1)
+    assert models.TRACES[before:] == []
+    assert _compiled_on(caplog) == []
+    assert server.host is not None
+    samples = server.host.metrics.registry.get_sample_value
+    compiled = {"model": "m-x10", "outcome": "compiled"}
+    assert samples("modelhost_background_compiles_total", compiled) is None
+    key = inference.shape_key({"x": torch.ones(0, 3)})
+    assert inference._shapes(key) == "x [0, 3] float32"
+
+
+def test_a_failing_compile_job_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """What a compile job raises outside the model (a bug) is logged, not lost in its
+    future."""
+    from concurrent.futures import Future
+
+    caplog.set_level(logging.ERROR, logger="modelhost.server.inference")
+    job: Future[None] = Future()
+    job.set_exception(KeyError(0))
+    inference._log_failure(job)
+    assert [r.getMessage() for r in caplog.records] == ["a background compile failed"]
+    assert caplog.records[0].exc_info is not None
+
+
 def test_new_shapes_past_the_limit_stay_uncompiled(
     client: ModelHostClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

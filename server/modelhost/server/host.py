@@ -10,6 +10,7 @@ Blocking work runs on executors, never on the event loop.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -183,7 +184,12 @@ def check_element_count(elements: int, limit: int) -> None:
 
 
 def _element_count(name: str, tensor: codec.TensorFields) -> int:
+    """What an input counts against max_tensor_elements: its elements, each zero-size
+    dimension counted as one. A tensor that holds nothing ([0, 3, 8192, 8192], a request
+    of 60 bytes) must not bring sizes past the limit that models and compiles size their
+    work by (Swin's attention masks, a compile's zeros; red team 5's H1)."""
     try:
-        return codec.element_count(tensor, what=f"input {name!r}")
+        codec.element_count(tensor, what=f"input {name!r}")
     except codec.TensorError as error:
         raise InvalidInput(str(error)) from None
+    return math.prod(dim or 1 for dim in tensor.shape)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -365,7 +365,10 @@ class Runner:
 
     def _compile_later(self, key: ShapeKey) -> None:
         """Queues a compile for a batch shape this version has not compiled for (the batch
-        runs uncompiled meanwhile), up to MAX_COMPILED_SHAPES."""
+        runs uncompiled meanwhile), up to MAX_COMPILED_SHAPES; a batch without rows has
+        nothing worth compiling for."""
+        if any(rows == 0 for _, _, rows, _ in key):
+            return
         with self._shapes_lock:
             if key in self._compiled or len(self._compiled) >= MAX_COMPILED_SHAPES:
                 return
@@ -373,8 +376,7 @@ class Runner:
                 return
             self._compiled.add(key)
             full = len(self._compiled) == MAX_COMPILED_SHAPES
-        assert self._compiler is not None
-        self._compiler.submit(self._compile_for, key)
+        self._submit_compile(key)
         if full:
             log.warning(
                 "a compiled version met %d input shapes: new shapes from now on run "
@@ -414,7 +416,14 @@ class Runner:
             keys = list(self._compiled)
         if self._compiler is not None and not self._cuda_graphs:
             for key in keys:
-                self._compiler.submit(self._compile_for, key)
+                self._submit_compile(key)
+
+    def _submit_compile(self, key: ShapeKey) -> None:
+        """Queues `_compile_for(key)` on the compile thread; what it raises is logged (a
+        future nobody reads would swallow it)."""
+        assert self._compiler is not None
+        job = self._compiler.submit(self._compile_for, key)
+        job.add_done_callback(_log_failure)
 
     def _run_with(
         self, batch: Tensors, forward: Callable[..., Any], *, dynamic_rows: bool = False
@@ -681,10 +690,16 @@ def _compiled(module: nn.Module, mode: str | None) -> Callable[..., Any]:
     return run
 
 
+def _log_failure(job: Future[None]) -> None:
+    if not job.cancelled() and (error := job.exception()) is not None:
+        log.error("a background compile failed", exc_info=error)
+
+
 def _shapes(key: ShapeKey) -> str:
-    shown = {1: "1", 2: "N"}
+    """A shape key as logs show it: "x [N, 3, 224, 224] float32" (N: any rows above 1)."""
+    shown = {-1: [], 0: ["0"], 1: ["1"], 2: ["N"]}
     return ", ".join(
-        f"{name} {[shown[rows], *rest] if rows != -1 else []} {_name(dtype)}"
+        f"{name} [{', '.join([*shown[rows], *map(str, rest)])}] {_name(dtype)}"
         for name, dtype, rows, rest in key
     )
 
