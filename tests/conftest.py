@@ -82,6 +82,21 @@ def expect(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> Model
     return caught.value
 
 
+def assert_same_detections(
+    model: torch.nn.Module, x: np.ndarray, out: Mapping[str, np.ndarray]
+) -> None:
+    """The served outputs of detection model `model` for images `x` ("0.boxes", ...)
+    equal the in-process model's, image by image."""
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x))
+    assert {key.split(".")[0] for key in out} == {str(i) for i in range(len(x))}
+    for index, per_image in enumerate(expected):
+        for key in ("boxes", "labels", "scores"):
+            np.testing.assert_allclose(
+                out[f"{index}.{key}"], per_image[key].numpy(), rtol=1e-4, atol=1e-4
+            )
+
+
 def detector(seed: int = 0, **args: object) -> torch.nn.Module:
     """torchvision's smallest detection model (3 classes, random weights), in eval mode."""
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import detector, images, reference, serve
+from conftest import assert_same_detections, detector, images, reference, serve
 from helpers.models import Recorder
 from modelhost.client import ModelHostClient, ModelHostError, codec
 from modelhost.server import Server
@@ -488,14 +488,7 @@ def test_detection_model_answers_concurrent_callers(client: ModelHostClient) -> 
     outs = concurrently([partial(client.predict, "det", x, timeout=120) for x in inputs])
     for x, out in zip(inputs, outs, strict=True):
         assert not isinstance(out, Exception), out
-        with torch.inference_mode():
-            expected = model(torch.from_numpy(x))
-        assert {key.split(".")[0] for key in out} == {str(i) for i in range(len(x))}
-        for index, per_image in enumerate(expected):
-            for key in ("boxes", "labels", "scores"):
-                np.testing.assert_allclose(
-                    out[f"{index}.{key}"], per_image[key].numpy(), rtol=1e-4, atol=1e-4
-                )
+        assert_same_detections(model, x, out)
 
 
 def test_lane_keeps_serving_after_an_unexpected_error() -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import detector, expect, serve
+from conftest import assert_same_detections, detector, expect, serve
 from modelhost.client import ModelHostClient
 from modelhost.server import running
 from modelhost.server.architectures import DetectionCost, detection_cost
@@ -142,14 +142,7 @@ def test_a_costly_detection_predict_is_refused_and_the_server_serves_on(
         "max_detection_bytes",
     )
     x = np.random.default_rng(0).random((2, 3, 64, 96), dtype=np.float32)
-    out = client.predict("det", x)
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(x))
-    for index, per_image in enumerate(expected):
-        for key in ("boxes", "labels", "scores"):
-            np.testing.assert_allclose(
-                out[f"{index}.{key}"], per_image[key].numpy(), rtol=1e-4, atol=1e-4
-            )
+    assert_same_detections(model, x, client.predict("det", x))
     other = serve(client, "mlp", architecture="tiny_mlp", architecture_args=None)
     y = np.ones((2, 4), dtype=np.float32)  # tiny_mlp: 4 features
     with torch.inference_mode():

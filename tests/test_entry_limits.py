@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import serve
+from helpers.watched import Watched
 from modelhost.client import ModelHostClient, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.server import Server, Settings, messages, oip_tensors, running
@@ -62,21 +63,10 @@ def _predict_inputs(count: int) -> bytes:
 # wire.count_entries
 
 
-class _Watched(bytes):
-    """Bytes that remember the furthest offset read from them."""
-
-    furthest = -1
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, int):
-            self.furthest = max(self.furthest, index)
-        return super().__getitem__(index)
-
-
 def test_counting_stops_at_the_first_entry_over_a_limit() -> None:
     """A million entries (5 MB): the count reads the 257th entry's tag and length, and
     not one byte after."""
-    million = _Watched(_inputs(1_000_000) + DAMAGE)
+    million = Watched(_inputs(1_000_000) + DAMAGE)
     assert wire.count_entries(million, INFER_LIMITS) == {4: 0, 5: 257, 6: 0, 7: 0}
     assert million.furthest == 256 * 5 + 1  # the 257th entry's length byte
     # Within the limit the count reads to the end, or to damage, and leaves it to protobuf.

@@ -11,12 +11,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_hostile_round3 import refused_load
 
-from conftest import build, detector, expect, serve
+from conftest import assert_same_detections, build, detector, expect, serve
 from helpers.processes import free_port
 from modelhost.client import ModelHostClient
 from modelhost.server import Server, Settings, app, running
@@ -73,11 +72,7 @@ def test_a_detection_model_with_modest_runtime_arguments_still_loads(
         client, "det", model, architecture=architecture, architecture_args=args | {"num_classes": 3}
     )
     x = np.random.default_rng(0).random((1, 3, 64, 96), dtype=np.float32)
-    out = client.predict("det", x)
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(x))[0]
-    for key in ("boxes", "labels", "scores"):
-        np.testing.assert_allclose(out[f"0.{key}"], expected[key].numpy(), rtol=1e-4, atol=1e-4)
+    assert_same_detections(model, x, client.predict("det", x))
 
 
 @pytest.fixture

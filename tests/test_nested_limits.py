@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import serve
+from helpers.watched import Watched
 from modelhost.client import ModelHostClient, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.server import Server, Settings, messages, running
@@ -53,17 +54,6 @@ def _contents(*fields: bytes) -> bytes:
 # wire.check_fields
 
 
-class _Watched(bytes):
-    """Bytes that remember the furthest offset read from them."""
-
-    furthest = -1
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, int):
-            self.furthest = max(self.furthest, index)
-        return super().__getitem__(index)
-
-
 def _counts(data: bytes, fields: int) -> bool:
     """Whether `check_fields` counts `fields` fields in a ModelInferRequest: it lets that
     many pass, and refuses one fewer."""
@@ -77,7 +67,7 @@ def _counts(data: bytes, fields: int) -> bool:
 
 def test_counting_stops_at_the_first_field_over_the_limit() -> None:
     """A million empty bytes_contents (2 MB): the count reads 100 fields and stops."""
-    flood = _Watched(b"\x0a\x01m" + _input(_contents(b"\x42\x00" * 1_000_000)) + DAMAGE)
+    flood = Watched(b"\x0a\x01m" + _input(_contents(b"\x42\x00" * 1_000_000)) + DAMAGE)
     with pytest.raises(wire.TooManyFields) as caught:
         wire.check_fields(flood, Infer.DESCRIPTOR, 100)
     assert caught.value.path == "inputs.contents.bytes_contents"

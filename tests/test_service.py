@@ -15,7 +15,16 @@ import torch
 import torchvision
 from safetensors.torch import save as save_safetensors
 
-from conftest import build, detector, expect, images, reference, resnet18, serve
+from conftest import (
+    assert_same_detections,
+    build,
+    detector,
+    expect,
+    images,
+    reference,
+    resnet18,
+    serve,
+)
 from modelhost.client import ModelHostClient, NotFoundError
 from modelhost.server import Server, Settings, running
 
@@ -256,14 +265,7 @@ def test_detection_model_lists_per_image_outputs(client: ModelHostClient) -> Non
         architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
     )
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
-    out = client.predict("det", x)
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(x))
-    for index, per_image in enumerate(expected):
-        for key in ("boxes", "labels", "scores"):
-            np.testing.assert_allclose(
-                out[f"{index}.{key}"], per_image[key].numpy(), rtol=1e-4, atol=1e-4
-            )
+    assert_same_detections(model, x, client.predict("det", x))
 
 
 def test_labels_are_one_per_class_and_bounded(client: ModelHostClient) -> None:
