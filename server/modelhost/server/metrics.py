@@ -2,6 +2,12 @@
 
 Each server has its own registry, so several servers in one process (tests) do not
 collide. Queue depth and device memory are read from the registry at scrape time.
+
+Series labelled by model exist while the model is hosted: a version's own series
+(batches, evictions, page-ins) go when it is unloaded, and the name's (requests,
+latency, loads, background compiles) when its last version is. A value recorded for a
+name that is not hosted (an unknown name, or one unloaded meanwhile) counts under
+model="", so names that come and go cannot grow the scrape without bound.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import socketserver
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
@@ -34,6 +40,51 @@ MAX_CONNECTIONS = 32
 """/metrics connections served at once (a thread each); more are closed unanswered."""
 
 
+M = TypeVar("M", Counter, Histogram)
+
+
+class _Names:
+    """Which model names may label series: the hosted ones (every name, until `watch`)."""
+
+    def __init__(self) -> None:
+        # Held while a name-labelled series is looked up or made, and while a name's
+        # series are removed: a value recorded after the removal cannot bring them back.
+        self.lock = threading.Lock()
+        self.registry: Registry | None = None
+
+    def hosted(self, name: str) -> bool:
+        return self.registry is None or self.registry.hosts(name)
+
+
+class PerName(Generic[M]):
+    """A metric family with a model label, whose series exist while that name is hosted.
+
+    `labels` is the family's: a name that is not hosted when the value is recorded
+    counts as model="". `forget` removes a name's series (its last version is gone)."""
+
+    def __init__(self, family: M, model_at: int, names: _Names) -> None:
+        self.family: M = family
+        self._at = model_at
+        self._names = names
+        self._made: dict[str, set[tuple[str, ...]]] = {}  # label values by name
+
+    def labels(self, *values: str) -> M:
+        model = values[self._at]
+        with self._names.lock:
+            if model and not self._names.hosted(model):
+                model = ""
+                values = (*values[: self._at], "", *values[self._at + 1 :])
+            if model:
+                self._made.setdefault(model, set()).add(values)
+            return self.family.labels(*values)
+
+    def forget(self, model: str) -> None:
+        """Removes `model`'s series (call holding the names' lock)."""
+        for values in self._made.pop(model, ()):
+            with contextlib.suppress(KeyError):
+                self.family.remove(*values)
+
+
 class CacheUsage(Protocol):
     def usage(self) -> dict[str, tuple[int, int | None]]: ...
 
@@ -47,18 +98,27 @@ class Metrics:
         self._http: WSGIServer | None = None
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "modelhost_requests",
-            "RPCs handled, by method, model and status code.",
-            ["method", "model", "code"],
-            registry=r,
+        self._names = names = _Names()
+        self.requests = PerName(
+            Counter(
+                "modelhost_requests",
+                "RPCs handled, by method, model and status code.",
+                ["method", "model", "code"],
+                registry=r,
+            ),
+            1,
+            names,
         )
-        self.latency = Histogram(
-            "modelhost_request_seconds",
-            "RPC wall time in seconds, by method and model.",
-            ["method", "model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.latency = PerName(
+            Histogram(
+                "modelhost_request_seconds",
+                "RPC wall time in seconds, by method and model.",
+                ["method", "model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            1,
+            names,
         )
         self.batch_rows = Histogram(
             "modelhost_batch_rows",
@@ -80,12 +140,16 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
-        self.load_seconds = Histogram(
-            "modelhost_load_seconds",
-            "LoadModel time in seconds, by model.",
-            ["model"],
-            buckets=LOAD_BUCKETS,
-            registry=r,
+        self.load_seconds = PerName(
+            Histogram(
+                "modelhost_load_seconds",
+                "LoadModel time in seconds, by model.",
+                ["model"],
+                buckets=LOAD_BUCKETS,
+                registry=r,
+            ),
+            0,
+            names,
         )
         self.checkpoint_bytes = Counter(
             "modelhost_checkpoint_bytes",
@@ -120,12 +184,16 @@ class Metrics:
             buckets=PAGE_IN_BUCKETS,
             registry=r,
         )
-        self.compiles = Counter(
-            "modelhost_background_compiles",
-            "Compiles of compiled versions for input shapes met after their load, by model "
-            "and outcome (compiled, failed).",
-            ["model", "outcome"],
-            registry=r,
+        self.compiles = PerName(
+            Counter(
+                "modelhost_background_compiles",
+                "Compiles of compiled versions for input shapes met after their load, by model "
+                "and outcome (compiled, failed).",
+                ["model", "outcome"],
+                registry=r,
+            ),
+            0,
+            names,
         )
         self.compile_seconds = Histogram(
             "modelhost_background_compile_seconds",
@@ -147,7 +215,9 @@ class Metrics:
         self.registry.register(_CacheCollector(cache))
 
     def watch(self, registry: Registry) -> None:
-        """Reports queue depth and device memory of every hosted version at scrape time."""
+        """Reports queue depth and device memory of every hosted version at scrape time;
+        from now on only names `registry` hosts label series."""
+        self._names.registry = registry
         self.registry.register(_HostedCollector(registry))
 
     def batch_observer(self, model: str, version: int) -> Callable[[int, int], None]:
@@ -169,7 +239,8 @@ class Metrics:
 
     def forget_version(self, model: str, version: int) -> None:
         """Drops an unloaded version's series: kept, they would pile up with every rollout
-        (and every scrape would carry them)."""
+        (and every scrape would carry them). Once no version of `model` is hosted, drops
+        the name's series too (a version that replaces another keeps them counting)."""
         for family in (self.batch_rows, self.batch_requests, self.batch_errors):
             with contextlib.suppress(KeyError):
                 family.remove(model, str(version))
@@ -177,6 +248,12 @@ class Metrics:
             for tier in (RESIDENT, HOST, STORE):
                 with contextlib.suppress(KeyError):
                     family.remove(model, str(version), tier)
+        with self._names.lock:
+            if not self._names.hosted(model):
+                self.requests.forget(model)
+                self.latency.forget(model)
+                self.load_seconds.forget(model)
+                self.compiles.forget(model)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint; returns its port."""

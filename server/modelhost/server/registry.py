@@ -107,6 +107,11 @@ class Registry:
             )
         return [versions[version]]
 
+    def hosts(self, name: str) -> bool:
+        """Whether any version of `name` is hosted (an empty name never is)."""
+        with self._lock:
+            return name in self._models
+
     def versions(self, name: str) -> list[int]:
         """Hosted versions of `name`, ascending."""
         with self._lock:

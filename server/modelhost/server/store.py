@@ -25,11 +25,13 @@ to the names, until no document pins it and no entry refers to it. A server may 
 hold blobs while it runs (`hold`: a model version it may page in again): its holds are
 in `tmp/<owner>.holds`, so every server sharing the store keeps those blobs, and refuses
 to delete a checkpoint whose bytes another holds; the holds of a server that is gone
-count for nothing, and the next start removes them. A holds file that no server would
-write (not a regular file, over MAX_HOLDS_BYTES, not a list of sha256) counts for nothing
-either, and an owner file that is not a regular file is no live server's: both are
-logged. A full volume (ENOSPC, EDQUOT) is reported as StoreFull, and leaves nothing
-behind.
+count for nothing, and the next start removes them. A server holding more than MAX_HOLDS
+blobs writes that it holds every blob (the list would not fit in MAX_HOLDS_BYTES): until
+it holds fewer, the others remove no blob and refuse every delete of a checkpoint. A
+holds file that no server would write (not a regular file, over MAX_HOLDS_BYTES, neither
+a list of sha256 nor that mark) counts for nothing, and an owner file that is not a
+regular file is no live server's: both are logged. A full volume (ENOSPC, EDQUOT) is
+reported as StoreFull, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -74,8 +76,25 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
 HOLDS = ".holds"  # tmp/<owner>.holds: the blobs a running server holds
 MAX_HOLDS_BYTES = 1 << 20  # a larger holds file is not a server's: it counts for nothing
+MAX_HOLDS = 15_000
+"""Blobs a holds file lists: 68 bytes each (`"<sha256>", `), 1,020,000 bytes in all, within
+MAX_HOLDS_BYTES, which every server reads (also those of earlier releases). A server
+holding more writes EVERY_BLOB instead."""
+EVERY_BLOB = {"every_blob": True}  # the holds file of a server holding more than MAX_HOLDS
+_EVERY_BLOB = json.dumps(EVERY_BLOB).encode()
 MAX_ENTRY_BYTES = 4 << 20  # a manifest entry: 64 metadata entries of 4 KiB, JSON-escaped
 MAX_STATE_BYTES = 256 << 20  # a state document (the restore record)
+
+
+class _Everything:
+    """What a server holding more than MAX_HOLDS blobs holds: any blob."""
+
+    def __contains__(self, sha: object) -> bool:
+        return True
+
+
+EVERY = _Everything()
+Held = set[str] | _Everything  # what another server holds
 
 
 @dataclass(frozen=True)
@@ -213,6 +232,7 @@ class CheckpointStore:
         self.owner = self._locks.owner
         self._held: collections.Counter[str] = collections.Counter()
         self._holds = self._tmp / f"{self.owner}{HOLDS}"
+        self._holds_all = False  # the holds file says EVERY_BLOB (more than MAX_HOLDS)
 
     @property
     def file_locks(self) -> bool:
@@ -371,7 +391,11 @@ class CheckpointStore:
             sha = _sha_of(entry)
             if sha is None:
                 raise CheckpointNotFound(f"checkpoint {name!r} not found")
-            holders = sorted(o for o, held in self._held_elsewhere().items() if sha in held)
+            holders = sorted(
+                f"{owner}{', which holds every blob' if held is EVERY else ''}"
+                for owner, held in self._held_elsewhere().items()
+                if sha in held
+            )
             if holders:
                 raise Refused(
                     f"checkpoint {name!r} is needed by another server sharing the store "
@@ -442,9 +466,10 @@ class CheckpointStore:
         holds: no file). A failure is logged: the holds still count in this server."""
         try:
             if self._held:
-                data = json.dumps(sorted(self._held)).encode()
+                data = _holds_document(self._held)
                 _replace(self._temp_name(self._holds), self._holds, data)
             else:
+                data = b""
                 self._holds.unlink(missing_ok=True)
         except OSError as error:
             log.error(
@@ -453,8 +478,21 @@ class CheckpointStore:
                 self._holds,
                 error,
             )
+            return
+        every = data == _EVERY_BLOB
+        if every and not self._holds_all:
+            log.warning(
+                "this server holds the bytes of %d checkpoints, more than its holds file "
+                "lists (%d): until it holds fewer, the servers sharing the store remove no "
+                "blob and refuse every DeleteCheckpoint",
+                len(self._held),
+                MAX_HOLDS,
+            )
+        elif self._holds_all and not every:
+            log.warning("this server's holds fit in its holds file again")
+        self._holds_all = every
 
-    def _held_elsewhere(self) -> dict[str, set[str]]:
+    def _held_elsewhere(self) -> dict[str, Held]:
         """The blobs each other live server sharing the store holds, by owner."""
         return {
             owner: _holds_in(self._tmp / f"{owner}{HOLDS}")
@@ -463,7 +501,11 @@ class CheckpointStore:
 
     def _used_blobs(self) -> set[str]:
         """Blobs an entry refers to, a state document pins, or a live server holds."""
-        used = set(self._held).union(*self._held_elsewhere().values())
+        used = set(self._held)
+        for held in self._held_elsewhere().values():
+            if isinstance(held, _Everything):  # more than its holds file can list
+                return {blob.name for blob in self._blobs.iterdir()}
+            used |= held
         used.update(filter(None, map(_sha_of, self._entries.glob("*.json"))))
         for state in self.root.glob("*.json"):
             pinned = _pinned_by(state)
@@ -632,16 +674,24 @@ def _pinned_by(state: Path) -> set[str] | None:
     return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
 
 
-def _holds_in(path: Path) -> set[str]:
-    """The blobs a server's holds file names (none if there is none). Another server may
-    have put anything there: what is not a regular file of at most MAX_HOLDS_BYTES with a
-    JSON list of sha256 in it is logged, and holds nothing."""
+def _holds_document(held: Collection[str]) -> bytes:
+    """A holds file: the list of the blobs held, or EVERY_BLOB past MAX_HOLDS of them."""
+    return _EVERY_BLOB if len(held) > MAX_HOLDS else json.dumps(sorted(held)).encode()
+
+
+def _holds_in(path: Path) -> Held:
+    """The blobs a server's holds file names (none if there is none; EVERY: all). Another
+    server may have put anything there: what is not a regular file of at most
+    MAX_HOLDS_BYTES with a JSON list of sha256 (or EVERY_BLOB) in it is logged, and holds
+    nothing."""
     try:
         held = _read_json(path, MAX_HOLDS_BYTES)
     except FileNotFoundError:
         return set()
     except (OSError, ValueError):
         held = None
+    if isinstance(held, dict) and held == EVERY_BLOB and held["every_blob"] is True:
+        return EVERY
     if not isinstance(held, list) or not all(
         isinstance(sha, str) and _SHA256.fullmatch(sha) for sha in held
     ):
