@@ -645,6 +645,42 @@ MUTANTS = [
         "",
         ("tests/test_compiled.py::test_a_batch_without_rows_queues_no_compile",),
     ),
+    Mutant(
+        "metrics: a name's request and load series stay after its last version is unloaded",
+        SERVER + "metrics.py",
+        "            if not self._names.hosted(model):\n"
+        "                self.requests.forget(model)",
+        "            if False:\n                self.requests.forget(model)",
+        ("tests/test_metrics_series.py::test_names_that_come_and_go_leave_no_series",),
+    ),
+    Mutant(
+        "store: a holds file marked every blob is read as holding nothing",
+        SERVER + "store.py",
+        '    if isinstance(held, dict) and held == EVERY_BLOB and held["every_blob"] is True:\n'
+        "        return EVERY\n",
+        "",
+        ("tests/test_holds_bound.py::test_past_the_bound_another_server_deletes_nothing",),
+    ),
+    Mutant(
+        "gate: health on the main port beside a probe port is served unguarded (no slot)",
+        SERVER + "gate.py",
+        "is_open = method.startswith(self.tokens.open_prefixes)",
+        'is_open = method.startswith(("/grpc.health.v1.Health/", "/grpc.reflection."))',
+        (
+            "tests/test_probe_port.py::"
+            "test_on_the_main_port_a_half_sent_health_check_takes_a_slot_and_times_out",
+        ),
+    ),
+    Mutant(
+        "app: the probe port lets a connection open any number of streams",
+        SERVER + "app.py",
+        '        ("grpc.max_concurrent_streams", PROBE_MAX_STREAMS),\n',
+        "",
+        (
+            "tests/test_probe_port.py::"
+            "test_a_probe_connection_holds_at_most_its_stream_cap_of_half_sent_checks",
+        ),
+    ),
 ]
 
 

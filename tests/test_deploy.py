@@ -329,6 +329,39 @@ def test_services_and_autoscaler_target_the_deployment(
     assert "replicas" not in deployment["spec"]
 
 
+def test_network_policy_keeps_the_probe_port_to_the_node(
+    k8s: dict[str, list[dict[str, Any]]], pod: dict[str, Any]
+) -> None:
+    """The probe port needs no token: other pods must not reach it (a caller held 1.5 GB
+    there with half-sent health Checks). The kubelet probes from the pod's own node, which a
+    NetworkPolicy cannot block; an operator may add the node CIDR as an ipBlock. The main
+    and metrics ports stay open as without the policy."""
+    (policy,) = k8s["NetworkPolicy"]
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert spec["policyTypes"] == ["Ingress"]  # egress is not this policy's business
+
+    def admitted(rule: dict[str, Any]) -> set[int]:
+        assert "ports" in rule, f"a rule without ports admits every port: {rule}"
+        assert all(p.get("protocol", "TCP") == "TCP" for p in rule["ports"]), rule
+        return {ports.get(p["port"], p["port"]) for p in rule["ports"]}
+
+    rules = spec["ingress"]
+    from_anyone = set().union(*(admitted(r) for r in rules if not r.get("from")))
+    assert from_anyone == {ports["grpc"], ports["metrics"]}
+    for rule in rules:
+        if ports["probe"] not in admitted(rule):
+            continue
+        assert rule.get("from"), "the probe port is open to anyone"
+        for peer in rule["from"]:
+            assert set(peer) == {"ipBlock"}, f"the probe port is open to pods: {peer}"
+            assert peer["ipBlock"]["cidr"] not in ("0.0.0.0/0", "::/0"), peer
+    # Every port the container serves is admitted by some rule: nothing is cut off by mistake.
+    assert set().union(*(admitted(r) for r in rules)) == set(ports.values())
+
+
 def test_every_modelhost_variable_is_a_setting(stages: list[Stage]) -> None:
     known = {f.name for f in dataclasses.fields(Settings)}
     (config,) = by_kind(KUBERNETES)["ConfigMap"]

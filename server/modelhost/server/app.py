@@ -5,9 +5,12 @@
 - `running(settings)` runs one on a background thread, for tests, benchmarks and
   scripts that are not asyncio programs.
 
-Health and reflection take no slot and need no token (on the main port, unless probes have
-a port of their own: `health_port`, where requests are small); their streams (Watch,
-reflection) are bounded in number and size (`OpenStreams`). Check is never refused.
+Health and reflection take no slot and need no token; their streams (Watch, reflection)
+are bounded in number and size (`OpenStreams`), and Check is never refused. With a probe
+port of its own (`health_port`), they answer there so (with small requests, few streams
+per connection, few connections, and connections that end: `probe_options`), while on the
+main port they need a token and pass the gate like every other method (a slot, and the
+request read within `request_read_timeout`).
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ log = logging.getLogger(__name__)
 
 
 MAX_OPEN_STREAMS = 1000
-"""Health Watch and reflection streams open at once, all callers together. They need no
-token and take no slot (probes answer however busy the server is), and each holds about
-20 KB for as long as its caller keeps it open. Health Check is never refused."""
+"""Health Watch and reflection streams open at once, all callers together, on every port.
+Where they need no token they take no slot (probes answer however busy the server is), and
+each holds about 20 KB for as long as its caller keeps it open. Health Check is never
+refused there."""
 MAX_OPEN_STREAMS_PER_ADDRESS = 100
 """Of those, the most one client address may hold: one caller cannot take them all."""
 PROBE_MESSAGE_BYTES = 64 << 10
@@ -49,6 +53,54 @@ before any check can run, so on a port that needs no token the limit is what bou
 caller that sends most of a huge message and stops."""
 MAX_REFLECTION_REQUEST_BYTES = 4096
 """Largest reflection request (a symbol or file name); a stream keeps its last one."""
+PROBE_MAX_STREAMS = 4
+"""Streams one connection to the probe port may have open at once (HTTP/2
+SETTINGS_MAX_CONCURRENT_STREAMS). A probe (the kubelet's, `modelhost health`,
+grpc_health_probe) opens a connection, makes one Check and closes it; 4 leaves room for a
+Watch and a reflection listing beside it. gRPC buffers each stream's partial request (up to
+PROBE_MESSAGE_BYTES) before any handler runs: this is what bounds one connection to about
+4 x 64 KiB, where a caller used to open thousands of half-sent Checks on it. A gRPC client
+waits for a free stream; a stream opened past the cap anyway is refused at once
+(RST_STREAM REFUSED_STREAM; ENHANCE_YOUR_CALM before the client acknowledged the cap)."""
+PROBE_MAX_CONNECTIONS = 64
+"""Connections the probe port keeps at once; past that, a new one is closed as soon as it
+is accepted. With PROBE_MAX_STREAMS this bounds what the port can be made to hold to
+64 x 4 x 64 KiB = 16 MiB of requests (the server grew 24 MB with every place taken).
+Probes use a few short connections; a caller that holds all 64 can make probes fail for as
+long as it keeps them (renewed every PROBE_CONNECTION_AGE_S), which is what the
+NetworkPolicy (deploy/kubernetes/networkpolicy.yaml) is for: only the node may reach the
+port. gRPC has no bound per client address. Nor is there a `maximum_concurrent_rpcs`:
+streams and connections already bound the calls to 256, and a lower limit would only
+refuse the kubelet's Check sooner."""
+PROBE_CONNECTION_AGE_S = 30.0
+"""A probe-port connection gets GOAWAY after about this long (gRPC adds up to 10% either
+way), then PROBE_CONNECTION_GRACE_S for its streams to end before it is closed: nothing
+half-sent stays longer than about 38 s, and a caller that holds connections must keep
+making new ones."""
+PROBE_CONNECTION_GRACE_S = 5.0
+"""See PROBE_CONNECTION_AGE_S."""
+PROBE_CONNECTION_IDLE_S = 10.0
+"""A probe-port connection with no stream open for this long is closed (GOAWAY)."""
+PROBE_HANDSHAKE_S = 5.0
+"""A probe-port connection must finish its handshake within this (gRPC's default: 120 s)."""
+
+
+def probe_options() -> list[tuple[str, int]]:
+    """The probe port's gRPC options (read when a server starts: tests shorten them)."""
+    return [
+        ("grpc.max_receive_message_length", PROBE_MESSAGE_BYTES),
+        ("grpc.max_concurrent_streams", PROBE_MAX_STREAMS),
+        ("grpc.max_allowed_incoming_connections", PROBE_MAX_CONNECTIONS),
+        ("grpc.max_connection_age_ms", int(PROBE_CONNECTION_AGE_S * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(PROBE_CONNECTION_GRACE_S * 1000)),
+        ("grpc.max_connection_idle_ms", int(PROBE_CONNECTION_IDLE_S * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(PROBE_HANDSHAKE_S * 1000)),
+        # No bandwidth probing: it grows a connection's receive window and buffers for a
+        # caller that sends fast (24 connections of refused streams: +105 MB with it, +13
+        # MB without); probes send a few bytes.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class OpenStreams:
@@ -218,12 +270,7 @@ class Server:
         ]
         self._add_probes(server, reflected)
         if settings.health_port:
-            self._probes = grpc.aio.server(
-                options=[
-                    ("grpc.max_receive_message_length", PROBE_MESSAGE_BYTES),
-                    ("grpc.so_reuseport", 0),
-                ],
-            )
+            self._probes = grpc.aio.server(options=probe_options())
             self._add_probes(self._probes, reflected)
             probes_at = _address(settings.host, settings.health_port)
             self.health_port = self._probes.add_insecure_port(probes_at)

@@ -3,8 +3,10 @@
 For each call, in this order:
 
 1. Health checks and reflection pass straight through: they take no slot, so probes
-   answer however busy the server is, and need no token (unless probes have a port of
-   their own, `health_port`: then an inference token).
+   answer however busy the server is, and need no token. Unless probes have a port of
+   their own (`health_port`): then they need an inference token here and are served like
+   every other method (steps 2 to 5), so a token holder's half-sent health Check holds a
+   slot and ends within `request_read_timeout`, as a half-sent Predict does.
 2. The bearer token is checked against the method's tier (`auth.Tokens`) from the
    call's headers alone: a refused caller's body is never read, let alone parsed.
 3. The call takes one of `max_concurrent_rpcs` slots or is refused with
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
@@ -40,7 +43,7 @@ import grpc.aio
 
 from modelhost.server import errors as e
 from modelhost.server import rpc
-from modelhost.server.auth import OPEN_PREFIXES, Tokens, bearer
+from modelhost.server.auth import Tokens, bearer
 
 OFFLOAD_BYTES = 1 << 20
 """Requests larger than this are parsed on a thread."""
@@ -71,8 +74,10 @@ class Gate(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
-            is_probe = method.startswith(OPEN_PREFIXES)  # no slot, no read timeout
-            served = handler if is_probe else self._guarded(handler, method.rsplit("/", 1)[-1])
+            # Open methods take no slot and have no read timeout (they need no token); with
+            # a probe port they are not open here (`Tokens.open_prefixes`), so guarded.
+            is_open = method.startswith(self.tokens.open_prefixes)
+            served = handler if is_open else self._guarded(handler, method.rsplit("/", 1)[-1])
             self._handlers[method] = served
         if self.tokens.enabled:  # open methods pass, unless probes have their own port
             verdict = self.tokens.verdict(method, bearer(details.invocation_metadata))
@@ -209,7 +214,11 @@ class Gate(grpc.aio.ServerInterceptor):
                             )
                         else:
                             stream = handler.unary_stream(await first(requests, context), context)
-                        sent = await gate._send(stream, context)
+                        if inspect.iscoroutine(stream):  # writes its replies (health Watch)
+                            await stream
+                            sent = True
+                        else:
+                            sent = await gate._send(stream, context)
                     if not sent:  # once its slot and its stream are let go of
                         await gate._end_stalled(context)
 
