@@ -113,6 +113,9 @@ def test_local_target() -> None:
     assert local_target(both) == "10.1.2.3:8"
     with pytest.raises(ValueError, match="not a port"):
         local_target({"MODELHOST_HEALTH_PORT": "probe"})
+    for port in ("0", "grpc"):  # the main port is picked at start, or not a number
+        with pytest.raises(ValueError, match="MODELHOST_HEALTH_PORT"):
+            local_target({"MODELHOST_PORT": port})
 
 
 def test_the_healthcheck_command_runs_as_a_process(settings: Settings) -> None:

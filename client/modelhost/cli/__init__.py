@@ -323,7 +323,13 @@ def local_target(environ: Mapping[str, str]) -> str:
             "the main port speaks TLS and this check plaintext: give probes a port of their "
             "own (MODELHOST_HEALTH_PORT, always plaintext), or turn the check off"
         )
-    return f"{host}:{environ.get('MODELHOST_PORT', '').strip() or '50051'}"
+    port = environ.get("MODELHOST_PORT", "").strip() or "50051"
+    if not port.isdigit() or not int(port):
+        raise ValueError(
+            f"MODELHOST_PORT={port!r} is not a port this check can ask (0 picks one at "
+            "start): give probes a port of their own (MODELHOST_HEALTH_PORT)"
+        )
+    return f"{host}:{int(port)}"
 
 
 # Parser
