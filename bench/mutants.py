@@ -315,8 +315,8 @@ MUTANTS = [
     Mutant(
         "store: the holds of other servers sharing the store are ignored",
         SERVER + "store.py",
-        "used = set(self._held).union(*self._held_elsewhere().values())",
-        "used = set(self._held)",
+        "        for held in self._held_elsewhere().values():\n",
+        "        for held in ():\n",
         (
             "tests/test_shared_store_holds.py::"
             "test_an_overwrite_through_another_server_keeps_the_evicted_versions_bytes",
@@ -429,9 +429,11 @@ MUTANTS = [
     Mutant(
         "inference: a new shape is never compiled after the warm-up",
         SERVER + "inference.py",
-        "        assert self._compiler is not None\n"
-        "        self._compiler.submit(self._compile_for, key)\n",
-        "",
+        "            self._compiled.add(key)\n"
+        "            full = len(self._compiled) == MAX_COMPILED_SHAPES\n"
+        "        self._submit_compile(key)\n",
+        "            self._compiled.add(key)\n"
+        "            full = len(self._compiled) == MAX_COMPILED_SHAPES\n",
         (
             "tests/test_compiled.py::test_without_warmup_shape_the_first_requests_compile_in_the_background",
         ),
@@ -679,6 +681,26 @@ MUTANTS = [
         (
             "tests/test_probe_port.py::"
             "test_a_probe_connection_holds_at_most_its_stream_cap_of_half_sent_checks",
+        ),
+    ),
+    Mutant(
+        "wire: a message the field count cannot follow is left to protobuf uncounted",
+        "client/modelhost/client/wire.py",
+        "    except (_Unusual, IndexError):\n        raise Unreadable(",
+        "    except (_Unusual, IndexError):\n        return\n        raise Unreadable(",
+        ("tests/test_nested_limits.py::test_a_model_infer_the_count_cannot_follow_is_refused",),
+    ),
+    Mutant(
+        "wire: the numbers of a packed varint run are not counted (a byte each parses to 8)",
+        "client/modelhost/client/wire.py",
+        "                    self._read_numbers(field, path, number, "
+        "_varints_in(data, offset, size))\n",
+        "                    pass\n",
+        (
+            "tests/test_nested_limits.py::"
+            "test_a_predict_shape_of_a_million_dimensions_is_refused_unparsed",
+            "tests/test_nested_limits.py::"
+            "test_typed_int_contents_count_against_max_tensor_elements_before_parsing",
         ),
     ),
 ]

@@ -113,9 +113,12 @@ def test_local_target() -> None:
     assert local_target(both) == "10.1.2.3:8"
     with pytest.raises(ValueError, match="not a port"):
         local_target({"MODELHOST_HEALTH_PORT": "probe"})
-    for port in ("0", "grpc"):  # the main port is picked at start, or not a number
-        with pytest.raises(ValueError, match="MODELHOST_HEALTH_PORT"):
-            local_target({"MODELHOST_PORT": port})
+    with pytest.raises(ValueError, match="picks the port at start"):
+        local_target({"MODELHOST_PORT": "0"})
+    with pytest.raises(ValueError, match="not a port"):
+        local_target({"MODELHOST_PORT": "grpc"})
+    for spelled in ("+50052", "50_052", "\uff15\uff10\uff10\uff15\uff12"):  # as int() reads them
+        assert local_target({"MODELHOST_HEALTH_PORT": spelled}) == "127.0.0.1:50052"
 
 
 def test_the_healthcheck_command_runs_as_a_process(settings: Settings) -> None:

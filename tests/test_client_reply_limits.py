@@ -277,3 +277,16 @@ def test_reply_parsers_parse_what_is_within_the_limits() -> None:
     info = pb.ModelInfo(name="m", missing_keys=["a", "b"], architecture_args={"k": "v"})
     assert parse(info.SerializeToString()) == info
     assert "more than 4194304 fields" in _refusal_of(parse, _model_info(calls.MAX_REPLY_FIELDS + 1))
+
+
+@CLIENTS
+def test_a_reply_the_count_cannot_follow_is_refused_unparsed(
+    aio: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team 6's H1: an unknown varint of more than 64 bits (protobuf takes it) used to
+    make the count give up, and the entries after it were parsed uncounted."""
+    monkeypatch.setattr(calls, "MAX_REPLY_FIELDS", 1000)
+    overlong = b"\x48" + b"\xff" * 9 + b"\x7f"
+    with serving(GetModel=overlong + _model_info(2000)) as target:
+        message = _refused(target, aio, "get_model", "m")
+    assert message.startswith("the server's ModelInfo: the message cannot be read to its end")

@@ -23,11 +23,12 @@ from hypothesis import strategies as st
 
 from conftest import serve
 from helpers.watched import Watched
-from modelhost.client import ModelHostClient, wire
+from modelhost.client import ModelHostClient, codec, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.server import Server, Settings, messages, running
 from modelhost.server import oip as oip_service
-from modelhost.server.errors import LimitExceeded
+from modelhost.server.errors import InvalidArgument, LimitExceeded
+from modelhost.v1 import modelhost_pb2 as pb
 
 Code = grpc.StatusCode
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -56,10 +57,10 @@ def _contents(*fields: bytes) -> bytes:
 
 def _counts(data: bytes, fields: int) -> bool:
     """Whether `check_fields` counts `fields` fields in a ModelInferRequest: it lets that
-    many pass, and refuses one fewer."""
-    wire.check_fields(data, Infer.DESCRIPTOR, fields)
+    many pass, and refuses one fewer (numbers in runs are not what it counts here)."""
+    wire.check_fields(data, Infer.DESCRIPTOR, fields, numbers=1 << 30)
     try:
-        wire.check_fields(data, Infer.DESCRIPTOR, fields - 1)
+        wire.check_fields(data, Infer.DESCRIPTOR, fields - 1, numbers=1 << 30)
     except wire.TooManyFields:
         return True
     return False
@@ -133,6 +134,54 @@ def test_a_run_of_unpacked_scalars_counts_as_one_field(kind: str) -> None:
     # A million elements: one field, skipped without a Python step per element.
     many = _field(5, _field(5, raw * 200_000))
     assert _counts(many, 3)
+
+
+def test_numbers_in_varint_runs_are_counted() -> None:
+    """A packed run is one field, but each of its varints (a byte at least) becomes 8
+    bytes parsed: they are counted exactly against `numbers`; an unpacked run's at most
+    one per 2 bytes; fixed-width runs parse to their own size and are not counted."""
+    packed = _field(5, _field(5, _field(3, bytes(range(1, 101)) + wire.varint(300))))
+    wire.check_fields(packed, Infer.DESCRIPTOR, 10, numbers=101)
+    with pytest.raises(wire.TooManyFields) as caught:
+        wire.check_fields(packed, Infer.DESCRIPTOR, 10, numbers=100)
+    assert (caught.value.what, caught.value.path) == ("numbers", "inputs.contents.int64_contents")
+    unpacked = _field(5, _field(5, _unpacked(3, 0, [b"\x01"] * 100)))
+    wire.check_fields(unpacked, Infer.DESCRIPTOR, 10, numbers=100)
+    with pytest.raises(wire.TooManyFields):
+        wire.check_fields(unpacked, Infer.DESCRIPTOR, 10, numbers=99)
+    floats = _field(5, _field(5, _field(6, np.ones(1000, np.float32).tobytes())))
+    wire.check_fields(floats, Infer.DESCRIPTOR, 10, numbers=0)
+
+
+def test_a_shape_holds_at_most_max_rank_numbers_in_a_run() -> None:
+    """Red team 6's M1: a shape of 64 MiB of 0x01 bytes parsed into 512 MiB of int64."""
+    ok = _input(_field(3, b"\x01" * codec.MAX_RANK))
+    wire.check_fields(b"\x0a\x01m" + ok, Infer.DESCRIPTOR, 10, numbers=1 << 30)
+    big = _input(_field(3, b"\x01" * 1_000_000))
+    with pytest.raises(wire.TooManyFields) as caught:
+        wire.check_fields(b"\x0a\x01m" + big, Infer.DESCRIPTOR, 10, numbers=1 << 30)
+    assert (caught.value.what, caught.value.path) == (wire.IN_ONE_RUN, "inputs.shape")
+    predict = _field(3, _field(1, b"x") + _field(2, _field(2, b"\x01" * 1_000_000)))
+    with pytest.raises(wire.TooManyFields, match=r"at inputs\.value\.shape$"):
+        wire.check_fields(predict, pb.PredictRequest.DESCRIPTOR, 10, numbers=1 << 30)
+
+
+GROUPS_100 = b"".join(wire.varint(9 << 3 | 3) for _ in range(100)) + b"".join(
+    wire.varint(9 << 3 | 4) for _ in range(100)
+)  # 100 nested unknown groups, which protobuf's parser accepts (101 it refuses)
+OVERLONG = b"\x48" + b"\xff" * 9 + b"\x7f"  # an unknown varint over 64 bits: accepted too
+
+
+@pytest.mark.parametrize("prefix", [GROUPS_100, OVERLONG], ids=["100-groups", "overlong-varint"])
+def test_what_the_count_cannot_follow_is_refused_not_parsed(prefix: bytes) -> None:
+    """Red team 6's H1: the count used to give up on these and leave the message to
+    protobuf, which parses them, and every nested entry after them, uncounted."""
+    flood = prefix + b"\x0a\x01m" + _input(_contents(b"\x42\x00" * 100_000))
+    Infer.FromString(flood)  # protobuf takes it
+    with pytest.raises(wire.Unreadable):
+        wire.check_fields(flood, Infer.DESCRIPTOR, 1000)
+    with pytest.raises(InvalidArgument, match="the request cannot be read"):
+        messages.fields_limited(Infer.FromString, Infer.DESCRIPTOR, 1000)(flood)
 
 
 def test_interleaved_unpacked_scalars_count_one_each() -> None:
@@ -341,3 +390,39 @@ def test_an_oip_repository_load_is_counted_before_it_is_parsed(small: Server) ->
     parameters = _field(3, _field(1, b"k")) * (MOST // 2 + 1)  # a map entry and its key
     body = _field(2, b"mlp") + parameters + DAMAGE
     _too_many(small, lambda: _call(small, REPOSITORY_LOAD, body), "parameters.key")
+
+
+# Red team 6: what the count cannot follow, and numbers in runs
+
+
+def test_a_model_infer_the_count_cannot_follow_is_refused(small: Server) -> None:
+    flood = OVERLONG + b"\x0a\x03mlp" + _input(_contents(b"\x42\x00" * 1_000_000))
+    error = _refusal(small, INFER, flood)
+    assert error.code() == Code.INVALID_ARGUMENT, error.details()
+    assert "the request cannot be read: the message cannot be read to its end" in str(
+        error.details()
+    )
+    assert _rows(small) == [2, 3]
+
+
+def test_a_predict_shape_of_a_million_dimensions_is_refused_unparsed(small: Server) -> None:
+    shape = _field(2, b"\x01" * 1_000_000)  # a packed run: a million int64 once parsed
+    entry = _field(1, b"input") + _field(2, b"\x08\x0b" + shape)
+    error = _refusal(small, PREDICT, UNKNOWN + b"\x0a\x03mlp" + _field(3, entry))
+    assert error.code() == Code.INVALID_ARGUMENT, error.details()
+    assert "inputs.value.shape has more than 64 entries" in str(error.details())
+    with ModelHostClient(small.target, timeout=60) as client:
+        assert client.predict("mlp", np.zeros((2, 4), np.float32)).shape == (2, 3)
+
+
+def test_typed_int_contents_count_against_max_tensor_elements_before_parsing(
+    small: Server,
+) -> None:
+    """1000 elements (max_tensor_elements) and 4 x 2 shapes of 64 are allowed: a packed
+    run of 10,000 one-byte varints is refused before protobuf makes 80 KB of them."""
+    ints = _field(3, b"\x01" * 10_000)
+    error = _refusal(small, INFER, b"\x0a\x03mlp" + _input(_contents(ints)))
+    assert error.code() == Code.RESOURCE_EXHAUSTED, error.details()
+    assert error.details() == (
+        "the request has more than 1512 numbers (the last one read: inputs.contents.int64_contents)"
+    )

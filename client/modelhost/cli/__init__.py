@@ -313,23 +313,33 @@ def local_target(environ: Mapping[str, str]) -> str:
     host = "127.0.0.1" if host in WILDCARDS else host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    probes = environ.get("MODELHOST_HEALTH_PORT", "").strip() or "0"
-    if not probes.isdigit():
-        raise ValueError(f"MODELHOST_HEALTH_PORT={probes!r} is not a port")
-    if int(probes):
-        return f"{host}:{int(probes)}"
+    probes = _port(environ, "MODELHOST_HEALTH_PORT", "0")
+    if probes:
+        return f"{host}:{probes}"
     if environ.get("MODELHOST_TLS_CERT_FILE", "").strip():
         raise ValueError(
             "the main port speaks TLS and this check plaintext: give probes a port of their "
             "own (MODELHOST_HEALTH_PORT, always plaintext), or turn the check off"
         )
-    port = environ.get("MODELHOST_PORT", "").strip() or "50051"
-    if not port.isdigit() or not int(port):
+    port = _port(environ, "MODELHOST_PORT", "50051")
+    if not port:
         raise ValueError(
-            f"MODELHOST_PORT={port!r} is not a port this check can ask (0 picks one at "
-            "start): give probes a port of their own (MODELHOST_HEALTH_PORT)"
+            "MODELHOST_PORT=0 picks the port at start, which this check cannot know: give "
+            "probes a port of their own (MODELHOST_HEALTH_PORT)"
         )
-    return f"{host}:{int(port)}"
+    return f"{host}:{port}"
+
+
+def _port(environ: Mapping[str, str], name: str, default: str) -> int:
+    """A port from the environment, read as the server reads its settings (`int`)."""
+    value = environ.get(name, "").strip() or default
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name}={value!r} is not a port")
+    return port
 
 
 # Parser

@@ -313,11 +313,13 @@ def reply_parser(method: MethodDescriptor) -> Callable[[bytes], Any]:
         except wire.TooManyFields as error:
             return Refused(
                 ProtocolError(
-                    f"the server's {reply.name} has more than {error.limit} fields, nested "
-                    f"ones included (the last one read: {error.path}); the client parses at "
-                    f"most {error.limit} ({limit_name})"
+                    f"the server's {reply.name} has more than {error.limit} {error.what}, "
+                    f"nested ones included (the last one read: {error.path}); the client "
+                    f"parses at most {error.limit} ({limit_name})"
                 )
             )
+        except wire.Unreadable as error:
+            return Refused(ProtocolError(f"the server's {reply.name}: {error}"))
         return parse(data)
 
     return parse_reply

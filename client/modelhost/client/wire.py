@@ -16,13 +16,13 @@ limit is refused unparsed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
+import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from modelhost.client.codec import MAX_RANK, DataType
@@ -396,14 +396,29 @@ _SCALAR_WIRE_TYPES = {
 }
 
 
-class TooManyFields(ValueError):
-    """A message with more fields than `limit`, nested ones included; `path` names the
-    field read when the count went past it ("inputs.contents.bytes_contents")."""
+RUN_LIMITS = {"shape": MAX_RANK, "warmup_shape": MAX_RANK}
+"""Repeated numbers a run of a field of this name may hold, in any message (a shape has at
+most MAX_RANK dimensions): a packed run is one field, but its elements are parsed too."""
+IN_ONE_RUN = "numbers in one run"
+"""TooManyFields' `what` when a run holds more than RUN_LIMITS allows."""
 
-    def __init__(self, path: str, limit: int) -> None:
-        super().__init__(f"more than {limit} fields (nested ones included) at {path}")
+
+class TooManyFields(ValueError):
+    """A message with more fields than `limit`, nested ones included (or, when `what` is
+    "numbers", more repeated numbers in varint runs than allowed); `path` names the field
+    read when the count went past it ("inputs.contents.bytes_contents")."""
+
+    def __init__(self, path: str, limit: int, what: str = "fields") -> None:
+        super().__init__(f"more than {limit} {what} (nested ones included) at {path}")
         self.path = path
         self.limit = limit
+        self.what = what
+
+
+class Unreadable(ValueError):
+    """A message `check_fields` cannot follow to its end (nested more than 100 deep, an
+    overlong varint, cut short, an invalid wire type): refused rather than handed to a
+    parser that might accept it uncounted."""
 
 
 @dataclass(frozen=True)
@@ -411,6 +426,8 @@ class _Field:
     name: str
     message: Descriptor | None  # a message (or map entry) field: walked into
     run: re.Pattern[bytes] | None  # a repeated scalar's unpacked elements, skipped at once
+    varint: bool  # a repeated scalar encoded as varints (each may take 8 bytes parsed)
+    most: int | None  # numbers one run of it may hold (RUN_LIMITS)
 
 
 @functools.cache
@@ -419,43 +436,65 @@ def _plan(message: Descriptor) -> dict[int, _Field]:
     plan = {}
     for f in message.fields:
         sub = f.message_type if f.type == FieldDescriptor.TYPE_MESSAGE else None
-        run = None
+        run, kind = None, None
         if f.is_repeated and sub is None and f.cpp_type != FieldDescriptor.CPPTYPE_STRING:
             kind = _SCALAR_WIRE_TYPES.get(f.type, _VARINT)
             value = _UNPACKED_VALUE[kind]
             run = re.compile(b"(?:" + re.escape(_tag(f.number, kind)) + value + b")++", re.DOTALL)
-        plan[f.number] = _Field(f.name, sub, run)
+        most = RUN_LIMITS.get(f.name) if run is not None else None
+        plan[f.number] = _Field(f.name, sub, run, kind == _VARINT, most)
     return plan
 
 
-def check_fields(data: Buffer, message: Descriptor, limit: int) -> None:
+def check_fields(data: Buffer, message: Descriptor, limit: int, numbers: int | None = None) -> None:
     """Raises TooManyFields if protobuf's parser would read more than `limit` fields
-    from a serialized `message`, nested messages and map entries included; counted from
-    tags and lengths alone, and stopped as soon as the count passes the limit, so the
-    cost of a check is bounded by the limit, not by the message.
+    from a serialized `message`, nested messages and map entries included, or more than
+    `numbers` (default: `limit`) repeated numbers encoded as varints; counted from tags
+    and lengths alone, and stopped as soon as a count passes its limit, so the cost of a
+    check is bounded by the limits, not by the message. Raises Unreadable for a message
+    it cannot follow to its end (protobuf refuses most of those, and the rest, such as an
+    overlong varint or 100 levels of groups, no real encoder writes).
 
     Each field read counts one: a message, a map entry, a string or bytes entry, an
     unknown field, a packed run of scalars (a length-delimited payload is skipped by its
     length, never read). A run of unpacked elements of a repeated scalar counts one too,
-    skipped by a regular expression: like a packed run, it makes one array of at most
-    8 bytes per 2 bytes received, not an object per element. Every field has a tag byte
-    of its own, so the count also stops once the bytes left are fewer than the fields
-    the limit still allows (a message of `limit` bytes or less is not read at all); and
-    where the bytes stop making sense (cut short, an invalid wire type, nested too
-    deep), as protobuf's parser refuses the message there.
+    skipped by a regular expression: like a packed run, it makes one array. The numbers
+    in runs of varints are counted as well (a byte each can become 8 parsed): exactly for
+    a packed run, at most one per 2 bytes for an unpacked one; fixed-width runs parse to
+    their own size. A run of a field in RUN_LIMITS (a shape) may hold at most that many.
+    Every field has a tag byte of its own, so the count also stops once the bytes left
+    are fewer than the fields and numbers the limits still allow (a message of `limit`
+    bytes or less is not read at all).
     """
-    walk = _Walk(data, limit)
-    with contextlib.suppress(_Fits, _Unusual, IndexError):  # malformed: protobuf refuses it
+    walk = _Walk(data, limit, limit if numbers is None else numbers)
+    try:
         walk.message(0, len(data), message, "")
+    except _Fits:
+        pass
+    except (_Unusual, IndexError):
+        raise Unreadable(
+            "the message cannot be read to its end (cut short, nested more than 100 deep, "
+            "an overlong varint or an invalid wire type)"
+        ) from None
 
 
 class _Fits(Exception):
     """The bytes left hold fewer fields than the limit still allows."""
 
 
+_HIGH_BIT = 0x80
+
+
+def _varints_in(data: Buffer, offset: int, size: int) -> int:
+    """How many varints a packed run of `size` bytes at `offset` holds (bytes that end one)."""
+    payload = np.frombuffer(data, np.uint8, size, offset)
+    return int(np.count_nonzero(payload < _HIGH_BIT))
+
+
 class _Walk:
-    def __init__(self, data: Buffer, limit: int) -> None:
+    def __init__(self, data: Buffer, limit: int, numbers: int) -> None:
         self.data, self.limit, self.count = data, limit, 0
+        self.numbers, self.numbers_read = numbers, 0
 
     def message(
         self, offset: int, end: int, message: Descriptor | None, path: str, group: int = 0
@@ -463,11 +502,12 @@ class _Walk:
         """Counts the fields from `offset` to `end` of a `message` (None: an unknown
         group's, to its end at `group`); returns the offset after them."""
         if path.count(".") >= _MAX_DEPTH:
-            raise _Unusual  # protobuf refuses a message nested deeper
+            raise _Unusual  # protobuf refuses a message nested deeper (or barely accepts it)
         data, limit, count, total = self.data, self.limit, self.count, len(self.data)
         plan = _plan(message) if message is not None else {}
         while offset < end:
-            if count + total - offset <= limit:
+            left = total - offset
+            if count + left <= limit and self.numbers_read + left <= self.numbers:
                 raise _Fits
             start = offset
             key = data[offset]
@@ -492,9 +532,13 @@ class _Walk:
                     self.count = count
                     self.message(offset, offset + size, field.message, _name(path, field, number))
                     count = self.count
+                elif field is not None and field.varint:  # a packed run of varints
+                    self._read_numbers(field, path, number, _varints_in(data, offset, size))
                 offset += size
             elif field and field.run and (run := field.run.match(data, start, end)):
                 offset = run.end()
+                if field.varint:  # a tag byte and a value byte at least, each
+                    self._read_numbers(field, path, number, (offset - start) // 2)
             elif kind == _VARINT:
                 _, offset = _read_varint(data, offset)
             elif kind == _FIXED64:
@@ -514,6 +558,13 @@ class _Walk:
             raise _Unusual  # a group never ended, or a fixed value cut short
         self.count = count
         return offset
+
+    def _read_numbers(self, field: _Field, path: str, number: int, read: int) -> None:
+        if field.most is not None and read > field.most:
+            raise TooManyFields(_name(path, field, number)[1:], field.most, IN_ONE_RUN)
+        self.numbers_read += read
+        if self.numbers_read > self.numbers:
+            raise TooManyFields(_name(path, field, number)[1:], self.numbers, "numbers")
 
 
 def _name(path: str, field: _Field | None, number: int) -> str:

@@ -35,20 +35,37 @@ size. A LoadModel's 100,000 labels (MAX_LABELS) fit."""
 
 
 def fields_limited(
-    parse: Callable[[bytes], M], message: Descriptor, limit: int = MAX_REQUEST_FIELDS, why: str = ""
+    parse: Callable[[bytes], M],
+    message: Descriptor,
+    limit: int = MAX_REQUEST_FIELDS,
+    why: str = "",
+    numbers: int | None = None,
 ) -> Callable[[bytes], M]:
     """A deserializer that refuses (LimitExceeded) a request with more than `limit`
-    fields, nested ones included (`wire.check_fields`: counted from tags and lengths,
-    stopped at the limit), before `parse` reads it; `why` says where the limit comes from."""
+    fields, nested ones included, or more than `numbers` (default: `limit`) repeated
+    numbers in varint runs (`wire.check_fields`: counted from tags and lengths, stopped
+    at the limit), before `parse` reads it; `why` says where the field limit comes from.
+    A request the count cannot follow to its end is refused too (INVALID_ARGUMENT)."""
 
     def parse_limited(data: bytes) -> M:
         try:
-            wire.check_fields(data, message, limit)
+            wire.check_fields(data, message, limit, numbers)
         except wire.TooManyFields as error:
+            if error.what == wire.IN_ONE_RUN:  # a shape of more than MAX_RANK dimensions
+                raise InvalidArgument(
+                    f"the request's {error.path} has more than {error.limit} entries"
+                ) from None
+            if error.what != "fields":
+                raise LimitExceeded(
+                    f"the request has more than {error.limit} {error.what} (the last one "
+                    f"read: {error.path})"
+                ) from None
             raise LimitExceeded(
                 f"the request has more than {limit} fields, nested ones included (the last "
                 f"one read: {error.path}); the limit is {limit}{why}"
             ) from None
+        except wire.Unreadable as error:
+            raise InvalidArgument(f"the request cannot be read: {error}") from None
         return parse(data)
 
     return parse_limited
@@ -87,6 +104,7 @@ def entry_limited(
     parse: Callable[[bytes], M],
     limits: Mapping[int, EntryLimit],
     message: Descriptor | None = None,
+    numbers: int | None = None,
 ) -> Callable[[bytes], M]:
     """A deserializer that counts the top-level entries of the fields in `limits` (by
     field number) from the wire (`wire.count_entries`) before `parse` reads anything,
@@ -95,7 +113,8 @@ def entry_limited(
     parsed messages. With the `message` type, it then counts every field the parse
     would read, nested ones included (`wire.check_fields`), against FIELDS_PER_ENTRY
     per entry the limits allow: each becomes an object (a message, a map entry, a
-    string), so an entry's nested fields are bounded too. Within the limits, `parse`
+    string), so an entry's nested fields are bounded too, and at most `numbers` repeated
+    numbers in varint runs (default: as many as fields). Within the limits, `parse`
     reads (or refuses) the message as it would alone.
     """
     counted = {number: entry.limit for number, entry in limits.items()}
@@ -106,7 +125,7 @@ def entry_limited(
     settings = ", ".join(sorted({entry.setting for entry in limits.values()} - {every.setting}))
     if message is not None:
         why = f" ({FIELDS_PER_ENTRY} for each entry {settings} allows)"
-        parse = fields_limited(parse, message, most * FIELDS_PER_ENTRY, why)
+        parse = fields_limited(parse, message, most * FIELDS_PER_ENTRY, why, numbers)
 
     def parse_limited(data: bytes) -> M:
         for number, count in wire.count_entries(data, counted).items():

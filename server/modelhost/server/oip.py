@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc.aio
 
+from modelhost.client import codec
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import grpc_service_pb2_grpc as oip_grpc
 from modelhost.oip import model_config_pb2 as mc
@@ -32,6 +33,7 @@ from modelhost.server.names import check_name
 from modelhost.server.oip_load import load_request, parse_version
 from modelhost.server.rpc import unary
 from modelhost.server.service import generated_handlers, register
+from modelhost.server.settings import Settings
 from modelhost.server.statistics import Duration
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -273,12 +275,16 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
     return config
 
 
-def infer_parser(max_inputs: int) -> Callable[[bytes], oip.ModelInferRequest]:
+def infer_parser(
+    max_inputs: int, max_elements: int = Settings.max_tensor_elements
+) -> Callable[[bytes], oip.ModelInferRequest]:
     """ModelInfer's deserializer: a request with more inputs (or raw_input_contents,
     requested outputs or parameters) than `max_inputs`, or more fields in all (nested
     ones included: an input's contents, shape and parameters) than
     `messages.FIELDS_PER_ENTRY` per entry those allow, is refused from the wire, before
-    protobuf's parser makes a message of each (messages.entry_limited)."""
+    protobuf's parser makes a message of each (messages.entry_limited); so is one with
+    more numbers in varint runs (typed int contents, shapes: 8 bytes each once parsed,
+    from a byte each) than `max_elements` and a shape per input and output."""
     request = oip.ModelInferRequest
 
     def limit(what: str) -> messages.EntryLimit:
@@ -295,6 +301,7 @@ def infer_parser(max_inputs: int) -> Callable[[bytes], oip.ModelInferRequest]:
             messages.field_number(request, "parameters"): limit("parameters"),
         },
         request.DESCRIPTOR,
+        numbers=max_elements + 2 * max_inputs * codec.MAX_RANK,
     )
 
 
@@ -305,7 +312,9 @@ def add_to_server(host: Host, server: grpc.aio.Server) -> str:
         oip_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceService(host)
     )
     handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
-        request_deserializer=infer_parser(host.settings.max_request_inputs)
+        request_deserializer=infer_parser(
+            host.settings.max_request_inputs, host.settings.max_tensor_elements
+        )
     )
     register(server, SERVICE_NAME, handlers)
     return SERVICE_NAME
