@@ -76,9 +76,9 @@ def test_a_detection_model_with_modest_runtime_arguments_still_loads(
 
 
 @pytest.fixture
-def three_streams(monkeypatch: pytest.MonkeyPatch, server: Server) -> Iterator[grpc.Channel]:
+def three_streams(server: Server) -> Iterator[grpc.Channel]:
     """A channel to a server that keeps at most 3 open streams that need no token."""
-    monkeypatch.setattr(app, "MAX_OPEN_STREAMS", 3)
+    server.streams.most = 3
     with grpc.insecure_channel(server.target) as channel:
         yield channel
 

@@ -323,3 +323,26 @@ def test_on_the_main_port_watch_and_reflection_pass_the_gate_and_keep_their_caps
         services = next(replies).list_services_response.service
         assert "modelhost.v1.ModelHost" in {service.name for service in services}
         assert health.Check(request, metadata=AUTH, timeout=30).status == SERVING
+
+
+def test_main_port_streams_take_at_most_a_quarter_of_the_slots(probed: Settings) -> None:
+    """Red team 6's L1: with a probe port, a main-port Watch holds a slot for as long as
+    it is open; open Watches may take at most a quarter of max_concurrent_rpcs, so the
+    other calls keep theirs."""
+    gated = dataclasses.replace(probed, max_concurrent_rpcs=8)
+    assert app.OpenStreams.most_for(dataclasses.replace(gated, health_port=0)) == (
+        app.MAX_OPEN_STREAMS
+    )
+    with running(gated) as server, grpc.insecure_channel(server.target) as channel:
+        assert server.streams.most == 2
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="modelhost.v1.ModelHost")
+        watches = [health.Watch(request, metadata=AUTH, timeout=60) for _ in range(2)]
+        assert all(next(watch).status == SERVING for watch in watches)
+        with pytest.raises(grpc.RpcError) as caught:
+            next(health.Watch(request, metadata=AUTH, timeout=60))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+        assert "2 health Watch and reflection streams are open" in str(caught.value.details())
+        assert health.Check(request, metadata=AUTH, timeout=30).status == SERVING
+        for watch in watches:
+            watch.cancel()

@@ -104,21 +104,31 @@ def probe_options() -> list[tuple[str, int]]:
 
 
 class OpenStreams:
-    """Counts the open streams that need no token against MAX_OPEN_STREAMS: one more
-    gets RESOURCE_EXHAUSTED at once; its place comes back when a stream ends."""
+    """Counts the open health Watch and reflection streams against `most`: one more gets
+    RESOURCE_EXHAUSTED at once; its place comes back when a stream ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, most: int) -> None:
+        self.most = most
         self.open = 0
         self._by_address: collections.Counter[str] = collections.Counter()
+
+    @staticmethod
+    def most_for(settings: Settings) -> int:
+        """MAX_OPEN_STREAMS; with a probe port, the main port's streams take a slot each
+        (they pass the gate), so they may take at most a quarter of max_concurrent_rpcs:
+        open Watches cannot refuse every other call (red team 6, L1)."""
+        if settings.health_port and settings.max_concurrent_rpcs:
+            return max(1, min(MAX_OPEN_STREAMS, settings.max_concurrent_rpcs // 4))
+        return MAX_OPEN_STREAMS
 
     @contextlib.asynccontextmanager
     async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         address = str(context.peer()).rsplit(":", 1)[0]  # "ipv4:10.0.0.5:43210": no port
-        if self.open >= MAX_OPEN_STREAMS:
+        if self.open >= self.most:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.open} health Watch and reflection streams are open, the most this "
-                "server keeps (they need no token): use health Check, or retry later",
+                "server keeps: use health Check, or retry later",
             )
         if self._by_address[address] >= MAX_OPEN_STREAMS_PER_ADDRESS:
             await context.abort(
@@ -194,7 +204,7 @@ class Server:
         self.health_port = 0
         self.metrics_port = 0
         self.host: Host | None = None
-        self.streams = OpenStreams()
+        self.streams = OpenStreams(OpenStreams.most_for(settings))
         self.health = HealthServicer(self.streams)
         self._grpc: grpc.aio.Server | None = None
         self._probes: grpc.aio.Server | None = None
