@@ -703,6 +703,30 @@ MUTANTS = [
             "test_typed_int_contents_count_against_max_tensor_elements_before_parsing",
         ),
     ),
+    Mutant(
+        "architectures: a detection model's num_classes is not bounded (M2)",
+        SERVER + "architectures.py",
+        '    "num_classes": _Rule(_SCORES, MAX_CLASSES),\n',
+        "",
+        (
+            "tests/test_detection_cost.py::"
+            "test_class_and_keypoint_counts_are_bounded_before_anything_is_built",
+        ),
+    ),
+    Mutant(
+        "architectures: Mask R-CNN's mask logits are not counted per class (M2)",
+        SERVER + "architectures.py",
+        "head_bytes = MASK_BYTES + 8 * int(logits.out_channels) * area",
+        "head_bytes = MASK_BYTES",
+        ("tests/test_detection_cost.py::test_the_estimate_covers_the_measured_peaks",),
+    ),
+    Mutant(
+        "app: with a probe port, open main-port Watches may take every slot",
+        SERVER + "app.py",
+        "        if settings.health_port and settings.max_concurrent_rpcs:",
+        "        if False:",
+        ("tests/test_probe_port.py::test_main_port_streams_take_at_most_a_quarter_of_the_slots",),
+    ),
 ]
 
 

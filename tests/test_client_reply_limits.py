@@ -24,6 +24,7 @@ import pytest
 
 from modelhost.client import (
     AsyncModelHostClient,
+    ChannelConfig,
     DataLossError,
     ModelHostClient,
     ProtocolError,
@@ -113,7 +114,7 @@ def test_a_listing_over_its_entry_limit_is_refused_unparsed(aio: bool, rpc: str)
         message = _refused(target, aio, method)
     assert message == (
         f"the server's {rpc}Response has more than {most} {what}; the client takes at "
-        f"most {most} (MAX_REPLY_ENTRIES)"
+        f"most {most} (MAX_REPLY_ENTRIES, or ChannelConfig.max_reply_entries)"
     )
 
 
@@ -167,7 +168,8 @@ def test_a_reply_over_its_field_limit_is_refused_unparsed(
         message = _refused(target, aio, "get_model", "m")
     assert message == (
         "the server's ModelInfo has more than 1000 fields, nested ones included (the last "
-        "one read: missing_keys); the client parses at most 1000 (MAX_REPLY_FIELDS)"
+        "one read: missing_keys); the client parses at most 1000 (MAX_REPLY_FIELDS; raise "
+        "it with ChannelConfig(max_reply_fields=...))"
     )
 
 
@@ -195,7 +197,7 @@ def test_predict_replies_have_their_own_field_limit(
         message = _refused(target, aio, "predict", "m", x)
     assert "more than 300 fields" in message
     assert "(the last one read: top_k); the client parses at most 300" in message
-    assert "(MAX_PREDICT_REPLY_FIELDS)" in message
+    assert "(MAX_PREDICT_REPLY_FIELDS; raise it with ChannelConfig(max_reply_fields" in message
 
 
 @CLIENTS
@@ -290,3 +292,24 @@ def test_a_reply_the_count_cannot_follow_is_refused_unparsed(
     with serving(GetModel=overlong + _model_info(2000)) as target:
         message = _refused(target, aio, "get_model", "m")
     assert message.startswith("the server's ModelInfo: the message cannot be read to its end")
+
+
+def test_the_reply_limits_are_the_callers_to_raise() -> None:
+    """A registry of more checkpoints, or a Predict of more top-k rows, than the
+    defaults allow: ChannelConfig raises the limits (red team 6's L2)."""
+    listing = b"\x0a\x00" * 2000
+    with serving(ListCheckpoints=listing) as target:
+        fewer = ChannelConfig(max_reply_entries=1000)
+        with ModelHostClient(target, config=fewer) as client, pytest.raises(ProtocolError):
+            client.list_checkpoints()
+        with ModelHostClient(target, config=ChannelConfig(max_reply_entries=2000)) as client:
+            assert len(client.list_checkpoints()) == 2000
+    row = _field(4, _field(1, b"\x07") + _field(2, b"\x00\x00\x80\x3f"))  # 3 fields
+    x = np.zeros((100, 2), np.float32)
+    with serving(Predict=row * 100) as target:
+        fewer = ChannelConfig(max_reply_fields=100)
+        with ModelHostClient(target, config=fewer) as client, pytest.raises(ProtocolError) as e:
+            client.predict("m", x)
+        assert "twice for Predict" in e.value.message
+        with ModelHostClient(target, config=ChannelConfig(max_reply_fields=150)) as client:
+            assert client.predict("m", x) == {}

@@ -282,18 +282,25 @@ _ENTRIES = {
 }
 
 
-def reply_parser(method: MethodDescriptor) -> Callable[[bytes], Any]:
+def reply_parser(
+    method: MethodDescriptor, config: ChannelConfig | None = None
+) -> Callable[[bytes], Any]:
     """The deserializer of a method's replies: counts the entries and fields of each
     (`wire.count_entries`, `wire.check_fields`) before protobuf parses it, and gives a
-    reply over the limits above as `Refused`, unparsed, so that a small reply cannot
-    make the client build objects worth thousands of times its size."""
+    reply over the limits above (or `config`'s) as `Refused`, unparsed, so that a small
+    reply cannot make the client build objects worth thousands of times its size."""
     reply = method.output_type
     parse = message_factory.GetMessageClass(reply).FromString
     predict = method.name == "Predict"
-    most_fields = MAX_PREDICT_REPLY_FIELDS if predict else MAX_REPLY_FIELDS
-    limit_name = "MAX_PREDICT_REPLY_FIELDS" if predict else "MAX_REPLY_FIELDS"
+    config = config or ChannelConfig()
+    if config.max_reply_fields is not None:
+        most_fields = config.max_reply_fields * (2 if predict else 1)
+        limit_name = "ChannelConfig.max_reply_fields" + (", twice for Predict" if predict else "")
+    else:
+        most_fields = MAX_PREDICT_REPLY_FIELDS if predict else MAX_REPLY_FIELDS
+        limit_name = "MAX_PREDICT_REPLY_FIELDS" if predict else "MAX_REPLY_FIELDS"
     listed = _ENTRIES.get(method.name, "")
-    most_entries = MAX_REPLY_ENTRIES
+    most_entries = config.max_reply_entries or MAX_REPLY_ENTRIES
     entries = {reply.fields_by_name[listed].number: most_entries} if listed else {}
 
     def parse_reply(data: bytes) -> Any:
@@ -305,7 +312,8 @@ def reply_parser(method: MethodDescriptor) -> Callable[[bytes], Any]:
             return Refused(
                 ProtocolError(
                     f"the server's {reply.name} has more than {most_entries} {listed}; "
-                    f"the client takes at most {most_entries} (MAX_REPLY_ENTRIES)"
+                    f"the client takes at most {most_entries} (MAX_REPLY_ENTRIES, or "
+                    "ChannelConfig.max_reply_entries)"
                 )
             )
         try:
@@ -315,7 +323,8 @@ def reply_parser(method: MethodDescriptor) -> Callable[[bytes], Any]:
                 ProtocolError(
                     f"the server's {reply.name} has more than {error.limit} {error.what}, "
                     f"nested ones included (the last one read: {error.path}); the client "
-                    f"parses at most {error.limit} ({limit_name})"
+                    f"parses at most {error.limit} ({limit_name}; raise it with "
+                    "ChannelConfig(max_reply_fields=...))"
                 )
             )
         except wire.Unreadable as error:
@@ -337,12 +346,12 @@ class Stub:
     upload chunks); DownloadCheckpoint chunks arrive as memoryviews.
     """
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, config: ChannelConfig | None = None) -> None:
         self._methods: dict[str, Any] = {}
         for service in _SERVICES:
             for method in service.methods:
                 assert method.name not in self._methods, method.full_name
-                parse = reply_parser(method)
+                parse = reply_parser(method, config)
                 if method.name in _CHUNKED_REPLIES:
                     parse = wire.chunk_parser(parse)
                 make = getattr(channel, _KINDS[method.client_streaming, method.server_streaming])
@@ -383,7 +392,7 @@ class ClientBase:
         self.stall_timeout = stall_timeout
         self._config = config or ChannelConfig()
         self._channel = self._connect(self._config, target)
-        self._stub = Stub(self._channel)
+        self._stub = Stub(self._channel, self._config)
 
     def _connect(self, config: ChannelConfig, target: str) -> Any:
         raise NotImplementedError

@@ -93,6 +93,11 @@ class ChannelConfig:
       DownloadCheckpoint, health) on UNAVAILABLE or CANCELLED, up to 5 attempts with
       backoff (`RETRY_POLICY`), while the request is under 64 MiB. `retries=False`
       turns it off.
+    - `max_reply_entries`, `max_reply_fields`: the most entries of a listing or of a
+      Predict's outputs, and fields of a reply (twice that for Predict), the client
+      parses (`calls.MAX_REPLY_ENTRIES`, `calls.MAX_REPLY_FIELDS` when None); a reply
+      with more is refused unparsed (`ProtocolError`). Raise them for a registry of more
+      than 100,000 checkpoints or a Predict of millions of top-k rows.
     """
 
     token: str | None = None
@@ -103,6 +108,8 @@ class ChannelConfig:
     server_name: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     retries: bool = True
+    max_reply_entries: int | None = None
+    max_reply_fields: int | None = None
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def options(self) -> list[tuple[str, Any]]:

@@ -253,6 +253,15 @@ MAX_DETECTIONS = 10_000
 MAX_SIZE_DIVISIBLE = 128
 """Most pixels a detection model may pad its images' sides to a multiple of (torchvision
 uses 32; the coarsest FPN level has a stride of 128)."""
+MAX_CLASSES = 1_500
+"""Most classes a detection model may score (`num_classes`, background included): LVIS's
+1,203 fit with room, COCO's 91, Objects365's 365 and Open Images' 600 with plenty. Two-stage
+models score and decode proposals x classes boxes and, on the CPU, run NMS once per class
+over all of them: 43 s for one 64 x 64 image at 6,000 classes, 0.6 s at 91 (red team round
+6, M2); their memory is in the estimate (`DetectionCost`)."""
+MAX_KEYPOINTS = 512
+"""Most keypoints Keypoint R-CNN may predict (`num_keypoints`): COCO has 17, COCO-WholeBody
+133, DeepFashion2 294. Each is a 56 x 56 heatmap per detection, upsampled to the box's size."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +298,7 @@ class _Rule:
 _RESIZES = "resizes every image to it inside the model: a Predict's memory grows as its square"
 _KEEPS = "proposes or keeps this many boxes per image at every Predict"
 _NORMALIZES = "normalizes the 3 color channels of every image with it"
+_SCORES = "scores every proposal or anchor for each class at every Predict"
 _DETECTION_RULES = {
     "min_size": _Rule(_RESIZES, MAX_IMAGE_SIDE, length=-1),
     "max_size": _Rule(_RESIZES, MAX_IMAGE_SIDE),
@@ -299,6 +309,8 @@ _DETECTION_RULES = {
     "box_detections_per_img": _Rule(_KEEPS, MAX_DETECTIONS),
     "detections_per_img": _Rule(_KEEPS, MAX_DETECTIONS),
     "topk_candidates": _Rule(_KEEPS, MAX_DETECTIONS),
+    "num_classes": _Rule(_SCORES, MAX_CLASSES),
+    "num_keypoints": _Rule("makes a heatmap of each keypoint for every detection", MAX_KEYPOINTS),
     "image_mean": _Rule(_NORMALIZES, length=3),
     "image_std": _Rule(_NORMALIZES, length=3),
 }
@@ -324,19 +336,27 @@ CLASS_PIXEL_BYTES = 6
 anchor (RetinaNet: about 5)."""
 PROPOSAL_BYTES = 256 << 10
 """Bytes per region proposal a two-stage model's box head scores (the v2 head: 210 KB)."""
+CLASS_PROPOSAL_BYTES = 128
+"""More bytes per proposal and class of a two-stage model: its box predictor's scores and
+per-class boxes, decoded, clipped and filtered with their labels (measured: 89-112)."""
 MASK_BYTES = 3 << 20
-"""Bytes per detection of Mask R-CNN's mask head (about 2.6 MB), besides its pasted mask."""
+"""Bytes per detection of Mask R-CNN's mask head (about 2.6 MB), besides its mask logits
+(one map per class, counted from the model) and its pasted mask."""
 KEYPOINT_BYTES = 2 << 20
-"""Bytes per detection of Keypoint R-CNN's keypoint head (about 1.5 MB)."""
+"""Bytes per detection of Keypoint R-CNN's keypoint head (about 1.5 MB), besides its
+heatmaps (one per keypoint, counted from the model)."""
 
 
 @dataclass(frozen=True)
 class DetectionCost:
     """The memory a torchvision detection model's forward takes per image, estimated from
-    its settings: the image as the model resizes and pads it, its proposals, the mask or
-    keypoint head per detection, and a mask model's masks, pasted at the input's size in
-    float32 (twice: one by one, then stacked). The constants are the peak memory of CPU
-    forwards, rounded up (red team round 4, M1)."""
+    its settings: the image as the model resizes and pads it, its proposals (scored for
+    each class), the mask or keypoint head per detection (with its per-class mask logits
+    or per-keypoint heatmaps, read from the model's layers), a keypoint model's heatmaps
+    upsampled to a box's size (one box at a time: at most the image's), and a mask model's
+    masks, pasted at the input's size in float32 (twice: one by one, then stacked). The
+    constants are the peak memory of CPU forwards, rounded up (red team round 4, M1;
+    round 6, M2)."""
 
     min_size: int
     max_size: int
@@ -347,6 +367,8 @@ class DetectionCost:
     detections: int
     head_bytes: int  # per detection
     masks: bool
+    box_classes: int = 0  # classes a two-stage model scores every proposal for
+    keypoints: int = 0  # keypoints a keypoint model upsamples to a box's size
 
     def resized(self, height: int, width: int) -> tuple[int, int]:
         """An image's size once the model has resized and padded it (as torchvision does)."""
@@ -366,18 +388,22 @@ class DetectionCost:
         resized = math.prod(self.resized(height, width))
         pixel = PIXEL_BYTES + CLASS_PIXEL_BYTES * self.dense_classes
         pasted = 8 * height * width if self.masks else 0
-        heads = self.proposals * PROPOSAL_BYTES + self.detections * (self.head_bytes + pasted)
-        return rows * (resized * pixel + heads)
+        proposal = PROPOSAL_BYTES + CLASS_PROPOSAL_BYTES * self.box_classes
+        heads = self.proposals * proposal + self.detections * (self.head_bytes + pasted)
+        return rows * (resized * (pixel + 4 * self.keypoints) + heads)
 
     def describe(self, shape: Sequence[int]) -> str:
         """What the estimate for `shape` counts, in words."""
         rows, _, height, width = shape
         resized = "x".join(map(str, self.resized(height, width)))
         proposals = f"{self.proposals} proposals and " if self.proposals else ""
-        kind = "masks" if self.masks else "keypoint detections" if self.head_bytes else ""
+        kind = "masks" if self.masks else "keypoint detections" if self.keypoints else ""
+        classes = self.box_classes or self.dense_classes
+        counts = f" of {classes} classes" if classes else ""
+        counts += f", {self.keypoints} keypoints each" if self.keypoints else ""
         return (
             f"{rows} image{'s' * (rows != 1)} of {height}x{width} (each resized to {resized}, "
-            f"{proposals}up to {self.detections} {kind or 'detections'})"
+            f"{proposals}up to {self.detections} {kind or 'detections'}{counts})"
         )
 
 
@@ -396,12 +422,24 @@ def detection_cost(module: nn.Module) -> DetectionCost | None:
     try:
         transform = module.transform
         fixed = transform.fixed_size
+        box_classes = keypoints = 0
         if isinstance(module, GeneralizedRCNN):
             heads = module.roi_heads
             masks = bool(heads.has_mask())
             dense_classes, proposals = 0, int(module.rpn._post_nms_top_n["testing"])
             detections = int(heads.detections_per_img)
-            head_bytes = MASK_BYTES if masks else KEYPOINT_BYTES if heads.has_keypoint() else 0
+            box_classes = int(heads.box_predictor.cls_score.out_features)
+            head_bytes = 0
+            if masks:  # logits [detections, classes, 28, 28], and their sigmoid
+                logits = heads.mask_predictor.mask_fcn_logits
+                area = _area(heads.mask_roi_pool) * _area(heads.mask_predictor.conv5_mask)
+                head_bytes = MASK_BYTES + 8 * int(logits.out_channels) * area
+            elif heads.has_keypoint():  # heatmaps [detections, keypoints, 28, 28], then 56 x 56
+                scores = heads.keypoint_predictor.kps_score_lowres
+                keypoints = int(scores.out_channels)
+                low = _area(heads.keypoint_roi_pool) * _area(scores)
+                high = low * int(heads.keypoint_predictor.up_scale) ** 2
+                head_bytes = KEYPOINT_BYTES + 4 * keypoints * (low + high)
         else:
             scores = module.head.classification_head
             dense_classes = int(getattr(scores, "num_classes", None) or scores.num_columns)  # SSD
@@ -417,10 +455,19 @@ def detection_cost(module: nn.Module) -> DetectionCost | None:
             detections=detections,
             head_bytes=head_bytes,
             masks=masks,
+            box_classes=box_classes,
+            keypoints=keypoints,
         )
     except (AttributeError, KeyError, TypeError, ValueError, IndexError):
         log.warning("%s: not torchvision's parts: no cost estimate", type(module).__name__)
         return None
+
+
+def _area(layer: nn.Module) -> int:
+    """Cells of a RoI pool's output (`output_size`), or the factor by which a transposed
+    convolution multiplies its input's (`stride`)."""
+    size: Any = getattr(layer, "output_size", None) or layer.stride
+    return int(size) ** 2 if isinstance(size, int) else int(size[0]) * int(size[1])
 
 
 _SKELETON_CACHE_SIZE = 16
