@@ -693,9 +693,8 @@ MUTANTS = [
     Mutant(
         "wire: the numbers of a packed varint run are not counted (a byte each parses to 8)",
         "client/modelhost/client/wire.py",
-        "                    self._read_numbers(field, path, number, "
-        "_varints_in(data, offset, size))\n",
-        "                    pass\n",
+        "                    read = _varints_in(data, offset, size)\n",
+        "                    read = 0\n",
         (
             "tests/test_nested_limits.py::"
             "test_a_predict_shape_of_a_million_dimensions_is_refused_unparsed",
@@ -726,6 +725,13 @@ MUTANTS = [
         "        if settings.health_port and settings.max_concurrent_rpcs:",
         "        if False:",
         ("tests/test_probe_port.py::test_main_port_streams_take_at_most_a_quarter_of_the_slots",),
+    ),
+    Mutant(
+        "wire: a shape's runs are capped one by one (protobuf joins them into one array)",
+        "client/modelhost/client/wire.py",
+        "            runs[number] = runs.get(number, 0) + read\n",
+        "            runs[number] = read\n",
+        ("tests/test_nested_limits.py::test_a_shape_holds_at_most_max_rank_numbers_in_a_run",),
     ),
 ]
 

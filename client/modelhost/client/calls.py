@@ -300,7 +300,9 @@ def reply_parser(
         most_fields = MAX_PREDICT_REPLY_FIELDS if predict else MAX_REPLY_FIELDS
         limit_name = "MAX_PREDICT_REPLY_FIELDS" if predict else "MAX_REPLY_FIELDS"
     listed = _ENTRIES.get(method.name, "")
-    most_entries = config.max_reply_entries or MAX_REPLY_ENTRIES
+    most_entries = MAX_REPLY_ENTRIES
+    if config.max_reply_entries is not None:
+        most_entries = config.max_reply_entries
     entries = {reply.fields_by_name[listed].number: most_entries} if listed else {}
 
     def parse_reply(data: bytes) -> Any:

@@ -397,10 +397,11 @@ _SCALAR_WIRE_TYPES = {
 
 
 RUN_LIMITS = {"shape": MAX_RANK, "warmup_shape": MAX_RANK}
-"""Repeated numbers a run of a field of this name may hold, in any message (a shape has at
-most MAX_RANK dimensions): a packed run is one field, but its elements are parsed too."""
-IN_ONE_RUN = "numbers in one run"
-"""TooManyFields' `what` when a run holds more than RUN_LIMITS allows."""
+"""Repeated numbers a field of this name may hold in one message, all its runs together
+(a shape has at most MAX_RANK dimensions): a packed run is one field, but its elements
+are parsed too."""
+IN_ONE_RUN = "numbers in one field"
+"""TooManyFields' `what` when a field's runs hold more than RUN_LIMITS allows."""
 
 
 class TooManyFields(ValueError):
@@ -461,7 +462,7 @@ def check_fields(data: Buffer, message: Descriptor, limit: int, numbers: int | N
     skipped by a regular expression: like a packed run, it makes one array. The numbers
     in runs of varints are counted as well (a byte each can become 8 parsed): exactly for
     a packed run, at most one per 2 bytes for an unpacked one; fixed-width runs parse to
-    their own size. A run of a field in RUN_LIMITS (a shape) may hold at most that many.
+    their own size. A field in RUN_LIMITS (a shape) may hold at most that many, runs together.
     Every field has a tag byte of its own, so the count also stops once the bytes left
     are fewer than the fields and numbers the limits still allow (a message of `limit`
     bytes or less is not read at all).
@@ -485,16 +486,23 @@ class _Fits(Exception):
 _HIGH_BIT = 0x80
 
 
+_COUNT_STEP = 1 << 20  # bytes compared at a time: the comparison's array stays small
+
+
 def _varints_in(data: Buffer, offset: int, size: int) -> int:
     """How many varints a packed run of `size` bytes at `offset` holds (bytes that end one)."""
     payload = np.frombuffer(data, np.uint8, size, offset)
-    return int(np.count_nonzero(payload < _HIGH_BIT))
+    return sum(
+        int(np.count_nonzero(payload[at : at + _COUNT_STEP] < _HIGH_BIT))
+        for at in range(0, size, _COUNT_STEP)
+    )
 
 
 class _Walk:
     def __init__(self, data: Buffer, limit: int, numbers: int) -> None:
         self.data, self.limit, self.count = data, limit, 0
         self.numbers, self.numbers_read = numbers, 0
+        self.open: list[tuple[dict[int, int], dict[int, _Field]]] = []  # messages being read
 
     def message(
         self, offset: int, end: int, message: Descriptor | None, path: str, group: int = 0
@@ -505,9 +513,15 @@ class _Walk:
             raise _Unusual  # protobuf refuses a message nested deeper (or barely accepts it)
         data, limit, count, total = self.data, self.limit, self.count, len(self.data)
         plan = _plan(message) if message is not None else {}
+        runs: dict[int, int] = {}  # numbers read per capped field: its runs make one array
+        self.open.append((runs, plan))
         while offset < end:
             left = total - offset
-            if count + left <= limit and self.numbers_read + left <= self.numbers:
+            if (
+                count + left <= limit
+                and self.numbers_read + left <= self.numbers
+                and self._headroom() >= left
+            ):
                 raise _Fits
             start = offset
             key = data[offset]
@@ -533,14 +547,17 @@ class _Walk:
                     self.message(offset, offset + size, field.message, _name(path, field, number))
                     count = self.count
                 elif field is not None and field.varint:  # a packed run of varints
-                    self._read_numbers(field, path, number, _varints_in(data, offset, size))
+                    read = _varints_in(data, offset, size)
+                    self._read_numbers(field, path, number, read, runs)
                 offset += size
             elif field and field.run and (run := field.run.match(data, start, end)):
                 offset = run.end()
                 if field.varint:  # a tag byte and a value byte at least, each
-                    self._read_numbers(field, path, number, (offset - start) // 2)
+                    self._read_numbers(field, path, number, (offset - start) // 2, runs)
             elif kind == _VARINT:
                 _, offset = _read_varint(data, offset)
+                if field is not None and field.varint:  # one element (its tag overlong)
+                    self._read_numbers(field, path, number, 1, runs)
             elif kind == _FIXED64:
                 offset += 8
             elif kind == _FIXED32:
@@ -551,17 +568,37 @@ class _Walk:
                 count = self.count
             elif kind == _END_GROUP and number == group:
                 self.count = count
+                self.open.pop()
                 return offset
             else:
                 raise _Unusual  # wire type 6 or 7, or a group end that matches no start
         if group or offset > end:
             raise _Unusual  # a group never ended, or a fixed value cut short
         self.count = count
+        self.open.pop()
         return offset
 
-    def _read_numbers(self, field: _Field, path: str, number: int, read: int) -> None:
-        if field.most is not None and read > field.most:
-            raise TooManyFields(_name(path, field, number)[1:], field.most, IN_ONE_RUN)
+    def _headroom(self) -> float:
+        """The fewest numbers a capped field of a message being read may still take."""
+        return (
+            min(
+                (plan[number].most or 0) - read
+                for runs, plan in self.open
+                for number, read in runs.items()
+            )
+            if any(runs for runs, _ in self.open)
+            else float("inf")
+        )
+
+    def _read_numbers(
+        self, field: _Field, path: str, number: int, read: int, runs: dict[int, int]
+    ) -> None:
+        """Counts `read` numbers of a repeated field; the runs of a field in RUN_LIMITS
+        count together (protobuf joins them into one array per message)."""
+        if field.most is not None:
+            runs[number] = runs.get(number, 0) + read
+            if runs[number] > field.most:
+                raise TooManyFields(_name(path, field, number)[1:], field.most, IN_ONE_RUN)
         self.numbers_read += read
         if self.numbers_read > self.numbers:
             raise TooManyFields(_name(path, field, number)[1:], self.numbers, "numbers")

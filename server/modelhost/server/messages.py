@@ -45,7 +45,9 @@ def fields_limited(
     fields, nested ones included, or more than `numbers` (default: `limit`) repeated
     numbers in varint runs (`wire.check_fields`: counted from tags and lengths, stopped
     at the limit), before `parse` reads it; `why` says where the field limit comes from.
-    A request the count cannot follow to its end is refused too (INVALID_ARGUMENT)."""
+    A request the count cannot follow to its end raises `wire.Unreadable` (a ValueError:
+    the gate answers INVALID_ARGUMENT, "not a valid message", as for what protobuf
+    refuses)."""
 
     def parse_limited(data: bytes) -> M:
         try:
@@ -64,9 +66,7 @@ def fields_limited(
                 f"the request has more than {limit} fields, nested ones included (the last "
                 f"one read: {error.path}); the limit is {limit}{why}"
             ) from None
-        except wire.Unreadable as error:
-            raise InvalidArgument(f"the request cannot be read: {error}") from None
-        return parse(data)
+        return parse(data)  # wire.Unreadable: "not a valid message" (INVALID_ARGUMENT)
 
     return parse_limited
 

@@ -98,6 +98,10 @@ def decode_inputs(
                 f"input {name!r}: datatype {tensor.datatype!r} is not supported "
                 f"(use one of {', '.join(DATATYPES)})"
             )
+        if len(tensor.shape) > codec.MAX_RANK:
+            raise InvalidInput(
+                f"input {name!r}: {len(tensor.shape)} dimensions; at most {codec.MAX_RANK}"
+            )
         if any(dim < 0 for dim in tensor.shape):
             raise InvalidInput(f"input {name!r}: shape {list(tensor.shape)} has a negative size")
         data: bytes | memoryview = b""
