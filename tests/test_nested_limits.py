@@ -435,3 +435,13 @@ def test_typed_int_contents_count_against_max_tensor_elements_before_parsing(
     assert error.details() == (
         "the request has more than 1512 numbers (the last one read: inputs.contents.int64_contents)"
     )
+
+
+def test_model_infer_checks_an_inputs_rank_before_multiplying_its_shape() -> None:
+    """Behind the count: 100,000 dimensions of 2**62 took math.prod seconds (and the GIL)."""
+    from modelhost.server import oip_tensors
+    from modelhost.server.errors import InvalidInput
+
+    tensor = Input(name="x", datatype="INT64", shape=[1 << 62] * (codec.MAX_RANK + 1))
+    with pytest.raises(InvalidInput, match="65 dimensions; at most 64"):
+        oip_tensors.decode_inputs(Infer(inputs=[tensor]))
