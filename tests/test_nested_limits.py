@@ -160,7 +160,7 @@ def test_a_shape_holds_at_most_max_rank_numbers_in_a_run() -> None:
     big = _input(_field(3, b"\x01" * 1_000_000))
     with pytest.raises(wire.TooManyFields) as caught:
         wire.check_fields(b"\x0a\x01m" + big, Infer.DESCRIPTOR, 10, numbers=1 << 30)
-    assert (caught.value.what, caught.value.path) == (wire.IN_ONE_RUN, "inputs.shape")
+    assert (caught.value.what, caught.value.path) == (wire.IN_ONE_FIELD, "inputs.shape")
     for split in (  # red team 7's H1 and M1: protobuf joins every run of the field
         _field(3, b"\x01" * 64) * 2,
         _field(3, b"\x01" * 64) + _unpacked(3, 0, [b"\x01"]),
@@ -169,7 +169,7 @@ def test_a_shape_holds_at_most_max_rank_numbers_in_a_run() -> None:
         assert len(Input.FromString(split).shape) > codec.MAX_RANK  # as protobuf reads it
         with pytest.raises(wire.TooManyFields) as caught:
             wire.check_fields(b"\x0a\x01m" + _input(split), Infer.DESCRIPTOR, 10, 1 << 30)
-        assert (caught.value.what, caught.value.path) == (wire.IN_ONE_RUN, "inputs.shape")
+        assert (caught.value.what, caught.value.path) == (wire.IN_ONE_FIELD, "inputs.shape")
     predict = _field(3, _field(1, b"x") + _field(2, _field(2, b"\x01" * 1_000_000)))
     with pytest.raises(wire.TooManyFields, match=r"at inputs\.value\.shape$"):
         wire.check_fields(predict, pb.PredictRequest.DESCRIPTOR, 10, numbers=1 << 30)

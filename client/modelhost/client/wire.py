@@ -400,7 +400,7 @@ RUN_LIMITS = {"shape": MAX_RANK, "warmup_shape": MAX_RANK}
 """Repeated numbers a field of this name may hold in one message, all its runs together
 (a shape has at most MAX_RANK dimensions): a packed run is one field, but its elements
 are parsed too."""
-IN_ONE_RUN = "numbers in one field"
+IN_ONE_FIELD = "numbers in one field"
 """TooManyFields' `what` when a field's runs hold more than RUN_LIMITS allows."""
 
 
@@ -598,7 +598,7 @@ class _Walk:
         if field.most is not None:
             runs[number] = runs.get(number, 0) + read
             if runs[number] > field.most:
-                raise TooManyFields(_name(path, field, number)[1:], field.most, IN_ONE_RUN)
+                raise TooManyFields(_name(path, field, number)[1:], field.most, IN_ONE_FIELD)
         self.numbers_read += read
         if self.numbers_read > self.numbers:
             raise TooManyFields(_name(path, field, number)[1:], self.numbers, "numbers")

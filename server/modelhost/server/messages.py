@@ -53,7 +53,7 @@ def fields_limited(
         try:
             wire.check_fields(data, message, limit, numbers)
         except wire.TooManyFields as error:
-            if error.what == wire.IN_ONE_RUN:  # a shape of more than MAX_RANK dimensions
+            if error.what == wire.IN_ONE_FIELD:  # a shape of more than MAX_RANK dimensions
                 raise InvalidArgument(
                     f"the request's {error.path} has more than {error.limit} entries"
                 ) from None
