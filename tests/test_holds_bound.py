@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import build, expect, reference
+from helpers.stores import holds_files, put
 from modelhost.client import ModelHostClient
 from modelhost.server import Settings, running, store
 from modelhost.server.errors import Refused
@@ -28,25 +29,10 @@ from modelhost.server.store import (
     MAX_HOLDS,
     MAX_HOLDS_BYTES,
     CheckpointStore,
-    Contents,
 )
 
 X = np.ones((2, 4), np.float32)
 BUDGET = 400  # bytes: room for one tiny_mlp (268 bytes of weights), not two
-
-
-def put(into: CheckpointStore, name: str, data: bytes, overwrite: bool = False) -> str:
-    with into.begin() as pending:
-        pending.write(data)
-        pending.finish()
-        record = into.commit(
-            pending, name, Contents("state_dict", 1), metadata={}, overwrite=overwrite
-        )
-    return record.sha256
-
-
-def holds_files(root: Path) -> dict[str, object]:
-    return {p.name: json.loads(p.read_text()) for p in (root / "tmp").glob("*.holds")}
 
 
 def blobs_in(root: Path) -> set[str]:

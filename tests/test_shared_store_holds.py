@@ -5,7 +5,6 @@ its checkpoint's name, for as long as that server runs."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,10 +15,11 @@ import pytest
 import torch
 
 from conftest import build, expect, reference
+from helpers.stores import holds_files, put
 from modelhost.client import ModelHostClient
 from modelhost.server import Settings, running
 from modelhost.server.errors import Refused
-from modelhost.server.store import CheckpointStore, Contents
+from modelhost.server.store import CheckpointStore
 
 X = np.ones((2, 4), np.float32)
 BUDGET = 400  # bytes: room for one tiny_mlp (268 bytes of weights), not two
@@ -83,20 +83,6 @@ def test_a_delete_through_another_server_is_refused_while_a_version_needs_it(
     a.unload_model("m1")
     b.delete_checkpoint("ck")
     assert blobs(settings) == {b.get_checkpoint("other").sha256}
-
-
-def put(store: CheckpointStore, name: str, data: bytes, overwrite: bool = False) -> str:
-    with store.begin() as pending:
-        pending.write(data)
-        pending.finish()
-        record = store.commit(
-            pending, name, Contents("state_dict", 1), metadata={}, overwrite=overwrite
-        )
-    return record.sha256
-
-
-def holds_files(root: Path) -> dict[str, list[str]]:
-    return {p.name: json.loads(p.read_text()) for p in (root / "tmp").glob("*.holds")}
 
 
 def test_holds_live_and_die_with_their_server(tmp_path: Path) -> None:
