@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -65,6 +67,23 @@ def server(settings: Settings) -> Iterator[Server]:
 def client(server: Server) -> Iterator[ModelHostClient]:
     with ModelHostClient(server.target, timeout=120) as c:
         yield c
+
+
+REPLICA_BUDGET = 400  # bytes: room for one tiny_mlp (268 bytes of weights), not two
+
+
+@pytest.fixture
+def replicas(settings: Settings) -> Iterator[tuple[ModelHostClient, ModelHostClient]]:
+    """Clients of two servers on one store: A has a budget (its versions are evictable,
+    so it holds the bytes it pages in from)."""
+    with contextlib.ExitStack() as stack:
+        budget = dataclasses.replace(settings, device_memory_budget=REPLICA_BUDGET)
+        a = stack.enter_context(running(budget))
+        b = stack.enter_context(running(settings))
+        yield (
+            stack.enter_context(ModelHostClient(a.target, timeout=60)),
+            stack.enter_context(ModelHostClient(b.target, timeout=60)),
+        )
 
 
 def temp_files(store: Path) -> list[str]:

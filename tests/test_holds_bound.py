@@ -6,13 +6,10 @@ pages in from deleted under it."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -22,7 +19,7 @@ import pytest
 from conftest import build, expect, reference
 from helpers.stores import holds_files, put
 from modelhost.client import ModelHostClient
-from modelhost.server import Settings, running, store
+from modelhost.server import Settings, store
 from modelhost.server.errors import Refused
 from modelhost.server.store import (
     EVERY_BLOB,
@@ -32,7 +29,6 @@ from modelhost.server.store import (
 )
 
 X = np.ones((2, 4), np.float32)
-BUDGET = 400  # bytes: room for one tiny_mlp (268 bytes of weights), not two
 
 
 def blobs_in(root: Path) -> set[str]:
@@ -98,25 +94,13 @@ def test_a_server_holding_more_than_the_bound_keeps_every_blob(
         s.close()
 
 
-@pytest.fixture
-def replicas(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[ModelHostClient, ModelHostClient]]:
-    """Two servers on one store that list at most one held blob; A's versions are
-    evictable (a budget), so each holds the bytes it pages in from."""
-    monkeypatch.setattr(store, "MAX_HOLDS", 1)
-    with ExitStack() as stack:
-        a = stack.enter_context(running(dataclasses.replace(settings, device_memory_budget=BUDGET)))
-        b = stack.enter_context(running(settings))
-        yield (
-            stack.enter_context(ModelHostClient(a.target, timeout=60)),
-            stack.enter_context(ModelHostClient(b.target, timeout=60)),
-        )
-
-
 def test_past_the_bound_another_server_deletes_nothing(
-    replicas: tuple[ModelHostClient, ModelHostClient], settings: Settings
+    replicas: tuple[ModelHostClient, ModelHostClient],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Two servers on one store that list at most one held blob."""
+    monkeypatch.setattr(store, "MAX_HOLDS", 1)  # read at each write of a holds file
     a, b = replicas
     m1, m2 = build("tiny_mlp", seed=1), build("tiny_mlp", seed=2)
     a.save_checkpoint("ck", m1.state_dict())

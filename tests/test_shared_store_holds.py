@@ -4,9 +4,6 @@ its checkpoint's name, for as long as that server runs."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -17,24 +14,11 @@ import torch
 from conftest import build, expect, reference
 from helpers.stores import holds_files, put
 from modelhost.client import ModelHostClient
-from modelhost.server import Settings, running
+from modelhost.server import Settings
 from modelhost.server.errors import Refused
 from modelhost.server.store import CheckpointStore
 
 X = np.ones((2, 4), np.float32)
-BUDGET = 400  # bytes: room for one tiny_mlp (268 bytes of weights), not two
-
-
-@pytest.fixture
-def replicas(settings: Settings) -> Iterator[tuple[ModelHostClient, ModelHostClient]]:
-    """Clients of two servers on one store: A has a budget (its versions are evictable)."""
-    with ExitStack() as stack:
-        a = stack.enter_context(running(dataclasses.replace(settings, device_memory_budget=BUDGET)))
-        b = stack.enter_context(running(settings))
-        yield (
-            stack.enter_context(ModelHostClient(a.target, timeout=60)),
-            stack.enter_context(ModelHostClient(b.target, timeout=60)),
-        )
 
 
 def evicted_on_a(a: ModelHostClient) -> torch.nn.Module:
