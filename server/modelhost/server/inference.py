@@ -290,6 +290,13 @@ class Runner:
             raise InvalidInput(f"inputs disagree on the batch size: {sorted(rows)}")
         return tensors
 
+    def check_shape_cost(self, shape: Sequence[int], what: str) -> None:
+        """Refuses (InvalidArgument, naming `what`) a shape a load would run that a
+        detection model needs more than `max_detection_bytes` for (see `check_cost`)."""
+        dtype = self.inputs[0].dtype if self.inputs else self.dtype
+        largest = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        self.check_cost({SINGLE_INPUT: largest}, InvalidArgument, f"{what}: ")
+
     def check_cost(
         self, batch: Tensors, refuse: type[ModelHostFailure] = LimitExceeded, what: str = ""
     ) -> None:
@@ -543,8 +550,7 @@ class Runner:
         `first_here` it runs on this thread.
         """
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
-        largest = torch.empty(tuple(shape), dtype=dtype, device="meta")
-        self.check_cost({SINGLE_INPUT: largest}, InvalidArgument, "warmup_shape: ")
+        self.check_shape_cost(shape, "warmup_shape")
         batches = sorted({shape[0], *(1 << i for i in range(16) if 1 << i < shape[0])})
         seconds = {rows: float("inf") for rows in batches}
         for run in range(4 if measure else 1):  # the first run of each size is not timed

@@ -654,9 +654,7 @@ def _check_one_image_fits(runner: Runner, inputs: list[InputSpec]) -> None:
     probe's) already costs more than max_detection_bytes by its estimate (its arguments
     allow too many proposals or detections, or too large a resized image)."""
     if len(inputs) == 1:
-        shape = probe_shape(inputs[0], *PROBE_SIZES[0])
-        one = torch.empty(shape, dtype=inputs[0].dtype, device="meta")
-        runner.check_cost({inputs[0].name: one}, InvalidArgument, "architecture_args: ")
+        runner.check_shape_cost(probe_shape(inputs[0], *PROBE_SIZES[0]), "architecture_args")
 
 
 def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:
