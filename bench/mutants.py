@@ -733,6 +733,18 @@ MUTANTS = [
         "            runs[number] = read\n",
         ("tests/test_nested_limits.py::test_a_shape_holds_at_most_max_rank_numbers_in_a_run",),
     ),
+    Mutant(
+        "devices: out-of-memory releases while the traceback still holds the failed step",
+        SERVER + "devices.py",
+        "            raise\n    if isinstance(failure, OutOfMemory):\n"
+        "        release_memory(device)\n    raise failure",
+        "            raise\n        if isinstance(failure, OutOfMemory):\n"
+        "            release_memory(device)\n        raise failure",
+        (
+            "tests/test_device_memory.py::"
+            "test_memory_of_a_step_that_ran_out_is_unreferenced_when_it_is_released",
+        ),
+    ),
 ]
 
 

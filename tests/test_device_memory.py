@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -83,6 +84,32 @@ def test_a_failed_device_is_internal_and_turns_health_not_serving(
     )
     for service in ("", "modelhost.v1.ModelHost", "inference.GRPCInferenceService"):
         assert client.health(service) == "NOT_SERVING", service
+
+
+def test_memory_of_a_step_that_ran_out_is_unreferenced_when_it_is_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`devices.reported` raises OutOfMemory after its `except` block: when it releases
+    memory, the traceback no longer holds the failed step's tensors (before, one path kept
+    them alive through a context manager's frame)."""
+    from modelhost.server import devices
+    from modelhost.server.errors import OutOfMemory
+
+    alive: list[bool] = []
+    held: list[weakref.ref[torch.Tensor]] = []
+    monkeypatch.setattr(
+        devices, "release_memory", lambda *a, **k: alive.append(held[0]() is not None)
+    )
+
+    def step() -> None:
+        workspace = torch.empty(1 << 20)
+        held.append(weakref.ref(workspace))
+        raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 MiB")
+
+    runner = Runner(None, torch.device("cpu"), torch.float32)
+    with pytest.raises(OutOfMemory, match="out of memory preparing the inputs"):
+        runner._device_step(step)
+    assert alive == [False]
 
 
 @pytest.mark.gpu
@@ -165,10 +192,17 @@ def test_a_cuda_error_while_preparing_inputs_is_a_failed_device() -> None:
     from modelhost.server.errors import DeviceFailed
 
     runner = Runner(None, torch.device("cpu"), torch.float32)
-    with pytest.raises(DeviceFailed, match="device-side assert"), runner._device_errors():
-        raise RuntimeError("CUDA error: device-side assert triggered")
-    with pytest.raises(ValueError, match="not the device"), runner._device_errors():
-        raise ValueError("not the device")
+
+    def raising(error: Exception) -> Callable[[], None]:
+        def step() -> None:
+            raise error
+
+        return step
+
+    with pytest.raises(DeviceFailed, match="device-side assert"):
+        runner._device_step(raising(RuntimeError("CUDA error: device-side assert triggered")))
+    with pytest.raises(ValueError, match="not the device"):
+        runner._device_step(raising(ValueError("not the device")))
 
 
 @pytest.mark.gpu

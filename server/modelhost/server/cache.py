@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modelhost.server.devices import is_oom, lower_priority, out_of_memory, release_memory
+from modelhost.server.devices import lower_priority, oom_while, release_memory, reported
 from modelhost.server.errors import DeadlineExpired, OutOfMemory, ShuttingDown
 from modelhost.server.host_tier import HostCopy, held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
@@ -366,23 +366,16 @@ class ModelCache:
         self.reserve(key, device, hosted.device_bytes, deadline=deadline)
         started = time.perf_counter()  # the page-in itself, after any wait for room
         tier = hosted.tier
-        failure: OutOfMemory | None = None
         try:
-            try:
-                module = self._bring_back(hosted, device)
-            except Exception as error:
-                if not is_oom(error):
-                    raise
-                # Raised below, without this traceback: its frames hold what was allocated.
-                failure = out_of_memory(error, f"paging in {hosted.name!r}", device)
-            else:
-                with self._cond:
-                    hosted.return_to_device(module)
+            module = reported(
+                lambda: self._bring_back(hosted, device),
+                device,
+                oom_while(f"paging in {hosted.name!r}", device),
+            )
+            with self._cond:
+                hosted.return_to_device(module)
         finally:
             self.unreserve(key)
-        if failure is not None:
-            release_memory(device)
-            raise failure
         seconds = time.perf_counter() - started
         self._metrics.page_ins.labels(hosted.name, str(hosted.version), tier).inc()
         self._metrics.page_in_seconds.labels(tier).observe(seconds)

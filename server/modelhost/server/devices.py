@@ -7,13 +7,15 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from modelhost.server.errors import InvalidArgument, OutOfMemory
+from modelhost.server.errors import InvalidArgument, ModelHostFailure, OutOfMemory
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,33 @@ def out_of_memory(error: BaseException, doing: str, device: torch.device) -> Out
     the memory."""
     reason = (str(error).splitlines() or [type(error).__name__])[0]
     return OutOfMemory(f"out of memory {doing} on {device}: {reason}")
+
+
+def reported(
+    step: Callable[[], T],
+    device: torch.device,
+    report: Callable[[Exception], ModelHostFailure | None],
+) -> T:
+    """`step()`; an error that `report` turns into a domain failure is raised as that,
+    other errors (and domain failures) as they were. The failure is raised after the
+    `except` block, so the traceback holding the failed step's frames, and the tensors
+    they allocated, is gone before an OutOfMemory's `release_memory` runs."""
+    try:
+        return step()
+    except ModelHostFailure:  # said already
+        raise
+    except Exception as error:
+        failure = report(error)
+        if failure is None:
+            raise
+    if isinstance(failure, OutOfMemory):
+        release_memory(device)
+    raise failure
+
+
+def oom_while(doing: str, device: torch.device) -> Callable[[Exception], OutOfMemory | None]:
+    """A `report` for `reported`: out-of-memory errors only."""
+    return lambda error: out_of_memory(error, doing, device) if is_oom(error) else None
 
 
 STICKY_CUDA_ERRORS = (

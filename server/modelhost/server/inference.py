@@ -27,7 +27,7 @@ from modelhost.server.devices import (
     is_oom,
     out_of_memory,
     prepare_cuda_graphs_on_this_thread,
-    release_memory,
+    reported,
     thread_stream,
 )
 from modelhost.server.errors import (
@@ -36,7 +36,6 @@ from modelhost.server.errors import (
     InvalidInput,
     LimitExceeded,
     ModelHostFailure,
-    OutOfMemory,
     ShuttingDown,
 )
 from modelhost.server.images import Preprocessing, check_elements, decode_images
@@ -195,7 +194,20 @@ class Runner:
         checked (their size before and after preprocessing).
         """
         stream = self._prep_stream(images)
-        with self._device_errors(), torch.cuda.stream(stream) if stream else nullcontext():
+        tensors, out_dtype = self._device_step(lambda: self._decoded(inputs, images, stream))
+        ready = stream.record_event() if stream else None
+        if self.inputs:
+            self._check(self._as_the_model_sees(tensors))
+        return Prepared(tensors, out_dtype, ready)
+
+    def _decoded(
+        self,
+        inputs: Mapping[str, codec.TensorFields],
+        images: Sequence[bytes],
+        stream: torch.cuda.Stream | None,
+    ) -> tuple[Tensors, torch.dtype]:
+        """The request's tensors (on `stream`, when it has one) and its outputs' dtype."""
+        with torch.cuda.stream(stream) if stream else nullcontext():
             if images:
                 if inputs:
                     raise InvalidInput("send either inputs or images, not both")
@@ -207,17 +219,11 @@ class Runner:
                     max_elements=self.max_elements,
                     preprocessing=preprocessing,
                 )
-                tensors = {SINGLE_INPUT: preprocessing(decoded, self.dtype)}
-                out_dtype = torch.float32
-            else:
-                tensors = self._decode(inputs)
-                out_dtype = output_float_dtype(tensors)
-                if self.preprocessing is not None:
-                    self._check_resized(tensors, self.preprocessing)
-            ready = stream.record_event() if stream else None
-        if self.inputs:
-            self._check(self._as_the_model_sees(tensors))
-        return Prepared(tensors, out_dtype, ready)
+                return {SINGLE_INPUT: preprocessing(decoded, self.dtype)}, torch.float32
+            tensors = self._decode(inputs)
+            if self.preprocessing is not None:
+                self._check_resized(tensors, self.preprocessing)
+            return tensors, output_float_dtype(tensors)
 
     def _prep_stream(self, images: Sequence[bytes]) -> torch.cuda.Stream | None:
         """The calling thread's own stream, when this request's work runs on the GPU."""
@@ -237,22 +243,15 @@ class Runner:
             for name, t in tensors.items()
         }
 
-    @contextlib.contextmanager
-    def _device_errors(self, doing: str = "preparing the inputs") -> Iterator[None]:
-        """Turns a failed allocation into OutOfMemory (RESOURCE_EXHAUSTED), not a bug, its
-        memory released once the traceback that holds it is gone; and a failed device
-        (a CUDA error while decoding or preprocessing on it) into DeviceFailed."""
-        try:
-            yield
-        except Exception as error:
-            if not (is_oom(error) or is_device_failure(error)):
-                raise
-            failure = self._failure(error, doing)
-        else:
-            return
-        if isinstance(failure, OutOfMemory):
-            release_memory(self.device)
-        raise failure
+    def _device_step(self, step: Callable[[], T], doing: str = "preparing the inputs") -> T:
+        """`step()`; a failed allocation raised as OutOfMemory (RESOURCE_EXHAUSTED, not a
+        bug), a failed device (a CUDA error while decoding or preprocessing on it) as
+        DeviceFailed, other errors as they are."""
+        return reported(
+            step,
+            self.device,
+            lambda e: self._failure(e, doing) if is_oom(e) or is_device_failure(e) else None,
+        )
 
     def _check_resized(self, tensors: Tensors, preprocessing: Preprocessing) -> None:
         """Refuses uint8 images that preprocessing would blow up (a resize of a thin strip)."""
@@ -450,15 +449,7 @@ class Runner:
 
     def _guarded(self, step: Callable[[], T]) -> T:
         """`step()`, its failures reported as out of memory, a failed device or bad input."""
-        try:
-            return step()
-        except ModelHostFailure:  # said already (an unloaded version: ShuttingDown)
-            raise
-        except Exception as error:
-            failure = self._failure(error)
-        if isinstance(failure, OutOfMemory):
-            release_memory(self.device)
-        raise failure
+        return reported(step, self.device, self._failure)
 
     def _launch(
         self, batch: Tensors, forward: Callable[..., Any], dynamic_rows: bool = False
@@ -566,8 +557,9 @@ class Runner:
 
     def _timed_run(self, shape: Sequence[int], dtype: torch.dtype, *, compile: bool) -> float:
         """Seconds one run of zeros of `shape` takes, to its outputs on the host."""
-        with self._device_errors("allocating the warm-up input"):
-            zeros = torch.zeros(tuple(shape), dtype=dtype)
+        zeros = self._device_step(
+            lambda: torch.zeros(tuple(shape), dtype=dtype), "allocating the warm-up input"
+        )
         started = time.perf_counter()
         self.run({SINGLE_INPUT: zeros}, compile=compile)
         return time.perf_counter() - started

@@ -28,18 +28,11 @@ from torch import nn
 
 from modelhost.server import formats
 from modelhost.server.architectures import ArchitectureCatalog, Builder
-from modelhost.server.devices import (
-    ensure_room,
-    is_oom,
-    module_bytes,
-    out_of_memory,
-    release_memory,
-)
+from modelhost.server.devices import ensure_room, module_bytes, oom_while, reported
 from modelhost.server.errors import (
     CheckpointNotFound,
     InvalidArgument,
     InvalidCheckpoint,
-    OutOfMemory,
     Refused,
 )
 from modelhost.server.images import Preprocessing
@@ -162,34 +155,14 @@ def load_module(
         record: CheckpointRecord | None = pinned
     else:
         record = store.get(spec.checkpoint) if spec.checkpoint else None
-    try:
-        if record is not None and record.format in _GRAPH_FORMATS:
-            built = _load_graph(spec, record, store, allow_pickled)
-        else:
-            built = _load_weights(spec, record, store, catalog, make_room)
-        module = built.module
-        if make_room is not None:
-            make_room(_nbytes(module, spec.dtype))
-        if spec.device.type == "cuda":
-            ensure_room(_nbytes(module, spec.dtype), spec.device, f"model {spec.name!r}")
-        module.to(device=spec.device, dtype=spec.dtype)
-        if spec.channels_last:
-            module.to(memory_format=torch.channels_last)
-        if not built.exported:  # an exported graph is fixed in the mode it was exported in
-            module.eval()
-        module.requires_grad_(False)
-        if spec.device.type == "cuda":  # its own copies, not the other models' batches
-            torch.cuda.current_stream(spec.device).synchronize()
-    except Exception as error:
-        if not is_oom(error):
-            raise
-        failure: OutOfMemory | None = out_of_memory(error, f"loading {spec.name!r}", spec.device)
-    else:
-        failure = None
-    if failure is not None:  # out of the except block: the traceback has let go
-        built = module = None  # type: ignore[assignment]
-        release_memory(spec.device)
-        raise failure
+    built = reported(
+        lambda: _build_on_device(
+            spec, record, store, catalog, allow_pickled=allow_pickled, make_room=make_room
+        ),
+        spec.device,
+        oom_while(f"loading {spec.name!r}", spec.device),
+    )
+    module = built.module
     dtype = _float_dtype(module)
     return LoadedModule(
         module=module,
@@ -207,6 +180,37 @@ def load_module(
         weights_meta=built.weights_meta,
         seconds=time.perf_counter() - started,
     )
+
+
+def _build_on_device(
+    spec: LoadSpec,
+    record: CheckpointRecord | None,
+    store: CheckpointStore,
+    catalog: ArchitectureCatalog,
+    *,
+    allow_pickled: bool,
+    make_room: Callable[[int], None] | None,
+) -> _Built:
+    """`spec`'s module with its weights, on its device, in its dtype and memory format,
+    in eval mode and without gradients."""
+    if record is not None and record.format in _GRAPH_FORMATS:
+        built = _load_graph(spec, record, store, allow_pickled)
+    else:
+        built = _load_weights(spec, record, store, catalog, make_room)
+    module = built.module
+    if make_room is not None:
+        make_room(_nbytes(module, spec.dtype))
+    if spec.device.type == "cuda":
+        ensure_room(_nbytes(module, spec.dtype), spec.device, f"model {spec.name!r}")
+    module.to(device=spec.device, dtype=spec.dtype)
+    if spec.channels_last:
+        module.to(memory_format=torch.channels_last)
+    if not built.exported:  # an exported graph is fixed in the mode it was exported in
+        module.eval()
+    module.requires_grad_(False)
+    if spec.device.type == "cuda":  # its own copies, not the other models' batches
+        torch.cuda.current_stream(spec.device).synchronize()
+    return built
 
 
 def planned_bytes(
