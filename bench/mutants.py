@@ -396,8 +396,8 @@ MUTANTS = [
         ("tests/test_stalled_streams.py::test_a_download_nobody_reads_ends_and_frees_its_slot",),
     ),
     Mutant(
-        "messages: entries counted only by the fast reader (protobuf parses a million)",
-        SERVER + "messages.py",
+        "request_limits: entries counted only by the fast reader (protobuf parses a million)",
+        SERVER + "request_limits.py",
         "        return request or parse_unusual(data)",
         "        return request or pb.PredictRequest.FromString(data)",
         ("tests/test_entry_limits.py::test_a_million_entries_are_refused_before_they_are_parsed",),
@@ -567,8 +567,8 @@ MUTANTS = [
         ("tests/test_nested_limits.py::test_model_infer_bounds_nested_fields",),
     ),
     Mutant(
-        "oip: ModelInfer's nested fields are not counted before protobuf parses them",
-        SERVER + "oip.py",
+        "request_limits: ModelInfer's nested fields are not counted before protobuf parses them",
+        SERVER + "request_limits.py",
         "        request.DESCRIPTOR,\n",
         "",
         ("tests/test_nested_limits.py::test_model_infer_bounds_nested_fields",),
@@ -619,8 +619,8 @@ MUTANTS = [
         ("tests/test_detection_cost.py::test_mask_rcnn_detections_are_bounded_by_their_cost",),
     ),
     Mutant(
-        "service: other methods' requests are parsed without counting their fields",
-        SERVER + "service.py",
+        "rpc: other methods' requests are parsed without counting their fields",
+        SERVER + "rpc.py",
         "        if parse is not None and message is not None:  # the generated Message.FromString",
         "        if False:",
         (
@@ -631,8 +631,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "host: a zero-size dimension makes an input count no elements",
-        SERVER + "host.py",
+        "request_limits: a zero-size dimension makes an input count no elements",
+        SERVER + "request_limits.py",
         "    return math.prod(dim or 1 for dim in tensor.shape)",
         "    return math.prod(tensor.shape)",
         (

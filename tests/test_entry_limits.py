@@ -26,8 +26,7 @@ from conftest import serve
 from helpers.watched import Watched
 from modelhost.client import ModelHostClient, wire
 from modelhost.oip import grpc_service_pb2 as oip
-from modelhost.server import Server, Settings, messages, oip_tensors, running
-from modelhost.server import oip as oip_service
+from modelhost.server import Server, Settings, oip_tensors, request_limits, running
 from modelhost.server.errors import InvalidArgument, InvalidInput, LimitExceeded
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -83,8 +82,8 @@ def test_entry_limited_parsers_refuse_without_calling_the_parser() -> None:
         parsed.append(data)
         return data
 
-    limited = messages.entry_limited(
-        parse, {INPUTS: messages.EntryLimit("input tensors", 256, "max_request_inputs")}
+    limited = request_limits.entry_limited(
+        parse, {INPUTS: request_limits.EntryLimit("input tensors", 256, "max_request_inputs")}
     )
     with pytest.raises(LimitExceeded) as caught:
         limited(_inputs(1_000_000) + DAMAGE)
@@ -146,7 +145,7 @@ def test_counts_are_protobufs_for_unusual_encodings(data: bytes) -> None:
         assert counts[INPUTS] <= 3  # the inputs before the damage, no more
     else:
         assert counts == _infer_counts(message)
-    limited = oip_service.infer_parser(2)
+    limited = request_limits.infer_parser(2)
     fields = wire.count_entries(data, {wire.ALL_FIELDS: 1 << 30})[wire.ALL_FIELDS]
     if counts[INPUTS] <= 2 and fields <= 4 * 2 + wire.FIELD_SLACK:
         assert _outcome(limited, data) == _outcome(Infer.FromString, data)
@@ -197,7 +196,7 @@ def test_counts_are_protobufs_for_any_message(pieces: list[Infer | bytes], data:
     counts = wire.count_entries(written, dict.fromkeys(INFER_LIMITS, 1 << 30))
     parameters = sum(isinstance(p, Infer) and len(p.parameters) for p in pieces)
     assert counts == {**_infer_counts(message), PARAMETERS: parameters}  # map keys repeat
-    limited = oip_service.infer_parser(3)
+    limited = request_limits.infer_parser(3)
     if max(counts.values()) <= 3:
         assert limited(written) == message
     else:
@@ -213,7 +212,7 @@ def test_counts_are_protobufs_for_any_message(pieces: list[Infer | bytes], data:
 
 
 def test_predict_parser_counts_what_it_leaves_to_protobuf() -> None:
-    parse = messages.predict_parser(4, 2)
+    parse = request_limits.predict_parser(4, 2)
     tail = _predict_inputs(1_000_000) + DAMAGE
     for data in (UNKNOWN + tail, _predict_inputs(3) + UNKNOWN + tail):
         with pytest.raises(LimitExceeded, match=r"at least 5 input tensors; the limit is 4 \("):
@@ -340,7 +339,7 @@ def test_a_tensor_of_absurd_rank_is_refused_cheaply() -> None:
     data = pb.PredictRequest(model="mlp", inputs={"x": tensor}).SerializeToString()
     assert wire.read_predict_request(data, 4, 2) is None  # left to protobuf
     with pytest.raises(InvalidArgument, match=r"inputs\.value\.shape has more than 64 entries"):
-        messages.predict_parser(4, 2)(data)
+        request_limits.predict_parser(4, 2)(data)
 
 
 def test_within_the_limits_damage_is_still_invalid_argument(small: Server) -> None:

@@ -1,7 +1,7 @@
 """Nested fields are counted before protobuf parses a request (red team round 4, M2).
 
 `wire.check_fields` counts every field a parse would read, nested messages and map
-entries included, from tags and lengths alone; `messages.entry_limited` refuses a
+entries included, from tags and lengths alone; `request_limits.entry_limited` refuses a
 ModelInfer (or a Predict left to protobuf) with more than FIELDS_PER_ENTRY fields per
 entry its limits allow. Before, 64 MiB of empty `bytes_contents` entries in one input
 cost the server 1.2 GB. A run of unpacked scalars (typed contents sent unpacked) counts
@@ -25,8 +25,7 @@ from conftest import serve
 from helpers.watched import Watched
 from modelhost.client import ModelHostClient, codec, wire
 from modelhost.oip import grpc_service_pb2 as oip
-from modelhost.server import Server, Settings, messages, running
-from modelhost.server import oip as oip_service
+from modelhost.server import Server, Settings, request_limits, running
 from modelhost.server.errors import LimitExceeded
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -190,7 +189,7 @@ def test_what_the_count_cannot_follow_is_refused_not_parsed(prefix: bytes) -> No
     with pytest.raises(wire.Unreadable):
         wire.check_fields(flood, Infer.DESCRIPTOR, 1000)
     with pytest.raises(wire.Unreadable):
-        messages.fields_limited(Infer.FromString, Infer.DESCRIPTOR, 1000)(flood)
+        request_limits.fields_limited(Infer.FromString, Infer.DESCRIPTOR, 1000)(flood)
 
 
 def test_interleaved_unpacked_scalars_count_one_each() -> None:
@@ -205,7 +204,7 @@ def test_interleaved_unpacked_scalars_count_one_each() -> None:
 def test_any_bytes_are_counted_or_left_to_protobuf(data: bytes) -> None:
     """Damaged or random bytes never make the count fail: a limit refuses, or protobuf
     parses (or refuses) them as it would alone."""
-    limited = oip_service.infer_parser(2)
+    limited = request_limits.infer_parser(2)
     try:
         expected: object = Infer.FromString(data)
     except DecodeError:
@@ -234,7 +233,7 @@ def small(settings: Settings) -> Iterator[Server]:
         yield server
 
 
-INFER_FIELDS = (4 * 4 + 64) * messages.FIELDS_PER_ENTRY
+INFER_FIELDS = (4 * 4 + 64) * request_limits.FIELDS_PER_ENTRY
 
 
 def _call(server: Server, method: str, body: bytes) -> bytes:
@@ -327,7 +326,7 @@ def test_predict_left_to_protobuf_bounds_nested_fields(small: Server) -> None:
     entry = _field(1, b"input") + _field(2, tensor)
     error = _refusal(small, PREDICT, UNKNOWN + b"\x0a\x03mlp" + _field(3, entry) + DAMAGE)
     assert error.code() == Code.RESOURCE_EXHAUSTED, error.details()
-    fields = (4 + 4 + 64) * messages.FIELDS_PER_ENTRY
+    fields = (4 + 4 + 64) * request_limits.FIELDS_PER_ENTRY
     assert (
         f"more than {fields} fields, nested ones included (the last one read: inputs.value.4)"
         in (error.details())
@@ -341,12 +340,12 @@ def test_entry_limited_without_a_message_type_counts_top_level_only() -> None:
     """The nested count is opt-in per parser: a parser built without the message type
     leaves nested fields to protobuf, as before."""
     nested = _input(_contents(b"\x42\x00" * 10_000))
-    limits = {5: messages.EntryLimit("input tensors", 4, "max_request_inputs")}
-    assert len(messages.entry_limited(Infer.FromString, limits)(nested).inputs) == 1
+    limits = {5: request_limits.EntryLimit("input tensors", 4, "max_request_inputs")}
+    assert len(request_limits.entry_limited(Infer.FromString, limits)(nested).inputs) == 1
     with pytest.raises(
         LimitExceeded, match=r"the last one read: inputs\.contents\.bytes_contents\)"
     ):
-        messages.entry_limited(Infer.FromString, limits, Infer.DESCRIPTOR)(nested)
+        request_limits.entry_limited(Infer.FromString, limits, Infer.DESCRIPTOR)(nested)
 
 
 # Every other request: MAX_REQUEST_FIELDS
@@ -354,7 +353,7 @@ def test_entry_limited_without_a_message_type_counts_top_level_only() -> None:
 LOAD = "/modelhost.v1.ModelHost/LoadModel"
 SAVE = "/modelhost.v1.ModelHost/SaveCheckpoint"
 REPOSITORY_LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
-MOST = messages.MAX_REQUEST_FIELDS
+MOST = request_limits.MAX_REQUEST_FIELDS
 
 
 def _too_many(server: Server, call: Any, path: str) -> None:

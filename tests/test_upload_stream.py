@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelhost.client import calls, codec, wire
-from modelhost.server import malloc, messages
+from modelhost.server import malloc, messages, request_limits
 from modelhost.v1 import modelhost_pb2 as pb
 
 
@@ -171,7 +171,7 @@ def test_large_buffers_are_reused_without_page_faults() -> None:
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_384, (2 << 20) + 3])
 def test_server_parses_framed_chunks_as_views_of_the_message(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    parsed = messages.parse_save_request(wire.chunk_message(data))
+    parsed = request_limits.parse_save_request(wire.chunk_message(data))
     assert isinstance(parsed, memoryview) and parsed.tobytes() == data
 
 
@@ -184,7 +184,7 @@ def test_server_parses_framed_chunks_as_views_of_the_message(size: int) -> None:
     ids=["header", "empty"],
 )
 def test_server_parses_other_messages_with_protobuf(message: pb.SaveCheckpointRequest) -> None:
-    assert messages.parse_save_request(message.SerializeToString()) == message
+    assert request_limits.parse_save_request(message.SerializeToString()) == message
 
 
 @pytest.mark.parametrize(
@@ -203,7 +203,7 @@ def test_server_parses_unusual_chunk_encodings_like_protobuf(wire: bytes) -> Non
     except Exception as error:
         expected = type(error)
     try:
-        parsed: object = messages.parse_save_request(wire)
+        parsed: object = request_limits.parse_save_request(wire)
     except Exception as error:
         parsed = type(error)
     assert parsed == expected
@@ -235,7 +235,7 @@ def _fields_of(request: pb.PredictRequest | wire.PredictRequestView) -> tuple[ob
 def test_server_reads_predict_inputs_as_views_of_the_message(inputs: dict[str, np.ndarray]) -> None:
     raws = {name: codec.raw(array) for name, array in inputs.items()}
     written = wire.predict_request("ümlaut", -5, raws, [b"\xff\xd8"], -3)
-    parsed = messages.predict_parser(256, 256)(written)
+    parsed = request_limits.predict_parser(256, 256)(written)
     assert isinstance(parsed, wire.PredictRequestView)
     assert _fields_of(parsed) == _fields_of(pb.PredictRequest.FromString(written))
     for name, tensor in parsed.inputs.items():
@@ -278,7 +278,7 @@ def test_server_reads_predict_requests_like_protobuf(wire_bytes: bytes) -> None:
     except Exception as error:
         expected = type(error)
     try:
-        parsed: object = _fields_of(messages.predict_parser(256, 256)(wire_bytes))
+        parsed: object = _fields_of(request_limits.predict_parser(256, 256)(wire_bytes))
     except Exception as error:
         parsed = type(error)
     assert parsed == expected
@@ -310,7 +310,7 @@ def test_server_reads_any_predict_request_like_protobuf(
 ) -> None:
     """Any message protobuf writes, and the same bytes damaged at one place and cut."""
     written = message.SerializeToString()
-    assert _fields_of(messages.predict_parser(256, 256)(written)) == _fields_of(message)
+    assert _fields_of(request_limits.predict_parser(256, 256)(written)) == _fields_of(message)
     if written:
         damaged = bytearray(written)
         index = data.draw(st.integers(0, len(damaged) - 1))

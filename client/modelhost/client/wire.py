@@ -130,11 +130,6 @@ def predict_request(
     return b"".join(parts)
 
 
-def passthrough(message: bytes) -> bytes:
-    """Request serializer for messages that are already serialized."""
-    return message
-
-
 # Reading
 
 

@@ -6,8 +6,9 @@ Recognised by content, never by name:
   (`model_state_dict` + optimizer state, epoch, loss), or (refused unless allowed)
   a pickled whole model; or a torch.export archive (`archive_format` entry).
 
-`torch.load` is only ever called with `weights_only=True` here: its unpickler
-refuses every global outside torch's allow-list, so a file cannot run code.
+`torch.load` is called with `weights_only=True`: its unpickler refuses every global
+outside torch's allow-list, so a file cannot run code. The one exception is
+`load_pickled_model`, reached only when the operator set `allow_pickled_models`.
 
 torch inflates a compressed zip entry whole in memory, so every zip archive is checked
 from its central directory alone (`check_archive`) before torch opens it: the directory

@@ -10,7 +10,6 @@ Blocking work runs on executors, never on the event loop.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +20,14 @@ from modelhost.server.batching import Lane
 from modelhost.server.cache import ModelCache
 from modelhost.server.checkpoints import Checkpoints
 from modelhost.server.devices import lower_priority
-from modelhost.server.errors import DeviceFailed, InvalidInput, LimitExceeded
+from modelhost.server.errors import DeviceFailed, LimitExceeded
 from modelhost.server.hosted import HostedModel
 from modelhost.server.inference import Answer
 from modelhost.server.metrics import Metrics
 from modelhost.server.models import Models
 from modelhost.server.names import check_name
 from modelhost.server.registry import Registry
+from modelhost.server.request_limits import check_element_count, element_count
 from modelhost.server.restore import RecordFormat, RestoreRecord, Unrestored
 from modelhost.server.settings import Settings
 from modelhost.server.store import CheckpointStore
@@ -102,7 +102,7 @@ class Host:
     ) -> tuple[HostedModel, Answer]:
         """Checks a request against the limits, then runs it through its version."""
         self.check_request_size(len(inputs), len(images))
-        elements = sum(_element_count(name, tensor) for name, tensor in inputs.items())
+        elements = sum(element_count(name, tensor) for name, tensor in inputs.items())
         check_element_count(elements, self.settings.max_tensor_elements)
         deadline = time.monotonic() + timeout if timeout is not None else None
         with self._registry.lease(check_name(model, "model"), version) as hosted:
@@ -172,24 +172,3 @@ class Host:
         self._cpu_lane.close()
         self._io.shutdown(wait=True)
         self._store.close()
-
-
-def check_element_count(elements: int, limit: int) -> None:
-    """Refuses a request with more tensor elements than `max_tensor_elements` allows."""
-    if elements > limit:
-        raise LimitExceeded(
-            f"the request has {elements} tensor elements; the limit is {limit} "
-            "(max_tensor_elements)"
-        )
-
-
-def _element_count(name: str, tensor: codec.TensorFields) -> int:
-    """What an input counts against max_tensor_elements: its elements, each zero-size
-    dimension counted as one. A tensor that holds nothing ([0, 3, 8192, 8192], a request
-    of 60 bytes) must not bring sizes past the limit that models and compiles size their
-    work by (Swin's attention masks, a compile's zeros; red team 5's H1)."""
-    try:
-        codec.element_count(tensor, what=f"input {name!r}")
-    except codec.TensorError as error:
-        raise InvalidInput(str(error)) from None
-    return math.prod(dim or 1 for dim in tensor.shape)

@@ -244,7 +244,7 @@ class HostedModel:
         self.batcher.close()
         host_module = self.host_copy.module if self.host_copy else None
         modules = [weakref.ref(m) for m in (self.runner.module, host_module) if m]
-        self.runner.release()  # the module and its compiled form
+        self.runner.detach()  # the module and its compiled form
         self.loaded.module = None
         self.host_copy = None
         # A collection (about 0.2 s with torch loaded) only when a cycle keeps one alive.

@@ -518,10 +518,6 @@ class Runner:
         self._forward = self._compiling = _released
         return module
 
-    def release(self) -> None:
-        """Drops the module (and its compiled form): its memory can be given back."""
-        self.detach()
-
     def warm_up(
         self,
         shape: Sequence[int],

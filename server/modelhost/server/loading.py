@@ -140,19 +140,19 @@ def load_module(
     catalog: ArchitectureCatalog,
     *,
     allow_pickled: bool = False,
-    pinned: CheckpointRecord | None = None,
+    loaded_from: CheckpointRecord | None = None,
     make_room: Callable[[int], None] | None = None,
 ) -> LoadedModule:
     """Builds and loads `spec`; raises InvalidCheckpoint naming keys that do not fit.
 
-    `pinned` (a restore, a page-in) loads those bytes of the checkpoint, not what its name
+    `loaded_from` (a restore, a page-in) loads those bytes of the checkpoint, not what its name
     holds now. `make_room` is told the bytes the weights will take on the device before
     they move there (the model cache evicts others to fit them).
     """
     started = time.perf_counter()
-    if pinned is not None:
-        require_bytes(store, pinned, spec.checkpoint)
-        record: CheckpointRecord | None = pinned
+    if loaded_from is not None:
+        require_bytes(store, loaded_from, spec.checkpoint)
+        record: CheckpointRecord | None = loaded_from
     else:
         record = store.get(spec.checkpoint) if spec.checkpoint else None
     built = reported(

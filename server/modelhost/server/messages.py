@@ -1,4 +1,5 @@
-"""Protobuf messages to domain objects and back, and the (de)serializers of large messages.
+"""Protobuf messages to domain objects and back, and DownloadCheckpoint's serializer.
+(The deserializers, which count requests before parsing them, are in `request_limits`.)
 
 The one place below the servicers' own modules that knows protobuf: everything
 under it (host, checkpoints, models, hosted, ...) takes and returns domain types.
@@ -7,19 +8,17 @@ under it (host, checkpoints, models, hosted, ...) takes and returns domain types
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec, wire
 from modelhost.server.architectures import Builder
 from modelhost.server.checkpoints import Snapshot, Upload
-from modelhost.server.errors import InvalidArgument, LimitExceeded
+from modelhost.server.errors import InvalidArgument
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec
@@ -27,151 +26,8 @@ from modelhost.server.loading import ON_DEMAND, PINNED, LoadRequest
 from modelhost.server.store import CheckpointRecord
 from modelhost.v1 import modelhost_pb2 as pb
 
-MAX_REQUEST_FIELDS = 1 << 18
-"""Fields (nested ones included) a request of any method may hold, counted from the wire
-before protobuf parses it (`fields_limited`): each becomes an object, so a small request
-of empty entries (labels, metadata, JSON values) could otherwise take about 20 times its
-size. A LoadModel's 100,000 labels (MAX_LABELS) fit."""
-
-
-def fields_limited(
-    parse: Callable[[bytes], M],
-    message: Descriptor,
-    limit: int = MAX_REQUEST_FIELDS,
-    why: str = "",
-    numbers: int | None = None,
-) -> Callable[[bytes], M]:
-    """A deserializer that refuses (LimitExceeded) a request with more than `limit`
-    fields, nested ones included, or more than `numbers` (default: `limit`) repeated
-    numbers in varint runs (`wire.check_fields`: counted from tags and lengths, stopped
-    at the limit), before `parse` reads it; `why` says where the field limit comes from.
-    A request the count cannot follow to its end raises `wire.Unreadable` (a ValueError:
-    the gate answers INVALID_ARGUMENT, "not a valid message", as for what protobuf
-    refuses)."""
-
-    def parse_limited(data: bytes) -> M:
-        try:
-            wire.check_fields(data, message, limit, numbers)
-        except wire.TooManyFields as error:
-            if error.what == wire.IN_ONE_FIELD:  # a shape of more than MAX_RANK dimensions
-                raise InvalidArgument(
-                    f"the request's {error.path} has more than {error.limit} entries"
-                ) from None
-            if error.what != "fields":
-                raise LimitExceeded(
-                    f"the request has more than {error.limit} {error.what} (the last one "
-                    f"read: {error.path})"
-                ) from None
-            raise LimitExceeded(
-                f"the request has more than {limit} fields, nested ones included (the last "
-                f"one read: {error.path}); the limit is {limit}{why}"
-            ) from None
-        return parse(data)  # wire.Unreadable: "not a valid message" (INVALID_ARGUMENT)
-
-    return parse_limited
-
-
-parse_save_request = wire.chunk_parser(
-    fields_limited(pb.SaveCheckpointRequest.FromString, pb.SaveCheckpointRequest.DESCRIPTOR)
-)
-"""SaveCheckpoint's deserializer: chunks come as views of the received bytes; a header is
-parsed once its fields are counted."""
-
 serialize_download_response = wire.serialize_chunks(pb.DownloadCheckpointResponse.SerializeToString)
 """DownloadCheckpoint's serializer: chunks go out as `wire.chunk_message` bytes."""
-
-PredictRequest = pb.PredictRequest | wire.PredictRequestView
-
-M = TypeVar("M")
-
-
-@dataclasses.dataclass(frozen=True)
-class EntryLimit:
-    """At most `limit` entries of a repeated (or map) field in one request: `what` they
-    are, as refusals name them, and the `setting` that sets the limit."""
-
-    what: str
-    limit: int
-    setting: str
-
-
-FIELDS_PER_ENTRY = 64
-"""Fields a request may hold in all (nested ones included: names, shapes, parameters,
-contents), on average, per top-level entry its limits allow."""
-
-
-def entry_limited(
-    parse: Callable[[bytes], M],
-    limits: Mapping[int, EntryLimit],
-    message: Descriptor | None = None,
-    numbers: int | None = None,
-) -> Callable[[bytes], M]:
-    """A deserializer that counts the top-level entries of the fields in `limits` (by
-    field number) from the wire (`wire.count_entries`) before `parse` reads anything,
-    and refuses a request with more than a limit allows (LimitExceeded) as soon as the
-    count passes it: a million entries cost a limit's worth of loop steps, not a million
-    parsed messages. With the `message` type, it then counts every field the parse
-    would read, nested ones included (`wire.check_fields`), against FIELDS_PER_ENTRY
-    per entry the limits allow: each becomes an object (a message, a map entry, a
-    string), so an entry's nested fields are bounded too, and at most `numbers` repeated
-    numbers in varint runs (default: as many as fields). Within the limits, `parse`
-    reads (or refuses) the message as it would alone.
-    """
-    counted = {number: entry.limit for number, entry in limits.items()}
-    most = sum(counted.values()) + wire.FIELD_SLACK
-    counted[wire.ALL_FIELDS] = most
-    every = EntryLimit("fields", most, "the entries' limits, and 64 more")
-    limits = {**limits, wire.ALL_FIELDS: every}
-    settings = ", ".join(sorted({entry.setting for entry in limits.values()} - {every.setting}))
-    if message is not None:
-        why = f" ({FIELDS_PER_ENTRY} for each entry {settings} allows)"
-        parse = fields_limited(parse, message, most * FIELDS_PER_ENTRY, why, numbers)
-
-    def parse_limited(data: bytes) -> M:
-        for number, count in wire.count_entries(data, counted).items():
-            entry = limits[number]
-            if count > entry.limit:
-                raise LimitExceeded(
-                    f"the request has at least {count} {entry.what}; the limit is "
-                    f"{entry.limit} ({entry.setting})"
-                )
-        return parse(data)
-
-    return parse_limited
-
-
-def field_number(message: type[Message], name: str) -> int:
-    """The number of field `name` of a message type, as it is on the wire."""
-    return message.DESCRIPTOR.fields_by_name[name].number
-
-
-def predict_parser(max_inputs: int, max_images: int) -> Callable[[bytes], PredictRequest]:
-    """Predict's deserializer: input tensors come as views of the received bytes; a
-    request with more inputs or images than the limits is refused as soon as it shows,
-    also when protobuf's parser reads it (an encoding the fast reader leaves to it)."""
-    parse_unusual = entry_limited(
-        pb.PredictRequest.FromString,
-        {
-            field_number(pb.PredictRequest, "inputs"): EntryLimit(
-                "input tensors", max_inputs, "max_request_inputs"
-            ),
-            field_number(pb.PredictRequest, "images"): EntryLimit(
-                "images", max_images, "max_request_images"
-            ),
-        },
-        pb.PredictRequest.DESCRIPTOR,
-    )
-
-    def parse_predict_request(data: bytes) -> PredictRequest:
-        try:
-            request = wire.read_predict_request(data, max_inputs, max_images)
-        except wire.TooManyEntries as error:
-            raise LimitExceeded(
-                f"the request has {error}; the limit is {error.limit} (max_request_{error.what})"
-            ) from None
-        return request or parse_unusual(data)
-
-    return parse_predict_request
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -228,9 +84,7 @@ def model_info(hosted: HostedModel, versions: list[int]) -> pb.ModelInfo:
         preprocessing=_preprocessing_message(hosted.runner.preprocessing),
         label_count=len(hosted.labels),
         compile=hosted.request.compile,
-        autocast=codec.data_type(hosted.runner.autocast)
-        if hosted.runner.autocast
-        else pb.DATA_TYPE_UNSPECIFIED,
+        autocast=_data_type(hosted.runner.autocast),
         residency=_RESIDENCY[hosted.request.residency],
         tier=_TIERS[hosted.tier],
         last_used=_timestamp(hosted.last_used) if hosted.last_used else None,
@@ -318,7 +172,8 @@ def save_header(header: pb.SaveCheckpointHeader) -> Upload | Snapshot:
 _BATCHING = {field.name for field in pb.BatchingConfig.DESCRIPTOR.fields}
 
 
-def _weights_dtype(code: int, field: str) -> torch.dtype | None:
+def _dtype_field(code: int, field: str) -> torch.dtype | None:
+    """A DataType field (`dtype`, `autocast`) as a torch dtype (None: unset)."""
     if not code:
         return None
     try:
@@ -343,8 +198,8 @@ def _steps(message: pb.LoadModelRequest) -> Preprocessing | None:
 # Fields that need more than a copy; every other field is copied as it is.
 _FROM_MESSAGE: dict[str, Callable[[pb.LoadModelRequest], Any]] = {
     "architecture_args": lambda m: dict(m.architecture_args),
-    "dtype": lambda m: _weights_dtype(m.dtype, "dtype"),
-    "autocast": lambda m: _weights_dtype(m.autocast, "autocast"),
+    "dtype": lambda m: _dtype_field(m.dtype, "dtype"),
+    "autocast": lambda m: _dtype_field(m.autocast, "autocast"),
     "strict": lambda m: m.strict if m.HasField("strict") else True,
     "preprocessing": _steps,
     "labels": lambda m: tuple(m.labels),
@@ -374,7 +229,7 @@ def load_request(message: pb.LoadModelRequest) -> LoadRequest:
     return LoadRequest(**values)
 
 
-def _data_type(dtype: torch.dtype | None) -> int:
+def _data_type(dtype: torch.dtype | None) -> codec.DataType:
     return codec.data_type(dtype) if dtype else pb.DATA_TYPE_UNSPECIFIED
 
 

@@ -107,11 +107,11 @@ class Models:
         self._commits = asyncio.Lock()
 
     async def load(
-        self, request: LoadRequest, pinned: CheckpointRecord | None = None
+        self, request: LoadRequest, loaded_from: CheckpointRecord | None = None
     ) -> HostedModel:
         """Builds, loads and registers a model version; the newest serves at once.
 
-        `pinned` (a restore) loads those bytes rather than what the checkpoint name holds
+        `loaded_from` (a restore) loads those bytes rather than what the checkpoint name holds
         now. With `restore`, the record is written before the version serves: if that
         fails (a full store), the version is thrown away and nothing has changed.
         """
@@ -122,13 +122,13 @@ class Models:
         # The bytes this load reads are held from before they are read until the version
         # holds them itself (registered): a DeleteCheckpoint meanwhile must not take bytes
         # it may be paged in from again.
-        if pinned is not None or spec.checkpoint:
-            pinned = await asyncio.to_thread(self._hold_bytes, spec.checkpoint, pinned)
+        if loaded_from is not None or spec.checkpoint:
+            loaded_from = await asyncio.to_thread(self._hold_bytes, spec.checkpoint, loaded_from)
         try:
-            hosted = await self._build_and_commit(spec, request, pinned)
+            hosted = await self._build_and_commit(spec, request, loaded_from)
         finally:
-            if pinned is not None:
-                await asyncio.shield(asyncio.to_thread(self._store.let_go, pinned.sha256))
+            if loaded_from is not None:
+                await asyncio.shield(asyncio.to_thread(self._store.let_go, loaded_from.sha256))
         hosted.load_seconds = time.perf_counter() - started
         self._metrics.load_seconds.labels(spec.name).observe(hosted.load_seconds)
         log.info(
@@ -153,12 +153,14 @@ class Models:
         return record
 
     async def _build_and_commit(
-        self, spec: LoadSpec, request: LoadRequest, pinned: CheckpointRecord | None
+        self, spec: LoadSpec, request: LoadRequest, loaded_from: CheckpointRecord | None
     ) -> HostedModel:
         policy = batch_policy(request, self.settings)
         version = self.registry.reserve(spec.name, request.version)
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._loads, self._build, spec, version, policy, request, pinned)
+        job = loop.run_in_executor(
+            self._loads, self._build, spec, version, policy, request, loaded_from
+        )
         try:
             hosted = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
@@ -214,7 +216,7 @@ class Models:
             self._store,
             self._catalog,
             allow_pickled=self.settings.allow_pickled_models,
-            pinned=hosted.loaded.record,
+            loaded_from=hosted.loaded.record,
         )
         assert loaded.module is not None
         return loaded.module
@@ -225,7 +227,7 @@ class Models:
         version: int,
         policy: BatchPolicy,
         request: LoadRequest,
-        pinned: CheckpointRecord | None,
+        loaded_from: CheckpointRecord | None,
     ) -> HostedModel:
         """Loads, wraps and warms up a model version (on a load thread)."""
         settings = self.settings
@@ -234,7 +236,7 @@ class Models:
             self._store,
             self._catalog,
             allow_pickled=settings.allow_pickled_models,
-            pinned=pinned,
+            loaded_from=loaded_from,
             make_room=functools.partial(self._make_room, (spec.name, version), spec.device),
         )
         assert loaded.module is not None
@@ -455,15 +457,15 @@ class Models:
         UnloadModel drops it.
         """
         restored = []
-        for request, pinned in self.record.read():
+        for request, loaded_from in self.record.read():
             key = (request.name, request.version)
             if key not in self.record.unrestored:
                 continue  # a client loaded or unloaded that version meanwhile
             try:
                 if self._on_demand(request):
-                    hosted = self._register_unbuilt(request, pinned)
+                    hosted = self._register_unbuilt(request, loaded_from)
                 else:
-                    hosted = await self.load(request, pinned)
+                    hosted = await self.load(request, loaded_from)
             except Exception as error:
                 known = isinstance(error, ModelHostFailure)
                 reason = str(error) if known else f"{type(error).__name__}: {error}"
@@ -481,15 +483,15 @@ class Models:
         return not stays_resident(request, device) and self.cache.limit(device) is not None
 
     def _register_unbuilt(
-        self, request: LoadRequest, pinned: CheckpointRecord | None
+        self, request: LoadRequest, loaded_from: CheckpointRecord | None
     ) -> HostedModel:
         """Registers a recorded version at the store tier without loading it; its first
         request builds it (`_rebuild`). Until then ModelInfo knows what the record does,
         and the bytes its weights will take (its architecture's skeleton on the meta
         device: an architecture no longer configured, or arguments it no longer takes,
-        leave it unrestored with the reason, as a pinned version's failed load does)."""
+        leave it unrestored with the reason, as a PINNED version's failed load does)."""
         spec = check_request(request, self.settings, self.default_device)
-        record = pinned or (self._store.get(spec.checkpoint) if spec.checkpoint else None)
+        record = loaded_from or (self._store.get(spec.checkpoint) if spec.checkpoint else None)
         if record is not None:
             require_bytes(self._store, record, spec.checkpoint)
         nbytes = planned_bytes(spec, record, self._catalog)

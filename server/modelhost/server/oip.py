@@ -14,26 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import grpc.aio
 
-from modelhost.client import codec
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import grpc_service_pb2_grpc as oip_grpc
 from modelhost.oip import model_config_pb2 as mc
-from modelhost.server import messages
 from modelhost.server import oip_tensors as tensors
+from modelhost.server import request_limits
 from modelhost.server.errors import InvalidArgument, NotFound
 from modelhost.server.host import Host
 from modelhost.server.hosted import HostedModel
 from modelhost.server.names import check_name
 from modelhost.server.oip_load import load_request, parse_version
-from modelhost.server.rpc import unary
-from modelhost.server.service import generated_handlers, register
-from modelhost.server.settings import Settings
+from modelhost.server.rpc import generated_handlers, register, unary
 from modelhost.server.statistics import Duration
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -255,8 +251,8 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
         platform=PLATFORM,
         backend=BACKEND,
         max_batch_size=policy.max_batch_size,
-        input=tensors.config_inputs(hosted.runner.inputs),
-        output=tensors.config_outputs(hosted.runner.outputs),
+        input=tensors.config_tensors(mc.ModelInput, hosted.runner.inputs),
+        output=tensors.config_tensors(mc.ModelOutput, hosted.runner.outputs),
         instance_group=[group],
         parameters={
             "architecture": mc.ModelParameter(string_value=spec.architecture),
@@ -275,44 +271,14 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
     return config
 
 
-def infer_parser(
-    max_inputs: int, max_elements: int = Settings.max_tensor_elements
-) -> Callable[[bytes], oip.ModelInferRequest]:
-    """ModelInfer's deserializer: a request with more inputs (or raw_input_contents,
-    requested outputs or parameters) than `max_inputs`, or more fields in all (nested
-    ones included: an input's contents, shape and parameters) than
-    `messages.FIELDS_PER_ENTRY` per entry those allow, is refused from the wire, before
-    protobuf's parser makes a message of each (messages.entry_limited); so is one with
-    more numbers in varint runs (typed int contents, shapes: 8 bytes each once parsed,
-    from a byte each) than `max_elements` and a shape per input and output."""
-    request = oip.ModelInferRequest
-
-    def limit(what: str) -> messages.EntryLimit:
-        return messages.EntryLimit(what, max_inputs, "max_request_inputs")
-
-    return messages.entry_limited(
-        request.FromString,
-        {
-            messages.field_number(request, "inputs"): limit("input tensors"),
-            messages.field_number(request, "raw_input_contents"): limit(
-                "raw_input_contents entries"
-            ),
-            messages.field_number(request, "outputs"): limit("requested outputs"),
-            messages.field_number(request, "parameters"): limit("parameters"),
-        },
-        request.DESCRIPTOR,
-        numbers=max_elements + 2 * max_inputs * codec.MAX_RANK,
-    )
-
-
 def add_to_server(host: Host, server: grpc.aio.Server) -> str:
     """Adds the service to `server`, with ModelInfer's requests counted before they are
-    parsed (`infer_parser`); returns its full name (for health and reflection)."""
+    parsed (`request_limits.infer_parser`); returns its full name (for health and reflection)."""
     handlers = generated_handlers(
         oip_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceService(host)
     )
     handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
-        request_deserializer=infer_parser(
+        request_deserializer=request_limits.infer_parser(
             host.settings.max_request_inputs, host.settings.max_tensor_elements
         )
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ from modelhost.client import codec, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import model_config_pb2 as mc
 from modelhost.server.errors import InvalidArgument, InvalidInput
-from modelhost.server.host import check_element_count
 from modelhost.server.inference import InputSpec
+from modelhost.server.request_limits import check_element_count
 from modelhost.v1 import modelhost_pb2 as pb
+
+C = TypeVar("C", mc.ModelInput, mc.ModelOutput)
 
 DATATYPES: dict[str, codec.DataType] = {
     "BOOL": pb.DATA_TYPE_BOOL,
@@ -191,19 +193,11 @@ def metadata(specs: Iterable[InputSpec]) -> list[oip.ModelMetadataResponse.Tenso
     ]
 
 
-def config_inputs(specs: Iterable[InputSpec]) -> list[mc.ModelInput]:
-    """Input specs as Triton config inputs: dims without the batch dimension."""
+def config_tensors(kind: type[C], specs: Iterable[InputSpec]) -> list[C]:
+    """Tensor specs as Triton config inputs or outputs (`kind`): dims without the batch
+    dimension."""
     return [
-        mc.ModelInput(name=spec.name, data_type=CONFIG_TYPES[dtype], dims=spec.shape[1:])
-        for spec in specs
-        if (dtype := datatype_name(spec.dtype))
-    ]
-
-
-def config_outputs(specs: Iterable[InputSpec]) -> list[mc.ModelOutput]:
-    """Output specs as Triton config outputs: dims without the batch dimension."""
-    return [
-        mc.ModelOutput(name=spec.name, data_type=CONFIG_TYPES[dtype], dims=spec.shape[1:])
+        kind(name=spec.name, data_type=CONFIG_TYPES[dtype], dims=spec.shape[1:])
         for spec in specs
         if (dtype := datatype_name(spec.dtype))
     ]

@@ -52,10 +52,14 @@ class Registry:
             self._reserved.discard((hosted.name, hosted.version))
             self._models.setdefault(hosted.name, {})[hosted.version] = hosted
 
-    def _find(self, name: str, version: int) -> HostedModel:
+    def _versions(self, name: str) -> dict[int, HostedModel]:
         versions = self._models.get(name)
         if not versions:
             raise ModelNotFound(f"model {name!r} is not loaded")
+        return versions
+
+    def _find(self, name: str, version: int) -> HostedModel:
+        versions = self._versions(name)
         chosen = max(versions) if version == 0 else version
         if chosen not in versions:
             raise ModelNotFound(
@@ -96,16 +100,10 @@ class Registry:
             return removed
 
     def _select(self, name: str, version: int) -> list[HostedModel]:
-        versions = self._models.get(name)
-        if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded")
         if version == 0:
+            versions = self._versions(name)
             return [versions[v] for v in sorted(versions)]
-        if version not in versions:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version} (hosted: {sorted(versions)})"
-            )
-        return [versions[version]]
+        return [self._find(name, version)]
 
     def hosts(self, name: str) -> bool:
         """Whether any version of `name` is hosted (an empty name never is)."""

@@ -4,7 +4,7 @@ loaded, and the checkpoint bytes each loaded, kept in the store as `hosted-model
 An entry is `{"request": <the LoadModelRequest, as protobuf JSON>, "loaded_checkpoint":
 <the checkpoint record it loaded>}`: the message itself, so `buf breaking` guards the
 record's compatibility. `RecordFormat` converts (messages.py supplies it: nothing here
-knows protobuf). The bytes an entry names are pinned in the store until no entry names
+knows protobuf). The store keeps the bytes an entry names until no entry names
 them. Entries written before this format (flat LoadRequest fields) still read.
 
 models.py writes the record before what it records takes effect: a LoadModel or
@@ -27,7 +27,7 @@ from modelhost.server.store import CheckpointRecord, CheckpointStore
 log = logging.getLogger(__name__)
 
 HOSTED_STATE = "hosted-models"
-REQUEST, PINNED = "request", "loaded_checkpoint"
+REQUEST, LOADED_CHECKPOINT = "request", "loaded_checkpoint"
 Key = tuple[str, int]
 
 
@@ -84,25 +84,25 @@ class RestoreRecord:
         for entry in state:
             try:
                 request = self._formats.load(entry.get(REQUEST, entry))
-                loaded = entry.get(PINNED)
-                pinned = CheckpointRecord(**loaded) if loaded else None
+                loaded = entry.get(LOADED_CHECKPOINT)
+                loaded_from = CheckpointRecord(**loaded) if loaded else None
             except Exception as error:
                 log.error("restore record: cannot read the entry %.200s (%s)", entry, error)
                 continue
             key = (request.name, request.version)
             self.unrestored[key] = Unrestored(entry, request, "the server is still restoring")
-            found.append((request, pinned))
+            found.append((request, loaded_from))
         return found
 
     def _entry(self, hosted: HostedModel) -> dict[str, Any]:
         entry: dict[str, Any] = {REQUEST: self._formats.dump(hosted.request)}
         if hosted.loaded.record is not None:
             loaded = dataclasses.replace(hosted.loaded.record, metadata={})
-            entry[PINNED] = dataclasses.asdict(loaded)
+            entry[LOADED_CHECKPOINT] = dataclasses.asdict(loaded)
         return entry
 
 
 def _pinned_sha(entry: dict[str, Any]) -> str | None:
-    loaded = entry.get(PINNED)
+    loaded = entry.get(LOADED_CHECKPOINT)
     sha = loaded.get("sha256") if isinstance(loaded, dict) else None
     return sha if isinstance(sha, str) else None

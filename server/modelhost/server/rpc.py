@@ -1,5 +1,7 @@
 """The RPC plumbing both servicers share: the one table from domain errors to gRPC
-status codes, and the decorators that map a method's errors and record its metrics.
+status codes, the decorators that map a method's errors and record its metrics, and the
+registration of a servicer's generated handlers with every request counted before it is
+parsed (`generated_handlers`, `register`).
 
 Anything not in `STATUS` is a bug: it is logged with its traceback and a request id,
 and the caller gets INTERNAL with that id.
@@ -19,6 +21,7 @@ import grpc
 import grpc.aio
 
 from modelhost.server import errors as e
+from modelhost.server.request_limits import fields_limited
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +177,44 @@ def streaming(
         call.done(grpc.StatusCode.OK)
 
     return wrapper
+
+
+class _Collect:
+    """Stands in for a server to receive the handlers the generated code registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, name: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def generated_handlers(
+    add: Callable[[Any, Any], None], servicer: object
+) -> dict[str, grpc.RpcMethodHandler]:
+    """The handlers the generated `add_..._to_server` function `add` registers for
+    `servicer`, by method name, each request's fields counted before it is parsed
+    (`request_limits.fields_limited`): swap (de)serializers in, then `register` them."""
+    collect = _Collect()
+    add(servicer, collect)
+    handlers = collect.handlers
+    for name, handler in handlers.items():
+        parse = handler.request_deserializer
+        message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        if parse is not None and message is not None:  # the generated Message.FromString
+            limited = fields_limited(parse, message)
+            handlers[name] = handler._replace(request_deserializer=limited)
+    return handlers
+
+
+def register(
+    server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> None:
+    """Registers `handlers` as the generated code would (see `generated_handlers`)."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,7 +17,8 @@ from modelhost.server import errors as e
 from modelhost.server import messages
 from modelhost.server.checkpoints import Snapshot
 from modelhost.server.host import Host
-from modelhost.server.rpc import streaming, unary
+from modelhost.server.request_limits import PredictRequest, parse_save_request, predict_parser
+from modelhost.server.rpc import generated_handlers, register, streaming, unary
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelHost"].full_name
 
 SaveRequest = pb.SaveCheckpointRequest | memoryview
-"""What SaveCheckpoint receives: chunks as views (messages.parse_save_request), or messages."""
+"""What SaveCheckpoint receives: chunks as views (`parse_save_request`), or messages."""
 
 
 async def _chunks(stream: AsyncIterator[SaveRequest]) -> AsyncIterator[bytes | memoryview]:
@@ -125,7 +126,7 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         return pb.ListArchitecturesResponse(architectures=map(messages.architecture, builders))
 
     @unary
-    async def Predict(self, request: messages.PredictRequest, context: Any) -> pb.PredictResponse:
+    async def Predict(self, request: PredictRequest, context: Any) -> pb.PredictResponse:
         hosted, answer = await self.host.predict(
             request.model,
             request.version,
@@ -140,60 +141,19 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         )
 
 
-class _Collect:
-    """Stands in for a server to receive the handlers the generated code registers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, name: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        self.handlers = dict(handlers)
-
-
-def generated_handlers(
-    add: Callable[[Any, Any], None], servicer: object
-) -> dict[str, grpc.RpcMethodHandler]:
-    """The handlers the generated `add_..._to_server` function `add` registers for
-    `servicer`, by method name, each request's fields counted before it is parsed
-    (`messages.fields_limited`): swap (de)serializers in, then `register` them."""
-    collect = _Collect()
-    add(servicer, collect)
-    handlers = collect.handlers
-    for name, handler in handlers.items():
-        parse = handler.request_deserializer
-        message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
-        if parse is not None and message is not None:  # the generated Message.FromString
-            limited = messages.fields_limited(parse, message)
-            handlers[name] = handler._replace(request_deserializer=limited)
-    return handlers
-
-
-def register(
-    server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-) -> None:
-    """Registers `handlers` as the generated code would (see `generated_handlers`)."""
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
-
-
 def add_to_server(host: Host, server: grpc.aio.Server) -> str:
     """Registers the service as the generated code does, with the (de)serializers of
     the large messages swapped in (see `wire`); returns the service's full name."""
     handlers = generated_handlers(pb_grpc.add_ModelHostServicer_to_server, ModelHostService(host))
     handlers["SaveCheckpoint"] = handlers["SaveCheckpoint"]._replace(
-        request_deserializer=messages.parse_save_request
+        request_deserializer=parse_save_request
     )
     handlers["DownloadCheckpoint"] = handlers["DownloadCheckpoint"]._replace(
         response_serializer=messages.serialize_download_response
     )
     settings = host.settings
     handlers["Predict"] = handlers["Predict"]._replace(
-        request_deserializer=messages.predict_parser(
+        request_deserializer=predict_parser(
             settings.max_request_inputs, settings.max_request_images
         )
     )
