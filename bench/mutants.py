@@ -745,6 +745,27 @@ MUTANTS = [
             "test_memory_of_a_step_that_ran_out_is_unreferenced_when_it_is_released",
         ),
     ),
+    Mutant(
+        "transfers: a download's partial file may be an existing path (a planted symlink)",
+        "client/modelhost/client/transfers.py",
+        "    | os.O_EXCL\n",
+        "    | 0\n",
+        ("tests/test_download_dest.py::test_a_partial_file_is_never_an_existing_path",),
+    ),
+    Mutant(
+        "transfers: a download is written through a symlink at its destination",
+        "client/modelhost/client/transfers.py",
+        "self._part.replace(self.dest)",
+        "self.dest.write_bytes(self._part.read_bytes())",
+        ("tests/test_download_dest.py::test_a_symlink_at_dest_is_replaced_not_written_through",),
+    ),
+    Mutant(
+        "inference: a lane's run fails while another thread FX-traces (torch 2.11's one flag)",
+        SERVER + "inference.py",
+        "else _run_only(module)",
+        "else torch._dynamo.run(module)",
+        ("tests/test_compiled.py::test_a_request_while_another_thread_fx_traces_runs_uncompiled",),
+    ),
 ]
 
 

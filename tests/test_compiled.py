@@ -244,3 +244,23 @@ def test_an_unload_does_not_wait_for_a_background_compile_of_its_version(
     monkeypatch.setattr(models, "TRACE_SECONDS", 0.0)
     _load(client, "m-x7", 7.0, warmup_shape=(1, 3))  # the name serves again
     assert _run(client, "m-x7", (1, 3))
+
+
+def test_a_request_while_another_thread_fx_traces_runs_uncompiled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Torch releases before about 2.12 (2.11 is the GPU machine's) keep FX's "tracing
+    now" in one flag for the whole process: while a background compile traced
+    (AOTAutograd's make_fx) on the compile thread, a request of a compiled version on a
+    lane failed with "using FX to symbolically trace a dynamo-optimized function". It
+    runs uncompiled instead. The flag is simulated here (TorchDynamo reads it through
+    this function, looked up when `torch._dynamo.run` wraps the module)."""
+    from helpers import models
+
+    monkeypatch.setattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", lambda: True)
+    module = models.compile_marker(variant=next(_VARIANTS)).eval()
+    runner = inference.Runner(module, torch.device("cpu"), torch.float32, compile_mode="default")
+    with torch.inference_mode():
+        outputs = runner.run({"x": torch.full((2, 3), 2.0)})
+    np.testing.assert_array_equal(outputs["y"].numpy(), np.full((2, 3), 2.0, np.float32))
+    assert outputs["compiled"].tolist() == [0.0, 0.0]

@@ -137,7 +137,8 @@ def download_checkpoint(
     progress: Progress | None,
     max_bytes: int | None = None,
 ) -> Call[Path | Any]:
-    """Receives the stream into `dest` (via `dest.part`) or memory; checks the sha256.
+    """Receives the stream into `dest` (via a partial file created at the header,
+    `transfers.create_partial`) or memory; checks the sha256.
     A checkpoint announced larger than `max_bytes` is refused before any byte is kept."""
     download = Download(dest, progress, max_bytes)
     return Call(

@@ -7,11 +7,12 @@ import hashlib
 import io
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 from modelhost.client import archives, wire
 from modelhost.client.errors import DataLossError, DeadlineExceededError, ResourceExhaustedError
@@ -173,6 +174,12 @@ class Download:
     removes the partial file. A header announcing more than `max_bytes` (None: no
     limit), or without `dest` more than MAX_MEMORY_DOWNLOAD_BYTES, is refused before
     anything is kept.
+
+    With `dest`, the bytes go to a partial file that the download creates itself in
+    `dest`'s folder once the header has been accepted (`create_partial`: a new name,
+    never an existing path or symlink followed), so a call that fails before then
+    touches nothing there; `finish()` renames it onto `dest` (a symlink at `dest` is
+    replaced, not written through) and `abort()` removes only that file.
     """
 
     def __init__(
@@ -189,8 +196,8 @@ class Download:
         self._received = 0
         self._finished = False
         self._buffer = io.BytesIO()
-        self._part = self.dest.with_name(self.dest.name + ".part") if self.dest else None
-        self._file = self._part.open("wb") if self._part else None
+        self._part: Path | None = None  # created at the header, by `create_partial`
+        self._file: BinaryIO | None = None
 
     def feed(self, message: pb.DownloadCheckpointResponse | memoryview) -> None:
         """Takes the next message of the stream (a chunk may come as a view).
@@ -205,6 +212,8 @@ class Download:
                 raise DataLossError("download: the server sent a second header")
             self._check(message.info)
             self.info = message.info
+            if self.dest is not None:
+                self._part, self._file = create_partial(self.dest)
             return
         else:
             chunk = message.chunk  # each access copies
@@ -236,11 +245,12 @@ class Download:
             )
 
     def abort(self) -> None:
-        """Removes the partial file after a failed stream."""
+        """Removes the partial file (the one this download created) after a failed stream."""
         if self._file:
             self._file.close()
         if self._part:
             self._part.unlink(missing_ok=True)
+            self._part = None
 
     def close(self) -> None:
         """`abort()` unless `finish()` succeeded: the end of every download, however it went."""
@@ -260,11 +270,44 @@ class Download:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self._part.replace(self.dest)
+            self._part.replace(self.dest)  # rename(2): a symlink at dest is replaced itself
+            self._part = None
             self._finished = True
             return self.dest
         self._finished = True
         return load_checkpoint_bytes(self._buffer.getvalue(), info.format)
+
+
+PARTIAL_SUFFIX = ".part"
+_PARTIAL_FLAGS = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def create_partial(dest: Path) -> tuple[Path, BinaryIO]:
+    """Creates the partial file of a download to `dest`: a new, hidden, unique name in
+    `dest`'s folder (`.NAME.RANDOM.part`), made with O_CREAT|O_EXCL|O_NOFOLLOW, so an
+    existing file or a symlink planted there is never followed, truncated or reused.
+    Its mode is 0o666 less the umask, what `open("wb")` gives `dest` itself."""
+    name = dest.name if len(os.fsencode(dest.name)) <= 200 else "download"
+    for _ in range(100):
+        part = dest.with_name(f".{name}.{secrets.token_hex(8)}{PARTIAL_SUFFIX}")
+        try:
+            fd = os.open(part, _PARTIAL_FLAGS, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return part, os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            part.unlink(missing_ok=True)
+            raise
+    raise FileExistsError(f"download: no free name for a partial file next to {dest}")
 
 
 IN_MEMORY = (

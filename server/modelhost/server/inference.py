@@ -505,7 +505,7 @@ class Runner:
         if self.compile_mode:
             mode = None if self.compile_mode == "default" else self.compile_mode
             self._compiling = _compiled(module, mode)
-            self._forward = self._compiling if self._cuda_graphs else torch._dynamo.run(module)
+            self._forward = self._compiling if self._cuda_graphs else _run_only(module)
 
     def detach(self) -> nn.Module | None:
         """Drops the module (and its compiled form) and returns it: a run now fails. Waits
@@ -682,6 +682,24 @@ def _compiled(module: nn.Module, mode: str | None) -> Callable[..., Any]:
         return compiled(*args, **kwargs)
 
     return run
+
+
+def _run_only(module: nn.Module) -> Callable[..., Any]:
+    """`torch._dynamo.run(module)`: runs the graphs compiled for a call's shape, else the
+    module as it is; never compiles. Before torch 2.12 (about) FX kept "tracing now" in
+    one flag for the whole process, so while a background compile traced on the compile
+    thread, such a call on a lane raised "using FX to symbolically trace a
+    dynamo-optimized function" (a request failed): with `error_on_nested_fx_trace` off
+    (set where it runs, as `_compiled` sets its limit) it runs the module as it is."""
+    run = torch._dynamo.run(module)
+
+    def run_only(*args: Any, **kwargs: Any) -> Any:
+        config = torch._dynamo.config
+        if config.error_on_nested_fx_trace:
+            config.error_on_nested_fx_trace = False
+        return run(*args, **kwargs)
+
+    return run_only
 
 
 def _log_failure(job: Future[None]) -> None:
