@@ -766,6 +766,23 @@ MUTANTS = [
         "else torch._dynamo.run(module)",
         ("tests/test_compiled.py::test_a_request_while_another_thread_fx_traces_runs_uncompiled",),
     ),
+    Mutant(
+        "batching: a batch is bounded by rows only (eight near-limit requests in one)",
+        SERVER + "batching.py",
+        "                    if elements > self._max_elements:\n                        break\n",
+        "",
+        ("tests/test_batching.py::test_a_batch_holds_no_more_input_elements_than_one_request_may",),
+    ),
+    Mutant(
+        "batching: a failed batch runs its requests one by one (a bad caller de-batches all)",
+        SERVER + "batching.py",
+        "            self._in_halves(group)  # isolate the failure to the request that causes it",
+        "            self._one_by_one(group)",
+        (
+            "tests/test_batching.py::"
+            "test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails",
+        ),
+    ),
 ]
 
 

@@ -430,10 +430,11 @@ def test_an_asynchronous_runner_is_pipelined() -> None:
         mixed[1].result(5)
     jobs[0].result(5)
     assert events[:2] == ["launch [3.0, -1.0, 5.0]", "collect [3.0, -1.0, 5.0]"]
-    assert events[2:8] == [
-        f"{step} [{v}]" for v in (3.0, -1.0, 5.0) for step in ("launch", "collect")
+    assert events[2:] == [  # run again in halves, the failing half halved in turn
+        *(f"{step} {values}" for values in ([3.0], [-1.0, 5.0]) for step in ("launch", "collect")),
+        *(f"{step} [{v}]" for v in (-1.0, 5.0) for step in ("launch", "collect")),
+        "job",
     ]
-    assert events[8:] == ["job"]
     assert batcher.statistics.snapshot().fail.count == 1
     batcher.close()
     lane.close()
@@ -594,3 +595,68 @@ def test_a_device_lane_pool_shares_a_bounded_number_of_lanes() -> None:
     finally:
         pool.close()
     assert not any(lane._thread.is_alive() for lane in made)
+
+
+def test_a_batch_holds_no_more_input_elements_than_one_request_may() -> None:
+    """Rows alone do not bound a batch: eight one-row requests of many elements each would
+    make one batch of eight times what one request may hold (the model's activations grow
+    with it, red team 8's M1). A batch stops before its inputs pass `max_elements`."""
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
+    from modelhost.server.inference import encode_answer
+
+    lane = Lane("unit")
+    sizes: list[int] = []
+
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sizes.append(batch["x"].shape[0])
+        return {"output": batch["x"] * 2}
+
+    batcher = Batcher(run, BatchPolicy(8, 200_000, 16), lane, max_elements=250)
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    blocker = lane.call(time.sleep, 0.2)  # queue all eight before the first batch
+    futures = [
+        batcher.submit({"x": torch.full((1, 100), float(i))}, None, finish) for i in range(8)
+    ]
+    blocker.result(5)
+    for i, future in enumerate(futures):
+        assert future.result(5).outputs["output"].shape == [1, 100], i
+    assert sizes == [2, 2, 2, 2]  # 200 elements each: a third request would make 300
+    batcher.close()
+    lane.close()
+
+
+def test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails() -> None:
+    """One caller whose rows make the model fail (an id past an embedding's vocabulary)
+    must not cost every batch it joins one run per request (red team 8's M2: 16 callers'
+    throughput fell to 0.61x with one such caller): the batch is run again in halves, the
+    failing half halved in turn. Only that caller gets the error; the others are answered
+    from batches of several requests."""
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
+    from modelhost.server.errors import InvalidInput
+    from modelhost.server.inference import encode_answer
+
+    lane = Lane("unit")
+    runs: list[int] = []
+
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        runs.append(batch["x"].shape[0])
+        if bool((batch["x"] < 0).any()):  # as Runner reports what the model raised
+            raise InvalidInput("the model rejected the input: IndexError: index out of range")
+        return {"output": batch["x"] * 2}
+
+    batcher = Batcher(run, BatchPolicy(16, 200_000, 32), lane)
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    blocker = lane.call(time.sleep, 0.2)
+    values = [-1.0 if i == 5 else float(i) for i in range(16)]
+    futures = [batcher.submit({"x": torch.full((1, 1), v)}, None, finish) for v in values]
+    blocker.result(5)
+    for value, future in zip(values, futures, strict=True):
+        if value < 0:
+            with pytest.raises(InvalidInput, match="index out of range"):
+                future.result(5)
+        else:
+            assert codec.to_numpy(future.result(5).outputs["output"]).item() == value * 2
+    # 0-7 fails: 0-3 runs, 4-7 fails: 4-5 fails: 4, then 5 alone; 6-7; then 8-15 runs.
+    assert runs == [16, 8, 4, 4, 2, 1, 1, 2, 8]  # 9 runs, not 17 (16 of one request)
+    batcher.close()
+    lane.close()

@@ -88,6 +88,10 @@ class Request:
         return int(next(iter(self.inputs.values())).shape[0])
 
     @property
+    def elements(self) -> int:
+        return sum(t.numel() for t in self.inputs.values())
+
+    @property
     def signature(self) -> tuple[tuple[str, torch.dtype, str, tuple[int, ...]], ...]:
         """Requests with equal signatures can be concatenated along the batch dimension."""
         return tuple(
@@ -299,8 +303,10 @@ class Batcher:
         join: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
         adopt: Callable[[Tensors, Any], None] | None = None,
         launch: Callable[[Tensors], Collect] | None = None,
+        max_elements: int | None = None,
     ) -> None:
         self.policy = policy
+        self._max_elements = max_elements  # a batch's inputs in all (max_tensor_elements)
         self._run = run
         self._launch = launch  # an asynchronous runner's (Runner.launch): the lane pipelines
         self._join = join  # concatenates a group's inputs (Runner.join: pinned staging)
@@ -361,13 +367,21 @@ class Batcher:
         without `wait`, of the requests queued now."""
         batch = [self._queue.popleft()]
         rows = batch[0].rows
+        elements = batch[0].elements if self._max_elements is not None else 0
         until = batch[0].enqueued + self.policy.max_queue_delay_us / 1e6
         while self._splittable and rows < self.policy.batch_rows:
             if self._queue:
-                if rows + self._queue[0].rows > self.policy.batch_rows:
+                following = self._queue[0]
+                if rows + following.rows > self.policy.batch_rows:
                     break
+                if self._max_elements is not None:
+                    # A batch holds no more than one request may: the model's activations
+                    # grow with it (a segmentation model's, ~45x the input's bytes).
+                    elements += following.elements
+                    if elements > self._max_elements:
+                        break
                 batch.append(self._queue.popleft())
-                rows += batch[-1].rows
+                rows += following.rows
                 continue
             remaining = until - time.monotonic()
             if (
@@ -447,7 +461,7 @@ class Batcher:
         collect = self._try_launch(inputs)
         del inputs  # out of the except block: a failed allocation gets its memory back
         if collect is None:
-            self._one_by_one(group)  # isolate the failure to the request that causes it
+            self._in_halves(group)  # isolate the failure to the request that causes it
             return _nothing
         return lambda: self._finish_group(group, collect, (started, joined))
 
@@ -472,7 +486,7 @@ class Batcher:
         except Exception:
             outputs = None
         if outputs is None:
-            self._one_by_one(group)
+            self._in_halves(group)
             return
         ran = time.monotonic()
         rows = [r.rows for r in group]
@@ -491,9 +505,18 @@ class Batcher:
         self._deliver(group, answers, (*times, ran, time.monotonic()))
 
     def _one_by_one(self, group: list[Request]) -> None:
-        """Runs each request alone, to the end (a failed batch, or rows that don't split)."""
+        """Runs each request alone, to the end (rows that don't split)."""
         for request in group:
             self._start_one(request)()
+
+    def _in_halves(self, group: list[Request]) -> None:
+        """Runs a failed batch again as two batches, to the end; a half that fails is
+        halved in turn, down to the request that fails alone. A caller whose rows make the
+        model fail then costs a batch about 2*log2(n) runs, and the others still run
+        batched (one by one, it cost n runs of one request each: red team 8's M2)."""
+        half = len(group) // 2
+        for part in (group[:half], group[half:]):
+            self._start(part)()
 
     def _fail_group(self, group: list[Request], error: Exception) -> None:
         """Fails the requests of a group that broke outside the model call (a bug: each

@@ -327,6 +327,7 @@ class Models:
                 launch=runner.launch
                 if runner.asynchronous and self.settings.gpu_pipelining
                 else None,
+                max_elements=self.settings.max_tensor_elements,
             ),
             prep=self._prep,
             loaded_at=time.time(),
@@ -512,7 +513,12 @@ class Models:
             spec=spec,
             loaded=loaded,
             runner=runner,
-            batcher=Batcher(runner.run, batch_policy(request, self.settings), self._cpu_lane),
+            batcher=Batcher(
+                runner.run,
+                batch_policy(request, self.settings),
+                self._cpu_lane,
+                max_elements=self.settings.max_tensor_elements,
+            ),
             prep=self._prep,
             loaded_at=time.time(),
             labels=list(request.labels),

@@ -127,7 +127,8 @@ class Settings:
     max_tensor_elements: int = _setting(
         1 << 28,
         "Most tensor elements in one Predict request (all inputs together, images counted "
-        "as decoded and preprocessed).",
+        "as decoded and preprocessed), and in one batch of requests. It bounds what callers "
+        "send, not the memory a model's activations take for it (see Security).",
     )
     max_detection_bytes: int = _setting(
         4 << 30,
