@@ -465,7 +465,7 @@ MUTANTS = [
     Mutant(
         "architectures: detection arguments used at every Predict are not checked",
         SERVER + "architectures.py",
-        "            _check_detection_args(self.name, args)\n",
+        "            check_detection_args(self.name, args)\n",
         "            pass\n",
         (
             "tests/test_hostile_round4.py::test_detection_arguments_used_at_every_predict_are_bounded",
@@ -598,8 +598,8 @@ MUTANTS = [
         ("tests/test_detection_cost.py::test_a_costly_batch_is_refused_before_the_model_runs",),
     ),
     Mutant(
-        "architectures: Mask R-CNN's masks pasted at the input's size are not counted",
-        SERVER + "architectures.py",
+        "detection: Mask R-CNN's masks pasted at the input's size are not counted",
+        SERVER + "detection.py",
         "pasted = 8 * height * width if self.masks else 0",
         "pasted = 0",
         ("tests/test_detection_cost.py::test_the_estimate_covers_the_measured_peaks",),
@@ -703,8 +703,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "architectures: a detection model's num_classes is not bounded (M2)",
-        SERVER + "architectures.py",
+        "detection: a detection model's num_classes is not bounded (M2)",
+        SERVER + "detection.py",
         '    "num_classes": _Rule(_SCORES, MAX_CLASSES),\n',
         "",
         (
@@ -713,8 +713,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "architectures: Mask R-CNN's mask logits are not counted per class (M2)",
-        SERVER + "architectures.py",
+        "detection: Mask R-CNN's mask logits are not counted per class (M2)",
+        SERVER + "detection.py",
         "head_bytes = MASK_BYTES + 8 * int(logits.out_channels) * area",
         "head_bytes = MASK_BYTES",
         ("tests/test_detection_cost.py::test_the_estimate_covers_the_measured_peaks",),

@@ -23,7 +23,7 @@ from test_hostile_round3 import refused_cheaply, refused_load
 from conftest import assert_same_detections, detector, expect, serve
 from modelhost.client import ModelHostClient
 from modelhost.server import running
-from modelhost.server.architectures import (
+from modelhost.server.detection import (
     MAX_CLASSES,
     MAX_KEYPOINTS,
     DetectionCost,

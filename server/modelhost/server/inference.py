@@ -19,7 +19,7 @@ from torch import nn
 
 from modelhost.client import codec
 from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
-from modelhost.server.architectures import DetectionCost, detection_cost
+from modelhost.server.detection import DetectionCost, detection_cost
 from modelhost.server.devices import (
     CUDA_GRAPHS,
     adopt,
