@@ -419,7 +419,7 @@ MUTANTS = [
     Mutant(
         "inference: requests of a compiled version compile on the lane (new shapes stall it)",
         SERVER + "inference.py",
-        "self._compiling if self._cuda_graphs else torch._dynamo.run(module)",
+        "self._compiling if self._cuda_graphs else _run_only(module)",
         "self._compiling",
         (
             "tests/test_compiled.py::"

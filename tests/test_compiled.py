@@ -63,6 +63,15 @@ def _compiled_soon(client: ModelHostClient, name: str, shape: tuple[int, ...]) -
     return False
 
 
+def _compile_thread_caught_up(client: ModelHostClient, name: str, shape: tuple[int, ...]) -> None:
+    """Waits until a compile queued now (for a new `shape` of `name`) has run: the compile
+    thread is one, first in first out, so whatever was queued before it has run too. A
+    test that asserts nothing compiled waits for this, not for a fixed time (which a slow
+    machine can outlast)."""
+    assert not _run(client, name, shape)
+    assert _compiled_soon(client, name, shape)
+
+
 def _compiled_on(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The threads that logged a finished background compile."""
     return [str(r.threadName) for r in caplog.records if r.getMessage().startswith("compiled for")]
@@ -135,13 +144,14 @@ def test_a_batch_without_rows_queues_no_compile(
     for shape in [(0, 3), (0, 5), (0, 2, 4)]:
         outputs = client.predict("m-x10", np.ones(shape, np.float32))
         assert outputs["y"].shape == shape
-    time.sleep(1)
-    assert models.TRACES[before:] == []
-    assert _compiled_on(caplog) == []
+    _compile_thread_caught_up(client, "m-x10", (2, 7))  # the one compile there is
+    traces = models.TRACES[before:]
+    assert len(traces) == 1 and traces[0].startswith("compile"), traces
+    assert len(_compiled_on(caplog)) == 1
     assert server.host is not None
     samples = server.host.metrics.registry.get_sample_value
     compiled = {"model": "m-x10", "outcome": "compiled"}
-    assert samples("modelhost_background_compiles_total", compiled) is None
+    assert samples("modelhost_background_compiles_total", compiled) == 1
     key = inference.shape_key({"x": torch.ones(0, 3)})
     assert inference._shapes(key) == "x [0, 3] float32"
 
@@ -171,9 +181,10 @@ def test_new_shapes_past_the_limit_stay_uncompiled(
     new_ranks = [(1, 2, 4), (1, 2, 2, 4), (1, 2, 2, 2, 4)]  # no graph of another rank fits
     for shape in new_ranks:
         assert not _run(client, "m-x5", shape)
-    time.sleep(1)
+    _load(client, "n-x6", 6.0)  # another version, whose shapes still compile
+    _compile_thread_caught_up(client, "n-x6", (1, 4))
     assert not _run(client, "m-x5", new_ranks[0])
-    assert len(_compiled_on(caplog)) == 1
+    assert len(_compiled_on(caplog)) == 2  # m-x5's third shape, and n-x6's
     assert any("met 3 input shapes" in r.getMessage() for r in caplog.records)
 
 
@@ -190,7 +201,8 @@ def test_the_graphs_of_a_model_class_are_not_all_spent_on_callers_shapes(
     assert not _run(client, "a-x2", (1, 2, 4))
     assert _compiled_soon(client, "a-x2", (1, 2, 4))  # the class's one background compile
     assert not _run(client, "b-x3", (1, 2, 2, 4))
-    time.sleep(1)
+    _load(client, "d-x5", 5.0)  # a class of its own, whose shapes still compile
+    _compile_thread_caught_up(client, "d-x5", (1, 4))
     assert not _run(client, "b-x3", (1, 2, 2, 4))  # none left for this class
     assert any("met 1 input shapes after their loads" in r.getMessage() for r in caplog.records)
     _load(client, "c-x4", 4.0, variant=variant, warmup_shape=(2, 5))  # a load still compiles
