@@ -783,6 +783,50 @@ MUTANTS = [
             "test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails",
         ),
     ),
+    Mutant(
+        "metrics: /metrics reads time out per read, not per request (trickled headers hold a slot)",
+        SERVER + "metrics.py",
+        "        left = self._deadline - time.monotonic()\n",
+        "        left = READ_TIMEOUT\n",
+        ("tests/test_metrics_deadline.py::test_trickled_headers_do_not_hold_every_slot",),
+    ),
+    Mutant(
+        "auth: token files are never read again (a revoked token works until a restart)",
+        SERVER + "auth.py",
+        "if [file for file in self._files if file.refresh()]:",
+        "if False:",
+        ("tests/test_token_reload.py::test_a_changed_token_file_takes_effect_without_a_restart",),
+    ),
+    Mutant(
+        "auth: an emptied token file is taken as no tokens",
+        SERVER + "auth.py",
+        '            return (), "holds no token (it is empty or only comments)"',
+        '            return (), ""',
+        ("tests/test_token_reload.py::test_an_emptied_or_unreadable_file_keeps_the_old_tokens",),
+    ),
+    Mutant(
+        "auth: token files are stat'ed at every call",
+        SERVER + "auth.py",
+        "if not self._files or time.monotonic() < self._due:",
+        "if not self._files:",
+        ("tests/test_token_reload.py::test_the_files_are_stat_ed_at_most_once_an_interval",),
+    ),
+    Mutant(
+        "app: tokens on a public plaintext port start without a warning",
+        SERVER + "app.py",
+        "        if not settings.tls_cert_file:",
+        "        if False:",
+        ("tests/test_plaintext_tokens.py::test_a_public_plaintext_server_with_tokens_warns",),
+    ),
+    Mutant(
+        "channel: a token sent over plaintext beyond this machine, without a warning",
+        "client/modelhost/client/channel.py",
+        "if self.token and not is_local_target(target):",
+        "if False:",
+        (
+            "tests/test_plaintext_tokens.py::test_a_token_on_a_plaintext_channel_beyond_this_machine_warns",
+        ),
+    ),
 ]
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
+
+log = logging.getLogger(__name__)
 
 # Calls that change nothing (`RETRIED`: Predict, Get*, List*, DownloadCheckpoint,
 # health) are retried by gRPC itself, with backoff, on UNAVAILABLE (a replica
@@ -72,6 +76,41 @@ def channel_options(
     ]
 
 
+def _local_address(address: str) -> bool:
+    """Whether `address` (host, host:port, [v6]:port) is a loopback address or name."""
+    if address.startswith("["):
+        host = address[1:].partition("]")[0]
+    elif address.count(":") == 1:
+        host = address.partition(":")[0]
+    else:  # a name or IPv4 address alone, or an IPv6 address without a port
+        host = address
+    host = host.partition("%")[0].lower().rstrip(".")  # no IPv6 zone, no final dot
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_local_target(target: str) -> bool:
+    """Whether every address of a gRPC `target` is on this machine: a Unix socket, or a
+    loopback address or name (`127.0.0.1:50051`, `localhost:50051`, `[::1]:50051`,
+    `dns:///localhost:50051`, `ipv4:127.0.0.1:1,127.0.0.1:2`). Anything else (other
+    names, which may resolve anywhere, and what does not parse) is not."""
+    scheme, colon, rest = target.partition(":")
+    scheme = scheme.lower()
+    if colon and scheme in ("unix", "unix-abstract"):
+        return True
+    if colon and scheme == "dns":
+        addresses = [rest[2:].partition("/")[2] if rest.startswith("//") else rest]
+    elif colon and scheme in ("ipv4", "ipv6"):
+        addresses = rest.split(",")
+    else:
+        addresses = [target]
+    return all(_local_address(address.strip()) for address in addresses)
+
+
 def _read(path: str | Path | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
@@ -80,7 +119,9 @@ def _read(path: str | Path | None) -> bytes | None:
 class ChannelConfig:
     """Connection settings shared by `ModelHostClient` and `AsyncModelHostClient`.
 
-    - `token`: sent as `authorization: Bearer <token>` on every call.
+    - `token`: sent as `authorization: Bearer <token>` on every call. On a channel
+      without TLS to an address beyond this machine, a warning is logged (once per
+      channel): the token travels in clear text.
     - `tls`: use TLS; `ca_file` verifies the server (system roots when unset);
       `cert_file` + `key_file` present a client certificate (mutual TLS).
     - `server_name`: overrides the name checked against the server's certificate.
@@ -130,14 +171,28 @@ class ChannelConfig:
     def channel(self, target: str) -> grpc.Channel:
         creds = self.credentials()
         if creds is None:
+            self._warn_plaintext_token(target)
             return grpc.insecure_channel(target, options=self.options())
         return grpc.secure_channel(target, creds, options=self.options())
 
     def aio_channel(self, target: str) -> grpc.aio.Channel:
         creds = self.credentials()
         if creds is None:
+            self._warn_plaintext_token(target)
             return grpc.aio.insecure_channel(target, options=self.options())
         return grpc.aio.secure_channel(target, creds, options=self.options())
+
+    def _warn_plaintext_token(self, target: str) -> None:
+        """Warns (once per channel: channels are made here) that the token will travel
+        in clear text, when the plaintext channel leaves this machine. Not refused: plain
+        gRPC inside a cluster whose service mesh encrypts the traffic is a deployment."""
+        if self.token and not is_local_target(target):
+            log.warning(
+                "sending a bearer token over a plaintext channel to %s: anyone who can "
+                "observe the traffic can read it. Use TLS (ChannelConfig(tls=True, "
+                "ca_file=...), modelhost --tls) unless a service mesh encrypts it",
+                target,
+            )
 
     def call_kwargs(self, timeout: float | None) -> dict[str, Any]:
         """Keyword arguments for every stub call: deadline and auth metadata."""

@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from modelhost.server import malloc, messages, oip, service
-from modelhost.server.auth import Tokens
+from modelhost.server.auth import LiveTokens, Tokens
 from modelhost.server.gate import Gate
 from modelhost.server.host import Host
 from modelhost.server.settings import Settings, unknown_variables
@@ -223,9 +223,9 @@ class Server:
         SERVING from then on; NOT_SERVING once draining or after a device failure.
         """
         settings = self.settings
-        tokens = Tokens.from_settings(settings)
+        tokens = LiveTokens(settings)  # token files are read again when they change
         credentials = server_credentials(settings)
-        check_exposure(settings, tokens, bool(settings.tls_client_ca_file))
+        check_exposure(settings, tokens.current, bool(settings.tls_client_ca_file))
         self.host = Host(settings, messages.RECORDS)
         try:
             await self._open(credentials, tokens)
@@ -246,7 +246,7 @@ class Server:
         )
         log.info("modelhost ready")
 
-    async def _open(self, credentials: grpc.ServerCredentials | None, tokens: Tokens) -> None:
+    async def _open(self, credentials: grpc.ServerCredentials | None, tokens: LiveTokens) -> None:
         """Metrics, restore, then the gRPC port (see `start`)."""
         settings = self.settings
         assert self.host is not None
@@ -353,7 +353,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 def check_exposure(settings: Settings, tokens: Tokens, mutual_tls: bool) -> None:
     """Refuses to serve beyond this machine without authentication (tokens or mutual
     TLS), unless told to. Server-side TLS alone encrypts but authenticates nobody. With a
-    management token alone, warns that every other RPC is open (checkpoint downloads too)."""
+    management token alone, warns that every other RPC is open (checkpoint downloads too);
+    with tokens and no TLS, that the tokens travel in clear text."""
     if settings.is_loopback() or mutual_tls:
         return
     if tokens.management and not tokens.inference:
@@ -364,6 +365,13 @@ def check_exposure(settings: Settings, tokens: Tokens, mutual_tls: bool) -> None
             settings.host,
         )
     if tokens.enabled:
+        if not settings.tls_cert_file:
+            log.warning(
+                "serving on %s with tokens but without TLS: bearer tokens travel in clear "
+                "text, readable by anyone who can observe the traffic. Set tls_cert_file and "
+                "tls_key_file, or keep this port behind a service mesh with mutual TLS",
+                settings.host,
+            )
         return
     if not settings.insecure:
         raise ValueError(

@@ -11,11 +11,18 @@
   a UTF-8 byte order mark is dropped).
 - A token file that holds no token, or a token that is only whitespace, stops the
   server at start: the operator wants authentication, so it must not turn it off.
+- Token files are re-read when they change (`LiveTokens`: a stat per file at most every
+  RELOAD_INTERVAL, on the path of a call), so a rotation or a revoked token takes effect
+  without a restart. A changed file that holds no token or cannot be read keeps the
+  tokens read before (an ERROR is logged): a file caught mid-write never opens the server.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,29 +62,113 @@ TIERS: dict[str, str] = {
 """The tier of every RPC (tests/test_security.py checks every RPC of both services is
 here). A method missing from it needs the management token: the table fails closed."""
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+RELOAD_INTERVAL = 1.0
+"""Seconds between looks at the token files for a change (a stat of each, made by the
+first call after the interval): a rotated or revoked token takes effect within about this."""
+FRESH_SECONDS = 2.0
+"""A token file modified less than this long ago is read again at the next look even if
+its stat has not changed: file times have a coarse clock, so a rewrite of the same size
+within one tick would otherwise go unseen."""
+
+log = logging.getLogger(__name__)
 
 
-def _read_tokens(setting: str, value: str, path: str) -> tuple[bytes, ...]:
-    """The tokens given by value (`setting`) and in a file (`setting`_file), without
-    surrounding whitespace: a secret put in the environment often ends with a newline."""
-    tokens = []
-    if value:
-        if not value.strip():
+def _value_tokens(setting: str, value: str) -> tuple[bytes, ...]:
+    """The token given by value (`setting`), without surrounding whitespace: a secret put
+    in the environment often ends with a newline."""
+    if not value:
+        return ()
+    if not value.strip():
+        raise ValueError(
+            f"{setting} is only whitespace: "
+            "refusing to start without the authentication it asks for"
+        )
+    return (value.strip().encode(),)
+
+
+def _file_tokens(setting: str, path: str) -> tuple[bytes, ...]:
+    """The tokens in a file (`setting`_file): one a line, without surrounding whitespace,
+    neither blank lines nor comments. ValueError when it holds none, OSError when it
+    cannot be read."""
+    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines())
+    found = [line for line in lines if line and not line.startswith("#")]
+    if not found:
+        raise ValueError(f"{setting}_file {path} holds no token (it is empty or only comments)")
+    return tuple(token.encode() for token in found)
+
+
+def _signature(path: str) -> tuple[int, ...] | None:
+    """What tells a file's change, None when it cannot be stat'ed. The path is followed: a
+    Kubernetes Secret volume changes its files by swapping a `..data` link."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _fresh(signature: tuple[int, ...] | None) -> bool:
+    """Whether the file was modified in the last FRESH_SECONDS."""
+    return signature is not None and abs(time.time() - signature[3] / 1e9) < FRESH_SECONDS
+
+
+class _TokenFile:
+    """A token file of one tier and the tokens last read from it."""
+
+    def __init__(self, tier: str, setting: str, path: str) -> None:
+        self.tier, self.setting, self.path = tier, setting, path
+        self.signature = _signature(path)  # before the read: a change in between is seen
+        try:
+            self.tokens = _file_tokens(setting, path)
+        except ValueError as error:
             raise ValueError(
-                f"{setting} is only whitespace: "
-                "refusing to start without the authentication it asks for"
-            )
-        tokens.append(value.strip())
-    if path:
-        lines = (line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines())
-        found = [line for line in lines if line and not line.startswith("#")]
-        if not found:
-            raise ValueError(
-                f"{setting}_file {path} holds no token (it is empty or only comments): "
-                "refusing to start without the authentication it asks for"
-            )
-        tokens += found
-    return tuple(token.encode() for token in tokens)
+                f"{error}: refusing to start without the authentication it asks for"
+            ) from None
+        self.reported: tuple[tuple[int, ...] | None, str] | None = None
+
+    def _read(self) -> tuple[tuple[bytes, ...], str]:
+        """The file's tokens, or why there are none."""
+        try:
+            return _file_tokens(self.setting, self.path), ""
+        except UnicodeDecodeError as error:
+            return (), f"is not UTF-8 text ({error.reason} at byte {error.start})"
+        except OSError as error:
+            return (), f"cannot be read ({error.strerror or error})"
+        except ValueError:
+            return (), "holds no token (it is empty or only comments)"
+
+    def refresh(self) -> bool:
+        """Reads the file again if its stat changed (or it is fresh); True when its tokens
+        changed. One that holds no token or cannot be read keeps the tokens read before,
+        with an ERROR logged once for each change."""
+        signature = _signature(self.path)
+        if signature == self.signature and not _fresh(signature):
+            return False
+        self.signature = signature
+        tokens, problem = self._read()
+        if problem:
+            if self.reported != (signature, problem):
+                self.reported = (signature, problem)
+                log.error(
+                    "%s_file %s changed but %s: keeping the %d tokens read from it before",
+                    self.setting,
+                    self.path,
+                    problem,
+                    len(self.tokens),
+                )
+            return False
+        self.reported = None
+        if tokens == self.tokens:
+            return False
+        log.info(
+            "%s_file %s changed: %d tokens now (%d before)",
+            self.setting,
+            self.path,
+            len(tokens),
+            len(self.tokens),
+        )
+        self.tokens = tokens
+        return True
 
 
 def _matches(presented: bytes, tokens: Iterable[bytes]) -> bool:
@@ -99,13 +190,8 @@ class Tokens:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tokens:
-        return cls(
-            inference=_read_tokens("token", settings.token, settings.token_file),
-            management=_read_tokens(
-                "management_token", settings.management_token, settings.management_token_file
-            ),
-            open_prefixes=() if settings.health_port else OPEN_PREFIXES,
-        )
+        """The tokens `settings` give, as they are now (ValueError: see the module)."""
+        return LiveTokens(settings).current
 
     @property
     def enabled(self) -> bool:
@@ -130,6 +216,61 @@ class Tokens:
         if presented is not None and _matches(presented, self.inference + self.management):
             return None
         return _unauthenticated(method, presented)
+
+
+class LiveTokens:
+    """The configured tokens (`current`), with their files read again when they change:
+    `verdict` looks at most every `interval` seconds (one stat per file; between looks a
+    call costs a clock read). A changed file that holds no token or cannot be read keeps
+    its previous tokens, and an ERROR is logged."""
+
+    def __init__(self, settings: Settings, interval: float = RELOAD_INTERVAL) -> None:
+        self._interval = interval
+        self._fixed: dict[str, tuple[bytes, ...]] = {}
+        self._files: list[_TokenFile] = []
+        for tier, setting, value, path in (
+            (INFERENCE, "token", settings.token, settings.token_file),
+            (
+                MANAGEMENT,
+                "management_token",
+                settings.management_token,
+                settings.management_token_file,
+            ),
+        ):
+            self._fixed[tier] = _value_tokens(setting, value)
+            if path:
+                self._files.append(_TokenFile(tier, setting, path))
+        self._open_prefixes = () if settings.health_port else OPEN_PREFIXES
+        self.current = self._assemble()
+        self._due = time.monotonic() + interval
+
+    def _assemble(self) -> Tokens:
+        found = dict(self._fixed)
+        for file in self._files:
+            found[file.tier] += file.tokens
+        return Tokens(found[INFERENCE], found[MANAGEMENT], self._open_prefixes)
+
+    @property
+    def enabled(self) -> bool:
+        """Never changes: a file that held tokens keeps some."""
+        return self.current.enabled
+
+    @property
+    def open_prefixes(self) -> tuple[str, ...]:
+        return self.current.open_prefixes
+
+    def refresh(self) -> None:
+        """Reads the token files that changed, if `interval` has passed since the last look."""
+        if not self._files or time.monotonic() < self._due:
+            return
+        self._due = time.monotonic() + self._interval
+        if [file for file in self._files if file.refresh()]:  # every file, not the first
+            self.current = self._assemble()
+
+    def verdict(self, method: str, presented: bytes | None) -> tuple[grpc.StatusCode, str] | None:
+        """`Tokens.verdict` with the files' tokens of at most `interval` seconds ago."""
+        self.refresh()
+        return self.current.verdict(method, presented)
 
 
 def _unauthenticated(method: str, presented: bytes | None) -> tuple[grpc.StatusCode, str]:

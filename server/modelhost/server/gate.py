@@ -43,7 +43,7 @@ import grpc.aio
 
 from modelhost.server import errors as e
 from modelhost.server import rpc
-from modelhost.server.auth import Tokens, bearer
+from modelhost.server.auth import LiveTokens, Tokens, bearer
 
 OFFLOAD_BYTES = 1 << 20
 """Requests larger than this are parsed on a thread."""
@@ -55,7 +55,9 @@ Parse = Callable[[bytes], Any]
 class Gate(grpc.aio.ServerInterceptor):
     """Authentication, concurrency slots and bounded request reading, for every call."""
 
-    def __init__(self, tokens: Tokens, *, max_concurrent: int, read_timeout: float) -> None:
+    def __init__(
+        self, tokens: Tokens | LiveTokens, *, max_concurrent: int, read_timeout: float
+    ) -> None:
         self.tokens = tokens
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout

@@ -17,7 +17,9 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from typing import Any, Generic, Protocol, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -34,8 +36,12 @@ LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PAGE_IN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 READ_TIMEOUT = 5.0
-"""Seconds a /metrics connection may stay silent (or leave the reply unread) before it
-is closed."""
+"""Seconds a /metrics connection has, from its accept, to send its whole request line and
+headers (however it trickles them), and may then leave each write of the reply unread,
+before it is closed."""
+MAX_REQUEST_BYTES = 8 << 10
+"""Most bytes of a /metrics request line and headers together (a scrape sends a few
+hundred); a larger request gets 431 and its connection is closed."""
 MAX_CONNECTIONS = 32
 """/metrics connections served at once (a thread each); more are closed unanswered."""
 
@@ -275,8 +281,86 @@ class Metrics:
             self._http = None
 
 
+class _TooLarge(Exception):
+    """The request line and headers passed MAX_REQUEST_BYTES."""
+
+
+class _RequestReader:
+    """A connection's input, as `http.server` reads it (`readline`, `read`): everything
+    must arrive within READ_TIMEOUT of the accept and within MAX_REQUEST_BYTES. A socket
+    timeout alone bounds each read, so a caller that sent one byte every few seconds kept
+    its connection, and one of MAX_CONNECTIONS, for as long as it liked (red team 8, L2):
+    here each read waits only for what is left of the deadline."""
+
+    def __init__(self, connection: socket.socket, deadline: float) -> None:
+        self._connection = connection
+        self._deadline = deadline
+        self._buffer = bytearray()
+        self._received = 0
+
+    def _receive(self) -> bool:
+        """Adds what arrives next to the buffer; False at the end of the input."""
+        if self._received >= MAX_REQUEST_BYTES:
+            raise _TooLarge
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request did not arrive within {READ_TIMEOUT:g}s")
+        self._connection.settimeout(left)
+        chunk = self._connection.recv(min(4096, MAX_REQUEST_BYTES - self._received))
+        self._received += len(chunk)
+        self._buffer += chunk
+        return bool(chunk)
+
+    def _take(self, size: int) -> bytes:
+        taken = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return taken
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = size if size is not None and size >= 0 else None
+        if limit == 0:
+            return b""
+        while True:
+            end = self._buffer.find(b"\n") + 1  # 0: no whole line yet
+            if limit is not None and len(self._buffer) >= limit and not 0 < end <= limit:
+                end = limit
+            if end or not self._receive():
+                return self._take(end or len(self._buffer))
+
+    def read(self, size: int | None = -1) -> bytes:
+        """`wsgi.input` (the /metrics app reads no body), under the same bounds."""
+        while (size is None or size < 0 or len(self._buffer) < size) and self._receive():
+            pass
+        return self._take(len(self._buffer) if size is None or size < 0 else size)
+
+    def close(self) -> None:
+        """The server closes the connection itself."""
+
+
 class _Handler(WSGIRequestHandler):
-    timeout = READ_TIMEOUT  # of each read and write on the connection
+    timeout = READ_TIMEOUT  # of each write of the reply (reads: `_RequestReader`)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the buffered file `setup` made: unused
+        self.rfile = _RequestReader(self.connection, time.monotonic() + READ_TIMEOUT)  # type: ignore[assignment]
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.connection.settimeout(self.timeout)  # for each write of the reply
+        return parsed
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except _TooLarge:
+            self.requestline = self.request_version = self.command = ""
+            self.close_connection = True
+            self.connection.settimeout(self.timeout)
+            self.send_error(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                explain=f"the request line and headers pass {MAX_REQUEST_BYTES} bytes",
+            )
 
     def log_message(self, format: str, *args: Any) -> None:
         """Logs nothing: scrapes are frequent."""
@@ -284,8 +368,9 @@ class _Handler(WSGIRequestHandler):
 
 class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
     """The HTTP server of prometheus_client's `start_http_server` (a thread per
-    connection), with a read timeout and at most MAX_CONNECTIONS connections, so idle
-    connections cannot pile up threads."""
+    connection), with a deadline and a size bound on each request (`_RequestReader`) and
+    at most MAX_CONNECTIONS connections, so idle or trickling connections cannot pile up
+    threads or hold every slot."""
 
     daemon_threads = True
     block_on_close = False  # `close()` does not wait for connections still open
