@@ -472,8 +472,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "app: health Watch streams are not counted",
-        SERVER + "app.py",
+        "probes: health Watch streams are not counted",
+        SERVER + "probes.py",
         "        async with self.streams.held(context):\n"
         "            await super().Watch(request, context)",
         "        await super().Watch(request, context)",
@@ -537,8 +537,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "app: one client address may hold every open Watch stream",
-        SERVER + "app.py",
+        "probes: one client address may hold every open Watch stream",
+        SERVER + "probes.py",
         "        if self._by_address[address] >= MAX_OPEN_STREAMS_PER_ADDRESS:",
         "        if False:",
         (
@@ -674,8 +674,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "app: the probe port lets a connection open any number of streams",
-        SERVER + "app.py",
+        "probes: the probe port lets a connection open any number of streams",
+        SERVER + "probes.py",
         '        ("grpc.max_concurrent_streams", PROBE_MAX_STREAMS),\n',
         "",
         (
@@ -720,8 +720,8 @@ MUTANTS = [
         ("tests/test_detection_cost.py::test_the_estimate_covers_the_measured_peaks",),
     ),
     Mutant(
-        "app: with a probe port, open main-port Watches may take every slot",
-        SERVER + "app.py",
+        "probes: with a probe port, open main-port Watches may take every slot",
+        SERVER + "probes.py",
         "        if settings.health_port and settings.max_concurrent_rpcs:",
         "        if False:",
         ("tests/test_probe_port.py::test_main_port_streams_take_at_most_a_quarter_of_the_slots",),

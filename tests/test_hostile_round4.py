@@ -18,7 +18,7 @@ from test_hostile_round3 import refused_load
 from conftest import assert_same_detections, build, detector, expect, serve
 from helpers.processes import free_port
 from modelhost.client import ModelHostClient
-from modelhost.server import Server, Settings, app, running
+from modelhost.server import Server, Settings, probes, running
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
 SIDE = "a whole number from 1 to 2048"
@@ -131,7 +131,7 @@ def test_one_address_holds_only_its_share_of_the_open_streams(
 ) -> None:
     """One caller cannot take every open stream (all the others' Watch would be refused):
     past its address's share, its next stream is RESOURCE_EXHAUSTED; Check still answers."""
-    monkeypatch.setattr(app, "MAX_OPEN_STREAMS_PER_ADDRESS", 2)
+    monkeypatch.setattr(probes, "MAX_OPEN_STREAMS_PER_ADDRESS", 2)
     channel = three_streams
     streams = [_watch(channel), _watch(channel)]
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from helpers.processes import free_port
-from modelhost.server import Server, Settings, app, running
+from modelhost.server import Server, Settings, probes, running
 
 TOKEN = "s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -170,7 +170,7 @@ def test_a_probe_connection_holds_at_most_its_stream_cap_of_half_sent_checks(
     """Past PROBE_MAX_STREAMS, a new stream on the connection is refused at once
     (RST_STREAM REFUSED_STREAM, what HTTP/2 clients retry) and its data is dropped; one
     that ends gives its place back; Checks on another connection answer meanwhile."""
-    cap = app.PROBE_MAX_STREAMS
+    cap = probes.PROBE_MAX_STREAMS
     with running(probed) as server:
         raw = Raw(server.health_port)
         try:
@@ -198,7 +198,7 @@ def test_the_probe_port_keeps_at_most_its_cap_of_connections(
 ) -> None:
     """Past PROBE_MAX_CONNECTIONS, a new connection is closed as soon as it is accepted;
     once one goes, a probe connects again."""
-    monkeypatch.setattr(app, "PROBE_MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(probes, "PROBE_MAX_CONNECTIONS", 3)
     with running(probed) as server:
         held = [Raw(server.health_port) for _ in range(3)]
         try:
@@ -224,9 +224,9 @@ def test_a_probe_connection_ends_at_its_age_and_when_idle(
     """A connection holding half-sent Checks gets GOAWAY at PROBE_CONNECTION_AGE_S and is
     closed PROBE_CONNECTION_GRACE_S later; one with no stream, at PROBE_CONNECTION_IDLE_S.
     Shortened here (30 s, 5 s, 10 s in earnest)."""
-    monkeypatch.setattr(app, "PROBE_CONNECTION_AGE_S", 1.0)
-    monkeypatch.setattr(app, "PROBE_CONNECTION_GRACE_S", 0.5)
-    monkeypatch.setattr(app, "PROBE_CONNECTION_IDLE_S", 1.0)
+    monkeypatch.setattr(probes, "PROBE_CONNECTION_AGE_S", 1.0)
+    monkeypatch.setattr(probes, "PROBE_CONNECTION_GRACE_S", 0.5)
+    monkeypatch.setattr(probes, "PROBE_CONNECTION_IDLE_S", 1.0)
     with running(probed) as server:
         stalled, idle = Raw(server.health_port), Raw(server.health_port)
         try:
@@ -301,7 +301,7 @@ def test_on_the_main_port_watch_and_reflection_pass_the_gate_and_keep_their_caps
 ) -> None:
     """Watch (a servicer that writes its replies itself) and reflection (a stream both
     ways) work through the gate with a token, and the open-stream caps still hold."""
-    monkeypatch.setattr(app, "MAX_OPEN_STREAMS_PER_ADDRESS", 1)
+    monkeypatch.setattr(probes, "MAX_OPEN_STREAMS_PER_ADDRESS", 1)
     with running(probed) as server, grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service="modelhost.v1.ModelHost")
@@ -332,8 +332,8 @@ def test_main_port_streams_take_at_most_a_quarter_of_the_slots(probed: Settings)
     it is open; open Watches may take at most a quarter of max_concurrent_rpcs, so the
     other calls keep theirs."""
     gated = dataclasses.replace(probed, max_concurrent_rpcs=8)
-    assert app.OpenStreams.most_for(dataclasses.replace(gated, health_port=0)) == (
-        app.MAX_OPEN_STREAMS
+    assert probes.OpenStreams.most_for(dataclasses.replace(gated, health_port=0)) == (
+        probes.MAX_OPEN_STREAMS
     )
     with running(gated) as server, grpc.insecure_channel(server.target) as channel:
         assert server.streams.most == 2
