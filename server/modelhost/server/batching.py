@@ -16,13 +16,16 @@ while the host concatenates inputs or encodes outputs; at most two batches are i
 flight, and a request waits behind at most one batch launched after its own. All CPU models
 share one lane: a second thread doing parallel CPU work would start a second OpenMP
 team on the same cores, which made resnet18 25-35% slower on this 2-core machine.
-A lane also runs other jobs for its device (warm-ups, image preprocessing) between
-batches, for the same reason.
+A lane also runs other jobs for its device between batches, for the same reason: warm-ups,
+and a CPU model's image preprocessing (a GPU model's images are prepared on the
+preprocessing threads, each on its own CUDA stream).
 
 A request whose deadline passed while queued is dropped without running. When a
-merged batch fails, its requests are re-run one by one, so a bad request fails
-only itself. Models whose outputs cannot be split by rows (e.g. detection's
-per-image lists) are run one request at a time. An unexpected error outside the
+merged batch fails, it runs again in halves, a failing half in halves again, so a bad
+request fails only itself and the others still run batched. Models whose outputs
+cannot be split by rows (e.g. detection's per-image lists) are run one request at a
+time. A batch holds at most `max_elements` input elements (`--max-tensor-elements`,
+what one request may hold). An unexpected error outside the
 model call (a bug) fails only the requests of that group (INTERNAL, logged, counted
 by `on_error`): the lane keeps serving every other model on it.
 """

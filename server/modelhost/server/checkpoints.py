@@ -83,7 +83,7 @@ class Checkpoints:
         self, header: Upload, chunks: AsyncIterator[bytes | memoryview]
     ) -> CheckpointRecord:
         """Streams an upload into the store; nothing is visible unless all of it is valid."""
-        name, metadata = self._check(header.name, header.metadata, header.overwrite)
+        name, metadata = self._checked_target(header.name, header.metadata, header.overwrite)
         self._check_announced(header)
         loop = asyncio.get_running_loop()
         expected = header.size_bytes
@@ -162,7 +162,7 @@ class Checkpoints:
 
     async def snapshot(self, header: Snapshot) -> CheckpointRecord:
         """Saves a hosted model's state_dict (on the CPU, in its served dtype)."""
-        name, metadata = self._check(header.name, header.metadata, header.overwrite)
+        name, metadata = self._checked_target(header.name, header.metadata, header.overwrite)
         model = check_name(header.model, "model")
         loop = asyncio.get_running_loop()
         with self._registry.lease(model, header.version) as hosted:
@@ -178,9 +178,11 @@ class Checkpoints:
                 contents = Contents(formats.STATE_DICT, count)
                 return await self._commit(pending, name, contents, metadata, header.overwrite)
 
-    def _check(
+    def _checked_target(
         self, name: str, metadata: Mapping[str, str], overwrite: bool
     ) -> tuple[str, dict[str, str]]:
+        """An upload's checkpoint name and metadata, checked; the name must be free unless
+        `overwrite`."""
         name = check_name(name, "checkpoint")
         metadata = dict(metadata)
         if len(metadata) > MAX_METADATA_ENTRIES:

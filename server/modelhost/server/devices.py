@@ -1,4 +1,7 @@
-"""Devices: choosing one, recognising out-of-memory errors, and giving memory back."""
+"""Devices: choosing one; recognising out-of-memory and failed-device errors and raising
+them as domain errors (`reported`); giving memory back; per-thread CUDA streams and the
+thread state CUDA graphs expect; background threads' priority; and measuring a model's
+workspace (`Workspace`)."""
 
 from __future__ import annotations
 
@@ -202,10 +205,11 @@ def prepare_cuda_graphs_on_this_thread() -> None:
 _threads = threading.local()
 
 
-PAGE_IN_NICENESS = 10
+BACKGROUND_NICENESS = 10
+"""How much lower than the server's the priority of page-in and compile threads is."""
 
 
-def lower_priority(niceness: int = PAGE_IN_NICENESS) -> None:
+def lower_priority(niceness: int = BACKGROUND_NICENESS) -> None:
     """Lowers the calling thread's CPU priority (Linux: a thread's own nice value; no
     privilege needed to lower it). Elsewhere it does nothing."""
     try:
