@@ -89,7 +89,7 @@ def payload(kind: str, size: int, seed: int) -> dict[str, Any]:
 
 
 def wire_bytes(model: str, call: dict[str, Any]) -> int:
-    from modelhost.client.calls import PredictCall
+    from modelhost.client.predict import PredictCall
 
     return PredictCall(
         model, call.get("inputs"), None, images=call.get("images")

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from modelhost.client import ModelHostClient, ModelHostError
-from modelhost.client.calls import LoadOptions
+from modelhost.client.load_options import LoadOptions
 from modelhost.server import Server, Settings, running
 
 TEST_ARCHITECTURES = [

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelhost.client import calls, codec, wire
+from modelhost.client import codec, transfers, wire
 from modelhost.server import malloc, messages, request_limits
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -30,7 +30,7 @@ def test_framed_chunks_are_the_serialized_request(size: int) -> None:
 
 def test_upload_stream_is_a_header_then_the_bytes() -> None:
     data = bytes(range(256)) * 100
-    upload = calls.Upload("c", data, metadata={"k": "v"}, overwrite=True, chunk_bytes=1000)
+    upload = transfers.Upload("c", data, metadata={"k": "v"}, overwrite=True, chunk_bytes=1000)
     messages = [pb.SaveCheckpointRequest.FromString(frame) for frame in upload]
     assert messages[0].header.name == "c" and messages[0].header.overwrite
     assert messages[0].header.upload.size_bytes == len(data)
@@ -76,13 +76,13 @@ def test_raw_is_a_view_when_no_copy_is_needed() -> None:
 
 
 def test_prefetch_keeps_order_and_passes_errors_on() -> None:
-    assert list(calls.Prefetch(iter(range(100)), depth=3)) == list(range(100))
+    assert list(transfers.Prefetch(iter(range(100)), depth=3)) == list(range(100))
 
     def failing() -> Iterator[int]:
         yield 1
         raise OSError("disk gone")
 
-    prefetch = calls.Prefetch(failing())
+    prefetch = transfers.Prefetch(failing())
     assert next(prefetch) == 1
     with pytest.raises(OSError, match="disk gone"):
         next(prefetch)
@@ -101,7 +101,7 @@ def test_prefetch_thread_stops_when_the_consumer_leaves() -> None:
                 produced.set()
             yield count
 
-    prefetch = calls.Prefetch(endless(), depth=2)
+    prefetch = transfers.Prefetch(endless(), depth=2)
     assert next(prefetch) == 1
     prefetch.close()
     prefetch._thread.join(timeout=5)

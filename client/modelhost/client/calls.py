@@ -22,8 +22,6 @@ from grpc_health.v1 import health_pb2
 from modelhost.client import wire
 from modelhost.client.channel import ChannelConfig
 from modelhost.client.errors import ProtocolError, decoding
-
-# Upload, Prefetch, PredictCall and LoadOptions are also imported from here by tests/bench.
 from modelhost.client.load_options import LoadOptions, load_request
 from modelhost.client.predict import ImageSource, PredictCall
 from modelhost.client.transfers import (
