@@ -168,6 +168,22 @@ def release_memory(device: torch.device | None = None, *, collect: bool = True) 
             torch.cuda.empty_cache()
 
 
+def settle_fake_tensor_device_guard() -> None:
+    """On a machine without a usable GPU, puts in place the no-op CUDA device guard that
+    torch's FakeTensorMode (torch.compile's tracing) would otherwise put in place at its
+    first use, on whatever thread that is. With torch 2.11's CUDA wheels on such a
+    machine, that call on a thread other than the main one crashed the process (a
+    segfault in `_ensureCUDADeviceGuardSet`: on a fresh thread at once, and in half the
+    runs of tests/test_compiled.py, where background compiles made it); made once on the
+    main thread first, never. Runs when this module is imported (on the main thread)."""
+    ensure = getattr(torch._C, "_ensureCUDADeviceGuardSet", None)
+    if ensure is not None and not torch.cuda.is_available():
+        ensure()
+
+
+settle_fake_tensor_device_guard()
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers (shared storage counted once)."""
     seen: set[int] = set()
