@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -132,3 +133,29 @@ def test_unload_frees_device_memory(gpu_client: ModelHostClient) -> None:
     assert torch.cuda.memory_allocated() >= baseline + info.device_bytes * 0.9
     gpu_client.unload_model("vgg")
     assert torch.cuda.memory_allocated() <= baseline + (16 << 20)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_compiled_version_answers_as_the_model_at_new_shapes_too(
+    gpu_client: ModelHostClient, mode: str
+) -> None:
+    """torch.compile on the GPU ("reduce-overhead": CUDA graphs): the warm-up's shape, and
+    a shape met later, answer as the in-process model, also while that shape compiles
+    (in the background for "default": requests run uncompiled meanwhile, on the lane;
+    torch 2.11's process-wide FX flag failed them) and from several callers at once."""
+    name = f"c-{mode}"
+    model = serve(gpu_client, name, compile=mode, warmup_shape=(4, 3, 64, 64))
+    x = images(4, size=64)
+    np.testing.assert_allclose(
+        gpu_client.predict(name, x), reference(model, x), rtol=1e-2, atol=1e-2
+    )
+    later = [images(2, size=96, seed=seed) for seed in range(4)]
+    expected = [reference(model, y) for y in later]
+
+    def ask(index: int) -> np.ndarray[Any, Any]:
+        return gpu_client.predict(name, later[index % 4])
+
+    with ThreadPoolExecutor(4) as pool:  # 40 requests while the new shape compiles
+        answers = list(pool.map(ask, range(40)))
+    for index, answer in enumerate(answers):
+        np.testing.assert_allclose(answer, expected[index % 4], rtol=1e-2, atol=1e-2)
