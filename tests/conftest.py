@@ -124,6 +124,24 @@ def detector(seed: int = 0, **args: object) -> torch.nn.Module:
     ).eval()
 
 
+DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def serve_detector(
+    client: ModelHostClient, name: str = "det", **options: Unpack[LoadOptions]
+) -> torch.nn.Module:
+    """`detector(box_score_thresh=0.0)` (every box kept, so there are outputs to compare)
+    uploaded and loaded as `name`, `options` going to load_model; returns it."""
+    return serve(
+        client,
+        name,
+        detector(box_score_thresh=0.0),
+        architecture=DETECTOR,
+        architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
+        **options,
+    )
+
+
 def resnet18(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
     """A small torchvision model with seeded random weights, in eval mode."""
     torch.manual_seed(seed)

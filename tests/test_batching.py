@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_detections, detector, images, reference, serve
+from conftest import assert_same_detections, images, reference, serve, serve_detector
 from helpers.models import Recorder
 from modelhost.client import ModelHostClient, ModelHostError, codec
 from modelhost.server import Server
@@ -475,15 +475,7 @@ def test_preferred_batch_size_choice(rates: dict[int, float], limit: int, chosen
 def test_detection_model_answers_concurrent_callers(client: ModelHostClient) -> None:
     """Per-image outputs cannot be split by rows: merged requests must still get exactly
     their own detections (the batcher falls back to one request at a time)."""
-    model = detector(box_score_thresh=0.0)
-    serve(
-        client,
-        "det",
-        model,
-        architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
-        architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
-        batching={"max_batch_size": 8, "max_queue_delay_us": 200_000},
-    )
+    model = serve_detector(client, batching={"max_batch_size": 8, "max_queue_delay_us": 200_000})
     rng = np.random.default_rng(0)
     inputs = [rng.random((rows, 3, 64, 64), dtype=np.float32) for rows in (1, 2, 1, 1)]
     outs = concurrently([partial(client.predict, "det", x, timeout=120) for x in inputs])

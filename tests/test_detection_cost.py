@@ -20,7 +20,7 @@ import torch
 import torchvision
 from test_hostile_round3 import refused_cheaply, refused_load
 
-from conftest import assert_same_detections, detector, expect, serve
+from conftest import assert_same_detections, detector, expect, serve, serve_detector
 from modelhost.client import ModelHostClient
 from modelhost.server import running
 from modelhost.server.detection import (
@@ -250,13 +250,7 @@ def test_a_costly_detection_predict_is_refused_and_the_server_serves_on(
     """Many tiny images (each resized to 320 x 320 inside the model) are refused at once
     with the estimate; a normal Predict answers as the model does in-process, and other
     models still serve."""
-    model = serve(
-        client,
-        "det",
-        detector(box_score_thresh=0.0),
-        architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
-        architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
-    )
+    model = serve_detector(client)
     tiny = np.zeros((64, 3, 8, 8), dtype=np.float32)  # 48 KB
     expect(
         EXHAUSTED,

@@ -18,12 +18,12 @@ from safetensors.torch import save as save_safetensors
 from conftest import (
     assert_same_detections,
     build,
-    detector,
     expect,
     images,
     reference,
     resnet18,
     serve,
+    serve_detector,
 )
 from modelhost.client import ModelHostClient, NotFoundError
 from modelhost.server import Server, Settings, running
@@ -256,14 +256,7 @@ def test_tuple_and_dict_outputs_are_named(client: ModelHostClient) -> None:
 
 
 def test_detection_model_lists_per_image_outputs(client: ModelHostClient) -> None:
-    model = detector(box_score_thresh=0.0)
-    serve(
-        client,
-        "det",
-        model,
-        architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
-        architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
-    )
+    model = serve_detector(client)
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     assert_same_detections(model, x, client.predict("det", x))
 
