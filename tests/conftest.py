@@ -132,14 +132,8 @@ def serve_detector(
 ) -> torch.nn.Module:
     """`detector(box_score_thresh=0.0)` (every box kept, so there are outputs to compare)
     uploaded and loaded as `name`, `options` going to load_model; returns it."""
-    return serve(
-        client,
-        name,
-        detector(box_score_thresh=0.0),
-        architecture=DETECTOR,
-        architecture_args={"num_classes": 3, "box_score_thresh": 0.0},
-        **options,
-    )
+    options.setdefault("architecture_args", {"num_classes": 3, "box_score_thresh": 0.0})
+    return serve(client, name, detector(box_score_thresh=0.0), architecture=DETECTOR, **options)
 
 
 def resnet18(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
