@@ -123,8 +123,8 @@ MUTANTS = [
     Mutant(
         "auth: an empty token file turns authentication off",
         SERVER + "auth.py",
-        "        if not found:\n",
-        "        if not found and False:\n",
+        "    if not found:\n",
+        "    if not found and False:\n",
         ("tests/test_security.py",),
     ),
     Mutant(
@@ -529,8 +529,8 @@ MUTANTS = [
     Mutant(
         "auth: health on the main port stays open when probes have a port of their own",
         SERVER + "auth.py",
-        "open_prefixes=() if settings.health_port else OPEN_PREFIXES,",
-        "open_prefixes=OPEN_PREFIXES,",
+        "self._open_prefixes = () if settings.health_port else OPEN_PREFIXES",
+        "self._open_prefixes = OPEN_PREFIXES",
         (
             "tests/test_hostile_round4.py::"
             "test_probes_on_a_port_of_their_own_take_only_small_requests",
