@@ -43,8 +43,8 @@ if want tests; then
     # The image's own pytest plugins may not load with the carried pytest: none autoload.
     PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 run 210 gpu-tests "$PY" -m pytest -q -p pytest_timeout \
         -p no:cacheprovider -o addopts="" -m gpu --timeout 120 \
-        tests/test_gpu.py tests/test_gpu_streams.py tests/test_device_memory.py \
-        tests/test_cache_memory.py
+        tests/test_gpu_streams.py tests/test_device_memory.py tests/test_cache_memory.py \
+        tests/test_gpu.py  # last: its compile tests are the slowest (and end the file)
 fi
 if want load; then
     run 60 load "$PY" bench/load.py --device cuda --repeat 3
