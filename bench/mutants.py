@@ -827,6 +827,13 @@ MUTANTS = [
             "tests/test_plaintext_tokens.py::test_a_token_on_a_plaintext_channel_beyond_this_machine_warns",
         ),
     ),
+    Mutant(
+        "rpc: Predict's metrics name no model",
+        SERVER + "rpc.py",
+        '    "Predict": "model",\n',
+        "",
+        ("tests/test_metrics_series.py::test_names_that_come_and_go_leave_no_series",),
+    ),
 ]
 
 

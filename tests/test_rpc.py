@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from modelhost.server import errors, rpc
 
@@ -65,3 +66,39 @@ def test_anything_else_is_internal_with_a_request_id() -> None:
     code, message = rpc.failure(KeyError("boom"))
     assert code == Code.INTERNAL
     assert re.fullmatch(r"internal error \(request id [0-9a-f]{12}\)", message)
+
+
+NAMES_NO_MODEL = {
+    "SaveCheckpoint",  # checkpoints: their names are not models
+    "DownloadCheckpoint",
+    "ListCheckpoints",
+    "GetCheckpoint",
+    "DeleteCheckpoint",
+    "ListModels",
+    "ListArchitectures",
+    "ServerLive",
+    "ServerReady",
+    "ServerMetadata",
+    "RepositoryIndex",
+}
+
+
+def test_every_method_says_which_field_names_its_model() -> None:
+    """A call's metrics carry the model its request names, read from the field
+    `rpc.MODEL_FIELDS` gives for its method (once guessed from the request's class name:
+    a new `...ModelRequest` whose `name` was not a model would have been labelled by it).
+    Every method of both services is in the table, with a field its request has, or
+    deliberately names no model."""
+    from modelhost.oip import grpc_service_pb2 as oip
+    from modelhost.v1 import modelhost_pb2 as pb
+
+    methods = {
+        method.name: method.input_type
+        for module in (pb, oip)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert set(rpc.MODEL_FIELDS) | NAMES_NO_MODEL == set(methods)
+    assert not set(rpc.MODEL_FIELDS) & NAMES_NO_MODEL
+    for method, field in rpc.MODEL_FIELDS.items():
+        assert methods[method].fields_by_name[field].type == FieldDescriptor.TYPE_STRING, method

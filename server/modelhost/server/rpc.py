@@ -80,6 +80,24 @@ class Front(Protocol):
     def is_hosted(self, name: str) -> bool: ...
 
 
+MODEL_FIELDS: dict[str, str] = {
+    "LoadModel": "name",
+    "UnloadModel": "name",
+    "GetModel": "name",
+    "Predict": "model",
+    "ModelReady": "name",
+    "ModelMetadata": "name",
+    "ModelConfig": "name",
+    "ModelInfer": "model_name",
+    "ModelStatistics": "name",
+    "RepositoryModelLoad": "model_name",
+    "RepositoryModelUnload": "model_name",
+}
+"""The request field that names a model, by method (of both services), for the `model`
+label of a call's metrics; methods not here name none (tests/test_rpc.py checks every
+method of both services is here or deliberately not)."""
+
+
 class _Call:
     """Times one RPC, and records its outcome in the metrics and the debug log."""
 
@@ -91,9 +109,8 @@ class _Call:
 
     def model(self) -> str:
         """The hosted model the request names, or "" (the metric label)."""
-        name = getattr(self.request, "model", "") or getattr(self.request, "model_name", "")
-        if not name and "Model" in type(self.request).__name__:  # e.g. LoadModelRequest.name
-            name = getattr(self.request, "name", "")
+        field = MODEL_FIELDS.get(self.method)
+        name = getattr(self.request, field, "") if field else ""
         # Only hosted names become label values: callers cannot grow the label set.
         return name if isinstance(name, str) and self.host.is_hosted(name) else ""
 
