@@ -7,7 +7,7 @@ For each call, in this order:
    their own (`health_port`): then they need an inference token here and are served like
    every other method (steps 2 to 5), so a token holder's half-sent health Check holds a
    slot and ends within `request_read_timeout`, as a half-sent Predict does.
-2. The bearer token is checked against the method's tier (`auth.Tokens`) from the
+2. The bearer token is checked against the method's tier (`auth.LiveTokens`) from the
    call's headers alone: a refused caller's body is never read, let alone parsed.
 3. The call takes one of `max_concurrent_rpcs` slots or is refused with
    RESOURCE_EXHAUSTED; the slot is freed when the call ends, however it ends.
@@ -43,7 +43,7 @@ import grpc.aio
 
 from modelhost.server import errors as e
 from modelhost.server import rpc
-from modelhost.server.auth import LiveTokens, Tokens, bearer
+from modelhost.server.auth import LiveTokens, bearer
 
 OFFLOAD_BYTES = 1 << 20
 """Requests larger than this are parsed on a thread."""
@@ -55,9 +55,7 @@ Parse = Callable[[bytes], Any]
 class Gate(grpc.aio.ServerInterceptor):
     """Authentication, concurrency slots and bounded request reading, for every call."""
 
-    def __init__(
-        self, tokens: Tokens | LiveTokens, *, max_concurrent: int, read_timeout: float
-    ) -> None:
+    def __init__(self, tokens: LiveTokens, *, max_concurrent: int, read_timeout: float) -> None:
         self.tokens = tokens
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout
