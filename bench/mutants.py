@@ -834,6 +834,96 @@ MUTANTS = [
         "",
         ("tests/test_metrics_series.py::test_names_that_come_and_go_leave_no_series",),
     ),
+    Mutant(
+        "activations: a freed tensor still counts (the peak is the sum of everything made)",
+        SERVER + "activations.py",
+        "        self.now -= nbytes\n",
+        "",
+        ("tests/test_activation_bound.py::test_live_tensors_counts_what_is_alive_at_once",),
+    ),
+    Mutant(
+        "activations: growth faster than linear is fitted as linear",
+        SERVER + "activations.py",
+        "            if quadratic > 0:",
+        "            if False:",
+        (
+            "tests/test_activation_bound.py::test_an_exported_transformer_is_bounded_by_its_quadratic_cost",
+        ),
+    ),
+    Mutant(
+        "activations: a fixed overhead lowers the estimate of larger inputs",
+        SERVER + "activations.py",
+        "        return cls(large_bytes / large)",
+        "        return cls((large_bytes - small_bytes) / (large - small) if large > small else 0)",
+        (
+            "tests/test_activation_bound.py::test_an_overhead_that_does_not_grow_is_counted_as_if_it_did",
+        ),
+    ),
+    Mutant(
+        "inference: a Predict over max_predict_bytes queues (refused only when its batch runs)",
+        SERVER + "inference.py",
+        "        self.check_cost(tensors)  # before it waits in a queue\n",
+        "",
+        (
+            "tests/test_activation_bound.py::test_a_predict_over_its_bound_is_refused_and_the_server_serves_on",
+        ),
+    ),
+    Mutant(
+        "inference: batches are merged past max_predict_bytes",
+        SERVER + "inference.py",
+        "        return min(limit, self.activations.elements_within(self.max_predict_bytes, row))",
+        "        return limit",
+        ("tests/test_activation_bound.py::test_batches_stop_short_of_the_bound",),
+    ),
+    Mutant(
+        "models: the runner ignores the operator's max_predict_bytes",
+        SERVER + "models.py",
+        "            max_predict_bytes=settings.max_predict_bytes,\n",
+        "",
+        (
+            "tests/test_activation_bound.py::test_a_predict_over_its_bound_is_refused_and_the_server_serves_on",
+        ),
+    ),
+    Mutant(
+        "models: a model without a skeleton (an exported program) is not measured",
+        SERVER + "models.py",
+        "            or (not runner.is_detection and runner.activations is None)\n",
+        "",
+        (
+            "tests/test_activation_bound.py::"
+            "test_an_exported_transformer_is_bounded_by_its_quadratic_cost",
+        ),
+    ),
+    Mutant(
+        "loading: the skeleton's activations count the probe's own input",
+        SERVER + "loading.py",
+        "        return peak_bytes(lambda: module(zeros))",
+        "        return peak_bytes(lambda: module(zeros.clone()))",
+        (
+            "tests/test_activation_bound.py::"
+            "test_the_skeleton_on_the_meta_device_costs_what_the_model_does",
+        ),
+    ),
+    Mutant(
+        "loading: a bfloat16 version's activations are counted in float32",
+        SERVER + "loading.py",
+        "        activations = activations.scaled(dtype.itemsize / 4)",
+        "        pass",
+        (
+            "tests/test_activation_bound.py::"
+            "test_the_skeleton_on_the_meta_device_costs_what_the_model_does",
+        ),
+    ),
+    Mutant(
+        "batching: a batch run again in halves is not counted",
+        SERVER + "batching.py",
+        "        if self._on_split:\n            self._on_split()\n",
+        "",
+        (
+            "tests/test_batching.py::"
+            "test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails",
+        ),
+    ),
 ]
 
 

@@ -636,7 +636,10 @@ def test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails() ->
             raise InvalidInput("the model rejected the input: IndexError: index out of range")
         return {"output": batch["x"] * 2}
 
-    batcher = Batcher(run, BatchPolicy(16, 200_000, 32), lane)
+    splits: list[int] = []
+    batcher = Batcher(
+        run, BatchPolicy(16, 200_000, 32), lane, on_split=lambda: splits.append(len(runs))
+    )
     finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
     blocker = lane.call(time.sleep, 0.2)
     values = [-1.0 if i == 5 else float(i) for i in range(16)]
@@ -650,5 +653,6 @@ def test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails() ->
             assert codec.to_numpy(future.result(5).outputs["output"]).item() == value * 2
     # 0-7 fails: 0-3 runs, 4-7 fails: 4-5 fails: 4, then 5 alone; 6-7; then 8-15 runs.
     assert runs == [16, 8, 4, 4, 2, 1, 1, 2, 8]  # 9 runs, not 17 (16 of one request)
+    assert splits == [1, 2, 4, 5]  # each failed batch of several, after its run
     batcher.close()
     lane.close()

@@ -10,7 +10,7 @@ from conftest import detector
 from modelhost.client import ModelHostClient
 from modelhost.server.architectures import ArchitectureCatalog
 from modelhost.server.inference import InputSpec
-from modelhost.server.loading import LoadSpec, probe_outputs
+from modelhost.server.loading import LoadSpec, probe_skeleton
 
 
 def _spec(architecture: str, **args: object) -> LoadSpec:
@@ -22,16 +22,17 @@ IMAGE = [InputSpec("input", torch.float32, (-1, 3, -1, -1))]
 
 def test_outputs_found_on_the_meta_device() -> None:
     catalog = ArchitectureCatalog([])
-    (logits,) = probe_outputs(catalog, _spec("resnet18", num_classes=7), IMAGE, torch.bfloat16)
+    spec = _spec("resnet18", num_classes=7)
+    (logits,) = probe_skeleton(catalog, spec, IMAGE, torch.bfloat16).outputs
     assert (logits.name, logits.dtype, logits.shape) == ("output", torch.bfloat16, (-1, 7))
     # Segmentation: the spatial sizes follow the input's, so they are -1 too.
-    found = probe_outputs(
+    found = probe_skeleton(
         catalog, _spec("lraspp_mobilenet_v3_large", num_classes=3), IMAGE, torch.float32
-    )
+    ).outputs
     assert [(o.name, o.shape) for o in found] == [("out", (-1, 3, -1, -1))]
     # Detection has data-dependent steps without meta kernels: not known until it runs.
     detection = _spec("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3)
-    assert probe_outputs(catalog, detection, IMAGE, torch.float32) == ()
+    assert probe_skeleton(catalog, detection, IMAGE, torch.float32).outputs == ()
 
 
 def test_model_info_lists_outputs_at_load(client: ModelHostClient) -> None:

@@ -303,6 +303,7 @@ class Batcher:
         *,
         observe: BatchObserver | None = None,
         on_error: ErrorObserver | None = None,
+        on_split: ErrorObserver | None = None,
         join: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
         adopt: Callable[[Tensors, Any], None] | None = None,
         launch: Callable[[Tensors], Collect] | None = None,
@@ -318,6 +319,7 @@ class Batcher:
         self._cond = lane.cond
         self._observe = observe
         self._on_error = on_error
+        self._on_split = on_split  # a failed batch runs again in halves (`_in_halves`)
         self._queue: collections.deque[Request] = collections.deque()
         self._closed = False
         self._running = 0
@@ -517,6 +519,8 @@ class Batcher:
         halved in turn, down to the request that fails alone. A caller whose rows make the
         model fail then costs a batch about 2*log2(n) runs, and the others still run
         batched (one by one, it cost n runs of one request each: red team 8's M2)."""
+        if self._on_split:
+            self._on_split()
         half = len(group) // 2
         for part in (group[:half], group[half:]):
             self._start(part)()

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ from torch import nn
 
 from modelhost.client import codec
 from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT  # the names on the wire
+from modelhost.server.activations import ActivationCost, peak_bytes, probe_sides
 from modelhost.server.detection import DetectionCost, detection_cost
 from modelhost.server.devices import (
     CUDA_GRAPHS,
@@ -138,6 +140,7 @@ class Runner:
         max_image_pixels: int = Settings.max_image_pixels,
         max_elements: int = Settings.max_tensor_elements,
         max_detection_bytes: int = Settings.max_detection_bytes,
+        max_predict_bytes: int = Settings.max_predict_bytes,
         stream: torch.cuda.Stream | None = None,
         compiler: Executor | None = None,
         on_compiled: Callable[[bool, float], None] = lambda compiled, seconds: None,
@@ -153,7 +156,9 @@ class Runner:
         self.max_image_pixels = max_image_pixels
         self.max_elements = max_elements  # of decoded images, checked from their headers
         self.max_detection_bytes = max_detection_bytes
-        self._cost: DetectionCost | None = None  # a detection model's (architectures.py)
+        self._cost: DetectionCost | None = None  # a detection model's (detection.py)
+        self.max_predict_bytes = max_predict_bytes
+        self.activations: ActivationCost | None = None  # any other model's, once measured
         self.compile_mode = compile_mode
         # On a GPU the model runs on its lane's stream (the lane thread's current stream).
         self._stream = (stream or torch.cuda.Stream(device)) if device.type == "cuda" else None
@@ -198,6 +203,7 @@ class Runner:
         ready = stream.record_event() if stream else None
         if self.inputs:
             self._check(self._as_the_model_sees(tensors))
+        self.check_cost(tensors)  # before it waits in a queue
         return Prepared(tensors, out_dtype, ready)
 
     def _decoded(
@@ -290,28 +296,61 @@ class Runner:
         return tensors
 
     def check_shape_cost(self, shape: Sequence[int], what: str) -> None:
-        """Refuses (InvalidArgument, naming `what`) a shape a load would run that a
-        detection model needs more than `max_detection_bytes` for (see `check_cost`)."""
+        """Refuses (InvalidArgument, naming `what`) a shape a load would run that would
+        cost more than the model's limit (see `check_cost`)."""
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
         largest = torch.empty(tuple(shape), dtype=dtype, device="meta")
         self.check_cost({SINGLE_INPUT: largest}, InvalidArgument, f"{what}: ")
 
+    @property
+    def is_detection(self) -> bool:
+        """Whether its cost is a detection model's estimate (not measured)."""
+        return self._cost is not None
+
     def check_cost(
         self, batch: Tensors, refuse: type[ModelHostFailure] = LimitExceeded, what: str = ""
     ) -> None:
-        """Refuses a batch a detection model would need more than `max_detection_bytes`
-        for, by its estimate (a request, a merged group: then one request at a time, the
-        load's output probe or warm-up)."""
-        if self._cost is None or not self.max_detection_bytes:
-            return
-        for tensor in self._as_the_model_sees(batch).values():
-            estimate = self._cost.estimate(tensor.shape)
-            if estimate > self.max_detection_bytes:
+        """Refuses a batch (a request, a merged group, the load's warm-up) that would take
+        more memory than its limit: a detection model's estimate over
+        `max_detection_bytes`, any other model's measured activations
+        (`activations.py`) over `max_predict_bytes`."""
+        if self._cost is not None and self.max_detection_bytes:
+            for tensor in self._as_the_model_sees(batch).values():
+                estimate = self._cost.estimate(tensor.shape)
+                if estimate > self.max_detection_bytes:
+                    raise refuse(
+                        f"{what}{self._cost.describe(tensor.shape)} would take about "
+                        f"{estimate / 1e9:.1f} GB; the limit is {self.max_detection_bytes} "
+                        "bytes (max_detection_bytes)"
+                    )
+        elif self._cost is None and self.activations is not None and self.max_predict_bytes:
+            shapes = [t.shape for t in self._as_the_model_sees(batch).values()]
+            estimate = sum(self.activations.estimate(shape) for shape in shapes)
+            if estimate > self.max_predict_bytes:
                 raise refuse(
-                    f"{what}{self._cost.describe(tensor.shape)} would take about "
-                    f"{estimate / 1e9:.1f} GB; the limit is {self.max_detection_bytes} bytes "
-                    "(max_detection_bytes)"
+                    f"{what}an input of {', '.join('x'.join(map(str, s)) for s in shapes)} "
+                    f"would take about {estimate / 1e9:.1f} GB of activations "
+                    f"({self.activations.describe()}); the limit is "
+                    f"{self.max_predict_bytes} bytes (max_predict_bytes)"
                 )
+
+    def batch_elements(self, limit: int) -> int:
+        """Most input elements a merged batch may hold: `limit` (max_tensor_elements), or
+        fewer where its measured activations would pass max_predict_bytes in rows of the
+        size it was measured at (a batch of larger rows may still: `check_cost`)."""
+        if self.activations is None or not self.max_predict_bytes or len(self.inputs) != 1:
+            return limit
+        shape = self.inputs[0].shape
+        side = probe_sides(shape)[0]
+        row = math.prod(side if d == -1 else d for d in shape[1:])
+        return min(limit, self.activations.elements_within(self.max_predict_bytes, row))
+
+    def peak_bytes(self, batch: Tensors) -> int:
+        """Runs one batch uncompiled and returns the most bytes its tensors held at once
+        (`activations.peak_bytes`); it finds the outputs, as any first run does."""
+        assert self.module is not None
+        module = self.module
+        return peak_bytes(lambda: self._run_with(batch, module))
 
     def _check(self, tensors: Tensors) -> None:
         if len(tensors) == 1 and len(self.inputs) == 1:

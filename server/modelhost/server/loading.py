@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from modelhost.server import formats
+from modelhost.server.activations import ActivationCost, measure, peak_bytes
 from modelhost.server.architectures import ArchitectureCatalog, Builder
 from modelhost.server.devices import ensure_room, module_bytes, oom_while, reported
 from modelhost.server.errors import (
@@ -396,20 +397,31 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 
 PROBE_SIZES = ((1, 224), (2, 256))
 """(batch, spatial size) of the meta-device runs that find a model's outputs."""
-_PROBED: dict[tuple[str, str, tuple[int, ...]], tuple[InputSpec, ...]] = {}
+
+
+@dataclass(frozen=True)
+class Probed:
+    """What a catalog architecture's skeleton showed on the meta device."""
+
+    outputs: tuple[InputSpec, ...] = ()  # () when it could not tell
+    activations: ActivationCost | None = None  # per row, in float32 (`activations.py`)
+
+
+_PROBED: dict[tuple[str, str, tuple[int, ...]], Probed] = {}
 _PROBE_LOCK = threading.Lock()
 
 
-def probe_outputs(
+def probe_skeleton(
     catalog: ArchitectureCatalog, spec: LoadSpec, inputs: list[InputSpec], dtype: torch.dtype
-) -> tuple[InputSpec, ...]:
-    """The outputs (names, dtypes, shapes with -1 where they follow the input) of a
-    catalog architecture with one declared input, found by running its skeleton on the
-    meta device (no memory, no compute): at two batch and image sizes, or at one when
-    the model takes one image size only. () when that cannot tell. Remembered per
-    architecture and arguments, so new versions of a hosted architecture pay nothing."""
+) -> Probed:
+    """The outputs (names, dtypes, shapes with -1 where they follow the input) and the
+    activations' cost of a catalog architecture with one declared input, found by
+    running its skeleton on the meta device (no memory, no compute): the outputs at two
+    batch and image sizes (or one, when the model takes one image size only), the cost
+    at `activations.probe_sides`. Remembered per architecture and arguments, so new
+    versions of a hosted architecture pay nothing. Both in `dtype` where it is a float."""
     if len(inputs) != 1 or not spec.architecture:
-        return ()
+        return Probed()
     key = (spec.architecture, json.dumps(spec.args, sort_keys=True, default=repr), inputs[0].shape)
     with _PROBE_LOCK:
         found = _PROBED.get(key)
@@ -419,9 +431,15 @@ def probe_outputs(
             _PROBED[key] = found
             if len(_PROBED) > 256:  # arguments come from callers: keep the memory bounded
                 del _PROBED[next(iter(_PROBED))]
-    return tuple(
-        dataclasses.replace(out, dtype=dtype) if out.dtype.is_floating_point else out
-        for out in found
+    activations = found.activations
+    if activations is not None and dtype.is_floating_point:
+        activations = activations.scaled(dtype.itemsize / 4)  # activations in its dtype
+    return Probed(
+        tuple(
+            dataclasses.replace(out, dtype=dtype) if out.dtype.is_floating_point else out
+            for out in found.outputs
+        ),
+        activations,
     )
 
 
@@ -430,15 +448,31 @@ def probe_shape(given: InputSpec, batch: int, size: int) -> list[int]:
     return [batch if i == 0 else size if d == -1 else d for i, d in enumerate(given.shape)]
 
 
-def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, given: InputSpec) -> tuple[InputSpec, ...]:
-    runs: list[dict[str, torch.Tensor]] = []
+def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, given: InputSpec) -> Probed:
     try:
         module = catalog.get(spec.architecture).skeleton(spec.args).eval()
+    except Exception as error:
+        log.debug("%s: no skeleton to probe (%s)", spec.name, error)
+        return Probed()
+
+    def run(shape: Sequence[int]) -> Any:
+        return module(torch.zeros(shape, dtype=torch.float32, device="meta"))
+
+    def peak(row: Sequence[int]) -> int:  # of what the model makes (not its input)
+        zeros = torch.zeros(row, dtype=torch.float32, device="meta")
+        return peak_bytes(lambda: module(zeros))
+
+    with torch.inference_mode():
+        return Probed(_outputs(spec, given, run), measure(peak, given.shape))
+
+
+def _outputs(
+    spec: LoadSpec, given: InputSpec, run: Callable[[Sequence[int]], Any]
+) -> tuple[InputSpec, ...]:
+    runs: list[dict[str, torch.Tensor]] = []
+    try:
         for batch, size in PROBE_SIZES:
-            shape = probe_shape(given, batch, size)
-            with torch.inference_mode():
-                result = module(torch.zeros(shape, dtype=torch.float32, device="meta"))
-            runs.append(flatten_outputs(result))
+            runs.append(flatten_outputs(run(probe_shape(given, batch, size))))
     except Exception as error:  # data-dependent ops (detection) have no meta kernels
         log.debug("%s: outputs not found on the meta device (%s)", spec.name, error)
     if not runs:

@@ -146,6 +146,13 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.batch_splits = Counter(
+            "modelhost_batch_splits",
+            "Batches that failed and ran again in halves, down to the request that fails (a "
+            "request the model refuses, a batch over a memory bound or out of memory).",
+            ["model", "version"],
+            registry=r,
+        )
         self.load_seconds = PerName(
             Histogram(
                 "modelhost_load_seconds",
@@ -247,7 +254,7 @@ class Metrics:
         """Drops an unloaded version's series: kept, they would pile up with every rollout
         (and every scrape would carry them). Once no version of `model` is hosted, drops
         the name's series too (a version that replaces another keeps them counting)."""
-        for family in (self.batch_rows, self.batch_requests, self.batch_errors):
+        for family in (self.batch_rows, self.batch_requests, self.batch_errors, self.batch_splits):
             with contextlib.suppress(KeyError):
                 family.remove(model, str(version))
         for family in (self.page_ins, self.evictions):

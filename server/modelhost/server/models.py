@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from modelhost.client import codec
+from modelhost.server.activations import measure
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
 from modelhost.server.cache import ModelCache
@@ -41,8 +42,8 @@ from modelhost.server.loading import (
     LoadSpec,
     load_module,
     planned_bytes,
-    probe_outputs,
     probe_shape,
+    probe_skeleton,
     require_bytes,
 )
 from modelhost.server.metrics import Metrics
@@ -255,13 +256,15 @@ class Models:
             max_image_pixels=settings.max_image_pixels,
             max_elements=settings.max_tensor_elements,
             max_detection_bytes=settings.max_detection_bytes,
+            max_predict_bytes=settings.max_predict_bytes,
             stream=lane.stream,
             compiler=self._compiles,
             on_compiled=self._metrics.compile_observer(spec.name),
         )
         try:
             _check_one_image_fits(runner, loaded.inputs)
-            runner.outputs = probe_outputs(self._catalog, spec, loaded.inputs, loaded.dtype)
+            probed = probe_skeleton(self._catalog, spec, loaded.inputs, loaded.dtype)
+            runner.outputs, runner.activations = probed.outputs, probed.activations
             return self._finish_build(
                 spec, version, policy, request, loaded=loaded, runner=runner, lane=lane
             )
@@ -322,12 +325,13 @@ class Models:
                 lane,
                 observe=self._metrics.batch_observer(spec.name, version),
                 on_error=self._metrics.batch_errors.labels(spec.name, str(version)).inc,
+                on_split=self._metrics.batch_splits.labels(spec.name, str(version)).inc,
                 join=runner.join,
                 adopt=runner.adopt,
                 launch=runner.launch
                 if runner.asynchronous and self.settings.gpu_pipelining
                 else None,
-                max_elements=self.settings.max_tensor_elements,
+                max_elements=runner.batch_elements(self.settings.max_tensor_elements),
             ),
             prep=self._prep,
             loaded_at=time.time(),
@@ -355,8 +359,13 @@ class Models:
         compiles_here = bool(request.compile) and not uses_cuda_graphs(
             runner.device, request.compile
         )
-        if not runner.outputs and len(inputs) == 1 and not request.warmup_shape:
-            _probe_by_running(runner, lane, inputs[0])
+        if len(inputs) == 1 and (
+            (runner.is_detection and not runner.outputs and not request.warmup_shape)
+            or (not runner.is_detection and runner.activations is None)
+        ):
+            _probe_by_running(runner, lane, inputs[0], spec.name)
+        if runner.activations is not None:
+            log.info("%s: activations %s", spec.name, runner.activations.describe())
         if not request.warmup_shape:
             return policy
         measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
@@ -665,15 +674,26 @@ def _check_one_image_fits(runner: Runner, inputs: list[InputSpec]) -> None:
         runner.check_shape_cost(probe_shape(inputs[0], *PROBE_SIZES[0]), "architecture_args")
 
 
-def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec) -> None:
-    """One real batch-1 run of zeros on its lane (uncompiled), for outputs the meta device
-    cannot show (detection's data-dependent steps); a model that refuses zeros keeps them
-    unknown until it runs."""
-    zeros = torch.zeros(probe_shape(spec, *PROBE_SIZES[0]), dtype=spec.dtype)
-    try:
-        lane.call(runner.run, {spec.name: zeros}).result()
-    except ModelHostFailure as error:
-        log.info("outputs not known until the first request: %s", error)
+def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec, name: str) -> None:
+    """Real one-row runs of zeros on its lane (uncompiled), for what the meta device could
+    not show: a detection model's outputs (data-dependent steps: one run), another
+    model's activations (`activations.py`; one without a skeleton, an exported program).
+    A model that refuses zeros keeps them unknown until it runs."""
+    if runner.is_detection:
+        zeros = torch.zeros(probe_shape(spec, *PROBE_SIZES[0]), dtype=spec.dtype)
+        try:
+            lane.call(runner.run, {spec.name: zeros}).result()
+        except ModelHostFailure as error:
+            log.info("%s: outputs not known until the first request: %s", name, error)
+        return
+
+    def peak(row: list[int]) -> int:
+        zeros = torch.zeros(row, dtype=spec.dtype)
+        return lane.call(runner.peak_bytes, {spec.name: zeros}).result()
+
+    runner.activations = measure(peak, spec.shape)
+    if runner.activations is None:
+        log.info("%s: activations not measured (it refused zeros of its input's shape)", name)
 
 
 async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:

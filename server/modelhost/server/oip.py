@@ -227,7 +227,7 @@ def model_statistics(hosted: HostedModel) -> oip.ModelStatistics:
             oip.MemoryUsage(
                 type="GPU" if device.type == "cuda" else "CPU",
                 id=device.index or 0,
-                byte_size=hosted.loaded.device_bytes,
+                byte_size=hosted.device_bytes,  # weights, buffers, workspace (as ModelInfo)
             )
         ],
     )

@@ -128,7 +128,14 @@ class Settings:
         1 << 28,
         "Most tensor elements in one Predict request (all inputs together, images counted "
         "as decoded and preprocessed), and in one batch of requests. It bounds what callers "
-        "send, not the memory a model's activations take for it (see Security).",
+        "send; --max-predict-bytes bounds the memory a model takes for it.",
+    )
+    max_predict_bytes: int = _setting(
+        4 << 30,
+        "Most memory, in bytes, the activations of one Predict or one batch may take, "
+        "by the model's own cost measured at load (one row of zeros run at two sizes); "
+        "more is refused with RESOURCE_EXHAUSTED before it runs, and batches stop short "
+        "of it (0: no limit). Detection models have --max-detection-bytes instead.",
     )
     max_detection_bytes: int = _setting(
         4 << 30,
