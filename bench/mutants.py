@@ -776,8 +776,8 @@ MUTANTS = [
     Mutant(
         "batching: a failed batch runs its requests one by one (a bad caller de-batches all)",
         SERVER + "batching.py",
-        "            self._in_halves(group)  # isolate the failure to the request that causes it",
-        "            self._one_by_one(group)",
+        "        failed = failed or self._in_halves  # to the request that causes the failure",
+        "        failed = failed or self._one_by_one",
         (
             "tests/test_batching.py::"
             "test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails",
@@ -923,6 +923,37 @@ MUTANTS = [
             "tests/test_batching.py::"
             "test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails",
         ),
+    ),
+    Mutant(
+        "oip_tensors: an output requested twice is answered twice",
+        SERVER + "oip_tensors.py",
+        "        if output.name in names:",
+        "        if False:",
+        ("tests/test_reply_limits.py::test_an_output_named_twice_is_refused",),
+    ),
+    Mutant(
+        "service: a Predict reply over max_message_bytes is built before it is refused",
+        SERVER + "service.py",
+        "        check_reply_bytes(outputs, self.host.settings.max_message_bytes)\n",
+        "",
+        (
+            "tests/test_reply_limits.py::"
+            "test_a_reply_over_the_message_limit_is_refused_before_it_is_built",
+        ),
+    ),
+    Mutant(
+        "architectures: request JSON of any length is parsed",
+        SERVER + "architectures.py",
+        "    if len(text) > MAX_JSON_BYTES:",
+        "    if False:",
+        ("tests/test_oip.py::test_configs_of_a_wrong_shape_are_invalid_argument",),
+    ),
+    Mutant(
+        "batching: when both halves fail, each half is halved again (about 2n runs)",
+        SERVER + "batching.py",
+        "        if len(failures) == 2:",
+        "        if False:",
+        ("tests/test_batching.py::test_when_both_halves_fail_each_request_runs_alone",),
     ),
 ]
 

@@ -617,12 +617,11 @@ def test_a_batch_holds_no_more_input_elements_than_one_request_may() -> None:
     lane.close()
 
 
-def test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails() -> None:
-    """One caller whose rows make the model fail (an id past an embedding's vocabulary)
-    must not cost every batch it joins one run per request (red team 8's M2: 16 callers'
-    throughput fell to 0.61x with one such caller): the batch is run again in halves, the
-    failing half halved in turn. Only that caller gets the error; the others are answered
-    from batches of several requests."""
+def run_with_bad_rows(bad: set[int], count: int = 16) -> tuple[list[int], list[int]]:
+    """`count` one-row requests queued together (behind a blocker) on a Batcher whose
+    model fails any batch holding a negative row; those at `bad` indexes hold one. Asserts
+    only they fail and the others are answered right; returns the rows of every run, and
+    the runs done before each split."""
     from modelhost.server.batching import Batcher, BatchPolicy, Lane
     from modelhost.server.errors import InvalidInput
     from modelhost.server.inference import encode_answer
@@ -638,11 +637,11 @@ def test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails() ->
 
     splits: list[int] = []
     batcher = Batcher(
-        run, BatchPolicy(16, 200_000, 32), lane, on_split=lambda: splits.append(len(runs))
+        run, BatchPolicy(count, 200_000, 32), lane, on_split=lambda: splits.append(len(runs))
     )
     finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
     blocker = lane.call(time.sleep, 0.2)
-    values = [-1.0 if i == 5 else float(i) for i in range(16)]
+    values = [-1.0 if i in bad else float(i) for i in range(count)]
     futures = [batcher.submit({"x": torch.full((1, 1), v)}, None, finish) for v in values]
     blocker.result(5)
     for value, future in zip(values, futures, strict=True):
@@ -651,8 +650,27 @@ def test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails() ->
                 future.result(5)
         else:
             assert codec.to_numpy(future.result(5).outputs["output"]).item() == value * 2
-    # 0-7 fails: 0-3 runs, 4-7 fails: 4-5 fails: 4, then 5 alone; 6-7; then 8-15 runs.
-    assert runs == [16, 8, 4, 4, 2, 1, 1, 2, 8]  # 9 runs, not 17 (16 of one request)
-    assert splits == [1, 2, 4, 5]  # each failed batch of several, after its run
     batcher.close()
     lane.close()
+    return runs, splits
+
+
+def test_a_failed_batch_is_retried_in_halves_down_to_the_request_that_fails() -> None:
+    """One caller whose rows make the model fail (an id past an embedding's vocabulary)
+    must not cost every batch it joins one run per request (red team 8's M2: 16 callers'
+    throughput fell to 0.61x with one such caller): the batch is run again in halves, the
+    failing half halved in turn. Only that caller gets the error; the others are answered
+    from batches of several requests."""
+    runs, splits = run_with_bad_rows({5})
+    # 0-15 fails: 0-7 fails, 8-15 runs; 0-3 runs, 4-7 fails; 4-5 fails, 6-7 runs; 4, 5.
+    assert runs == [16, 8, 8, 4, 4, 2, 2, 1, 1]  # 9 runs, not 17 (16 of one request)
+    assert splits == [1, 3, 5, 7]  # each failed batch of several, after its run
+
+
+def test_when_both_halves_fail_each_request_runs_alone() -> None:
+    """Many callers with failing rows (red team 9's L6: 8 of 24 cut the others to 0.22x):
+    halving every failing half would cost about 2n runs; once both halves of a batch
+    fail, each of their requests runs alone instead (n runs more)."""
+    runs, splits = run_with_bad_rows(set(range(0, 16, 2)))
+    assert runs == [16, 8, 8] + [1] * 16  # 19 runs; halving down to each: 31
+    assert splits == [1]

@@ -493,6 +493,9 @@ def test_configs_of_a_wrong_shape_are_invalid_argument(
     for args in [DEEP, '{"num_classes": ' + "[" * 40 + "]" * 40 + "}", "9" * 5000, "[10]"]:
         load = _load(stub, architecture_args=Param(string_param=args))
         refused(load, "architecture_args", case=args[:80])
+    # 12 MB of JSON took 20 times its size parsed (red team 9, L4): refused unparsed.
+    huge = '{"labels": [' + ",".join(['"x"'] * 3_000_000) + "]}"
+    refused(_load(stub, config=Param(string_param=huge)), "'config'", "characters of JSON")
     assert _hosted(stub) == [("r18", "1")]
 
 

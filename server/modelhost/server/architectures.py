@@ -361,14 +361,22 @@ class ArchitectureCatalog:
 
 MAX_JSON_DEPTH = 32
 """How deeply JSON from a request may nest (builder arguments, OIP model configs)."""
+MAX_JSON_BYTES = 8 << 20
+"""The longest JSON text a request may send in one field (an OIP config with 4 MiB of
+labels fits): parsed, a text takes tens of times its bytes (red team 9, L4)."""
 
 
 def load_json(text: str, what: str, hint: str = "") -> Any:
     """Parses JSON a client sent; whatever it is (not JSON, nested too deeply, a number
     too long to convert), a failure is InvalidArgument naming `what`.
 
-    The nesting limit keeps every later repr and json.dumps of the value safe.
+    The nesting limit keeps every later repr and json.dumps of the value safe; the
+    length limit, the memory and time parsing takes.
     """
+    if len(text) > MAX_JSON_BYTES:
+        raise InvalidArgument(
+            f"{what} is {len(text)} characters of JSON; the most is {MAX_JSON_BYTES}"
+        )
     try:
         value = json.loads(text)
     except RecursionError:

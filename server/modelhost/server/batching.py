@@ -452,13 +452,17 @@ class Batcher:
             self._running -= 1
             self._cond.notify_all()
 
-    def _start(self, group: list[Request]) -> Then:
-        """Launches a group as one batch; what finishes it."""
+    def _start(
+        self, group: list[Request], failed: Callable[[list[Request]], None] | None = None
+    ) -> Then:
+        """Launches a group as one batch; what finishes it. If the batch fails, `failed`
+        gets the group (by default it runs again in halves: `_in_halves`)."""
         if len(group) == 1:
             return self._start_one(group[0])
         if not self._splittable:
             self._one_by_one(group)
             return _nothing
+        failed = failed or self._in_halves  # to the request that causes the failure
         started = time.monotonic()
         self._ready(group)
         inputs = {name: self._join([r.inputs[name] for r in group]) for name in group[0].inputs}
@@ -466,9 +470,9 @@ class Batcher:
         collect = self._try_launch(inputs)
         del inputs  # out of the except block: a failed allocation gets its memory back
         if collect is None:
-            self._in_halves(group)  # isolate the failure to the request that causes it
+            failed(group)
             return _nothing
-        return lambda: self._finish_group(group, collect, (started, joined))
+        return lambda: self._finish_group(group, collect, (started, joined), failed)
 
     def _try_launch(self, inputs: Tensors) -> Collect | None:
         try:
@@ -483,7 +487,11 @@ class Batcher:
         return lambda: outputs
 
     def _finish_group(
-        self, group: list[Request], collect: Collect, times: tuple[float, float]
+        self,
+        group: list[Request],
+        collect: Collect,
+        times: tuple[float, float],
+        failed: Callable[[list[Request]], None],
     ) -> None:
         """Waits for a launched group, then splits its outputs and answers each caller."""
         try:
@@ -491,7 +499,7 @@ class Batcher:
         except Exception:
             outputs = None
         if outputs is None:
-            self._in_halves(group)
+            failed(group)
             return
         ran = time.monotonic()
         rows = [r.rows for r in group]
@@ -515,15 +523,23 @@ class Batcher:
             self._start_one(request)()
 
     def _in_halves(self, group: list[Request]) -> None:
-        """Runs a failed batch again as two batches, to the end; a half that fails is
-        halved in turn, down to the request that fails alone. A caller whose rows make the
-        model fail then costs a batch about 2*log2(n) runs, and the others still run
-        batched (one by one, it cost n runs of one request each: red team 8's M2)."""
+        """Runs a failed batch again as two batches, to the end; a half that fails alone is
+        halved in turn, down to the request that fails. A caller whose rows make the model
+        fail then costs a batch about 2*log2(n) runs, and the others still run batched
+        (one by one, it cost n runs of one request each: red team 8's M2). When both
+        halves fail, failing rows are many: each request then runs alone (n runs more,
+        not the 2n that halving each half would take: red team 9's L6)."""
         if self._on_split:
             self._on_split()
         half = len(group) // 2
+        failures: list[list[Request]] = []
         for part in (group[:half], group[half:]):
-            self._start(part)()
+            self._start(part, failures.append)()
+        if len(failures) == 2:
+            for part in failures:
+                self._one_by_one(part)
+        elif failures:
+            self._in_halves(failures[0])
 
     def _fail_group(self, group: list[Request], error: Exception) -> None:
         """Fails the requests of a group that broke outside the model call (a bug: each

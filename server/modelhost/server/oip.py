@@ -121,7 +121,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             inputs,
             context.time_remaining(),
         )
-        described, raw = tensors.encode_outputs(answer.outputs, request.outputs)
+        described, raw = tensors.encode_outputs(
+            answer.outputs, request.outputs, self.host.settings.max_message_bytes
+        )
         return oip.ModelInferResponse(
             model_name=hosted.name,
             model_version=str(hosted.version),
@@ -152,7 +154,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.RepositoryModelLoadRequest, context: Any
     ) -> oip.RepositoryModelLoadResponse:
         name = check_name(request.model_name, "model")
-        await self.host.models.load(load_request(name, request.parameters))
+        # Its JSON parameters are parsed off the event loop (up to MAX_JSON_BYTES each).
+        wanted = await asyncio.to_thread(load_request, name, request.parameters)
+        await self.host.models.load(wanted)
         return oip.RepositoryModelLoadResponse()
 
     @unary

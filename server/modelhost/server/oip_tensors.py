@@ -20,7 +20,7 @@ from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import model_config_pb2 as mc
 from modelhost.server.errors import InvalidArgument, InvalidInput
 from modelhost.server.inference import InputSpec
-from modelhost.server.request_limits import check_element_count
+from modelhost.server.request_limits import check_element_count, check_reply_bytes
 from modelhost.v1 import modelhost_pb2 as pb
 
 C = TypeVar("C", mc.ModelInput, mc.ModelOutput)
@@ -161,19 +161,25 @@ def _converted(tensor: oip.ModelInferRequest.InferInputTensor, values: Sequence[
 def encode_outputs(
     outputs: Mapping[str, pb.Tensor],
     requested: Iterable[oip.ModelInferRequest.InferRequestedOutputTensor],
+    max_bytes: int,
 ) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
-    """The requested outputs (all when none are named), as tensors and raw contents."""
-    names = []
+    """The requested outputs (all when none are named), as tensors and raw contents;
+    refused if an output is named twice or they would hold more than `max_bytes`."""
+    names: list[str] = []
     for output in requested:
         if output.name not in outputs:
             raise InvalidArgument(
                 f"the model has no output {output.name!r} (it has {', '.join(outputs)})"
             )
+        if output.name in names:
+            raise InvalidArgument(f"output {output.name!r} is requested more than once")
         if "classification" in output.parameters:
             raise InvalidArgument("the classification extension is not supported")
         names.append(output.name)
+    names = names or list(outputs)
+    check_reply_bytes(sum(len(outputs[name].data) for name in names), max_bytes)
     tensors, raw = [], []
-    for name in names or list(outputs):
+    for name in names:
         tensor = outputs[name]
         tensors.append(
             oip.ModelInferResponse.InferOutputTensor(

@@ -202,6 +202,17 @@ def check_element_count(elements: int, limit: int) -> None:
         )
 
 
+def check_reply_bytes(nbytes: int, limit: int) -> None:
+    """Refuses a reply whose outputs hold more than `max_message_bytes`, before it is built
+    (gRPC would refuse it only once built: a copy of every byte, or of one output per
+    time an OIP request names it)."""
+    if nbytes > limit:
+        raise LimitExceeded(
+            f"the reply would hold {nbytes} bytes of outputs; the limit is {limit} "
+            "(max_message_bytes)"
+        )
+
+
 def element_count(name: str, tensor: codec.TensorFields) -> int:
     """What an input counts against max_tensor_elements: its elements, each zero-size
     dimension counted as one. A tensor that holds nothing ([0, 3, 8192, 8192], a request

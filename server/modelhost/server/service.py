@@ -17,7 +17,12 @@ from modelhost.server import errors as e
 from modelhost.server import messages
 from modelhost.server.checkpoints import Snapshot
 from modelhost.server.host import Host
-from modelhost.server.request_limits import PredictRequest, parse_save_request, predict_parser
+from modelhost.server.request_limits import (
+    PredictRequest,
+    check_reply_bytes,
+    parse_save_request,
+    predict_parser,
+)
 from modelhost.server.rpc import generated_handlers, register, streaming, unary
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
@@ -135,6 +140,8 @@ class ModelHostService(pb_grpc.ModelHostServicer):
             images=request.images,
             top_k=request.top_k,
         )
+        outputs = sum(len(tensor.data) for tensor in answer.outputs.values())
+        check_reply_bytes(outputs, self.host.settings.max_message_bytes)
         context.set_trailing_metadata(((CACHE_TRAILER, "miss" if answer.paged_in else "hit"),))
         return pb.PredictResponse(
             model=hosted.name, version=hosted.version, outputs=answer.outputs, top_k=answer.top_k
