@@ -955,6 +955,34 @@ MUTANTS = [
         "        if False:",
         ("tests/test_batching.py::test_when_both_halves_fail_each_request_runs_alone",),
     ),
+    Mutant(
+        "cache: a shared page-in waits for room only up to the deadline of its first request",
+        SERVER + "cache.py",
+        "deadline=lambda: hosted.paging_until)",
+        "deadline=hosted.paging_until)",
+        (
+            "tests/test_pagein_deadline.py::test_a_short_deadline_does_not_end_the_page_in_the_others_wait_for",
+        ),
+    ),
+    Mutant(
+        "cache: a page-in that ended at another request's deadline fails all that wait for it",
+        SERVER + "cache.py",
+        "                if deadline is not None and time.monotonic() >= deadline:\n"
+        "                    raise\n",
+        "                raise\n",
+        (
+            "tests/test_pagein_deadline.py::test_a_request_with_time_left_starts_a_page_in_again_that_ended_at_a_deadline",
+        ),
+    ),
+    Mutant(
+        "cache: a page-in waits for room after every request for it has passed its deadline",
+        SERVER + "cache.py",
+        "deadline=lambda: hosted.paging_until)",
+        "deadline=lambda: math.inf)",
+        (
+            "tests/test_pagein_deadline.py::test_a_page_in_gives_up_when_every_request_for_it_has_passed_its_deadline",
+        ),
+    ),
 ]
 
 

@@ -170,11 +170,17 @@ class ModelCache:
     # Making room
 
     def reserve(
-        self, key: Key, device: torch.device, nbytes: int, *, deadline: float | None
+        self,
+        key: Key,
+        device: torch.device,
+        nbytes: int,
+        *,
+        deadline: float | Callable[[], float] | None,
     ) -> None:
         """Counts `nbytes` for a load or page-in of `key` on `device`, evicting least
-        recently used idle versions until they fit. Waits (up to `deadline`) while busy
-        versions hold the room; OutOfMemory when it cannot fit at all."""
+        recently used idle versions until they fit. Waits (up to `deadline`, read again at
+        each look when a callable) while busy versions hold the room; OutOfMemory when it
+        cannot fit at all."""
         limit = self.limit(device)
         where = str(device)
         with self._cond:
@@ -196,7 +202,8 @@ class ModelCache:
                         f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
-                remaining = None if deadline is None else deadline - time.monotonic()
+                until = deadline() if callable(deadline) else deadline
+                remaining = None if until is None else until - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExpired(
                         f"no room on {where} for {key[0]!r} before the deadline: the versions "
@@ -294,7 +301,8 @@ class ModelCache:
     async def ensure_resident(self, hosted: HostedModel, deadline: float | None) -> bool:
         """Returns once `hosted` is on its device, paging it in if needed (one page-in
         shared by every request that waits for it): False if it was resident (a hit).
-        DeadlineExpired at the deadline."""
+        DeadlineExpired at the deadline; a page-in that ended at the deadlines of the
+        others is started again while this request has time left."""
         if hosted.tier == RESIDENT:
             self._metrics.cache_requests.labels("hit").inc()
             return False
@@ -317,6 +325,9 @@ class ModelCache:
                     f"model {hosted.name!r} version {hosted.version} was still being paged "
                     "in when the deadline passed"
                 ) from None
+            except DeadlineExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
         if hosted.tier != RESIDENT:
             raise ShuttingDown(
                 f"model {hosted.name!r} version {hosted.version} was unloaded while it "
@@ -343,7 +354,9 @@ class ModelCache:
     def _page_in(self, hosted: HostedModel) -> None:
         """Brings a version back to its device (on its device's page-in thread), unless
         every request that wanted it has passed its deadline meanwhile: under overload,
-        page-ins nobody waits for any more would evict versions that are in use."""
+        page-ins nobody waits for any more would evict versions that are in use. It waits
+        for room up to the latest deadline of its requests, those that join meanwhile
+        included."""
         with self._paging:
             until = hosted.paging_until
         if hosted.tier == RESIDENT or hosted.retiring:
@@ -358,12 +371,11 @@ class ModelCache:
             return
         key = (hosted.name, hosted.version)
         device = hosted.loaded.device
-        deadline = None if until == math.inf else until
         with self._cond:
             move = next((m for m in self._moves if m.hosted is hosted), None)
         if move is not None:  # evicted a moment ago: its copy to the host is still running
             move.done.wait()
-        self.reserve(key, device, hosted.device_bytes, deadline=deadline)
+        self.reserve(key, device, hosted.device_bytes, deadline=lambda: hosted.paging_until)
         started = time.perf_counter()  # the page-in itself, after any wait for room
         tier = hosted.tier
         try:

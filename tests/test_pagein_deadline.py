@@ -1,0 +1,168 @@
+"""A page-in shared by several requests waits for room as long as any of them has time
+left: the request that started it, with the shortest deadline, does not end it for the
+others (red team 9 M3).
+
+The budget holds one of the small models below: `h` waits in the store tier while `busy`,
+resident, runs a slow request that holds the room."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from conftest import build, expect, reference
+from modelhost.client import ChannelConfig, ModelHostClient
+from modelhost.server import Server, Settings, running
+from modelhost.server.errors import DeadlineExpired
+
+ARGS = {"features": 16, "hidden": 256, "classes": 4}
+MODEL_BYTES = 4 * (16 * 256 + 256 + 256 * 4 + 4)  # float32 weights and biases
+X = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+BUSY = 1.5  # seconds `busy` holds the room
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[Server]:
+    budget = MODEL_BYTES + 1000  # one of them fits, not two
+    with running(dataclasses.replace(settings, device_memory_budget=budget)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def once(server: Server) -> Iterator[ModelHostClient]:
+    """A client that never retries: a failed request must show."""
+    with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as c:
+        yield c
+
+
+@pytest.fixture
+def twin(client: ModelHostClient) -> torch.nn.Module:
+    """`h` (its in-process twin returned) in the store tier, `busy` (a slow_mlp) resident."""
+    model = build("tiny_mlp", ARGS, seed=1)
+    client.save_checkpoint("h", model.state_dict())
+    client.load_model("h", architecture="tiny_mlp", checkpoint="h", architecture_args=ARGS)
+    slow = build("slow_mlp", {**ARGS, "delay": BUSY}, seed=2)
+    client.save_checkpoint("busy", slow.state_dict())
+    client.load_model(
+        "busy",
+        architecture="slow_mlp",
+        checkpoint="busy",
+        architecture_args={**ARGS, "delay": BUSY},
+    )
+    assert client.get_model("h").tier == "store"
+    return model
+
+
+def keep_busy(client: ModelHostClient) -> threading.Thread:
+    """`busy` running one request (BUSY seconds) from now: it holds the room."""
+    running = threading.Thread(target=lambda: client.predict("busy", X, timeout=30))
+    running.start()
+    time.sleep(0.2)
+    return running
+
+
+def late(client: ModelHostClient, timeout: float) -> tuple[threading.Thread, list[float]]:
+    """A request for `h` with a `timeout` deadline, on a thread: it must fail with
+    DEADLINE_EXCEEDED; the list gets the seconds it took."""
+    took: list[float] = []
+
+    def ask() -> None:
+        started = time.monotonic()
+        expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: client.predict("h", X, timeout=timeout))
+        took.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    return thread, took
+
+
+def reservations(
+    server: Server, monkeypatch: pytest.MonkeyPatch, *, fail_first: bool = False
+) -> list[object]:
+    """The keys the cache reserves room for from now on (one per page-in that waits for
+    room); with `fail_first`, the first one fails with DeadlineExpired."""
+    assert server.host is not None
+    cache = server.host.models.cache
+    reserve = cache.reserve
+    calls: list[object] = []
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        calls.append(args[0])
+        if fail_first and len(calls) == 1:
+            raise DeadlineExpired("no room before the deadline of another request")
+        reserve(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "reserve", spy)
+    return calls
+
+
+def test_a_short_deadline_does_not_end_the_page_in_the_others_wait_for(
+    client: ModelHostClient,
+    once: ModelHostClient,
+    server: Server,
+    twin: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The red team's case: a request with a short deadline starts the page-in, one with
+    a long deadline joins it. The first gets DEADLINE_EXCEEDED at its deadline; the page-in
+    goes on waiting for room (one page-in, not started again), and the second gets its
+    answer once `busy` is idle."""
+    calls = reservations(server, monkeypatch)
+    busy = keep_busy(client)
+    short, took = late(once, 0.3)
+    time.sleep(0.1)
+    started = time.monotonic()
+    answer: Any = once.predict("h", X, timeout=20)
+    waited = time.monotonic() - started
+    short.join(10)
+    busy.join(30)
+    assert len(took) == 1 and took[0] < 1.0  # promptly at its own deadline
+    np.testing.assert_allclose(answer, reference(twin, X), rtol=1e-5, atol=1e-6)
+    assert 0.5 < waited < 10  # it waited for `busy`'s request to end
+    assert calls == [("h", 1)]
+    assert client.get_model("h").page_ins == 1
+    assert client.get_model("busy").page_ins == 0  # not evicted while it ran
+
+
+def test_a_page_in_gives_up_when_every_request_for_it_has_passed_its_deadline(
+    client: ModelHostClient, once: ModelHostClient, twin: torch.nn.Module
+) -> None:
+    """A later request's deadline extends the wait for room, but not beyond it: once both
+    requests have passed their deadlines, the page-in evicts nothing for nobody."""
+    busy = keep_busy(client)
+    first, took_first = late(once, 0.3)
+    time.sleep(0.1)
+    second, took_second = late(once, 0.6)
+    first.join(10)
+    second.join(10)
+    busy.join(30)
+    assert len(took_first) == len(took_second) == 1
+    assert took_first[0] < 1.0 and took_second[0] < 1.3
+    time.sleep(0.3)  # `busy` is idle: a page-in still waiting would evict it now
+    assert client.get_model("h").page_ins == 0
+    assert client.get_model("busy").tier == "resident"
+    expected = reference(twin, X)  # and the next request pages it in
+    np.testing.assert_allclose(once.predict("h", X, timeout=20), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_request_with_time_left_starts_a_page_in_again_that_ended_at_a_deadline(
+    once: ModelHostClient,
+    server: Server,
+    twin: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page-in can pass its last deadline just as a request joins it: that request, with
+    time left, starts a new page-in rather than failing with the others' deadline."""
+    calls = reservations(server, monkeypatch, fail_first=True)
+    answer = once.predict("h", X, timeout=20)
+    np.testing.assert_allclose(answer, reference(twin, X), rtol=1e-5, atol=1e-6)
+    assert calls == [("h", 1), ("h", 1)]
+    assert once.get_model("h").page_ins == 1
