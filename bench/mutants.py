@@ -983,6 +983,58 @@ MUTANTS = [
             "tests/test_pagein_deadline.py::test_a_page_in_gives_up_when_every_request_for_it_has_passed_its_deadline",
         ),
     ),
+    Mutant(
+        "store: blobs on the load path opened blocking (a FIFO planted there wedges a page-in)",
+        SERVER + "store.py",
+        "_BLOB_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS",
+        "_BLOB_FLAGS = os.O_RDONLY | _OPEN_FLAGS",
+        (
+            "tests/test_blob_hostile.py::"
+            "test_a_page_in_from_a_planted_blob_is_data_loss_and_others_serve[fifo]",
+        ),
+    ),
+    Mutant(
+        "loading: weights read by the blob's name (a symlink planted there is followed)",
+        SERVER + "loading.py",
+        "        with store.open_blob(record) as blob:"
+        "  # a symlink or FIFO there: DATA_LOSS, at once\n"
+        "            state = formats.read_weights(blob, record.format)",
+        "        if True:\n"
+        '            state = formats.read_weights(store.root / "blobs" / record.sha256,'
+        " record.format)",
+        (
+            "tests/test_blob_hostile.py::"
+            "test_a_page_in_from_a_planted_blob_is_data_loss_and_others_serve[symlink]",
+        ),
+    ),
+    Mutant(
+        "store: EFBIG (a file too large for the file system) is not a full store: INTERNAL",
+        SERVER + "store.py",
+        "_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)",
+        "_FULL = (errno.ENOSPC, errno.EDQUOT)",
+        (
+            "tests/test_blob_hostile.py::"
+            "test_a_file_larger_than_the_file_system_takes_is_resource_exhausted",
+        ),
+    ),
+    Mutant(
+        "restore: a record that is JSON but not a list is read as one (the start crashes)",
+        SERVER + "restore.py",
+        "            if state is not None and not isinstance(state, list):",
+        "            if False:",
+        (
+            "tests/test_restore_record_hostile.py::test_an_unreadable_record_restores_nothing_and_is_kept_aside",
+        ),
+    ),
+    Mutant(
+        "restore: an unreadable record stops the start",
+        SERVER + "restore.py",
+        "        except ValueError as error:\n            try:",
+        "        except ZeroDivisionError as error:\n            try:",
+        (
+            "tests/test_restore_record_hostile.py::test_an_unreadable_record_restores_nothing_and_is_kept_aside",
+        ),
+    ),
 ]
 
 
@@ -1015,7 +1067,9 @@ sys.exit(pytest.main(sys.argv[2:]))
 
 def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
     args = [sys.executable, "-c", LAUNCHER, str(tree), "-q", "-x", "-p", "no:cacheprovider"]
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # Servers the tests start as processes import the copy's packages too.
+    copy = os.pathsep.join(str(tree / part) for part in ("client", "server"))
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": copy}
     done = subprocess.run(
         [*args, *tests], cwd=tree, env=env, capture_output=True, text=True, timeout=900, check=False
     )

@@ -264,7 +264,8 @@ def _load_weights(
         weights_meta = {"weights": member, **member.meta}
         state = _fetch_pretrained(member.url)
     elif record is not None:
-        state = formats.read_weights(store.blob_path(record), record.format)
+        with store.open_blob(record) as blob:  # a symlink or FIFO there: DATA_LOSS, at once
+            state = formats.read_weights(blob, record.format)  # mapped: valid once it closes
     else:
         raise InvalidArgument("LoadModel needs a checkpoint or pretrained weights")
     module = builder.skeleton(args)
@@ -315,10 +316,10 @@ def _load_graph(
             f"checkpoint {spec.checkpoint!r} is a {record.format}, and loading one runs code "
             f"from the file; this server does not allow that. {formats.UNSAFE_ADVICE}"
         )
-    path = store.blob_path(record)
-    if record.format == formats.PICKLED_MODEL:
-        return _Built(formats.load_pickled_model(path), [])
-    program = formats.load_exported_program(path)
+    with store.open_blob(record) as blob:  # a symlink or FIFO there: DATA_LOSS, at once
+        if record.format == formats.PICKLED_MODEL:
+            return _Built(formats.load_pickled_model(blob), [])
+        program = formats.load_exported_program(blob)
     if spec.device.type != "cpu":
         from torch.export.passes import move_to_device_pass
 

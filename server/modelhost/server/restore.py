@@ -77,8 +77,27 @@ class RestoreRecord:
 
     def read(self) -> list[tuple[LoadRequest, CheckpointRecord | None]]:
         """Every recorded version, marked not restored until it is; entries that cannot
-        be read are logged and dropped at the next write."""
-        state = self._written = self._store.read_state(HOSTED_STATE) or []
+        be read are logged and dropped at the next write. A record that cannot be read at
+        all (not a JSON list in a regular file: edited, or planted) restores nothing: it is
+        moved aside, where it stays for its owner to mend, and the server starts."""
+        try:
+            state = self._store.read_state(HOSTED_STATE)
+            if state is not None and not isinstance(state, list):
+                raise ValueError(f"a JSON {type(state).__name__}, not a list of entries")
+        except ValueError as error:
+            try:
+                aside = self._store.set_aside_state(HOSTED_STATE)
+            except OSError as failed:  # the next write replaces it
+                aside = f"where it was (it could not be moved aside: {failed.strerror})"
+            log.error(
+                "the restore record cannot be read (%s): nothing is restored; it is now %s "
+                "(a state document the server cannot read also keeps any checkpoint bytes "
+                "from being removed: mend it, or delete it)",
+                error,
+                aside,
+            )
+            state = None
+        state = self._written = state or []
         found = []
         self.unrestored = {}
         for entry in state:

@@ -30,8 +30,14 @@ blobs writes that it holds every blob (the list would not fit in MAX_HOLDS_BYTES
 it holds fewer, the others remove no blob and refuse every delete of a checkpoint. A
 holds file that no server would write (not a regular file, over MAX_HOLDS_BYTES, neither
 a list of sha256 nor that mark) counts for nothing, and an owner file that is not a
-regular file is no live server's: both are logged. A full volume (ENOSPC, EDQUOT) is
-reported as StoreFull, and leaves nothing behind.
+regular file is no live server's: both are logged. A full volume (ENOSPC, EDQUOT), or a
+file system that refuses a file this large (EFBIG: `ulimit -f`, FAT's 4 GiB), is reported
+as StoreFull, and leaves nothing behind.
+
+Blobs are read (LoadModel, a page-in, a restore, DownloadCheckpoint) only through
+`open_blob`/`open`: opened without following a symlink or waiting on a FIFO, and refused
+(DataLoss) unless they are regular files; readers that need a path get one naming that open
+file, never the name in `blobs/` again.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
 import threading
 import time
@@ -72,7 +79,9 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # StoreFull: RESOURCE_EXHAUSTED
+_BLOB_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS  # no symlink followed, no FIFO waited on
+_OPEN_FILES = Path("/proc/self/fd")  # /proc/self/fd/N: the file open as N, reopened as itself
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
 HOLDS = ".holds"  # tmp/<owner>.holds: the blobs a running server holds
 MAX_HOLDS_BYTES = 1 << 20  # a larger holds file is not a server's: it counts for nothing
@@ -124,12 +133,19 @@ class Contents:
 
 @contextlib.contextmanager
 def _space() -> Iterator[None]:
-    """Reports a full volume (or a spent quota) as StoreFull: RESOURCE_EXHAUSTED."""
+    """Reports a full volume (or a spent quota, or a file larger than the file system
+    takes) as StoreFull: RESOURCE_EXHAUSTED."""
     try:
         yield
     except OSError as error:
         if error.errno not in _FULL:
             raise
+        if error.errno == errno.EFBIG:
+            raise StoreFull(
+                "the checkpoint store's file system refused a file this large "
+                f"({os.strerror(error.errno)}: a file-size limit such as ulimit -f, or the "
+                "largest file the file system holds); nothing was stored"
+            ) from None
         raise StoreFull(f"the checkpoint store is full ({os.strerror(error.errno)})") from None
 
 
@@ -273,15 +289,38 @@ class CheckpointStore:
         return records
 
     def blob_path(self, record: CheckpointRecord) -> Path:
-        """Where the bytes of `record` are; open it promptly (a delete may follow).
+        """Where the bytes of `record` are: a check that they are there, a regular file
+        (read them through `open_blob`, which checks again what it opens).
 
         MissingBytes (DATA_LOSS) when the entry still names bytes that are gone;
-        CheckpointNotFound when the checkpoint was deleted or replaced meanwhile.
+        CheckpointNotFound when the checkpoint was deleted or replaced meanwhile; DataLoss
+        when something else is there (a symlink, a FIFO, a folder).
         """
         path = self._blob(record.sha256)
-        if not path.exists():
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
             self._missing(record)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_a_blob(record, _kind(info.st_mode))
         return path
+
+    @contextlib.contextmanager
+    def open_blob(self, record: CheckpointRecord) -> Iterator[Path]:
+        """The bytes of `record`, open, as a path naming the open file (/proc/self/fd/N),
+        for readers that take a path (torch.load with mmap, safetensors, zipfile): opening
+        it opens that file again, whatever `blobs/` holds meanwhile. Valid until the block
+        ends; what was memory-mapped from it stays valid after.
+
+        Refused with DataLoss unless the blob is a regular file: a symlink is not followed
+        and a FIFO is not waited on (the open does neither). MissingBytes / CheckpointNotFound
+        as `blob_path`.
+        """
+        fd = self._open_blob(record)
+        try:
+            yield _OPEN_FILES / str(fd)
+        finally:
+            os.close(fd)
 
     def _missing(self, record: CheckpointRecord) -> NoReturn:
         """Raises why the bytes of `record` cannot be read."""
@@ -308,12 +347,27 @@ class CheckpointStore:
         replaced meanwhile.
         """
         record = self.get(name)
+        with os.fdopen(self._open_blob(record), "rb") as file:
+            yield record, file
+
+    def _open_blob(self, record: CheckpointRecord) -> int:
+        """A descriptor of `record`'s bytes, open for reading, checked to be a regular file
+        (else DataLoss; O_NONBLOCK makes no difference to reading one)."""
         try:
-            fd = os.open(self._blob(record.sha256), os.O_RDONLY | _OPEN_FLAGS)
+            fd = os.open(self._blob(record.sha256), _BLOB_FLAGS)
         except FileNotFoundError:
             self._missing(record)
-        with os.fdopen(fd, "rb") as file:
-            yield record, file
+        except OSError as error:  # a symlink (ELOOP), a socket (ENXIO), no permission
+            why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+            raise _not_a_blob(record, why or str(error)) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise _not_a_blob(record, _kind(mode))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # Writing
 
@@ -360,7 +414,7 @@ class CheckpointStore:
             self.check_free(name, overwrite)
             previous = _sha_of(entry)
             blob = self._blobs / record.sha256
-            fresh = not blob.exists()
+            fresh = not _regular(blob)  # a symlink or FIFO planted there is replaced
             if fresh:
                 os.replace(pending.path, blob)
             else:
@@ -563,6 +617,49 @@ class CheckpointStore:
     def read_state(self, name: str) -> Any:
         """The value `write_state` stored, or None if there is none."""
         return _read_state(self._state_path(name))
+
+    def set_aside_state(self, name: str) -> str:
+        """Renames state document `name` (one that cannot be read) to a name no later
+        write replaces, beside it; returns that name. It still counts as a state document:
+        what it may pin stays until someone mends it or deletes it."""
+        path = self._state_path(name)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = path.with_name(f"{path.stem}.unreadable-{stamp}-{secrets.token_hex(4)}.json")
+        os.rename(path, aside)
+        _fsync_dir(self.root)
+        return aside.name
+
+
+def _not_a_blob(record: CheckpointRecord, why: str) -> DataLoss:
+    """The refusal of a blob that is not a regular file the store wrote."""
+    return DataLoss(
+        f"checkpoint {record.name!r}: its bytes in the store (blobs/{record.sha256}) are not "
+        f"a regular file ({why}), so they are not read; upload the checkpoint again (the "
+        "same bytes replace what is there), or delete it"
+    )
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, what in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return what
+    return f"file type {stat.S_IFMT(mode):o}"
+
+
+def _regular(path: Path) -> bool:
+    """Whether `path` is a regular file (not following a symlink)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _wrapped(document: Any) -> bool:

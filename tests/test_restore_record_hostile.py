@@ -1,0 +1,76 @@
+"""A restore record that cannot be read does not stop the server (red team round 9, L3):
+`5` crashed the start with a TypeError, and a record that was not JSON, empty or a symlink
+made it refuse to start. Replicas share the record, so one bad file stopped every one of
+them. Now nothing is restored, the file is kept aside for its owner, and the server
+serves and records anew."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_restore import X, load, mlp, saved
+
+from conftest import reference
+from modelhost.client import ModelHostClient
+from modelhost.server import Settings, running
+
+RECORD = "hosted-models.json"
+
+
+def symlinked(path: Path) -> None:
+    """The record moved elsewhere, and a symlink to it in its place."""
+    elsewhere = path.with_name("elsewhere.txt")
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+
+
+BAD: dict[str, Callable[[Path], object]] = {
+    "a number": lambda path: path.write_text("5"),
+    "a number, wrapped": lambda path: path.write_text('{"value": 5, "pinned_blobs": []}'),
+    "an object": lambda path: path.write_text('{"m": 1}'),
+    "not JSON": lambda path: path.write_text("[{"),
+    "empty": lambda path: path.write_text(""),
+    "a symlink to a good record": symlinked,
+}
+UNKNOWN_PINS = {"not JSON", "empty", "a symlink to a good record"}
+
+
+@pytest.mark.parametrize("spoil", list(BAD), ids=list(BAD))
+def test_an_unreadable_record_restores_nothing_and_is_kept_aside(
+    settings: Settings, spoil: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    restoring = dataclasses.replace(settings, restore=True)
+    store = settings.store
+    model = mlp(1)
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", saved(model))
+        client.save_checkpoint("other", saved(mlp(2)))
+        load(client)
+    BAD[spoil](store / RECORD)
+    spoiled = (store / RECORD).read_bytes() if not (store / RECORD).is_symlink() else None
+    with (
+        caplog.at_level(logging.ERROR, "modelhost.server.restore"),
+        running(restoring) as server,
+        ModelHostClient(server.target, timeout=60) as client,
+    ):
+        assert client.list_models() == []
+        (aside,) = store.glob("hosted-models.unreadable-*.json")
+        assert "the restore record cannot be read" in caplog.text and aside.name in caplog.text
+        if spoiled is not None:
+            assert aside.read_bytes() == spoiled  # kept as it was, for its owner to mend
+        # Unless it is JSON, what it pins is unknown: no checkpoint bytes go while it is there.
+        other = client.get_checkpoint("other").sha256
+        client.delete_checkpoint("other")
+        assert (store / "blobs" / other).exists() == (spoil in UNKNOWN_PINS)
+        load(client, "again")  # the server serves, and records anew
+        np.testing.assert_allclose(client.predict("again", X), reference(model, X), rtol=1e-5)
+        aside.unlink()
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        assert [m.name for m in client.list_models()] == ["again"]
+        assert not (store / "blobs" / other).exists()  # a start removes unused bytes
+        np.testing.assert_allclose(client.predict("again", X), reference(model, X), rtol=1e-5)
