@@ -1035,6 +1035,16 @@ MUTANTS = [
             "tests/test_restore_record_hostile.py::test_an_unreadable_record_restores_nothing_and_is_kept_aside",
         ),
     ),
+    Mutant(
+        "architectures: an input a builder of your own declares is ignored",
+        SERVER + "architectures.py",
+        "        return declared[0] if declared else _TASK_INPUTS.get(self.task)",
+        "        return _TASK_INPUTS.get(self.task)",
+        (
+            "tests/test_activation_bound.py::"
+            "test_a_builder_of_your_own_that_declares_its_input_is_measured_too",
+        ),
+    ),
 ]
 
 

@@ -34,6 +34,7 @@ TEST_ARCHITECTURES = [
     "thread_namer=helpers.models:thread_namer",
     "compile_marker=helpers.models:compile_marker",
     "named_outputs=helpers.models:named_outputs",
+    "attention=helpers.models:attention",
 ]
 
 

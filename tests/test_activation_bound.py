@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from conftest import expect, images, reference, resnet18, serve
+from helpers.models import Attention
 from modelhost.client import ModelHostClient
 from modelhost.server import Server, Settings, running
 from modelhost.server.activations import ActivationCost, LiveTensors
@@ -30,22 +31,6 @@ from modelhost.server.loading import LoadSpec, probe_skeleton
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 MiB = 1 << 20
-
-
-class Attention(nn.Module):
-    """Self-attention over token ids written out: its scores grow with the square of the
-    sequence's length, as a transformer's do."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(1000, width)
-        self.query = nn.Linear(width, width)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        q = self.query(x)
-        scores = torch.softmax(q @ q.transpose(1, 2), dim=-1)
-        return (scores @ x).mean(dim=1)
 
 
 def one_row_peak(model: nn.Module, x: torch.Tensor) -> int:
@@ -261,3 +246,25 @@ def test_an_exported_transformer_is_bounded_by_its_quadratic_cost(settings: Sett
         assert linear < limit
         expect(EXHAUSTED, lambda: client.predict("attention", long), "1x4096", "x its row's")
         np.testing.assert_allclose(client.predict("attention", ids), expected, rtol=1e-4)
+
+
+def test_a_builder_of_your_own_that_declares_its_input_is_measured_too(
+    settings: Settings,
+) -> None:
+    """`attention.input_shape = (-1, -1)`, `input_dtype = "int64"`: its outputs are known
+    at load, before any request, and its activations bound it as an exported program's
+    do; a builder that declares an input without a batch dimension is refused at start."""
+    limited = dataclasses.replace(settings, max_predict_bytes=64 * MiB)
+    with running(limited) as server, ModelHostClient(server.target, timeout=120) as client:
+        model = serve(client, "att", architecture="attention", architecture_args={"width": 64})
+        info = client.get_model("att")
+        assert [(i.dtype, i.shape) for i in info.inputs] == [("int64", (-1, -1))]
+        assert [(o.dtype, o.shape) for o in info.outputs] == [("float32", (-1, 64))]
+        ids = np.random.default_rng(0).integers(0, 1000, (2, 512))
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(ids)).numpy()
+        np.testing.assert_allclose(client.predict("att", ids), expected, rtol=1e-4, atol=1e-6)
+        long = np.zeros((1, 4096), dtype=np.int64)
+        expect(EXHAUSTED, lambda: client.predict("att", long), "1x4096", "max_predict_bytes")
+    with pytest.raises(ValueError, match=r"architecture bad: input_shape \(3, -1\)"):
+        ArchitectureCatalog(["bad=helpers.models:badly_declared"])

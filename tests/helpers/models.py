@@ -277,3 +277,35 @@ class NamedOutputs(nn.Module):
 
 def named_outputs() -> nn.Module:
     return NamedOutputs()
+
+
+class Attention(nn.Module):
+    """Self-attention over token ids written out: its scores grow with the square of the
+    sequence's length, as a transformer's do."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, width)
+        self.query = nn.Linear(width, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        q = self.query(x)
+        scores = torch.softmax(q @ q.transpose(1, 2), dim=-1)
+        return (scores @ x).mean(dim=1)
+
+
+def attention(width: int = 64) -> nn.Module:
+    """A builder that declares its input: token ids of any number and length."""
+    return Attention(width)
+
+
+attention.input_shape = (-1, -1)  # type: ignore[attr-defined]
+attention.input_dtype = "int64"  # type: ignore[attr-defined]
+
+
+def badly_declared() -> nn.Module:
+    return Attention()
+
+
+badly_declared.input_shape = (3, -1)  # type: ignore[attr-defined]  # no batch dimension

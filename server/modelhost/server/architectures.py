@@ -68,8 +68,14 @@ class Builder:
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
-        """The input shape the task implies (-1: any size), when it implies one."""
-        return _TASK_INPUTS.get(self.task)
+        """The input shape (-1: any size) its builder declares, or its task implies."""
+        declared = declared_input(self.fn)
+        return declared[0] if declared else _TASK_INPUTS.get(self.task)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        declared = declared_input(self.fn)
+        return declared[1] if declared else torch.float32
 
     def build(self, args: dict[str, Any], device: torch.device | str) -> nn.Module:
         """Calls the builder with its tensors created on `device`.
@@ -307,6 +313,35 @@ def load_callable(spec: str) -> Callable[..., Any]:
     return target
 
 
+MAX_INPUT_RANK = 8
+
+
+def declared_input(fn: Callable[..., Any]) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The one input a builder of your own declares, if it does: `fn.input_shape` (-1
+    first, for the batch, then a size or -1 for each dimension) and `fn.input_dtype` (a
+    torch dtype or its name; float32 if not given). With it, a model's outputs are known
+    at load and its activations are measured (`activations.py`). ValueError if malformed."""
+    shape = getattr(fn, "input_shape", None)
+    if shape is None:
+        return None
+    if (
+        not isinstance(shape, (tuple, list))
+        or not 1 <= len(shape) <= MAX_INPUT_RANK
+        or shape[0] != -1
+        or not all(type(d) is int and (d == -1 or d > 0) for d in shape)
+    ):
+        raise ValueError(
+            f"input_shape {shape!r:.80}: up to {MAX_INPUT_RANK} dimensions, -1 (the batch) "
+            "then a size or -1 for each"
+        )
+    dtype = getattr(fn, "input_dtype", torch.float32)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"input_dtype {dtype!r:.80} is not a torch dtype")
+    return tuple(shape), dtype
+
+
 def parse_setting(item: str) -> tuple[str, str]:
     """`NAME=MODULE:CALLABLE` -> (name, spec)."""
     name, sep, spec = item.partition("=")
@@ -332,6 +367,10 @@ class ArchitectureCatalog:
             self._add(Builder(name, "setting", "custom", load_callable(spec)))
 
     def _add(self, builder: Builder) -> None:
+        try:
+            declared_input(builder.fn)
+        except ValueError as error:
+            raise ValueError(f"architecture {builder.name}: {error}") from None
         if builder.name in self._builders:
             log.warning(
                 "architecture %s from %s replaces the one from %s",

@@ -285,7 +285,7 @@ def _load_weights(
             module = builder.build(args, "cpu")
         module.load_state_dict(state, strict=spec.strict)
     shape = builder.input_shape
-    inputs = [InputSpec("input", torch.float32, shape)] if shape else []
+    inputs = [InputSpec("input", builder.input_dtype, shape)] if shape else []
     return _Built(module, inputs, missing, unexpected, weights_meta)
 
 
@@ -457,10 +457,10 @@ def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, given: InputSpec) -> Pr
         return Probed()
 
     def run(shape: Sequence[int]) -> Any:
-        return module(torch.zeros(shape, dtype=torch.float32, device="meta"))
+        return module(torch.zeros(shape, dtype=given.dtype, device="meta"))
 
     def peak(row: Sequence[int]) -> int:  # of what the model makes (not its input)
-        zeros = torch.zeros(row, dtype=torch.float32, device="meta")
+        zeros = torch.zeros(row, dtype=given.dtype, device="meta")
         return peak_bytes(lambda: module(zeros))
 
     with torch.inference_mode():
