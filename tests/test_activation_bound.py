@@ -195,6 +195,7 @@ def test_batches_stop_short_of_the_bound(bounded: tuple[Server, ModelHostClient,
 def test_a_warmup_shape_over_the_bound_is_refused_at_load(
     bounded: tuple[Server, ModelHostClient, int],
 ) -> None:
+    """The load's warm-up is a batch like any other (as a detection model's is)."""
     _, client, _ = bounded
     client.save_checkpoint("w", resnet18().state_dict())
     expect(
