@@ -984,10 +984,10 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "store: blobs on the load path opened blocking (a FIFO planted there wedges a page-in)",
+        "store: blobs opened blocking (a FIFO planted there wedges a page-in)",
         SERVER + "store.py",
-        "_BLOB_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS",
-        "_BLOB_FLAGS = os.O_RDONLY | _OPEN_FLAGS",
+        "_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS",
+        "_READ_FLAGS = os.O_RDONLY | _OPEN_FLAGS",
         (
             "tests/test_blob_hostile.py::"
             "test_a_page_in_from_a_planted_blob_is_data_loss_and_others_serve[fifo]",

@@ -80,7 +80,7 @@ DIR_MODE = 0o700
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # StoreFull: RESOURCE_EXHAUSTED
-_BLOB_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS  # no symlink followed, no FIFO waited on
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS  # no symlink followed, no FIFO waited on
 _OPEN_FILES = Path("/proc/self/fd")  # /proc/self/fd/N: the file open as N, reopened as itself
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
 HOLDS = ".holds"  # tmp/<owner>.holds: the blobs a running server holds
@@ -351,22 +351,14 @@ class CheckpointStore:
             yield record, file
 
     def _open_blob(self, record: CheckpointRecord) -> int:
-        """A descriptor of `record`'s bytes, open for reading, checked to be a regular file
-        (else DataLoss; O_NONBLOCK makes no difference to reading one)."""
+        """A descriptor of `record`'s bytes, open for reading (`_open_regular`; DataLoss
+        when they are not a regular file)."""
         try:
-            fd = os.open(self._blob(record.sha256), _BLOB_FLAGS)
+            fd, _ = _open_regular(self._blob(record.sha256))
         except FileNotFoundError:
             self._missing(record)
-        except OSError as error:  # a symlink (ELOOP), a socket (ENXIO), no permission
-            why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
-            raise _not_a_blob(record, why or str(error)) from None
-        try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise _not_a_blob(record, _kind(mode))
-        except BaseException:
-            os.close(fd)
-            raise
+        except _Unreadable as error:
+            raise _not_a_blob(record, error.what) from None
         return fd
 
     # Writing
@@ -719,21 +711,43 @@ def _check_record(record: CheckpointRecord, name: str) -> None:
         raise ValueError(f"fields not as the store writes them: {', '.join(problems)}")
 
 
+class _Unreadable(ValueError):
+    """A path that is not a regular file that can be opened: why, and `what` is there."""
+
+    def __init__(self, why: str, what: str) -> None:
+        super().__init__(why)
+        self.what = what
+
+
+def _open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """`path` open for reading, and its status: refused (_Unreadable) unless it is a
+    regular file, without following a symlink or waiting on a FIFO (O_NOFOLLOW,
+    O_NONBLOCK, which makes no difference to reading a regular file). FileNotFoundError
+    if there is none."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # a symlink (ELOOP), a socket (ENXIO), no permission
+        why = error.strerror or str(error)
+        raise _Unreadable(why, "a symbolic link" if error.errno == errno.ELOOP else why) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unreadable("not a regular file", _kind(info.st_mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
 def _read_json(path: Path, limit: int) -> Any:
     """The JSON document in `path`, read with bounds: anyone with write access to the store
     may have put anything there. FileNotFoundError if there is none; ValueError if it is not
     a regular file of at most `limit` bytes holding JSON nested at most a few hundred deep
-    (a symlink, a FIFO, a folder: the open does not follow or wait)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS)
-    except FileNotFoundError:
-        raise
-    except OSError as error:  # a symlink (ELOOP), no permission
-        raise ValueError(error.strerror) from None
+    (a symlink, a FIFO, a folder: `_open_regular` does not follow or wait)."""
+    fd, info = _open_regular(path)
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
         if info.st_size > limit:
             raise ValueError(f"{info.st_size} bytes, more than {limit}")
         data = file.read(limit + 1)
