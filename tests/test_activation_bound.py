@@ -269,3 +269,27 @@ def test_a_builder_of_your_own_that_declares_its_input_is_measured_too(
         expect(EXHAUSTED, lambda: client.predict("att", long), "1x4096", "max_predict_bytes")
     with pytest.raises(ValueError, match=r"architecture bad: input_shape \(3, -1\)"):
         ArchitectureCatalog(["bad=helpers.models:badly_declared"])
+
+
+def test_a_cpu_version_counts_its_largest_warm_up_batch_as_workspace(settings: Settings) -> None:
+    """On the CPU, which keeps no allocator peak, the workspace a version counts against
+    the device budget (beyond its weights, in `device_bytes`) is its measured activations
+    for its largest warm-up batch: what the in-process model's tensors hold for that
+    batch, attention's scores included. (The largest inputs plus outputs of one layer,
+    the estimate before, saw the layers but not the scores between them: a ninth.)"""
+    warm, args = (2, 512), {"width": 64}
+    with running(settings) as server, ModelHostClient(server.target, timeout=120) as client:
+        model = serve(client, "cold", architecture="attention", architecture_args=args)
+        serve(
+            client,
+            "warm",
+            model,
+            architecture="attention",
+            architecture_args=args,
+            checkpoint="cold",
+            overwrite=True,
+            warmup_shape=warm,
+        )
+        workspace = client.get_model("warm").device_bytes - client.get_model("cold").device_bytes
+    real = one_row_peak(model, torch.zeros(warm, dtype=torch.long))
+    assert workspace == pytest.approx(real, rel=0.03)

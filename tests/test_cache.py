@@ -549,9 +549,10 @@ def test_triton_clients_see_evicted_versions_ready_and_infer_pages_them_in(
 
 
 def test_the_warm_up_workspace_counts_against_the_budget(client: ModelHostClient) -> None:
-    """On the CPU a version's workspace is estimated during its warm-up: the largest
-    inputs plus outputs of one layer at its largest warm-up batch (here the ReLU's
-    8 x 256 floats in and out); that counts against the budget too."""
+    """On the CPU the workspace of a version whose activations were not measured (this
+    builder declares no input) is estimated during its warm-up: the largest inputs plus
+    outputs of one layer at its largest warm-up batch (here the ReLU's 8 x 256 floats in
+    and out); that counts against the budget too."""
     load(client, "warm", 0, warmup_shape=(8, 16))
     workspace = 2 * 8 * 256 * 4
     assert client.get_model("warm").device_bytes == MODEL_BYTES + workspace

@@ -262,10 +262,11 @@ class Workspace:
     """What running a module needs on its device beyond its weights, measured around its
     warm-up (`with Workspace(module, device) as w: ...; w.bytes`). On a GPU: the peak of
     what PyTorch allocated beyond what it held before. On the CPU, which keeps no such
-    count, an estimate: the largest inputs plus outputs of any one layer (the activations
-    alive at once in a feed-forward network). GPU peaks are counted per device, not per
-    thread, so GPU warm-ups are measured one at a time (other models' batches running
-    meanwhile may still add theirs: the estimate errs on the side of more)."""
+    count, a rough estimate: the largest inputs plus outputs of any one layer (a load
+    counts the model's measured activations instead where it knows them). GPU peaks are
+    counted per device, not per thread, so GPU warm-ups are measured one at a time (other
+    models' batches running meanwhile may still add theirs: the estimate errs on the side
+    of more)."""
 
     _measuring = threading.Lock()
 

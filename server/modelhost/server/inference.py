@@ -298,9 +298,20 @@ class Runner:
     def check_shape_cost(self, shape: Sequence[int], what: str) -> None:
         """Refuses (InvalidArgument, naming `what`) a shape a load would run that would
         cost more than the model's limit (see `check_cost`)."""
+        self.check_cost(self._zeros_of(shape), InvalidArgument, f"{what}: ")
+
+    def estimated_bytes(self, shape: Sequence[int]) -> int | None:
+        """What a batch of zeros of `shape` is estimated to take beyond the weights: a
+        detection model's estimate, any other model's measured activations; None when the
+        model has neither (the same estimates `check_cost` bounds)."""
+        seen = self._as_the_model_sees(self._zeros_of(shape)).values()
+        cost = self._cost if self._cost is not None else self.activations
+        return None if cost is None else sum(cost.estimate(t.shape) for t in seen)
+
+    def _zeros_of(self, shape: Sequence[int]) -> Tensors:
+        """A batch of `shape` as a warm-up would make it (on the meta device: no memory)."""
         dtype = self.inputs[0].dtype if self.inputs else self.dtype
-        largest = torch.empty(tuple(shape), dtype=dtype, device="meta")
-        self.check_cost({SINGLE_INPUT: largest}, InvalidArgument, f"{what}: ")
+        return {SINGLE_INPUT: torch.empty(tuple(shape), dtype=dtype, device="meta")}
 
     @property
     def is_detection(self) -> bool:

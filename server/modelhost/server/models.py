@@ -299,7 +299,8 @@ class Models:
         lane: Lane,
     ) -> HostedModel:
         """Finds the outputs, warms up and wraps a built version (on a load thread); counts
-        the workspace the warm-up needed against the device's budget."""
+        the workspace the warm-up needed against the device's budget: on a GPU the
+        allocator's peak around it, on the CPU the estimate for its largest batch."""
         assert loaded.module is not None
         _check_label_count(request.labels, runner.outputs)  # before a warm-up is spent
         workspace = Workspace(loaded.module, loaded.device)
@@ -307,9 +308,13 @@ class Models:
             policy = self._warm_up(
                 spec, policy, request, runner=runner, lane=lane, inputs=loaded.inputs
             )
-        if workspace.bytes:
+        workspace_bytes = workspace.bytes
+        if loaded.device.type == "cpu" and request.warmup_shape:
+            estimated = runner.estimated_bytes(request.warmup_shape)
+            workspace_bytes = workspace.bytes if estimated is None else estimated
+        if workspace_bytes:
             self._make_room(
-                (spec.name, version), loaded.device, loaded.device_bytes + workspace.bytes
+                (spec.name, version), loaded.device, loaded.device_bytes + workspace_bytes
             )
         categories = loaded.weights_meta.get("categories", [])
         _check_label_count(request.labels, runner.outputs)  # outputs the warm-up found
@@ -338,7 +343,7 @@ class Models:
             labels=list(request.labels or categories),
             request=dataclasses.replace(request, version=version),
             cache=self.cache,
-            workspace_bytes=workspace.bytes,
+            workspace_bytes=workspace_bytes,
         )
 
     def _warm_up(
