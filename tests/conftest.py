@@ -35,6 +35,7 @@ TEST_ARCHITECTURES = [
     "compile_marker=helpers.models:compile_marker",
     "named_outputs=helpers.models:named_outputs",
     "attention=helpers.models:attention",
+    "blend=helpers.models:blend",
 ]
 
 

@@ -309,3 +309,31 @@ def badly_declared() -> nn.Module:
 
 
 badly_declared.input_shape = (3, -1)  # type: ignore[attr-defined]  # no batch dimension
+
+
+class Blend(nn.Module):
+    """Two inputs by name, an optional one (`mask=None`) and a setting (`times=3`), as
+    RAFT's `forward(image1, image2, num_flow_updates=12)`: a model that declares no
+    inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        other: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        times: int = 3,
+    ) -> torch.Tensor:
+        out = (image + other) * self.scale
+        if mask is not None:
+            out = out * mask
+        for _ in range(times):
+            out = out + 1
+        return out
+
+
+def blend() -> nn.Module:
+    return Blend()
