@@ -122,7 +122,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             context.time_remaining(),
         )
         described, raw = tensors.encode_outputs(
-            answer.outputs, request.outputs, self.host.settings.max_message_bytes
+            answer.outputs, request.outputs, self.host.settings.max_message_bytes, request.id
         )
         return oip.ModelInferResponse(
             model_name=hosted.name,

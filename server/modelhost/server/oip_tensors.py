@@ -162,9 +162,11 @@ def encode_outputs(
     outputs: Mapping[str, pb.Tensor],
     requested: Iterable[oip.ModelInferRequest.InferRequestedOutputTensor],
     max_bytes: int,
+    request_id: str = "",
 ) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
     """The requested outputs (all when none are named), as tensors and raw contents;
-    refused if an output is named twice or they would hold more than `max_bytes`."""
+    refused if an output is named twice or if the reply, with its framing and the
+    `request_id` it echoes, could take more than `max_bytes` (`check_reply_bytes`)."""
     names: list[str] = []
     for output in requested:
         if output.name not in outputs:
@@ -177,7 +179,7 @@ def encode_outputs(
             raise InvalidArgument("the classification extension is not supported")
         names.append(output.name)
     names = names or list(outputs)
-    check_reply_bytes(sum(len(outputs[name].data) for name in names), max_bytes)
+    check_reply_bytes([(name, outputs[name]) for name in names], max_bytes, [request_id])
     tensors, raw = [], []
     for name in names:
         tensor = outputs[name]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 from google.protobuf.descriptor import Descriptor
@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from modelhost.client import codec, wire
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.server.errors import InvalidArgument, InvalidInput, LimitExceeded
+from modelhost.server.names import MAX_NAME_LENGTH
 from modelhost.server.settings import Settings
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -202,14 +203,54 @@ def check_element_count(elements: int, limit: int) -> None:
         )
 
 
-def check_reply_bytes(nbytes: int, limit: int) -> None:
-    """Refuses a reply whose outputs hold more than `max_message_bytes`, before it is built
-    (gRPC would refuse it only once built: a copy of every byte, or of one output per
-    time an OIP request names it)."""
-    if nbytes > limit:
+FIELD_FRAMING = 11
+"""The most a field's tag and length prefix (or an int64's varint) take: one byte of tag
+(every field number in a reply is under 16) and a varint of at most 10 bytes."""
+
+OUTPUT_FRAMING = 6 * FIELD_FRAMING
+"""The most one output takes besides its name, its shape's numbers and its data, in
+either protocol: in Predict's `outputs` map, the entry, its key, its value (a Tensor),
+the Tensor's dtype (an enum: a varint), shape and data, each a tag and a prefix (or a
+varint); in an OIP reply, the InferOutputTensor, its name, datatype (with its text, at
+most 5 bytes), shape and its entry in raw_output_contents, 60 bytes."""
+
+REPLY_FRAMING = 3 * FIELD_FRAMING + MAX_NAME_LENGTH + 20
+"""The most a reply takes besides its outputs and what is counted with them: the
+model's name (at most MAX_NAME_LENGTH ASCII characters) and version (an int64, or its
+decimal text in OIP: at most 20 bytes), each with its tag and prefix, and the tag and
+prefix of OIP's request id (whose text the caller counts)."""
+
+
+def check_reply_bytes(
+    outputs: Iterable[tuple[str, codec.TensorFields]],
+    limit: int,
+    strings: Iterable[str] = (),
+    messages: Iterable[Message] = (),
+) -> None:
+    """Refuses a reply of these (name, tensor) `outputs` that could take more than `limit`
+    (`max_message_bytes`) once encoded, before it is built (gRPC would refuse it only once
+    built: a copy of every byte, or of one output per time an OIP request names it, and
+    with its own message, not naming the setting).
+
+    What is counted is an upper bound of the encoded reply, in Predict's and OIP's
+    form alike: each output's data, name (UTF-8) and shape (up to 10 bytes per
+    dimension) and OUTPUT_FRAMING for its tags, length prefixes and dtype; the
+    reply's other `strings` (OIP's request id); each of its other `messages` (Predict's
+    top_k rows: their encoded size) with a tag and prefix; and REPLY_FRAMING for the
+    model's name and version. The bound's slack is under 200 bytes and about 60 per
+    output: a reply that close to the limit may be refused although it would fit; none
+    that does not fit is built."""
+    data, total = 0, REPLY_FRAMING
+    for name, tensor in outputs:
+        size = len(tensor.data)
+        data += size
+        total += size + len(name.encode()) + 10 * len(tensor.shape) + OUTPUT_FRAMING
+    total += sum(len(text.encode()) for text in strings)
+    total += sum(message.ByteSize() + FIELD_FRAMING for message in messages)
+    if total > limit:
         raise LimitExceeded(
-            f"the reply would hold {nbytes} bytes of outputs; the limit is {limit} "
-            "(max_message_bytes)"
+            f"the reply would hold {data} bytes of outputs, up to {total} bytes encoded; "
+            f"the limit is {limit} (max_message_bytes)"
         )
 
 

@@ -140,8 +140,8 @@ class ModelHostService(pb_grpc.ModelHostServicer):
             images=request.images,
             top_k=request.top_k,
         )
-        outputs = sum(len(tensor.data) for tensor in answer.outputs.values())
-        check_reply_bytes(outputs, self.host.settings.max_message_bytes)
+        limit = self.host.settings.max_message_bytes
+        check_reply_bytes(answer.outputs.items(), limit, messages=answer.top_k)
         context.set_trailing_metadata(((CACHE_TRAILER, "miss" if answer.paged_in else "hit"),))
         return pb.PredictResponse(
             model=hosted.name, version=hosted.version, outputs=answer.outputs, top_k=answer.top_k
