@@ -36,6 +36,7 @@ TEST_ARCHITECTURES = [
     "named_outputs=helpers.models:named_outputs",
     "attention=helpers.models:attention",
     "blend=helpers.models:blend",
+    "fixed_size=helpers.models:fixed_size",
 ]
 
 

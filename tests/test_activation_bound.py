@@ -70,7 +70,7 @@ def test_the_cost_follows_linear_and_quadratic_growth() -> None:
     cost = ActivationCost.measured(runs)
     assert cost is not None and cost.quadratic == 0
     big = one_row_peak(conv, torch.zeros(2, 3, 448, 448))
-    assert cost.estimate((2, 3, 448, 448)) == pytest.approx(big, rel=0.02)
+    assert cost.estimate([(2, 3, 448, 448)]) == pytest.approx(big, rel=0.02)
 
     attention = Attention().eval()
     runner = Runner(attention, torch.device("cpu"), torch.float32)
@@ -81,7 +81,7 @@ def test_the_cost_follows_linear_and_quadratic_growth() -> None:
     cost = ActivationCost.measured(runs)
     assert cost is not None and cost.quadratic > 0
     long = one_row_peak(attention, torch.zeros(1, 4096, dtype=torch.long))
-    assert cost.estimate((1, 4096)) == pytest.approx(long, rel=0.02)
+    assert cost.estimate([(1, 4096)]) == pytest.approx(long, rel=0.02)
     assert runs[0][1] / 224 * 4096 < long / 10
 
 
@@ -107,7 +107,7 @@ def test_the_skeleton_on_the_meta_device_costs_what_the_model_does(
     side = 224 if architecture.startswith("vit") else 160
     model = torchvision.models.get_model(architecture, weights=None, **args).eval().to(dtype)
     real = one_row_peak(model, torch.zeros(2, 3, side, side, dtype=dtype))
-    assert cost.estimate((2, 3, side, side)) == pytest.approx(real, rel=0.02)
+    assert cost.estimate([(2, 3, side, side)]) == pytest.approx(real, rel=0.02)
 
 
 def test_an_overhead_that_does_not_grow_is_counted_as_if_it_did() -> None:
@@ -116,7 +116,7 @@ def test_an_overhead_that_does_not_grow_is_counted_as_if_it_did() -> None:
     cost = ActivationCost.measured([(100, 10_000 + 2 * 100), (400, 10_000 + 2 * 400)])
     assert cost == ActivationCost(10_800 / 400)
     for elements in (400, 1000, 10**6):
-        assert cost.estimate((1, elements)) >= 10_000 + 2 * elements
+        assert cost.estimate([(1, elements)]) >= 10_000 + 2 * elements
     assert ActivationCost.measured([]) is None
 
 
@@ -293,3 +293,134 @@ def test_a_cpu_version_counts_its_largest_warm_up_batch_as_workspace(settings: S
         workspace = client.get_model("warm").device_bytes - client.get_model("cold").device_bytes
     real = one_row_peak(model, torch.zeros(warm, dtype=torch.long))
     assert workspace == pytest.approx(real, rel=0.03)
+
+
+def _meta_peak(architecture: str, args: dict[str, object], *inputs: tuple[int, ...]) -> int:
+    """What the architecture's tensors hold for zeros of these shapes (on the meta device:
+    the same tensors as a real run, no memory)."""
+    module = ArchitectureCatalog([]).get(architecture).skeleton(dict(args)).eval()
+    zeros = [torch.zeros(shape, device="meta") for shape in inputs]
+    with torch.inference_mode(), LiveTensors() as live:
+        module(*zeros)
+    return live.peak
+
+
+@pytest.mark.parametrize(
+    ("architecture", "args", "shape"),
+    [
+        ("resnet50", {}, (1, 3, 1, 65536)),
+        ("resnet50", {}, (256, 3, 4, 4)),
+        ("fcn_resnet50", {"num_classes": 5, "weights_backbone": None}, (1, 3, 2, 32768)),
+        ("shufflenet_v2_x2_0", {}, (1, 3, 1, 65536)),
+        ("swin_t", {}, (64, 3, 8, 8)),
+    ],
+)
+def test_thin_and_tiny_rows_are_estimated_at_what_they_take(
+    architecture: str, args: dict[str, object], shape: tuple[int, ...]
+) -> None:
+    """A feature map is never less than a pixel high and a Swin window never smaller than
+    7 x 7 tokens: one-pixel-high images took 2 to 10 times, tiny ones up to 300 times, an
+    estimate from square ones (red team 10, M1 and M2). The load also measures the
+    smallest size the model takes (a row's floor) and one thin row per open dimension."""
+    image = [InputSpec("input", torch.float32, (-1, 3, -1, -1))]
+    spec = LoadSpec("m", architecture, dict(args), "w", torch.device("cpu"), None)
+    cost = probe_skeleton(ArchitectureCatalog([]), spec, image, torch.float32).activations
+    assert cost is not None
+    real = _meta_peak(architecture, args, shape)
+    assert real / 1.1 <= cost.estimate([shape]) <= real * 1.5
+
+
+def test_raft_takes_two_named_images_and_is_bounded(settings: Settings) -> None:
+    """RAFT had no known input, so nothing bounded it: two 1024 x 1024 images (25 MB)
+    took 2.3 GB, its correlation volume growing with the square of the pixels; its
+    `num_flow_updates` could be sent as an input (red team 10, H1 and H2). It takes
+    `image1` and `image2` now, answers as in-process, and is measured past 224 pixels."""
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    limit = 200_000_000
+    small = np.random.default_rng(0).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    big = np.zeros((1, 3, 1024, 1024), dtype=np.float32)
+    meta = _meta_peak("raft_small", {}, big.shape, big.shape)
+    assert meta > 10 * limit
+    limited = dataclasses.replace(settings, max_predict_bytes=limit)
+    with running(limited) as server, ModelHostClient(server.target, timeout=120) as client:
+        client.save_checkpoint("raft", model.state_dict())
+        client.load_model("flow", architecture="raft_small", checkpoint="raft")
+        info = client.get_model("flow")
+        assert [(i.name, i.shape) for i in info.inputs] == [
+            ("image1", (-1, 3, -1, -1)),
+            ("image2", (-1, 3, -1, -1)),
+        ]
+        served = client.predict("flow", {"image1": small, "image2": small[:, ::-1].copy()})
+        with torch.inference_mode():
+            flows = model(torch.from_numpy(small), torch.from_numpy(small[:, ::-1].copy()))
+        assert len(served) == len(flows) == 12
+        for i, flow in enumerate(flows):
+            np.testing.assert_allclose(served[str(i)], flow.numpy(), rtol=1e-3, atol=1e-3)
+        expect(
+            EXHAUSTED,
+            lambda: client.predict("flow", {"image1": big, "image2": big}),
+            "1x3x1024x1024, 1x3x1024x1024",
+            "max_predict_bytes",
+        )
+        updates = np.array([1000], dtype=np.int64)
+        expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda: client.predict(
+                "flow", {"image1": small, "image2": small, "num_flow_updates": updates}
+            ),
+            "do not match the model's inputs",
+        )
+
+
+def test_a_model_that_takes_no_probe_size_is_measured_at_its_warmup_shape(
+    settings: Settings,
+) -> None:
+    """A model that takes none of the sizes a load measures at (ViT of another
+    image_size, MViT, here one that takes 48 x 48 only) was not bounded at all (red team
+    10, M3). Its load is refused while max_predict_bytes is set, naming what to do; with
+    a warmup_shape it takes it is measured there, and bounded; with the bound off it
+    loads as before."""
+    model = build_fixed()
+    x = np.random.default_rng(0).standard_normal((2, 3, 48, 48)).astype(np.float32)
+    row = one_row_peak(model, torch.zeros(1, 3, 48, 48))
+    limited = dataclasses.replace(settings, max_predict_bytes=int(4.5 * row))
+    with running(limited) as server, ModelHostClient(server.target, timeout=120) as client:
+        client.save_checkpoint("fixed", model.state_dict())
+        expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            lambda: client.load_model("m", architecture="fixed_size", checkpoint="fixed"),
+            "its activations could not be measured",
+            "give a warmup_shape it takes",
+            "max_predict_bytes 0",
+        )
+        client.load_model(
+            "m", architecture="fixed_size", checkpoint="fixed", warmup_shape=(2, 3, 48, 48)
+        )
+        np.testing.assert_allclose(client.predict("m", x), reference(model, x), rtol=1e-5)
+        expect(EXHAUSTED, lambda: client.predict("m", np.zeros((5, 3, 48, 48), np.float32)))
+    unbounded = dataclasses.replace(settings, max_predict_bytes=0)
+    with running(unbounded) as server, ModelHostClient(server.target, timeout=120) as client:
+        client.load_model("m", architecture="fixed_size", checkpoint="fixed")
+        np.testing.assert_allclose(client.predict("m", x), reference(model, x), rtol=1e-5)
+
+
+def build_fixed() -> nn.Module:
+    from helpers.models import fixed_size
+
+    torch.manual_seed(0)
+    return fixed_size().eval()
+
+
+def test_preprocessing_uint8_images_counts_against_the_bound(
+    bounded: tuple[Server, ModelHostClient, int],
+) -> None:
+    """A resize converts a whole uint8 image to float32 first: a 192 MB image took 1.1 GB
+    against an estimate from its preprocessed size (red team 10, L1). Preprocessing's
+    bytes count too; a small image answers as before."""
+    _, client, _ = bounded
+    serve(client, "r18", preprocessing={"resize": 32, "crop": 32})
+    small = np.zeros((1, 3, 40, 40), dtype=np.uint8)
+    assert client.predict("r18", small).shape == (1, 10)
+    large = np.zeros((1, 3, 1000, 1000), dtype=np.uint8)
+    expect(EXHAUSTED, lambda: client.predict("r18", large), "for its images", "max_predict_bytes")

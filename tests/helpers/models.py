@@ -337,3 +337,24 @@ class Blend(nn.Module):
 
 def blend() -> nn.Module:
     return Blend()
+
+
+class FixedSize(nn.Module):
+    """Takes 48 x 48 images only (as a ViT built for another image_size takes one size):
+    none of the sizes a load measures activations at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 48 * 48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (48, 48):
+            raise ValueError(f"takes 48 x 48 images only, not {tuple(x.shape[-2:])}")
+        return self.fc(x.flatten(1))
+
+
+def fixed_size() -> nn.Module:
+    return FixedSize()
+
+
+fixed_size.input_shape = (-1, 3, -1, -1)  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ inside its kernel (a convolution's scratch) is not counted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
@@ -78,10 +79,16 @@ class LiveTensors(TorchDispatchMode):
 class ActivationCost:
     """A model's measured forward: a row of `e` elements takes `linear * e + quadratic * e**2`
     bytes (attention's scores grow with the square of a sequence's length; a
-    convolutional network's activations have no such term), and rows add up."""
+    convolutional network's activations have no such term), at least `floor` (what its
+    smallest row took: a feature map is never smaller than one pixel, a window never
+    smaller than its size), with each dimension of a row counted as at least `least`
+    (a one-pixel-high image keeps every feature map one pixel high: it costs as one
+    `least` pixels high would). Rows add up; several inputs' elements add up."""
 
     linear: float
     quadratic: float = 0.0
+    floor: float = 0.0
+    least: tuple[float, ...] = ()  # by dimension of a row (the batch aside)
 
     @classmethod
     def measured(cls, runs: Sequence[tuple[int, int]]) -> ActivationCost | None:
@@ -100,23 +107,35 @@ class ActivationCost:
                 return cls(linear, quadratic)
         return cls(large_bytes / large)
 
-    def estimate(self, shape: Sequence[int]) -> int:
-        """Bytes, estimated, for an input of `shape` (its first dimension the rows)."""
-        rows = shape[0] if shape else 1
-        row = math.prod(shape[1:])
-        return math.ceil(max(rows, 0) * row * (self.linear + self.quadratic * row))
+    def estimate(self, shapes: Sequence[Sequence[int]]) -> int:
+        """Bytes, estimated, for a batch of inputs of `shapes` (each with the rows first)."""
+        rows = shapes[0][0] if shapes and shapes[0] else 1
+        return math.ceil(max(rows, 0) * self.row_bytes([shape[1:] for shape in shapes]))
+
+    def row_bytes(self, rows: Sequence[Sequence[int]]) -> float:
+        """Bytes, estimated, for one row of each input, of these shapes (no batch)."""
+        elements = sum(math.prod(self._counted(row)) for row in rows)
+        return max(self.floor, elements * (self.linear + self.quadratic * elements))
+
+    def _counted(self, row: Sequence[int]) -> Sequence[float]:
+        if len(row) != len(self.least):
+            return row
+        return [max(size, least) for size, least in zip(row, self.least, strict=True)]
 
     def scaled(self, factor: float) -> ActivationCost:
         """The cost with every byte times `factor` (measured in float32, run in bfloat16)."""
-        return ActivationCost(self.linear * factor, self.quadratic * factor)
+        return ActivationCost(
+            self.linear * factor, self.quadratic * factor, self.floor * factor, self.least
+        )
 
-    def elements_within(self, limit: int, row: int) -> int:
-        """Most input elements, in rows of `row` elements, whose estimate is within `limit`."""
-        return max(1, int(limit / (self.linear + self.quadratic * row)))
+    def elements_within(self, limit: int, row: Sequence[int]) -> int:
+        """Most input elements, in rows of shape `row`, whose estimate is within `limit`."""
+        return max(1, int(limit / self.row_bytes([row]) * math.prod(row)))
 
     def describe(self) -> str:
         growth = f" plus {self.quadratic:.3g} x its row's elements" if self.quadratic else ""
-        return f"{self.linear:.0f} bytes per input element{growth}, measured at load"
+        floor = f"; a row at least {self.floor:.0f} bytes" if self.floor else ""
+        return f"{self.linear:.0f} bytes per input element{growth}, measured at load{floor}"
 
 
 def peak_bytes(run: Callable[[], object]) -> int:
@@ -126,18 +145,62 @@ def peak_bytes(run: Callable[[], object]) -> int:
     return live.peak
 
 
-def measure(peak: Callable[[list[int]], int], shape: Sequence[int]) -> ActivationCost | None:
-    """The cost of a model whose input has `shape` (-1: open), from `peak(row)`: the
-    peak bytes of one row of zeros of shape `row` through it, at each of `probe_sides`.
-    A size whose run raises is taken as one the model does not take; None if none ran."""
-    runs = []
-    for side in probe_sides(shape):
-        row = [1 if i == 0 else side if d == -1 else d for i, d in enumerate(shape)]
-        try:
-            runs.append((math.prod(row[1:]), peak(row)))
-        except Exception as error:
-            log.debug("no activations measured at %s: %s", row, error)
-    return ActivationCost.measured(runs)
+TINY_SIDES = (1, 2, 4, 8, 16, 32, 64)
+"""Sizes of a row's open dimensions tried, smallest first, for its least cost (`floor`)."""
+
+
+def measure(
+    peak: Callable[[list[list[int]]], int], shapes: Sequence[Sequence[int]], *, meta: bool = False
+) -> ActivationCost | None:
+    """The cost of a model whose inputs have `shapes` (-1: open), from `peak(rows)`: the
+    peak bytes of one row of zeros of each of `rows` through it. A size whose run raises
+    is one the model does not take; None if no size ran.
+
+    - The growth is fitted through the two largest sizes that run, of `probe_sides` (on
+      the `meta` device, where runs cost nothing, also 2, 4 and 8 times the side: RAFT's
+      correlation volume only shows its square growth past 224 pixels, and video models
+      pool more than 37 frames away).
+    - The smallest size that runs, of `TINY_SIDES` and `probe_sides`, gives the `floor`.
+    - With two or more open dimensions, one run per open dimension, that one at the
+      smallest size and the others at the side, gives how thin rows cost (`least`).
+    """
+    opened = [i for i, size in enumerate(shapes[0]) if i and size == -1]
+    done: dict[tuple[int, ...], tuple[int, int] | None] = {}  # each size runs once
+
+    def run(sizes: dict[int, int], side: int) -> tuple[int, int] | None:
+        rows = [
+            [1 if i == 0 else sizes.get(i, side) if d == -1 else d for i, d in enumerate(shape)]
+            for shape in shapes
+        ]
+        key = tuple(size for row in rows for size in row)
+        if key not in done:
+            try:
+                done[key] = sum(math.prod(row[1:]) for row in rows), peak(rows)
+            except Exception as error:
+                log.debug("no activations measured at %s: %s", rows, error)
+                done[key] = None
+        return done[key]
+
+    side, *smaller = probe_sides(shapes[0])
+    larger = [side * 8, side * 4, side * 2] if meta and opened else []
+    runs: list[tuple[int, int]] = []
+    for size in (*larger, side, *smaller):
+        if len(runs) < 2 and (found := run({}, size)) is not None:
+            runs.append(found)
+    fitted = ActivationCost.measured(runs)
+    if fitted is None or not opened:
+        return fitted
+    tiny = next((size for size in sorted({*TINY_SIDES, *smaller, side}) if run({}, size)), 0)
+    if not tiny:  # only larger sizes run (a video model): the fit alone
+        return fitted
+    floor = run({}, tiny)[1]  # type: ignore[index]  # it ran
+    least = [1.0] * (len(shapes[0]) - 1)
+    if tiny < side and len(opened) > 1 and all(len(s) == len(shapes[0]) for s in shapes):
+        for i in opened:
+            thin = run({i: tiny}, side)
+            linear = fitted.row_bytes([[thin[0]]]) if thin else 0
+            least[i - 1] = max(1.0, tiny * thin[1] / linear) if thin and linear else tiny
+    return dataclasses.replace(fitted, floor=floor, least=tuple(least))
 
 
 def probe_sides(shape: Sequence[int]) -> tuple[int, ...]:

@@ -37,13 +37,15 @@ ENTRY_POINT_GROUP = "modelhost.architectures"
 # torchvision builder keywords the server sets itself (weights come from checkpoints).
 _MANAGED = {"weights", "progress", "weights_backbone"}
 _IMAGE = (-1, 3, -1, -1)
-_TASK_INPUTS: dict[str, tuple[int, ...] | None] = {
-    "classification": _IMAGE,
-    "detection": _IMAGE,
-    "segmentation": _IMAGE,
-    "video": (-1, 3, -1, -1, -1),
-    "optical_flow": None,
-    "custom": None,
+Input = tuple[str, tuple[int, ...], torch.dtype]
+"""An input a model takes: its name, shape (-1: any size) and dtype."""
+_TASK_INPUTS: dict[str, tuple[Input, ...]] = {
+    "classification": (("input", _IMAGE, torch.float32),),
+    "detection": (("input", _IMAGE, torch.float32),),
+    "segmentation": (("input", _IMAGE, torch.float32),),
+    "video": (("input", (-1, 3, -1, -1, -1), torch.float32),),
+    # RAFT's forward(image1, image2, num_flow_updates=12): two images, by name
+    "optical_flow": (("image1", _IMAGE, torch.float32), ("image2", _IMAGE, torch.float32)),
 }
 
 
@@ -67,15 +69,12 @@ class Builder:
     fn: Callable[..., Any]
 
     @property
-    def input_shape(self) -> tuple[int, ...] | None:
-        """The input shape (-1: any size) its builder declares, or its task implies."""
+    def inputs(self) -> tuple[Input, ...]:
+        """The inputs its builder declares, or its task implies; () when unknown."""
         declared = declared_input(self.fn)
-        return declared[0] if declared else _TASK_INPUTS.get(self.task)
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        declared = declared_input(self.fn)
-        return declared[1] if declared else torch.float32
+        if declared:
+            return (("input", *declared),)
+        return _TASK_INPUTS.get(self.task, ())
 
     def build(self, args: dict[str, Any], device: torch.device | str) -> nn.Module:
         """Calls the builder with its tensors created on `device`.

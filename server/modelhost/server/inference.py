@@ -7,7 +7,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -122,6 +121,10 @@ def shape_key(batch: Tensors) -> ShapeKey:
         (name, t.dtype, min(int(t.shape[0]), 2) if t.dim() else -1, tuple(t.shape[1:]))
         for name, t in sorted(batch.items())
     )
+
+
+PREPROCESSING_BYTES = 9
+"""Bytes per element of a uint8 image's largest step that preprocessing it takes, at most."""
 
 
 class Runner:
@@ -308,8 +311,11 @@ class Runner:
         detection model's estimate, any other model's measured activations; None when the
         model has neither (the same estimates `check_cost` bounds)."""
         seen = self._as_the_model_sees(self._zeros_of(shape)).values()
-        cost = self._cost if self._cost is not None else self.activations
-        return None if cost is None else sum(cost.estimate(t.shape) for t in seen)
+        if self._cost is not None:
+            return sum(self._cost.estimate(t.shape) for t in seen)
+        return (
+            None if self.activations is None else self.activations.estimate([t.shape for t in seen])
+        )
 
     def _zeros_of(self, shape: Sequence[int]) -> Tensors:
         """A batch of `shape` as a warm-up would make it (on the meta device: no memory)."""
@@ -339,14 +345,29 @@ class Runner:
                     )
         elif self._cost is None and self.activations is not None and self.max_predict_bytes:
             shapes = [t.shape for t in self._as_the_model_sees(batch).values()]
-            estimate = sum(self.activations.estimate(shape) for shape in shapes)
+            preprocessing = self._preprocessing_bytes(batch)
+            estimate = self.activations.estimate(shapes) + preprocessing
             if estimate > self.max_predict_bytes:
+                images = f" and {preprocessing} for its images" if preprocessing else ""
                 raise refuse(
                     f"{what}an input of {', '.join('x'.join(map(str, s)) for s in shapes)} "
                     f"would take about {estimate / 1e9:.1f} GB of activations "
-                    f"({self.activations.describe()}); the limit is "
+                    f"({self.activations.describe()}{images}); the limit is "
                     f"{self.max_predict_bytes} bytes (max_predict_bytes)"
                 )
+
+    def _preprocessing_bytes(self, tensors: Tensors) -> int:
+        """The most preprocessing uint8 images takes: float32 copies of each image at its
+        largest step, before and after it, and the image (a resize converts the whole
+        image to float32 first: red team 10, L1)."""
+        steps = self.preprocessing
+        if steps is None:
+            return 0
+        return sum(
+            PREPROCESSING_BYTES * t.shape[0] * steps.elements(t.shape[3], t.shape[2], t.shape[1])
+            for t in tensors.values()
+            if _is_image(t)
+        )
 
     def batch_elements(self, limit: int) -> int:
         """Most input elements a merged batch may hold: `limit` (max_tensor_elements), or
@@ -356,7 +377,7 @@ class Runner:
             return limit
         shape = self.inputs[0].shape
         side = probe_sides(shape)[0]
-        row = math.prod(side if d == -1 else d for d in shape[1:])
+        row = [side if d == -1 else d for d in shape[1:]]
         return min(limit, self.activations.elements_within(self.max_predict_bytes, row))
 
     def peak_bytes(self, batch: Tensors) -> int:

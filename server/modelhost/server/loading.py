@@ -284,8 +284,7 @@ def _load_weights(
             torch.manual_seed(_seed(spec, record))
             module = builder.build(args, "cpu")
         module.load_state_dict(state, strict=spec.strict)
-    shape = builder.input_shape
-    inputs = [InputSpec("input", builder.input_dtype, shape)] if shape else []
+    inputs = [InputSpec(name, dtype, shape) for name, shape, dtype in builder.inputs]
     return _Built(module, inputs, missing, unexpected, weights_meta)
 
 
@@ -408,7 +407,7 @@ class Probed:
     activations: ActivationCost | None = None  # per row, in float32 (`activations.py`)
 
 
-_PROBED: dict[tuple[str, str, tuple[int, ...]], Probed] = {}
+_PROBED: dict[tuple[str, str, tuple[tuple[int, ...], ...]], Probed] = {}
 _PROBE_LOCK = threading.Lock()
 
 
@@ -416,18 +415,19 @@ def probe_skeleton(
     catalog: ArchitectureCatalog, spec: LoadSpec, inputs: list[InputSpec], dtype: torch.dtype
 ) -> Probed:
     """The outputs (names, dtypes, shapes with -1 where they follow the input) and the
-    activations' cost of a catalog architecture with one declared input, found by
-    running its skeleton on the meta device (no memory, no compute): the outputs at two
-    batch and image sizes (or one, when the model takes one image size only), the cost
-    at `activations.probe_sides`. Remembered per architecture and arguments, so new
+    activations' cost of a catalog architecture whose inputs are known, found by running
+    its skeleton on the meta device (no memory, no compute): the outputs at two batch and
+    image sizes (or one, when the model takes one image size only), the cost at the sizes
+    `activations.measure` tries. Remembered per architecture and arguments, so new
     versions of a hosted architecture pay nothing. Both in `dtype` where it is a float."""
-    if len(inputs) != 1 or not spec.architecture:
+    if not inputs or not spec.architecture:
         return Probed()
-    key = (spec.architecture, json.dumps(spec.args, sort_keys=True, default=repr), inputs[0].shape)
+    shapes = tuple(given.shape for given in inputs)
+    key = (spec.architecture, json.dumps(spec.args, sort_keys=True, default=repr), shapes)
     with _PROBE_LOCK:
         found = _PROBED.get(key)
     if found is None:
-        found = _probe(catalog, spec, inputs[0])
+        found = _probe(catalog, spec, inputs)
         with _PROBE_LOCK:
             _PROBED[key] = found
             if len(_PROBED) > 256:  # arguments come from callers: keep the memory bounded
@@ -449,31 +449,43 @@ def probe_shape(given: InputSpec, batch: int, size: int) -> list[int]:
     return [batch if i == 0 else size if d == -1 else d for i, d in enumerate(given.shape)]
 
 
-def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, given: InputSpec) -> Probed:
+def call_with(module: Callable[..., Any], inputs: Sequence[InputSpec], tensors: list[Any]) -> Any:
+    """`module` on one tensor per input: one positionally, several by name (as Predict)."""
+    if len(inputs) == 1:
+        return module(tensors[0])
+    return module(**{given.name: tensor for given, tensor in zip(inputs, tensors, strict=True)})
+
+
+def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, inputs: list[InputSpec]) -> Probed:
     try:
         module = catalog.get(spec.architecture).skeleton(spec.args).eval()
     except Exception as error:
         log.debug("%s: no skeleton to probe (%s)", spec.name, error)
         return Probed()
 
-    def run(shape: Sequence[int]) -> Any:
-        return module(torch.zeros(shape, dtype=given.dtype, device="meta"))
+    def zeros(shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        return [
+            torch.zeros(tuple(shape), dtype=given.dtype, device="meta")
+            for given, shape in zip(inputs, shapes, strict=True)
+        ]
 
-    def peak(row: Sequence[int]) -> int:  # of what the model makes (not its input)
-        zeros = torch.zeros(row, dtype=given.dtype, device="meta")
-        return peak_bytes(lambda: module(zeros))
+    def run(batch: int, size: int) -> Any:
+        return call_with(module, inputs, zeros([probe_shape(g, batch, size) for g in inputs]))
 
+    def peak(rows: list[list[int]]) -> int:  # of what the model makes (not its inputs)
+        made = zeros(rows)
+        return peak_bytes(lambda: call_with(module, inputs, made))
+
+    shapes = [given.shape for given in inputs]
     with torch.inference_mode():
-        return Probed(_outputs(spec, given, run), measure(peak, given.shape))
+        return Probed(_outputs(spec, run), measure(peak, shapes, meta=True))
 
 
-def _outputs(
-    spec: LoadSpec, given: InputSpec, run: Callable[[Sequence[int]], Any]
-) -> tuple[InputSpec, ...]:
+def _outputs(spec: LoadSpec, run: Callable[[int, int], Any]) -> tuple[InputSpec, ...]:
     runs: list[dict[str, torch.Tensor]] = []
     try:
         for batch, size in PROBE_SIZES:
-            runs.append(flatten_outputs(run(probe_shape(given, batch, size))))
+            runs.append(flatten_outputs(run(batch, size)))
     except Exception as error:  # data-dependent ops (detection) have no meta kernels
         log.debug("%s: outputs not found on the meta device (%s)", spec.name, error)
     if not runs:

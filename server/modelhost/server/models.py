@@ -30,6 +30,7 @@ from modelhost.server.errors import (
     InvalidArgument,
     ModelHostFailure,
     ModelNotFound,
+    Refused,
     ShuttingDown,
 )
 from modelhost.server.hosted import STORE, HostedModel, stays_resident
@@ -364,11 +365,12 @@ class Models:
         compiles_here = bool(request.compile) and not uses_cuda_graphs(
             runner.device, request.compile
         )
-        if len(inputs) == 1 and (
-            (runner.is_detection and not runner.outputs and not request.warmup_shape)
-            or (not runner.is_detection and runner.activations is None)
-        ):
-            _probe_by_running(runner, lane, inputs[0], spec.name)
+        if runner.is_detection:
+            if len(inputs) == 1 and not runner.outputs and not request.warmup_shape:
+                _outputs_by_running(runner, lane, inputs[0], spec.name)
+        elif inputs and runner.activations is None:
+            _measure_by_running(runner, lane, inputs, request.warmup_shape)
+            _check_measured(runner, spec.name)
         if runner.activations is not None:
             log.info("%s: activations %s", spec.name, runner.activations.describe())
         if not request.warmup_shape:
@@ -679,26 +681,49 @@ def _check_one_image_fits(runner: Runner, inputs: list[InputSpec]) -> None:
         runner.check_shape_cost(probe_shape(inputs[0], *PROBE_SIZES[0]), "architecture_args")
 
 
-def _probe_by_running(runner: Runner, lane: Lane, spec: InputSpec, name: str) -> None:
-    """Real one-row runs of zeros on its lane (uncompiled), for what the meta device could
-    not show: a detection model's outputs (data-dependent steps: one run), another
-    model's activations (`activations.py`; one without a skeleton, an exported program).
-    A model that refuses zeros keeps them unknown until it runs."""
-    if runner.is_detection:
-        zeros = torch.zeros(probe_shape(spec, *PROBE_SIZES[0]), dtype=spec.dtype)
-        try:
-            lane.call(runner.run, {spec.name: zeros}).result()
-        except ModelHostFailure as error:
-            log.info("%s: outputs not known until the first request: %s", name, error)
-        return
+def _outputs_by_running(runner: Runner, lane: Lane, spec: InputSpec, name: str) -> None:
+    """A detection model's outputs (data-dependent steps the meta device cannot run): one
+    real run of one row of zeros on its lane. One that refuses zeros keeps them unknown
+    until it runs."""
+    zeros = torch.zeros(probe_shape(spec, *PROBE_SIZES[0]), dtype=spec.dtype)
+    try:
+        lane.call(runner.run, {spec.name: zeros}).result()
+    except ModelHostFailure as error:
+        log.info("%s: outputs not known until the first request: %s", name, error)
 
-    def peak(row: list[int]) -> int:
-        zeros = torch.zeros(row, dtype=spec.dtype)
-        return lane.call(runner.peak_bytes, {spec.name: zeros}).result()
 
-    runner.activations = measure(peak, spec.shape)
-    if runner.activations is None:
-        log.info("%s: activations not measured (it refused zeros of its input's shape)", name)
+def _measure_by_running(
+    runner: Runner, lane: Lane, inputs: list[InputSpec], warmup_shape: Sequence[int]
+) -> None:
+    """The activations of a model the meta device could not measure (an exported program,
+    a builder with no skeleton, a model that takes none of the probe sizes), by real runs
+    of zeros on its lane (uncompiled, `activations.py`); at the load's `warmup_shape`
+    (a size the model takes) when those sizes fail too."""
+
+    def peak(rows: list[list[int]]) -> int:
+        zeros = {
+            given.name: torch.zeros(row, dtype=given.dtype)
+            for given, row in zip(inputs, rows, strict=True)
+        }
+        return lane.call(runner.peak_bytes, zeros).result()
+
+    runner.activations = measure(peak, [given.shape for given in inputs])
+    if runner.activations is None and warmup_shape and len(inputs) == 1:
+        runner.activations = measure(peak, [(-1, *warmup_shape[1:])])
+
+
+def _check_measured(runner: Runner, name: str) -> None:
+    """Refuses a model whose inputs are known but whose activations could not be measured
+    while max_predict_bytes bounds them: its Predicts would not be bounded (red team 10:
+    s3d, MViT and a ViT of another image_size took none of the probe sizes)."""
+    if runner.activations is None and runner.max_predict_bytes:
+        shapes = ", ".join("x".join(map(str, given.shape)) for given in runner.inputs)
+        raise Refused(
+            f"{name}: its activations could not be measured (it took none of the probe "
+            f"sizes of its input {shapes}, -1 being open), so max_predict_bytes could not "
+            "bound its Predicts: give a warmup_shape it takes, where it is measured, or "
+            "serve with max_predict_bytes 0"
+        )
 
 
 async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:

@@ -133,9 +133,11 @@ class Settings:
     max_predict_bytes: int = _setting(
         4 << 30,
         "Most memory, in bytes, the activations of one Predict or one batch may take, "
-        "by the model's own cost measured at load (one row of zeros run at two sizes); "
+        "by the model's own cost measured at load (rows of zeros run at several sizes); "
         "more is refused with RESOURCE_EXHAUSTED before it runs, and batches stop short "
-        "of it (0: no limit). Detection models have --max-detection-bytes instead.",
+        "of it (0: no limit). A model of known inputs that takes none of those sizes "
+        "needs a warmup_shape while it is on. Detection models have --max-detection-bytes "
+        "instead.",
     )
     max_detection_bytes: int = _setting(
         4 << 30,
