@@ -153,7 +153,8 @@ def measure(
     peak: Callable[[list[list[int]]], int], shapes: Sequence[Sequence[int]], *, meta: bool = False
 ) -> ActivationCost | None:
     """The cost of a model whose inputs have `shapes` (-1: open), from `peak(rows)`: the
-    peak bytes of one row of zeros of each of `rows` through it. A size whose run raises
+    peak bytes of one row of zeros of each of `rows` through it (of as many rows as a
+    static batch has). A size whose run raises
     is one the model does not take; None if no size ran.
 
     - The growth is fitted through the two largest sizes that run, of `probe_sides` (on
@@ -167,15 +168,17 @@ def measure(
     opened = [i for i, size in enumerate(shapes[0]) if i and size == -1]
     done: dict[tuple[int, ...], tuple[int, int] | None] = {}  # each size runs once
 
+    batch = max(1, shapes[0][0] if shapes[0] else 1)  # a static batch (-1: any) runs as is
+
     def run(sizes: dict[int, int], side: int) -> tuple[int, int] | None:
         rows = [
-            [1 if i == 0 else sizes.get(i, side) if d == -1 else d for i, d in enumerate(shape)]
+            [batch if i == 0 else sizes.get(i, side) if d == -1 else d for i, d in enumerate(shape)]
             for shape in shapes
         ]
         key = tuple(size for row in rows for size in row)
         if key not in done:
             try:
-                done[key] = sum(math.prod(row[1:]) for row in rows), peak(rows)
+                done[key] = sum(math.prod(row[1:]) for row in rows), peak(rows) // batch
             except Exception as error:
                 log.debug("no activations measured at %s: %s", rows, error)
                 done[key] = None
