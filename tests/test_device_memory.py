@@ -86,6 +86,24 @@ def test_a_failed_device_is_internal_and_turns_health_not_serving(
         assert client.health(service) == "NOT_SERVING", service
 
 
+def test_a_failed_device_during_a_load_turns_health_not_serving(client: ModelHostClient) -> None:
+    """A load's warm-up (or probe) runs on the device too: a lost context met there is as
+    fatal as one a Predict meets (INTERNAL, health NOT_SERVING), not only that load's."""
+    client.save_checkpoint("w", {"marker": torch.zeros(1)})
+    serve(client, "fine", architecture="tiny_mlp")
+    assert client.health("") == "SERVING"
+    expect(
+        grpc.StatusCode.INTERNAL,
+        lambda: client.load_model(
+            "broken-gpu", architecture="device_failure", checkpoint="w", warmup_shape=(2, 4)
+        ),
+        "device cpu failed",
+        "device-side assert",
+    )
+    for service in ("", "modelhost.v1.ModelHost", "inference.GRPCInferenceService"):
+        assert client.health(service) == "NOT_SERVING", service
+
+
 def test_memory_of_a_step_that_ran_out_is_unreferenced_when_it_is_released(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -222,7 +240,12 @@ def test_two_models_compiled_with_cuda_graphs_serve(client: ModelHostClient) -> 
 def test_load_and_unload_give_gpu_memory_back(client: ModelHostClient) -> None:
     """50 load/unload cycles end where they started: allocated bytes, and what the driver
     says is free once the cache is emptied."""
-    serve(client, "warm", device="cuda")  # CUDA context, cuDNN and cuBLAS set up first
+    # The CUDA context, cuDNN, and the lane's cuBLAS workspace (32 MiB on Hopper, allocated
+    # through the caching allocator at the first GEMM and kept for the lane's life) set up
+    # first: a load runs no forward (its probe is on the meta device), so a Predict on the
+    # lane the loop's versions will use (lane 0: the idle lane with the least) must.
+    serve(client, "warm", device="cuda")
+    client.predict("warm", np.zeros((2, 3, 32, 32), np.float32))
     client.unload_model("warm")
     gc.collect()
     torch.cuda.empty_cache()

@@ -46,7 +46,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modelhost.server.devices import lower_priority, oom_while, release_memory, reported
+from modelhost.server.devices import (
+    lower_priority,
+    oom_while,
+    pinned_host_bytes,
+    release_host_memory,
+    release_memory,
+    reported,
+)
 from modelhost.server.errors import DeadlineExpired, OutOfMemory, ShuttingDown
 from modelhost.server.host_tier import HostCopy, held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
@@ -183,13 +190,34 @@ class ModelCache:
         cannot fit at all."""
         limit = self.limit(device)
         where = str(device)
+        stale: list[torch.device] = []  # evicted modules that only a collection frees
+        try:
+            self._reserve(key, where, nbytes, limit=limit, deadline=deadline, stale=stale)
+        finally:
+            # After the lock is released: a collection takes about 0.2 s, and
+            # release_memory must not hold up every load, page-in and metrics scrape.
+            for gone in dict.fromkeys(stale):
+                release_memory(gone)
+
+    def _reserve(
+        self,
+        key: Key,
+        where: str,
+        nbytes: int,
+        *,
+        limit: int | None,
+        deadline: float | Callable[[], float] | None,
+        stale: list[torch.device],
+    ) -> None:
+        """`reserve`'s work, under the lock; evicted modules only a collection frees are
+        added to `stale`."""
         with self._cond:
             while limit is not None:
                 idles = self._idles
                 used = self._used(where, exclude=key)
                 if used + nbytes <= limit:
                     break
-                if self._evict_one(where, exclude=key):
+                if self._evict_one(where, key, stale):
                     continue
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
@@ -231,17 +259,19 @@ class ModelCache:
             finally:
                 self._cond.release()
 
-    def _evict_one(self, device: str, exclude: Key) -> bool:
+    def _evict_one(self, device: str, exclude: Key, stale: list[torch.device]) -> bool:
         candidates = sorted(
             (h for h in self._resident(device) if not h.stays and (h.name, h.version) != exclude),
             key=lambda h: h.used_order,
         )
-        return any(self._evict(hosted) for hosted in candidates)
+        return any(self._evict(hosted, stale) for hosted in candidates)
 
-    def _evict(self, hosted: HostedModel) -> bool:
+    def _evict(self, hosted: HostedModel, stale: list[torch.device]) -> bool:
         """Takes an idle version off its device (to the host tier when its device type has
         one and the host budget has room, else to the store); False if a request holds it.
-        Called with the lock held; a copy to the host releases it while it runs."""
+        Called with the lock held; a copy to the host releases it while it runs. A module
+        that a reference cycle keeps alive adds its device to `stale`: the caller releases
+        memory there once it has let go of the lock."""
         device = hosted.loaded.device
         module = hosted.loaded.module
         pin = device.type == "cuda"  # pinned memory: what makes a page-in one fast copy
@@ -275,7 +305,7 @@ class ModelCache:
             gone = weakref.ref(module)
             del module
             if gone() is not None:  # a reference cycle holds it: only a collection frees it
-                release_memory(device)
+                stale.append(device)
         self._metrics.evictions.labels(hosted.name, str(hosted.version), hosted.tier).inc()
         log.info("evicted %s version %d to the %s tier", hosted.name, hosted.version, hosted.tier)
         return True
@@ -398,6 +428,19 @@ class ModelCache:
             tier,
             seconds,
         )
+        if tier == HOST and device.type == "cuda":
+            self._trim_pinned()
+
+    def _trim_pinned(self) -> None:
+        """After a page-in from the host tier (its pinned buffer is free now, kept cached by
+        torch's host allocator): gives cached pinned blocks back to the driver once the
+        pinned memory the allocator holds passes the host tier's budget. Below it they stay
+        for the next eviction to reuse (a fresh pinned allocation of a resnet50 costs
+        milliseconds); page-locked memory cannot be swapped, so it must not grow past the
+        budget with models of many sizes. Not under the cache's lock (it may synchronise)."""
+        held = pinned_host_bytes()
+        if held is None or held > self._host_limit:
+            release_host_memory()
 
     def _bring_back(self, hosted: HostedModel, device: torch.device) -> nn.Module:
         """The version's module on its device: its host copy moved back, or loaded again

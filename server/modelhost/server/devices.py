@@ -109,18 +109,62 @@ STICKY_CUDA_ERRORS = (
 """CUDA's sticky errors: after one the device's context is lost for the whole process."""
 
 
+PROBED_CUDA_ERRORS = (
+    "Triton Error [CUDA]",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUDNN_STATUS_EXECUTION_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR",
+    "Failed to synchronize CUDA stream",
+)
+"""Spellings under which a lost context may reach a caller without one of CUDA's sticky
+phrases: Triton's launcher (every torch.compile version: `Triton Error [CUDA]: ...`, not
+an AcceleratorError, no "CUDA error"), cuBLAS and cuDNN (their own status names), and
+torchvision's nvJPEG decoder (a numeric code only). Each may also be an ordinary failure
+of one call, so none decides by itself: it triggers a probe of the context
+(`context_lost`)."""
+
+
 def is_device_failure(error: BaseException) -> bool:
     """Whether `error` says the device itself failed (an illegal address, a device-side
     assert: one of CUDA's sticky errors): its context is lost, and nothing on it can be
     trusted until a restart. Other CUDA errors (a launch configuration an input's shape
     made invalid, an operation refused during a graph capture) fail that call only: a
-    request must not be able to take the server out of service."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    cuda = isinstance(error, RuntimeError) and "CUDA error" in str(error)
-    if not (cuda or (accelerator_error is not None and isinstance(error, accelerator_error))):
+    request must not be able to take the server out of service.
+
+    A CUDA error (torch's "CUDA error", an AcceleratorError, Triton's "Triton Error
+    [CUDA]") naming a sticky error is one. A spelling that may hide one
+    (`PROBED_CUDA_ERRORS`: cuBLAS's, cuDNN's, nvJPEG's, Triton's without a sticky phrase)
+    is one when the context is lost (`context_lost`: a sticky error repeats at the next
+    synchronisation). Called on error paths only; the probe (a synchronisation of this
+    thread's stream) runs only for those spellings, never for an input's plain error."""
+    if not isinstance(error, RuntimeError):
         return False
-    text = str(error).lower()
-    return any(sticky.lower() in text for sticky in STICKY_CUDA_ERRORS)
+    text = str(error)
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    cuda = (
+        "CUDA error" in text
+        or "Triton Error [CUDA]" in text
+        or (accelerator_error is not None and isinstance(error, accelerator_error))
+    )
+    lowered = text.lower()
+    if cuda and any(sticky.lower() in lowered for sticky in STICKY_CUDA_ERRORS):
+        return True
+    return any(spelling in text for spelling in PROBED_CUDA_ERRORS) and context_lost()
+
+
+def context_lost(device: torch.device | None = None) -> bool:
+    """Whether the CUDA context of `device` (default: this thread's current device) is
+    lost: after a sticky error every later synchronisation raises it again. Synchronises
+    this thread's current stream only (its own work; a device-wide synchronisation could
+    meet another thread's graph capture). False without CUDA in use."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return False
+    try:
+        torch.cuda.current_stream(device).synchronize()
+    except RuntimeError as error:  # AcceleratorError is one
+        log.error("the CUDA context is lost: a synchronisation raised %s", error)
+        return True
+    return False
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -155,17 +199,64 @@ CUDA_GRAPHS = threading.RLock()
 to the driver. CUDA graph trees may record (capture) during any run, and `empty_cache`
 during a capture fails an internal assert; two versions of one architecture share one
 compiled function, whose graph tree manager is not safe to drive from two lanes at once
-(torch serialises neither before 2.14). Replays only queue work, so the lock is short."""
+(torch serialises neither before 2.14). A replay only queues work, but a run that meets a
+new shape compiles and captures under it (seconds to minutes): `release_memory` never
+waits for it."""
 
 
 def release_memory(device: torch.device | None = None, *, collect: bool = True) -> None:
-    """Collects garbage (unless told it need not) and returns cached GPU blocks to the
-    driver."""
+    """Collects garbage (unless told it need not), then returns cached GPU blocks and
+    cached pinned host blocks to the driver, if no CUDA-graph run holds `CUDA_GRAPHS`.
+
+    It never waits for that lock: a CUDA-graph version compiles and captures under it (a
+    new shape, a warm-up), and the callers (an out-of-memory reply, an unload, an eviction)
+    must not wait for a compile. Skipping loses little: emptying the caches only hands
+    unused blocks back to the driver, and torch's allocator frees its cached blocks and
+    retries by itself before it raises out of memory; the next release empties them. Held
+    by this thread (a failure inside its own CUDA-graph run), it empties them as before."""
     if collect:
         gc.collect()
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        with CUDA_GRAPHS:
-            torch.cuda.empty_cache()
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return
+    if not CUDA_GRAPHS.acquire(blocking=False):
+        log.debug("cached CUDA memory not released: a CUDA-graph run holds the lock")
+        return
+    try:
+        torch.cuda.empty_cache()
+        _empty_host_cache()
+    finally:
+        CUDA_GRAPHS.release()
+
+
+def release_host_memory() -> bool:
+    """Returns the pinned host blocks torch's host allocator keeps cached (freed, kept for
+    reuse) to the driver, unless a CUDA-graph run holds `CUDA_GRAPHS` (never waits for
+    it); whether it did. Page-locked memory cannot be swapped, and without this the
+    allocator keeps every block it ever handed out (`empty_cache` is device-only)."""
+    if not torch.cuda.is_available() or not CUDA_GRAPHS.acquire(blocking=False):
+        return False
+    try:
+        return _empty_host_cache()
+    finally:
+        CUDA_GRAPHS.release()
+
+
+def _empty_host_cache() -> bool:
+    empty = getattr(torch._C, "_host_emptyCache", None)  # torch 2.1 and later
+    if empty is None or not torch.cuda.is_initialized():
+        return False
+    empty()
+    return True
+
+
+def pinned_host_bytes() -> int | None:
+    """Bytes of pinned host memory torch's host allocator holds (in use and cached), if
+    known (torch.cuda.host_memory_stats, CUDA in use)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None or not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    value = stats().get("allocated_bytes.current")
+    return None if value is None else int(value)
 
 
 def settle_fake_tensor_device_guard() -> None:

@@ -244,6 +244,7 @@ class HostedModel:
         self.batcher.close()
         host_module = self.host_copy.module if self.host_copy else None
         modules = [weakref.ref(m) for m in (self.runner.module, host_module) if m]
+        del host_module  # the local would keep the host copy's pinned buffer alive
         self.runner.detach()  # the module and its compiled form
         self.loaded.module = None
         self.host_copy = None

@@ -121,6 +121,10 @@ class Preprocessing:
         images = F.convert_image_dtype(images, torch.float32)
         if self.mean:  # F.normalize's arithmetic, with mean and std made once per device
             mean, std = _statistics(self.mean, self.std, str(images.device))
+            if images.is_cuda:  # kept until this stream's work on them is done (see below)
+                stream = torch.cuda.current_stream(images.device)
+                mean.record_stream(stream)
+                std.record_stream(stream)
             images = images.sub(mean).div(std)
         return images.to(dtype)
 
@@ -131,7 +135,12 @@ def _statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std as [C, 1, 1] float32 tensors on `device`, made once: F.normalize makes
     them (a host-to-device copy each) and checks std for zeros (a device sync) per call;
-    Preprocessing checks std once when it is made."""
+    Preprocessing checks std once when it is made.
+
+    On a GPU, preprocessing threads and lanes read them from many streams: each use
+    records its stream (`record_stream`), so a pair this cache evicts (more than 64
+    configurations) is not freed for reuse while a kernel queued on one of them may still
+    read it."""
 
     def on_device(values: tuple[float, ...]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
