@@ -637,7 +637,7 @@ class Runner:
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """An input on the model's device in the form it runs: copied (from pinned memory,
         on the model's stream), uint8 images preprocessed, dtype, memory format."""
-        if self._stream is not None and tensor.device != self.device:
+        if self._stream is not None and not tensor.is_cuda:  # host rows: pinned, then copied
             if not tensor.is_pinned():
                 tensor = tensor.pin_memory()
             tensor = tensor.to(self.device, non_blocking=True)
