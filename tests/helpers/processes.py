@@ -146,6 +146,14 @@ class ServerProcess:
         """How many log lines so far contain `text`."""
         return sum(text in line for line in list(self.lines))
 
+    def logged(self, text: str, timeout: float = 10.0) -> int:
+        """`log_count(text)` once it is not 0, or at `timeout`: a line the server wrote
+        after its reply is read from its stderr by another thread, a moment later."""
+        deadline = time.monotonic() + timeout
+        while not (count := self.log_count(text)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return count
+
     def memory(self) -> dict[str, int]:
         """Memory figures of the process in bytes, from /proc/<pid>/status: VmRSS (resident),
         RssAnon (heap and other anonymous pages), RssFile (mapped files), VmHWM (peak)."""
