@@ -143,7 +143,7 @@ MUTANTS = [
     ),
     Mutant(
         "store: the manifest entry is not fsynced before its rename",
-        SERVER + "store.py",
+        SERVER + "store_files.py",
         "            file.flush()\n            os.fsync(file.fileno())\n",
         "            file.flush()\n",
         ("tests/test_store_faults.py",),
@@ -315,7 +315,7 @@ MUTANTS = [
     Mutant(
         "store: the holds of other servers sharing the store are ignored",
         SERVER + "store.py",
-        "        for held in self._held_elsewhere().values():\n",
+        "        for held in self._holds.held_elsewhere().values():\n",
         "        for held in ():\n",
         (
             "tests/test_shared_store_holds.py::"
@@ -657,7 +657,7 @@ MUTANTS = [
     ),
     Mutant(
         "store: a holds file marked every blob is read as holding nothing",
-        SERVER + "store.py",
+        SERVER + "store_holds.py",
         '    if isinstance(held, dict) and held == EVERY_BLOB and held["every_blob"] is True:\n'
         "        return EVERY\n",
         "",
@@ -985,7 +985,7 @@ MUTANTS = [
     ),
     Mutant(
         "store: blobs opened blocking (a FIFO planted there wedges a page-in)",
-        SERVER + "store.py",
+        SERVER + "store_files.py",
         "_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS",
         "_READ_FLAGS = os.O_RDONLY | _OPEN_FLAGS",
         (
@@ -1009,7 +1009,7 @@ MUTANTS = [
     ),
     Mutant(
         "store: EFBIG (a file too large for the file system) is not a full store: INTERNAL",
-        SERVER + "store.py",
+        SERVER + "store_files.py",
         "_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)",
         "_FULL = (errno.ENOSPC, errno.EDQUOT)",
         (

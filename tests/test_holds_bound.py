@@ -19,14 +19,10 @@ import pytest
 from conftest import build, expect, reference
 from helpers.stores import holds_files, put
 from modelhost.client import ModelHostClient
-from modelhost.server import Settings, store
+from modelhost.server import Settings, store_holds
 from modelhost.server.errors import Refused
-from modelhost.server.store import (
-    EVERY_BLOB,
-    MAX_HOLDS,
-    MAX_HOLDS_BYTES,
-    CheckpointStore,
-)
+from modelhost.server.store import CheckpointStore
+from modelhost.server.store_holds import EVERY_BLOB, MAX_HOLDS, MAX_HOLDS_BYTES
 
 X = np.ones((2, 4), np.float32)
 
@@ -42,10 +38,10 @@ def test_the_longest_list_a_server_writes_is_one_the_others_read(tmp_path: Path)
     kept = put(reader, "kept", b"bytes held by the other server")
     shas = sorted({hashlib.sha256(str(i).encode()).hexdigest() for i in range(MAX_HOLDS - 1)})
     held = [*shas, kept]
-    document = store._holds_document(held)
+    document = store_holds.holds_document(held)
     assert len(document) <= MAX_HOLDS_BYTES
     assert json.loads(document) == sorted(held)
-    assert json.loads(store._holds_document([*held, "f" * 64])) == EVERY_BLOB
+    assert json.loads(store_holds.holds_document([*held, "f" * 64])) == EVERY_BLOB
     with open(tmp_path / "tmp" / "other.owner", "a+b") as owner:
         fcntl.flock(owner, fcntl.LOCK_EX)  # another server runs
         (tmp_path / "tmp" / "other.holds").write_bytes(document)
@@ -59,7 +55,7 @@ def test_the_longest_list_a_server_writes_is_one_the_others_read(tmp_path: Path)
 def test_a_server_holding_more_than_the_bound_keeps_every_blob(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(store, "MAX_HOLDS", 2)
+    monkeypatch.setattr(store_holds, "MAX_HOLDS", 2)
     caplog.set_level(logging.WARNING, logger="modelhost.server.store")
     first, second = CheckpointStore(tmp_path), CheckpointStore(tmp_path)
     a, b, c = (put(first, name, name.encode() * 8) for name in ("a", "b", "c"))
@@ -100,7 +96,7 @@ def test_past_the_bound_another_server_deletes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two servers on one store that list at most one held blob."""
-    monkeypatch.setattr(store, "MAX_HOLDS", 1)  # read at each write of a holds file
+    monkeypatch.setattr(store_holds, "MAX_HOLDS", 1)  # read at each write of a holds file
     a, b = replicas
     m1, m2 = build("tiny_mlp", seed=1), build("tiny_mlp", seed=2)
     a.save_checkpoint("ck", m1.state_dict())

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from modelhost.server import staged_writer
-from modelhost.server import store as store_module
+from modelhost.server import staged_writer, store_files
 from modelhost.server.errors import (
     AlreadyExists,
     CheckpointNotFound,
@@ -308,7 +307,7 @@ def test_a_write_that_cannot_start_leaves_no_file_and_no_descriptor(
     def no_buffers(*args: object, **kwargs: object) -> None:
         raise MemoryError("no memory for the staging buffers")
 
-    monkeypatch.setattr(store_module, "StagedWriter", no_buffers)
+    monkeypatch.setattr(store_files, "StagedWriter", no_buffers)
     descriptors = len(os.listdir("/proc/self/fd"))
     with pytest.raises(MemoryError):
         store.begin()

@@ -38,18 +38,17 @@ Blobs are read (LoadModel, a page-in, a restore, DownloadCheckpoint) only throug
 `open_blob`/`open`: opened without following a symlink or waiting on a FIFO, and refused
 (DataLoss) unless they are regular files; readers that need a path get one naming that open
 file, never the name in `blobs/` again.
+
+The careful file primitives are in `store_files`, the holds in `store_holds`, the locks in
+`store_locks`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import stat
 import threading
@@ -67,43 +66,31 @@ from modelhost.server.errors import (
     LimitExceeded,
     MissingBytes,
     Refused,
-    StoreFull,
 )
 from modelhost.server.names import check_name
-from modelhost.server.staged_writer import StagedWriter
+from modelhost.server.store_files import (
+    DIR_MODE,
+    SHA256,
+    PendingWrite,
+    Unreadable,
+    file_kind,
+    fsync_dir,
+    is_regular,
+    open_regular,
+    read_json,
+    removed,
+    replace_file,
+    space,
+)
+from modelhost.server.store_holds import EVERY, Everything, Holds
 from modelhost.server.store_locks import StoreLocks
 
 log = logging.getLogger(__name__)
 
-FILE_MODE = 0o600
-DIR_MODE = 0o700
-_OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # StoreFull: RESOURCE_EXHAUSTED
-_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS  # no symlink followed, no FIFO waited on
 _OPEN_FILES = Path("/proc/self/fd")  # /proc/self/fd/N: the file open as N, reopened as itself
 _VALUE, _PINS = "value", "pinned_blobs"  # a state document's keys
-HOLDS = ".holds"  # tmp/<owner>.holds: the blobs a running server holds
-MAX_HOLDS_BYTES = 1 << 20  # a larger holds file is not a server's: it counts for nothing
-MAX_HOLDS = 15_000
-"""Blobs a holds file lists: 68 bytes each (`"<sha256>", `), 1,020,000 bytes in all, within
-MAX_HOLDS_BYTES, which every server reads (also those of earlier releases). A server
-holding more writes EVERY_BLOB instead."""
-EVERY_BLOB = {"every_blob": True}  # the holds file of a server holding more than MAX_HOLDS
-_EVERY_BLOB = json.dumps(EVERY_BLOB).encode()
 MAX_ENTRY_BYTES = 4 << 20  # a manifest entry: 64 metadata entries of 4 KiB, JSON-escaped
 MAX_STATE_BYTES = 256 << 20  # a state document (the restore record)
-
-
-class _Everything:
-    """What a server holding more than MAX_HOLDS blobs holds: any blob."""
-
-    def __contains__(self, sha: object) -> bool:
-        return True
-
-
-EVERY = _Everything()
-Held = set[str] | _Everything  # what another server holds
 
 
 @dataclass(frozen=True)
@@ -131,100 +118,6 @@ class Contents:
     loss: float | None = None
 
 
-@contextlib.contextmanager
-def _space() -> Iterator[None]:
-    """Reports a full volume (or a spent quota, or a file larger than the file system
-    takes) as StoreFull: RESOURCE_EXHAUSTED."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in _FULL:
-            raise
-        if error.errno == errno.EFBIG:
-            raise StoreFull(
-                "the checkpoint store's file system refused a file this large "
-                f"({os.strerror(error.errno)}: a file-size limit such as ulimit -f, or the "
-                "largest file the file system holds); nothing was stored"
-            ) from None
-        raise StoreFull(f"the checkpoint store is full ({os.strerror(error.errno)})") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class PendingWrite:
-    """A temp file in the store that hashes what is written to it.
-
-    Use as a context manager: unless `CheckpointStore.commit` took the file, it is
-    removed on exit, whatever happened.
-    """
-
-    def __init__(self, path: Path, max_bytes: int, direct_io: bool = True) -> None:
-        self.path = path
-        self.size = 0
-        self._max_bytes = max_bytes
-        self._hash = hashlib.sha256()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
-        try:
-            self._writer = StagedWriter(self._fd, direct=direct_io)
-        except BaseException:  # e.g. no memory for the staging buffers: leave nothing
-            os.close(self._fd)
-            path.unlink(missing_ok=True)
-            raise
-        self._closed = False
-        self.committed = False
-
-    def __enter__(self) -> PendingWrite:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.committed:
-            self.discard()
-
-    def write(self, data: bytes | memoryview) -> int:
-        """Appends `data`; raises LimitExceeded past the store's size limit."""
-        self.size += len(data)
-        if self._max_bytes and self.size > self._max_bytes:
-            raise LimitExceeded(
-                f"checkpoint exceeds max_checkpoint_bytes ({self._max_bytes} bytes)"
-            )
-        self._hash.update(data)
-        with _space():
-            self._writer.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        """For file-like use (torch.save); `finish` makes the bytes durable."""
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    def finish(self) -> None:
-        """Makes the bytes durable and closes the file."""
-        try:
-            with _space():
-                self._writer.close(self.size)
-        finally:
-            self._close()
-
-    def discard(self) -> None:
-        """Closes and removes the temp file."""
-        self._writer.release()
-        self._close()
-        self.path.unlink(missing_ok=True)
-
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
-
-
 class CheckpointStore:
     """Stores checkpoints under validated names; safe for concurrent threads."""
 
@@ -246,9 +139,7 @@ class CheckpointStore:
         self._counter = 0
         self._locks = StoreLocks(self.root, self._tmp)
         self.owner = self._locks.owner
-        self._held: collections.Counter[str] = collections.Counter()
-        self._holds = self._tmp / f"{self.owner}{HOLDS}"
-        self._holds_all = False  # the holds file says EVERY_BLOB (more than MAX_HOLDS)
+        self._holds = Holds(self._tmp, self._locks, self._temp_name)
 
     @property
     def file_locks(self) -> bool:
@@ -257,7 +148,7 @@ class CheckpointStore:
 
     def close(self) -> None:
         """Releases this server's hold on the store (also done when the process ends)."""
-        self._holds.unlink(missing_ok=True)
+        self._holds.close()
         self._locks.close()
 
     # Reading
@@ -265,7 +156,7 @@ class CheckpointStore:
     def get(self, name: str) -> CheckpointRecord:
         """The manifest entry of `name`; CheckpointNotFound if there is none."""
         try:
-            record = CheckpointRecord(**_read_json(self._entry_path(name), MAX_ENTRY_BYTES))
+            record = CheckpointRecord(**read_json(self._entry_path(name), MAX_ENTRY_BYTES))
             _check_record(record, name)
             return record
         except FileNotFoundError:
@@ -302,7 +193,7 @@ class CheckpointStore:
         except FileNotFoundError:
             self._missing(record)
         if not stat.S_ISREG(info.st_mode):
-            raise _not_a_blob(record, _kind(info.st_mode))
+            raise _not_a_blob(record, file_kind(info.st_mode))
         return path
 
     @contextlib.contextmanager
@@ -351,13 +242,13 @@ class CheckpointStore:
             yield record, file
 
     def _open_blob(self, record: CheckpointRecord) -> int:
-        """A descriptor of `record`'s bytes, open for reading (`_open_regular`; DataLoss
+        """A descriptor of `record`'s bytes, open for reading (`open_regular`; DataLoss
         when they are not a regular file)."""
         try:
-            fd, _ = _open_regular(self._blob(record.sha256))
+            fd, _ = open_regular(self._blob(record.sha256))
         except FileNotFoundError:
             self._missing(record)
-        except _Unreadable as error:
+        except Unreadable as error:
             raise _not_a_blob(record, error.what) from None
         return fd
 
@@ -369,7 +260,7 @@ class CheckpointStore:
             self._counter += 1
             suffix = f"{self._counter}-{time.monotonic_ns()}"
         path = self._tmp / f"{self.owner}.upload-{suffix}"
-        with _space():
+        with space():
             return PendingWrite(path, self.max_checkpoint_bytes, self.direct_io)
 
     def check_free(self, name: str, overwrite: bool) -> None:
@@ -402,11 +293,11 @@ class CheckpointStore:
             epoch=contents.epoch,
             loss=contents.loss,
         )
-        with self._locked(), _space():
+        with self._locked(), space():
             self.check_free(name, overwrite)
             previous = _sha_of(entry)
             blob = self._blobs / record.sha256
-            fresh = not _regular(blob)  # a symlink or FIFO planted there is replaced
+            fresh = not is_regular(blob)  # a symlink or FIFO planted there is replaced
             if fresh:
                 os.replace(pending.path, blob)
             else:
@@ -414,7 +305,7 @@ class CheckpointStore:
             pending.committed = True
             try:
                 if fresh:
-                    _fsync_dir(self._blobs)
+                    fsync_dir(self._blobs)
                 self._write_entry(entry, record)
             except BaseException:
                 self._drop_blob_if_unused(record.sha256)  # e.g. a full disk: nothing changes
@@ -439,7 +330,7 @@ class CheckpointStore:
                 raise CheckpointNotFound(f"checkpoint {name!r} not found")
             holders = sorted(
                 f"{owner}{', which holds every blob' if held is EVERY else ''}"
-                for owner, held in self._held_elsewhere().items()
+                for owner, held in self._holds.held_elsewhere().items()
                 if sha in held
             )
             if holders:
@@ -449,7 +340,7 @@ class CheckpointStore:
                     "it again; unload it there first (or load it with residency pinned)"
                 )
             entry.unlink()
-            _fsync_dir(self._entries)
+            fsync_dir(self._entries)
             if sha:  # "": an unreadable entry, which refers to nothing
                 self._drop_blob_if_unused(sha)
 
@@ -459,7 +350,7 @@ class CheckpointStore:
         with self._locked():
             live = self._locks.live_owners()
             for leftover in self._tmp.iterdir():
-                if leftover.name.split(".", 1)[0] not in live and _removed(leftover):
+                if leftover.name.split(".", 1)[0] not in live and removed(leftover):
                     log.info("removed %s, left by a server that is gone", leftover.name)
             try:
                 used = self._used_blobs()
@@ -467,7 +358,7 @@ class CheckpointStore:
                 log.error("%s: unreferenced blobs are kept", error)
                 return
             for blob in self._blobs.iterdir():
-                if blob.name not in used and _removed(blob):
+                if blob.name not in used and removed(blob):
                     log.info("removed unreferenced blob %s", blob.name)
             for sha in used:  # kept: reading them answers DATA_LOSS until deleted
                 if not (self._blobs / sha).exists():
@@ -486,7 +377,7 @@ class CheckpointStore:
         return self.root / f"{check_name(name, 'state')}.json"
 
     def _blob(self, sha256: str) -> Path:
-        if not _SHA256.fullmatch(sha256):
+        if not SHA256.fullmatch(sha256):
             raise CheckpointNotFound(f"{sha256!r} is not a sha256")
         return self._blobs / sha256
 
@@ -495,61 +386,18 @@ class CheckpointStore:
         from it), whatever happens to the names, for every server sharing the store;
         `let_go` when it no longer does."""
         with self._locked():
-            self._held[sha256] += 1
-            if self._held[sha256] == 1:
-                self._publish_holds()
+            self._holds.hold(sha256)
 
     def let_go(self, sha256: str) -> None:
         with self._locked():
-            self._held[sha256] -= 1
-            if self._held[sha256] <= 0:
-                del self._held[sha256]
-                self._publish_holds()
+            if self._holds.let_go(sha256):
                 self._drop_blob_if_unused(sha256)
-
-    def _publish_holds(self) -> None:
-        """Writes this server's holds where the others sharing the store read them (no
-        holds: no file). A failure is logged: the holds still count in this server."""
-        try:
-            if self._held:
-                data = _holds_document(self._held)
-                _replace(self._temp_name(self._holds), self._holds, data)
-            else:
-                data = b""
-                self._holds.unlink(missing_ok=True)
-        except OSError as error:
-            log.error(
-                "could not record the blobs this server holds in %s (%s): other servers "
-                "sharing the store may remove them",
-                self._holds,
-                error,
-            )
-            return
-        every = data == _EVERY_BLOB
-        if every and not self._holds_all:
-            log.warning(
-                "this server holds the bytes of %d checkpoints, more than its holds file "
-                "lists (%d): until it holds fewer, the servers sharing the store remove no "
-                "blob and refuse every DeleteCheckpoint",
-                len(self._held),
-                MAX_HOLDS,
-            )
-        elif self._holds_all and not every:
-            log.warning("this server's holds fit in its holds file again")
-        self._holds_all = every
-
-    def _held_elsewhere(self) -> dict[str, Held]:
-        """The blobs each other live server sharing the store holds, by owner."""
-        return {
-            owner: _holds_in(self._tmp / f"{owner}{HOLDS}")
-            for owner in self._locks.live_owners() - {self.owner}
-        }
 
     def _used_blobs(self) -> set[str]:
         """Blobs an entry refers to, a state document pins, or a live server holds."""
-        used = set(self._held)
-        for held in self._held_elsewhere().values():
-            if isinstance(held, _Everything):  # more than its holds file can list
+        used = self._holds.held_here()
+        for held in self._holds.held_elsewhere().values():
+            if isinstance(held, Everything):  # more than its holds file can list
                 return {blob.name for blob in self._blobs.iterdir()}
             used |= held
         used.update(filter(None, map(_sha_of, self._entries.glob("*.json"))))
@@ -573,7 +421,7 @@ class CheckpointStore:
         return self._tmp / f"{self.owner}.write-{path.name}-{time.monotonic_ns()}"
 
     def _write_entry(self, entry: Path, record: CheckpointRecord) -> None:
-        _replace(
+        replace_file(
             self._temp_name(entry),
             entry,
             json.dumps(asdict(record), indent=1, sort_keys=True).encode(),
@@ -590,8 +438,8 @@ class CheckpointStore:
         be there (else CheckpointNotFound, and nothing changes).
         """
         path = self._state_path(name)
-        wanted = {sha for sha in pins if _SHA256.fullmatch(sha)}
-        with self._locked(), _space():
+        wanted = {sha for sha in pins if SHA256.fullmatch(sha)}
+        with self._locked(), space():
             before = _pinned_by(path) or set()
             for sha in sorted(wanted - before):
                 if not self.has_blob(sha):
@@ -602,7 +450,7 @@ class CheckpointStore:
                     f"the {name} record would take {len(data):,} bytes; the limit is "
                     f"{MAX_STATE_BYTES:,}"
                 )
-            _replace(self._temp_name(path), path, data)
+            replace_file(self._temp_name(path), path, data)
             for sha in before - wanted:
                 self._drop_blob_if_unused(sha)
 
@@ -618,7 +466,7 @@ class CheckpointStore:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = path.with_name(f"{path.stem}.unreadable-{stamp}-{secrets.token_hex(4)}.json")
         os.rename(path, aside)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return aside.name
 
 
@@ -631,48 +479,9 @@ def _not_a_blob(record: CheckpointRecord, why: str) -> DataLoss:
     )
 
 
-def _kind(mode: int) -> str:
-    """What a file that is not a regular file is, in words."""
-    for test, what in (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return what
-    return f"file type {stat.S_IFMT(mode):o}"
-
-
-def _regular(path: Path) -> bool:
-    """Whether `path` is a regular file (not following a symlink)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
 def _wrapped(document: Any) -> bool:
     """Whether a state document has the form `write_state` writes (older ones are bare)."""
     return isinstance(document, dict) and set(document) == {_VALUE, _PINS}
-
-
-def _replace(tmp: Path, path: Path, data: bytes) -> None:
-    """Atomically replaces `path` with `data`: written to `tmp`, fsynced, renamed, and the
-    folder fsynced."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _check_record(record: CheckpointRecord, name: str) -> None:
@@ -689,7 +498,7 @@ def _check_record(record: CheckpointRecord, name: str) -> None:
             ("name (not its file's)", record.name == name),
             (
                 "sha256",
-                isinstance(record.sha256, str) and bool(_SHA256.fullmatch(record.sha256)),
+                isinstance(record.sha256, str) and bool(SHA256.fullmatch(record.sha256)),
             ),
             ("size_bytes", number(record.size_bytes, int, 0, 1 << 62)),
             ("format", isinstance(record.format, str) and len(record.format) <= 64),
@@ -711,127 +520,35 @@ def _check_record(record: CheckpointRecord, name: str) -> None:
         raise ValueError(f"fields not as the store writes them: {', '.join(problems)}")
 
 
-class _Unreadable(ValueError):
-    """A path that is not a regular file that can be opened: why, and `what` is there."""
-
-    def __init__(self, why: str, what: str) -> None:
-        super().__init__(why)
-        self.what = what
-
-
-def _open_regular(path: Path) -> tuple[int, os.stat_result]:
-    """`path` open for reading, and its status: refused (_Unreadable) unless it is a
-    regular file, without following a symlink or waiting on a FIFO (O_NOFOLLOW,
-    O_NONBLOCK, which makes no difference to reading a regular file). FileNotFoundError
-    if there is none."""
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except FileNotFoundError:
-        raise
-    except OSError as error:  # a symlink (ELOOP), a socket (ENXIO), no permission
-        why = error.strerror or str(error)
-        raise _Unreadable(why, "a symbolic link" if error.errno == errno.ELOOP else why) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _Unreadable("not a regular file", _kind(info.st_mode))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, info
-
-
-def _read_json(path: Path, limit: int) -> Any:
-    """The JSON document in `path`, read with bounds: anyone with write access to the store
-    may have put anything there. FileNotFoundError if there is none; ValueError if it is not
-    a regular file of at most `limit` bytes holding JSON nested at most a few hundred deep
-    (a symlink, a FIFO, a folder: `_open_regular` does not follow or wait)."""
-    fd, info = _open_regular(path)
-    with os.fdopen(fd, "rb") as file:
-        if info.st_size > limit:
-            raise ValueError(f"{info.st_size} bytes, more than {limit}")
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"more than {limit} bytes")
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise ValueError("nested too deep") from None
-
-
 def _sha_of(entry: Path) -> str | None:
     """The sha256 a manifest entry names (None: there is no entry; "": it is unreadable,
     and refers to nothing)."""
     try:
-        document = _read_json(entry, MAX_ENTRY_BYTES)
+        document = read_json(entry, MAX_ENTRY_BYTES)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return ""
     sha = document.get("sha256") if isinstance(document, dict) else None
-    return sha if isinstance(sha, str) and _SHA256.fullmatch(sha) else ""
+    return sha if isinstance(sha, str) and SHA256.fullmatch(sha) else ""
 
 
 def _pinned_by(state: Path) -> set[str] | None:
     """The blobs a state document pins (none if it has none, or there is none); None if
     it is there but cannot be read."""
     try:
-        document = _read_json(state, MAX_STATE_BYTES)
+        document = read_json(state, MAX_STATE_BYTES)
     except FileNotFoundError:
         return set()
     except (OSError, ValueError):
         return None
     pins = document.get(_PINS, []) if _wrapped(document) else []
-    return {sha for sha in pins if isinstance(sha, str) and _SHA256.fullmatch(sha)}
-
-
-def _holds_document(held: Collection[str]) -> bytes:
-    """A holds file: the list of the blobs held, or EVERY_BLOB past MAX_HOLDS of them."""
-    return _EVERY_BLOB if len(held) > MAX_HOLDS else json.dumps(sorted(held)).encode()
-
-
-def _holds_in(path: Path) -> Held:
-    """The blobs a server's holds file names (none if there is none; EVERY: all). Another
-    server may have put anything there: what is not a regular file of at most
-    MAX_HOLDS_BYTES with a JSON list of sha256 (or EVERY_BLOB) in it is logged, and holds
-    nothing."""
-    try:
-        held = _read_json(path, MAX_HOLDS_BYTES)
-    except FileNotFoundError:
-        return set()
-    except (OSError, ValueError):
-        held = None
-    if isinstance(held, dict) and held == EVERY_BLOB and held["every_blob"] is True:
-        return EVERY
-    if not isinstance(held, list) or not all(
-        isinstance(sha, str) and _SHA256.fullmatch(sha) for sha in held
-    ):
-        log.warning(
-            "ignoring holds file %s: not a JSON list of sha256 in a regular file of at most "
-            "%d bytes",
-            path.name,
-            MAX_HOLDS_BYTES,
-        )
-        return set()
-    return set(held)
-
-
-def _removed(path: Path) -> bool:
-    """Removes a leftover. One that cannot be removed (a folder some other process made
-    there) is logged and left: it must not stop a start."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    except OSError as error:
-        log.warning("left %s in the checkpoint store (%s)", path, error.strerror)
-        return False
-    return True
+    return {sha for sha in pins if isinstance(sha, str) and SHA256.fullmatch(sha)}
 
 
 def _read_state(path: Path) -> Any:
     try:
-        document = _read_json(path, MAX_STATE_BYTES)
+        document = read_json(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return None
     return document[_VALUE] if _wrapped(document) else document  # older: the bare value
