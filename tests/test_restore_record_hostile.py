@@ -74,3 +74,36 @@ def test_an_unreadable_record_restores_nothing_and_is_kept_aside(
         assert [m.name for m in client.list_models()] == ["again"]
         assert not (store / "blobs" / other).exists()  # a start removes unused bytes
         np.testing.assert_allclose(client.predict("again", X), reference(model, X), rtol=1e-5)
+
+
+def test_a_record_another_server_mended_meanwhile_is_read_not_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Between a start's failed read of the record and its move aside, another server
+    sharing the store may write a readable one (red team 10, S1: that good record was set
+    aside as unreadable). The move looks again under the store's lock: a record that
+    reads now stays, and is what the start restores from."""
+    from modelhost.server.restore import HOSTED_STATE, RestoreRecord
+    from modelhost.server.store import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "store")
+    (tmp_path / "store" / RECORD).write_text("[{")
+    real_read = store.read_state
+
+    def read_then_mended(name: str) -> object:
+        try:
+            return real_read(name)
+        finally:  # another server writes a readable record right after this read
+            store.read_state = real_read  # type: ignore[method-assign]
+            store.write_state(HOSTED_STATE, [])
+
+    store.read_state = read_then_mended  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, "modelhost.server.restore"):
+        assert RestoreRecord(store, formats=None, enabled=True).read() == []  # type: ignore[arg-type]
+    assert not list((tmp_path / "store").glob("hosted-models.unreadable-*"))
+    assert "cannot be read" not in caplog.text
+    assert store.read_state(HOSTED_STATE) == []
+    (tmp_path / "store" / RECORD).write_text("[{")  # unreadable when looked at again: aside
+    assert RestoreRecord(store, formats=None, enabled=True).read() == []  # type: ignore[arg-type]
+    assert len(list((tmp_path / "store").glob("hosted-models.unreadable-*"))) == 1
+    store.close()

@@ -75,28 +75,41 @@ class RestoreRecord:
         self._store.write_state(HOSTED_STATE, kept, pins)
         self._written = kept
 
+    def _read_list(self) -> list[Any] | None:
+        state = self._store.read_state(HOSTED_STATE)
+        if state is not None and not isinstance(state, list):
+            raise ValueError(f"a JSON {type(state).__name__}, not a list of entries")
+        return state
+
+    def _set_aside(self, error: ValueError) -> list[Any] | None:
+        """Moves an unreadable record aside (unless another server wrote a readable one
+        meanwhile: that one is read) and logs it."""
+        try:
+            aside = self._store.set_aside_state(HOSTED_STATE, self._read_list)
+            if aside is None:
+                return self._read_list()
+        except ValueError:  # unreadable again already: the next write replaces it
+            aside = "where it was (it changed as it was being moved aside)"
+        except OSError as failed:  # the next write replaces it
+            aside = f"where it was (it could not be moved aside: {failed.strerror})"
+        log.error(
+            "the restore record cannot be read (%s): nothing is restored; it is now %s "
+            "(a state document the server cannot read also keeps any checkpoint bytes "
+            "from being removed: mend it, or delete it)",
+            error,
+            aside,
+        )
+        return None
+
     def read(self) -> list[tuple[LoadRequest, CheckpointRecord | None]]:
         """Every recorded version, marked not restored until it is; entries that cannot
         be read are logged and dropped at the next write. A record that cannot be read at
         all (not a JSON list in a regular file: edited, or planted) restores nothing: it is
         moved aside, where it stays for its owner to mend, and the server starts."""
         try:
-            state = self._store.read_state(HOSTED_STATE)
-            if state is not None and not isinstance(state, list):
-                raise ValueError(f"a JSON {type(state).__name__}, not a list of entries")
+            state = self._read_list()
         except ValueError as error:
-            try:
-                aside = self._store.set_aside_state(HOSTED_STATE)
-            except OSError as failed:  # the next write replaces it
-                aside = f"where it was (it could not be moved aside: {failed.strerror})"
-            log.error(
-                "the restore record cannot be read (%s): nothing is restored; it is now %s "
-                "(a state document the server cannot read also keeps any checkpoint bytes "
-                "from being removed: mend it, or delete it)",
-                error,
-                aside,
-            )
-            state = None
+            state = self._set_aside(error)
         state = self._written = state or []
         found = []
         self.unrestored = {}

@@ -53,7 +53,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn, cast
@@ -458,15 +458,24 @@ class CheckpointStore:
         """The value `write_state` stored, or None if there is none."""
         return _read_state(self._state_path(name))
 
-    def set_aside_state(self, name: str) -> str:
-        """Renames state document `name` (one that cannot be read) to a name no later
-        write replaces, beside it; returns that name. It still counts as a state document:
-        what it may pin stays until someone mends it or deletes it."""
+    def set_aside_state(self, name: str, read: Callable[[], object]) -> str | None:
+        """Renames state document `name`, which `read()` found unreadable (ValueError), to
+        a name no later write replaces, beside it; returns that name. Under the store's
+        lock, and only if `read()` still fails there: another server may have written a
+        readable one since (red team 10, S1), and then nothing moves (None). It still
+        counts as a state document: what it may pin stays until someone mends it or
+        deletes it."""
         path = self._state_path(name)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = path.with_name(f"{path.stem}.unreadable-{stamp}-{secrets.token_hex(4)}.json")
-        os.rename(path, aside)
-        fsync_dir(self.root)
+        with self._locked():
+            try:
+                read()
+                return None
+            except ValueError:
+                pass
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = path.with_name(f"{path.stem}.unreadable-{stamp}-{secrets.token_hex(4)}.json")
+            os.rename(path, aside)
+            fsync_dir(self.root)
         return aside.name
 
 
