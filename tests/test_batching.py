@@ -345,6 +345,42 @@ def test_inputs_made_on_another_stream_are_adopted_before_they_are_joined() -> N
     assert events == ["adopt e0", "run 1", "adopt e1", "adopt e2", "join 2", "run 2"]
 
 
+def test_a_batch_that_cannot_be_joined_runs_in_smaller_batches() -> None:
+    """Joining a group's rows can fail (on a GPU they go into pinned host memory, which may
+    be short): its requests then run in halves, each answered, not INTERNAL ("a bug", as a
+    failed join was: GPU review 18)."""
+    from modelhost.server.batching import Batcher, BatchPolicy
+    from modelhost.server.inference import encode_answer
+
+    release = threading.Event()
+    runs: list[int] = []
+
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        release.wait(5)
+        runs.append(batch["x"].shape[0])
+        return {"output": batch["x"] * 2}
+
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        if len(parts) > 2:
+            raise RuntimeError("CUDA error: out of memory (pinned host memory)")
+        return torch.cat(parts)
+
+    lane = Lane("unit")
+    batcher = Batcher(run, BatchPolicy(8, 50_000, 16), lane, join=join)
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    first = batcher.submit({"x": torch.zeros(1, 1)}, None, finish)
+    time.sleep(0.2)  # the first runs alone and waits for release; the others queue
+    rest = [batcher.submit({"x": torch.full((1, 1), i)}, None, finish) for i in (1, 2, 3, 4)]
+    release.set()
+    first.result(5)
+    for i, future in enumerate(rest, 1):
+        (output,) = future.result(5).outputs.values()
+        assert codec.to_numpy(output).item() == 2 * i
+    batcher.close()
+    lane.close()
+    assert runs == [1, 2, 2]
+
+
 def test_a_long_queue_delay_does_not_hold_the_shared_lane_from_other_models() -> None:
     """A batch that waits to fill (max_queue_delay_us up to 60 s) stops waiting as soon as
     another model's request or a job waits for the shared CPU lane: it runs with what it

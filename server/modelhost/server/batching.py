@@ -465,7 +465,11 @@ class Batcher:
         failed = failed or self._in_halves  # to the request that causes the failure
         started = time.monotonic()
         self._ready(group)
-        inputs = {name: self._join([r.inputs[name] for r in group]) for name in group[0].inputs}
+        try:
+            inputs = {n: self._join([r.inputs[n] for r in group]) for n in group[0].inputs}
+        except Exception:  # no memory to join them in (pinned, for a GPU): smaller batches
+            failed(group)
+            return _nothing
         joined = time.monotonic()
         collect = self._try_launch(inputs)
         del inputs  # out of the except block: a failed allocation gets its memory back
