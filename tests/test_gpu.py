@@ -107,6 +107,32 @@ def test_jpeg_decoded_on_the_gpu_answers_as_the_cpu_decode(gpu_client: ModelHost
     assert [c.index for c in top] == list(np.argsort(served)[::-1][:5])
 
 
+@pytest.mark.parametrize("kind", ["CMYK", "progressive"])
+def test_jpegs_nvjpeg_may_refuse_answer_as_their_cpu_decode(
+    gpu_client: ModelHostClient, kind: str
+) -> None:
+    """A JPEG nvJPEG does not take (some CMYK or progressive ones) is decoded on the CPU
+    instead, not refused: its answer is that of its CPU decode sent as a uint8 tensor."""
+    import io
+
+    from PIL import Image
+    from test_images import picture
+    from torchvision.io import ImageReadMode, decode_image
+
+    serve(gpu_client, "cls", preprocessing={"resize": 64, "crop": 64})
+    rgb = Image.fromarray(picture(4, 120, 160).permute(1, 2, 0).numpy())
+    buffer = io.BytesIO()
+    if kind == "CMYK":
+        rgb.convert("CMYK").save(buffer, "JPEG", quality=95)
+    else:
+        rgb.save(buffer, "JPEG", quality=95, progressive=True)
+    jpeg = buffer.getvalue()
+    decoded = decode_image(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), ImageReadMode.RGB)
+    served = gpu_client.predict("cls", images=[jpeg])[0]
+    expected = gpu_client.predict("cls", decoded[None].numpy())[0]
+    assert np.abs(served - expected).max() < 0.1 * np.abs(expected).std() + 1e-3
+
+
 def test_gpu_out_of_memory_is_resource_exhausted_and_released(
     gpu_client: ModelHostClient,
 ) -> None:

@@ -8,6 +8,7 @@ in-process `weights.transforms()(image)` would give it.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import struct
@@ -22,6 +23,8 @@ from torchvision.transforms import functional as F
 
 from modelhost.server.devices import is_device_failure, is_oom
 from modelhost.server.errors import InvalidArgument, InvalidInput, LimitExceeded
+
+log = logging.getLogger(__name__)
 
 _JPEG = b"\xff\xd8\xff"
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -246,7 +249,8 @@ def decode_images(
     max_elements: int,
     preprocessing: Preprocessing | None = None,
 ) -> list[torch.Tensor]:
-    """JPEG/PNG bytes -> RGB uint8 [3, H, W] tensors; JPEGs decode on the GPU when there is one.
+    """JPEG/PNG bytes -> RGB uint8 [3, H, W] tensors; JPEGs decode on the GPU when there is one
+    (on the CPU when nvJPEG refuses them: then moved to the GPU).
 
     The headers are checked first (`check_images`); a failed allocation or a failed device
     is re-raised as it is, for the caller to report as out of memory or a device failure.
@@ -265,7 +269,9 @@ def decode_images(
         except RuntimeError as error:
             if is_oom(error) or is_device_failure(error):
                 raise
-            raise InvalidInput(f"an image is not a decodable JPEG: {error}") from None
+            # A JPEG nvJPEG does not take (some progressive or CMYK ones), or no nvJPEG in
+            # this CUDA runtime: the CPU decodes them, and says which image is not a JPEG.
+            log.debug("JPEGs not decoded on %s (%s): on the CPU", device, error)
     decoded = []
     for index, data in enumerate(datas):
         try:
