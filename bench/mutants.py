@@ -325,8 +325,9 @@ MUTANTS = [
     Mutant(
         "devices: any CUDA error counts as a failed device (a request can take health down)",
         SERVER + "devices.py",
-        "    return any(sticky.lower() in text for sticky in STICKY_CUDA_ERRORS)",
-        "    return True",
+        "    if cuda and any(sticky.lower() in lowered for sticky in STICKY_CUDA_ERRORS):\n"
+        "        return True",
+        "    if cuda:\n        return True",
         ("tests/test_device_memory.py::test_a_cuda_error_that_is_not_sticky_fails_only_that_call",),
     ),
     Mutant(
@@ -887,8 +888,8 @@ MUTANTS = [
     Mutant(
         "models: a model without a skeleton (an exported program) is not measured",
         SERVER + "models.py",
-        "            or (not runner.is_detection and runner.activations is None)\n",
-        "",
+        "        elif inputs and runner.activations is None:\n",
+        "        elif False:\n",
         (
             "tests/test_activation_bound.py::"
             "test_an_exported_transformer_is_bounded_by_its_quadratic_cost",
@@ -897,8 +898,8 @@ MUTANTS = [
     Mutant(
         "loading: the skeleton's activations count the probe's own input",
         SERVER + "loading.py",
-        "        return peak_bytes(lambda: module(zeros))",
-        "        return peak_bytes(lambda: module(zeros.clone()))",
+        "        return peak_bytes(lambda: call_with(module, inputs, made))",
+        "        return peak_bytes(lambda: call_with(module, inputs, [t.clone() for t in made]))",
         (
             "tests/test_activation_bound.py::"
             "test_the_skeleton_on_the_meta_device_costs_what_the_model_does",
@@ -934,7 +935,7 @@ MUTANTS = [
     Mutant(
         "service: a Predict reply over max_message_bytes is built before it is refused",
         SERVER + "service.py",
-        "        check_reply_bytes(outputs, self.host.settings.max_message_bytes)\n",
+        "        check_reply_bytes(answer.outputs.items(), limit, messages=answer.top_k)\n",
         "",
         (
             "tests/test_reply_limits.py::"
@@ -1020,8 +1021,8 @@ MUTANTS = [
     Mutant(
         "restore: a record that is JSON but not a list is read as one (the start crashes)",
         SERVER + "restore.py",
-        "            if state is not None and not isinstance(state, list):",
-        "            if False:",
+        "        if state is not None and not isinstance(state, list):",
+        "        if False:",
         (
             "tests/test_restore_record_hostile.py::test_an_unreadable_record_restores_nothing_and_is_kept_aside",
         ),
@@ -1029,8 +1030,8 @@ MUTANTS = [
     Mutant(
         "restore: an unreadable record stops the start",
         SERVER + "restore.py",
-        "        except ValueError as error:\n            try:",
-        "        except ZeroDivisionError as error:\n            try:",
+        "        except ValueError as error:\n            state = self._set_aside(error)",
+        "        except ZeroDivisionError as error:\n            state = self._set_aside(error)",
         (
             "tests/test_restore_record_hostile.py::test_an_unreadable_record_restores_nothing_and_is_kept_aside",
         ),
@@ -1038,11 +1039,211 @@ MUTANTS = [
     Mutant(
         "architectures: an input a builder of your own declares is ignored",
         SERVER + "architectures.py",
-        "        return declared[0] if declared else _TASK_INPUTS.get(self.task)",
-        "        return _TASK_INPUTS.get(self.task)",
+        '        if declared:\n            return (("input", *declared),)\n',
+        "",
         (
             "tests/test_activation_bound.py::"
             "test_a_builder_of_your_own_that_declares_its_input_is_measured_too",
+        ),
+    ),
+    Mutant(
+        "models: a CPU version's workspace is the per-layer estimate, not its activations",
+        SERVER + "models.py",
+        '        if loaded.device.type == "cpu" and request.warmup_shape:\n',
+        "        if False:\n",
+        (
+            "tests/test_activation_bound.py::"
+            "test_a_cpu_version_counts_its_largest_warm_up_batch_as_workspace",
+        ),
+    ),
+    Mutant(
+        "inference: several inputs may set a setting of forward (RAFT's num_flow_updates)",
+        SERVER + "inference.py",
+        "        if parameter.default is not parameter.empty and parameter.default is not None:",
+        "        if False:",
+        ("tests/test_forward_settings.py::test_inputs_fill_parameters_and_never_settings",),
+    ),
+    Mutant(
+        "inference: several inputs to a model that declares none are not checked",
+        SERVER + "inference.py",
+        "        elif len(tensors) > 1:\n            _check_keywords(self.module, tensors)\n",
+        "",
+        ("tests/test_forward_settings.py::test_inputs_fill_parameters_and_never_settings",),
+    ),
+    Mutant(
+        "activations: no floor (a Swin window's least cost is not counted)",
+        SERVER + "activations.py",
+        "        return max(self.floor, elements * (self.linear + self.quadratic * elements))",
+        "        return elements * (self.linear + self.quadratic * elements)",
+        (
+            "tests/test_activation_bound.py::"
+            "test_thin_and_tiny_rows_are_estimated_at_what_they_take",
+        ),
+    ),
+    Mutant(
+        "activations: thin rows are counted as they are (no least size per dimension)",
+        SERVER + "activations.py",
+        "        return [max(size, least) for size, least in zip(row, self.least, strict=True)]",
+        "        return row",
+        (
+            "tests/test_activation_bound.py::"
+            "test_thin_and_tiny_rows_are_estimated_at_what_they_take",
+        ),
+    ),
+    Mutant(
+        "activations: the meta device runs no larger sizes (RAFT's square growth unseen)",
+        SERVER + "activations.py",
+        "    larger = [side * 8, side * 4, side * 2] if meta and opened else []",
+        "    larger: list[int] = []",
+        ("tests/test_activation_bound.py::test_raft_takes_two_named_images_and_is_bounded",),
+    ),
+    Mutant(
+        "architectures: RAFT's two inputs are unknown",
+        SERVER + "architectures.py",
+        '    "optical_flow": (("image1", _IMAGE, torch.float32), '
+        '("image2", _IMAGE, torch.float32)),\n',
+        "",
+        ("tests/test_activation_bound.py::test_raft_takes_two_named_images_and_is_bounded",),
+    ),
+    Mutant(
+        "models: a model that takes no probe size is served unbounded",
+        SERVER + "models.py",
+        "    if runner.activations is None and runner.max_predict_bytes:",
+        "    if False:",
+        (
+            "tests/test_activation_bound.py::"
+            "test_a_model_that_takes_no_probe_size_is_measured_at_its_warmup_shape",
+        ),
+    ),
+    Mutant(
+        "models: a model that takes no probe size is not measured at its warmup_shape",
+        SERVER + "models.py",
+        "    if runner.activations is None and warmup_shape and len(inputs) == 1:",
+        "    if False:",
+        (
+            "tests/test_activation_bound.py::"
+            "test_a_model_that_takes_no_probe_size_is_measured_at_its_warmup_shape",
+        ),
+    ),
+    Mutant(
+        "inference: preprocessing uint8 images is not counted against max_predict_bytes",
+        SERVER + "inference.py",
+        "            estimate = self.activations.estimate(shapes) + preprocessing\n",
+        "            estimate = self.activations.estimate(shapes)\n",
+        (
+            "tests/test_activation_bound.py::"
+            "test_preprocessing_uint8_images_counts_against_the_bound",
+        ),
+    ),
+    Mutant(
+        "store: a record another server mended meanwhile is set aside anyway",
+        SERVER + "store.py",
+        "            try:\n                read()\n                return None\n"
+        "            except ValueError:\n                pass\n",
+        "",
+        (
+            "tests/test_restore_record_hostile.py::"
+            "test_a_record_another_server_mended_meanwhile_is_read_not_set_aside",
+        ),
+    ),
+    Mutant(
+        "request_limits: a reply's framing is not counted (gRPC's own refusal at the edge)",
+        SERVER + "request_limits.py",
+        "    data, total = 0, REPLY_FRAMING\n"
+        "    for name, tensor in outputs:\n"
+        "        size = len(tensor.data)\n"
+        "        data += size\n"
+        "        total += size + len(name.encode()) + 10 * len(tensor.shape) + OUTPUT_FRAMING\n",
+        "    data, total = 0, 0\n"
+        "    for name, tensor in outputs:\n"
+        "        size = len(tensor.data)\n"
+        "        data += size\n"
+        "        total += size\n",
+        (
+            "tests/test_reply_limits.py::"
+            "test_a_reply_whose_framing_passes_the_limit_is_refused_by_the_server",
+        ),
+    ),
+    Mutant(
+        "request_limits: an output's shape is not counted in its reply's size",
+        SERVER + "request_limits.py",
+        " + 10 * len(tensor.shape) + OUTPUT_FRAMING\n",
+        " + OUTPUT_FRAMING\n",
+        ("tests/test_reply_limits.py::test_the_count_bounds_the_encoded_reply",),
+    ),
+    Mutant(
+        "request_limits: an output's name is not counted in its reply's size",
+        SERVER + "request_limits.py",
+        "        total += size + len(name.encode()) + 10",
+        "        total += size + 10",
+        ("tests/test_reply_limits.py::test_the_count_bounds_the_encoded_reply",),
+    ),
+    Mutant(
+        "request_limits: Predict's top_k rows are not counted in its reply's size",
+        SERVER + "request_limits.py",
+        "    total += sum(message.ByteSize() + FIELD_FRAMING for message in messages)\n",
+        "",
+        ("tests/test_reply_limits.py::test_the_count_bounds_the_encoded_reply",),
+    ),
+    Mutant(
+        "oip_tensors: the request id a ModelInfer reply echoes is not counted in its size",
+        SERVER + "oip_tensors.py",
+        " for name in names], max_bytes, [request_id])\n",
+        " for name in names], max_bytes)\n",
+        ("tests/test_reply_limits.py::test_the_count_bounds_the_encoded_reply",),
+    ),
+    Mutant(
+        "devices: Triton's, cuBLAS's and cuDNN's spellings of a lost context are not probed",
+        SERVER + "devices.py",
+        "    return any(spelling in text for spelling in PROBED_CUDA_ERRORS) and context_lost()",
+        "    return False",
+        (
+            "tests/test_gpu_paths.py::"
+            "test_other_spellings_are_device_failures_when_the_context_is_lost",
+        ),
+    ),
+    Mutant(
+        "devices: a probed spelling is a failed device without the probe (health goes down)",
+        SERVER + "devices.py",
+        "    return any(spelling in text for spelling in PROBED_CUDA_ERRORS) and context_lost()",
+        "    return any(spelling in text for spelling in PROBED_CUDA_ERRORS)",
+        (
+            "tests/test_gpu_paths.py::"
+            "test_other_spellings_fail_only_their_call_when_the_context_is_fine",
+        ),
+    ),
+    Mutant(
+        "devices: release_memory waits for a CUDA-graph run (a compile holds up OOM replies)",
+        SERVER + "devices.py",
+        "    if not CUDA_GRAPHS.acquire(blocking=False):\n        log.debug(",
+        "    if not CUDA_GRAPHS.acquire():\n        log.debug(",
+        ("tests/test_gpu_paths.py::test_release_memory_never_waits_for_a_cuda_graph_run",),
+    ),
+    Mutant(
+        "cache: an eviction collects and releases memory with the cache's lock held",
+        SERVER + "cache.py",
+        "                stale.append(device)",
+        "                release_memory(device)",
+        (
+            "tests/test_gpu_paths.py::"
+            "test_an_eviction_releases_memory_after_the_cache_lock_is_released",
+        ),
+    ),
+    Mutant(
+        "cache: cached pinned host blocks are never given back after a host-tier page-in",
+        SERVER + "cache.py",
+        "        if held is None or held > self._host_limit:\n            release_host_memory()",
+        "        del held",
+        ("tests/test_gpu_paths.py::test_pinned_host_memory_is_trimmed_past_the_host_budget_only",),
+    ),
+    Mutant(
+        "host: a failed device during LoadModel leaves health SERVING",
+        SERVER + "host.py",
+        "        self.models.device_failed = self._device_failed\n",
+        "",
+        (
+            "tests/test_device_memory.py::"
+            "test_a_failed_device_during_a_load_turns_health_not_serving",
         ),
     ),
 ]
@@ -1088,8 +1289,11 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-k", default="", help="only mutations whose name contains this")
-    chosen = [m for m in MUTANTS if parser.parse_args().k in m.name]
+    parser.add_argument(
+        "-k", action="append", help="only mutations whose name contains this (repeatable: any)"
+    )
+    wanted = parser.parse_args().k or [""]
+    chosen = [m for m in MUTANTS if any(k in m.name for k in wanted)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
         clean = Path(scratch) / "clean"
