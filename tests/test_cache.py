@@ -702,3 +702,37 @@ def test_a_checkpoint_deleted_while_a_version_loads_from_it_stays_for_its_page_i
         load(client, name, seed)
     assert client.get_model("slow").tier == "store"
     same(client.predict("slow", X), reference(twin, X))  # paged in from the held bytes
+
+
+def test_an_unload_during_a_restored_versions_first_page_in_frees_what_it_built(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restored version is built in full at its first page-in. When its callers have
+    left (their deadlines passed) and it is unloaded meanwhile, the build ends on a
+    version that is gone: what it built (a batcher on the shared lane, the module) was
+    kept for good, counted by no budget, and the page-in failed unseen (red team 11, M2).
+    Now it is freed, the page-in says why in the log, and the others serve on."""
+    import logging
+
+    restoring = dataclasses.replace(settings, device_memory_budget=BUDGET, restore=True)
+    with running(restoring) as first, ModelHostClient(first.target, timeout=60) as client:
+        load(client, "slow", 1, architecture="slow_load_mlp", args={"seconds": 1.0})
+        twin = load(client, "b", 2)
+    with (
+        caplog.at_level(logging.INFO, "modelhost.server.cache"),
+        running(restoring) as second,
+        ModelHostClient(second.target, timeout=60) as client,
+    ):
+        assert tiers(client) == {"slow": "store", "b": "store"}
+        quick = ModelHostClient(second.target, timeout=0.3)
+        expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: quick.predict("slow", X))
+        quick.close()
+        assert client.unload_model("slow") == [1]
+        assert second.host is not None
+        lane = second.host.models._cpu_lane
+        deadline = time.monotonic() + 10
+        while "page-in of slow version 1" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "page-in of slow version 1: model 'slow' version 1 was unloaded" in caplog.text
+        same(client.predict("b", X), reference(twin, X))
+        assert len(lane._batchers) == 1  # b's: nothing of slow's is left on the lane

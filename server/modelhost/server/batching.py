@@ -322,6 +322,7 @@ class Batcher:
         self._on_split = on_split  # a failed batch runs again in halves (`_in_halves`)
         self._queue: collections.deque[Request] = collections.deque()
         self._closed = False
+        self._left = False  # closed, and off its lane
         self._running = 0
         self._splittable = policy.max_batch_size > 1
         self._last_batch = 1
@@ -357,11 +358,15 @@ class Batcher:
         return request.future
 
     def close(self) -> None:
-        """Stops taking requests, waits for those queued and running, leaves the lane."""
+        """Stops taking requests, waits for those queued and running, leaves the lane (once:
+        closing it again does nothing)."""
         with self._cond:
+            if self._left:
+                return
             self._closed = True
             self._cond.notify_all()
             self._cond.wait_for(lambda: not self._queue and not self._running)
+            self._left = True
         self._lane.detach(self)
         self._lane.release()
 

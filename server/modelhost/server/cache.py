@@ -32,6 +32,7 @@ idle) never wait for that lock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -40,7 +41,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ from modelhost.server.devices import (
     release_memory,
     reported,
 )
-from modelhost.server.errors import DeadlineExpired, OutOfMemory, ShuttingDown
+from modelhost.server.errors import DeadlineExpired, ModelHostFailure, OutOfMemory, ShuttingDown
 from modelhost.server.host_tier import HostCopy, held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.metrics import Metrics
@@ -345,11 +346,15 @@ class ModelCache:
                     hosted.paging_until = until
                     pages_in = self._pages_in(str(hosted.loaded.device))
                     job = hosted.paging = pages_in.submit(self._page_in, hosted)
+                    job.add_done_callback(functools.partial(_log_failure, hosted))
                 else:
                     hosted.paging_until = max(hosted.paging_until, until)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waited = asyncio.wrap_future(job)
+            # Retrieved even if this request leaves first (`_log_failure` logs it once).
+            waited.add_done_callback(lambda f: f.cancelled() or f.exception())
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), remaining)
+                await asyncio.wait_for(asyncio.shield(waited), remaining)
             except TimeoutError:
                 raise DeadlineExpired(
                     f"model {hosted.name!r} version {hosted.version} was still being paged "
@@ -460,6 +465,15 @@ class ModelCache:
                 else:
                     hosted.host_copy = copy
             raise
+
+
+def _log_failure(hosted: HostedModel, job: Future[None]) -> None:
+    """Logs a page-in that failed: the requests that waited for it may all have left."""
+    error = None if job.cancelled() else job.exception()
+    if isinstance(error, ModelHostFailure):
+        log.info("page-in of %s version %d: %s", hosted.name, hosted.version, error)
+    elif error is not None:
+        log.error("page-in of %s version %d failed", hosted.name, hosted.version, exc_info=error)
 
 
 def _names(versions: Iterable[HostedModel]) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 from modelhost.client import codec
 from modelhost.server.batching import Batcher, Finish
 from modelhost.server.devices import release_memory
-from modelhost.server.errors import InvalidArgument
+from modelhost.server.errors import InvalidArgument, ShuttingDown
 from modelhost.server.inference import (
     Answer,
     Prepared,
@@ -213,10 +213,20 @@ class HostedModel:
 
     def take_over(self, built: HostedModel) -> None:
         """Becomes `built` (this version built at its first page-in: a restart registered it
-        from the restore record only); keeps its own statistics, leases and routing."""
+        from the restore record only); keeps its own statistics, leases and routing. If it
+        was unloaded meanwhile, `built` is freed instead (ShuttingDown): its batcher on
+        the lane and its module would otherwise outlive it, counted by no budget."""
         old = self.batcher
-        self.spec, self.loaded, self.runner = built.spec, built.loaded, built.runner
-        self.batcher, self.labels = built.batcher, built.labels
+        with self._idle:
+            gone = self.retiring
+            if not gone:
+                self.spec, self.loaded, self.runner = built.spec, built.loaded, built.runner
+                self.batcher, self.labels = built.batcher, built.labels
+        if gone:
+            built.batcher.close()
+            built.runner.detach()
+            built.loaded.module = None
+            raise ShuttingDown(f"model {self.name!r} version {self.version} was unloaded")
         self.runner.hold = self.held_if_resident
         self.workspace_bytes = built.workspace_bytes
         self.loaded_at = built.loaded_at
@@ -226,7 +236,10 @@ class HostedModel:
 
     def return_to_device(self, module: nn.Module) -> None:
         """Serves again with `module`, paged in (a version built at its first page-in has
-        its runner on it already: no second compile wrapper)."""
+        its runner on it already: no second compile wrapper). Unloaded meanwhile, it stays
+        off its device (the module is dropped)."""
+        if self.retiring:
+            return
         attach = self.runner.module is not module
         if attach:
             self.runner.attach(module)
