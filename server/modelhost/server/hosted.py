@@ -214,11 +214,12 @@ class HostedModel:
     def take_over(self, built: HostedModel) -> None:
         """Becomes `built` (this version built at its first page-in: a restart registered it
         from the restore record only); keeps its own statistics, leases and routing. If it
-        was unloaded meanwhile, `built` is freed instead (ShuttingDown): its batcher on
-        the lane and its module would otherwise outlive it, counted by no budget."""
+        was unloaded meanwhile and no request waits for it any more, `built` is freed
+        instead (ShuttingDown): its batcher on the lane and its module would otherwise
+        outlive it, counted by no budget."""
         old = self.batcher
         with self._idle:
-            gone = self.retiring
+            gone = self._retired()
             if not gone:
                 self.spec, self.loaded, self.runner = built.spec, built.loaded, built.runner
                 self.batcher, self.labels = built.batcher, built.labels
@@ -236,18 +237,25 @@ class HostedModel:
 
     def return_to_device(self, module: nn.Module) -> None:
         """Serves again with `module`, paged in (a version built at its first page-in has
-        its runner on it already: no second compile wrapper). Unloaded meanwhile, it stays
-        off its device (the module is dropped)."""
-        if self.retiring:
-            return
-        attach = self.runner.module is not module
-        if attach:
-            self.runner.attach(module)
-        self.loaded.module = module
-        self.page_ins += 1
-        self.tier = RESIDENT
+        its runner on it already: no second compile wrapper). Unloaded meanwhile with no
+        request waiting for it any more, it stays off its device (the module is dropped):
+        the unload freed it already. Requests still waiting are answered first."""
+        with self._idle:  # an unload frees it after this, or finds it retired here
+            if self._retired():
+                return
+            attach = self.runner.module is not module
+            if attach:
+                self.runner.attach(module)
+            self.loaded.module = module
+            self.page_ins += 1
+            self.tier = RESIDENT
         if attach:  # torch's graphs fit the new module unless their guards say otherwise
             self.runner.compile_again()
+
+    def _retired(self) -> bool:
+        """Unloaded, with no request left to answer (call with `_idle` held): `retire`
+        frees it, or has."""
+        return self.retiring and not self._leases
 
     def retire(self) -> None:
         """Blocks until no request holds this version, then frees it."""
