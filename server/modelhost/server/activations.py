@@ -158,9 +158,9 @@ def measure(
     is one the model does not take; None if no size ran.
 
     - The growth is fitted through the two largest sizes that run, of `probe_sides` (on
-      the `meta` device, where runs cost nothing, also 2, 4 and 8 times the side: RAFT's
-      correlation volume only shows its square growth past 224 pixels, and video models
-      pool more than 37 frames away).
+      the `meta` device, where runs cost no memory, also 2 and 4 times the side: RAFT's
+      correlation volume only shows its square growth past 224 pixels; and 8 times a
+      video's 37, whose models pool more than 37 frames away).
     - The smallest size that runs, of `TINY_SIDES` and `probe_sides`, gives the `floor`.
     - With two or more open dimensions, one run per open dimension, that one at the
       smallest size and the others at the side, gives how thin rows cost (`least`).
@@ -185,7 +185,8 @@ def measure(
         return done[key]
 
     side, *smaller = probe_sides(shapes[0])
-    larger = [side * 8, side * 4, side * 2] if meta and opened else []
+    factors = (8, 4, 2) if len(opened) > 2 else (4, 2)  # a video's side is 37
+    larger = [side * f for f in factors] if meta and opened else []
     runs: list[tuple[int, int]] = []
     for size in (*larger, side, *smaller):
         if len(runs) < 2 and (found := run({}, size)) is not None:

@@ -123,8 +123,10 @@ def shape_key(batch: Tensors) -> ShapeKey:
     )
 
 
-PREPROCESSING_BYTES = 9
-"""Bytes per element of a uint8 image's largest step that preprocessing it takes, at most."""
+PREPROCESSING_BYTES = 13
+"""Bytes per element of a uint8 image's largest step that preprocessing it takes, at most:
+the resize's uint8 output, its float32 conversion, and normalization's two float32
+temporaries alive with it (red team 11, L1: 12 measured when enlarging)."""
 
 
 class Runner:
@@ -357,9 +359,9 @@ class Runner:
                 )
 
     def _preprocessing_bytes(self, tensors: Tensors) -> int:
-        """The most preprocessing uint8 images takes: float32 copies of each image at its
-        largest step, before and after it, and the image (a resize converts the whole
-        image to float32 first: red team 10, L1)."""
+        """The most preprocessing uint8 images takes: PREPROCESSING_BYTES per element of
+        each image's largest step (a resize converts the whole image to float32 first:
+        red team 10, L1)."""
         steps = self.preprocessing
         if steps is None:
             return 0
