@@ -1083,8 +1083,8 @@ MUTANTS = [
     Mutant(
         "activations: thin rows are counted as they are (no least size per dimension)",
         SERVER + "activations.py",
-        "        return [max(size, least) for size, least in zip(row, self.least, strict=True)]",
-        "        return row",
+        "        if len(row) != len(self.least):\n            return row\n",
+        "        return row\n",
         (
             "tests/test_activation_bound.py::"
             "test_thin_and_tiny_rows_are_estimated_at_what_they_take",
@@ -1093,7 +1093,7 @@ MUTANTS = [
     Mutant(
         "activations: the meta device runs no larger sizes (RAFT's square growth unseen)",
         SERVER + "activations.py",
-        "    larger = [side * 8, side * 4, side * 2] if meta and opened else []",
+        "    larger = [side * f for f in factors] if meta and opened else []",
         "    larger: list[int] = []",
         ("tests/test_activation_bound.py::test_raft_takes_two_named_images_and_is_bounded",),
     ),
@@ -1244,6 +1244,58 @@ MUTANTS = [
         (
             "tests/test_device_memory.py::"
             "test_a_failed_device_during_a_load_turns_health_not_serving",
+        ),
+    ),
+    Mutant(
+        "hosted: a version unloaded during its first page-in keeps what the build made",
+        SERVER + "hosted.py",
+        "            gone = self._retired()\n",
+        "            gone = False\n",
+        (
+            "tests/test_cache.py::"
+            "test_an_unload_during_a_restored_versions_first_page_in_frees_what_it_built",
+        ),
+    ),
+    Mutant(
+        "hosted: a page-in after an unload drops the module its waiting requests need",
+        SERVER + "hosted.py",
+        "        return self.retiring and not self._leases\n",
+        "        return self.retiring\n",
+        ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
+    ),
+    Mutant(
+        "batching: a batcher closed twice leaves its lane twice (the page-in fails)",
+        SERVER + "batching.py",
+        "            if self._left:\n                return\n",
+        "",
+        ("tests/test_batching.py::test_a_batcher_closed_twice_leaves_its_lane_once",),
+    ),
+    Mutant(
+        "batching: a group that cannot be joined fails INTERNAL",
+        SERVER + "batching.py",
+        "        except Exception:  # no memory to join them in (pinned, for a GPU): smaller"
+        " batches\n            failed(group)\n            return _nothing\n",
+        "        except ZeroDivisionError:\n            return _nothing\n",
+        ("tests/test_batching.py::test_a_batch_that_cannot_be_joined_runs_in_smaller_batches",),
+    ),
+    Mutant(
+        "activations: two thin dimensions at once cost what each alone shows",
+        SERVER + "activations.py",
+        "                least[i - 1], least[j - 1] = least[i - 1] * grow, least[j - 1] * grow\n",
+        "                pass\n",
+        (
+            "tests/test_activation_bound.py::"
+            "test_thin_and_tiny_rows_are_estimated_at_what_they_take",
+        ),
+    ),
+    Mutant(
+        "activations: a small dimension counts as its least size, not rounded up to it",
+        SERVER + "activations.py",
+        "least * math.ceil(size / least)",
+        "max(size, least)",
+        (
+            "tests/test_activation_bound.py::"
+            "test_thin_and_tiny_rows_are_estimated_at_what_they_take",
         ),
     ),
 ]

@@ -313,6 +313,9 @@ def _meta_peak(architecture: str, args: dict[str, object], *inputs: tuple[int, .
         ("fcn_resnet50", {"num_classes": 5, "weights_backbone": None}, (1, 3, 2, 32768)),
         ("shufflenet_v2_x2_0", {}, (1, 3, 1, 65536)),
         ("swin_t", {}, (64, 3, 8, 8)),
+        ("fcn_resnet50", {"num_classes": 5, "weights_backbone": None}, (64, 3, 9, 9)),
+        ("mc3_18", {}, (1, 3, 512, 1, 1)),
+        ("swin3d_t", {}, (2, 3, 33, 32, 32)),
     ],
 )
 def test_thin_and_tiny_rows_are_estimated_at_what_they_take(
@@ -320,11 +323,13 @@ def test_thin_and_tiny_rows_are_estimated_at_what_they_take(
 ) -> None:
     """A feature map is never less than a pixel high and a Swin window never smaller than
     7 x 7 tokens: one-pixel-high images took 2 to 10 times, tiny ones up to 300 times, an
-    estimate from square ones (red team 10, M1 and M2). The load also measures the
-    smallest size the model takes (a row's floor) and one thin row per open dimension."""
-    image = [InputSpec("input", torch.float32, (-1, 3, -1, -1))]
+    estimate from square ones (red team 10, M1 and M2); images small in both dimensions
+    (9 x 9 maps rounded up to 16 x 16) and videos thin in two (T x 1 x 1) 3 to 5 times
+    (red team 11, M1). The load also measures the smallest size the model takes (a
+    row's floor), one thin row per open dimension and, for a video, one per pair."""
+    inputs = [InputSpec("input", torch.float32, (-1, 3, *[-1] * (len(shape) - 2)))]
     spec = LoadSpec("m", architecture, dict(args), "w", torch.device("cpu"), None)
-    cost = probe_skeleton(ArchitectureCatalog([]), spec, image, torch.float32).activations
+    cost = probe_skeleton(ArchitectureCatalog([]), spec, inputs, torch.float32).activations
     assert cost is not None
     real = _meta_peak(architecture, args, shape)
     assert real / 1.1 <= cost.estimate([shape]) <= real * 1.5

@@ -381,6 +381,21 @@ def test_a_batch_that_cannot_be_joined_runs_in_smaller_batches() -> None:
     assert runs == [1, 2, 2]
 
 
+def test_a_batcher_closed_twice_leaves_its_lane_once() -> None:
+    """An unload and a page-in ending at once may both close a version's batcher: the
+    second close does nothing (it raised, and the page-in's cleanup stopped halfway)."""
+    from modelhost.server.batching import Batcher, BatchPolicy
+
+    lane = Lane("unit")
+    batcher = Batcher(lambda batch: batch, BatchPolicy(8, 0, 16), lane)
+    other = Batcher(lambda batch: batch, BatchPolicy(8, 0, 16), lane)
+    batcher.close()
+    batcher.close()
+    assert lane._batchers == [other]
+    other.close()
+    lane.close()
+
+
 def test_a_long_queue_delay_does_not_hold_the_shared_lane_from_other_models() -> None:
     """A batch that waits to fill (max_queue_delay_us up to 60 s) stops waiting as soon as
     another model's request or a job waits for the shared CPU lane: it runs with what it

@@ -15,6 +15,7 @@ inside its kernel (a convolution's scratch) is not counted.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import weakref
@@ -120,7 +121,9 @@ class ActivationCost:
     def _counted(self, row: Sequence[int]) -> Sequence[float]:
         if len(row) != len(self.least):
             return row
-        return [max(size, least) for size, least in zip(row, self.least, strict=True)]
+        return [
+            least * math.ceil(size / least) for size, least in zip(row, self.least, strict=True)
+        ]
 
     def scaled(self, factor: float) -> ActivationCost:
         """The cost with every byte times `factor` (measured in float32, run in bfloat16)."""
@@ -204,6 +207,20 @@ def measure(
             thin = run({i: tiny}, side)
             linear = fitted.row_bytes([[thin[0]]]) if thin else 0
             least[i - 1] = max(1.0, tiny * thin[1] / linear) if thin and linear else tiny
+        # Two dimensions thin at once can cost more than each alone shows (a video of
+        # T x 1 x 1 keeps every stage's map a pixel wide and high): each pair's run
+        # raises the pair's least sizes to what it took.
+        for i, j in itertools.combinations(opened if len(opened) > 2 else (), 2):
+            cost = dataclasses.replace(fitted, least=tuple(least))
+            rows = [
+                [tiny if k in (i, j) else side if d == -1 else d for k, d in enumerate(s)]
+                for s in shapes
+            ]
+            found = run({i: tiny, j: tiny}, side)
+            estimate = cost.row_bytes([row[1:] for row in rows])
+            if found and estimate and found[1] > estimate:
+                grow = math.sqrt(found[1] / estimate)
+                least[i - 1], least[j - 1] = least[i - 1] * grow, least[j - 1] * grow
     return dataclasses.replace(fitted, floor=floor, least=tuple(least))
 
 
