@@ -1093,7 +1093,7 @@ MUTANTS = [
     Mutant(
         "activations: the meta device runs no larger sizes (RAFT's square growth unseen)",
         SERVER + "activations.py",
-        "    larger = [side * f for f in factors] if meta and opened else []",
+        "    larger = [side * f for f in factors] if meta and runs.opened else []",
         "    larger: list[int] = []",
         ("tests/test_activation_bound.py::test_raft_takes_two_named_images_and_is_bounded",),
     ),
@@ -1281,8 +1281,8 @@ MUTANTS = [
     Mutant(
         "activations: two thin dimensions at once cost what each alone shows",
         SERVER + "activations.py",
-        "                least[i - 1], least[j - 1] = least[i - 1] * grow, least[j - 1] * grow\n",
-        "                pass\n",
+        "            least[i - 1], least[j - 1] = least[i - 1] * grow, least[j - 1] * grow\n",
+        "            pass\n",
         (
             "tests/test_activation_bound.py::"
             "test_thin_and_tiny_rows_are_estimated_at_what_they_take",

@@ -157,71 +157,87 @@ def measure(
 ) -> ActivationCost | None:
     """The cost of a model whose inputs have `shapes` (-1: open), from `peak(rows)`: the
     peak bytes of one row of zeros of each of `rows` through it (of as many rows as a
-    static batch has). A size whose run raises
-    is one the model does not take; None if no size ran.
+    static batch has). A size whose run raises is one the model does not take; None if
+    no size ran.
 
     - The growth is fitted through the two largest sizes that run, of `probe_sides` (on
       the `meta` device, where runs cost no memory, also 2 and 4 times the side: RAFT's
       correlation volume only shows its square growth past 224 pixels; and 8 times a
       video's 37, whose models pool more than 37 frames away).
     - The smallest size that runs, of `TINY_SIDES` and `probe_sides`, gives the `floor`.
-    - With two or more open dimensions, one run per open dimension, that one at the
-      smallest size and the others at the side, gives how thin rows cost (`least`).
+    - Thin rows give each open dimension's least size (`_least`).
     """
-    opened = [i for i, size in enumerate(shapes[0]) if i and size == -1]
-    done: dict[tuple[int, ...], tuple[int, int] | None] = {}  # each size runs once
-
-    batch = max(1, shapes[0][0] if shapes[0] else 1)  # a static batch (-1: any) runs as is
-
-    def run(sizes: dict[int, int], side: int) -> tuple[int, int] | None:
-        rows = [
-            [batch if i == 0 else sizes.get(i, side) if d == -1 else d for i, d in enumerate(shape)]
-            for shape in shapes
-        ]
-        key = tuple(size for row in rows for size in row)
-        if key not in done:
-            try:
-                done[key] = sum(math.prod(row[1:]) for row in rows), peak(rows) // batch
-            except Exception as error:
-                log.debug("no activations measured at %s: %s", rows, error)
-                done[key] = None
-        return done[key]
-
+    runs = _Runs(peak, shapes)
     side, *smaller = probe_sides(shapes[0])
-    factors = (8, 4, 2) if len(opened) > 2 else (4, 2)  # a video's side is 37
-    larger = [side * f for f in factors] if meta and opened else []
-    runs: list[tuple[int, int]] = []
+    factors = (8, 4, 2) if len(runs.opened) > 2 else (4, 2)  # a video's side is 37
+    larger = [side * f for f in factors] if meta and runs.opened else []
+    fits: list[tuple[int, int]] = []
     for size in (*larger, side, *smaller):
-        if len(runs) < 2 and (found := run({}, size)) is not None:
-            runs.append(found)
-    fitted = ActivationCost.measured(runs)
-    if fitted is None or not opened:
+        if len(fits) < 2 and (found := runs({}, size)) is not None:
+            fits.append(found)
+    fitted = ActivationCost.measured(fits)
+    if fitted is None or not runs.opened:
         return fitted
-    tiny = next((size for size in sorted({*TINY_SIDES, *smaller, side}) if run({}, size)), 0)
+    tiny = next((size for size in sorted({*TINY_SIDES, *smaller, side}) if runs({}, size)), 0)
     if not tiny:  # only larger sizes run (a video model): the fit alone
         return fitted
-    floor = run({}, tiny)[1]  # type: ignore[index]  # it ran
-    least = [1.0] * (len(shapes[0]) - 1)
-    if tiny < side and len(opened) > 1 and all(len(s) == len(shapes[0]) for s in shapes):
-        for i in opened:
-            thin = run({i: tiny}, side)
-            linear = fitted.row_bytes([[thin[0]]]) if thin else 0
-            least[i - 1] = max(1.0, tiny * thin[1] / linear) if thin and linear else tiny
-        # Two dimensions thin at once can cost more than each alone shows (a video of
-        # T x 1 x 1 keeps every stage's map a pixel wide and high): each pair's run
-        # raises the pair's least sizes to what it took.
-        for i, j in itertools.combinations(opened if len(opened) > 2 else (), 2):
-            cost = dataclasses.replace(fitted, least=tuple(least))
-            rows = [
-                [tiny if k in (i, j) else side if d == -1 else d for k, d in enumerate(s)]
-                for s in shapes
-            ]
-            found = run({i: tiny, j: tiny}, side)
-            estimate = cost.row_bytes([row[1:] for row in rows])
-            if found and estimate and found[1] > estimate:
-                grow = math.sqrt(found[1] / estimate)
-                least[i - 1], least[j - 1] = least[i - 1] * grow, least[j - 1] * grow
-    return dataclasses.replace(fitted, floor=floor, least=tuple(least))
+    floor = runs({}, tiny)[1]  # type: ignore[index]  # it ran
+    least = _least(runs, fitted, tiny, side) if tiny < side else ()
+    return dataclasses.replace(fitted, floor=floor, least=least)
+
+
+class _Runs:
+    """One-row runs of a model's inputs, their open dimensions at given sizes: (elements,
+    peak bytes) per row, or None where the model refused them; each size runs once."""
+
+    def __init__(self, peak: Callable[[list[list[int]]], int], shapes: Sequence[Sequence[int]]):
+        self.shapes = shapes
+        self.opened = [i for i, size in enumerate(shapes[0]) if i and size == -1]
+        self._peak = peak
+        self._batch = max(1, shapes[0][0] if shapes[0] else 1)  # a static batch runs as is
+        self._done: dict[tuple[int, ...], tuple[int, int] | None] = {}
+
+    def rows(self, sizes: dict[int, int], side: int, batch: int = 1) -> list[list[int]]:
+        """Each input's shape with dimension i open at `sizes[i]`, or else at `side`."""
+        return [
+            [batch if i == 0 else sizes.get(i, side) if d == -1 else d for i, d in enumerate(s)]
+            for s in self.shapes
+        ]
+
+    def __call__(self, sizes: dict[int, int], side: int) -> tuple[int, int] | None:
+        rows = self.rows(sizes, side, self._batch)
+        key = tuple(size for row in rows for size in row)
+        if key not in self._done:
+            try:
+                elements = sum(math.prod(row[1:]) for row in rows)
+                self._done[key] = elements, self._peak(rows) // self._batch
+            except Exception as error:
+                log.debug("no activations measured at %s: %s", rows, error)
+                self._done[key] = None
+        return self._done[key]
+
+
+def _least(runs: _Runs, fitted: ActivationCost, tiny: int, side: int) -> tuple[float, ...]:
+    """Each dimension's least size, as thin rows show it: with two or more open, one run
+    per open dimension at `tiny` (the others at `side`) gives the size whose rows cost as
+    that run did (a one-pixel-high image keeps every map a pixel high); for a video, one
+    run per pair of them raises the pair's sizes to what the pair took (T x 1 x 1 keeps
+    every map a pixel wide and high, which each alone does not show)."""
+    least = [1.0] * (len(runs.shapes[0]) - 1)
+    if len(runs.opened) < 2 or any(len(s) != len(runs.shapes[0]) for s in runs.shapes):
+        return ()
+    for i in runs.opened:
+        thin = runs({i: tiny}, side)
+        linear = fitted.row_bytes([[thin[0]]]) if thin else 0
+        least[i - 1] = max(1.0, tiny * thin[1] / linear) if thin and linear else tiny
+    for i, j in itertools.combinations(runs.opened if len(runs.opened) > 2 else (), 2):
+        found = runs({i: tiny, j: tiny}, side)
+        rows = [row[1:] for row in runs.rows({i: tiny, j: tiny}, side)]
+        estimate = dataclasses.replace(fitted, least=tuple(least)).row_bytes(rows)
+        if found and estimate and found[1] > estimate:
+            grow = math.sqrt(found[1] / estimate)
+            least[i - 1], least[j - 1] = least[i - 1] * grow, least[j - 1] * grow
+    return tuple(least)
 
 
 def probe_sides(shape: Sequence[int]) -> tuple[int, ...]:
