@@ -312,7 +312,6 @@ def test_inputs_made_on_another_stream_are_adopted_before_they_are_joined() -> N
     adopts each request's inputs (waits for its event) before it concatenates or runs them.
     On the CPU the same order is observable through the batcher's two hooks."""
     from modelhost.server.batching import Batcher, BatchPolicy, Lane
-    from modelhost.server.inference import encode_answer
 
     events: list[str] = []
     release = threading.Event()
@@ -331,18 +330,32 @@ def test_inputs_made_on_another_stream_are_adopted_before_they_are_joined() -> N
 
     lane = Lane("unit")
     batcher = Batcher(run, BatchPolicy(8, 50_000, 16), lane, join=join, adopt=adopt)
+    doubled_behind_one(batcher, release, 2, ready=True)
+    lane.close()
+    assert events == ["adopt e0", "run 1", "adopt e1", "adopt e2", "join 2", "run 2"]
+
+
+def doubled_behind_one(
+    batcher: Any, release: threading.Event, queued: int, ready: bool = False
+) -> None:
+    """Submits one request, then `queued` more while it runs (they queue together, with
+    "e<i>" as their ready events if `ready`), lets the runs go, checks each answer is its
+    input doubled, and closes the batcher."""
+    from modelhost.server.inference import encode_answer
+
     finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
-    first = batcher.submit({"x": torch.zeros(1, 1)}, None, finish, ready="e0")
+    first = batcher.submit({"x": torch.zeros(1, 1)}, None, finish, "e0" if ready else None)
     time.sleep(0.2)  # the first runs alone and waits for release; the others queue
-    rest = [batcher.submit({"x": torch.full((1, 1), i)}, None, finish, f"e{i}") for i in (1, 2)]
+    rest = [
+        batcher.submit({"x": torch.full((1, 1), i)}, None, finish, f"e{i}" if ready else None)
+        for i in range(1, queued + 1)
+    ]
     release.set()
     first.result(5)
     for i, future in enumerate(rest, 1):
         (output,) = future.result(5).outputs.values()
         assert codec.to_numpy(output).item() == 2 * i
     batcher.close()
-    lane.close()
-    assert events == ["adopt e0", "run 1", "adopt e1", "adopt e2", "join 2", "run 2"]
 
 
 def test_a_batch_that_cannot_be_joined_runs_in_smaller_batches() -> None:
@@ -350,7 +363,6 @@ def test_a_batch_that_cannot_be_joined_runs_in_smaller_batches() -> None:
     be short): its requests then run in halves, each answered, not INTERNAL ("a bug", as a
     failed join was: GPU review 18)."""
     from modelhost.server.batching import Batcher, BatchPolicy
-    from modelhost.server.inference import encode_answer
 
     release = threading.Event()
     runs: list[int] = []
@@ -366,17 +378,7 @@ def test_a_batch_that_cannot_be_joined_runs_in_smaller_batches() -> None:
         return torch.cat(parts)
 
     lane = Lane("unit")
-    batcher = Batcher(run, BatchPolicy(8, 50_000, 16), lane, join=join)
-    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
-    first = batcher.submit({"x": torch.zeros(1, 1)}, None, finish)
-    time.sleep(0.2)  # the first runs alone and waits for release; the others queue
-    rest = [batcher.submit({"x": torch.full((1, 1), i)}, None, finish) for i in (1, 2, 3, 4)]
-    release.set()
-    first.result(5)
-    for i, future in enumerate(rest, 1):
-        (output,) = future.result(5).outputs.values()
-        assert codec.to_numpy(output).item() == 2 * i
-    batcher.close()
+    doubled_behind_one(Batcher(run, BatchPolicy(8, 50_000, 16), lane, join=join), release, 4)
     lane.close()
     assert runs == [1, 2, 2]
 
