@@ -1239,7 +1239,7 @@ MUTANTS = [
     Mutant(
         "host: a failed device during LoadModel leaves health SERVING",
         SERVER + "host.py",
-        "        self.models.device_failed = self._device_failed\n",
+        "        self.models.on_device_failure = self._device_failed  # a load's, as a Predict's\n",
         "",
         (
             "tests/test_device_memory.py::"

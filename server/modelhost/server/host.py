@@ -23,7 +23,6 @@ from modelhost.server.devices import lower_priority
 from modelhost.server.errors import DeviceFailed, LimitExceeded
 from modelhost.server.hosted import HostedModel
 from modelhost.server.inference import Answer
-from modelhost.server.loading import LoadRequest
 from modelhost.server.metrics import Metrics
 from modelhost.server.models import Models
 from modelhost.server.names import check_name
@@ -31,27 +30,9 @@ from modelhost.server.registry import Registry
 from modelhost.server.request_limits import check_element_count, element_count
 from modelhost.server.restore import RecordFormat, RestoreRecord, Unrestored
 from modelhost.server.settings import Settings
-from modelhost.server.store import CheckpointRecord, CheckpointStore
+from modelhost.server.store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-
-class WatchedModels(Models):
-    """Models whose loads (LoadModel, and each version a restart restores) report a failed
-    device as a Predict does: a warm-up or a probe run on the device that meets a lost
-    context (DeviceFailed) turns health NOT_SERVING, not only that load INTERNAL."""
-
-    device_failed: Callable[[DeviceFailed], Awaitable[None]] | None = None
-
-    async def load(
-        self, request: LoadRequest, loaded_from: CheckpointRecord | None = None
-    ) -> HostedModel:
-        try:
-            return await super().load(request, loaded_from)
-        except DeviceFailed as failure:
-            if self.device_failed is not None:
-                await self.device_failed(failure)
-            raise
 
 
 class Host:
@@ -90,7 +71,7 @@ class Host:
         self.device_lost = False
         # Called once when a device fails (app.py: health turns NOT_SERVING).
         self.on_device_failure: Callable[[], Awaitable[None]] | None = None
-        self.models = WatchedModels(
+        self.models = Models(
             settings,
             store=store,
             catalog=self._catalog,
@@ -108,7 +89,7 @@ class Host:
             prep=self._prep,
             compiles=self._compiles,
         )
-        self.models.device_failed = self._device_failed
+        self.models.on_device_failure = self._device_failed  # a load's, as a Predict's
 
     async def predict(
         self,

@@ -14,7 +14,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, pref
 from modelhost.server.cache import ModelCache
 from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
+    DeviceFailed,
     InvalidArgument,
     ModelHostFailure,
     ModelNotFound,
@@ -102,6 +103,8 @@ class Models:
         self._lanes_lock = threading.Lock()
         self._loads = loads
         self._prep = prep
+        # Told when a load meets a failed device (host.py: health turns NOT_SERVING).
+        self.on_device_failure: Callable[[DeviceFailed], Awaitable[None]] | None = None
         self._compiles = compiles
         self._closing = False
         # Record writes (an fsync: on a thread, off the event loop) and the registry
@@ -128,6 +131,10 @@ class Models:
             loaded_from = await asyncio.to_thread(self._hold_bytes, spec.checkpoint, loaded_from)
         try:
             hosted = await self._build_and_commit(spec, request, loaded_from)
+        except DeviceFailed as failure:  # a warm-up or probe met a lost device context
+            if self.on_device_failure is not None:
+                await self.on_device_failure(failure)
+            raise
         finally:
             if loaded_from is not None:
                 await asyncio.shield(asyncio.to_thread(self._store.let_go, loaded_from.sha256))
