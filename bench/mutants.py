@@ -1298,6 +1298,13 @@ MUTANTS = [
             "test_thin_and_tiny_rows_are_estimated_at_what_they_take",
         ),
     ),
+    Mutant(
+        "inference: an input may fill a forward parameter annotated as a number",
+        SERVER + "inference.py",
+        '        if annotation is not parameter.empty and "Tensor" not in str(annotation):',
+        "        if False:",
+        ("tests/test_forward_settings.py::test_inputs_fill_parameters_and_never_settings",),
+    ),
 ]
 
 

@@ -16,9 +16,9 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_inputs_fill_parameters_and_never_settings(client: ModelHostClient) -> None:
-    """Required and optional (None) parameters answer as in-process; a setting (one row, as
-    the inputs have) and a name forward does not take are refused before they run; the
-    model serves on."""
+    """Required and optional (None, a tensor) parameters answer as in-process; a setting
+    (one row, as the inputs have; by its default or by its annotation) and a name forward
+    does not take are refused before they run; the model serves on."""
     model = serve(client, "blend", architecture="blend")
     rng = np.random.default_rng(0)
     image, other, mask = (rng.standard_normal((1, 3)).astype(np.float32) for _ in range(3))
@@ -36,6 +36,11 @@ def test_inputs_fill_parameters_and_never_settings(client: ModelHostClient) -> N
         INVALID,
         lambda: client.predict("blend", {"image": image, "other": other, "times": times}),
         "input 'times' would set a setting of the model's forward (its default is 3)",
+    )
+    expect(  # defaults to None, but annotated as a number: a setting too
+        INVALID,
+        lambda: client.predict("blend", {"image": image, "other": other, "limit": times}),
+        "input 'limit' would set a setting of the model's forward (it is annotated 'int | None'",
     )
     expect(
         INVALID,

@@ -312,9 +312,9 @@ badly_declared.input_shape = (3, -1)  # type: ignore[attr-defined]  # no batch d
 
 
 class Blend(nn.Module):
-    """Two inputs by name, an optional one (`mask=None`) and a setting (`times=3`), as
-    RAFT's `forward(image1, image2, num_flow_updates=12)`: a model that declares no
-    inputs."""
+    """Two inputs by name, an optional one (`mask=None`) and settings (`times=3`, and
+    `limit: int | None = None`), as RAFT's `forward(image1, image2, num_flow_updates=12)`:
+    a model that declares no inputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -326,11 +326,12 @@ class Blend(nn.Module):
         other: torch.Tensor,
         mask: torch.Tensor | None = None,
         times: int = 3,
+        limit: int | None = None,
     ) -> torch.Tensor:
         out = (image + other) * self.scale
         if mask is not None:
             out = out * mask
-        for _ in range(times):
+        for _ in range(times if limit is None else min(times, limit)):
             out = out + 1
         return out
 

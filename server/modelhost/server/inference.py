@@ -794,9 +794,10 @@ def _shapes(key: ShapeKey) -> str:
 
 def _check_keywords(module: nn.Module | None, tensors: Tensors) -> None:
     """A model that declares no inputs gets several inputs as keyword arguments of its
-    forward: each must name a parameter that takes an input (no default, or None), never
-    a setting such as RAFT's `num_flow_updates=12`, which a one-number tensor would set
-    (red team 10, H2: a 1.5 MB request held the CPU lane for 9 s)."""
+    forward: each must name a parameter that takes an input (no default, or None; and,
+    when it is annotated, a tensor), never a setting such as RAFT's `num_flow_updates=12`
+    or a `max_steps: int | None = None`, which a one-number tensor would set (red team
+    10, H2: a 1.5 MB request held the CPU lane for 9 s)."""
     try:
         parameters = inspect.signature(module.forward).parameters if module else {}
     except (TypeError, ValueError):  # no signature to read: the model says at its run
@@ -816,6 +817,12 @@ def _check_keywords(module: nn.Module | None, tensors: Tensors) -> None:
                 f"input {name!r} would set a setting of the model's forward (its default "
                 f"is {parameter.default!r:.40}): inputs fill parameters without a default, "
                 "or whose default is None"
+            )
+        annotation = parameter.annotation
+        if annotation is not parameter.empty and "Tensor" not in str(annotation):
+            raise InvalidInput(
+                f"input {name!r} would set a setting of the model's forward (it is "
+                f"annotated {str(annotation)!r:.60}, not a tensor)"
             )
 
 
