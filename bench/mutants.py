@@ -1066,7 +1066,7 @@ MUTANTS = [
     Mutant(
         "inference: several inputs to a model that declares none are not checked",
         SERVER + "inference.py",
-        "        elif len(tensors) > 1:\n            _check_keywords(self.module, tensors)\n",
+        "        elif len(tensors) > 1:\n            _check_keywords(self._parameters, tensors)\n",
         "",
         ("tests/test_forward_settings.py::test_inputs_fill_parameters_and_never_settings",),
     ),

@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from conftest import expect, images, reference, resnet18, serve
-from helpers.models import Attention
+from helpers.models import Attention, fixed_size
 from modelhost.client import ModelHostClient
 from modelhost.server import Server, Settings, running
 from modelhost.server.activations import ActivationCost, LiveTensors
@@ -388,7 +388,8 @@ def test_a_model_that_takes_no_probe_size_is_measured_at_its_warmup_shape(
     10, M3). Its load is refused while max_predict_bytes is set, naming what to do; with
     a warmup_shape it takes it is measured there, and bounded; with the bound off it
     loads as before."""
-    model = build_fixed()
+    torch.manual_seed(0)
+    model = fixed_size().eval()
     x = np.random.default_rng(0).standard_normal((2, 3, 48, 48)).astype(np.float32)
     row = one_row_peak(model, torch.zeros(1, 3, 48, 48))
     limited = dataclasses.replace(settings, max_predict_bytes=int(4.5 * row))
@@ -410,13 +411,6 @@ def test_a_model_that_takes_no_probe_size_is_measured_at_its_warmup_shape(
     with running(unbounded) as server, ModelHostClient(server.target, timeout=120) as client:
         client.load_model("m", architecture="fixed_size", checkpoint="fixed")
         np.testing.assert_allclose(client.predict("m", x), reference(model, x), rtol=1e-5)
-
-
-def build_fixed() -> nn.Module:
-    from helpers.models import fixed_size
-
-    torch.manual_seed(0)
-    return fixed_size().eval()
 
 
 def test_preprocessing_uint8_images_counts_against_the_bound(

@@ -185,6 +185,7 @@ class Runner:
         self._forward: Callable[..., Any] = _released
         self._compiling: Callable[..., Any] = _released
         self._code: Any = None  # the module's forward code, for MAX_BACKGROUND_COMPILES_PER_CLASS
+        self._parameters: Mapping[str, inspect.Parameter] | None = None  # of its forward
         if module is not None:  # None: a version registered before it is built (restore)
             self.attach(module)
 
@@ -210,7 +211,7 @@ class Runner:
         if self.inputs:
             self._check(self._as_the_model_sees(tensors))
         elif len(tensors) > 1:
-            _check_keywords(self.module, tensors)
+            _check_keywords(self._parameters, tensors)
         self.check_cost(tensors)  # before it waits in a queue
         return Prepared(tensors, out_dtype, ready)
 
@@ -578,6 +579,7 @@ class Runner:
         self._cost = detection_cost(module)
         self._forward = self._compiling = module
         self._code = getattr(module.forward, "__code__", None)  # where torch keeps graphs
+        self._parameters = _parameters(module)  # read once, not per request
         if self.compile_mode:
             mode = None if self.compile_mode == "default" else self.compile_mode
             self._compiling = _compiled(module, mode)
@@ -792,15 +794,22 @@ def _shapes(key: ShapeKey) -> str:
     )
 
 
-def _check_keywords(module: nn.Module | None, tensors: Tensors) -> None:
+def _parameters(module: nn.Module) -> Mapping[str, inspect.Parameter] | None:
+    """The parameters of `module`'s forward; None when it has no signature to read."""
+    try:
+        return inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_keywords(parameters: Mapping[str, inspect.Parameter] | None, tensors: Tensors) -> None:
     """A model that declares no inputs gets several inputs as keyword arguments of its
     forward: each must name a parameter that takes an input (no default, or None; and,
     when it is annotated, a tensor), never a setting such as RAFT's `num_flow_updates=12`
     or a `max_steps: int | None = None`, which a one-number tensor would set (red team
-    10, H2: a 1.5 MB request held the CPU lane for 9 s)."""
-    try:
-        parameters = inspect.signature(module.forward).parameters if module else {}
-    except (TypeError, ValueError):  # no signature to read: the model says at its run
+    10, H2: a 1.5 MB request held the CPU lane for 9 s). Without a signature to read,
+    the model says at its run."""
+    if parameters is None:
         return
     any_name = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     for name in tensors:
