@@ -223,9 +223,9 @@ def _least(runs: _Runs, fitted: ActivationCost, tiny: int, side: int) -> tuple[f
     that run did (a one-pixel-high image keeps every map a pixel high); for a video, one
     run per pair of them raises the pair's sizes to what the pair took (T x 1 x 1 keeps
     every map a pixel wide and high, which each alone does not show)."""
-    least = [1.0] * (len(runs.shapes[0]) - 1)
     if len(runs.opened) < 2 or any(len(s) != len(runs.shapes[0]) for s in runs.shapes):
         return ()
+    least = [1.0] * (len(runs.shapes[0]) - 1)
     for i in runs.opened:
         thin = runs({i: tiny}, side)
         linear = fitted.row_bytes([[thin[0]]]) if thin else 0
