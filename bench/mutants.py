@@ -1305,6 +1305,16 @@ MUTANTS = [
         "        if False:",
         ("tests/test_forward_settings.py::test_inputs_fill_parameters_and_never_settings",),
     ),
+    Mutant(
+        "store: a blob of another length than it was stored with is opened and mapped",
+        SERVER + "store.py",
+        "        try:\n            _check_size(record, os.fstat(fd))\n",
+        "        try:\n            pass\n",
+        (
+            "tests/test_blob_hostile.py::"
+            "test_a_page_in_from_a_planted_blob_is_data_loss_and_others_serve",
+        ),
+    ),
 ]
 
 

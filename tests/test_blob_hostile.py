@@ -2,8 +2,10 @@
 
 `blobs/<sha256>` is read by LoadModel, a page-in from the store tier, a restore and
 DownloadCheckpoint: a symlink there is not followed (nothing outside the store is
-served), a FIFO is not waited on (the load workers are never blocked), and both answer
-DATA_LOSS naming the checkpoint, while the other models keep serving. A write that the
+served), a FIFO is not waited on (the load workers are never blocked), a blob cut short
+or made longer in place is not memory-mapped (past its end, that would end the process
+with SIGBUS), and each answers DATA_LOSS naming the checkpoint, while the other models
+keep serving. A write that the
 file system refuses as too large (EFBIG: `ulimit -f`, FAT's 4 GiB) is a full store:
 RESOURCE_EXHAUSTED, and nothing is left behind."""
 
@@ -33,7 +35,7 @@ from modelhost.server import Settings, running
 DL = grpc.StatusCode.DATA_LOSS
 X = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
 PROMPT = 5.0  # seconds: a refusal takes milliseconds; a blocked open would take forever
-WHAT = {"symlink": "symbolic link", "fifo": "FIFO"}
+WHAT = {"symlink": "symbolic link", "fifo": "FIFO", "truncated": "not the", "extended": "not the"}
 
 
 def save(client: ModelHostClient, name: str, seed: int) -> tuple[torch.nn.Module, str]:
@@ -63,8 +65,13 @@ def fifos_opened_at_the_end(settings: Settings) -> Iterator[None]:
 
 def plant(store: Path, sha: str, kind: str, outside: Path | None = None) -> None:
     """Replaces the blob `sha` with a symlink to `outside` (a checkpoint of other weights,
-    outside the store) or a FIFO nobody writes to."""
+    outside the store) or a FIFO nobody writes to, or changes it in place: cut to half its
+    length, or one zero byte longer."""
     blob = store / "blobs" / sha
+    if kind in ("truncated", "extended"):
+        size = blob.stat().st_size
+        os.truncate(blob, size // 2 if kind == "truncated" else size + 1)
+        return
     blob.unlink()
     if kind == "symlink":
         assert outside is not None
@@ -81,7 +88,7 @@ def refused_promptly(call: Callable[[], Any], *words: str) -> None:
     assert time.monotonic() - start < PROMPT
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "truncated", "extended"])
 def test_a_planted_blob_is_data_loss_at_load_and_download(
     settings: Settings, tmp_path: Path, kind: str
 ) -> None:
@@ -124,7 +131,7 @@ def test_deleting_a_checkpoint_whose_blob_was_planted_removes_the_plant_only(
     assert outside.exists() == (kind == "symlink")  # what the link pointed to is not touched
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "truncated"])
 def test_a_page_in_from_a_planted_blob_is_data_loss_and_others_serve(
     settings: Settings, tmp_path: Path, kind: str
 ) -> None:

@@ -75,7 +75,6 @@ from modelhost.server.store_files import (
     Unreadable,
     file_kind,
     fsync_dir,
-    is_regular,
     open_regular,
     read_json,
     removed,
@@ -194,6 +193,7 @@ class CheckpointStore:
             self._missing(record)
         if not stat.S_ISREG(info.st_mode):
             raise _not_a_blob(record, file_kind(info.st_mode))
+        _check_size(record, info)
         return path
 
     @contextlib.contextmanager
@@ -250,6 +250,11 @@ class CheckpointStore:
             self._missing(record)
         except Unreadable as error:
             raise _not_a_blob(record, error.what) from None
+        try:
+            _check_size(record, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     # Writing
@@ -297,7 +302,8 @@ class CheckpointStore:
             self.check_free(name, overwrite)
             previous = _sha_of(entry)
             blob = self._blobs / record.sha256
-            fresh = not is_regular(blob)  # a symlink or FIFO planted there is replaced
+            # A symlink or FIFO planted there, or a file of another size, is replaced.
+            fresh = not _holds_bytes(blob, record.size_bytes)
             if fresh:
                 os.replace(pending.path, blob)
             else:
@@ -486,6 +492,28 @@ def _not_a_blob(record: CheckpointRecord, why: str) -> DataLoss:
         f"a regular file ({why}), so they are not read; upload the checkpoint again (the "
         "same bytes replace what is there), or delete it"
     )
+
+
+def _check_size(record: CheckpointRecord, info: os.stat_result) -> None:
+    """DataLoss when a blob is not as long as the bytes it was stored with: truncated or
+    extended in place behind the store (memory-mapping a truncated one ends the process
+    with SIGBUS when a page past its end is read)."""
+    if info.st_size != record.size_bytes:
+        raise DataLoss(
+            f"checkpoint {record.name!r}: its bytes in the store (blobs/{record.sha256}) "
+            f"are {info.st_size:,} bytes long, not the {record.size_bytes:,} they were "
+            "stored with: they were changed behind the store, so they are not read; upload "
+            "the checkpoint again (the same bytes replace what is there), or delete it"
+        )
+
+
+def _holds_bytes(blob: Path, size: int) -> bool:
+    """Whether `blob` is a regular file of `size` bytes (not following a symlink)."""
+    try:
+        info = os.lstat(blob)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size
 
 
 def _wrapped(document: Any) -> bool:

@@ -140,14 +140,6 @@ def file_kind(mode: int) -> str:
     return f"file type {stat.S_IFMT(mode):o}"
 
 
-def is_regular(path: Path) -> bool:
-    """Whether `path` is a regular file (not following a symlink)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
 def replace_file(tmp: Path, path: Path, data: bytes) -> None:
     """Atomically replaces `path` with `data`: written to `tmp`, fsynced, renamed, and the
     folder fsynced."""
