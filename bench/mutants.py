@@ -1315,6 +1315,16 @@ MUTANTS = [
             "test_a_page_in_from_a_planted_blob_is_data_loss_and_others_serve",
         ),
     ),
+    Mutant(
+        "store: a hold that cannot be written is taken anyway while other servers share it",
+        SERVER + "store_holds.py",
+        "                if others:\n",
+        "                if False:\n",
+        (
+            "tests/test_disk_full.py::test_a_load_whose_hold_cannot_be_written_is_refused_"
+            "while_another_server_shares_the_store",
+        ),
+    ),
 ]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import expect, reference, temp_files
+from conftest import REPLICA_BUDGET, expect, reference, temp_files
 from modelhost.client import ModelHostClient
 from modelhost.server import Settings, running
 
@@ -138,3 +138,32 @@ def test_uploads_and_snapshots_on_a_full_store_leave_nothing(
         client.save_checkpoint("small", saved(mlp(4)))
         client.snapshot("m", "snap")
         assert [c.name for c in client.list_checkpoints()] == ["small", "snap", "w"]
+
+
+def test_a_load_whose_hold_cannot_be_written_is_refused_while_another_server_shares_the_store(
+    volume: Path, settings: Settings
+) -> None:
+    """An evictable version holds the bytes it pages in from, in a holds file the other
+    servers sharing the store read: one that cannot be written would leave them free to
+    remove those bytes, so the load is refused (and, once there is room, goes through). A
+    lone server loads anyway."""
+    shared = dataclasses.replace(settings, store=volume / "store")
+    evictable = dataclasses.replace(shared, device_memory_budget=REPLICA_BUDGET)
+    model = mlp(5)
+    with running(evictable) as first, ModelHostClient(first.target, timeout=60) as a:
+        a.save_checkpoint("w", saved(model))
+        filler = fill(volume)
+        with running(shared) as second, ModelHostClient(second.target, timeout=60) as b:
+            expect(RE, lambda: load(a), "checkpoint store is full")
+            assert hosted(a) == []
+            filler.unlink()
+            assert load(a).version == 1
+            expect(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                lambda: b.delete_checkpoint("w"),
+                "needed by another server",
+            )
+        a.unload_model("m")
+        fill(volume)
+        assert load(a).version == 1  # alone again: its holds file is for later servers
+        same(a.predict("m", X), reference(model, X))

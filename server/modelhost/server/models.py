@@ -551,7 +551,11 @@ class Models:
             built=False,
         )
         if hosted.pages_in_from:
-            self._store.hold(hosted.pages_in_from)
+            try:
+                self._store.hold(hosted.pages_in_from)
+            except BaseException:
+                self.registry.cancel(spec.name, version)
+                raise
         self._register(hosted)
         return hosted
 

@@ -2,7 +2,8 @@
 servers sharing one store: each lists its holds in `tmp/<owner>.holds`, and reads those of
 the other live servers. A server holding more than MAX_HOLDS blobs writes EVERY_BLOB
 instead of the list. A holds file that no server would write counts for nothing, and is
-logged.
+logged. A new hold that cannot be written while other servers share the store is not
+taken (the load that wanted it fails), since they would be free to remove the blob.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from modelhost.server.store_files import SHA256, read_json, replace_file
+from modelhost.server.store_files import SHA256, read_json, replace_file, space
 from modelhost.server.store_locks import StoreLocks
 
 log = logging.getLogger("modelhost.server.store")  # the store's log, as it was in store.py
@@ -52,17 +53,39 @@ class Holds:
         self._holds_all = False  # the holds file says EVERY_BLOB (more than MAX_HOLDS)
 
     def hold(self, sha256: str) -> None:
-        """One more hold on a blob; a new one is published."""
+        """One more hold on a blob; a new one is published first. If that fails while
+        other live servers share the store (they would be free to remove the blob), the
+        blob is not held and the error is raised (StoreFull for a full volume); a lone
+        server logs it (a server that starts later reads what its next write says)."""
+        if sha256 not in self._held:
+            try:
+                self._write([*self._held, sha256])
+            except OSError as error:
+                others = self._locks.live_owners() - {self._locks.owner}
+                if others:
+                    log.error(
+                        "could not record the blobs this server holds in %s (%s): not "
+                        "holding %s, which %d other servers sharing the store could remove",
+                        self._holds,
+                        error,
+                        sha256,
+                        len(others),
+                    )
+                    with space():  # StoreFull for a full volume
+                        raise
+                self._unpublished(error)
         self._held[sha256] += 1
-        if self._held[sha256] == 1:
-            self._publish_holds()
 
     def let_go(self, sha256: str) -> bool:
-        """One hold less on a blob; True (and published) when this server holds it no more."""
+        """One hold less on a blob; True (and published) when this server holds it no
+        more (a failed write is logged: the other servers keep the blob meanwhile)."""
         self._held[sha256] -= 1
         if self._held[sha256] <= 0:
             del self._held[sha256]
-            self._publish_holds()
+            try:
+                self._write(list(self._held))
+            except OSError as error:
+                self._unpublished(error)
             return True
         return False
 
@@ -81,36 +104,35 @@ class Holds:
         """Removes this server's holds file."""
         self._holds.unlink(missing_ok=True)
 
-    def _publish_holds(self) -> None:
-        """Writes this server's holds where the others sharing the store read them (no
-        holds: no file). A failure is logged: the holds still count in this server."""
-        try:
-            if self._held:
-                data = holds_document(self._held)
-                replace_file(self._temp_name(self._holds), self._holds, data)
-            else:
-                data = b""
-                self._holds.unlink(missing_ok=True)
-        except OSError as error:
-            log.error(
-                "could not record the blobs this server holds in %s (%s): other servers "
-                "sharing the store may remove them",
-                self._holds,
-                error,
-            )
-            return
+    def _write(self, held: list[str]) -> None:
+        """Writes the holds file where the other servers sharing the store read it (no
+        holds: no file)."""
+        if held:
+            data = holds_document(held)
+            replace_file(self._temp_name(self._holds), self._holds, data)
+        else:
+            data = b""
+            self._holds.unlink(missing_ok=True)
         every = data == _EVERY_BLOB
         if every and not self._holds_all:
             log.warning(
                 "this server holds the bytes of %d checkpoints, more than its holds file "
                 "lists (%d): until it holds fewer, the servers sharing the store remove no "
                 "blob and refuse every DeleteCheckpoint",
-                len(self._held),
+                len(held),
                 MAX_HOLDS,
             )
         elif self._holds_all and not every:
             log.warning("this server's holds fit in its holds file again")
         self._holds_all = every
+
+    def _unpublished(self, error: OSError) -> None:
+        log.error(
+            "could not record the blobs this server holds in %s (%s): until a later write "
+            "does, other servers sharing the store see what it said before",
+            self._holds,
+            error,
+        )
 
 
 def holds_document(held: Collection[str]) -> bytes:
