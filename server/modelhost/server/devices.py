@@ -349,17 +349,20 @@ def adopt(tensors: Iterable[torch.Tensor], ready: torch.cuda.Event, device: torc
             tensor.record_stream(stream)
 
 
+_MEASURING: collections.defaultdict[int, threading.Lock] = collections.defaultdict(threading.Lock)
+"""One lock per GPU (by index): a warm-up measured there holds it."""
+
+
 class Workspace:
     """What running a module needs on its device beyond its weights, measured around its
     warm-up (`with Workspace(module, device) as w: ...; w.bytes`). On a GPU: the peak of
     what PyTorch allocated beyond what it held before. On the CPU, which keeps no such
     count, a rough estimate: the largest inputs plus outputs of any one layer (a load
     counts the model's measured activations instead where it knows them). GPU peaks are
-    counted per device, not per thread, so GPU warm-ups are measured one at a time (other
-    models' batches running meanwhile may still add theirs: the estimate errs on the side
-    of more)."""
-
-    _measuring = threading.Lock()
+    counted per device, not per thread, so the warm-ups on one GPU are measured one at a
+    time (other models' batches running meanwhile may still add theirs: the estimate errs
+    on the side of more); a compiled version compiles before it is measured (see
+    `models.Models._finish_build`), so that wait is not minutes long."""
 
     def __init__(self, module: nn.Module, device: torch.device) -> None:
         self.bytes = 0
@@ -370,12 +373,12 @@ class Workspace:
 
     def __enter__(self) -> Workspace:
         if self._device.type == "cuda":
-            self._measuring.acquire()
+            self._lock().acquire()
             try:
                 torch.cuda.reset_peak_memory_stats(self._device)
                 self._start = int(torch.cuda.memory_allocated(self._device))
             except BaseException:
-                self._measuring.release()
+                self._lock().release()
                 raise
         else:
             self._hooks = [
@@ -396,7 +399,12 @@ class Workspace:
                 peak = int(torch.cuda.max_memory_allocated(self._device))
                 self.bytes = max(0, peak - self._start)
             finally:
-                self._measuring.release()
+                self._lock().release()
+
+    def _lock(self) -> threading.Lock:
+        """The lock of this GPU's measurements ("cuda" is the current device)."""
+        index = self._device.index
+        return _MEASURING[torch.cuda.current_device() if index is None else index]
 
 
 def _tensor_bytes(value: Any) -> int:

@@ -311,6 +311,10 @@ class Models:
         allocator's peak around it, on the CPU the estimate for its largest batch."""
         assert loaded.module is not None
         _check_label_count(request.labels, runner.outputs)  # before a warm-up is spent
+        if _compiles_first(loaded.device, request):
+            # Compiling takes seconds to minutes: done before the measured warm-up, which
+            # holds the device's measurements, and not counted (it is not serving's need).
+            runner.warm_up(request.warmup_shape, first_here=True)
         workspace = Workspace(loaded.module, loaded.device)
         with workspace:
             policy = self._warm_up(
@@ -701,6 +705,19 @@ def _outputs_by_running(runner: Runner, lane: Lane, spec: InputSpec, name: str) 
         lane.call(runner.run, {spec.name: zeros}).result()
     except ModelHostFailure as error:
         log.info("%s: outputs not known until the first request: %s", name, error)
+
+
+def _compiles_first(device: torch.device, request: LoadRequest) -> bool:
+    """Whether a version compiles (on its load thread) before its GPU warm-up is measured:
+    a compiled one with a warm-up, unless it runs as CUDA graphs, whose pool, made as they
+    are captured, is memory it keeps (measured, then). On the CPU the warm-up waits for no
+    other load, and compiling twice (once more with the measuring hooks) would be waste."""
+    return (
+        device.type == "cuda"
+        and bool(request.compile)
+        and bool(request.warmup_shape)
+        and not uses_cuda_graphs(device, request.compile)
+    )
 
 
 def _measure_by_running(
