@@ -1325,6 +1325,16 @@ MUTANTS = [
             "while_another_server_shares_the_store",
         ),
     ),
+    Mutant(
+        "cache: a page-in waits for room while nobody waits for it any more",
+        SERVER + "cache.py",
+        "    return hosted.paging_until if hosted.paging_waiters else 0.0\n",
+        "    return hosted.paging_until\n",
+        (
+            "tests/test_pagein_deadline.py::"
+            "test_a_page_in_whose_callers_all_cancelled_evicts_nothing",
+        ),
+    ),
 ]
 
 

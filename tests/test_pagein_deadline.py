@@ -1,6 +1,6 @@
 """A page-in shared by several requests waits for room as long as any of them has time
 left: the request that started it, with the shortest deadline, does not end it for the
-others (red team 9 M3).
+others (red team 9 M3); it gives up once they have all left (red team 11).
 
 The budget holds one of the small models below: `h` waits in the store tier while `busy`,
 resident, runs a slow request that holds the room."""
@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from conftest import build, expect, reference
-from modelhost.client import ChannelConfig, ModelHostClient
+from modelhost.client import ChannelConfig, ModelHostClient, codec
 from modelhost.server import Server, Settings, running
 from modelhost.server.errors import DeadlineExpired
+from modelhost.v1 import modelhost_pb2 as pb
+from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
 ARGS = {"features": 16, "hidden": 256, "classes": 4}
 MODEL_BYTES = 4 * (16 * 256 + 256 + 256 * 4 + 4)  # float32 weights and biases
@@ -166,3 +168,23 @@ def test_a_request_with_time_left_starts_a_page_in_again_that_ended_at_a_deadlin
     np.testing.assert_allclose(answer, reference(twin, X), rtol=1e-5, atol=1e-6)
     assert calls == [("h", 1), ("h", 1)]
     assert once.get_model("h").page_ins == 1
+
+
+def test_a_page_in_whose_callers_all_cancelled_evicts_nothing(
+    client: ModelHostClient, server: Server, twin: torch.nn.Module
+) -> None:
+    """A caller that cancels (it stopped waiting, or went away) while its page-in waits for
+    room leaves nobody waiting for it: the page-in gives up, whatever the deadline said,
+    rather than evict `busy` for no one once it is idle."""
+    busy = keep_busy(client)
+    request = pb.PredictRequest(model="h", inputs={"input": codec.from_numpy(X)})
+    with grpc.insecure_channel(server.target) as channel:
+        call = pb_grpc.ModelHostStub(channel).Predict.future(request, timeout=30)
+        time.sleep(0.3)  # its page-in waits for room
+        call.cancel()
+    busy.join(30)
+    time.sleep(0.3)  # `busy` is idle: a page-in still waiting would evict it now
+    assert client.get_model("h").page_ins == 0
+    assert client.get_model("busy").tier == "resident"
+    expected = reference(twin, X)  # and the next request pages it in
+    np.testing.assert_allclose(client.predict("h", X, timeout=20), expected, rtol=1e-5, atol=1e-6)

@@ -338,6 +338,23 @@ class ModelCache:
             self._metrics.cache_requests.labels("hit").inc()
             return False
         self._metrics.cache_requests.labels("miss").inc()
+        with self._paging:
+            hosted.paging_waiters += 1
+        try:
+            await self._wait_for_page_in(hosted, deadline)
+        finally:  # in time, at its deadline, or cancelled (its caller left)
+            with self._paging:
+                hosted.paging_waiters -= 1
+        if hosted.tier != RESIDENT:
+            raise ShuttingDown(
+                f"model {hosted.name!r} version {hosted.version} was unloaded while it "
+                "waited to be paged in"
+            )
+        return True
+
+    async def _wait_for_page_in(self, hosted: HostedModel, deadline: float | None) -> None:
+        """Waits for `hosted`'s page-in, starting one if none is running (again, if one
+        ended at the deadlines of the others while this request has time left)."""
         until = math.inf if deadline is None else deadline
         while hosted.tier != RESIDENT and not hosted.retiring:
             with self._paging:
@@ -363,12 +380,6 @@ class ModelCache:
             except DeadlineExpired:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-        if hosted.tier != RESIDENT:
-            raise ShuttingDown(
-                f"model {hosted.name!r} version {hosted.version} was unloaded while it "
-                "waited to be paged in"
-            )
-        return True
 
     def _pages_in(self, device: str) -> ThreadPoolExecutor:
         """The device's page-in thread (call with `_paging` held)."""
@@ -388,18 +399,19 @@ class ModelCache:
 
     def _page_in(self, hosted: HostedModel) -> None:
         """Brings a version back to its device (on its device's page-in thread), unless
-        every request that wanted it has passed its deadline meanwhile: under overload,
-        page-ins nobody waits for any more would evict versions that are in use. It waits
-        for room up to the latest deadline of its requests, those that join meanwhile
-        included."""
+        every request that wanted it has left meanwhile (passed its deadline, or was
+        cancelled): under overload, page-ins nobody waits for any more would evict versions
+        that are in use. It waits for room up to the latest deadline of its requests,
+        those that join meanwhile included, and while any of them still waits."""
         with self._paging:
-            until = hosted.paging_until
+            until = hosted.paging_until if hosted.paging_waiters else 0.0
         if hosted.tier == RESIDENT or hosted.retiring:
             return
         if time.monotonic() >= until:
             self._metrics.page_ins_skipped.inc()
             log.info(
-                "page-in of %s version %d skipped: its requests passed their deadlines",
+                "page-in of %s version %d skipped: its requests have left (deadlines "
+                "passed, or cancelled)",
                 hosted.name,
                 hosted.version,
             )
@@ -410,7 +422,7 @@ class ModelCache:
             move = next((m for m in self._moves if m.hosted is hosted), None)
         if move is not None:  # evicted a moment ago: its copy to the host is still running
             move.done.wait()
-        self.reserve(key, device, hosted.device_bytes, deadline=lambda: hosted.paging_until)
+        self.reserve(key, device, hosted.device_bytes, deadline=lambda: _wanted_until(hosted))
         started = time.perf_counter()  # the page-in itself, after any wait for room
         tier = hosted.tier
         try:
@@ -465,6 +477,12 @@ class ModelCache:
                 else:
                     hosted.host_copy = copy
             raise
+
+
+def _wanted_until(hosted: HostedModel) -> float:
+    """Until when a page-in waits for room: the latest deadline of its requests, while any
+    waits (read without the lock: a stale value costs one more look, WAIT_STEP later)."""
+    return hosted.paging_until if hosted.paging_waiters else 0.0
 
 
 def _log_failure(hosted: HostedModel, job: Future[None]) -> None:

@@ -90,6 +90,7 @@ class HostedModel:
     host_copy: HostCopy | None = None  # its weights while in the host tier
     paging: Any = None  # the page-in in progress (a concurrent Future), if any
     paging_until: float = 0.0  # the latest deadline of the requests waiting for it
+    paging_waiters: int = 0  # requests waiting for it to be paged in
     built: bool = True  # False: registered at restart, built at its first page-in
 
     def __post_init__(self) -> None:
