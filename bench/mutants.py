@@ -1335,6 +1335,20 @@ MUTANTS = [
             "test_a_page_in_whose_callers_all_cancelled_evicts_nothing",
         ),
     ),
+    Mutant(
+        "store: a manifest entry with a NaN loss (a diverged run) reads as unreadable",
+        SERVER + "store.py",
+        "    return type(value) is float or (type(value) is int and abs(value) <= 1 << 53)\n",
+        "    return type(value) is float and value == value\n",
+        ("tests/test_service.py::test_a_diverged_runs_checkpoint_stays_listed_and_loads",),
+    ),
+    Mutant(
+        "settings: a setting out of its range is taken (max_batch_size 0)",
+        SERVER + "settings.py",
+        "            if not least <= value <= most:\n",
+        "            if False:\n",
+        ("tests/test_settings.py",),
+    ),
 ]
 
 

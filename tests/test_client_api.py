@@ -111,6 +111,12 @@ def test_options_left_out_leave_their_fields_unset() -> None:
     assert load_request("m", "", "", empty) == pb.LoadModelRequest(name="m")
     with pytest.raises(TypeError, match="unexpected arguments \\['colour'\\]"):
         load_request("m", "", "", {"colour": "red"})  # type: ignore[typeddict-unknown-key]
+    with pytest.raises(TypeError, match="go in architecture_args"):
+        load_request("m", "", "", {"num_classes": 10})  # type: ignore[typeddict-unknown-key]
+    with pytest.raises(ValueError, match="preprocessing: unknown key 'size' \\(its keys: re"):
+        load_request("m", "", "", {"preprocessing": {"size": 64}})
+    with pytest.raises(ValueError, match="batching: unknown key 'max_batch'"):
+        load_request("m", "", "", {"batching": {"max_batch": 8}})
 
 
 # The CLI's load flags

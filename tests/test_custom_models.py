@@ -290,6 +290,16 @@ def test_pretrained_weights_through_torchvision_cache(
     assert (info.weights, info.checkpoint) == ("IMAGENET1K_V1", "")
     x = images(1)
     np.testing.assert_array_equal(client.predict("pre", x), reference(model, x))
+    # Weights neither in the cache nor downloadable (a proxy that refuses at once): the
+    # refusal names the cache folder as this server resolves it, and the way around it.
+    for proxy in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        lambda: client.load_model("p3", architecture="resnet34", weights="IMAGENET1K_V1"),
+        f"not in the cache ({cache})",
+        "upload the weights as a checkpoint",
+    )
     error = expect(
         IA,
         lambda: client.load_model("p2", architecture="resnet18", weights="NOPE"),

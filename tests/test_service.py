@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import math
 from functools import partial
 from pathlib import Path
 
@@ -126,6 +127,26 @@ def test_general_checkpoint_serves_model_and_keeps_training_state(
     assert isinstance(back, dict)
     assert back["epoch"] == 3 and back["loss"] == 0.25
     assert back["optimizer_state_dict"]["param_groups"][0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("epoch", "loss"), [(7, float("nan")), (7, float("inf")), (2**63 - 1, -float("inf"))]
+)
+def test_a_diverged_runs_checkpoint_stays_listed_and_loads(
+    client: ModelHostClient, epoch: int, loss: float
+) -> None:
+    """A loss of NaN or infinity (a run that diverged), or the largest int64 epoch, is
+    stored as it is, and the checkpoint stays listed, readable and loadable."""
+    model = build("tiny_mlp", seed=4)
+    checkpoint = {"model_state_dict": model.state_dict(), "epoch": epoch, "loss": loss}
+    stored = client.save_checkpoint("diverged", checkpoint)
+    [listed] = client.list_checkpoints()
+    for info in (stored, listed, client.get_checkpoint("diverged")):
+        assert info.epoch == epoch
+        assert info.loss == loss or (math.isnan(info.loss) and math.isnan(loss))
+    client.load_model("m", architecture="tiny_mlp", checkpoint="diverged")
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(client.predict("m", x), reference(model, x), rtol=1e-5)
 
 
 def test_safetensors_checkpoint(client: ModelHostClient) -> None:
@@ -295,6 +316,12 @@ def test_labels_are_one_per_class_and_bounded(client: ModelHostClient) -> None:
 def test_health_and_architectures(client: ModelHostClient) -> None:
     assert client.health() == "SERVING"
     assert client.health("modelhost.v1.ModelHost") == "SERVING"
+    expect(  # an unknown service: the ones there are, rather than a bare NOT_FOUND
+        grpc.StatusCode.NOT_FOUND,
+        lambda: client.health("foo"),
+        "no health status for service 'foo'",
+        "'inference.GRPCInferenceService', 'modelhost.v1.ModelHost'",
+    )
     names = {a.name: a for a in client.list_architectures()}
     assert {"resnet18", "vgg16", "fasterrcnn_resnet50_fpn", "deeplabv3_resnet50"} <= set(names)
     assert names["resnet18"].source == "torchvision"

@@ -67,7 +67,11 @@ def load_request(
     """Builds a LoadModelRequest: every option sets the field of its name."""
     unknown = set(options) - set(LoadOptions.__annotations__)
     if unknown:
-        raise TypeError(f"load_model got unexpected arguments {sorted(unknown)}")
+        raise TypeError(
+            f"load_model got unexpected arguments {sorted(unknown)}: its options are "
+            f"{', '.join(LoadOptions.__annotations__)}; the architecture's own arguments go "
+            "in architecture_args, e.g. architecture_args={'num_classes': 10}"
+        )
     fields = {key: _field_value(key, value) for key, value in options.items()}
     return pb.LoadModelRequest(
         name=name,
@@ -88,8 +92,13 @@ def _field_value(name: str, value: Any) -> Any:
         return codec.parse_dtype(value) if value else None  # a dtype name, e.g. "bfloat16"
     if field.enum_type is not None:
         return enum_value(field, value)
-    if field.message_type is not None:
-        return dict(value) or None  # a sub-message as a dict; empty leaves it unset
+    if field.message_type is not None:  # a sub-message as a dict; empty leaves it unset
+        keys = list(field.message_type.fields_by_name)
+        unknown = [key for key in value if key not in keys]
+        if unknown:
+            known = ", ".join(keys)
+            raise ValueError(f"{name}: unknown key {unknown[0]!r:.40} (its keys: {known})")
+        return dict(value) or None
     if field.is_repeated:
         return list(value)
     return value

@@ -34,7 +34,7 @@ from modelhost.server.auth import LiveTokens, Tokens
 from modelhost.server.gate import Gate
 from modelhost.server.host import Host
 from modelhost.server.probes import HealthServicer, OpenStreams, ReflectionServicer, probe_options
-from modelhost.server.settings import Settings, unknown_variables
+from modelhost.server.settings import Settings, flag, unknown_variables
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,9 @@ def check_exposure(settings: Settings, tokens: Tokens, mutual_tls: bool) -> None
         raise ValueError(
             f"refusing to serve on {settings.host} without a token or mutual TLS: anyone "
             "who can reach it could load and run models (TLS without a client CA "
-            "encrypts but authenticates nobody). Configure token_file/management_token_file "
-            "or tls_client_ca_file, or set insecure to accept the risk."
+            f"encrypts but authenticates nobody). Set {flag('token_file')} and "
+            f"{flag('management_token_file')}, or {flag('tls_client_ca_file')}, or "
+            f"{flag('insecure')} to accept the risk."
         )
     log.warning(
         "INSECURE: serving on %s with neither tokens nor mutual TLS; anyone who can reach "

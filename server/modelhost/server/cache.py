@@ -227,7 +227,7 @@ class ModelCache:
                 if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
                     raise OutOfMemory(
                         f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
-                        f"(device_memory_budget) is {_gib(limit)}: pinned versions hold "
+                        f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
                         f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -295,9 +296,11 @@ def _fetch_pretrained(url: str) -> dict[str, torch.Tensor]:
             url, map_location="cpu", progress=False, check_hash=True, weights_only=True
         )
     except OSError as error:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise Refused(
-            f"pretrained weights {url} are not in the cache ($TORCH_HOME/hub/checkpoints) "
-            f"and could not be downloaded: {error}"
+            f"pretrained weights {url} are not in the cache ({cache}) and could not be "
+            f"downloaded ({error}): put the file there, or upload the weights as a "
+            "checkpoint and load that"
         ) from None
     return state
 

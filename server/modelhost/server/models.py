@@ -52,15 +52,17 @@ from modelhost.server.metrics import Metrics
 from modelhost.server.names import check_name
 from modelhost.server.registry import Registry
 from modelhost.server.restore import RestoreRecord
-from modelhost.server.settings import Settings
+from modelhost.server.settings import (
+    MAX_BATCH_SIZE,
+    MAX_QUEUE_DELAY_US,
+    MAX_QUEUE_SIZE,
+    Settings,
+)
 from modelhost.server.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_BATCH_SIZE = 1 << 16
-MAX_QUEUE_SIZE = 1 << 20
-MAX_QUEUE_DELAY_US = 60_000_000
 MAX_LABELS = 100_000
 MAX_LABEL_BYTES = 1024
 MAX_LABELS_BYTES = 4 << 20

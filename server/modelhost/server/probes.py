@@ -135,6 +135,18 @@ class HealthServicer(health.aio.HealthServicer):
         super().__init__()
         self.streams = streams
 
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        """The service's status; NOT_FOUND naming the services this server reports on."""
+        status = self._server_status.get(request.service)
+        if status is None:
+            known = ", ".join(repr(name) for name in sorted(self._server_status))
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no health status for service {request.service[:100]!r}: this server "
+                f"reports on {known} ('' is the whole server)",
+            )
+        return health_pb2.HealthCheckResponse(status=status)
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         await self.Check(request, context)  # NOT_FOUND for a service this server lacks
         async with self.streams.held(context):

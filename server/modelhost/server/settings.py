@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -169,6 +170,16 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)
+        for name, (least, most) in _RANGES.items():
+            value = getattr(self, name)
+            if not least <= value <= most:
+                bound = f"at least {least:,}" if most == math.inf else f"{least:,} to {most:,}"
+                raise ValueError(f"{flag(name)} must be {bound}, not {value!r}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(
+                f"{flag('log_level')} must be one of {', '.join(LOG_LEVELS)}, "
+                f"not {self.log_level!r}"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -186,6 +197,45 @@ class Settings:
     def is_loopback(self) -> bool:
         """Whether the server binds only to this machine."""
         return self.host in {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+MAX_BATCH_SIZE = 1 << 16
+MAX_QUEUE_SIZE = 1 << 20
+MAX_QUEUE_DELAY_US = 60_000_000
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_RANGES: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(("port", "health_port", "metrics_port"), (0, 65535)),
+    **dict.fromkeys(
+        ("max_message_bytes", "chunk_bytes", "max_tensor_elements"),
+        (1, math.inf),
+    ),
+    **dict.fromkeys(("load_workers", "preprocess_workers", "gpu_lanes"), (1, 1024)),
+    "max_batch_size": (1, MAX_BATCH_SIZE),
+    "max_queue_size": (1, MAX_QUEUE_SIZE),
+    "max_queue_delay_us": (0, MAX_QUEUE_DELAY_US),
+    "request_read_timeout": (0.001, math.inf),
+    **dict.fromkeys(
+        (
+            "max_checkpoint_bytes",
+            "device_memory_budget",
+            "host_memory_budget",
+            "grace_seconds",
+            "max_concurrent_rpcs",
+            "max_request_inputs",
+            "max_request_images",
+            "max_predict_bytes",
+            "max_detection_bytes",
+            "max_image_pixels",
+        ),
+        (0, math.inf),
+    ),
+}
+"""The values each numeric setting may take; the server refuses to start with others."""
+
+
+def flag(name: str) -> str:
+    """A setting as its users write it: `--max-batch-size (MODELHOST_MAX_BATCH_SIZE)`."""
+    return f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()})"
 
 
 CLIENT_VARIABLES = frozenset({"TARGET", "TOKEN"})

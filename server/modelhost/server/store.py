@@ -272,7 +272,7 @@ class CheckpointStore:
         """Fails early with AlreadyExists when `name` is taken and not to be replaced."""
         if not overwrite and self._entry_path(name).exists():
             raise AlreadyExists(
-                f"checkpoint {name!r} already exists (set overwrite to replace it: "
+                f"checkpoint {name!r} already exists (pass overwrite=True to replace it: "
                 "--overwrite on the command line)"
             )
 
@@ -516,6 +516,14 @@ def _holds_bytes(blob: Path, size: int) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_size == size
 
 
+def _int64(value: Any) -> bool:
+    return type(value) is int and -(1 << 63) <= value < 1 << 63
+
+
+def _double(value: Any) -> bool:
+    return type(value) is float or (type(value) is int and abs(value) <= 1 << 53)
+
+
 def _wrapped(document: Any) -> bool:
     """Whether a state document has the form `write_state` writes (older ones are bare)."""
     return isinstance(document, dict) and set(document) == {_VALUE, _PINS}
@@ -548,8 +556,10 @@ def _check_record(record: CheckpointRecord, name: str) -> None:
                     isinstance(k, str) and isinstance(v, str) for k, v in record.metadata.items()
                 ),
             ),
-            ("epoch", record.epoch is None or number(record.epoch, int, -(1 << 62), 1 << 62)),
-            ("loss", record.loss is None or number(record.loss, (int, float), -1e308, 1e308)),
+            # As formats.py reads them from a training checkpoint: an int64, any double
+            # (a diverged run's loss is NaN or infinite).
+            ("epoch", record.epoch is None or _int64(record.epoch)),
+            ("loss", record.loss is None or _double(record.loss)),
         )
         if not fine
     ]

@@ -7,12 +7,12 @@ from torch import nn
 
 
 class TinyCNN(nn.Module):
-    """Two conv blocks and a linear head, for images of any size."""
+    """Two conv blocks and a linear head, for RGB images of any size."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.Conv2d(3, width, 3, padding=1),
             nn.BatchNorm2d(width),
             nn.ReLU(),
             nn.MaxPool2d(2),
@@ -27,6 +27,12 @@ class TinyCNN(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-def tiny_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> TinyCNN:
+def tiny_cnn(num_classes: int = 10, width: int = 16) -> TinyCNN:
     """Builds a TinyCNN; modelhost passes LoadModel's architecture arguments as keywords."""
-    return TinyCNN(num_classes=num_classes, width=width, in_channels=in_channels)
+    return TinyCNN(num_classes=num_classes, width=width)
+
+
+# What the model takes: RGB images of any size, any number of rows. The server then checks
+# each request against it, knows the outputs at load, and bounds the activations.
+tiny_cnn.input_shape = (-1, 3, -1, -1)  # type: ignore[attr-defined]
+tiny_cnn.input_dtype = "float32"  # type: ignore[attr-defined]
