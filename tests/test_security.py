@@ -120,6 +120,26 @@ def test_management_token_alone_leaves_inference_open(settings: Settings) -> Non
         assert anonymous.list_checkpoints() == []
 
 
+def test_refused_calls_are_logged_without_flooding_and_the_start_says_what_needs_a_token(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator sees that calls are refused and from where: the first at once, then one
+    line every REFUSALS_LOGGED_EVERY seconds counting the others (a client retrying with a
+    bad token cannot flood the log). The start-up line says which calls need a token."""
+    guarded = dataclasses.replace(settings, management_token="admin")
+    caplog.set_level(logging.INFO, logger="modelhost.server")
+    with running(guarded) as server, ModelHostClient(server.target) as anonymous:
+        assert "modelhost serving on" in caplog.text
+        assert "management calls need a token, inference is open" in caplog.text
+        for _ in range(5):
+            expect(UNAUTH, lambda: anonymous.delete_checkpoint("w"))
+    refusals = [r.getMessage() for r in caplog.records if "for their token" in r.getMessage()]
+    assert len(refusals) == 1, refusals
+    assert refusals[0].startswith("refused 1 call(s) for their token; the last: ")
+    assert "/modelhost.v1.ModelHost/DeleteCheckpoint from ipv4:127.0.0.1:" in refusals[0]
+    assert refusals[0].endswith("(UNAUTHENTICATED)")
+
+
 def test_a_public_server_with_a_management_token_only_warns_what_is_open(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -84,9 +84,10 @@ class Server:
             self.host.metrics.close()
             raise
         log.info(
-            "modelhost serving on %s (%s, store %s, device %s%s%s)",
+            "modelhost serving on %s (%s, %s, store %s, device %s%s%s)",
             self.target,
-            "TLS" if credentials else "plaintext",
+            "mutual TLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+            _token_summary(tokens.current),
             settings.store,
             self.host.default_device,
             f", metrics on {_address(settings.metrics_host, self.metrics_port)}"
@@ -200,6 +201,17 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _token_summary(tokens: Tokens) -> str:
+    """Which calls need a token, for the start-up line."""
+    if tokens.inference and tokens.management:
+        return "every call needs a token, management calls the management token"
+    if tokens.inference:
+        return "every call needs a token"
+    if tokens.management:
+        return "management calls need a token, inference is open"
+    return "no tokens"
+
+
 def check_exposure(settings: Settings, tokens: Tokens, mutual_tls: bool) -> None:
     """Refuses to serve beyond this machine without authentication (tokens or mutual
     TLS), unless told to. Server-side TLS alone encrypts but authenticates nobody. With a
@@ -249,6 +261,8 @@ def serve(settings: Settings) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # gRPC's own debug lines (a "Loaded running loop" per call) would bury the server's.
+    logging.getLogger("grpc").setLevel(max(logging.INFO, logging.getLogger().level))
     malloc.keep_large_buffers()
     for warning in unknown_variables():
         log.warning("%s", warning)

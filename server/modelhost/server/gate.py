@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
+import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
@@ -44,6 +47,8 @@ import grpc.aio
 from modelhost.server import errors as e
 from modelhost.server import rpc
 from modelhost.server.auth import LiveTokens, bearer
+
+log = logging.getLogger(__name__)
 
 OFFLOAD_BYTES = 1 << 20
 """Requests larger than this are parsed on a thread."""
@@ -62,6 +67,7 @@ class Gate(grpc.aio.ServerInterceptor):
         self.active = 0
         # method -> its handler as served; handlers never change.
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._refused = _RefusalLog().refused
 
     async def intercept_service(
         self,
@@ -82,7 +88,7 @@ class Gate(grpc.aio.ServerInterceptor):
         if self.tokens.enabled:  # open methods pass, unless probes have their own port
             verdict = self.tokens.verdict(method, bearer(details.invocation_metadata))
             if verdict is not None:
-                return _refusal(served, *verdict)
+                return _refusal(served, *verdict, logged=functools.partial(self._refused, method))
         return served
 
     async def _take_slot(self, context: grpc.aio.ServicerContext) -> None:
@@ -90,7 +96,8 @@ class Gate(grpc.aio.ServerInterceptor):
         if self.max_concurrent and self.active >= self.max_concurrent:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is serving {self.active} calls, its limit (max_concurrent_rpcs); "
+                f"the server is serving {self.active} calls, its limit "
+                "(--max-concurrent-rpcs); "
                 "retry later",
             )
         self.active += 1
@@ -246,11 +253,47 @@ def _forgetting_aborts() -> Iterator[None]:
         aborted.__traceback__ = aborted.__context__ = aborted.__cause__ = None
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
-    """A handler that ends the call with `code` at once, without reading its request."""
+REFUSALS_LOGGED_EVERY = 10.0
+"""Seconds between log lines about calls refused for their token (a client retrying
+with a bad token must not flood the log): each line counts the refusals since the last."""
+
+
+class _RefusalLog:
+    """Logs calls refused for their token: the first at once, then at most one line every
+    REFUSALS_LOGGED_EVERY seconds, with the count of those in between."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._unlogged = 0
+
+    def refused(self, method: str, peer: str, code: grpc.StatusCode) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now < self._next:
+            return
+        log.warning(
+            "refused %d call(s) for their token; the last: %s from %s (%s)",
+            self._unlogged,
+            method,
+            peer,
+            code.name,
+        )
+        self._unlogged, self._next = 0, now + REFUSALS_LOGGED_EVERY
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler,
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    logged: Callable[[str, grpc.StatusCode], None],
+) -> Any:
+    """A handler that ends the call with `code` at once, without reading its request
+    (`logged` with the caller's address)."""
     serialize = handler.response_serializer
 
     async def refuse(messages: Any, context: grpc.aio.ServicerContext) -> None:
+        logged(context.peer(), code)
         with _forgetting_aborts():
             await context.abort(code, message)
 
