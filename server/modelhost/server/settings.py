@@ -98,10 +98,10 @@ class Settings:
     tls_client_ca_file: str = _setting(
         "", "CA (PEM) that signs client certificates: turns on mutual TLS."
     )
-    token: str = _setting("", "Inference bearer token (prefer token_file).", secret=True)
+    token: str = _setting("", "Inference bearer token (prefer --token-file).", secret=True)
     token_file: str = _setting("", "File of inference bearer tokens, one per line.")
     management_token: str = _setting(
-        "", "Management bearer token (prefer management_token_file).", secret=True
+        "", "Management bearer token (prefer --management-token-file).", secret=True
     )
     management_token_file: str = _setting(
         "",
