@@ -1349,6 +1349,32 @@ MUTANTS = [
         "            if False:\n",
         ("tests/test_settings.py",),
     ),
+    Mutant(
+        "loading: a checkpoint of several floating dtypes is adopted as stored",
+        SERVER + "loading.py",
+        "    as_stored = spec.dtype is not None or "
+        "(len(floats) <= 1 and floats <= {*SERVED_WEIGHT_DTYPES})",
+        "    as_stored = True",
+        (
+            "tests/test_checkpoint_dtypes.py::"
+            "test_a_float16_body_with_a_float32_head_serves_as_the_in_process_model",
+        ),
+    ),
+    Mutant(
+        "loading: an expanded tensor (elements sharing memory) is adopted",
+        SERVER + "loading.py",
+        "    return tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes()",
+        "    return False",
+        ("tests/test_checkpoint_dtypes.py::test_an_expanded_tensor_is_invalid_argument",),
+    ),
+    Mutant(
+        "oip: a model whose batch is fixed is configured as batched",
+        SERVER + "oip.py",
+        "    batched = not any("
+        "given.shape and given.shape[0] != -1 for given in hosted.runner.inputs)",
+        "    batched = True",
+        ("tests/test_oip.py::test_the_config_of_a_model_with_a_fixed_batch_says_so",),
+    ),
 ]
 
 

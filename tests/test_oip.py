@@ -7,7 +7,9 @@ spawned child (helpers/triton.py says why: its protos and ours share the package
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import io
 import json
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from helpers.triton import Triton, TritonError, start_child
 from modelhost.client import ModelHostClient
 from modelhost.oip import grpc_service_pb2 as oip
 from modelhost.oip import grpc_service_pb2_grpc as oip_grpc
-from modelhost.server import Server
+from modelhost.server import Server, Settings, running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,6 +165,32 @@ def test_metadata_and_config_know_outputs_before_the_first_run(
     np.testing.assert_allclose(got, reference(served_resnet, x), rtol=1e-5, atol=1e-5)
     (after,) = triton.call("get_model_metadata", "r18", as_json=True)["outputs"]
     assert after == before
+
+
+def test_the_config_of_a_model_with_a_fixed_batch_says_so(child: Any, settings: Settings) -> None:
+    """An exported program with a static batch of 2 takes exactly 2 rows: Triton's config
+    for that is max_batch_size 0 with the full shape as dims (red team 12, F4), and a
+    request shaped from the config answers as the in-process model."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).eval()
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(model, (torch.ones(2, 8),)), buffer)
+    unsafe = dataclasses.replace(settings, allow_pickled_models=True)
+    with running(unsafe) as server, ModelHostClient(server.target) as client:
+        client.save_checkpoint("fixed", buffer.getvalue())
+        client.load_model("fixed", checkpoint="fixed")
+        triton = Triton(child, server.target)
+        config = triton.call("get_model_config", "fixed", as_json=True)["config"]
+        assert config.get("max_batch_size", 0) == 0 and "dynamic_batching" not in config
+        (given,) = config["input"]
+        assert ints(given["dims"]) == [2, 8]
+        assert ints(config["output"][0]["dims"])[1:] == [3]  # its full shape: [-1 or 2, 3]
+        x = np.random.default_rng(1).standard_normal(ints(given["dims"])).astype(np.float32)
+        _, outputs = triton.infer("fixed", {given["name"]: x})
+        ((_, got),) = outputs.values()
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_infer_fp32_matches_the_in_process_model(

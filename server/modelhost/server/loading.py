@@ -272,7 +272,7 @@ def _load_weights(
     module = builder.skeleton(args)
     expected = module.state_dict()
     state = formats.strip_wrapper_prefixes(state, expected.keys())
-    missing, unexpected = _check_keys(spec, state, expected)
+    state, missing, unexpected = _fit(spec, state, expected)
     if _on_meta(module):
         module.load_state_dict(state, strict=spec.strict, assign=True)
     if _on_meta(module):  # something the checkpoint does not hold: build for real
@@ -344,19 +344,43 @@ def _exported_inputs(program: torch.export.ExportedProgram) -> list[InputSpec]:
     return specs
 
 
-def _check_keys(
+SERVED_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The floating dtypes a checkpoint's weights are served in as they are, when LoadModel
+asks for none and they all share one (an all-float16 checkpoint serves in float16)."""
+
+
+def _fit(
     spec: LoadSpec, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
-) -> tuple[list[str], list[str]]:
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The checkpoint's tensors checked against the skeleton's (InvalidCheckpoint naming
+    the keys that do not fit) and made what `load_state_dict(assign=True)` may adopt: in
+    the skeleton's dtype where in-process loading (which copies into the skeleton's
+    tensors) would cast; its missing and unexpected keys."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
+    shared = [key for key in expected if key in state]
     mismatched = [
-        f"{key} (checkpoint {list(state[key].shape)}, model {list(tensor.shape)})"
-        for key, tensor in expected.items()
-        if key in state and state[key].shape != tensor.shape
+        f"{key} (checkpoint {list(state[key].shape)}, model {list(expected[key].shape)})"
+        for key in shared
+        if state[key].shape != expected[key].shape
     ]
+    kinds = [  # a float parameter from integers, booleans or complex numbers
+        f"{key} (checkpoint {state[key].dtype}, model {expected[key].dtype})"
+        for key in shared
+        if expected[key].is_floating_point() != state[key].is_floating_point()
+        and (expected[key].is_floating_point() or state[key].is_complex())
+    ]
+    overlapping = [key for key in shared if _shares_memory(state[key])]
     problems = []
     if mismatched:
         problems.append("shape mismatch: " + _listing(mismatched))
+    if kinds:
+        problems.append("dtype mismatch: " + _listing(kinds))
+    if overlapping:
+        problems.append(
+            "tensors whose elements share memory (expanded views; save them with "
+            ".contiguous()): " + _listing(overlapping)
+        )
     if spec.strict and missing:
         problems.append("missing keys: " + _listing(missing))
     if spec.strict and unexpected:
@@ -367,7 +391,23 @@ def _check_keys(
             f"{source} does not fit architecture {spec.architecture!r} "
             f"with arguments {spec.args}: " + "; ".join(problems)
         )
-    return missing, unexpected
+    floats = {state[key].dtype for key in shared if expected[key].is_floating_point()}
+    # Weights served as they are: in the dtype asked for (`module.to`), or in the one dtype
+    # they share. Several dtypes (a float32 head on float16 layers) or float64 would fail
+    # at every Predict or run slowly: as in-process loading, in the skeleton's.
+    as_stored = spec.dtype is not None or (len(floats) <= 1 and floats <= {*SERVED_WEIGHT_DTYPES})
+    fitted = dict(state)
+    for key in shared:
+        wanted = expected[key].dtype
+        if state[key].dtype != wanted and not (as_stored and wanted.is_floating_point):
+            fitted[key] = state[key].to(wanted)
+    return fitted, missing, unexpected
+
+
+def _shares_memory(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's elements take more bytes than its storage holds: some share
+    memory (an expanded view stores a few bytes and takes its full size at every use)."""
+    return tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes()
 
 
 def _listing(keys: list[str]) -> str:

@@ -250,13 +250,16 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
         group.kind = mc.ModelInstanceGroup.KIND_GPU
         group.gpus.append(device.index or 0)
     spec = hosted.spec
+    # Triton's rule: max_batch_size 0 for a model whose batch is fixed, its dims the full
+    # shape; otherwise dims leave out the batch (1 to max_batch_size rows).
+    batched = not any(given.shape and given.shape[0] != -1 for given in hosted.runner.inputs)
     config = mc.ModelConfig(
         name=hosted.name,
         platform=PLATFORM,
         backend=BACKEND,
-        max_batch_size=policy.max_batch_size,
-        input=tensors.config_tensors(mc.ModelInput, hosted.runner.inputs),
-        output=tensors.config_tensors(mc.ModelOutput, hosted.runner.outputs),
+        max_batch_size=policy.max_batch_size if batched else 0,
+        input=tensors.config_tensors(mc.ModelInput, hosted.runner.inputs, batched=batched),
+        output=tensors.config_tensors(mc.ModelOutput, hosted.runner.outputs, batched=batched),
         instance_group=[group],
         parameters={
             "architecture": mc.ModelParameter(string_value=spec.architecture),
@@ -268,7 +271,7 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
             ),
         },
     )
-    if policy.max_batch_size > 1:
+    if batched and policy.max_batch_size > 1:
         config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
         if policy.preferred_batch_size:
             config.dynamic_batching.preferred_batch_size.append(policy.preferred_batch_size)

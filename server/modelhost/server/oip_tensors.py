@@ -201,11 +201,15 @@ def metadata(specs: Iterable[InputSpec]) -> list[oip.ModelMetadataResponse.Tenso
     ]
 
 
-def config_tensors(kind: type[C], specs: Iterable[InputSpec]) -> list[C]:
+def config_tensors(kind: type[C], specs: Iterable[InputSpec], *, batched: bool) -> list[C]:
     """Tensor specs as Triton config inputs or outputs (`kind`): dims without the batch
-    dimension."""
+    dimension if `batched`, else the whole shape (a model whose batch is fixed)."""
     return [
-        kind(name=spec.name, data_type=CONFIG_TYPES[dtype], dims=spec.shape[1:])
+        kind(
+            name=spec.name,
+            data_type=CONFIG_TYPES[dtype],
+            dims=spec.shape[1:] if batched else spec.shape,
+        )
         for spec in specs
         if (dtype := datatype_name(spec.dtype))
     ]
