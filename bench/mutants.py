@@ -1375,6 +1375,13 @@ MUTANTS = [
         "    batched = True",
         ("tests/test_oip.py::test_the_config_of_a_model_with_a_fixed_batch_says_so",),
     ),
+    Mutant(
+        "restore: a version restored at the store tier ignores the dtype it served with",
+        SERVER + "models.py",
+        "        dtype = spec.dtype or (served.dtype if served else torch.float32)\n",
+        "        dtype = spec.dtype or torch.float32\n",
+        ("tests/test_cache.py::test_a_version_restored_at_the_store_tier_shows_what_it_served_as",),
+    ),
 ]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_ARCHITECTURES, build, expect, reference
+from conftest import TEST_ARCHITECTURES, build, expect, images, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.server import Server, Settings, running
 
@@ -140,7 +140,7 @@ def test_pinned_versions_stay_and_alone_cannot_overflow(
     error = expect(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         lambda: load(client, "p4", 6, residency="pinned"),
-        "device_memory_budget",
+        "--device-memory-budget",
         "p1:1",
         "p3:1",
     )
@@ -483,6 +483,33 @@ def test_a_restart_brings_pinned_versions_back_resident_and_the_others_on_first_
         client.unload_model("a")
     with running(restoring) as third, ModelHostClient(third.target, timeout=60) as client:
         assert set(tiers(client)) == {"p", "b", "c"}
+
+
+def test_a_version_restored_at_the_store_tier_shows_what_it_served_as(
+    settings: Settings,
+) -> None:
+    """Before its first request builds it, a restored version shows the dtype, inputs and
+    outputs it served with (from the record) and its parameters and weight bytes in that
+    dtype (from its skeleton): OIP clients that discover inputs from metadata after a
+    restart find them (red team 12, F6)."""
+    restoring = dataclasses.replace(settings, device_memory_budget=200 << 20, restore=True)
+    model = build("resnet18", {"num_classes": 10}, seed=6).half()
+    fields = ("dtype", "parameter_count", "device_bytes", "inputs", "outputs")
+    with running(restoring) as first, ModelHostClient(first.target, timeout=60) as client:
+        client.save_checkpoint("half", model.state_dict())
+        info = client.load_model(
+            "r", architecture="resnet18", checkpoint="half", architecture_args={"num_classes": 10}
+        )
+        assert info.dtype == "float16" and info.outputs
+        served = {name: getattr(info, name) for name in fields}
+    with running(restoring) as second, ModelHostClient(second.target, timeout=60) as client:
+        restored = client.get_model("r")
+        assert restored.tier == "store"
+        assert {name: getattr(restored, name) for name in fields} == served
+        x = images(2).astype(np.float16)
+        expected = reference(model, x)
+        np.testing.assert_allclose(client.predict("r", x), expected, rtol=1e-2, atol=1e-2)
+        assert {name: getattr(client.get_model("r"), name) for name in fields} == served
 
 
 def test_a_restored_version_reserves_its_weights_not_its_checkpoint_file(

@@ -117,7 +117,7 @@ def test_silent_callers_cannot_hold_the_slots(guarded: Server, settings: Setting
                 expect(
                     Code.RESOURCE_EXHAUSTED,
                     lambda: client.predict("mlp", np.zeros((1, 4), np.float32)),
-                    "max_concurrent_rpcs",
+                    "--max-concurrent-rpcs",
                 )
                 # ... until the read timeout ends the silent calls and frees their slots.
                 assert {_code(f) for f in quiet} == {Code.DEADLINE_EXCEEDED}

@@ -85,7 +85,7 @@ def test_a_partial_checkpoint_is_checked_against_the_budget_before_it_is_built(
             "squeezenet1_1",
             {"num_classes": 1_000_000},
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "device_memory_budget",
+            "--device-memory-budget",
             strict=False,
         )
 

@@ -7,6 +7,7 @@ serves and records anew."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -107,3 +108,42 @@ def test_a_record_another_server_mended_meanwhile_is_read_not_set_aside(
     assert RestoreRecord(store, formats=None, enabled=True).read() == []  # type: ignore[arg-type]
     assert len(list((tmp_path / "store").glob("hosted-models.unreadable-*"))) == 1
     store.close()
+
+
+@pytest.mark.parametrize(
+    "served",
+    [
+        {"dtype": "DATA_TYPE_BOOL"},  # no dtype a version serves in
+        {"dtype": "no such type"},
+        {"inputs": [{"name": "x", "shape": [-7]}]},
+        {"outputs": [{"name": "y", "shape": list(range(1, 11))}]},
+        {"device_bytes": 1},  # not one of its fields
+        ["not", "an", "object"],
+    ],
+)
+def test_what_an_entry_says_its_version_served_as_is_checked(
+    settings: Settings, served: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry's "served" facts that are not ModelInfo JSON of a dtype, inputs and
+    outputs a version can have are ignored (logged), and the version restores without
+    them, at the store tier, built from its skeleton at its first request."""
+    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=1 << 20)
+    model = mlp(3)
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", saved(model))
+        load(client)
+    record = json.loads((settings.store / RECORD).read_text())
+    (entry,) = record["value"]
+    assert entry["served"] == {"dtype": "DATA_TYPE_FLOAT32"}  # what it says, untouched
+    entry["served"] = served
+    (settings.store / RECORD).write_text(json.dumps(record))
+    with (
+        caplog.at_level(logging.ERROR, "modelhost.server.restore"),
+        running(restoring) as server,
+        ModelHostClient(server.target, timeout=60) as client,
+    ):
+        info = client.get_model("m")
+        assert (info.tier, info.dtype, info.inputs, info.outputs) == ("store", "float32", (), ())
+        logged = "ignoring the entry's 'served'" in caplog.text
+        assert logged == (served != {"dtype": "DATA_TYPE_BOOL"}), caplog.text
+        np.testing.assert_allclose(client.predict("m", X), reference(model, X), rtol=1e-5)

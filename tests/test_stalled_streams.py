@@ -60,7 +60,7 @@ def test_a_download_nobody_reads_ends_and_frees_its_slot(
             assert next(call).HasField("info")  # then it reads nothing more for a while
             stalled.append(call)
         with ModelHostClient(limited.target, timeout=10) as client:
-            expect(Code.RESOURCE_EXHAUSTED, client.list_checkpoints, "max_concurrent_rpcs")
+            expect(Code.RESOURCE_EXHAUSTED, client.list_checkpoints, "--max-concurrent-rpcs")
             assert _open_files(store)
             started = time.monotonic()
             while True:  # the stalled calls end, and other callers are served again

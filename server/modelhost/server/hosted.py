@@ -41,6 +41,7 @@ from modelhost.server.devices import release_memory
 from modelhost.server.errors import InvalidArgument, ShuttingDown
 from modelhost.server.inference import (
     Answer,
+    InputSpec,
     Prepared,
     Runner,
     encode_answer,
@@ -63,6 +64,15 @@ def stays_resident(request: LoadRequest, device: torch.device) -> bool:
     with CUDA graphs (their memory pool stays with torch's compiled function whether the
     version leaves or not, so evicting it would give nothing back)."""
     return request.residency == PINNED or uses_cuda_graphs(device, request.compile)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a version serves as: its weights' dtype, its inputs and outputs."""
+
+    dtype: torch.dtype
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[InputSpec, ...]
 
 
 @dataclass
@@ -92,12 +102,19 @@ class HostedModel:
     paging_until: float = 0.0  # the latest deadline of the requests waiting for it
     paging_waiters: int = 0  # requests waiting for it to be paged in
     built: bool = True  # False: registered at restart, built at its first page-in
+    recorded: Served | None = None  # what the restore record says it served as (unbuilt)
 
     def __post_init__(self) -> None:
         self._leases = 0
         self._compiles = 0  # background compiles running on its module
         self._idle = threading.Condition()
         self.runner.hold = self.held_if_resident
+
+    def served(self) -> Served | None:
+        """What it serves as; unbuilt, what the record said (None if it said nothing)."""
+        if not self.built:
+            return self.recorded
+        return Served(self.loaded.dtype, self.runner.inputs, self.runner.outputs)
 
     @property
     def stays(self) -> bool:

@@ -215,17 +215,18 @@ def _build_on_device(
     return built
 
 
-def planned_bytes(
+def planned(
     spec: LoadSpec, record: CheckpointRecord | None, catalog: ArchitectureCatalog
-) -> int:
-    """The bytes `spec`'s weights will take on its device, from its architecture's
-    skeleton on the meta device (nothing is read or allocated; an unknown architecture or
-    bad arguments raise as a load would). A graph checkpoint, which has no skeleton, counts
-    its file size."""
+) -> tuple[int, int]:
+    """The bytes `spec`'s weights will take on its device, and its parameter count, from
+    its architecture's skeleton on the meta device (nothing is read or allocated; an
+    unknown architecture or bad arguments raise as a load would). A graph checkpoint,
+    which has no skeleton, counts its file size (and parameters unknown: 0)."""
     if record is not None and record.format in _GRAPH_FORMATS:
-        return record.size_bytes
+        return record.size_bytes, 0
     builder, args, _ = _builder(spec, catalog)
-    return _nbytes(builder.skeleton(args), spec.dtype)
+    skeleton = builder.skeleton(args)
+    return _nbytes(skeleton, spec.dtype), sum(p.numel() for p in skeleton.parameters())
 
 
 def _builder(spec: LoadSpec, catalog: ArchitectureCatalog) -> tuple[Builder, dict[str, Any], Any]:

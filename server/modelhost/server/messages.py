@@ -16,10 +16,10 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelhost.client import codec, wire
-from modelhost.server.architectures import Builder
+from modelhost.server.architectures import MAX_INPUT_RANK, Builder
 from modelhost.server.checkpoints import Snapshot, Upload
 from modelhost.server.errors import InvalidArgument
-from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
+from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel, Served
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec
 from modelhost.server.loading import ON_DEMAND, PINNED, LoadRequest
@@ -267,6 +267,37 @@ class _Records:
         if "max_batch_size" in entry:  # the flat format of before
             entry = _legacy_entry(entry)
         return load_request(json_format.ParseDict(entry, pb.LoadModelRequest()))
+
+    def dump_served(self, served: Served) -> dict[str, Any]:
+        info = pb.ModelInfo(
+            dtype=codec.data_type(served.dtype),
+            inputs=_specs(served.inputs),
+            outputs=_specs(served.outputs),
+        )
+        return json_format.MessageToDict(info, preserving_proto_field_name=True)
+
+    def load_served(self, entry: dict[str, Any]) -> Served:
+        """ValueError unless it is ModelInfo JSON of those fields only, within bounds."""
+        if not isinstance(entry, dict) or not set(entry) <= {"dtype", "inputs", "outputs"}:
+            raise ValueError("not ModelInfo JSON of dtype, inputs and outputs")
+        info = json_format.ParseDict(entry, pb.ModelInfo())
+        if max(len(info.inputs), len(info.outputs)) > MAX_SERVED_SPECS:
+            raise ValueError(f"more than {MAX_SERVED_SPECS} inputs or outputs")
+        return Served(
+            codec.torch_dtype(info.dtype),
+            tuple(_spec(given) for given in info.inputs),
+            tuple(_spec(given) for given in info.outputs),
+        )
+
+
+MAX_SERVED_SPECS = 4096
+"""Most inputs or outputs a restore record entry may say its version had."""
+
+
+def _spec(given: pb.TensorSpec) -> InputSpec:
+    if len(given.shape) > MAX_INPUT_RANK or any(d < -1 for d in given.shape):
+        raise ValueError(f"the shape of {given.name!r:.80} is not a tensor spec's")
+    return InputSpec(given.name, codec.torch_dtype(given.dtype), tuple(given.shape))
 
 
 RECORDS = _Records()

@@ -34,7 +34,7 @@ from modelhost.server.errors import (
     Refused,
     ShuttingDown,
 )
-from modelhost.server.hosted import STORE, HostedModel, stays_resident
+from modelhost.server.hosted import STORE, HostedModel, Served, stays_resident
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec, Runner, uses_cuda_graphs
 from modelhost.server.loading import (
@@ -43,7 +43,7 @@ from modelhost.server.loading import (
     LoadRequest,
     LoadSpec,
     load_module,
-    planned_bytes,
+    planned,
     probe_shape,
     probe_skeleton,
     require_bytes,
@@ -487,13 +487,13 @@ class Models:
         UnloadModel drops it.
         """
         restored = []
-        for request, loaded_from in self.record.read():
+        for request, loaded_from, served in self.record.read():
             key = (request.name, request.version)
             if key not in self.record.unrestored:
                 continue  # a client loaded or unloaded that version meanwhile
             try:
                 if self._on_demand(request):
-                    hosted = self._register_unbuilt(request, loaded_from)
+                    hosted = self._register_unbuilt(request, loaded_from, served)
                 else:
                     hosted = await self.load(request, loaded_from)
             except Exception as error:
@@ -513,29 +513,40 @@ class Models:
         return not stays_resident(request, device) and self.cache.limit(device) is not None
 
     def _register_unbuilt(
-        self, request: LoadRequest, loaded_from: CheckpointRecord | None
+        self, request: LoadRequest, loaded_from: CheckpointRecord | None, served: Served | None
     ) -> HostedModel:
         """Registers a recorded version at the store tier without loading it; its first
-        request builds it (`_rebuild`). Until then ModelInfo knows what the record does,
-        and the bytes its weights will take (its architecture's skeleton on the meta
-        device: an architecture no longer configured, or arguments it no longer takes,
-        leave it unrestored with the reason, as a PINNED version's failed load does)."""
+        request builds it (`_rebuild`). Until then ModelInfo knows what the record does
+        (the request, and what the version served as: its dtype, inputs and outputs), and
+        its parameters and the bytes its weights will take in that dtype (its
+        architecture's skeleton on the meta device: an architecture no longer configured,
+        or arguments it no longer takes, leave it unrestored with the reason, as a PINNED
+        version's failed load does)."""
         spec = check_request(request, self.settings, self.default_device)
         record = loaded_from or (self._store.get(spec.checkpoint) if spec.checkpoint else None)
         if record is not None:
             require_bytes(self._store, record, spec.checkpoint)
-        nbytes = planned_bytes(spec, record, self._catalog)
+        if served is not None and served.dtype not in WEIGHT_DTYPES:
+            served = None  # not a dtype a version serves in: the record was not ours
+        dtype = spec.dtype or (served.dtype if served else torch.float32)
+        nbytes, parameters = planned(dataclasses.replace(spec, dtype=dtype), record, self._catalog)
         version = self.registry.reserve(spec.name, request.version)
-        dtype = spec.dtype or torch.float32
         loaded = LoadedModule(
             module=None,
             record=record,
             device=spec.device,
             dtype=dtype,
-            parameter_count=0,
+            parameter_count=parameters,
             device_bytes=nbytes,  # its weights; its workspace is measured when it is built
         )
-        runner = Runner(None, spec.device, dtype, preprocessing=request.preprocessing)
+        runner = Runner(
+            None,
+            spec.device,
+            dtype,
+            served.inputs if served else (),
+            preprocessing=request.preprocessing,
+        )
+        runner.outputs = served.outputs if served else ()
         hosted = HostedModel(
             name=spec.name,
             version=version,
@@ -555,6 +566,7 @@ class Models:
             cache=self.cache,
             tier=STORE,
             built=False,
+            recorded=served,
         )
         if hosted.pages_in_from:
             try:

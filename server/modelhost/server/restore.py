@@ -2,10 +2,12 @@
 loaded, and the checkpoint bytes each loaded, kept in the store as `hosted-models.json`.
 
 An entry is `{"request": <the LoadModelRequest, as protobuf JSON>, "loaded_checkpoint":
-<the checkpoint record it loaded>}`: the message itself, so `buf breaking` guards the
-record's compatibility. `RecordFormat` converts (messages.py supplies it: nothing here
-knows protobuf). The store keeps the bytes an entry names until no entry names
-them. Entries written before this format (flat LoadRequest fields) still read.
+<the checkpoint record it loaded>, "served": <its dtype, inputs and outputs, as ModelInfo
+JSON>}`: messages themselves, so `buf breaking` guards the record's compatibility. What it
+served as lets a version restored at the store tier show them before it is built.
+`RecordFormat` converts (messages.py supplies it: nothing here knows protobuf). The store
+keeps the bytes an entry names until no entry names them. Entries written before this
+format (flat LoadRequest fields) still read.
 
 models.py writes the record before what it records takes effect: a LoadModel or
 UnloadModel whose record cannot be written (a full volume) changes nothing.
@@ -20,23 +22,28 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from modelhost.server.hosted import HostedModel
+from modelhost.server.hosted import HostedModel, Served
 from modelhost.server.loading import LoadRequest
 from modelhost.server.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)
 
 HOSTED_STATE = "hosted-models"
-REQUEST, LOADED_CHECKPOINT = "request", "loaded_checkpoint"
+REQUEST, LOADED_CHECKPOINT, SERVED = "request", "loaded_checkpoint", "served"
 Key = tuple[str, int]
 
 
 class RecordFormat(Protocol):
-    """How a LoadRequest is written into the record and read back."""
+    """How a LoadRequest, and what its version served as, are written into the record
+    and read back."""
 
     def dump(self, request: LoadRequest) -> dict[str, Any]: ...
 
     def load(self, entry: dict[str, Any]) -> LoadRequest: ...
+
+    def dump_served(self, served: Served) -> dict[str, Any]: ...
+
+    def load_served(self, entry: dict[str, Any]) -> Served: ...
 
 
 @dataclass
@@ -101,7 +108,7 @@ class RestoreRecord:
         )
         return None
 
-    def read(self) -> list[tuple[LoadRequest, CheckpointRecord | None]]:
+    def read(self) -> list[tuple[LoadRequest, CheckpointRecord | None, Served | None]]:
         """Every recorded version, marked not restored until it is; entries that cannot
         be read are logged and dropped at the next write. A record that cannot be read at
         all (not a JSON list in a regular file: edited, or planted) restores nothing: it is
@@ -123,11 +130,26 @@ class RestoreRecord:
                 continue
             key = (request.name, request.version)
             self.unrestored[key] = Unrestored(entry, request, "the server is still restoring")
-            found.append((request, loaded_from))
+            found.append((request, loaded_from, self._served(entry)))
         return found
+
+    def _served(self, entry: dict[str, Any]) -> Served | None:
+        """What an entry says its version served as; None if it does not say (written
+        before it did) or says it wrongly (logged: the version is restored without it)."""
+        served = entry.get(SERVED)
+        if served is None:
+            return None
+        try:
+            return self._formats.load_served(served)
+        except Exception as error:
+            log.error("restore record: ignoring the entry's %r %.200s (%s)", SERVED, served, error)
+            return None
 
     def _entry(self, hosted: HostedModel) -> dict[str, Any]:
         entry: dict[str, Any] = {REQUEST: self._formats.dump(hosted.request)}
+        served = hosted.served()
+        if served is not None:
+            entry[SERVED] = self._formats.dump_served(served)
         if hosted.loaded.record is not None:
             loaded = dataclasses.replace(hosted.loaded.record, metadata={})
             entry[LOADED_CHECKPOINT] = dataclasses.asdict(loaded)
