@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelhost.server.settings import ENV_PREFIX, settings_fields
+from modelhost.server.settings import ENV_PREFIX, settings_fields, shown_default
 
 
 def settings_table() -> str:
@@ -11,12 +11,10 @@ def settings_table() -> str:
         flag = "--" + name.replace("_", "-")
         if kind == list[str]:
             flag = flag.removesuffix("s")
-        shown = "" if default in ("", [], 0) and kind is not int else str(default)
         if kind is bool:
-            shown = "on" if default else "off"
-            if default:
-                flag = "--[no-]" + flag.removeprefix("--")
-        rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | {shown or '-'} | {help} |")
+            flag = "--[no-]" + flag.removeprefix("--")
+        shown = shown_default(kind, default)
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | {shown} | {help} |")
     return "\n".join(rows)
 
 

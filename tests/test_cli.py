@@ -32,11 +32,16 @@ def test_client_commands(
     weights = tmp_path / "w.pt"
     torch.save(model.state_dict(), weights)
 
-    code, out, err = run(capsys, "upload", "w", str(weights), "-m", "team=vision", *target)
+    code, out, err = run(
+        capsys, "upload", "w", str(weights), "-m", "team=vision", "--json", *target
+    )
     assert code == 0, err
     info = json.loads(out)
     assert info["name"] == "w" and info["metadata"] == {"team": "vision"}
-    assert "upload w [" in err and "100.0%" in err  # the progress bar
+    assert err == ""  # no progress bar: stderr is not a terminal
+    size = f"{weights.stat().st_size / 1e6:.1f} MB"
+    code, out, err = run(capsys, "upload", "w", str(weights), "--overwrite", *target)
+    assert out == f"uploaded w: {size}, sha256 {info['sha256'][:16]}, state_dict\n", err
 
     code, out, err = run(
         capsys,
@@ -53,8 +58,12 @@ def test_client_commands(
         *target,
     )
     assert code == 0, err
+    assert out.startswith("loaded m v1: resnet18 on cpu, float32, 11.2M parameters, ready in ")
+    assert out.endswith(" s\n") and out.count("\n") == 1
+    code, out, err = run(capsys, "load", "m", "-a", "resnet18", "-c", "w", "--arg",
+                         "num_classes=10", "--max-batch-size", "4", "--json", *target)  # fmt: skip
     loaded = json.loads(out)
-    assert loaded["version"] == 1 and loaded["batching"]["max_batch_size"] == 4
+    assert loaded["version"] == 2 and loaded["batching"]["max_batch_size"] == 4
 
     x = images(2)
     np.save(tmp_path / "x.npy", x)
@@ -70,10 +79,13 @@ def test_client_commands(
     assert printed["shape"] == [2, 10]
     np.testing.assert_allclose(printed["values"], reference(model, x), rtol=1e-6)
 
-    code, out, err = run(capsys, "snapshot", "m", "snap", *target)
-    assert code == 0 and json.loads(out)["metadata"]["snapshot_of"] == "m:1"
+    code, out, err = run(capsys, "snapshot", "m", "snap", "--version", "1", *target)
+    assert code == 0 and out.startswith("saved snap: 44.8 MB, sha256 "), err
+    assert out.endswith(", state_dict (snapshot of m v1)\n")
+    code, out, err = run(capsys, "snapshot", "m", "snap2", "--json", *target)
+    assert code == 0 and json.loads(out)["metadata"]["snapshot_of"] == "m:2"
     code, out, err = run(capsys, "download", "snap", str(tmp_path / "snap.pt"), *target)
-    assert code == 0 and "download snap" in err
+    assert (code, out, err) == (0, f"{tmp_path / 'snap.pt'}\n", "")
     state = torch.load(tmp_path / "snap.pt", weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
@@ -85,10 +97,14 @@ def test_client_commands(
     assert "  resnet18(num_classes=1000, zero_init_residual=False," in out
     code, out, _ = run(capsys, "health", *target)
     assert (code, out.strip()) == (0, "SERVING")
-    code, out, _ = run(capsys, "unload", "m", *target)
+    code, out, _ = run(capsys, "unload", "m", "--version", "2", *target)
+    assert out == "unloaded m v2\n"
+    code, out, _ = run(capsys, "unload", "m", "--json", *target)
     assert json.loads(out) == {"unloaded": [1]}
     code, out, _ = run(capsys, "delete", "snap", *target)
-    assert code == 0
+    assert (code, out) == (0, "deleted snap\n")
+    code, out, _ = run(capsys, "delete", "snap2", "--json", *target)
+    assert (code, json.loads(out)) == (0, {"deleted": "snap2"})
 
     code, _, err = run(capsys, "predict", "m", str(tmp_path / "x.npy"), *target)
     assert code == 1 and "NOT_FOUND" in err and "'m'" in err
@@ -157,18 +173,18 @@ def test_predict_saves_outputs_whatever_their_names(
     server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Several outputs go to one .npz, entries named as the outputs, even names that
-    `np.savez` takes as its own arguments ("file", "allow_pickle")."""
+    `np.savez` takes as its own arguments ("file", "allow_pickle"), under the name given."""
     with ModelHostClient(server.target, timeout=60) as client:
         client.save_checkpoint("w", {"scale": torch.tensor(3.0)})
         client.load_model("named", architecture="named_outputs", checkpoint="w")
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.save(tmp_path / "x.npy", x)
     code, out, err = run(
-        capsys, "predict", "named", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y"),
+        capsys, "predict", "named", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npz"),
         "--target", server.target,
     )  # fmt: skip
     assert code == 0, err
-    assert str(tmp_path / "y.npz") in out
+    assert out == f"saved allow_pickle, file to {tmp_path / 'y.npz'}\n"
     with np.load(tmp_path / "y.npz") as saved:
         assert sorted(saved.files) == ["allow_pickle", "file"]
         np.testing.assert_array_equal(saved["file"], x * 3)

@@ -49,3 +49,18 @@ def test_a_bad_flag_stops_the_start_with_one_line(capsys: pytest.CaptureFixture[
     assert main(["serve", "--port", "0", "--gpu-lanes", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --gpu-lanes (MODELHOST_GPU_LANES) must be 1 to 1,024"), err
+
+
+def test_a_boolean_flag_turns_off_what_its_variable_turned_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Docker image sets MODELHOST_RESTORE=true: `serve --no-restore` turns it off."""
+    from modelhost.cli import build_parser
+    from modelhost.server.settings import settings_fields
+
+    monkeypatch.setenv("MODELHOST_RESTORE", "true")
+    for argv, restore in ((["serve"], True), (["serve", "--no-restore"], False)):
+        args = build_parser().parse_args(argv)
+        overrides = {name: getattr(args, name) for name, *_ in settings_fields()}
+        assert Settings.from_env(**overrides).restore is restore
+    assert build_parser().parse_args(["serve", "--no-insecure"]).insecure is False

@@ -11,8 +11,12 @@ Client commands take --target (default 127.0.0.1:50051, or MODELHOST_TARGET).
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import json
 import os
+import re
+import socket
 import sys
 import time
 import zipfile
@@ -26,18 +30,23 @@ import numpy as np
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.client.channel import DEFAULT_MAX_MESSAGE_BYTES
 from modelhost.client.load_options import LoadOptions
-from modelhost.client.transfers import DEFAULT_MAX_DOWNLOAD_BYTES
+from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT
+from modelhost.client.transfers import DEFAULT_MAX_DOWNLOAD_BYTES, DownloadTooLarge
+from modelhost.client.types import CheckpointInfo, ModelInfo, TopClass
 from modelhost.v1 import modelhost_pb2 as pb
 
 Command = Callable[[ModelHostClient, argparse.Namespace], Any]
 
 
 class ProgressBar:
-    """A one-line transfer bar on stderr."""
+    """A one-line transfer bar on stderr, drawn only when stderr is a terminal. Used as a
+    context manager: its line ends with the transfer, however it ends, so an error
+    message starts on a line of its own."""
 
     def __init__(self, label: str, enabled: bool = True) -> None:
         self.label = label
-        self.enabled = enabled
+        self.enabled = enabled and sys.stderr.isatty()
+        self.drawn = False
         self.started = time.monotonic()
         self._last = 0.0
 
@@ -57,31 +66,41 @@ class ProgressBar:
             text = f"{self.label} {done / 1e6:,.1f} MB"
         sys.stderr.write(f"\r{text} {rate:,.1f} MB/s")
         sys.stderr.flush()
+        self.drawn = True
 
-    def done(self) -> None:
-        if self.enabled:
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.drawn:
             sys.stderr.write("\n")
 
 
-def _pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
-    pairs = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{what} {item!r} must be KEY=VALUE")
-        pairs[key] = value
-    return pairs
+def _key_value(text: str) -> tuple[str, str]:
+    """KEY=VALUE, for argparse (a malformed one is a usage error)."""
+    key, sep, value = text.partition("=")
+    if not (sep and key):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
-def _json_value(text: str) -> Any:
+def _json_value(flag: str, key: str, text: str) -> Any:
+    """`text` decoded as JSON; text that is not JSON is sent as a string (--arg
+    norm_layer=batch), with a note in case a number or list was meant."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return text  # a bare word is a string: --arg norm_layer=batch
+        print(
+            printable(
+                f"note: {flag} {key}={text} is not JSON: sent as the string {json.dumps(text)}"
+            ),
+            file=sys.stderr,
+        )
+        return text
 
 
 class _KeyJson(argparse.Action):
-    """KEY=JSON, repeatable: collects a dict of decoded values (a bare word is a string)."""
+    """KEY=JSON (type `_key_value`), repeatable: collects a dict of decoded values."""
 
     def __call__(
         self,
@@ -90,11 +109,9 @@ class _KeyJson(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        key, sep, value = str(values).partition("=")
-        if not sep:
-            raise SystemExit(f"{option_string} {values!r} must be KEY=VALUE")
+        key, text = values
         entries = getattr(namespace, self.dest) or {}
-        setattr(namespace, self.dest, {**entries, key: _json_value(value)})
+        setattr(namespace, self.dest, {**entries, key: _json_value(str(option_string), key, text)})
 
 
 def _shape(text: str) -> list[int]:
@@ -131,11 +148,48 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def _show(value: Any) -> None:
-    if isinstance(value, str):
-        print(printable(value))
-    elif value is not None:
-        print(json.dumps(value, default=str, indent=1))
+def _show(result: Any, as_json: bool) -> None:
+    """Prints a command's result: as JSON with --json; else its line or list of lines,
+    each through `printable`."""
+    if result is None:
+        return
+    if as_json:
+        print(json.dumps(_plain(result), default=str, indent=1))
+        return
+    for line in [result] if isinstance(result, str) else result:
+        print(printable(line))
+
+
+def _scaled(n: float, space: str = "") -> str:
+    """`n` with one decimal and a metric prefix: `11.7M`, or with `space` `44.8 M`."""
+    for prefix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{space}{prefix}"
+    return f"{n}{space}"
+
+
+def _few(items: Sequence[str], most: int = 5) -> str:
+    """`a, b, c and 7 more`."""
+    shown = ", ".join(items[:most])
+    return f"{shown} and {len(items) - most} more" if len(items) > most else shown
+
+
+def _checkpoint_line(c: CheckpointInfo) -> str:
+    """`resnet18-v1: 44.8 MB, sha256 0c4d1a2b3c4d5e6f, state_dict`."""
+    return f"{c.name}: {_scaled(c.size_bytes, ' ')}B, sha256 {c.sha256[:16]}, {c.format}"
+
+
+def _loaded_line(m: ModelInfo) -> str:
+    """`loaded classifier v1: resnet18 on cpu, float32, 11.7M parameters, ready in 0.11 s`,
+    and the keys a `--no-strict` load left out."""
+    line = (
+        f"loaded {m.name} v{m.version}: {m.architecture or m.format} on {m.device}, {m.dtype}, "
+        f"{_scaled(m.parameter_count)} parameters, ready in {m.load_seconds:.2f} s"
+    )
+    for what, keys in (("missing", m.missing_keys), ("unexpected", m.unexpected_keys)):
+        if keys:
+            line += f"; {what} keys: {_few(keys)}"
+    return line
 
 
 def _model_line(m: Any) -> str:
@@ -163,39 +217,47 @@ def _plain(obj: Any) -> Any:
 
 
 def cmd_upload(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    bar = ProgressBar(f"upload {args.name}", not args.quiet)
-    info = client.save_checkpoint(
-        args.name,
-        args.file,
-        metadata=_pairs(args.metadata, "--metadata"),
-        overwrite=args.overwrite,
-        progress=bar,
-    )
-    bar.done()
-    return info
+    with ProgressBar(f"upload {args.name}", not args.quiet) as bar:
+        info = client.save_checkpoint(
+            args.name,
+            args.file,
+            metadata=dict(args.metadata or ()),
+            overwrite=args.overwrite,
+            progress=bar,
+        )
+    return info if args.json else f"uploaded {_checkpoint_line(info)}"
 
 
 def cmd_snapshot(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    return client.snapshot(
+    info = client.snapshot(
         args.model, args.checkpoint, version=args.version, overwrite=args.overwrite
     )
+    model, _, version = info.metadata.get("snapshot_of", "").rpartition(":")  # "classifier:1"
+    of = f"{model} v{version}" if model else args.model
+    return info if args.json else f"saved {_checkpoint_line(info)} (snapshot of {of})"
 
 
 def cmd_download(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    bar = ProgressBar(f"download {args.name}", not args.quiet)
+    dest = args.dest / args.name if args.dest.is_dir() else args.dest  # as cp does
     client.max_download_bytes = args.max_bytes or None
-    path = client.download_checkpoint(args.name, args.dest, progress=bar)
-    bar.done()
+    try:
+        with ProgressBar(f"download {args.name}", not args.quiet) as bar:
+            path = client.download_checkpoint(args.name, dest, progress=bar)
+    except DownloadTooLarge as error:  # named as the flag the user gives
+        raise DownloadTooLarge(error.size, error.limit, "--max-bytes") from None
+    if args.json:
+        return {"name": args.name, "path": str(path), "size_bytes": path.stat().st_size}
     return str(path)
 
 
 def cmd_load(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    return client.load_model(
+    info = client.load_model(
         args.name,
         architecture=args.architecture,
         checkpoint=args.checkpoint,
         **load_options(args),
     )
+    return info if args.json else _loaded_line(info)
 
 
 LOAD_OPTION = "load_option:"
@@ -226,7 +288,7 @@ def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
     for item in args.inputs:
         if item not in images:
             name, sep, path = item.rpartition("=")
-            inputs[name if sep else "input"] = np.load(path, allow_pickle=False)
+            inputs[name if sep else SINGLE_INPUT] = np.load(path, allow_pickle=False)
     outputs = client.predict(
         args.model,
         inputs or None,
@@ -236,23 +298,45 @@ def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
         timeout=args.timeout,
     )
     if args.top_k:
-        return [
-            {"image": source, "top": [_plain(c) for c in classes]}
-            for source, classes in zip(images or ["row"] * len(outputs), outputs, strict=False)
-        ]
+        return _top_classes(outputs, images, args.json)
+    if not isinstance(outputs, dict):  # one input, one output: the client gives the array
+        outputs = {SINGLE_OUTPUT: outputs}
     if args.output:
-        saved = _save(args.output, outputs)
-        return printable(f"saved {', '.join(outputs)} to {saved}")
+        _save(args.output, outputs)
+        if args.json:
+            return {"path": str(args.output), "outputs": list(outputs)}
+        return f"saved {', '.join(outputs)} to {args.output}"
     if args.json:  # every value, as nested lists
         return {
             name: {"dtype": str(a.dtype), "shape": list(a.shape), "values": a.tolist()}
             for name, a in outputs.items()
         }
-    np.set_printoptions(threshold=50, edgeitems=3, precision=5)
+    lines = []
     for name, a in outputs.items():
-        print(printable(f"{name}: {a.dtype} {list(a.shape)}"))
-        print(np.array2string(a))
-    return None
+        lines.append(f"{name}: {a.dtype} {list(a.shape)}")
+        lines += np.array2string(a, threshold=50, edgeitems=3, precision=5).splitlines()
+    return lines
+
+
+def _top_classes(rows: list[list[TopClass]], images: list[str], as_json: bool) -> Any:
+    """Top-k answers, a row each: `cat.jpg: 281 tabby (0.53), 285 (0.21)` (an image's row
+    named by its file, a tensor's `row 0`), or with `as_json` a list of
+    {"row", "image" (null for tensors), "top": [{"index", "score", "label"}]}."""
+    sources: list[str | None] = list(images) or [None] * len(rows)
+    if as_json:
+        return [
+            {"row": i, "image": source, "top": [asdict(c) for c in row]}
+            for i, (source, row) in enumerate(zip(sources, rows, strict=False))
+        ]
+    return [
+        f"{source or f'row {i}'}: {', '.join(_top_class(c) for c in row)}"
+        for i, (source, row) in enumerate(zip(sources, rows, strict=False))
+    ]
+
+
+def _top_class(c: TopClass) -> str:
+    """`281 tabby (0.53)`, or without a label `281 (0.53)`."""
+    return f"{c.index}{f' {c.label}' if c.label else ''} ({c.score:.2f})"
 
 
 def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
@@ -277,27 +361,30 @@ def cmd_list(client: ModelHostClient, args: argparse.Namespace) -> Any:
         ]
     if args.json:
         return listing
-    for section, rows in listing.items():
-        print(f"{section}:")
-        for row in rows or ["(none)"]:
-            print(f"  {printable(row)}")
-    return None
+    return [
+        line
+        for section, rows in listing.items()
+        for line in (f"{section}:", *(f"  {row}" for row in rows or ["(none)"]))
+    ]
 
 
 def cmd_unload(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    return {"unloaded": client.unload_model(args.name, args.version)}
+    versions = client.unload_model(args.name, args.version)
+    if args.json:
+        return {"unloaded": versions}
+    return f"unloaded {args.name} {', '.join(f'v{v}' for v in versions)}"
 
 
 def cmd_delete(client: ModelHostClient, args: argparse.Namespace) -> Any:
     client.delete_checkpoint(args.name)
-    return f"deleted {args.name}"
+    return {"deleted": args.name} if args.json else f"deleted {args.name}"
 
 
 def cmd_health(client: ModelHostClient, args: argparse.Namespace) -> Any:
     status = client.health(args.service)
     if status != "SERVING":
         raise SystemExit(f"{status}")
-    return status
+    return {"service": args.service, "status": status} if args.json else status
 
 
 WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -375,8 +462,17 @@ def _client_parser() -> argparse.ArgumentParser:
         help="largest request or reply, as the server's --max-message-bytes "
         f"(default: {DEFAULT_MAX_MESSAGE_BYTES >> 20} MiB)",
     )
-    common.add_argument("--json", action="store_true", help="print JSON")
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON (default: text)",
+    )
+    common.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bars (drawn only when stderr is a terminal anyway)",
+    )
     return common
 
 
@@ -386,6 +482,7 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelhost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub, serve_flags)
     common = _client_parser()
@@ -396,20 +493,29 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
         return p
 
     p = command("upload", cmd_upload, "Upload a checkpoint file (state_dict, safetensors, ...).")
-    p.add_argument("name")
-    p.add_argument("file", type=Path)
-    p.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("name", help="name to store the checkpoint under")
+    p.add_argument("file", type=Path, help="the checkpoint file")
+    p.add_argument(
+        "--metadata",
+        "-m",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a string to keep with the checkpoint (repeatable)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint of that name")
 
     p = command("snapshot", cmd_snapshot, "Save a hosted model's weights as a checkpoint.")
-    p.add_argument("model")
-    p.add_argument("checkpoint")
-    p.add_argument("--version", type=int)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("model", help="the hosted model")
+    p.add_argument("checkpoint", help="name to store the weights under")
+    p.add_argument("--version", type=int, metavar="N", help="the model's version (default: newest)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint of that name")
 
     p = command("download", cmd_download, "Download a checkpoint to a file.")
-    p.add_argument("name")
-    p.add_argument("dest", type=Path)
+    p.add_argument("name", help="the stored checkpoint")
+    p.add_argument(
+        "dest", type=Path, help="file to write (replaced if it exists), or a folder: DEST/NAME"
+    )
     p.add_argument(
         "--max-bytes",
         type=int,
@@ -419,30 +525,54 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     )
 
     p = command("load", cmd_load, "Build an architecture, load a checkpoint, serve it.")
-    p.add_argument("name")
+    p.add_argument("name", help="name to serve the model under")
     _add_load_flags(p)
 
     p = command("predict", cmd_predict, "Run a model on .npy tensors or JPEG/PNG images.")
-    p.add_argument("model")
-    p.add_argument("inputs", nargs="+", metavar="[NAME=]FILE.npy | IMAGE.jpg")
-    p.add_argument("--top-k", type=int, default=0, help="answer with the k most likely classes")
-    p.add_argument("--output", "-o", type=Path, help="save outputs to .npy (.npz if several)")
-    p.add_argument("--version", type=int)
+    p.add_argument("model", help="the hosted model")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="[NAME=]FILE.npy | IMAGE.jpg",
+        help="input tensors (NAME: the forward argument; default: input), or JPEG/PNG images",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="answer with the k most likely classes"
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        metavar="FILE",
+        help="save the outputs to FILE, named exactly so: one output as .npy, several as "
+        ".npz (also one, when FILE ends in .npz)",
+    )
+    p.add_argument("--version", type=int, metavar="N", help="the model's version (default: newest)")
 
     p = command("list", cmd_list, "List hosted models and stored checkpoints.")
     p.add_argument(
-        "what", nargs="?", default="all", choices=["all", "models", "checkpoints", "architectures"]
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "models", "checkpoints", "architectures"],
+        help="what to list (default: all, which is models and checkpoints)",
     )
 
     p = command("unload", cmd_unload, "Stop serving a model (one version or all).")
-    p.add_argument("name")
-    p.add_argument("--version", type=int)
+    p.add_argument("name", help="the hosted model")
+    p.add_argument("--version", type=int, metavar="N", help="only this version (default: all)")
 
     p = command("delete", cmd_delete, "Delete a stored checkpoint.")
-    p.add_argument("name")
+    p.add_argument("name", help="the stored checkpoint")
 
     p = command("health", cmd_health, "Check the server's health; exit 1 unless SERVING.")
-    p.add_argument("--service", default="")
+    p.add_argument(
+        "--service",
+        default="",
+        metavar="NAME",
+        help="the service to ask about: modelhost.v1.ModelHost, inference.GRPCInferenceService "
+        '(default: "", the whole server)',
+    )
     p.add_argument(
         "--local",
         action="store_true",
@@ -486,6 +616,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
         "--arg",
         "architecture_args",
         action=_KeyJson,
+        type=_key_value,
         metavar="KEY=JSON",
         help="builder argument, e.g. --arg num_classes=10 (repeatable)",
     )
@@ -570,77 +701,179 @@ def _add_serve(sub: Any, flags: bool) -> None:
     if not flags:
         return
     try:
-        from modelhost.server.settings import settings_fields
-    except ImportError:
-        return  # client-only install: `serve` explains itself when run
+        from modelhost.server.settings import settings_fields, shown_default
+    except ImportError as error:
+        if _missing_extra(error):
+            return  # client-only install: `serve` explains itself when run
+        raise
     for name, kind, default, help in settings_fields():
         flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            action = argparse.BooleanOptionalAction if default else "store_true"
-            p.add_argument(flag, action=action, default=None, help=help)
+        shown = f"{help} (default: {shown_default(kind, default)})"
+        if kind is bool:  # --x and --no-x: a flag also turns off what a variable turned on
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif kind == list[str]:
             p.add_argument(flag.removesuffix("s"), dest=name, action="append", help=help)
         else:
-            p.add_argument(flag, type=kind, default=None, help=f"{help} (default: {default})")
+            p.add_argument(flag, type=kind, default=None, help=shown)
 
 
-def _serve(args: argparse.Namespace) -> int:
+SERVER_EXTRA = frozenset(
+    {"torch", "torchvision", "safetensors", "grpc_reflection", "prometheus_client"}
+)
+"""The modules of the packages `pip install 'modelhost[server]'` adds."""
+
+
+def _missing_extra(error: ImportError) -> bool:
+    """Whether `error` is a module of the server extra missing (any other ImportError is
+    a broken install or a bug, shown as it is)."""
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return False
+    return error.name.partition(".")[0] in SERVER_EXTRA
+
+
+def _serve(argv: list[str]) -> int:
+    """`modelhost serve`: settings errors, a port in use and a device this machine lacks
+    end in one `error:` line."""
     try:
         from modelhost.server import Settings, serve
+        from modelhost.server.errors import ModelHostFailure
         from modelhost.server.settings import settings_fields
     except ImportError as error:
+        if not _missing_extra(error):
+            raise
         print(
             f"error: the server needs `pip install 'modelhost[server]'` ({error})", file=sys.stderr
         )
         return 2
+    args = build_parser().parse_args(argv)
     overrides = {name: getattr(args, name) for name, *_ in settings_fields()}
     try:
         return serve(Settings.from_env(**overrides))
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ModelHostFailure) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # grpc's "Failed to bind to address HOST:PORT; set ..."
+        unbound = re.match(r"Failed to bind to address (\S+?);", str(error))
+        if unbound is None:
+            raise
+        print(f"error: {_bind_failure(unbound[1])}", file=sys.stderr)
+        return 1
 
 
-def _hint(error: ModelHostError, target: str) -> str:
-    """What a command line user can do about the commonest connection errors."""
-    code, message = error.code.name, error.message
-    if code == "UNAVAILABLE" and ("Connection refused" in message or "connect" in message):
+def _bind_failure(address: str) -> str:
+    """Why `address` (HOST:PORT) cannot be bound, as the system says when asked again."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, int(port)), family=family):
+            return f"cannot bind {address}"
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            return (
+                f"port {port} on {host} is in use: is another modelhost serve running? "
+                "(choose another port with --port)"
+            )
+        return f"cannot bind {address}: {error.strerror}"
+
+
+GRPC_SCHEMES = frozenset({"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock"})
+TARGET_FORM = "targets are host:port, without a scheme (default 127.0.0.1:50051)"
+
+
+def _hint(error: ModelHostError, args: argparse.Namespace) -> str:
+    """What a command line user can do about the commonest connection and token errors,
+    as gRPC words them: the text of a `hint:` line, or ""."""
+    code, message, target = error.code.name, error.message, args.target
+    if code == "UNAUTHENTICATED":
+        return "pass the token with --token or MODELHOST_TOKEN"
+    if code == "PERMISSION_DENIED":
+        return "this call needs the management token: --token or MODELHOST_TOKEN"
+    if code != "UNAVAILABLE":
+        return ""
+    scheme, sep, _ = target.partition("://")
+    if "Misformatted domain name" in message or (sep and scheme not in GRPC_SCHEMES):
+        return f"{TARGET_FORM}, not {target}"
+    if "WRONG_VERSION_NUMBER" in message:
+        return "the server speaks plaintext: leave out --tls"
+    if "CERTIFICATE_VERIFY_FAILED" in message:
         return (
-            f"\nhint: no modelhost server answers at {target}: is `modelhost serve` running "
+            "the server's certificate is signed by a CA this client does not trust: pass that "
+            "CA with --ca-file"
+        )
+    if "Hostname Verification" in message:
+        return (
+            "the server's certificate is not for the name in --target: pass the name it "
+            "carries with --server-name"
+        )
+    if "Socket closed" in message or "handshake" in message.lower():
+        if args.tls:
+            return "the server may want a client certificate (--cert-file, --key-file)"
+        return "the server may speak TLS: add --tls (and --ca-file for a private CA)"
+    if "Connection refused" in message or "Failed to connect" in message:
+        if _without_port(target):
+            return f"{target} has no port, so gRPC dialed 443: {TARGET_FORM}"
+        return (
+            f"no modelhost server answers at {target}: is `modelhost serve` running "
             "there? (--target or MODELHOST_TARGET)"
         )
-    if code == "UNAVAILABLE" and ("Socket closed" in message or "handshake" in message.lower()):
-        return (
-            "\nhint: the server may speak TLS (--tls, --ca-file) or want a client certificate "
-            "(--cert-file, --key-file)"
-        )
-    if code == "UNAUTHENTICATED":
-        return "\nhint: pass the token with --token or MODELHOST_TOKEN"
     return ""
 
 
-def _save(path: Path, outputs: dict[str, np.ndarray]) -> Path:
-    """Saves one output as .npy, several as .npz (entries named as the outputs, whatever
-    the names: `np.savez` would take "file" or "allow_pickle" as its own arguments);
-    returns the file written (numpy's suffix added where missing, as `np.save` does)."""
-    if len(outputs) == 1:
-        path = path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
-        np.save(path, next(iter(outputs.values())), allow_pickle=False)
-        return path
-    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, array in outputs.items():
-            with archive.open(name + ".npy", "w", force_zip64=True) as entry:
-                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
-    return path
+def _without_port(target: str) -> bool:
+    """Whether a target (`host`, `[::1]`, `dns:///host`) names no port."""
+    address = target.rpartition("/")[2] if target.startswith("dns:") else target
+    return ":" not in address.rpartition("]")[2]
+
+
+def _save(path: Path, outputs: dict[str, np.ndarray]) -> None:
+    """Writes the outputs to `path` as named (no suffix added): one output as .npy;
+    several, or any number when `path` ends in .npz, as .npz with entries named as the
+    outputs, whatever the names (`np.savez` would take "file" or "allow_pickle" as its
+    own arguments). Several outputs are refused a .npy name."""
+    if len(outputs) > 1 and path.suffix == ".npy":
+        raise ValueError(
+            f"{path}: a .npy file holds one array and the model answered "
+            f"{len(outputs)} outputs ({_few(list(outputs))}): name an .npz file"
+        )
+    with path.open("wb") as file:
+        if len(outputs) == 1 and path.suffix != ".npz":
+            np.save(file, next(iter(outputs.values())), allow_pickle=False)
+            return
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in outputs.items():
+                with archive.open(name + ".npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+
+
+def _version() -> str:
+    """The installed package's version."""
+    try:
+        return importlib.metadata.version("modelhost")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The `modelhost` command; returns its exit status. Output into a pipe closed early
+    (`modelhost list | head -1`) ends it quietly, with status 0: every command prints
+    only once its call is done, so the reader has stopped reading, nothing failed."""
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # As the Python docs advise: what is still buffered goes nowhere, not to a
+        # traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        return _serve(argv)
     # Client commands never import the server (nor torch): only `serve` needs its settings.
-    args = build_parser(serve_flags=argv[:1] == ["serve"]).parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
+    args = build_parser(serve_flags=False).parse_args(argv)
     config = ChannelConfig(
         token=args.token,
         tls=args.tls,
@@ -661,12 +894,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ModelHostClient(args.target, timeout=args.timeout, config=config) as client:
             result = args.fn(client, args)
     except ModelHostError as error:
-        print(f"error: {printable(str(error))}{_hint(error, args.target)}", file=sys.stderr)
+        hint = _hint(error, args)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
+        if hint:
+            print(f"hint: {printable(hint)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise
     except (OSError, ValueError) as error:
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return 1
-    _show(_plain(result))
+    _show(result, args.json)
     return 0
 
 

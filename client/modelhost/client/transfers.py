@@ -42,7 +42,7 @@ def serialize_source(source: Source) -> tuple[Iterator[memoryview], int]:
     """The bytes of a checkpoint source, as chunks of any size, and the total size."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return _read_file(path), path.stat().st_size
+        return _read_file(path), _file_size(path)
     if isinstance(source, (bytes, bytearray, memoryview)):
         view = memoryview(source).cast("B")
         return iter([view]), view.nbytes
@@ -56,6 +56,16 @@ def serialize_source(source: Source) -> tuple[Iterator[memoryview], int]:
     if hasattr(source, "state_dict"):
         raise TypeError("pass model.state_dict(), not the module itself")
     raise TypeError(f"cannot upload a {type(source).__name__}: pass a path, bytes or a dict")
+
+
+def _file_size(path: Path) -> int:
+    """The size of the file to upload, opened here, so that a directory, a missing or an
+    unreadable file fails now with its own message (on the upload's thread, gRPC would
+    report it as "Exception iterating requests!")."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    with path.open("rb") as file:
+        return os.fstat(file.fileno()).st_size
 
 
 def _read_file(path: Path, block: int = 8 << 20) -> Iterator[memoryview]:
@@ -167,6 +177,18 @@ class Upload:
         return CheckpointInfo.from_proto(reply)
 
 
+class DownloadTooLarge(ResourceExhaustedError):
+    """A download refused at its header: the checkpoint announced is larger than the
+    client's limit, named as `setting` (the command line names its flag instead)."""
+
+    def __init__(self, size: int, limit: int, setting: str = "max_download_bytes") -> None:
+        super().__init__(
+            f"download: the server announced {size:,} bytes, more than {setting} ({limit:,})"
+        )
+        self.size = size
+        self.limit = limit
+
+
 class Download:
     """Receives a DownloadCheckpoint stream into a file (`dest`) or memory.
 
@@ -231,10 +253,7 @@ class Download:
 
     def _check(self, info: pb.CheckpointInfo) -> None:
         if self.max_bytes is not None and info.size_bytes > self.max_bytes:
-            raise ResourceExhaustedError(
-                f"download: the server announced {info.size_bytes:,} bytes, more than "
-                f"max_download_bytes ({self.max_bytes:,})"
-            )
+            raise DownloadTooLarge(info.size_bytes, self.max_bytes)
         if self.dest is None and info.format not in IN_MEMORY:
             raise ValueError(_NOT_IN_MEMORY)
         if self.dest is None and info.size_bytes > MAX_MEMORY_DOWNLOAD_BYTES:
@@ -293,7 +312,11 @@ def create_partial(dest: Path) -> tuple[Path, BinaryIO]:
     """Creates the partial file of a download to `dest`: a new, hidden, unique name in
     `dest`'s folder (`.NAME.RANDOM.part`), made with O_CREAT|O_EXCL|O_NOFOLLOW, so an
     existing file or a symlink planted there is never followed, truncated or reused.
-    Its mode is 0o666 less the umask, what `open("wb")` gives `dest` itself."""
+    Its mode is 0o666 less the umask, what `open("wb")` gives `dest` itself. A `dest`
+    that is a directory, or whose folder is missing or not writable, is refused naming
+    that path, not the partial file's."""
+    if dest.is_dir() and not dest.is_symlink():  # a symlink is replaced, as documented above
+        raise IsADirectoryError(f"download: {dest} is a directory; pass the file to write")
     name = dest.name if len(os.fsencode(dest.name)) <= 200 else "download"
     for _ in range(100):
         part = dest.with_name(f".{name}.{secrets.token_hex(8)}{PARTIAL_SUFFIX}")
@@ -301,6 +324,8 @@ def create_partial(dest: Path) -> tuple[Path, BinaryIO]:
             fd = os.open(part, _PARTIAL_FLAGS, 0o666)
         except FileExistsError:
             continue
+        except OSError as error:  # the folder's fault: name it, not the hidden partial file
+            raise type(error)(error.errno, error.strerror, str(dest.parent)) from None
         try:
             return part, os.fdopen(fd, "wb")
         except BaseException:

@@ -276,6 +276,13 @@ def parse_value(kind: Any, raw: str, name: str) -> Any:
         ) from None
 
 
+def shown_default(kind: Any, default: Any) -> str:
+    """A setting's default as the help and README show it: on/off, or "-" for none."""
+    if kind is bool:
+        return "on" if default else "off"
+    return "-" if default in ("", [], 0) and kind is not int else str(default)
+
+
 def settings_fields() -> list[tuple[str, Any, Any, str]]:
     """(name, type, default, help) of every setting, for the CLI and the docs."""
     hints = get_type_hints(Settings)

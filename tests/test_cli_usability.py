@@ -1,0 +1,373 @@
+"""The `modelhost` command's answers to a new user's mistakes and its everyday output
+(UX review 12), against real servers on 127.0.0.1: one-line errors with a hint, no
+tracebacks, human summaries by default and JSON with --json."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_png
+
+from conftest import resnet18
+from helpers.certs import make_pki
+from helpers.processes import free_port
+from modelhost.cli import build_parser, main
+from modelhost.client import ModelHostClient
+from modelhost.server import Server, Settings, running
+
+LABELS = [f"class{i}" for i in range(10)]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli(*argv: str, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    """`modelhost ARGV` as a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "modelhost.cli", *argv],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def classifier(server: Server) -> Iterator[str]:
+    """A resnet18 of 10 labelled classes that takes images, hosted as "cls"; its target."""
+    with ModelHostClient(server.target, timeout=120) as client:
+        client.save_checkpoint("r18", resnet18().state_dict())
+        client.load_model(
+            "cls",
+            architecture="resnet18",
+            checkpoint="r18",
+            architecture_args={"num_classes": 10},
+            preprocessing={"resize": 32, "crop": 32},
+            labels=LABELS,
+        )
+    yield server.target
+
+
+def _png(path: Path) -> str:
+    pixels = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator())
+    path.write_bytes(encode_png(pixels).numpy().tobytes())
+    return str(path)
+
+
+# A1, B11, B13: predict
+
+
+def test_predict_an_image_without_top_k(
+    classifier: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An image and no --top-k: the client answers a bare array, shown as "output"."""
+    image, target = _png(tmp_path / "cat.png"), ("--target", classifier)
+    code, out, err = run(capsys, "predict", "cls", image, *target)
+    assert code == 0, err
+    assert out.startswith("output: float32 [1, 10]\n[[")
+    code, out, err = run(capsys, "predict", "cls", image, "--json", *target)
+    assert code == 0, err
+    printed = json.loads(out)["output"]
+    assert printed["shape"] == [1, 10] and len(printed["values"][0]) == 10
+    code, out, err = run(capsys, "predict", "cls", image, "-o", str(tmp_path / "y.npy"), *target)
+    assert (code, out) == (0, f"saved output to {tmp_path / 'y.npy'}\n"), err
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), [printed["values"][0]], rtol=1e-6)
+
+
+def test_top_k_prints_a_line_per_row(
+    classifier: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, target = _png(tmp_path / "cat.png"), ("--target", classifier)
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 32, 32), np.float32))
+    code, out, err = run(capsys, "predict", "cls", image, "--top-k", "2", *target)
+    assert code == 0, err
+    (line,) = out.splitlines()
+    assert line.startswith(f"{image}: ") and line.count(" (0.") == 2 and " class" in line
+    code, out, err = run(capsys, "predict", "cls", str(tmp_path / "x.npy"), "--top-k", "3", *target)
+    rows = out.splitlines()
+    assert [row.split(":")[0] for row in rows] == ["row 0", "row 1"], out
+    code, out, err = run(
+        capsys, "predict", "cls", str(tmp_path / "x.npy"), "--top-k", "3", "--json", *target
+    )
+    answer = json.loads(out)
+    assert [(row["row"], row["image"], len(row["top"])) for row in answer] == [
+        (0, None, 3),
+        (1, None, 3),
+    ]
+    best = answer[0]["top"][0]
+    assert rows[0].startswith(f"row 0: {best['index']} {best['label']} ({best['score']:.2f}), ")
+
+
+def test_output_is_written_under_the_name_given(
+    classifier: str, server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-o writes exactly the file named (numpy would add .npy); several outputs are
+    refused a .npy name."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    x, target = str(tmp_path / "x.npy"), ("--target", classifier)
+    code, out, err = run(capsys, "predict", "cls", x, "-o", str(tmp_path / "logits"), *target)
+    assert (code, out) == (0, f"saved output to {tmp_path / 'logits'}\n"), err
+    assert not (tmp_path / "logits.npy").exists()
+    assert np.load(tmp_path / "logits").shape == (1, 10)
+    code, _, err = run(capsys, "predict", "cls", x, "-o", str(tmp_path / "one.npz"), *target)
+    with np.load(tmp_path / "one.npz") as saved:
+        assert saved.files == ["output"]
+
+    with ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("scale", {"scale": torch.tensor(3.0)})
+        client.load_model("named", architecture="named_outputs", checkpoint="scale")
+    np.save(tmp_path / "v.npy", np.ones((2, 3), np.float32))
+    code, _, err = run(
+        capsys, "predict", "named", str(tmp_path / "v.npy"), "-o", str(tmp_path / "y.npy"), *target
+    )
+    assert code == 1 and "a .npy file holds one array" in err and ".npz" in err, err
+    assert not (tmp_path / "y.npy").exists()
+
+
+# A5: serve
+
+
+def test_serve_in_a_used_port_or_on_a_missing_gpu_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        used = cli("serve", "--port", str(port), "--store", str(tmp_path / "a"))
+    assert used.returncode == 1, used.stderr
+    assert "Traceback" not in used.stderr
+    assert (
+        f"error: port {port} on 127.0.0.1 is in use: is another modelhost serve running?"
+        in used.stderr.splitlines()[-1]
+    ), used.stderr
+    if torch.cuda.is_available():
+        return
+    gpu = cli("serve", "--port", "0", "--device", "cuda", "--store", str(tmp_path / "b"))
+    assert gpu.returncode == 2 and "Traceback" not in gpu.stderr, gpu.stderr
+    assert gpu.stderr.splitlines()[-1] == (
+        "error: device 'cuda' requested, but this server has no GPU"
+    )
+
+
+def test_serve_names_the_extra_only_for_its_missing_modules(tmp_path: Path) -> None:
+    """Without torch: the extra to install. A module of modelhost's own missing (a broken
+    install, not a missing extra): the error as it is."""
+    blocked = (
+        "import sys; sys.modules[{!r}] = None; from modelhost.cli import main; sys.exit(main())"
+    )
+    store = str(tmp_path / "store")
+    for module, extra in (("torch", True), ("modelhost.server.settings", False)):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                blocked.format(module),
+                "serve",
+                "--port",
+                "0",
+                "--store",
+                store,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode != 0
+        assert ("pip install 'modelhost[server]'" in done.stderr) == extra, done.stderr
+        assert f"import of {module} halted" in done.stderr, done.stderr
+
+
+def test_upload_of_a_directory(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = str(Path(__file__).parent)
+    code, _, err = run(capsys, "upload", "d", folder, "--target", server.target)
+    assert (code, err) == (1, f"error: {folder} is a directory\n")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(server: Server) -> None:
+    """`modelhost list architectures | head -1`: the reader went away; no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: the first write fails with EPIPE
+    try:
+        done = cli("list", "architectures", "--target", server.target, stdout=write)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+# B2, B3, B9: hints
+
+
+def hint(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The hint line of a failing `modelhost health ARGV`."""
+    code, _, err = run(capsys, "health", "--timeout", "5", *argv)
+    assert code == 1, err
+    hints = [line for line in err.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1, err
+    return hints[0].removeprefix("hint: ")
+
+
+def test_tls_mistakes_get_a_tls_hint(
+    settings: Settings, server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = make_pki(tmp_path)
+    tls = dataclasses.replace(
+        settings, tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key)
+    )
+    mutual = dataclasses.replace(tls, tls_client_ca_file=str(pki.ca))
+    with running(tls) as secure, running(mutual) as strict:
+        target = ("--target", secure.target)
+        assert "add --tls" in hint(capsys, *target)
+        assert "--ca-file" in hint(capsys, *target, "--tls")
+        assert "--server-name" in hint(
+            capsys, *target, "--tls", "--ca-file", str(pki.ca), "--server-name", "elsewhere"
+        )
+        assert "client certificate" in hint(
+            capsys, "--target", strict.target, "--tls", "--ca-file", str(pki.ca)
+        )
+    assert "leave out --tls" in hint(capsys, "--target", server.target, "--tls")
+
+
+def test_target_mistakes_get_a_target_hint(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert hint(capsys, "--target", "127.0.0.1") == (
+        "127.0.0.1 has no port, so gRPC dialed 443: targets are host:port, without a "
+        "scheme (default 127.0.0.1:50051)"
+    )
+    assert hint(capsys, "--target", f"http://{server.target}").startswith(
+        "targets are host:port, without a scheme"
+    )
+    assert "no modelhost server answers" in hint(capsys, "--target", f"127.0.0.1:{free_port()}")
+
+
+def test_an_inference_token_on_a_management_call_gets_a_hint(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = dataclasses.replace(settings, token="infer", management_token="manage")
+    with running(tokens) as server:
+        code, _, err = run(capsys, "delete", "x", "--target", server.target, "--token", "infer")
+    assert code == 1 and "PERMISSION_DENIED" in err, err
+    assert err.splitlines()[-1] == (
+        "hint: this call needs the management token: --token or MODELHOST_TOKEN"
+    )
+
+
+# B5, B6: download destinations
+
+
+def test_download_into_a_folder_or_a_missing_one(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("ck", {"w": torch.arange(1000.0)})
+    target = ("--target", server.target)
+    code, out, err = run(capsys, "download", "ck", str(tmp_path), *target)
+    assert (code, out) == (0, f"{tmp_path / 'ck'}\n"), err
+    assert torch.load(tmp_path / "ck", weights_only=True)["w"].shape == (1000,)
+
+    missing = tmp_path / "nowhere"
+    code, _, err = run(capsys, "download", "ck", str(missing / "ck.pt"), *target)
+    assert code == 1 and f"'{missing}'" in err and ".part" not in err, err
+
+    code, _, err = run(capsys, "download", "ck", str(tmp_path / "x"), "--max-bytes", "10", *target)
+    assert code == 1 and "more than --max-bytes (10)" in err, err
+    code, out, err = run(capsys, "download", "ck", str(tmp_path / "y"), "--json", *target)
+    assert json.loads(out) == {
+        "name": "ck",
+        "path": str(tmp_path / "y"),
+        "size_bytes": (tmp_path / "y").stat().st_size,
+    }
+
+
+# B10, B4: usage
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["load", "m", "--arg", "num_classes"], ["upload", "c", "f.pt", "-m", "novalue"]],
+    ids=["arg", "metadata"],
+)
+def test_a_pair_without_equals_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert f"modelhost {argv[0]}: error: argument " in err and "is not KEY=VALUE" in err, err
+
+
+def test_an_arg_that_is_not_json_is_sent_as_a_string_with_a_note(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = build_parser(serve_flags=False)
+    args = parser.parse_args(["load", "m", "--arg", "num_classes=five", "--arg", "depth=3"])
+    assert args.__dict__["load_option:architecture_args"] == {"num_classes": "five", "depth": 3}
+    assert capsys.readouterr().err == (
+        'note: --arg num_classes=five is not JSON: sent as the string "five"\n'
+    )
+
+
+# B11, B12: output
+
+
+def test_health_json(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "health", "--json", "--target", server.target)
+    assert (code, json.loads(out)) == (0, {"service": "", "status": "SERVING"})
+
+
+def test_progress_bars_only_on_a_terminal_and_an_error_on_a_line_of_its_own(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1000)}, weights)
+    upload = ["upload", "w", str(weights), "--target", server.target]
+    assert main(upload) == 0
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(upload) == 1  # ALREADY_EXISTS, once the bytes are sent
+    bar, error = terminal.getvalue().split("\n")[:2]
+    assert bar.startswith("\rupload w [") and "100.0%" in bar and bar.endswith("MB/s")
+    assert error.startswith("error: ALREADY_EXISTS")
+    assert main([*upload, "--overwrite", "-q"]) == 0
+    assert "upload w" not in terminal.getvalue().split("ALREADY_EXISTS")[1]
+
+
+# B15: version and help
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"modelhost {importlib.metadata.version('modelhost')}\n"
+
+
+def test_every_argument_has_help() -> None:
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if a.choices and a.dest == "command")
+    assert isinstance(commands.choices, dict)
+    for name, command in commands.choices.items():
+        silent = [a.dest for a in command._actions if not a.help]
+        assert not silent, (name, silent)
