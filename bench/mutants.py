@@ -959,8 +959,8 @@ MUTANTS = [
     Mutant(
         "cache: a shared page-in waits for room only up to the deadline of its first request",
         SERVER + "cache.py",
-        "deadline=lambda: hosted.paging_until)",
-        "deadline=hosted.paging_until)",
+        "deadline=lambda: _wanted_until(hosted))",
+        "deadline=_wanted_until(hosted))",
         (
             "tests/test_pagein_deadline.py::test_a_short_deadline_does_not_end_the_page_in_the_others_wait_for",
         ),
@@ -978,7 +978,7 @@ MUTANTS = [
     Mutant(
         "cache: a page-in waits for room after every request for it has passed its deadline",
         SERVER + "cache.py",
-        "deadline=lambda: hosted.paging_until)",
+        "deadline=lambda: _wanted_until(hosted))",
         "deadline=lambda: math.inf)",
         (
             "tests/test_pagein_deadline.py::test_a_page_in_gives_up_when_every_request_for_it_has_passed_its_deadline",
@@ -1412,7 +1412,8 @@ sys.exit(pytest.main(sys.argv[2:]))
 """
 
 
-def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
+def run_tests(tree: Path, tests: tuple[str, ...], *, show: bool = False) -> int:
+    """Runs `tests` against `tree`; with `show`, prints the end of what failed."""
     args = [sys.executable, "-c", LAUNCHER, str(tree), "-q", "-x", "-p", "no:cacheprovider"]
     # Servers the tests start as processes import the copy's packages too.
     copy = os.pathsep.join(str(tree / part) for part in ("client", "server"))
@@ -1420,6 +1421,8 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
     done = subprocess.run(
         [*args, *tests], cwd=tree, env=env, capture_output=True, text=True, timeout=900, check=False
     )
+    if show and done.returncode:
+        print(done.stdout[-6000:], file=sys.stderr)
     return done.returncode
 
 
@@ -1435,7 +1438,7 @@ def main() -> int:
         clean = Path(scratch) / "clean"
         copy_tree(clean)
         baseline = tuple(dict.fromkeys(test for m in chosen for test in m.tests))
-        if run_tests(clean, baseline) != 0:  # else a failure would not mean "caught"
+        if run_tests(clean, baseline, show=True) != 0:  # else a failure would not mean "caught"
             print("the tests fail without any mutation: fix them first", file=sys.stderr)
             return 2
         for mutant in chosen:
