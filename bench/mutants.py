@@ -1382,6 +1382,23 @@ MUTANTS = [
         "        dtype = spec.dtype or torch.float32\n",
         ("tests/test_cache.py::test_a_version_restored_at_the_store_tier_shows_what_it_served_as",),
     ),
+    Mutant(
+        "inference: outputs no reply can carry are recorded, and fail as INTERNAL",
+        SERVER + "inference.py",
+        "            if unsendable:\n",
+        "            if False:\n",
+        (
+            "tests/test_checkpoint_dtypes.py::test_outputs_no_reply_can_carry_are_"
+            "failed_precondition_and_the_record_stays_writable",
+        ),
+    ),
+    Mutant(
+        "loading: a sparse tensor in a checkpoint is not refused",
+        SERVER + "loading.py",
+        "    if sparse:\n",
+        "    if False:\n",
+        ("tests/test_checkpoint_dtypes.py::test_a_sparse_tensor_is_invalid_argument",),
+    ),
 ]
 
 

@@ -37,6 +37,7 @@ TEST_ARCHITECTURES = [
     "attention=helpers.models:attention",
     "blend=helpers.models:blend",
     "fixed_size=helpers.models:fixed_size",
+    "complex_out=helpers.models:complex_out",
 ]
 
 

@@ -10,6 +10,7 @@ stored bytes, is refused at LoadModel naming the keys."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import grpc
@@ -19,8 +20,10 @@ import torch
 
 from conftest import build, expect, images, reference
 from modelhost.client import ModelHostClient
+from modelhost.server import Settings, running
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
+FP = grpc.StatusCode.FAILED_PRECONDITION
 X = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
 
 
@@ -109,3 +112,42 @@ def test_an_expanded_tensor_is_invalid_argument(client: ModelHostClient) -> None
         "elements share memory",
         "0.weight",
     )
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_tensor_is_invalid_argument(client: ModelHostClient, layout: str) -> None:
+    state = build("tiny_mlp", seed=6).state_dict()
+    weight = state["0.weight"]
+    state["0.weight"] = weight.to_sparse() if layout == "coo" else weight.to_sparse_csr()
+    client.save_checkpoint("sparse", state)
+    expect(
+        IA,
+        lambda: client.load_model("s", architecture="tiny_mlp", checkpoint="sparse"),
+        "sparse tensors (save them with .to_dense()): 0.weight",
+    )
+
+
+def test_outputs_no_reply_can_carry_are_failed_precondition_and_the_record_stays_writable(
+    settings: Settings,
+) -> None:
+    """A model returning complex numbers: its Predict says why (not INTERNAL), a warm-up
+    refuses its load, and with --restore the other loads and unloads go on (the record
+    keeps what it can of what the version serves as)."""
+    restoring = dataclasses.replace(settings, restore=True)
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("c", build("complex_out").state_dict())
+        client.load_model("c", architecture="complex_out", checkpoint="c")
+        x = np.ones((2, 3), np.float32)
+        expect(FP, lambda: client.predict("c", x), "cannot send: output (torch.complex64)")
+        expect(
+            FP,
+            lambda: client.load_model(
+                "w", architecture="complex_out", checkpoint="c", warmup_shape=(2, 3)
+            ),
+            "cannot send",
+        )
+        client.save_checkpoint("m", build("tiny_mlp", seed=7).state_dict())
+        client.load_model("m", architecture="tiny_mlp", checkpoint="m")
+        assert client.unload_model("c") == [1]
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        assert [m.name for m in client.list_models()] == ["m"]

@@ -286,6 +286,16 @@ def test_download_into_a_folder_or_a_missing_one(
     assert (code, out) == (0, f"{tmp_path / 'ck'}\n"), err
     assert torch.load(tmp_path / "ck", weights_only=True)["w"].shape == (1000,)
 
+    # A symlink to a folder is replaced, as the library replaces any symlink at its dest:
+    # nothing is written into the folder it pointed to.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    code, out, err = run(capsys, "download", "ck", str(link), *target)
+    assert (code, out) == (0, f"{link}\n"), err
+    assert not link.is_symlink() and link.is_file() and list(elsewhere.iterdir()) == []
+
     missing = tmp_path / "nowhere"
     code, _, err = run(capsys, "download", "ck", str(missing / "ck.pt"), *target)
     assert code == 1 and f"'{missing}'" in err and ".part" not in err, err

@@ -15,7 +15,7 @@ REFUSED = [
     ("max_batch_size", 0, "--max-batch-size (MODELHOST_MAX_BATCH_SIZE) must be 1 to 65,536"),
     ("max_queue_size", 0, "--max-queue-size (MODELHOST_MAX_QUEUE_SIZE) must be 1 to"),
     ("load_workers", 0, "--load-workers (MODELHOST_LOAD_WORKERS) must be 1 to 1,024"),
-    ("chunk_bytes", 0, "--chunk-bytes (MODELHOST_CHUNK_BYTES) must be at least 1"),
+    ("chunk_bytes", 0, "--chunk-bytes (MODELHOST_CHUNK_BYTES) must be 1 to 2,147,483,647"),
     ("port", 70000, "--port (MODELHOST_PORT) must be 0 to 65,535, not 70000"),
     ("request_read_timeout", 0.0, "--request-read-timeout (MODELHOST_REQUEST_READ_TIMEOUT)"),
     ("device_memory_budget", -1.0, "--device-memory-budget (MODELHOST_DEVICE_MEMORY_BUDGET)"),
@@ -64,3 +64,9 @@ def test_a_boolean_flag_turns_off_what_its_variable_turned_on(
         overrides = {name: getattr(args, name) for name, *_ in settings_fields()}
         assert Settings.from_env(**overrides).restore is restore
     assert build_parser().parse_args(["serve", "--no-insecure"]).insecure is False
+
+
+def test_grpc_sizes_stay_within_int32() -> None:
+    with pytest.raises(ValueError, match=r"--max-message-bytes .* must be 1 to 2,147,483,647"):
+        Settings(max_message_bytes=1 << 31)
+    Settings(max_message_bytes=(1 << 31) - 1, chunk_bytes=(1 << 31) - 1)

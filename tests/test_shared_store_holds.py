@@ -111,3 +111,23 @@ def test_a_crashed_servers_holds_are_removed_at_the_next_start(tmp_path: Path) -
     assert not (tmp_path / "blobs" / sha).exists()
     assert holds_files(tmp_path) == {}
     second.close()
+
+
+def test_a_hold_that_cannot_be_written_while_others_share_the_store_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A holds file that cannot be written for any reason but a full volume (here, a
+    folder planted where it goes: EISDIR even for root) while another server shares the
+    store refuses the hold with FAILED_PRECONDITION, not INTERNAL; alone, it is logged."""
+    first, second = CheckpointStore(tmp_path), CheckpointStore(tmp_path)
+    sha = put(first, "a", b"bytes")
+    planted = tmp_path / "tmp" / f"{first.owner}.holds"
+    planted.mkdir()
+    (planted / "x").touch()
+    with pytest.raises(Refused, match="could not record in the store that it holds"):
+        first.hold(sha)
+    assert first._holds.held_here() == set()
+    second.close()
+    second._locks.owner_file.close()
+    first.hold(sha)  # alone now: logged, and held here
+    assert first._holds.held_here() == {sha}

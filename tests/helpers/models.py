@@ -359,3 +359,18 @@ def fixed_size() -> nn.Module:
 
 
 fixed_size.input_shape = (-1, 3, -1, -1)  # type: ignore[attr-defined]
+
+
+class ComplexOut(nn.Module):
+    """Returns its input as complex numbers: a dtype no reply can carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale).to(torch.complex64)
+
+
+def complex_out() -> nn.Module:
+    return ComplexOut()

@@ -238,7 +238,9 @@ def cmd_snapshot(client: ModelHostClient, args: argparse.Namespace) -> Any:
 
 
 def cmd_download(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    dest = args.dest / args.name if args.dest.is_dir() else args.dest  # as cp does
+    # A folder gets DEST/NAME, as cp does; a symlink there is replaced, never followed.
+    folder = args.dest.is_dir() and not args.dest.is_symlink()
+    dest = args.dest / args.name if folder else args.dest
     client.max_download_bytes = args.max_bytes or None
     try:
         with ProgressBar(f"download {args.name}", not args.quiet) as bar:

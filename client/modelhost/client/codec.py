@@ -197,6 +197,11 @@ def torch_dtype(code: DataType) -> torch.dtype:
     return _torch_dtypes()[code]
 
 
+def sendable(dtype: torch.dtype) -> bool:
+    """Whether tensors of `dtype` have a `DataType` (can travel in a `Tensor`)."""
+    return any(candidate == dtype for candidate in _torch_dtypes().values())
+
+
 def data_type(dtype: torch.dtype) -> DataType:
     """A torch dtype -> its `DataType` value; raises TypeError if unsupported."""
     for code, candidate in _torch_dtypes().items():

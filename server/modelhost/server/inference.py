@@ -38,6 +38,7 @@ from modelhost.server.errors import (
     InvalidInput,
     LimitExceeded,
     ModelHostFailure,
+    Refused,
     ShuttingDown,
 )
 from modelhost.server.images import Preprocessing, check_elements, decode_images
@@ -518,6 +519,13 @@ class Runner:
         if done is not None:
             self._guarded(done.synchronize)
         if not self.outputs:
+            unsendable = [f"{name} ({t.dtype})" for name, t in host.items() if not sendable(t)]
+            if unsendable:
+                raise Refused(
+                    f"the model returns outputs of a dtype modelhost cannot send: "
+                    f"{', '.join(unsendable[:5])}; cast them in its forward (to float32, "
+                    "float16, bfloat16, float64, an integer or bool dtype)"
+                )
             self.outputs = tuple(
                 InputSpec(name, t.dtype, (-1, *t.shape[1:]) if t.dim() else ())
                 for name, t in host.items()
@@ -687,6 +695,12 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _walk(item, f"{path}.{index}" if path else str(index))
     elif isinstance(value, (int, float, bool)):
         yield path or SINGLE_OUTPUT, torch.tensor(value)
+
+
+def sendable(tensor: torch.Tensor) -> bool:
+    """Whether a tensor can travel in a reply (its dtype has a DataType; a float one is
+    sent in the caller's float dtype)."""
+    return tensor.is_floating_point() or codec.sendable(tensor.dtype)
 
 
 def output_float_dtype(inputs: Tensors) -> torch.dtype:

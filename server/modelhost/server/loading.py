@@ -38,7 +38,7 @@ from modelhost.server.errors import (
     Refused,
 )
 from modelhost.server.images import Preprocessing
-from modelhost.server.inference import InputSpec, flatten_outputs
+from modelhost.server.inference import InputSpec, flatten_outputs, sendable
 from modelhost.server.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,8 @@ def _fit(
     tensors) would cast; its missing and unexpected keys."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    shared = [key for key in expected if key in state]
+    sparse = [key for key in expected if key in state and state[key].layout != torch.strided]
+    shared = [key for key in expected if key in state and key not in sparse]
     mismatched = [
         f"{key} (checkpoint {list(state[key].shape)}, model {list(expected[key].shape)})"
         for key in shared
@@ -373,6 +374,8 @@ def _fit(
     ]
     overlapping = [key for key in shared if _shares_memory(state[key])]
     problems = []
+    if sparse:
+        problems.append("sparse tensors (save them with .to_dense()): " + _listing(sparse))
     if mismatched:
         problems.append("shape mismatch: " + _listing(mismatched))
     if kinds:
@@ -535,6 +538,8 @@ def _outputs(spec: LoadSpec, run: Callable[[int, int], Any]) -> tuple[InputSpec,
     if not runs:
         return ()
     first = runs[0]
+    if not all(sendable(tensor) for tensor in first.values()):
+        return ()  # its first run says why, with a status (inference.Runner._collect)
     second = (
         runs[1] if len(runs) > 1 else {k: t.new_empty((0, *t.shape[1:])) for k, t in first.items()}
     )

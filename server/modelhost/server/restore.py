@@ -148,8 +148,11 @@ class RestoreRecord:
     def _entry(self, hosted: HostedModel) -> dict[str, Any]:
         entry: dict[str, Any] = {REQUEST: self._formats.dump(hosted.request)}
         served = hosted.served()
-        if served is not None:
-            entry[SERVED] = self._formats.dump_served(served)
+        try:
+            if served is not None:
+                entry[SERVED] = self._formats.dump_served(served)
+        except (TypeError, ValueError) as error:  # optional: a restore shows less without it
+            log.warning("restore record: %s version %d: %s", hosted.name, hosted.version, error)
         if hosted.loaded.record is not None:
             loaded = dataclasses.replace(hosted.loaded.record, metadata={})
             entry[LOADED_CHECKPOINT] = dataclasses.asdict(loaded)

@@ -206,9 +206,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _RANGES: dict[str, tuple[float, float]] = {
     **dict.fromkeys(("port", "health_port", "metrics_port"), (0, 65535)),
     **dict.fromkeys(
-        ("max_message_bytes", "chunk_bytes", "max_tensor_elements"),
-        (1, math.inf),
+        ("max_message_bytes", "chunk_bytes"),
+        (1, (1 << 31) - 1),  # gRPC's sizes are int32
     ),
+    "max_tensor_elements": (1, math.inf),
     **dict.fromkeys(("load_workers", "preprocess_workers", "gpu_lanes"), (1, 1024)),
     "max_batch_size": (1, MAX_BATCH_SIZE),
     "max_queue_size": (1, MAX_QUEUE_SIZE),

@@ -26,7 +26,7 @@ log = logging.getLogger("modelhost.server.store")  # the store's log, as it was 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # StoreFull: RESOURCE_EXHAUSTED
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # StoreFull: RESOURCE_EXHAUSTED
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _OPEN_FLAGS  # no symlink followed, no FIFO waited on
 SHA256 = re.compile(r"[0-9a-f]{64}")  # the name of a blob (blobs/<sha256>)
 
@@ -38,7 +38,7 @@ def space() -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if error.errno not in _FULL:
+        if error.errno not in FULL:
             raise
         if error.errno == errno.EFBIG:
             raise StoreFull(

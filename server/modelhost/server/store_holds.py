@@ -14,7 +14,8 @@ import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from modelhost.server.store_files import SHA256, read_json, replace_file, space
+from modelhost.server.errors import Refused
+from modelhost.server.store_files import FULL, SHA256, read_json, replace_file, space
 from modelhost.server.store_locks import StoreLocks
 
 log = logging.getLogger("modelhost.server.store")  # the store's log, as it was in store.py
@@ -72,7 +73,14 @@ class Holds:
                         len(others),
                     )
                     with space():  # StoreFull for a full volume
-                        raise
+                        if error.errno in FULL:
+                            raise
+                    raise Refused(
+                        f"this server could not record in the store that it holds the bytes "
+                        f"{sha256[:12]} ({error.strerror or error}), and {len(others)} other "
+                        "servers sharing the store would be free to remove them: the load is "
+                        "refused; check the store's volume (space, permissions)"
+                    ) from None
                 self._unpublished(error)
         self._held[sha256] += 1
 
