@@ -1011,8 +1011,8 @@ MUTANTS = [
     Mutant(
         "store: EFBIG (a file too large for the file system) is not a full store: INTERNAL",
         SERVER + "store_files.py",
-        "_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)",
-        "_FULL = (errno.ENOSPC, errno.EDQUOT)",
+        "FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)",
+        "FULL = (errno.ENOSPC, errno.EDQUOT)",
         (
             "tests/test_blob_hostile.py::"
             "test_a_file_larger_than_the_file_system_takes_is_resource_exhausted",
@@ -1352,8 +1352,7 @@ MUTANTS = [
     Mutant(
         "loading: a checkpoint of several floating dtypes is adopted as stored",
         SERVER + "loading.py",
-        "    as_stored = spec.dtype is not None or "
-        "(len(floats) <= 1 and floats <= {*SERVED_WEIGHT_DTYPES})",
+        "    as_stored = spec.dtype is not None or (len(floats) <= 1 and floats <= WEIGHT_DTYPES)",
         "    as_stored = True",
         (
             "tests/test_checkpoint_dtypes.py::"
@@ -1370,8 +1369,7 @@ MUTANTS = [
     Mutant(
         "oip: a model whose batch is fixed is configured as batched",
         SERVER + "oip.py",
-        "    batched = not any("
-        "given.shape and given.shape[0] != -1 for given in hosted.runner.inputs)",
+        "    batched = not fixed_batch(hosted.runner.inputs)",
         "    batched = True",
         ("tests/test_oip.py::test_the_config_of_a_model_with_a_fixed_batch_says_so",),
     ),

@@ -404,7 +404,7 @@ class ModelCache:
         that are in use. It waits for room up to the latest deadline of its requests,
         those that join meanwhile included, and while any of them still waits."""
         with self._paging:
-            until = hosted.paging_until if hosted.paging_waiters else 0.0
+            until = _wanted_until(hosted)
         if hosted.tier == RESIDENT or hosted.retiring:
             return
         if time.monotonic() >= until:

@@ -9,7 +9,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -695,6 +695,12 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _walk(item, f"{path}.{index}" if path else str(index))
     elif isinstance(value, (int, float, bool)):
         yield path or SINGLE_OUTPUT, torch.tensor(value)
+
+
+def fixed_batch(inputs: Iterable[InputSpec]) -> bool:
+    """Whether a model takes a fixed number of rows (an input's first dimension is a size,
+    not -1: an exported program with a static batch)."""
+    return any(given.shape and given.shape[0] != -1 for given in inputs)
 
 
 def sendable(tensor: torch.Tensor) -> bool:

@@ -345,9 +345,10 @@ def _exported_inputs(program: torch.export.ExportedProgram) -> list[InputSpec]:
     return specs
 
 
-SERVED_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""The floating dtypes a checkpoint's weights are served in as they are, when LoadModel
-asks for none and they all share one (an all-float16 checkpoint serves in float16)."""
+WEIGHT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+"""The dtypes weights are served in: those LoadModel's `dtype` (and `autocast`) may ask
+for, and those a checkpoint's weights are served in as they are, when LoadModel asks for
+none and they all share one (an all-float16 checkpoint serves in float16)."""
 
 
 def _fit(
@@ -399,7 +400,7 @@ def _fit(
     # Weights served as they are: in the dtype asked for (`module.to`), or in the one dtype
     # they share. Several dtypes (a float32 head on float16 layers) or float64 would fail
     # at every Predict or run slowly: as in-process loading, in the skeleton's.
-    as_stored = spec.dtype is not None or (len(floats) <= 1 and floats <= {*SERVED_WEIGHT_DTYPES})
+    as_stored = spec.dtype is not None or (len(floats) <= 1 and floats <= WEIGHT_DTYPES)
     fitted = dict(state)
     for key in shared:
         wanted = expected[key].dtype

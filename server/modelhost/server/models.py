@@ -36,9 +36,10 @@ from modelhost.server.errors import (
 )
 from modelhost.server.hosted import STORE, HostedModel, Served, stays_resident
 from modelhost.server.images import Preprocessing
-from modelhost.server.inference import InputSpec, Runner, uses_cuda_graphs
+from modelhost.server.inference import InputSpec, Runner, fixed_batch, uses_cuda_graphs
 from modelhost.server.loading import (
     PROBE_SIZES,
+    WEIGHT_DTYPES,
     LoadedModule,
     LoadRequest,
     LoadSpec,
@@ -66,7 +67,6 @@ T = TypeVar("T")
 MAX_LABELS = 100_000
 MAX_LABEL_BYTES = 1024
 MAX_LABELS_BYTES = 4 << 20
-WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
 ROOM_WAIT_SECONDS = 30.0  # how long a load waits for busy versions to make room
 
@@ -251,7 +251,7 @@ class Models:
             make_room=functools.partial(self._make_room, (spec.name, version), spec.device),
         )
         assert loaded.module is not None
-        if any(s.shape and s.shape[0] != -1 for s in loaded.inputs):
+        if fixed_batch(loaded.inputs):
             policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
         lane = self._lane(loaded.device)
         runner = Runner(

@@ -27,6 +27,7 @@ from modelhost.server import request_limits
 from modelhost.server.errors import InvalidArgument, NotFound
 from modelhost.server.host import Host
 from modelhost.server.hosted import HostedModel
+from modelhost.server.inference import fixed_batch
 from modelhost.server.names import check_name
 from modelhost.server.oip_load import load_request, parse_version
 from modelhost.server.rpc import generated_handlers, register, unary
@@ -252,7 +253,7 @@ def model_config(hosted: HostedModel) -> mc.ModelConfig:
     spec = hosted.spec
     # Triton's rule: max_batch_size 0 for a model whose batch is fixed, its dims the full
     # shape; otherwise dims leave out the batch (1 to max_batch_size rows).
-    batched = not any(given.shape and given.shape[0] != -1 for given in hosted.runner.inputs)
+    batched = not fixed_batch(hosted.runner.inputs)
     config = mc.ModelConfig(
         name=hosted.name,
         platform=PLATFORM,

@@ -40,13 +40,18 @@ def space() -> Iterator[None]:
     except OSError as error:
         if error.errno not in FULL:
             raise
-        if error.errno == errno.EFBIG:
-            raise StoreFull(
-                "the checkpoint store's file system refused a file this large "
-                f"({os.strerror(error.errno)}: a file-size limit such as ulimit -f, or the "
-                "largest file the file system holds); nothing was stored"
-            ) from None
-        raise StoreFull(f"the checkpoint store is full ({os.strerror(error.errno)})") from None
+        raise store_full(error) from None
+
+
+def store_full(error: OSError) -> StoreFull:
+    """The StoreFull an OSError of a full volume (errno in FULL) is reported as."""
+    if error.errno == errno.EFBIG:
+        return StoreFull(
+            "the checkpoint store's file system refused a file this large "
+            f"({os.strerror(error.errno)}: a file-size limit such as ulimit -f, or the "
+            "largest file the file system holds); nothing was stored"
+        )
+    return StoreFull(f"the checkpoint store is full ({os.strerror(error.errno or 0)})")
 
 
 def fsync_dir(path: Path) -> None:

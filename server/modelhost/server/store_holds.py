@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from modelhost.server.errors import Refused
-from modelhost.server.store_files import FULL, SHA256, read_json, replace_file, space
+from modelhost.server.store_files import FULL, SHA256, read_json, replace_file, store_full
 from modelhost.server.store_locks import StoreLocks
 
 log = logging.getLogger("modelhost.server.store")  # the store's log, as it was in store.py
@@ -72,9 +72,8 @@ class Holds:
                         sha256,
                         len(others),
                     )
-                    with space():  # StoreFull for a full volume
-                        if error.errno in FULL:
-                            raise
+                    if error.errno in FULL:
+                        raise store_full(error) from None
                     raise Refused(
                         f"this server could not record in the store that it holds the bytes "
                         f"{sha256[:12]} ({error.strerror or error}), and {len(others)} other "
