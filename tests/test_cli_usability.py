@@ -248,6 +248,13 @@ def test_tls_mistakes_get_a_tls_hint(
     assert "leave out --tls" in hint(capsys, "--target", server.target, "--tls")
 
 
+def test_a_failed_handshake_is_one_error_and_one_hint(server: Server) -> None:
+    """gRPC core's own lines (a failed handshake, twice) are not printed around them."""
+    done = cli("list", "--tls", "--target", server.target, "--timeout", "10")
+    assert done.returncode == 1
+    assert [line.partition(":")[0] for line in done.stderr.splitlines()] == ["error", "hint"]
+
+
 def test_target_mistakes_get_a_target_hint(
     server: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -340,6 +347,21 @@ def test_an_arg_that_is_not_json_is_sent_as_a_string_with_a_note(
 
 
 # B11, B12: output
+
+
+def test_client_flags_go_before_or_after_the_command(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = run(capsys, "--json", "--target", server.target, "health")
+    after = run(capsys, "health", "--json", "--target", server.target)
+    assert before == after and json.loads(before[1])["status"] == "SERVING"
+    # After the command wins; a flag given once, before, is not reset by the defaults after.
+    code, out, err = run(capsys, "--target", "127.0.0.1:1", "health", "--target", server.target)
+    assert (code, out) == (0, "SERVING\n"), err
+    with pytest.raises(SystemExit) as exit:
+        main(["--json", "serve"])
+    assert exit.value.code == 2
+    assert "`serve` comes first" in capsys.readouterr().err
 
 
 def test_health_json(server: Server, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,6 +27,12 @@ from typing import Any, cast
 
 import numpy as np
 
+# gRPC core's own log lines, read once when grpc is imported. A client command says
+# what went wrong in its `error:` line, so they only repeat it (each failed TLS handshake
+# twice). The server keeps gRPC's errors and drops its INFO lines, which any client can
+# provoke (a failed handshake). GRPC_VERBOSITY set by the user wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if sys.argv[1:2] == ["serve"] else "NONE")
+
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.client.channel import DEFAULT_MAX_MESSAGE_BYTES
 from modelhost.client.load_options import LoadOptions
@@ -434,45 +440,54 @@ def _port(environ: Mapping[str, str], name: str, default: str) -> int:
 # Parser
 
 
-def _client_parser() -> argparse.ArgumentParser:
+def _client_parser(*, before_command: bool) -> argparse.ArgumentParser:
+    """The flags every client command takes, before or after its name. After it, they
+    default to nothing (SUPPRESS), so that they leave what was given before it alone."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+
+    def flag(*names: str, default: Any = None, **kwargs: Any) -> None:
+        common.add_argument(
+            *names, default=default if before_command else argparse.SUPPRESS, **kwargs
+        )
+
+    flag(
         "--target",
         default=os.environ.get("MODELHOST_TARGET", "127.0.0.1:50051"),
         help="server address host:port or dns:///name:port",
     )
-    common.add_argument(
+    flag(
         "--timeout",
         type=float,
-        default=None,
         help="deadline in seconds (default: 60 for list and health, none for the others)",
     )
-    common.add_argument(
+    flag(
         "--token",
         default=os.environ.get("MODELHOST_TOKEN"),
         help="bearer token (or MODELHOST_TOKEN)",
     )
-    common.add_argument("--tls", action="store_true", help="connect with TLS")
-    common.add_argument("--ca-file", help="CA certificate that signed the server's certificate")
-    common.add_argument("--cert-file", help="client certificate (mutual TLS)")
-    common.add_argument("--key-file", help="client private key (mutual TLS)")
-    common.add_argument("--server-name", help="name to expect in the server's certificate")
-    common.add_argument(
+    flag("--tls", action="store_true", default=False, help="connect with TLS")
+    flag("--ca-file", help="CA certificate that signed the server's certificate")
+    flag("--cert-file", help="client certificate (mutual TLS)")
+    flag("--key-file", help="client private key (mutual TLS)")
+    flag("--server-name", help="name to expect in the server's certificate")
+    flag(
         "--max-message-bytes",
         type=int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest request or reply, as the server's --max-message-bytes "
         f"(default: {DEFAULT_MAX_MESSAGE_BYTES >> 20} MiB)",
     )
-    common.add_argument(
+    flag(
         "--json",
         action="store_true",
+        default=False,
         help="print the result as JSON (default: text)",
     )
-    common.add_argument(
+    flag(
         "--quiet",
         "-q",
         action="store_true",
+        default=False,
         help="no progress bars (drawn only when stderr is a terminal anyway)",
     )
     return common
@@ -482,12 +497,15 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     """The `modelhost` parser. `serve`'s flags come from the server's settings: without
     `serve_flags` they are left out, and nothing of the server is imported."""
     parser = argparse.ArgumentParser(
-        prog="modelhost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="modelhost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_client_parser(before_command=True)],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub, serve_flags)
-    common = _client_parser()
+    common = _client_parser(before_command=False)
 
     def command(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help, description=help)
@@ -875,7 +893,10 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         return _serve(argv)
     # Client commands never import the server (nor torch): only `serve` needs its settings.
-    args = build_parser(serve_flags=False).parse_args(argv)
+    parser = build_parser(serve_flags=False)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        parser.error("the flags before a command are client flags: `serve` comes first")
     config = ChannelConfig(
         token=args.token,
         tls=args.tls,
