@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 
 from conftest import detector
 from modelhost.client import ModelHostClient
 from modelhost.server.architectures import ArchitectureCatalog
-from modelhost.server.inference import InputSpec
+from modelhost.server.errors import InvalidInput
+from modelhost.server.inference import InputSpec, top_classes
 from modelhost.server.loading import LoadSpec, probe_skeleton
 
 
@@ -88,3 +90,13 @@ def test_outputs_come_back_in_a_stable_order() -> None:
         "aux",
         "out",
     ]
+
+
+def test_top_k_refusal_lists_outputs_in_the_models_order() -> None:
+    outputs = {f"parts.{i}": torch.zeros(1, 3) for i in range(12)}
+    with pytest.raises(InvalidInput) as refused:
+        top_classes(outputs, 1, [])
+    assert str(refused.value) == (
+        "top_k needs a model with one output; this one has 12: parts.0, parts.1, parts.2, "
+        "parts.3, parts.4, parts.5, parts.6, parts.7, parts.8, parts.9 (and 2 more)"
+    )

@@ -42,6 +42,7 @@ from modelhost.server.errors import (
     ShuttingDown,
 )
 from modelhost.server.images import Preprocessing, check_elements, decode_images
+from modelhost.server.names import listing
 from modelhost.server.settings import Settings
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -738,7 +739,10 @@ def encode_answer(outputs: Tensors, float_dtype: torch.dtype) -> Answer:
 def top_classes(outputs: Tensors, k: int, labels: Sequence[str]) -> Answer:
     """The k most likely classes per row (softmax over the single output's last dimension)."""
     if len(outputs) != 1:
-        raise InvalidInput(f"top_k needs a model with one output; this one has {sorted(outputs)}")
+        raise InvalidInput(
+            f"top_k needs a model with one output; this one has {len(outputs)}: "
+            + listing(list(outputs))
+        )
     logits = next(iter(outputs.values())).float()
     if logits.dim() != 2:
         raise InvalidInput(f"top_k needs [batch, classes] outputs, not {list(logits.shape)}")

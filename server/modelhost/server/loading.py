@@ -39,11 +39,11 @@ from modelhost.server.errors import (
 )
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec, flatten_outputs, sendable
+from modelhost.server.names import listing
 from modelhost.server.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)
 
-_MAX_LISTED_KEYS = 10
 _GRAPH_FORMATS = {formats.PICKLED_MODEL, formats.EXPORTED_PROGRAM}
 
 
@@ -376,20 +376,20 @@ def _fit(
     overlapping = [key for key in shared if _shares_memory(state[key])]
     problems = []
     if sparse:
-        problems.append("sparse tensors (save them with .to_dense()): " + _listing(sparse))
+        problems.append("sparse tensors (save them with .to_dense()): " + listing(sparse))
     if mismatched:
-        problems.append("shape mismatch: " + _listing(mismatched))
+        problems.append("shape mismatch: " + listing(mismatched))
     if kinds:
-        problems.append("dtype mismatch: " + _listing(kinds))
+        problems.append("dtype mismatch: " + listing(kinds))
     if overlapping:
         problems.append(
             "tensors whose elements share memory (expanded views; save them with "
-            ".contiguous()): " + _listing(overlapping)
+            ".contiguous()): " + listing(overlapping)
         )
     if spec.strict and missing:
-        problems.append("missing keys: " + _listing(missing))
+        problems.append("missing keys: " + listing(missing))
     if spec.strict and unexpected:
-        problems.append("unexpected keys: " + _listing(unexpected))
+        problems.append("unexpected keys: " + listing(unexpected))
     if problems:
         source = f"checkpoint {spec.checkpoint!r}" if spec.checkpoint else spec.weights
         raise InvalidCheckpoint(
@@ -413,12 +413,6 @@ def _shares_memory(tensor: torch.Tensor) -> bool:
     """Whether a tensor's elements take more bytes than its storage holds: some share
     memory (an expanded view stores a few bytes and takes its full size at every use)."""
     return tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes()
-
-
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
-    more = len(keys) - _MAX_LISTED_KEYS
-    return f"{shown} (and {more} more)" if more > 0 else shown
 
 
 def _nbytes(module: nn.Module, dtype: torch.dtype | None) -> int:
