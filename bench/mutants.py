@@ -1397,6 +1397,58 @@ MUTANTS = [
         "    if False:\n",
         ("tests/test_checkpoint_dtypes.py::test_a_sparse_tensor_is_invalid_argument",),
     ),
+    Mutant(
+        "models: a load lets go of its bytes as its caller leaves, before its commit",
+        SERVER + "models.py",
+        "        await _to_the_end(self._commit_load(hosted, held))\n",
+        "        await self._let_go(held)\n"
+        "        await _to_the_end(self._commit_load(hosted, held))\n",
+        (
+            "tests/test_cache_races.py::test_a_load_whose_caller_leaves_during_its_commit_keeps_its_bytes",
+        ),
+    ),
+    Mutant(
+        "models: a hold taken after its caller left is kept",
+        SERVER + "models.py",
+        "            job.add_done_callback(self._let_go_if_held)\n",
+        "",
+        (
+            "tests/test_cache_races.py::test_a_load_whose_caller_leaves_while_it_waits_to_hold_holds_nothing",
+        ),
+    ),
+    Mutant(
+        "store: a let-go the store's lock refuses fails the unload",
+        SERVER + "store.py",
+        "        except StoreBusy as error:\n            log.warning(",
+        "        except ZeroDivisionError as error:\n            log.warning(",
+        ("tests/test_cache_races.py::test_a_busy_store_lock_does_not_fail_an_unload",),
+    ),
+    Mutant(
+        "cache: two loads keep their rooms while each waits for more",
+        SERVER + "cache.py",
+        "            if key in self._reserved and loading and self._waiting.issuperset(loading):",
+        "            if False:",
+        (
+            "tests/test_cache_races.py::test_two_loads_that_each_hold_room_for_their_weights_both_load",
+        ),
+    ),
+    Mutant(
+        "cache: an unloaded version stops counting while its requests run",
+        SERVER + "models.py",
+        "        self.cache.leaving(leaving)"
+        "  # counted on its device until its requests are done\n",
+        "",
+        ("tests/test_cache_races.py::test_an_unloaded_version_counts_until_its_requests_are_done",),
+    ),
+    Mutant(
+        "hosted: a version is evicted while a batch nobody waits for runs on it",
+        SERVER + "hosted.py",
+        "            if self.batcher.running:\n                return None\n",
+        "",
+        (
+            "tests/test_cache_races.py::test_a_running_batch_whose_callers_left_keeps_its_version_resident",
+        ),
+    ),
 ]
 
 

@@ -54,6 +54,7 @@ class Server:
         self.health_port = 0
         self.metrics_port = 0
         self.host: Host | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # where it serves, once started
         self.streams = OpenStreams(OpenStreams.most_for(settings))
         self.health = HealthServicer(self.streams)
         self._grpc: grpc.aio.Server | None = None
@@ -72,6 +73,7 @@ class Server:
         several replicas keep using the others until then. Health: every service is
         SERVING from then on; NOT_SERVING once draining or after a device failure.
         """
+        self.loop = asyncio.get_running_loop()
         settings = self.settings
         tokens = LiveTokens(settings)  # token files are read again when they change
         credentials = server_credentials(settings)

@@ -339,6 +339,11 @@ class Batcher:
         """Requests waiting in the queue."""
         return len(self._queue)
 
+    @property
+    def running(self) -> bool:
+        """Whether a batch is running (its callers may all have left meanwhile)."""
+        return self._running > 0
+
     def submit(
         self, inputs: Tensors, deadline: float | None, finish: Finish, ready: Any = None
     ) -> Future[Answer]:

@@ -71,8 +71,12 @@ HOST_TIER_DEVICES = frozenset({"cuda"})
 version would gain nothing (its weights are in host memory already); tests add "cpu" to
 run the host tier's bookkeeping without a GPU."""
 Key = tuple[str, int]
-Rebuild = Callable[[HostedModel], nn.Module]
-"""Loads a version's module again from the store, on its device (models.py)."""
+Deadline = float | Callable[[], float] | None
+"""Until when a reservation waits for room: a monotonic time, a callable read again at
+each look, or None (no end)."""
+Rebuild = Callable[[HostedModel, Deadline], nn.Module]
+"""Loads a version's module again from the store, on its device, for requests waiting
+until the deadline given (models.py)."""
 
 
 def budget_bytes(setting: float, device: torch.device) -> int | None:
@@ -92,6 +96,17 @@ def _host_total() -> int:
 
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n:,} bytes"
+
+
+class NoRoomInTime(DeadlineExpired):
+    """A load or page-in's deadline passed while others held the room it waits for."""
+
+    def __init__(self, device: str, name: str, busy: list[HostedModel], loads: list[Key]) -> None:
+        holders = [f"busy versions ({_names(busy)})"] if busy else []
+        if loads:
+            holders.append(f"loads and page-ins ({', '.join(f'{n}:{v}' for n, v in loads[:10])})")
+        self.why = f"{' and '.join(holders) or 'nothing'} held it"
+        super().__init__(f"no room on {device} for {name!r} before the deadline: {self.why}")
 
 
 @dataclass(eq=False)
@@ -125,7 +140,10 @@ class ModelCache:
         self._host_limit = int(host_budget if host_budget > 1 else host_budget * _host_total())
         self._limits: dict[str, int | None] = {}
         self._reserved: dict[Key, tuple[str, int]] = {}  # loads and page-ins in progress
+        self._waiting: set[Key] = set()  # loads and page-ins waiting for room
         self._moves: list[_Move] = []  # evictions copying weights to the host tier
+        self._returning: list[HostCopy] = []  # host copies being copied back to a device
+        self._leaving: list[HostedModel] = []  # unloaded, their last requests still running
         self._cond = threading.Condition()
         self._paging = threading.Lock()  # page-in jobs and deadlines (the event loop's)
         self._idle_count = itertools.count(1)
@@ -160,20 +178,47 @@ class ModelCache:
             h for h in self._registry.all() if h.tier == RESIDENT and str(h.loaded.device) == device
         ]
 
+    def _leaving_from(self, device: str) -> list[HostedModel]:
+        """Unloaded versions on `device` that requests still hold (those an unload is
+        taking out of the registry at this moment are counted there)."""
+        if not self._leaving:
+            return []
+        registered = {id(h) for h in self._registry.all()}
+        return [
+            h
+            for h in self._leaving
+            if h.tier == RESIDENT and str(h.loaded.device) == device and id(h) not in registered
+        ]
+
     def _used(self, device: str, exclude: Key | None = None) -> int:
-        """Bytes on `device`: resident versions, loads and page-ins in progress, and weights
-        still being copied to the host tier."""
+        """Bytes on `device`: resident versions (unloaded ones still answering requests
+        included), loads and page-ins in progress, and weights still being copied to the
+        host tier."""
         held = {(h.name, h.version): h.device_bytes for h in self._resident(device)}
         for key, (where, nbytes) in self._reserved.items():
             if where == device:
                 held[key] = max(held.get(key, 0), nbytes)
         held.pop(exclude, None)  # type: ignore[arg-type]
         moving = sum(m.device_bytes for m in self._moves if m.device == device)
-        return sum(held.values()) + moving
+        leaving = sum(h.device_bytes for h in self._leaving_from(device))
+        return sum(held.values()) + moving + leaving
 
     def _host_used(self) -> int:
         copies = sum(h.host_copy.nbytes for h in self._registry.all() if h.host_copy)
-        return copies + sum(m.host_bytes for m in self._moves)
+        returning = sum(copy.nbytes for copy in self._returning)
+        return copies + returning + sum(m.host_bytes for m in self._moves)
+
+    def leaving(self, versions: Iterable[HostedModel]) -> None:
+        """Versions an unload takes out of the registry: still counted on their devices
+        until `left` (their queued and running requests hold them)."""
+        with self._cond:
+            self._leaving.extend(versions)
+
+    def left(self, hosted: HostedModel) -> None:
+        """An unloaded version has been freed: its room is free for others."""
+        with self._cond:
+            self._leaving = [h for h in self._leaving if h is not hosted]
+            self._cond.notify_all()
 
     # Making room
 
@@ -183,7 +228,7 @@ class ModelCache:
         device: torch.device,
         nbytes: int,
         *,
-        deadline: float | Callable[[], float] | None,
+        deadline: Deadline,
     ) -> None:
         """Counts `nbytes` for a load or page-in of `key` on `device`, evicting least
         recently used idle versions until they fit. Waits (up to `deadline`, read again at
@@ -207,40 +252,64 @@ class ModelCache:
         nbytes: int,
         *,
         limit: int | None,
-        deadline: float | Callable[[], float] | None,
+        deadline: Deadline,
         stale: list[torch.device],
     ) -> None:
         """`reserve`'s work, under the lock; evicted modules only a collection frees are
         added to `stale`."""
         with self._cond:
-            while limit is not None:
-                idles = self._idles
-                used = self._used(where, exclude=key)
-                if used + nbytes <= limit:
-                    break
-                if self._evict_one(where, key, stale):
-                    continue
-                held = self._resident(where)
-                pinned_bytes = sum(h.device_bytes for h in held if h.stays)
-                busy = [h for h in held if not h.stays]
-                loading = any(other != key for other in self._reserved)  # may register soon
-                if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
-                    raise OutOfMemory(
-                        f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
-                        f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
-                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
-                        f"{_gib(used - pinned_bytes)} more is in use"
-                    )
-                until = deadline() if callable(deadline) else deadline
-                remaining = None if until is None else until - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExpired(
-                        f"no room on {where} for {key[0]!r} before the deadline: the versions "
-                        f"holding it ({_names(busy)}) are busy"
-                    )
-                if self._idles == idles:  # no request ended since the look above
-                    self._cond.wait(timeout=min(remaining or WAIT_STEP, WAIT_STEP))
+            try:
+                self._wait_for_room(key, where, nbytes, limit=limit, deadline=deadline, stale=stale)
+            finally:
+                self._waiting.discard(key)
             self._reserved[key] = (where, nbytes)
+
+    def _wait_for_room(
+        self,
+        key: Key,
+        where: str,
+        nbytes: int,
+        *,
+        limit: int | None,
+        deadline: Deadline,
+        stale: list[torch.device],
+    ) -> None:
+        """Evicts, or waits, until `nbytes` fit (call with the lock held)."""
+        while limit is not None:
+            idles = self._idles
+            used = self._used(where, exclude=key)
+            if used + nbytes <= limit:
+                break
+            if self._evict_one(where, key, stale):
+                continue
+            held = self._resident(where)
+            pinned_bytes = sum(h.device_bytes for h in held if h.stays)
+            busy = [h for h in held if not h.stays] + self._leaving_from(where)
+            loading = [  # may register soon
+                other
+                for other, (device, _) in self._reserved.items()
+                if other != key and device == where
+            ]
+            if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
+                raise OutOfMemory(
+                    f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
+                    f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
+                    f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
+                    f"{_gib(used - pinned_bytes)} more is in use"
+                )
+            until = deadline() if callable(deadline) else deadline
+            remaining = None if until is None else until - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise NoRoomInTime(where, key[0], busy, loading)
+            self._waiting.add(key)
+            if key in self._reserved and loading and self._waiting.issuperset(loading):
+                # Two loads that each hold room for their weights and each want more for
+                # their workspace would wait for each other until one's deadline: this one
+                # waits without its room (its bytes are counted again once they fit).
+                del self._reserved[key]
+                self._cond.notify_all()
+            if self._idles == idles:  # no request ended since the look above
+                self._cond.wait(timeout=min(remaining or WAIT_STEP, WAIT_STEP))
 
     def unreserve(self, key: Key) -> None:
         """Gives back a reservation (a load or page-in that failed, or has registered)."""
@@ -465,9 +534,11 @@ class ModelCache:
         still whole in host memory) or is gone (anything later: the store tier is left)."""
         with self._cond:
             copy, hosted.host_copy = hosted.host_copy, None
+            if copy is not None:  # counted in the host tier until it is copied
+                self._returning.append(copy)
         if copy is None:
             assert self.rebuild is not None
-            return self.rebuild(hosted)
+            return self.rebuild(hosted, lambda: _wanted_until(hosted))
         try:
             return to_device(copy, device)
         except BaseException:
@@ -477,6 +548,9 @@ class ModelCache:
                 else:
                     hosted.host_copy = copy
             raise
+        finally:
+            with self._cond:
+                self._returning = [c for c in self._returning if c is not copy]
 
 
 def _wanted_until(hosted: HostedModel) -> float:

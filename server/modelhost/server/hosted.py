@@ -224,6 +224,10 @@ class HostedModel:
         with self._idle:
             if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:
                 return None
+            # No request holds it, yet a batch whose callers have all left may still run
+            # on its module (read after the leases: no new request can come meanwhile).
+            if self.batcher.running:
+                return None
             self.tier = tier
         module = self.runner.detach()
         self.loaded.module = None

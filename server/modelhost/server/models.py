@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import torch
@@ -24,13 +24,14 @@ from modelhost.client import codec
 from modelhost.server.activations import measure
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
-from modelhost.server.cache import ModelCache
+from modelhost.server.cache import Deadline, ModelCache, NoRoomInTime
 from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
     DeviceFailed,
     InvalidArgument,
     ModelHostFailure,
     ModelNotFound,
+    OutOfMemory,
     Refused,
     ShuttingDown,
 )
@@ -112,6 +113,7 @@ class Models:
         # Record writes (an fsync: on a thread, off the event loop) and the registry
         # changes they record happen in the order they were asked for.
         self._commits = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()  # clean-up for callers that left
 
     async def load(
         self, request: LoadRequest, loaded_from: CheckpointRecord | None = None
@@ -126,20 +128,17 @@ class Models:
             raise ShuttingDown("the server is shutting down")
         started = time.perf_counter()
         spec = check_request(request, self.settings, self.default_device)
-        # The bytes this load reads are held from before they are read until the version
-        # holds them itself (registered): a DeleteCheckpoint meanwhile must not take bytes
-        # it may be paged in from again.
+        # The bytes this load reads are held from before they are read: a DeleteCheckpoint
+        # meanwhile must not take bytes it may be paged in from again. The version takes
+        # the hold over once registered (if it may be paged in from them), else it is let go.
         if loaded_from is not None or spec.checkpoint:
-            loaded_from = await asyncio.to_thread(self._hold_bytes, spec.checkpoint, loaded_from)
+            loaded_from = await self._hold(spec.checkpoint, loaded_from)
         try:
             hosted = await self._build_and_commit(spec, request, loaded_from)
         except DeviceFailed as failure:  # a warm-up or probe met a lost device context
             if self.on_device_failure is not None:
                 await self.on_device_failure(failure)
             raise
-        finally:
-            if loaded_from is not None:
-                await asyncio.shield(asyncio.to_thread(self._store.let_go, loaded_from.sha256))
         hosted.load_seconds = time.perf_counter() - started
         self._metrics.load_seconds.labels(spec.name).observe(hosted.load_seconds)
         log.info(
@@ -154,40 +153,85 @@ class Models:
         )
         return hosted
 
-    def _hold_bytes(self, checkpoint: str, record: CheckpointRecord | None) -> CheckpointRecord:
+    async def _hold(self, checkpoint: str, record: CheckpointRecord | None) -> CheckpointRecord:
         """Holds `record`'s bytes, or those `checkpoint` names now (DATA_LOSS if they are
-        gone); returns what is held."""
+        gone); returns what is held. A caller that leaves meanwhile (the hold may wait for
+        the store's lock) leaves nothing held."""
+        job = asyncio.ensure_future(asyncio.to_thread(self._hold_bytes, checkpoint, record))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(self._let_go_if_held)
+            raise
+
+    def _let_go_if_held(self, job: asyncio.Future[CheckpointRecord]) -> None:
+        if not job.cancelled() and job.exception() is None:
+            self._in_background(self._let_go(job.result().sha256))
+
+    def _hold_bytes(self, checkpoint: str, record: CheckpointRecord | None) -> CheckpointRecord:
         if record is None:
             record = self._store.get(checkpoint)
             self._store.blob_path(record)
         self._store.hold(record.sha256)
         return record
 
+    async def _let_go(self, sha256: str) -> None:
+        """Lets go of a hold ("": none), even if the caller leaves meanwhile."""
+        if sha256:
+            await asyncio.shield(asyncio.to_thread(self._store.let_go, sha256))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs clean-up nobody waits for (a caller that left); a failure is logged."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_background)
+
     async def _build_and_commit(
         self, spec: LoadSpec, request: LoadRequest, loaded_from: CheckpointRecord | None
     ) -> HostedModel:
-        policy = batch_policy(request, self.settings)
-        version = self.registry.reserve(spec.name, request.version)
+        """Builds and registers a version; the hold on `loaded_from`'s bytes becomes the
+        version's or is let go, however this ends (a caller that leaves included)."""
+        held = loaded_from.sha256 if loaded_from else ""
+        try:
+            version = self.registry.reserve(spec.name, request.version)
+        except BaseException:
+            await self._let_go(held)
+            raise
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(
-            self._loads, self._build, spec, version, policy, request, loaded_from
-        )
+        job = loop.run_in_executor(self._loads, self._build, spec, version, request, loaded_from)
         try:
             hosted = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
-            job.add_done_callback(lambda _: self._forget(spec.name, version))
-            job.add_done_callback(_discard_load)
+            self._in_background(self._abandon(job, spec.name, version, held))
             raise
         except BaseException:
             self._forget(spec.name, version)
+            await self._let_go(held)
             raise
         # Once the record is being written the load goes through, even if the caller left.
-        await _to_the_end(self._commit_load(hosted))
+        await _to_the_end(self._commit_load(hosted, held))
         return hosted
 
-    async def _commit_load(self, hosted: HostedModel) -> None:
-        """Records a built version, then registers it; throws it away if the record
+    async def _abandon(
+        self, job: asyncio.Future[HostedModel], name: str, version: int, held: str
+    ) -> None:
+        """A load whose caller left while it was built: thrown away once built."""
+        try:
+            hosted = await job
+        except BaseException:
+            pass  # it failed by itself: nothing was built
+        else:
+            await asyncio.to_thread(hosted.retire)
+        finally:
+            self._forget(name, version)
+            await self._let_go(held)
+
+    async def _commit_load(self, hosted: HostedModel, held: str) -> None:
+        """Records a built version, then registers it, with the hold on its bytes if it may
+        be paged in from them (else that hold is let go); throws it away if the record
         cannot be written."""
+        assert hosted.pages_in_from in ("", held)
         key = (hosted.name, hosted.version)
         async with self._commits:
             try:
@@ -195,29 +239,42 @@ class Models:
             except BaseException:
                 self._forget(*key)
                 await asyncio.to_thread(hosted.retire)
+                await self._let_go(held)
                 raise
-            if hosted.pages_in_from:
-                await asyncio.to_thread(self._store.hold, hosted.pages_in_from)
             self.cache.touch(hosted)
             self._register(hosted)
             self.cache.unreserve(key)  # from now on it counts as resident
+        if not hosted.pages_in_from:
+            await self._let_go(held)
 
     def _forget(self, name: str, version: int) -> None:
         """A load that will not register: its version number and device room go back."""
         self.registry.cancel(name, version)
         self.cache.unreserve((name, version))
 
-    def _make_room(self, key: tuple[str, int], device: torch.device, nbytes: int) -> None:
-        deadline = time.monotonic() + ROOM_WAIT_SECONDS
-        self.cache.reserve(key, device, nbytes, deadline=deadline)
+    def _make_room(
+        self, key: tuple[str, int], device: torch.device, nbytes: int, *, until: Deadline
+    ) -> None:
+        """Reserves a version's room on its device: a page-in waits for it up to its
+        requests' deadline (`until`), a LoadModel up to ROOM_WAIT_SECONDS (None)."""
+        if until is not None:
+            self.cache.reserve(key, device, nbytes, deadline=until)
+            return
+        try:
+            self.cache.reserve(key, device, nbytes, deadline=time.monotonic() + ROOM_WAIT_SECONDS)
+        except NoRoomInTime as error:  # the server's wait, not the caller's deadline
+            raise OutOfMemory(
+                f"no room on {device} for {key[0]!r} within {ROOM_WAIT_SECONDS:g} s: "
+                f"{error.why}; try again"
+            ) from None
 
-    def _rebuild(self, hosted: HostedModel) -> torch.nn.Module:
+    def _rebuild(self, hosted: HostedModel, until: Deadline) -> torch.nn.Module:
         """A version's module loaded again from the bytes it was loaded from (a page-in
-        from the store tier; the cache has reserved its room)."""
+        from the store tier, for requests waiting up to `until`; the cache has reserved
+        its room)."""
         if not hosted.built:  # registered at restart: built in full the first time
-            policy = batch_policy(hosted.request, self.settings)
             built = self._build(
-                hosted.spec, hosted.version, policy, hosted.request, hosted.loaded.record
+                hosted.spec, hosted.version, hosted.request, hosted.loaded.record, until
             )
             hosted.take_over(built)
             assert built.loaded.module is not None
@@ -236,21 +293,24 @@ class Models:
         self,
         spec: LoadSpec,
         version: int,
-        policy: BatchPolicy,
         request: LoadRequest,
         loaded_from: CheckpointRecord | None,
+        until: Deadline = None,
     ) -> HostedModel:
-        """Loads, wraps and warms up a model version (on a load thread)."""
+        """Loads, wraps and warms up a model version (on a load or page-in thread; `until`:
+        how long a page-in waits for room)."""
         settings = self.settings
+        room = functools.partial(self._make_room, (spec.name, version), spec.device, until=until)
         loaded = load_module(
             spec,
             self._store,
             self._catalog,
             allow_pickled=settings.allow_pickled_models,
             loaded_from=loaded_from,
-            make_room=functools.partial(self._make_room, (spec.name, version), spec.device),
+            make_room=room,
         )
         assert loaded.module is not None
+        policy = batch_policy(request, settings)
         if fixed_batch(loaded.inputs):
             policy = dataclasses.replace(policy, max_batch_size=1)  # a fixed batch size
         lane = self._lane(loaded.device)
@@ -276,7 +336,7 @@ class Models:
             probed = probe_skeleton(self._catalog, spec, loaded.inputs, loaded.dtype)
             runner.outputs, runner.activations = probed.outputs, probed.activations
             return self._finish_build(
-                spec, version, policy, request, loaded=loaded, runner=runner, lane=lane
+                spec, version, policy, request, loaded=loaded, runner=runner, lane=lane, room=room
             )
         except BaseException:
             lane.release()  # a GPU lane counts one version fewer
@@ -307,10 +367,11 @@ class Models:
         loaded: LoadedModule,
         runner: Runner,
         lane: Lane,
+        room: Callable[[int], None],
     ) -> HostedModel:
         """Finds the outputs, warms up and wraps a built version (on a load thread); counts
-        the workspace the warm-up needed against the device's budget: on a GPU the
-        allocator's peak around it, on the CPU the estimate for its largest batch."""
+        the workspace the warm-up needed against the device's budget (`room`): on a GPU
+        the allocator's peak around it, on the CPU the estimate for its largest batch."""
         assert loaded.module is not None
         _check_label_count(request.labels, runner.outputs)  # before a warm-up is spent
         if _compiles_first(loaded.device, request):
@@ -327,9 +388,7 @@ class Models:
             estimated = runner.estimated_bytes(request.warmup_shape)
             workspace_bytes = workspace.bytes if estimated is None else estimated
         if workspace_bytes:
-            self._make_room(
-                (spec.name, version), loaded.device, loaded.device_bytes + workspace_bytes
-            )
+            room(loaded.device_bytes + workspace_bytes)
         categories = loaded.weights_meta.get("categories", [])
         _check_label_count(request.labels, runner.outputs)  # outputs the warm-up found
         return HostedModel(
@@ -431,10 +490,9 @@ class Models:
     async def _unload(self, name: str, version: int) -> list[int]:
         async with self._commits:
             removed, forgotten = await self._commit_unload(name, version)
-        await asyncio.gather(*(asyncio.to_thread(hosted.retire) for hosted in removed))
+        await asyncio.gather(*map(self._retire, removed))
         for hosted in removed:
-            if hosted.pages_in_from:
-                await asyncio.to_thread(self._store.let_go, hosted.pages_in_from)
+            await self._let_go(hosted.pages_in_from)
             self._metrics.forget_version(hosted.name, hosted.version)
         log.info("unloaded %s versions %s", name, [h.version for h in removed])
         return sorted({hosted.version for hosted in removed} | {v for _, v in forgotten})
@@ -457,7 +515,17 @@ class Models:
             await asyncio.to_thread(self.record.write, self.registry.all(), gone)
         for key in forgotten:
             unrestored.pop(key, None)
-        return self.registry.remove(name, version) if leaving else [], forgotten
+        if not leaving:
+            return [], forgotten
+        self.cache.leaving(leaving)  # counted on its device until its requests are done
+        return self.registry.remove(name, version), forgotten
+
+    async def _retire(self, hosted: HostedModel) -> None:
+        """Frees an unloaded version once its requests are answered."""
+        try:
+            await asyncio.to_thread(hosted.retire)
+        finally:
+            self.cache.left(hosted)
 
     def get(self, name: str, version: int = 0) -> HostedModel:
         """The version asked for (0: the newest); NOT_FOUND says why one was not restored."""
@@ -588,6 +656,8 @@ class Models:
         self._closing = True
         for hosted in self.registry.all():
             await self.unload(hosted.name, hosted.version)
+        # Clean-up for callers that left (a load thrown away once built) ends first.
+        await asyncio.gather(*self._background, return_exceptions=True)
         with self._lanes_lock:
             pools, self._gpu_lanes = list(self._gpu_lanes.values()), {}
         for pool in pools:
@@ -633,6 +703,7 @@ def check_request(request: LoadRequest, settings: Settings, device: torch.device
     if not (request.checkpoint or request.weights):
         raise InvalidArgument("LoadModel needs a checkpoint or pretrained weights")
     _check_labels(request.labels)
+    batch_policy(request, settings)  # checked now; each build makes its own
     return LoadSpec(
         name=check_name(request.name, "model"),
         architecture=request.architecture,
@@ -776,7 +847,6 @@ async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
     return await asyncio.shield(task)
 
 
-def _discard_load(job: Future[Any] | asyncio.Future[Any]) -> None:
-    if not job.cancelled() and job.exception() is None:
-        hosted: HostedModel = job.result()
-        hosted.retire()
+def _log_background(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("clean-up after a caller that left failed", exc_info=task.exception())

@@ -66,6 +66,7 @@ from modelhost.server.errors import (
     LimitExceeded,
     MissingBytes,
     Refused,
+    StoreBusy,
 )
 from modelhost.server.names import check_name
 from modelhost.server.store_files import (
@@ -134,11 +135,12 @@ class CheckpointStore:
                 raise OSError(f"{folder} is a symbolic link: the store's folders must be its own")
             folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(folder, DIR_MODE)
-        self._lock = threading.Lock()  # the temp file counter
+        self._lock = threading.Lock()  # the temp file counter, and the late let-gos
         self._counter = 0
         self._locks = StoreLocks(self.root, self._tmp)
         self.owner = self._locks.owner
         self._holds = Holds(self._tmp, self._locks, self._temp_name)
+        self._letting_go: list[str] = []  # let go of while the store's lock was busy
 
     @property
     def file_locks(self) -> bool:
@@ -372,9 +374,13 @@ class CheckpointStore:
 
     # Internals
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """This process's threads, then every server sharing the store."""
-        return self._locks.held()
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads, then every server sharing the store; holds let go of
+        while the lock was busy are let go of first."""
+        with self._locks.held():
+            self._let_go_late()
+            yield
 
     def _entry_path(self, name: str) -> Path:
         return self._entries / f"{check_name(name, 'checkpoint')}.json"
@@ -395,9 +401,25 @@ class CheckpointStore:
             self._holds.hold(sha256)
 
     def let_go(self, sha256: str) -> None:
-        with self._locked():
-            if self._holds.let_go(sha256):
-                self._drop_blob_if_unused(sha256)
+        """One hold less on a blob (the other servers are told, and the blob removed if
+        nothing uses it any more). Never fails: it follows a change that has happened (an
+        unload, a load that ended). While the store's lock is busy (StoreBusy), the
+        let-go waits for the next change to take it, and the blob stays held meanwhile."""
+        with self._lock:
+            self._letting_go.append(sha256)
+        try:
+            with self._locked():
+                pass
+        except StoreBusy as error:
+            log.warning("letting go of blob %s later: %s", sha256[:12], error)
+
+    def _let_go_late(self) -> None:
+        """The let-gos waiting for the store's lock (call holding it)."""
+        with self._lock:
+            shas, self._letting_go = self._letting_go, []
+        for sha in shas:
+            if self._holds.let_go(sha):
+                self._drop_blob_if_unused(sha)
 
     def _used_blobs(self) -> set[str]:
         """Blobs an entry refers to, a state document pins, or a live server holds."""

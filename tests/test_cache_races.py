@@ -1,0 +1,243 @@
+"""Races between loads, unloads, holds and the cache's budget (concurrency review 15),
+against real servers on 127.0.0.1 and real locks on the store: a caller that leaves at any
+moment leaves no hold behind and takes no held bytes away, a busy store lock never turns a
+finished unload into an error, two loads never wait for each other's room, and memory an
+unloaded version still uses stays counted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import build, expect, reference
+from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.server import Server, Settings, running, store_locks
+
+SMALL = {"features": 4, "hidden": 8, "classes": 3}
+WIDE = {"features": 16, "hidden": 256, "classes": 4}
+W = 4 * (16 * 256 + 256 + 256 * 4 + 4)  # WIDE's weights: 21,520 bytes
+S = 2 * 8 * 256 * 4  # its CPU workspace estimate at warmup_shape (8, 16): 16,384 bytes
+X = np.ones((1, 16), np.float32)
+
+
+@contextlib.contextmanager
+def store_lock_held(store: Path) -> Iterator[None]:
+    """store.lock held, as another server sharing the store holds it for a slow commit."""
+    fd = os.open(store / "store.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def commits_held(server: Server) -> Iterator[None]:
+    """The server's commit lock held (as a long record write would hold it)."""
+    assert server.loop is not None and server.host is not None
+    commits = server.host.models._commits
+    release = asyncio.Event()
+    taken = threading.Event()
+
+    async def hold() -> None:
+        async with commits:
+            taken.set()
+            await release.wait()
+
+    done = asyncio.run_coroutine_threadsafe(hold(), server.loop)
+    taken.wait(10)
+    try:
+        yield
+    finally:
+        server.loop.call_soon_threadsafe(release.set)
+        done.result(10)
+
+
+@contextlib.contextmanager
+def serving(settings: Settings, budget: int) -> Iterator[tuple[Server, ModelHostClient]]:
+    """A server with a device memory budget, and a client of it."""
+    settings = dataclasses.replace(settings, device_memory_budget=budget)
+    with running(settings) as server, ModelHostClient(server.target, timeout=60) as client:
+        yield server, client
+
+
+def holds(server: Server) -> dict[str, int]:
+    assert server.host is not None
+    return dict(server.host.models._store._holds._held)
+
+
+def wait_until(check: object, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_load_whose_caller_leaves_during_its_commit_keeps_its_bytes(
+    settings: Settings,
+) -> None:
+    """H2: the hold passes from the load to the version; it is never let go in between,
+    so a checkpoint deleted meanwhile keeps the bytes the registered version pages in from."""
+    with serving(settings, 3 * W) as (server, client):
+        client.save_checkpoint("ck", build("tiny_mlp", WIDE, seed=1).state_dict())
+        blob = settings.store / "blobs" / client.get_checkpoint("ck").sha256
+        with commits_held(server):
+            expect(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                lambda: client.load_model(
+                    "m", architecture="tiny_mlp", checkpoint="ck", architecture_args=WIDE, timeout=2
+                ),
+            )
+            client.delete_checkpoint("ck")  # the name goes; the load holds the bytes
+        wait_until(lambda: [m.name for m in client.list_models()] == ["m"])
+        assert blob.exists() and holds(server) == {blob.name: 1}
+        for name in ("a", "b", "c"):  # room for three: m leaves its device
+            client.save_checkpoint(name, build("tiny_mlp", WIDE, seed=2).state_dict())
+            client.load_model(
+                name, architecture="tiny_mlp", checkpoint=name, architecture_args=WIDE
+            )
+        assert client.get_model("m").tier == "store"
+        served = client.predict("m", X)  # paged in from the held bytes
+        np.testing.assert_allclose(served, reference(build("tiny_mlp", WIDE, seed=1), X), 1e-5)
+        client.unload_model("m")
+        assert not blob.exists() and blob.name not in holds(server)
+
+
+def test_a_load_whose_caller_leaves_while_it_waits_to_hold_holds_nothing(
+    settings: Settings,
+) -> None:
+    """M3: the hold still being taken when the caller leaves is let go once taken."""
+    with (
+        running(settings) as a,
+        running(settings) as b,
+        ModelHostClient(a.target, timeout=60) as ca,
+        ModelHostClient(b.target) as cb,
+    ):
+        ca.save_checkpoint("ck", build("tiny_mlp", SMALL, seed=0).state_dict())
+        with store_lock_held(settings.store):
+            expect(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                lambda: ca.load_model(
+                    "m",
+                    architecture="tiny_mlp",
+                    checkpoint="ck",
+                    architecture_args=SMALL,
+                    timeout=0.5,
+                ),
+            )
+            time.sleep(0.5)  # the hold still waits for the lock
+        wait_until(lambda: not holds(a))
+        assert ca.list_models() == []
+        cb.delete_checkpoint("ck")  # no other server holds it
+
+
+def test_a_busy_store_lock_does_not_fail_an_unload(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """M4: the unload has happened; the let-go waits for the next store change."""
+    monkeypatch.setattr(store_locks, "LOCK_WAIT", 1.0)
+    with serving(settings, 10_000) as (server, client):  # evictable: it holds its bytes
+        client.save_checkpoint("ck", build("tiny_mlp", SMALL, seed=0).state_dict())
+        client.load_model("m", architecture="tiny_mlp", checkpoint="ck", architecture_args=SMALL)
+        sha = client.get_checkpoint("ck").sha256
+        assert holds(server) == {sha: 1}
+        with store_lock_held(settings.store):
+            assert client.unload_model("m") == [1]
+        assert client.list_models() == [] and holds(server) == {sha: 1}
+        client.delete_checkpoint("ck")  # the next change lets go first: the bytes go too
+        assert holds(server) == {} and not (settings.store / "blobs" / sha).exists()
+
+
+def test_two_loads_that_each_hold_room_for_their_weights_both_load(settings: Settings) -> None:
+    """M1: room for two versions' weights, or for one version with its workspace: two
+    loads at once do not wait for each other until one gives up (they did for 30 s)."""
+    with serving(settings, 2 * W + S // 2) as (_, client):
+        client.save_checkpoint("ck", build("tiny_mlp", WIDE, seed=0).state_dict())
+        outcomes: dict[str, str] = {}
+        start = threading.Barrier(2)
+
+        def load(name: str) -> None:
+            start.wait()
+            try:
+                client.load_model(
+                    name,
+                    architecture="slow_mlp",
+                    checkpoint="ck",
+                    architecture_args={**WIDE, "delay": 0.05},
+                    warmup_shape=(8, 16),
+                    timeout=20,
+                )
+                outcomes[name] = "ok"
+            except ModelHostError as error:
+                outcomes[name] = error.code.name
+
+        threads = [threading.Thread(target=load, args=(name,)) for name in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert outcomes == {"a": "ok", "b": "ok"}
+        tiers = sorted(m.tier for m in client.list_models())
+        assert tiers == ["resident", "store"]
+        for name in "ab":
+            assert client.predict(name, X).shape == (1, 4)
+
+
+def test_an_unloaded_version_counts_until_its_requests_are_done(settings: Settings) -> None:
+    """M2: a load waits for the room an unloaded version's last requests still use."""
+    budget = W + W // 2  # one version fits, not two
+    with serving(settings, budget) as (server, client):
+        client.save_checkpoint("ck", build("tiny_mlp", WIDE, seed=0).state_dict())
+        slow = {**WIDE, "delay": 1.0}
+        client.load_model("a", architecture="slow_mlp", checkpoint="ck", architecture_args=slow)
+        assert server.host is not None
+        a = server.host.models.registry.get("a")
+        callers = [threading.Thread(target=client.predict, args=("a", X)) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        wait_until(lambda: a.batcher.running)
+        unloading = threading.Thread(target=client.unload_model, args=("a",))
+        unloading.start()
+        wait_until(lambda: a.retiring)
+        client.load_model("b", architecture="tiny_mlp", checkpoint="ck", architecture_args=WIDE)
+        assert a.runner.module is None, "b was counted in while a's module was in use"
+        for thread in [*callers, unloading]:
+            thread.join(30)
+
+
+def test_a_running_batch_whose_callers_left_keeps_its_version_resident(
+    settings: Settings,
+) -> None:
+    """L1: no eviction from under a forward pass, even one nobody waits for any more."""
+    budget = W + W // 2
+    with serving(settings, budget) as (server, client):
+        client.save_checkpoint("ck", build("tiny_mlp", WIDE, seed=0).state_dict())
+        slow = {**WIDE, "delay": 2.0}
+        client.load_model("a", architecture="slow_mlp", checkpoint="ck", architecture_args=slow)
+        assert server.host is not None
+        a = server.host.models.registry.get("a")
+        expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: client.predict("a", X, timeout=0.5))
+        assert a.batcher.running  # its forward pass goes on
+        loading = threading.Thread(
+            target=client.load_model,
+            args=("b",),
+            kwargs={"architecture": "tiny_mlp", "checkpoint": "ck", "architecture_args": WIDE},
+        )
+        loading.start()
+        while a.batcher.running:
+            assert a.runner.module is not None and a.tier == "resident"
+            time.sleep(0.02)
+        loading.join(30)
+        assert client.get_model("a").tier == "store"
+        assert client.get_model("b").tier == "resident"
