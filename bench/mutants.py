@@ -1449,6 +1449,20 @@ MUTANTS = [
             "tests/test_cache_races.py::test_a_running_batch_whose_callers_left_keeps_its_version_resident",
         ),
     ),
+    Mutant(
+        "models: a model whose rows depend on the batch is batched",
+        SERVER + "models.py",
+        "        if checked and _mixes_rows(runner, lane, inputs, request.warmup_shape):",
+        "        if False:",
+        ("tests/test_batching.py::test_a_model_whose_rows_depend_on_the_batch_is_not_batched",),
+    ),
+    Mutant(
+        "models: a rows check calls rounding a difference",
+        SERVER + "models.py",
+        "> 0.05 * float(alone.abs().max()) + 1e-6",
+        "> 0",
+        ("tests/test_batching.py::test_a_model_whose_rows_are_independent_is_batched",),
+    ),
 ]
 
 

@@ -38,6 +38,8 @@ TEST_ARCHITECTURES = [
     "blend=helpers.models:blend",
     "fixed_size=helpers.models:fixed_size",
     "complex_out=helpers.models:complex_out",
+    "gram=helpers.models:gram",
+    "centered=helpers.models:centered",
 ]
 
 

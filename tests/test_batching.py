@@ -727,3 +727,39 @@ def test_when_both_halves_fail_each_request_runs_alone() -> None:
     runs, splits = run_with_bad_rows(set(range(0, 16, 2)))
     assert runs == [16, 8, 8] + [1] * 16  # 19 runs; halving down to each: 31
     assert splits == [1]
+
+
+# Red team 13, F2: rows that depend on the batch
+
+
+def test_a_model_whose_rows_depend_on_the_batch_is_not_batched(
+    client: ModelHostClient,
+) -> None:
+    """`x @ x.T` (declared input) and `x - x.mean(0)` (shaped by warmup_shape): batched,
+    each caller would get values computed from the others' rows. Found at load: they run
+    one request at a time, and each caller gets what it gets alone."""
+    patient = {"max_queue_delay_us": 200_000}  # concurrent requests would be merged
+    serve(client, "gram", architecture="gram", batching=patient)
+    serve(client, "centered", architecture="centered", warmup_shape=(1, 2), batching=patient)
+    serve(client, "slow", architecture="slow_mlp", architecture_args={"delay": 0.5})
+    mixes = {"gram": lambda x: x @ x.T, "centered": lambda x: x - x.mean(0, keepdims=True)}
+    for name, alone in mixes.items():
+        assert client.get_model(name).batching.max_batch_size == 1
+        rows = [np.array([[1.0, 0.0]], np.float32), np.array([[0.0, 7.0], [3.0, 4.0]], np.float32)]
+        # A slow model's request holds the CPU lane (shared): the two queue up meanwhile.
+        blocker = threading.Thread(target=client.predict, args=("slow", np.ones((1, 4), "f4")))
+        blocker.start()
+        time.sleep(0.1)
+        outs = concurrently([partial(client.predict, name, x) for x in rows])
+        blocker.join()
+        for x, out in zip(rows, outs, strict=True):
+            np.testing.assert_allclose(out, alone(x))
+
+
+def test_a_model_whose_rows_are_independent_is_batched(
+    client: ModelHostClient, server: Server
+) -> None:
+    """The rows check of the user's models finds nothing to refuse in an MLP (its runs of
+    two rows and of one differ by rounding only): it keeps the server's batch size."""
+    serve(client, "mlp", architecture="tiny_mlp", checkpoint="mlp-w", warmup_shape=(4, 4))
+    assert client.get_model("mlp").batching.max_batch_size == server.settings.max_batch_size

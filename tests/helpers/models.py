@@ -374,3 +374,37 @@ class ComplexOut(nn.Module):
 
 def complex_out() -> nn.Module:
     return ComplexOut()
+
+
+class Gram(nn.Module):
+    """`x @ x.T`: every output row holds the dot products of its row with all the rows of
+    its batch (a similarity head); the rows are not independent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ x.T) * self.scale
+
+
+def gram() -> nn.Module:
+    return Gram()
+
+
+gram.input_shape = (-1, 2)  # type: ignore[attr-defined]
+
+
+class Centered(nn.Module):
+    """`x - x.mean(0)`: a normalisation over the batch; declares no inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(0, keepdim=True)) * self.scale
+
+
+def centered() -> nn.Module:
+    return Centered()

@@ -392,6 +392,12 @@ class Runner:
         module = self.module
         return peak_bytes(lambda: self._run_with(batch, module))
 
+    def run_uncompiled(self, batch: Tensors) -> Tensors:
+        """Runs one batch as the module is (no compile queued for its shape): a load's
+        checks."""
+        assert self.module is not None
+        return self._run_with(batch, self.module)
+
     def _check(self, tensors: Tensors) -> None:
         if len(tensors) == 1 and len(self.inputs) == 1:
             ((name, tensor),) = tensors.items()

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from modelhost.client import codec
+from modelhost.client.predict import SINGLE_INPUT
 from modelhost.server.activations import measure
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
@@ -445,6 +446,15 @@ class Models:
             _check_measured(runner, spec.name)
         if runner.activations is not None:
             log.info("%s: activations %s", spec.name, runner.activations.describe())
+        checked = policy.max_batch_size > 1 and not runner.is_detection and self._user_code(spec)
+        if checked and _mixes_rows(runner, lane, inputs, request.warmup_shape):
+            log.warning(
+                "%s: a row's outputs depend on the other rows of its batch (they differ run "
+                "alone): batching off (max_batch_size 1), or callers batched together would "
+                "get values computed from each other's inputs",
+                spec.name,
+            )
+            policy = dataclasses.replace(policy, max_batch_size=1, preferred_batch_size=0)
         if not request.warmup_shape:
             return policy
         measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
@@ -464,6 +474,11 @@ class Models:
                 preferred or "-",
             )
         return policy
+
+    def _user_code(self, spec: LoadSpec) -> bool:
+        """Whether the module is the user's code (not a torchvision architecture, whose
+        rows are independent in eval mode)."""
+        return not spec.architecture or self._catalog.get(spec.architecture).source != "torchvision"
 
     def _preprocessing(
         self, spec: LoadSpec, request: LoadRequest, loaded: LoadedModule
@@ -823,6 +838,60 @@ def _measure_by_running(
     runner.activations = measure(peak, [given.shape for given in inputs])
     if runner.activations is None and warmup_shape and len(inputs) == 1:
         runner.activations = measure(peak, [(-1, *warmup_shape[1:])])
+
+
+ROWS_CHECK_SIZE = 32
+"""The size a rows check gives each dimension a model's declared input leaves open."""
+
+
+def _mixes_rows(
+    runner: Runner, lane: Lane, inputs: list[InputSpec], warmup_shape: Sequence[int]
+) -> bool:
+    """Whether the user's model answers a row differently in a batch of two distinct
+    random rows than alone: shapes, or floating-point values beyond 5% of the output's
+    largest magnitude (`x @ x.T`, a normalisation over the batch). Dynamic batching would
+    give such a model's callers values computed from each other's inputs. Needs the
+    inputs' shapes (declared, or `warmup_shape`); a run that fails proves nothing."""
+    if warmup_shape and len(inputs) <= 1:
+        name = inputs[0].name if inputs else SINGLE_INPUT
+        dtype = inputs[0].dtype if inputs else runner.dtype
+        specs = [InputSpec(name, dtype, (-1, *warmup_shape[1:]))]
+    elif inputs:
+        specs = inputs
+    else:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    pair = {
+        given.name if len(specs) > 1 else SINGLE_INPUT: _random_rows(
+            probe_shape(given, 2, ROWS_CHECK_SIZE), given.dtype, generator
+        )
+        for given in specs
+    }
+    try:
+        together = lane.call(runner.run_uncompiled, pair).result()
+        alone = lane.call(runner.run_uncompiled, {n: t[:1] for n, t in pair.items()}).result()
+    except Exception:
+        return False
+    return together.keys() != alone.keys() or not all(
+        tensor.dim() > 0 and _alike(tensor[:1], alone[name]) for name, tensor in together.items()
+    )
+
+
+def _random_rows(
+    shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(tuple(shape), generator=generator).to(dtype)
+    return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype)
+
+
+def _alike(batched: torch.Tensor, alone: torch.Tensor) -> bool:
+    if batched.shape != alone.shape:
+        return False
+    if not alone.is_floating_point() or not alone.numel():
+        return True
+    alone, batched = alone.float(), batched.float()
+    return not float((batched - alone).abs().max()) > 0.05 * float(alone.abs().max()) + 1e-6
 
 
 def _check_measured(runner: Runner, name: str) -> None:
