@@ -1463,6 +1463,16 @@ MUTANTS = [
         "> 0",
         ("tests/test_batching.py::test_a_model_whose_rows_are_independent_is_batched",),
     ),
+    Mutant(
+        "rpc: an answer to a call gRPC ended meanwhile fails as gRPC's ERROR",
+        SERVER + "rpc.py",
+        "    except Exception:\n        raise asyncio.CancelledError from None\n",
+        "",
+        (
+            "tests/test_pagein_deadline.py::"
+            "test_deadlines_that_pass_as_the_answer_goes_out_log_no_error",
+        ),
+    ),
 ]
 
 

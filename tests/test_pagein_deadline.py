@@ -8,6 +8,8 @@ resident, runs a slow request that holds the room."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 from conftest import build, expect, reference
-from modelhost.client import ChannelConfig, ModelHostClient, codec
+from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError, codec
 from modelhost.server import Server, Settings, running
 from modelhost.server.errors import DeadlineExpired
 from modelhost.v1 import modelhost_pb2 as pb
@@ -188,3 +190,48 @@ def test_a_page_in_whose_callers_all_cancelled_evicts_nothing(
     assert client.get_model("busy").tier == "resident"
     expected = reference(twin, X)  # and the next request pages it in
     np.testing.assert_allclose(client.predict("h", X, timeout=20), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_deadlines_that_pass_as_the_answer_goes_out_log_no_error(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team 13, F4: a caller's deadline that passes as the server answers it (a page-in
+    or a queued request ending at the deadline) made gRPC log an ERROR with a traceback for
+    the failed send, about 1 in 70 such requests: any caller could flood the log. Two
+    versions that take 0.3 s to page in, one at a time, and deadlines of 10-200 ms."""
+    budget = dataclasses.replace(settings, device_memory_budget=300)  # one tiny_mlp fits
+    with running(budget) as server, ModelHostClient(server.target) as client:
+        client.save_checkpoint("w", build("tiny_mlp").state_dict())
+        for name in "ab":
+            client.load_model(
+                name,
+                architecture="slow_load_mlp",
+                checkpoint="w",
+                architecture_args={"seconds": 0.3},
+            )
+        stop = time.monotonic() + 8
+        codes: list[str] = []
+
+        def caller(index: int) -> None:
+            with ModelHostClient(server.target, config=ChannelConfig(retries=False)) as own:
+                for turn in itertools.count():
+                    if time.monotonic() > stop:
+                        return
+                    try:
+                        own.predict(
+                            "ab"[(index + turn) % 2],
+                            np.ones((1, 4), np.float32),
+                            timeout=(0.01, 0.05, 0.1, 0.2)[turn % 4],
+                        )
+                        codes.append("OK")
+                    except ModelHostError as error:
+                        codes.append(error.code.name)
+
+        threads = [threading.Thread(target=caller, args=(index,)) for index in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert set(codes) == {"OK", "DEADLINE_EXCEEDED"} and codes.count("DEADLINE_EXCEEDED") > 500
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage()

@@ -94,7 +94,8 @@ class Gate(grpc.aio.ServerInterceptor):
     async def _take_slot(self, context: grpc.aio.ServicerContext) -> None:
         """Takes a slot (give it back with `self.active -= 1`), or ends the call."""
         if self.max_concurrent and self.active >= self.max_concurrent:
-            await context.abort(
+            await rpc.abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is serving {self.active} calls, its limit "
                 "(--max-concurrent-rpcs); "
@@ -138,7 +139,8 @@ class Gate(grpc.aio.ServerInterceptor):
         """Ends a call whose caller stopped reading its reply. The status waits behind the
         message gRPC still holds, until the caller reads on or goes away."""
         try:
-            await context.abort(
+            await rpc.abort(
+                context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the caller did not take the next reply message within {self.read_timeout:g}s "
                 "(request_read_timeout)",
@@ -161,7 +163,8 @@ class Gate(grpc.aio.ServerInterceptor):
             async with asyncio.timeout(self.read_timeout):
                 data = await anext(messages)
         except TimeoutError:
-            await context.abort(
+            await rpc.abort(
+                context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no {what} message arrived within {self.read_timeout:g}s (request_read_timeout)",
             )
@@ -172,9 +175,10 @@ class Gate(grpc.aio.ServerInterceptor):
                 return await asyncio.to_thread(parse, data)
             return parse(data)
         except e.ModelHostFailure as error:
-            await context.abort(*rpc.failure(error))
+            await rpc.abort(context, *rpc.failure(error))
         except Exception as error:
-            await context.abort(
+            await rpc.abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid {what} message ({type(error).__name__}: "
                 f"{error!s:.200})",
@@ -204,8 +208,10 @@ class Gate(grpc.aio.ServerInterceptor):
             try:
                 return await gate._read(messages, parse, what, context)
             except StopAsyncIteration:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"the call ended before its {what} message"
+                await rpc.abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the call ended before its {what} message",
                 )
 
         if handler.response_streaming:
@@ -295,7 +301,7 @@ def _refusal(
     async def refuse(messages: Any, context: grpc.aio.ServicerContext) -> None:
         logged(context.peer(), code)
         with _forgetting_aborts():
-            await context.abort(code, message)
+            await rpc.abort(context, code, message)
 
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse, None, serialize)

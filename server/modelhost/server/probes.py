@@ -16,6 +16,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from modelhost.server import rpc
 from modelhost.server.settings import Settings
 
 MAX_OPEN_STREAMS = 1000
@@ -103,13 +104,15 @@ class OpenStreams:
     async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         address = str(context.peer()).rsplit(":", 1)[0]  # "ipv4:10.0.0.5:43210": no port
         if self.open >= self.most:
-            await context.abort(
+            await rpc.abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.open} health Watch and reflection streams are open, the most this "
                 "server keeps: use health Check, or retry later",
             )
         if self._by_address[address] >= MAX_OPEN_STREAMS_PER_ADDRESS:
-            await context.abort(
+            await rpc.abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self._by_address[address]} health Watch and reflection streams are open "
                 "from your address, the most one address may keep: use health Check",
@@ -140,7 +143,8 @@ class HealthServicer(health.aio.HealthServicer):
         status = self._server_status.get(request.service)
         if status is None:
             known = ", ".join(repr(name) for name in sorted(self._server_status))
-            await context.abort(
+            await rpc.abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no health status for service {request.service[:100]!r}: this server "
                 f"reports on {known} ('' is the whole server)",
@@ -167,7 +171,8 @@ class ReflectionServicer(reflection.aio.ReflectionServicer):
         async def small() -> AsyncIterator[Any]:
             async for request in requests:
                 if request.ByteSize() > MAX_REFLECTION_REQUEST_BYTES:
-                    await context.abort(
+                    await rpc.abort(
+                        context,
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"a reflection request of {request.ByteSize()} bytes; at most "
                         f"{MAX_REFLECTION_REQUEST_BYTES}",
