@@ -1473,6 +1473,20 @@ MUTANTS = [
             "test_deadlines_that_pass_as_the_answer_goes_out_log_no_error",
         ),
     ),
+    Mutant(
+        "oip: a request's timeout parameter is ignored",
+        SERVER + "oip.py",
+        "            _sooner(context.time_remaining(), until),",
+        "            context.time_remaining(),",
+        ("tests/test_oip.py::test_triton_parameters_modelhost_does_not_serve_are_refused",),
+    ),
+    Mutant(
+        "oip: shared-memory outputs are answered in the reply",
+        SERVER + "oip_tensors.py",
+        "            if any(name in tensor.parameters for name in SHARED_MEMORY):",
+        "            if False:",
+        ("tests/test_oip.py::test_triton_parameters_modelhost_does_not_serve_are_refused",),
+    ),
 ]
 
 

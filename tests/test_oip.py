@@ -13,6 +13,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -616,3 +617,56 @@ def test_datatypes_modelhost_does_not_serve_are_refused(
         ],
     }
     assert "not supported" in fails("INVALID_ARGUMENT", triton.raw_infer, typed)
+
+
+def test_triton_parameters_modelhost_does_not_serve_are_refused(
+    client: ModelHostClient, server: Server
+) -> None:
+    """Red team 13, F6: shared memory, sequences and priorities were ignored (a Triton
+    client reading its output region got stale bytes); `timeout` (microseconds) is the
+    request's deadline when sooner than the call's."""
+    serve(client, "m", architecture="tiny_mlp")
+    serve(client, "slow", architecture="slow_mlp", architecture_args={"delay": 1.0})
+    x = np.ones((2, 4), np.float32)
+    Input = oip.ModelInferRequest.InferInputTensor
+    Output = oip.ModelInferRequest.InferRequestedOutputTensor
+    Param = oip.InferParameter
+    shared = {
+        "shared_memory_region": Param(string_param="r"),
+        "shared_memory_byte_size": Param(int64_param=24),
+    }
+
+    def infer(model: str = "m", **fields: Any) -> oip.ModelInferResponse:
+        with grpc.insecure_channel(server.target) as channel:
+            request = oip.ModelInferRequest(
+                model_name=model,
+                inputs=[Input(name="x", datatype="FP32", shape=[2, 4], **fields.pop("input", {}))],
+                raw_input_contents=[]
+                if "no_contents" in fields.pop("flags", ())
+                else [x.tobytes()],
+                **fields,
+            )
+            return oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+
+    def refused(code: grpc.StatusCode, *words: str, **fields: Any) -> None:
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(**fields)
+        assert caught.value.code() == code, caught.value.details()
+        assert all(word in caught.value.details() for word in words), caught.value.details()
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    refused(invalid, "shared-memory", outputs=[Output(name="output", parameters=shared)])
+    refused(invalid, "shared-memory", input={"parameters": shared}, flags=("no_contents",))
+    sequence = {"sequence_id": Param(int64_param=7), "sequence_start": Param(bool_param=True)}
+    refused(invalid, "sequence", parameters=sequence)
+    refused(invalid, "priorit", parameters={"priority": Param(uint64_param=2)})
+    refused(invalid, "timeout", parameters={"timeout": Param(string_param="soon")})
+    assert infer(parameters={"priority": Param(int64_param=0)}).raw_output_contents
+    assert infer(parameters={"timeout": Param(int64_param=10_000_000)}).raw_output_contents
+    # As Triton's: a request still queued when its timeout passes is dropped, not run.
+    blocker = threading.Thread(target=infer, kwargs={"model": "slow"})
+    blocker.start()
+    time.sleep(0.2)
+    timeout = {"timeout": Param(int64_param=200_000)}
+    refused(grpc.StatusCode.DEADLINE_EXCEEDED, model="slow", parameters=timeout)
+    blocker.join()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -111,6 +112,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelInferRequest, context: Any
     ) -> oip.ModelInferResponse:
         self.host.check_request_size(len(request.inputs), 0)  # before any per-input work
+        timeout = tensors.request_timeout(request)
+        until = None if timeout is None else time.monotonic() + timeout
         if request.raw_input_contents:  # views of the received bytes: cheap
             inputs = tensors.decode_inputs(request)
         else:  # typed contents are counted, then copied into arrays: not on the event loop
@@ -120,7 +123,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             request.model_name,
             parse_version(request.model_version),
             inputs,
-            context.time_remaining(),
+            _sooner(context.time_remaining(), until),
         )
         described, raw = tensors.encode_outputs(
             answer.outputs, request.outputs, self.host.settings.max_message_bytes, request.id
@@ -292,3 +295,11 @@ def add_to_server(host: Host, server: grpc.aio.Server) -> str:
     )
     register(server, SERVICE_NAME, handlers)
     return SERVICE_NAME
+
+
+def _sooner(remaining: float | None, until: float | None) -> float | None:
+    """The call's time left, or less until `until` (a request's `timeout` parameter)."""
+    if until is None:
+        return remaining
+    left = until - time.monotonic()
+    return left if remaining is None else min(remaining, left)

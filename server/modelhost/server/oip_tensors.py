@@ -72,6 +72,49 @@ def datatype_name(dtype: torch.dtype) -> str:
         return ""
 
 
+SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+"""Parameters of an input or output in Triton's shared-memory extension, which modelhost
+does not implement (its SystemSharedMemory calls answer UNIMPLEMENTED)."""
+SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
+MAX_TIMEOUT_US = 2**53  # a `timeout` parameter this large is no limit
+
+
+def request_timeout(request: oip.ModelInferRequest) -> float | None:
+    """Checks the parameters Triton gives a meaning that modelhost does not serve, which a
+    client relies on: a stateful sequence, a priority, shared memory (the data would be
+    somewhere else than the client reads it). Returns Triton's `timeout` parameter
+    (microseconds) in seconds: the request's deadline, when sooner than the call's."""
+    given = request.parameters
+    sequence = [name for name in SEQUENCE if name in given]
+    if sequence:
+        raise InvalidArgument(
+            f"sequence batching ({', '.join(sequence)}) is not supported: modelhost's models "
+            "are stateless"
+        )
+    if "priority" in given and _number(given["priority"], "priority") != 0:
+        raise InvalidArgument("request priorities are not supported (leave priority 0)")
+    for kind, tensors in (("input", request.inputs), ("output", request.outputs)):
+        for tensor in tensors:
+            if any(name in tensor.parameters for name in SHARED_MEMORY):
+                raise InvalidArgument(
+                    f"{kind} {tensor.name!r:.100}: the shared-memory extension is not "
+                    "supported: send and receive tensors in the request and reply"
+                )
+    if "timeout" not in given:
+        return None
+    timeout = _number(given["timeout"], "timeout")
+    if timeout < 0:
+        raise InvalidArgument(f"timeout {timeout} is negative (microseconds)")
+    return None if timeout == 0 or timeout > MAX_TIMEOUT_US else timeout / 1e6
+
+
+def _number(parameter: oip.InferParameter, name: str) -> int:
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"parameter {name} must be an integer, not {kind or 'empty'}")
+    return int(getattr(parameter, kind))
+
+
 def decode_inputs(
     request: oip.ModelInferRequest, max_elements: int | None = None
 ) -> dict[str, wire.TensorView]:
