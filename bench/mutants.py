@@ -1487,6 +1487,15 @@ MUTANTS = [
         "            if False:",
         ("tests/test_oip.py::test_triton_parameters_modelhost_does_not_serve_are_refused",),
     ),
+    Mutant(
+        "auth: a token file that is no regular file is read",
+        SERVER + "auth.py",
+        "        if not stat.S_ISREG(os.fstat(fd).st_mode):",
+        "        if False:",
+        (
+            "tests/test_token_reload.py::test_a_token_file_that_blocks_or_never_ends_holds_up_no_call",
+        ),
+    ),
 ]
 
 

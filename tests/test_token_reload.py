@@ -162,7 +162,9 @@ def test_a_broken_file_is_reported_once(
     tokens = LiveTokens(dataclasses.replace(settings, token_file=str(token_file)), interval=0)
     token_file.write_text("")
     for _ in range(5):
+        tokens.refresh()
         assert tokens.verdict(PREDICT, b"old-token") is None
+    within(SOON, lambda: not tokens._looking.locked())
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
 
 
@@ -226,5 +228,33 @@ def test_the_files_are_stat_ed_at_most_once_an_interval(
     token_file.write_text("new-token\n")
     real_monotonic = time.monotonic
     monkeypatch.setattr(auth_module.time, "monotonic", lambda: real_monotonic() + 3600)
-    assert tokens.verdict(PREDICT, b"new-token") is None
+    tokens.verdict(PREDICT, b"new-token")  # starts a look, on a thread of its own
+    within(SOON, lambda: tokens.verdict(PREDICT, b"new-token") is None)
     assert stats == [str(token_file)]
+
+
+def test_a_token_file_that_blocks_or_never_ends_holds_up_no_call(
+    settings: Settings, token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team 13, F5: the files were read on the event loop. A FIFO swapped in for the
+    file blocked its open, and with it every call, health checks included; a link to
+    /dev/zero was read until memory ran out. Both keep the old tokens, with an ERROR."""
+    with running(dataclasses.replace(settings, token_file=str(token_file))) as server:
+        fifo = token_file.with_name("fifo")
+        os.mkfifo(fifo)
+        os.replace(fifo, token_file)
+
+        def seen(words: str) -> bool:  # the calls start the looks at the file
+            return code(server, "old-token") == OK and words in caplog.text
+
+        within(SOON, lambda: seen("not a regular file"))
+        assert code(server, "new-token") == UNAUTH
+        caplog.clear()
+        token_file.unlink()
+        token_file.symlink_to("/dev/zero")
+        within(SOON, lambda: seen("not a regular file"))
+        big = token_file.with_name("big")
+        big.write_text("new-token\n" + "#" * (1 << 20))
+        os.replace(big, token_file)
+        within(SOON, lambda: seen("larger than"))
+        assert code(server, "new-token") == UNAUTH

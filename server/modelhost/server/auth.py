@@ -12,20 +12,25 @@
 - A token file that holds no token, or a token that is only whitespace, stops the
   server at start: the operator wants authentication, so it must not turn it off.
 - Token files are re-read when they change (`LiveTokens`: a stat per file at most every
-  RELOAD_INTERVAL, on the path of a call), so a rotation or a revoked token takes effect
+  RELOAD_INTERVAL, started by a call and made on a thread of its own, so a file on a
+  volume that hangs holds up no call), so a rotation or a revoked token takes effect
   without a restart. A changed file that holds no token or cannot be read keeps the
   tokens read before (an ERROR is logged): a file caught mid-write never opens the server.
+  A token file must be a regular file of at most MAX_TOKEN_FILE_BYTES (a FIFO, a device
+  or a directory swapped in for it cannot be read).
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
+import stat
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -65,6 +70,7 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 RELOAD_INTERVAL = 1.0
 """Seconds between looks at the token files for a change (a stat of each, made by the
 first call after the interval): a rotated or revoked token takes effect within about this."""
+MAX_TOKEN_FILE_BYTES = 1 << 20
 FRESH_SECONDS = 2.0
 """A token file modified less than this long ago is read again at the next look even if
 its stat has not changed: file times have a coarse clock, so a rewrite of the same size
@@ -90,11 +96,24 @@ def _file_tokens(setting: str, path: str) -> tuple[bytes, ...]:
     """The tokens in a file (`setting`_file): one a line, without surrounding whitespace,
     neither blank lines nor comments. ValueError when it holds none, OSError when it
     cannot be read."""
-    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines())
+    lines = (line.strip() for line in _read_token_file(path).splitlines())
     found = [line for line in lines if line and not line.startswith("#")]
     if not found:
         raise ValueError(f"{setting}_file {path} holds no token (it is empty or only comments)")
     return tuple(token.encode() for token in found)
+
+
+def _read_token_file(path: str) -> str:
+    """A token file's text: a regular file (its links followed, as a Kubernetes Secret's
+    are) of at most MAX_TOKEN_FILE_BYTES; opened without waiting for a writer (a FIFO)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = file.read(MAX_TOKEN_FILE_BYTES + 1)
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_TOKEN_FILE_BYTES} bytes")
+    return data.decode("utf-8-sig")
 
 
 def _signature(path: str) -> tuple[int, ...] | None:
@@ -243,6 +262,7 @@ class LiveTokens:
         self._open_prefixes = () if settings.health_port else OPEN_PREFIXES
         self.current = self._assemble()
         self._due = time.monotonic() + interval
+        self._looking = threading.Lock()  # held while a look at the files runs
 
     def _assemble(self) -> Tokens:
         found = dict(self._fixed)
@@ -268,9 +288,19 @@ class LiveTokens:
             self.current = self._assemble()
 
     def verdict(self, method: str, presented: bytes | None) -> tuple[grpc.StatusCode, str] | None:
-        """`Tokens.verdict` with the files' tokens of at most `interval` seconds ago."""
-        self.refresh()
+        """`Tokens.verdict` with the tokens of the files' last look; starts the next look
+        (on a thread: never on the event loop) once `interval` has passed."""
+        if self._files and time.monotonic() >= self._due and self._looking.acquire(False):
+            threading.Thread(target=self._look, name="token-files", daemon=True).start()
         return self.current.verdict(method, presented)
+
+    def _look(self) -> None:
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("reading the token files failed: keeping the tokens read before")
+        finally:
+            self._looking.release()
 
 
 def _unauthenticated(method: str, presented: bytes | None) -> tuple[grpc.StatusCode, str]:
