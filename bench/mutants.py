@@ -1496,6 +1496,31 @@ MUTANTS = [
             "tests/test_token_reload.py::test_a_token_file_that_blocks_or_never_ends_holds_up_no_call",
         ),
     ),
+    Mutant(
+        "gate: any number of requests are received at once",
+        SERVER + "gate.py",
+        "        turn = self._receiving if self.max_receiving else contextlib.nullcontext()",
+        "        turn = contextlib.nullcontext()",
+        ("tests/test_receiving.py::test_requests_past_the_receiving_budget_wait_for_their_turn",),
+    ),
+    Mutant(
+        "app: a connection may open any number of calls",
+        SERVER + "app.py",
+        '            options.append(("grpc.max_concurrent_streams", '
+        "settings.max_streams_per_connection))\n",
+        "            pass\n",
+        ("tests/test_receiving.py::test_a_connection_holds_at_most_its_cap_of_calls",),
+    ),
+    Mutant(
+        "app: gRPC's window probing grants a waiting request tens of MiB",
+        SERVER + "app.py",
+        '            ("grpc.http2.bdp_probe", 0),\n',
+        "",
+        (
+            "tests/test_receiving.py::"
+            "test_a_request_waiting_for_its_turn_is_sent_no_more_than_a_small_window",
+        ),
+    ),
 ]
 
 

@@ -15,10 +15,8 @@ only sends whole messages and honours the server's stream limit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -29,123 +27,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from helpers.http2 import CHECK, REFUSED_STREAM, Raw
 from helpers.processes import free_port
 from modelhost.server import Server, Settings, probes, running
 
 TOKEN = "s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-CHECK = "/grpc.health.v1.Health/Check"
-HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 1, 3, 4, 6, 7
-REFUSED_STREAM, ENHANCE_YOUR_CALM = 7, 11
+ENHANCE_YOUR_CALM = 11
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([kind, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
-def _literal(name: str, value: str) -> bytes:
-    """An HPACK literal header field without indexing (names and values under 127 bytes)."""
-    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
-
-
-def _half_check() -> bytes:
-    """The start of a gRPC message framing a 60 KB health Check: the rest never comes."""
-    size = 60_000  # field 1 (service), a string of size - 4 bytes: 59,996 (a 3-byte varint)
-    return b"\0" + struct.pack(">I", size) + b"\x0a\xdc\xd4\x03" + b"x" * 4_000
-
-
-class Raw:
-    """An HTTP/2 connection that starts gRPC calls and sends part of their request. It
-    acknowledges the server's SETTINGS before it starts a stream (so the server enforces the
-    stream limit it announced) and records what the server ends: RST_STREAM, trailers
-    (HEADERS with END_STREAM), GOAWAY, and the connection closing."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.port = port
-        self.resets: dict[int, int] = {}  # stream -> error code
-        self.ended: set[int] = set()  # streams the server ended with trailers
-        self.goaway = False
-        self.closed = threading.Event()
-        self._settled = threading.Event()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition()
-        self._send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(SETTINGS, 0, 0))
-        threading.Thread(target=self._read, daemon=True).start()
-        assert self._settled.wait(30), "the server sent no SETTINGS"
-
-    def _send(self, data: bytes) -> None:
-        with self._lock:
-            self.sock.sendall(data)
-
-    def _exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    def _read(self) -> None:
-        try:
-            while True:
-                head = self._exactly(9)
-                size, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
-                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-                payload = self._exactly(size) if size else b""
-                with self._changed:
-                    if kind == SETTINGS and not flags & 1:
-                        self._send(_frame(SETTINGS, 1, 0))  # ACK, before any stream starts
-                        self._settled.set()
-                    elif kind == PING and not flags & 1:
-                        self._send(_frame(PING, 1, 0, payload))
-                    elif kind == RST_STREAM:
-                        self.resets[stream] = int.from_bytes(payload[:4], "big")
-                    elif kind == HEADERS and flags & 1:
-                        self.ended.add(stream)
-                    elif kind == GOAWAY:
-                        self.goaway = True
-                    self._changed.notify_all()
-        except (EOFError, OSError):
-            pass
-        finally:
-            with self._changed:
-                self.closed.set()
-                self._changed.notify_all()
-
-    def start(self, stream: int, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        """Starts a call on `stream` and sends part of its request."""
-        fields = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", CHECK),
-            (":authority", f"127.0.0.1:{self.port}"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-            *metadata,
-        ]
-        block = b"".join(_literal(name, value) for name, value in fields)
-        self._send(_frame(HEADERS, 4, stream, block) + _frame(0, 0, stream, _half_check()))
-
-    def cancel(self, stream: int) -> None:
-        self._send(_frame(RST_STREAM, 0, stream, struct.pack(">I", 8)))  # CANCEL
-
-    def wait(self, done: Any, seconds: float = 30) -> bool:
-        """Waits until `done()` holds (True) or `seconds` pass (False)."""
-        with self._changed:
-            return self._changed.wait_for(done, seconds)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
 
 
 @pytest.fixture

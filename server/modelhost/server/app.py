@@ -113,15 +113,20 @@ class Server:
             tokens,
             max_concurrent=settings.max_concurrent_rpcs,
             read_timeout=settings.request_read_timeout,
+            max_receiving=receiving_at_once(settings),
         )
-        server = grpc.aio.server(
-            interceptors=[gate],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            # Without BDP probing, a stream whose request is not being received (it waits
+            # for its turn, `receiving_at_once`) is granted HTTP/2's 64 KiB window, not
+            # tens of MiB: a half-sent request's bytes wait at the caller, not here.
+            ("grpc.http2.bdp_probe", 0),
+        ]
+        if settings.max_streams_per_connection:
+            options.append(("grpc.max_concurrent_streams", settings.max_streams_per_connection))
+        server = grpc.aio.server(interceptors=[gate], options=options)
         services = (
             service.add_to_server(self.host, server),
             oip.add_to_server(self.host, server),
@@ -340,3 +345,13 @@ def running(settings: Settings) -> Iterator[Server]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+
+
+def receiving_at_once(settings: Settings) -> int:
+    """Requests the gate receives at once: as many as `--max-receiving-bytes` (default: a
+    quarter of the memory) holds of `--max-message-bytes`, at least one."""
+    budget = (
+        settings.max_receiving_bytes
+        or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    )
+    return max(1, budget // settings.max_message_bytes)

@@ -60,10 +60,21 @@ Parse = Callable[[bytes], Any]
 class Gate(grpc.aio.ServerInterceptor):
     """Authentication, concurrency slots and bounded request reading, for every call."""
 
-    def __init__(self, tokens: LiveTokens, *, max_concurrent: int, read_timeout: float) -> None:
+    def __init__(
+        self,
+        tokens: LiveTokens,
+        *,
+        max_concurrent: int,
+        read_timeout: float,
+        max_receiving: int = 0,
+    ) -> None:
         self.tokens = tokens
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout
+        # Requests received at once (0: any number): each may hold --max-message-bytes
+        # while it arrives, and a caller may send all of one but its last byte.
+        self.max_receiving = max_receiving
+        self._receiving = asyncio.Semaphore(max_receiving or 1)
         self.active = 0
         # method -> its handler as served; handlers never change.
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -138,17 +149,12 @@ class Gate(grpc.aio.ServerInterceptor):
     async def _end_stalled(self, context: grpc.aio.ServicerContext) -> None:
         """Ends a call whose caller stopped reading its reply. The status waits behind the
         message gRPC still holds, until the caller reads on or goes away."""
-        try:
-            await rpc.abort(
-                context,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the caller did not take the next reply message within {self.read_timeout:g}s "
-                "(request_read_timeout)",
-            )
-        except grpc.aio.AbortError:
-            raise
-        except Exception:  # the caller went away first: nobody is left to tell
-            pass
+        await rpc.abort(  # quietly cancelled if the caller went away first
+            context,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the caller did not take the next reply message within {self.read_timeout:g}s "
+            "(request_read_timeout)",
+        )
 
     async def _read(
         self,
@@ -159,10 +165,21 @@ class Gate(grpc.aio.ServerInterceptor):
     ) -> Any:
         """The next message (StopAsyncIteration at the end), parsed; aborts the call when
         it does not arrive in time or does not parse."""
+        turn = self._receiving if self.max_receiving else contextlib.nullcontext()
+        receiving = False
         try:
-            async with asyncio.timeout(self.read_timeout):
+            async with asyncio.timeout(self.read_timeout), turn:
+                receiving = True
                 data = await anext(messages)
         except TimeoutError:
+            if not receiving:
+                await rpc.abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is receiving {self.max_receiving} requests, its limit "
+                    f"(--max-receiving-bytes), and none ended within {self.read_timeout:g}s; "
+                    "retry later",
+                )
             await rpc.abort(
                 context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -113,6 +113,17 @@ class Settings:
         "RPCs served at once; more get RESOURCE_EXHAUSTED (health checks and reflection "
         "are not counted; 0: no limit).",
     )
+    max_streams_per_connection: int = _setting(
+        100,
+        "Calls one client connection may have open at once (HTTP/2 streams); its further "
+        "calls wait for one to end (0: gRPC's default, no limit).",
+    )
+    max_receiving_bytes: int = _setting(
+        0,
+        "Bytes the requests being received at once may hold in all: as many requests are "
+        "received together as this holds of --max-message-bytes (at least one); the others "
+        "wait their turn within --request-read-timeout (0: a quarter of the memory).",
+    )
     request_read_timeout: float = _setting(
         30.0,
         "Seconds a call may take to send its request (and an upload between chunks), or "
@@ -222,6 +233,8 @@ _RANGES: dict[str, tuple[float, float]] = {
             "host_memory_budget",
             "grace_seconds",
             "max_concurrent_rpcs",
+            "max_streams_per_connection",
+            "max_receiving_bytes",
             "max_request_inputs",
             "max_request_images",
             "max_predict_bytes",
