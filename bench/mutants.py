@@ -1499,8 +1499,8 @@ MUTANTS = [
     Mutant(
         "gate: any number of requests are received at once",
         SERVER + "gate.py",
-        "        turn = self._receiving if self.max_receiving else contextlib.nullcontext()",
-        "        turn = contextlib.nullcontext()",
+        "        if not self.max_receiving:\n            yield\n            return\n",
+        "        if True:\n            yield\n            return\n",
         ("tests/test_receiving.py::test_requests_past_the_receiving_budget_wait_for_their_turn",),
     ),
     Mutant(
@@ -1520,6 +1520,30 @@ MUTANTS = [
             "tests/test_receiving.py::"
             "test_a_request_waiting_for_its_turn_is_sent_no_more_than_a_small_window",
         ),
+    ),
+    Mutant(
+        "auth: a call that starts a look at the token files does not wait for it",
+        SERVER + "auth.py",
+        "                await asyncio.wait_for(asyncio.shield(look), LOOK_WAIT)",
+        "                await asyncio.wait_for(asyncio.shield(look), 0)",
+        (
+            "tests/test_token_reload.py::"
+            "test_a_revoked_token_is_refused_from_the_first_call_after_the_look",
+        ),
+    ),
+    Mutant(
+        "models: a model whose outputs are random is found to mix rows",
+        SERVER + "models.py",
+        "        return False  # random outputs (sampling, dropout left on): the runs cannot tell",
+        "        pass",
+        ("tests/test_batching.py::test_a_model_whose_rows_are_independent_is_batched",),
+    ),
+    Mutant(
+        "devices: a container's memory limit is not the memory",
+        SERVER + "devices.py",
+        "            total = min(total, int(text))",
+        "            pass",
+        ("tests/test_receiving.py::test_the_default_receiving_budget_is_a_quarter_of_the_memory",),
     ),
 ]
 

@@ -40,6 +40,7 @@ TEST_ARCHITECTURES = [
     "complex_out=helpers.models:complex_out",
     "gram=helpers.models:gram",
     "centered=helpers.models:centered",
+    "sampler=helpers.models:sampler",
 ]
 
 

@@ -763,3 +763,6 @@ def test_a_model_whose_rows_are_independent_is_batched(
     two rows and of one differ by rounding only): it keeps the server's batch size."""
     serve(client, "mlp", architecture="tiny_mlp", checkpoint="mlp-w", warmup_shape=(4, 4))
     assert client.get_model("mlp").batching.max_batch_size == server.settings.max_batch_size
+    # Random outputs (a sampler, dropout left on) tell nothing: two runs of one row differ.
+    serve(client, "sampler", architecture="sampler")
+    assert client.get_model("sampler").batching.max_batch_size == server.settings.max_batch_size

@@ -11,12 +11,13 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from helpers.http2 import REFUSED_STREAM, Raw
-from modelhost.server import Settings, running
+from modelhost.server import Settings, devices, running
 from modelhost.server.app import receiving_at_once
 from modelhost.v1 import modelhost_pb2 as pb
 
@@ -73,9 +74,20 @@ def test_requests_past_the_receiving_budget_wait_for_their_turn(settings: Settin
         assert pb.ListModelsResponse.FromString(listed) == pb.ListModelsResponse()
 
 
-def test_the_default_receiving_budget_is_a_quarter_of_the_memory(settings: Settings) -> None:
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert receiving_at_once(settings) == memory // 4 // settings.max_message_bytes
+def test_the_default_receiving_budget_is_a_quarter_of_the_memory(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of the container's memory limit when there is one (review 15b, M4: the machine's
+    memory would leave a pod's limit unbounded)."""
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(devices, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "none"), str(limit)))
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    assert devices.host_memory_bytes() == machine
+    assert receiving_at_once(settings) == machine // 4 // settings.max_message_bytes
+    limit.write_text(f"{8 << 30}\n")
+    assert devices.host_memory_bytes() == min(machine, 8 << 30)
+    assert receiving_at_once(settings) == min(machine, 8 << 30) // 4 // (256 << 20)
     tiny = dataclasses.replace(settings, max_receiving_bytes=1)
     assert receiving_at_once(tiny) == 1  # at least one, whatever the budget
 

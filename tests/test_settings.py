@@ -70,3 +70,6 @@ def test_grpc_sizes_stay_within_int32() -> None:
     with pytest.raises(ValueError, match=r"--max-message-bytes .* must be 1 to 2,147,483,647"):
         Settings(max_message_bytes=1 << 31)
     Settings(max_message_bytes=(1 << 31) - 1, chunk_bytes=(1 << 31) - 1)
+    with pytest.raises(ValueError, match=r"--max-streams-per-connection .* 0 to 2,147,483,647"):
+        Settings(max_streams_per_connection=1 << 31)  # it was a raw OverflowError at start
+    Settings(max_streams_per_connection=(1 << 31) - 1)

@@ -408,3 +408,22 @@ class Centered(nn.Module):
 
 def centered() -> nn.Module:
     return Centered()
+
+
+class Sampler(nn.Module):
+    """`x * scale + noise`, noise drawn for each row (a VAE's sampling): its rows are
+    independent, yet no two runs answer alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + torch.randn_like(x)
+
+
+def sampler() -> nn.Module:
+    return Sampler()
+
+
+sampler.input_shape = (-1, 2)  # type: ignore[attr-defined]

@@ -30,7 +30,8 @@ import numpy as np
 # gRPC core's own log lines, read once when grpc is imported. A client command says
 # what went wrong in its `error:` line, so they only repeat it (each failed TLS handshake
 # twice). The server keeps gRPC's errors and drops its INFO lines, which any client can
-# provoke (a failed handshake). GRPC_VERBOSITY set by the user wins.
+# provoke (a failed handshake). GRPC_VERBOSITY set by the user wins. (A program that
+# imports this module before grpc gets the same default: the library does not.)
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if sys.argv[1:2] == ["serve"] else "NONE")
 
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError

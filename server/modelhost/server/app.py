@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from modelhost.server import malloc, messages, oip, service
 from modelhost.server.auth import LiveTokens, Tokens
+from modelhost.server.devices import host_memory_bytes
 from modelhost.server.gate import Gate
 from modelhost.server.host import Host
 from modelhost.server.probes import HealthServicer, OpenStreams, ReflectionServicer, probe_options
@@ -349,9 +350,7 @@ def running(settings: Settings) -> Iterator[Server]:
 
 def receiving_at_once(settings: Settings) -> int:
     """Requests the gate receives at once: as many as `--max-receiving-bytes` (default: a
-    quarter of the memory) holds of `--max-message-bytes`, at least one."""
-    budget = (
-        settings.max_receiving_bytes
-        or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    )
+    quarter of the memory, or of the container's limit) holds of `--max-message-bytes`, at
+    least one."""
+    budget = settings.max_receiving_bytes or host_memory_bytes() // 4
     return max(1, budget // settings.max_message_bytes)

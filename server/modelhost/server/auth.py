@@ -12,16 +12,19 @@
 - A token file that holds no token, or a token that is only whitespace, stops the
   server at start: the operator wants authentication, so it must not turn it off.
 - Token files are re-read when they change (`LiveTokens`: a stat per file at most every
-  RELOAD_INTERVAL, started by a call and made on a thread of its own, so a file on a
-  volume that hangs holds up no call), so a rotation or a revoked token takes effect
-  without a restart. A changed file that holds no token or cannot be read keeps the
-  tokens read before (an ERROR is logged): a file caught mid-write never opens the server.
+  RELOAD_INTERVAL, started by a call and made on a thread, which that call waits for up
+  to LOOK_WAIT: a file on a volume that hangs holds up no call for longer), so a rotation
+  or a revoked token takes effect without a restart. A changed file that holds no token
+  or cannot be read keeps the tokens read before (an ERROR is logged): a file caught
+  mid-write never opens the server.
   A token file must be a regular file of at most MAX_TOKEN_FILE_BYTES (a FIFO, a device
   or a directory swapped in for it cannot be read).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import hmac
 import logging
@@ -71,6 +74,8 @@ RELOAD_INTERVAL = 1.0
 """Seconds between looks at the token files for a change (a stat of each, made by the
 first call after the interval): a rotated or revoked token takes effect within about this."""
 MAX_TOKEN_FILE_BYTES = 1 << 20
+LOOK_WAIT = 1.0
+"""Seconds a call that starts a look at the token files waits for it (`LiveTokens.judge`)."""
 FRESH_SECONDS = 2.0
 """A token file modified less than this long ago is read again at the next look even if
 its stat has not changed: file times have a coarse clock, so a rewrite of the same size
@@ -288,10 +293,22 @@ class LiveTokens:
             self.current = self._assemble()
 
     def verdict(self, method: str, presented: bytes | None) -> tuple[grpc.StatusCode, str] | None:
-        """`Tokens.verdict` with the tokens of the files' last look; starts the next look
-        (on a thread: never on the event loop) once `interval` has passed."""
+        """`Tokens.verdict` with the files' tokens of at most `interval` seconds ago (a
+        look at them, when due, is made here: off the event loop, use `judge`)."""
+        self.refresh()
+        return self.current.verdict(method, presented)
+
+    async def judge(
+        self, method: str, presented: bytes | None
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """`verdict` for a call on the event loop: a look at the files, when due, runs on a
+        thread, and the call waits up to LOOK_WAIT for it (so a revoked token is refused
+        from the look on). A look that takes longer (a volume that hangs) goes on alone:
+        calls meanwhile are judged by the tokens read before."""
         if self._files and time.monotonic() >= self._due and self._looking.acquire(False):
-            threading.Thread(target=self._look, name="token-files", daemon=True).start()
+            look = asyncio.ensure_future(asyncio.to_thread(self._look))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(look), LOOK_WAIT)
         return self.current.verdict(method, presented)
 
     def _look(self) -> None:

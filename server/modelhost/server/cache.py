@@ -36,7 +36,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import threading
 import time
 import weakref
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 
 from modelhost.server.devices import (
+    host_memory_bytes,
     lower_priority,
     oom_while,
     pinned_host_bytes,
@@ -85,13 +85,9 @@ def budget_bytes(setting: float, device: torch.device) -> int | None:
     if setting > 1:
         return int(setting)
     if device.type != "cuda":
-        return None if setting <= 0 else int(setting * _host_total())
+        return None if setting <= 0 else int(setting * host_memory_bytes())
     free, total = torch.cuda.mem_get_info(device)
     return int(DEFAULT_GPU_FRACTION * free) if setting <= 0 else int(setting * total)
-
-
-def _host_total() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _gib(n: int) -> str:
@@ -137,7 +133,9 @@ class ModelCache:
         # A thread per device: a page-in waiting for room holds up no load, no other device.
         self._page_ins: dict[str, ThreadPoolExecutor] = {}
         self._device_setting = device_budget
-        self._host_limit = int(host_budget if host_budget > 1 else host_budget * _host_total())
+        self._host_limit = int(
+            host_budget if host_budget > 1 else host_budget * host_memory_bytes()
+        )
         self._limits: dict[str, int | None] = {}
         self._reserved: dict[Key, tuple[str, int]] = {}  # loads and page-ins in progress
         self._waiting: set[Key] = set()  # loads and page-ins waiting for room

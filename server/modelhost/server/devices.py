@@ -23,6 +23,27 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+CGROUP_MEMORY_LIMITS = (
+    "/sys/fs/cgroup/memory.max",  # cgroup v2 ("max": none)
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
+)
+
+
+def host_memory_bytes() -> int:
+    """The memory this process may use: the machine's, or its container's (a cgroup
+    limit, as a Kubernetes pod's memory limit sets) when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as file:
+                text = file.read(64).strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
 def resolve_device(requested: str, default: str) -> torch.device:
     """ "" -> the server default; "auto" -> cuda when present, else cpu; checks it exists."""
     name = (requested or default).strip().lower()

@@ -97,7 +97,7 @@ class Gate(grpc.aio.ServerInterceptor):
             served = handler if is_open else self._guarded(handler, method.rsplit("/", 1)[-1])
             self._handlers[method] = served
         if self.tokens.enabled:  # open methods pass, unless probes have their own port
-            verdict = self.tokens.verdict(method, bearer(details.invocation_metadata))
+            verdict = await self.tokens.judge(method, bearer(details.invocation_metadata))
             if verdict is not None:
                 return _refusal(served, *verdict, logged=functools.partial(self._refused, method))
         return served
@@ -156,6 +156,29 @@ class Gate(grpc.aio.ServerInterceptor):
             "(request_read_timeout)",
         )
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """A turn to receive a message (RESOURCE_EXHAUSTED if none comes within
+        `read_timeout`): while gRPC receives it, it may hold up to --max-message-bytes."""
+        if not self.max_receiving:
+            yield
+            return
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await self._receiving.acquire()
+        except TimeoutError:
+            await rpc.abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is receiving {self.max_receiving} requests, its limit "
+                f"(--max-receiving-bytes), and none ended within {self.read_timeout:g}s; "
+                "retry later",
+            )
+        try:
+            yield
+        finally:
+            self._receiving.release()
+
     async def _read(
         self,
         messages: AsyncIterator[bytes],
@@ -165,26 +188,17 @@ class Gate(grpc.aio.ServerInterceptor):
     ) -> Any:
         """The next message (StopAsyncIteration at the end), parsed; aborts the call when
         it does not arrive in time or does not parse."""
-        turn = self._receiving if self.max_receiving else contextlib.nullcontext()
-        receiving = False
-        try:
-            async with asyncio.timeout(self.read_timeout), turn:
-                receiving = True
-                data = await anext(messages)
-        except TimeoutError:
-            if not receiving:
+        async with self._turn(context):
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    data = await anext(messages)
+            except TimeoutError:
                 await rpc.abort(
                     context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the server is receiving {self.max_receiving} requests, its limit "
-                    f"(--max-receiving-bytes), and none ended within {self.read_timeout:g}s; "
-                    "retry later",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no {what} message arrived within {self.read_timeout:g}s "
+                    "(request_read_timeout)",
                 )
-            await rpc.abort(
-                context,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no {what} message arrived within {self.read_timeout:g}s (request_read_timeout)",
-            )
         if parse is None:
             return data
         try:

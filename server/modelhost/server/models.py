@@ -204,7 +204,10 @@ class Models:
         try:
             hosted = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
-            self._in_background(self._abandon(job, spec.name, version, held))
+            job.add_done_callback(lambda _: self._forget(spec.name, version))
+            job.add_done_callback(_discard_load)
+            # The build may read the bytes on: held until it ends (never, if it hangs).
+            job.add_done_callback(lambda _: self._in_background(self._let_go(held)))
             raise
         except BaseException:
             self._forget(spec.name, version)
@@ -213,20 +216,6 @@ class Models:
         # Once the record is being written the load goes through, even if the caller left.
         await _to_the_end(self._commit_load(hosted, held))
         return hosted
-
-    async def _abandon(
-        self, job: asyncio.Future[HostedModel], name: str, version: int, held: str
-    ) -> None:
-        """A load whose caller left while it was built: thrown away once built."""
-        try:
-            hosted = await job
-        except BaseException:
-            pass  # it failed by itself: nothing was built
-        else:
-            await asyncio.to_thread(hosted.retire)
-        finally:
-            self._forget(name, version)
-            await self._let_go(held)
 
     async def _commit_load(self, hosted: HostedModel, held: str) -> None:
         """Records a built version, then registers it, with the hold on its bytes if it may
@@ -671,7 +660,7 @@ class Models:
         self._closing = True
         for hosted in self.registry.all():
             await self.unload(hosted.name, hosted.version)
-        # Clean-up for callers that left (a load thrown away once built) ends first.
+        # Clean-up for callers that left (a let-go: milliseconds) ends first.
         await asyncio.gather(*self._background, return_exceptions=True)
         with self._lanes_lock:
             pools, self._gpu_lanes = list(self._gpu_lanes.values()), {}
@@ -851,7 +840,8 @@ def _mixes_rows(
     random rows than alone: shapes, or floating-point values beyond 5% of the output's
     largest magnitude (`x @ x.T`, a normalisation over the batch). Dynamic batching would
     give such a model's callers values computed from each other's inputs. Needs the
-    inputs' shapes (declared, or `warmup_shape`); a run that fails proves nothing."""
+    inputs' shapes (declared, or `warmup_shape`); a run that fails proves nothing, nor do
+    runs of a model whose outputs are random (the row alone, twice, differs)."""
     if warmup_shape and len(inputs) <= 1:
         name = inputs[0].name if inputs else SINGLE_INPUT
         dtype = inputs[0].dtype if inputs else runner.dtype
@@ -867,11 +857,15 @@ def _mixes_rows(
         )
         for given in specs
     }
+    first = {name: tensor[:1] for name, tensor in pair.items()}
     try:
         together = lane.call(runner.run_uncompiled, pair).result()
-        alone = lane.call(runner.run_uncompiled, {n: t[:1] for n, t in pair.items()}).result()
+        alone = lane.call(runner.run_uncompiled, first).result()
+        again = lane.call(runner.run_uncompiled, first).result()
     except Exception:
         return False
+    if again.keys() != alone.keys() or not all(_alike(again[n], t) for n, t in alone.items()):
+        return False  # random outputs (sampling, dropout left on): the runs cannot tell
     return together.keys() != alone.keys() or not all(
         tensor.dim() > 0 and _alike(tensor[:1], alone[name]) for name, tensor in together.items()
     )
@@ -914,6 +908,12 @@ async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
     task = asyncio.ensure_future(work)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, not logged
     return await asyncio.shield(task)
+
+
+def _discard_load(job: asyncio.Future[HostedModel]) -> None:
+    """Frees a version built for a caller that left."""
+    if not job.cancelled() and job.exception() is None:
+        job.result().retire()
 
 
 def _log_background(task: asyncio.Task[None]) -> None:

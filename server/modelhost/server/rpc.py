@@ -147,7 +147,7 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     its traceback (red team 13, F4)."""
     try:
         await context.abort(code, message)
-    except grpc.aio.AbortError:
+    except (grpc.aio.AbortError, grpc.aio.UsageError):  # UsageError: a bug (aborted twice)
         raise
     except Exception:
         raise asyncio.CancelledError from None

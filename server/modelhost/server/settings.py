@@ -220,6 +220,7 @@ _RANGES: dict[str, tuple[float, float]] = {
         ("max_message_bytes", "chunk_bytes"),
         (1, (1 << 31) - 1),  # gRPC's sizes are int32
     ),
+    "max_streams_per_connection": (0, (1 << 31) - 1),  # an int32 gRPC option too
     "max_tensor_elements": (1, math.inf),
     **dict.fromkeys(("load_workers", "preprocess_workers", "gpu_lanes"), (1, 1024)),
     "max_batch_size": (1, MAX_BATCH_SIZE),
@@ -233,7 +234,6 @@ _RANGES: dict[str, tuple[float, float]] = {
             "host_memory_budget",
             "grace_seconds",
             "max_concurrent_rpcs",
-            "max_streams_per_connection",
             "max_receiving_bytes",
             "max_request_inputs",
             "max_request_images",
