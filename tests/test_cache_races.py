@@ -23,6 +23,7 @@ import pytest
 from conftest import build, expect, reference
 from modelhost.client import ModelHostClient, ModelHostError
 from modelhost.server import Server, Settings, running, store_locks
+from modelhost.server.hosted import HostedModel
 
 SMALL = {"features": 4, "hidden": 8, "classes": 3}
 WIDE = {"features": 16, "hidden": 256, "classes": 4}
@@ -70,6 +71,16 @@ def serving(settings: Settings, budget: int) -> Iterator[tuple[Server, ModelHost
     settings = dataclasses.replace(settings, device_memory_budget=budget)
     with running(settings) as server, ModelHostClient(server.target, timeout=60) as client:
         yield server, client
+
+
+def slow_version(server: Server, client: ModelHostClient, delay: float) -> HostedModel:
+    """Hosts "a", a slow_mlp whose forward takes `delay` seconds (checkpoint "ck", which
+    fits WIDE); its HostedModel."""
+    client.save_checkpoint("ck", build("tiny_mlp", WIDE, seed=0).state_dict())
+    slow = {**WIDE, "delay": delay}
+    client.load_model("a", architecture="slow_mlp", checkpoint="ck", architecture_args=slow)
+    assert server.host is not None
+    return server.host.models.registry.get("a")
 
 
 def holds(server: Server) -> dict[str, int]:
@@ -139,7 +150,17 @@ def test_a_load_whose_caller_leaves_while_it_waits_to_hold_holds_nothing(
             time.sleep(0.5)  # the hold still waits for the lock
         wait_until(lambda: not holds(a))
         assert ca.list_models() == []
-        cb.delete_checkpoint("ck")  # no other server holds it
+        wait_until(lambda: deleted(cb, "ck"))  # once A's holds file says so, none holds it
+
+
+def deleted(client: ModelHostClient, checkpoint: str) -> bool:
+    """Deletes a checkpoint; False while another server holds its bytes."""
+    try:
+        client.delete_checkpoint(checkpoint)
+    except ModelHostError as error:
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error
+        return False
+    return True
 
 
 def test_a_busy_store_lock_does_not_fail_an_unload(
@@ -198,11 +219,7 @@ def test_an_unloaded_version_counts_until_its_requests_are_done(settings: Settin
     """M2: a load waits for the room an unloaded version's last requests still use."""
     budget = W + W // 2  # one version fits, not two
     with serving(settings, budget) as (server, client):
-        client.save_checkpoint("ck", build("tiny_mlp", WIDE, seed=0).state_dict())
-        slow = {**WIDE, "delay": 1.0}
-        client.load_model("a", architecture="slow_mlp", checkpoint="ck", architecture_args=slow)
-        assert server.host is not None
-        a = server.host.models.registry.get("a")
+        a = slow_version(server, client, delay=1.0)
         callers = [threading.Thread(target=client.predict, args=("a", X)) for _ in range(2)]
         for caller in callers:
             caller.start()
@@ -222,11 +239,7 @@ def test_a_running_batch_whose_callers_left_keeps_its_version_resident(
     """L1: no eviction from under a forward pass, even one nobody waits for any more."""
     budget = W + W // 2
     with serving(settings, budget) as (server, client):
-        client.save_checkpoint("ck", build("tiny_mlp", WIDE, seed=0).state_dict())
-        slow = {**WIDE, "delay": 2.0}
-        client.load_model("a", architecture="slow_mlp", checkpoint="ck", architecture_args=slow)
-        assert server.host is not None
-        a = server.host.models.registry.get("a")
+        a = slow_version(server, client, delay=2.0)
         expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: client.predict("a", X, timeout=0.5))
         assert a.batcher.running  # its forward pass goes on
         loading = threading.Thread(

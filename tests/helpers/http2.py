@@ -114,6 +114,13 @@ class Raw:
     ) -> None:
         """Starts a call of `path` on `stream` and sends part of its request (the start of
         a 60 KB message)."""
+        self._send(self._headers(stream, path, metadata) + _frame(0, 0, stream, _half_check()))
+
+    def open(self, stream: int, path: str) -> None:
+        """Starts a call of `path` on `stream`, its request not begun."""
+        self._send(self._headers(stream, path, ()))
+
+    def _headers(self, stream: int, path: str, metadata: tuple[tuple[str, str], ...]) -> bytes:
         fields = [
             (":method", "POST"),
             (":scheme", "http"),
@@ -123,8 +130,9 @@ class Raw:
             ("te", "trailers"),
             *metadata,
         ]
-        block = b"".join(_literal(name, value) for name, value in fields)
-        self._send(_frame(HEADERS, 4, stream, block) + _frame(0, 0, stream, _half_check()))
+        with self._changed:
+            self.windows.setdefault(stream, self.initial)
+        return _frame(HEADERS, 4, stream, b"".join(_literal(n, v) for n, v in fields))
 
     def _settings(self, payload: bytes) -> None:
         for at in range(0, len(payload), 6):
@@ -133,21 +141,6 @@ class Raw:
                 for stream in self.windows:
                     self.windows[stream] += value - self.initial
                 self.initial = value
-
-    def open(self, stream: int, path: str) -> None:
-        """Starts a call of `path` on `stream`, its request not begun."""
-        fields = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", f"127.0.0.1:{self.port}"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ]
-        with self._changed:
-            self.windows.setdefault(stream, self.initial)
-        block = b"".join(_literal(name, value) for name, value in fields)
-        self._send(_frame(HEADERS, 4, stream, block))
 
     def send(self, stream: int, data: bytes, seconds: float) -> int:
         """Sends `data` on `stream` as far as the server's windows let it within `seconds`

@@ -253,61 +253,48 @@ class ModelCache:
         deadline: Deadline,
         stale: list[torch.device],
     ) -> None:
-        """`reserve`'s work, under the lock; evicted modules only a collection frees are
-        added to `stale`."""
+        """`reserve`'s work, under the lock: evicts, or waits, until `nbytes` fit; evicted
+        modules only a collection frees are added to `stale`."""
         with self._cond:
             try:
-                self._wait_for_room(key, where, nbytes, limit=limit, deadline=deadline, stale=stale)
+                while limit is not None:
+                    idles = self._idles
+                    used = self._used(where, exclude=key)
+                    if used + nbytes <= limit:
+                        break
+                    if self._evict_one(where, key, stale):
+                        continue
+                    held = self._resident(where)
+                    pinned_bytes = sum(h.device_bytes for h in held if h.stays)
+                    busy = [h for h in held if not h.stays] + self._leaving_from(where)
+                    loading = [  # may register soon
+                        other
+                        for other, (device, _) in self._reserved.items()
+                        if other != key and device == where
+                    ]
+                    if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
+                        raise OutOfMemory(
+                            f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
+                            f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
+                            f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
+                            f"{_gib(used - pinned_bytes)} more is in use"
+                        )
+                    until = deadline() if callable(deadline) else deadline
+                    remaining = None if until is None else until - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise NoRoomInTime(where, key[0], busy, loading)
+                    self._waiting.add(key)
+                    if key in self._reserved and loading and self._waiting.issuperset(loading):
+                        # Two loads that each hold room for their weights and each want more for
+                        # their workspace would wait for each other until one's deadline: this one
+                        # waits without its room (its bytes are counted again once they fit).
+                        del self._reserved[key]
+                        self._cond.notify_all()
+                    if self._idles == idles:  # no request ended since the look above
+                        self._cond.wait(timeout=min(remaining or WAIT_STEP, WAIT_STEP))
             finally:
                 self._waiting.discard(key)
             self._reserved[key] = (where, nbytes)
-
-    def _wait_for_room(
-        self,
-        key: Key,
-        where: str,
-        nbytes: int,
-        *,
-        limit: int | None,
-        deadline: Deadline,
-        stale: list[torch.device],
-    ) -> None:
-        """Evicts, or waits, until `nbytes` fit (call with the lock held)."""
-        while limit is not None:
-            idles = self._idles
-            used = self._used(where, exclude=key)
-            if used + nbytes <= limit:
-                break
-            if self._evict_one(where, key, stale):
-                continue
-            held = self._resident(where)
-            pinned_bytes = sum(h.device_bytes for h in held if h.stays)
-            busy = [h for h in held if not h.stays] + self._leaving_from(where)
-            loading = [  # may register soon
-                other
-                for other, (device, _) in self._reserved.items()
-                if other != key and device == where
-            ]
-            if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
-                raise OutOfMemory(
-                    f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
-                    f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
-                    f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
-                    f"{_gib(used - pinned_bytes)} more is in use"
-                )
-            until = deadline() if callable(deadline) else deadline
-            remaining = None if until is None else until - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise NoRoomInTime(where, key[0], busy, loading)
-            self._waiting.add(key)
-            if key in self._reserved and loading and self._waiting.issuperset(loading):
-                # Two loads that each hold room for their weights and each want more for
-                # their workspace would wait for each other until one's deadline: this one
-                # waits without its room (its bytes are counted again once they fit).
-                del self._reserved[key]
-                self._cond.notify_all()
-            if self._idles == idles:  # no request ended since the look above
-                self._cond.wait(timeout=min(remaining or WAIT_STEP, WAIT_STEP))
 
     def unreserve(self, key: Key) -> None:
         """Gives back a reservation (a load or page-in that failed, or has registered)."""
