@@ -122,7 +122,8 @@ class Settings:
         0,
         "Bytes the requests being received at once may hold in all: as many requests are "
         "received together as this holds of --max-message-bytes (at least one); the others "
-        "wait their turn within --request-read-timeout (0: a quarter of the memory).",
+        "wait their turn within --request-read-timeout (0: a quarter of the memory, or of the "
+        "container's memory limit).",
     )
     request_read_timeout: float = _setting(
         30.0,
