@@ -130,8 +130,10 @@ MUTANTS = [
     Mutant(
         "gate: silent callers keep their slots (no read timeout)",
         SERVER + "gate.py",
-        "        try:\n            async with asyncio.timeout(self.read_timeout):",
-        "        try:\n            async with asyncio.timeout(None):",
+        "                async with asyncio.timeout(self.read_timeout):\n"
+        "                    data = await anext(messages)",
+        "                async with asyncio.timeout(None):\n"
+        "                    data = await anext(messages)",
         ("tests/test_gate.py::test_silent_callers_cannot_hold_the_slots",),
     ),
     Mutant(
