@@ -1436,9 +1436,8 @@ MUTANTS = [
     ),
     Mutant(
         "cache: an unloaded version stops counting while its requests run",
-        SERVER + "models.py",
-        "        self.cache.leaving(leaving)"
-        "  # counted on its device until its requests are done\n",
+        SERVER + "cache.py",
+        "            self._leaving.extend(removed)\n",
         "",
         ("tests/test_cache_races.py::test_an_unloaded_version_counts_until_its_requests_are_done",),
     ),
@@ -1501,8 +1500,8 @@ MUTANTS = [
     Mutant(
         "gate: any number of requests are received at once",
         SERVER + "gate.py",
-        "        if not self.max_receiving:\n            yield\n            return\n",
-        "        if True:\n            yield\n            return\n",
+        "        self._receiving = asyncio.Semaphore(max_receiving)",
+        "        self._receiving = asyncio.Semaphore(1 << 30)",
         ("tests/test_receiving.py::test_requests_past_the_receiving_budget_wait_for_their_turn",),
     ),
     Mutant(

@@ -32,6 +32,7 @@ idle) never wait for that lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -39,7 +40,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -177,16 +178,8 @@ class ModelCache:
         ]
 
     def _leaving_from(self, device: str) -> list[HostedModel]:
-        """Unloaded versions on `device` that requests still hold (those an unload is
-        taking out of the registry at this moment are counted there)."""
-        if not self._leaving:
-            return []
-        registered = {id(h) for h in self._registry.all()}
-        return [
-            h
-            for h in self._leaving
-            if h.tier == RESIDENT and str(h.loaded.device) == device and id(h) not in registered
-        ]
+        """Unloaded versions on `device` that requests still hold."""
+        return [h for h in self._leaving if h.tier == RESIDENT and str(h.loaded.device) == device]
 
     def _used(self, device: str, exclude: Key | None = None) -> int:
         """Bytes on `device`: resident versions (unloaded ones still answering requests
@@ -206,11 +199,14 @@ class ModelCache:
         returning = sum(copy.nbytes for copy in self._returning)
         return copies + returning + sum(m.host_bytes for m in self._moves)
 
-    def leaving(self, versions: Iterable[HostedModel]) -> None:
-        """Versions an unload takes out of the registry: still counted on their devices
-        until `left` (their queued and running requests hold them)."""
+    def leaving(self, remove: Callable[[], list[HostedModel]]) -> list[HostedModel]:
+        """Takes versions out of the registry (`remove`, under the cache's lock: no look
+        counts them twice, nor misses them): they are still counted on their devices until
+        `left` (their queued and running requests hold them). Returns them."""
         with self._cond:
-            self._leaving.extend(versions)
+            removed = remove()
+            self._leaving.extend(removed)
+        return removed
 
     def left(self, hosted: HostedModel) -> None:
         """An unloaded version has been freed: its room is free for others."""
@@ -255,46 +251,51 @@ class ModelCache:
     ) -> None:
         """`reserve`'s work, under the lock: evicts, or waits, until `nbytes` fit; evicted
         modules only a collection frees are added to `stale`."""
-        with self._cond:
-            try:
-                while limit is not None:
-                    idles = self._idles
-                    used = self._used(where, exclude=key)
-                    if used + nbytes <= limit:
-                        break
-                    if self._evict_one(where, key, stale):
-                        continue
-                    held = self._resident(where)
-                    pinned_bytes = sum(h.device_bytes for h in held if h.stays)
-                    busy = [h for h in held if not h.stays] + self._leaving_from(where)
-                    loading = [  # may register soon
-                        other
-                        for other, (device, _) in self._reserved.items()
-                        if other != key and device == where
-                    ]
-                    if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
-                        raise OutOfMemory(
-                            f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
-                            f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
-                            f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
-                            f"{_gib(used - pinned_bytes)} more is in use"
-                        )
-                    until = deadline() if callable(deadline) else deadline
-                    remaining = None if until is None else until - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise NoRoomInTime(where, key[0], busy, loading)
-                    self._waiting.add(key)
-                    if key in self._reserved and loading and self._waiting.issuperset(loading):
-                        # Two loads that each hold room for their weights and each want more for
-                        # their workspace would wait for each other until one's deadline: this one
-                        # waits without its room (its bytes are counted again once they fit).
-                        del self._reserved[key]
-                        self._cond.notify_all()
-                    if self._idles == idles:  # no request ended since the look above
-                        self._cond.wait(timeout=min(remaining or WAIT_STEP, WAIT_STEP))
-            finally:
-                self._waiting.discard(key)
+        with self._cond, self._waiting_for_room(key):
+            while limit is not None:
+                idles = self._idles
+                used = self._used(where, exclude=key)
+                if used + nbytes <= limit:
+                    break
+                if self._evict_one(where, key, stale):
+                    continue
+                held = self._resident(where)
+                pinned_bytes = sum(h.device_bytes for h in held if h.stays)
+                busy = [h for h in held if not h.stays] + self._leaving_from(where)
+                loading = [  # may register soon
+                    other
+                    for other, (device, _) in self._reserved.items()
+                    if other != key and device == where
+                ]
+                if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
+                    raise OutOfMemory(
+                        f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
+                        f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
+                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
+                        f"{_gib(used - pinned_bytes)} more is in use"
+                    )
+                until = deadline() if callable(deadline) else deadline
+                remaining = None if until is None else until - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise NoRoomInTime(where, key[0], busy, loading)
+                self._waiting.add(key)
+                if key in self._reserved and loading and self._waiting.issuperset(loading):
+                    # Two loads that each hold room for their weights and each want more for
+                    # their workspace would wait for each other until one's deadline: this one
+                    # waits without its room (its bytes are counted again once they fit).
+                    del self._reserved[key]
+                    self._cond.notify_all()
+                if self._idles == idles:  # no request ended since the look above
+                    self._cond.wait(timeout=min(remaining or WAIT_STEP, WAIT_STEP))
             self._reserved[key] = (where, nbytes)
+
+    @contextlib.contextmanager
+    def _waiting_for_room(self, key: Key) -> Iterator[None]:
+        """Marks `key` as waiting for room when it waits (`_waiting`), until it is done."""
+        try:
+            yield
+        finally:
+            self._waiting.discard(key)
 
     def unreserve(self, key: Key) -> None:
         """Gives back a reservation (a load or page-in that failed, or has registered)."""

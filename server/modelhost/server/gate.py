@@ -66,15 +66,15 @@ class Gate(grpc.aio.ServerInterceptor):
         *,
         max_concurrent: int,
         read_timeout: float,
-        max_receiving: int = 0,
+        max_receiving: int,
     ) -> None:
         self.tokens = tokens
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout
-        # Requests received at once (0: any number): each may hold --max-message-bytes
-        # while it arrives, and a caller may send all of one but its last byte.
+        # Requests received at once: each may hold --max-message-bytes while it arrives,
+        # and a caller may send all of one but its last byte.
         self.max_receiving = max_receiving
-        self._receiving = asyncio.Semaphore(max_receiving or 1)
+        self._receiving = asyncio.Semaphore(max_receiving)
         self.active = 0
         # method -> its handler as served; handlers never change.
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -160,9 +160,6 @@ class Gate(grpc.aio.ServerInterceptor):
     async def _turn(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """A turn to receive a message (RESOURCE_EXHAUSTED if none comes within
         `read_timeout`): while gRPC receives it, it may hold up to --max-message-bytes."""
-        if not self.max_receiving:
-            yield
-            return
         try:
             async with asyncio.timeout(self.read_timeout):
                 await self._receiving.acquire()

@@ -388,9 +388,7 @@ class Runner:
     def peak_bytes(self, batch: Tensors) -> int:
         """Runs one batch uncompiled and returns the most bytes its tensors held at once
         (`activations.peak_bytes`); it finds the outputs, as any first run does."""
-        assert self.module is not None
-        module = self.module
-        return peak_bytes(lambda: self._run_with(batch, module))
+        return peak_bytes(lambda: self.run_uncompiled(batch))
 
     def run_uncompiled(self, batch: Tensors) -> Tensors:
         """Runs one batch as the module is (no compile queued for its shape): a load's

@@ -521,8 +521,8 @@ class Models:
             unrestored.pop(key, None)
         if not leaving:
             return [], forgotten
-        self.cache.leaving(leaving)  # counted on its device until its requests are done
-        return self.registry.remove(name, version), forgotten
+        # Counted on their devices until their requests are done (`_retire`).
+        return self.cache.leaving(lambda: self.registry.remove(name, version)), forgotten
 
     async def _retire(self, hosted: HostedModel) -> None:
         """Frees an unloaded version once its requests are answered."""

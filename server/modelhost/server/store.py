@@ -408,7 +408,7 @@ class CheckpointStore:
         with self._lock:
             self._letting_go.append(sha256)
         try:
-            with self._locked():
+            with self._locked():  # which lets go of it, with any let go of before
                 pass
         except StoreBusy as error:
             log.warning("letting go of blob %s later: %s", sha256[:12], error)
