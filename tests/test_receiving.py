@@ -63,7 +63,8 @@ def test_requests_past_the_receiving_budget_wait_for_their_turn(settings: Settin
     with running(one) as server, grpc.insecure_channel(server.target) as channel:
         stalled = channel.stream_unary(PREDICT).future(nothing(), timeout=60)
         with pytest.raises(grpc.RpcError) as waited:
-            channel.unary_unary(LIST)(b"", timeout=30)
+            for _ in range(5):  # until the stalled call has reached the gate and its turn
+                channel.unary_unary(LIST)(b"", timeout=30)
         assert waited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-receiving-bytes" in (waited.value.details() or "")
         with pytest.raises(grpc.RpcError) as timed_out:
