@@ -1546,6 +1546,16 @@ MUTANTS = [
         "            pass",
         ("tests/test_receiving.py::test_the_default_receiving_budget_is_a_quarter_of_the_memory",),
     ),
+    Mutant(
+        "loading: the skeleton is probed in its inputs' float dtype (remembered as float32)",
+        SERVER + "loading.py",
+        "    return torch.float32 if given.dtype.is_floating_point else given.dtype",
+        "    return given.dtype",
+        (
+            "tests/test_activation_bound.py::"
+            "test_the_remembered_cost_does_not_depend_on_which_dtype_probed_first",
+        ),
+    ),
 ]
 
 

@@ -110,6 +110,25 @@ def test_the_skeleton_on_the_meta_device_costs_what_the_model_does(
     assert cost.estimate([(2, 3, side, side)]) == pytest.approx(real, rel=0.02)
 
 
+def test_the_remembered_cost_does_not_depend_on_which_dtype_probed_first() -> None:
+    """The skeleton's cost is remembered per architecture in float32 and scaled to each
+    version's dtype. A float16 version probed first (its inputs float16) once left a
+    float16 cost behind: float32 versions of the same architecture were then estimated at
+    half what they take, and `max_predict_bytes` was twice too loose."""
+    catalog = ArchitectureCatalog([])
+    args = {"num_classes": 7}  # an argument no other test probes with: a fresh entry
+    spec = LoadSpec("m", "resnet18", args, "w", torch.device("cpu"), None)
+    half = [InputSpec("input", torch.float16, (-1, 3, -1, -1))]
+    full = [InputSpec("input", torch.float32, (-1, 3, -1, -1))]
+    halved = probe_skeleton(catalog, spec, half, torch.float16).activations
+    after = probe_skeleton(catalog, spec, full, torch.float32).activations
+    assert halved is not None and after is not None
+    model = torchvision.models.get_model("resnet18", weights=None, **args).eval()
+    real = one_row_peak(model, torch.zeros(2, 3, 160, 160))
+    assert after.estimate([(2, 3, 160, 160)]) == pytest.approx(real, rel=0.02)
+    assert halved.estimate([(2, 3, 160, 160)]) == pytest.approx(real / 2, rel=0.02)
+
+
 def test_an_overhead_that_does_not_grow_is_counted_as_if_it_did() -> None:
     """Runs that show less than linear growth give the larger run's bytes per element:
     never less than a larger input takes."""

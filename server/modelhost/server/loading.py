@@ -449,7 +449,7 @@ class Probed:
     activations: ActivationCost | None = None  # per row, in float32 (`activations.py`)
 
 
-_PROBED: dict[tuple[str, str, tuple[tuple[int, ...], ...]], Probed] = {}
+_PROBED: dict[tuple[str, str, tuple[tuple[int, ...], ...], tuple[str, ...]], Probed] = {}
 _PROBE_LOCK = threading.Lock()
 
 
@@ -465,7 +465,8 @@ def probe_skeleton(
     if not inputs or not spec.architecture:
         return Probed()
     shapes = tuple(given.shape for given in inputs)
-    key = (spec.architecture, json.dumps(spec.args, sort_keys=True, default=repr), shapes)
+    kinds = tuple(str(_probe_dtype(given)) for given in inputs)
+    key = (spec.architecture, json.dumps(spec.args, sort_keys=True, default=repr), shapes, kinds)
     with _PROBE_LOCK:
         found = _PROBED.get(key)
     if found is None:
@@ -498,6 +499,12 @@ def call_with(module: Callable[..., Any], inputs: Sequence[InputSpec], tensors: 
     return module(**{given.name: tensor for given, tensor in zip(inputs, tensors, strict=True)})
 
 
+def _probe_dtype(given: InputSpec) -> torch.dtype:
+    """What an input is probed in: float32 for every float input (the cost is remembered
+    in float32 and scaled to the version's dtype), its own dtype otherwise (token ids)."""
+    return torch.float32 if given.dtype.is_floating_point else given.dtype
+
+
 def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, inputs: list[InputSpec]) -> Probed:
     try:
         module = catalog.get(spec.architecture).skeleton(spec.args).eval()
@@ -507,7 +514,7 @@ def _probe(catalog: ArchitectureCatalog, spec: LoadSpec, inputs: list[InputSpec]
 
     def zeros(shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         return [
-            torch.zeros(tuple(shape), dtype=given.dtype, device="meta")
+            torch.zeros(tuple(shape), dtype=_probe_dtype(given), device="meta")
             for given, shape in zip(inputs, shapes, strict=True)
         ]
 
