@@ -1556,6 +1556,23 @@ MUTANTS = [
             "test_the_remembered_cost_does_not_depend_on_which_dtype_probed_first",
         ),
     ),
+    Mutant(
+        "rpc: a reply ready after the caller's deadline is handed to gRPC",
+        SERVER + "rpc.py",
+        "    if context.time_remaining() == 0:  # None: no deadline",
+        "    if False:",
+        ("tests/test_pagein_deadline.py::test_a_reply_ready_after_the_deadline_is_not_sent",),
+    ),
+    Mutant(
+        "rpc: a call whose deadline passed counts as cancelled",
+        SERVER + "rpc.py",
+        "            passed = context.time_remaining() == 0",
+        "            passed = False",
+        (
+            "tests/test_pagein_deadline.py::"
+            "test_a_call_whose_deadline_passed_is_counted_as_deadline_exceeded",
+        ),
+    ),
 ]
 
 

@@ -117,8 +117,9 @@ class _Call:
     async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
         """Records a failed call and ends it with the error's status (raises for Exceptions;
         cancellations and aborts are only recorded)."""
-        if isinstance(error, asyncio.CancelledError):
-            self.done(grpc.StatusCode.CANCELLED)
+        if isinstance(error, asyncio.CancelledError):  # the caller left, or its deadline passed
+            passed = context.time_remaining() == 0
+            self.done(grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED)
         elif isinstance(error, GeneratorExit):  # a reply stream closed before its end
             self.done(context.code() or grpc.StatusCode.CANCELLED)
         elif isinstance(error, grpc.aio.AbortError):
@@ -168,6 +169,15 @@ def _drop_tracebacks(error: BaseException) -> None:
         chained = chained.__cause__ or chained.__context__
 
 
+def _still_wanted(context: grpc.aio.ServicerContext) -> None:
+    """Raises CancelledError once the caller's deadline has passed: gRPC has ended the
+    call, and sending the reply would fail. gRPC logs that failed send as an ERROR with
+    its traceback when it has not yet seen the call end (red team 13, F4: a reply ready
+    as the deadline passes); a cancellation it logs at DEBUG."""
+    if context.time_remaining() == 0:  # None: no deadline
+        raise asyncio.CancelledError
+
+
 R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
@@ -180,6 +190,7 @@ def unary(method: Handler[R]) -> Handler[R]:
         call = _Call(self, method.__name__, request)
         try:
             reply = await method(self, request, context)
+            _still_wanted(context)
         except BaseException as error:
             await call.fail(error, context)
             raise
@@ -201,6 +212,7 @@ def streaming(
         call = _Call(self, method.__name__, request)
         try:
             async for reply in method(self, request, context):
+                _still_wanted(context)
                 yield reply
         except BaseException as error:
             await call.fail(error, context)
