@@ -1573,6 +1573,22 @@ MUTANTS = [
             "test_a_call_whose_deadline_passed_is_counted_as_deadline_exceeded",
         ),
     ),
+    Mutant(
+        "app: a port in use is left to gRPC's bind (and its own log line)",
+        SERVER + "app.py",
+        "    if port == 0:\n        return\n    try:\n        found = socket.getaddrinfo(",
+        "    if True:\n        return\n    try:\n        found = socket.getaddrinfo(",
+        (
+            "tests/test_cli_usability.py::test_serve_in_a_used_port_or_on_a_missing_gpu_says_so_in_one_line",
+        ),
+    ),
+    Mutant(
+        "cli: importing the CLI quiets gRPC for the whole program",
+        "client/modelhost/cli/__init__.py",
+        'if Path(sys.argv[0]).stem == "modelhost" or sys.argv[0] == "-m":',
+        "if True:",
+        ("tests/test_cli_usability.py::test_importing_the_cli_leaves_the_environment_alone",),
+    ),
 ]
 
 

@@ -30,9 +30,12 @@ import numpy as np
 # gRPC core's own log lines, read once when grpc is imported. A client command says
 # what went wrong in its `error:` line, so they only repeat it (each failed TLS handshake
 # twice). The server keeps gRPC's errors and drops its INFO lines, which any client can
-# provoke (a failed handshake). GRPC_VERBOSITY set by the user wins. (A program that
-# imports this module before grpc gets the same default: the library does not.)
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if sys.argv[1:2] == ["serve"] else "NONE")
+# provoke (a failed handshake). GRPC_VERBOSITY set by the user wins. Only the command
+# itself sets it: its script, or `python -m modelhost.cli` (argv[0] is "-m" while Python
+# imports the package to find its __main__); a program that imports this module keeps
+# its own environment, and so do the processes it starts.
+if Path(sys.argv[0]).stem == "modelhost" or sys.argv[0] == "-m":
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if sys.argv[1:2] == ["serve"] else "NONE")
 
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.client.channel import DEFAULT_MAX_MESSAGE_BYTES
@@ -770,7 +773,13 @@ def _serve(argv: list[str]) -> int:
     overrides = {name: getattr(args, name) for name, *_ in settings_fields()}
     try:
         return serve(Settings.from_env(**overrides))
-    except (ValueError, OSError, ModelHostFailure) as error:
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:  # the server says which port, and what to do
+            print(f"error: {error.strerror}", file=sys.stderr)
+            return 1
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, ModelHostFailure) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # grpc's "Failed to bind to address HOST:PORT; set ..."
@@ -810,6 +819,12 @@ def _hint(error: ModelHostError, args: argparse.Namespace) -> str:
         return "pass the token with --token or MODELHOST_TOKEN"
     if code == "PERMISSION_DENIED":
         return "this call needs the management token: --token or MODELHOST_TOKEN"
+    if code == "DEADLINE_EXCEEDED" and message == "Deadline Exceeded":  # gRPC's, no server's
+        waited = f"within --timeout {args.timeout:g} s" if args.timeout else "in time"
+        return (
+            f"no answer from {target} {waited}: the server may be busy, or not running "
+            "there (it is dialed again until the deadline); --timeout waits longer"
+        )
     if code != "UNAVAILABLE":
         return ""
     scheme, sep, _ = target.partition("://")

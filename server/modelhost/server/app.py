@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +46,36 @@ def _address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+def claimable(host: str, port: int, flag_name: str) -> None:
+    """Raises OSError(EADDRINUSE) with a message that says what to do when another
+    process listens on `port` at every address `host` names, before gRPC tries it (gRPC
+    logs its own failure to bind as an ERROR line of its core's, before ours). Any other
+    answer is left to the bind itself; a port taken between the two still fails there."""
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    return
+                continue
+            return  # one address is free: the server listens there
+    raise OSError(
+        errno.EADDRINUSE,
+        f"port {port} on {host.strip('[]')} is in use: is another modelhost serve running? "
+        f"(choose another port with {flag_name})",
+    )
 
 
 class Server:
@@ -105,6 +137,7 @@ class Server:
         settings = self.settings
         assert self.host is not None
         if settings.metrics_port:
+            claimable(settings.metrics_host, settings.metrics_port, "--metrics-port")
             self.metrics_port = self.host.metrics.serve(
                 settings.metrics_host, settings.metrics_port
             )
@@ -142,10 +175,12 @@ class Server:
             self._probes = grpc.aio.server(options=probe_options())
             self._add_probes(self._probes, reflected)
             probes_at = _address(settings.host, settings.health_port)
+            claimable(settings.host, settings.health_port, "--health-port")
             self.health_port = self._probes.add_insecure_port(probes_at)
             if self.health_port == 0:
                 raise OSError(f"cannot bind {probes_at}")
         address = _address(settings.host, settings.port)
+        claimable(settings.host, settings.port, "--port")
         if credentials is not None:
             self.port = server.add_secure_port(address, credentials)
         else:
