@@ -5,7 +5,8 @@ Layout under the root (folders 0700, files 0600):
     blobs/<sha256>            the checkpoint bytes, named by their hash
     checkpoints/<name>.json   the manifest entry: name, sha256, size, format, metadata, ...
     tmp/                      uploads in progress, and per server using the store: a lock
-                              file (<owner>.owner) and the blobs it holds (<owner>.holds)
+                              file (<owner>.owner) and the blobs it holds (<owner>.holds);
+                              <owner>.starting-<n>: an owner file not yet in place
     store.lock                taken (flock) around commits, deletes and clean-up
     <state>.json              server state (the restore record), with the blobs it pins
 
@@ -15,8 +16,9 @@ commit: a reader sees the old checkpoint or the new one, never a part. A crash
 leaves at most temp files or an unreferenced blob, both removed at the next start.
 
 Several servers may share one store (replicas on a shared volume): each names its
-temp files after itself and holds a lock on `tmp/<owner>.owner` while it runs, so
-clean-up only removes the temp files of servers that are gone; commits, deletes and
+temp files after itself and holds a lock on `tmp/<owner>.owner` while it runs (locked
+before it is in place), so clean-up only removes the temp files of servers that are gone
+(each server's lock probed right before its files are removed); commits, deletes and
 the removal of unreferenced blobs hold `store.lock`, so no server removes a blob
 another is about to refer to.
 
@@ -358,7 +360,10 @@ class CheckpointStore:
         with self._locked():
             live = self._locks.live_owners()
             for leftover in self._tmp.iterdir():
-                if leftover.name.split(".", 1)[0] not in live and removed(leftover):
+                if leftover.name.split(".", 1)[0] in live:
+                    continue
+                # Probed again now: a server may have started since `live` was taken.
+                if not self._locks.in_use(leftover) and removed(leftover):
                     log.info("removed %s, left by a server that is gone", leftover.name)
             try:
                 used = self._used_blobs()
