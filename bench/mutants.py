@@ -130,10 +130,10 @@ MUTANTS = [
     Mutant(
         "gate: silent callers keep their slots (no read timeout)",
         SERVER + "gate.py",
-        "                async with asyncio.timeout(self.read_timeout):\n"
-        "                    data = await anext(messages)",
-        "                async with asyncio.timeout(None):\n"
-        "                    data = await anext(messages)",
+        "            async with asyncio.timeout(self.read_timeout):\n"
+        "                data = await anext(messages)",
+        "            async with asyncio.timeout(None):\n"
+        "                data = await anext(messages)",
         ("tests/test_gate.py::test_silent_callers_cannot_hold_the_slots",),
     ),
     Mutant(
@@ -669,7 +669,7 @@ MUTANTS = [
     Mutant(
         "gate: health on the main port beside a probe port is served unguarded (no slot)",
         SERVER + "gate.py",
-        "is_open = method.startswith(self.tokens.open_prefixes)",
+        "is_open = self.tokens is None or method.startswith(self.tokens.open_prefixes)",
         'is_open = method.startswith(("/grpc.health.v1.Health/", "/grpc.reflection."))',
         (
             "tests/test_probe_port.py::"
@@ -1500,8 +1500,8 @@ MUTANTS = [
     Mutant(
         "gate: any number of requests are received at once",
         SERVER + "gate.py",
-        "        self._receiving = asyncio.Semaphore(max_receiving)",
-        "        self._receiving = asyncio.Semaphore(1 << 30)",
+        "        most = min(self.message_bytes, budget.total)  # at least one message fits",
+        "        most = 0",
         ("tests/test_receiving.py::test_requests_past_the_receiving_budget_wait_for_their_turn",),
     ),
     Mutant(
@@ -1588,6 +1588,63 @@ MUTANTS = [
         'if Path(sys.argv[0]).stem == "modelhost" or sys.argv[0] == "-m":',
         "if True:",
         ("tests/test_cli_usability.py::test_importing_the_cli_leaves_the_environment_alone",),
+    ),
+    Mutant(
+        "gate: open methods on the main port skip the reader (no budget, no read timeout)",
+        SERVER + "gate.py",
+        '            served = self._guarded(handler, method.rsplit("/", 1)[-1], is_open=is_open)',
+        "            served = handler if is_open else self._guarded(\n"
+        '                handler, method.rsplit("/", 1)[-1], is_open=False\n            )',
+        (
+            "tests/test_receiving.py::"
+            "test_half_sent_health_checks_without_a_token_hold_at_most_their_budget",
+        ),
+    ),
+    Mutant(
+        "app: the probe port serves without a gate (gRPC logs a request that does not parse)",
+        SERVER + "app.py",
+        "grpc.aio.server(interceptors=[probe_gate],",
+        "grpc.aio.server(interceptors=[],",
+        (
+            "tests/test_receiving.py::"
+            "test_a_health_check_that_does_not_parse_is_refused_without_an_error_log",
+        ),
+    ),
+    Mutant(
+        "gate: a received request stops counting against the budget",
+        SERVER + "gate.py",
+        "            receipt.nbytes = min(len(data), most)",
+        "            receipt.nbytes = 0",
+        (
+            "tests/test_receiving.py::"
+            "test_received_requests_count_against_the_budget_until_their_call_ends",
+        ),
+    ),
+    Mutant(
+        "store: recover() removes a starting server's files from its stale list of live owners",
+        SERVER + "store.py",
+        "                if not self._locks.in_use(leftover) and removed(leftover):",
+        "                if removed(leftover):",
+        (
+            "tests/test_store_owner_race.py::test_a_server_starting_while_another_cleans_up_keeps_its_files",
+        ),
+    ),
+    Mutant(
+        "store: an owner file is created in place, then locked",
+        SERVER + "store_locks.py",
+        '            starting = self._tmp / f"{self.owner}{STARTING}{attempt}"',
+        "            starting = self._owner_path",
+        (
+            "tests/test_store_owner_race.py::"
+            "test_a_clean_up_between_a_starts_create_and_lock_removes_nothing_it_needs",
+        ),
+    ),
+    Mutant(
+        "store: a probe's brief lock fails a start",
+        SERVER + "store_locks.py",
+        "                locks = _flock_by(file, deadline)",
+        "                locks = _flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        ("tests/test_store_owner_race.py::test_another_starts_brief_probe_does_not_fail_a_start",),
     ),
 ]
 

@@ -1,24 +1,35 @@
 """What one caller's unfinished requests may hold on the main port (red team 13, F1 and
-F3): a connection has at most `max_streams_per_connection` calls open, and at most
-`max_receiving_bytes` / `max_message_bytes` requests are received at once. Half-sent
-requests past that wait for their turn with HTTP/2's small window (their bytes wait at
-the caller), and get RESOURCE_EXHAUSTED if no turn comes within `request_read_timeout`."""
+F3; round 14, F1 and F3): a connection has at most `max_streams_per_connection` calls
+open, and the requests the server holds fit `max_receiving_bytes`: one being received
+counts as `max_message_bytes`, one received as its size until its call is done with it.
+Requests past that wait for room with HTTP/2's small window (their bytes wait at the
+caller), and get RESOURCE_EXHAUSTED if no room comes within `request_read_timeout`.
+Health and reflection, which need no token where they share the main port, have a
+budget of their own."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import torch
 
-from helpers.http2 import REFUSED_STREAM, Raw
+from conftest import build, expect
+from helpers.http2 import CHECK, REFUSED_STREAM, Raw
+from helpers.processes import free_port
+from modelhost.client import ModelHostClient
 from modelhost.server import Settings, devices, running
-from modelhost.server.app import receiving_at_once
+from modelhost.server.app import receiving_bytes
+from modelhost.server.gate import OPEN_RECEIVING
 from modelhost.v1 import modelhost_pb2 as pb
 
 PREDICT = "/modelhost.v1.ModelHost/Predict"
@@ -47,13 +58,11 @@ def test_a_connection_holds_at_most_its_cap_of_calls(settings: Settings) -> None
 
 def test_requests_past_the_receiving_budget_wait_for_their_turn(settings: Settings) -> None:
     """One request received at a time: a caller that never sends its request holds that
-    turn; the next request waits for it, and gets RESOURCE_EXHAUSTED naming the setting
-    when the turn does not come within request_read_timeout. Once the first ends, the
-    next is received."""
+    turn, and the next request waits for it. Once the first ends, the next is received.
+    (The refusal of a request that waits too long: the test of received requests below.)"""
     one = dataclasses.replace(
         settings, max_message_bytes=1 << 20, max_receiving_bytes=1 << 20, request_read_timeout=2
     )
-    assert receiving_at_once(one) == 1
     never = threading.Event()
 
     def nothing() -> Iterator[bytes]:
@@ -62,11 +71,14 @@ def test_requests_past_the_receiving_budget_wait_for_their_turn(settings: Settin
 
     with running(one) as server, grpc.insecure_channel(server.target) as channel:
         stalled = channel.stream_unary(PREDICT).future(nothing(), timeout=60)
+        until = time.monotonic() + 20
         with pytest.raises(grpc.RpcError) as waited:
-            for _ in range(5):  # until the stalled call has reached the gate and its turn
-                channel.unary_unary(LIST)(b"", timeout=30)
-        assert waited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-receiving-bytes" in (waited.value.details() or "")
+            while time.monotonic() < until:  # until the stalled call has taken its turn
+                channel.unary_unary(LIST)(b"", timeout=0.5)
+                time.sleep(0.05)
+        # It waited: its caller's deadline passed. (Whether the server's own refusal comes
+        # first is a race with the stalled call's read timeout, which is as long.)
+        assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(grpc.RpcError) as timed_out:
             stalled.result()
         assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -85,12 +97,12 @@ def test_the_default_receiving_budget_is_a_quarter_of_the_memory(
     monkeypatch.setattr(devices, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "none"), str(limit)))
     limit.write_text("max\n")  # cgroup v2 without a limit
     assert devices.host_memory_bytes() == machine
-    assert receiving_at_once(settings) == machine // 4 // settings.max_message_bytes
+    assert receiving_bytes(settings) == machine // 4
     limit.write_text(f"{8 << 30}\n")
     assert devices.host_memory_bytes() == min(machine, 8 << 30)
-    assert receiving_at_once(settings) == min(machine, 8 << 30) // 4 // (256 << 20)
-    tiny = dataclasses.replace(settings, max_receiving_bytes=1)
-    assert receiving_at_once(tiny) == 1  # at least one, whatever the budget
+    assert receiving_bytes(settings) == min(machine, 8 << 30) // 4
+    given = dataclasses.replace(settings, max_receiving_bytes=12345)
+    assert receiving_bytes(given) == 12345
 
 
 def test_a_request_waiting_for_its_turn_is_sent_no_more_than_a_small_window(
@@ -119,3 +131,113 @@ def test_a_request_waiting_for_its_turn_is_sent_no_more_than_a_small_window(
             assert waiting <= 1 << 20, f"{waiting:,} bytes of a request that waits its turn"
         finally:
             raw.close()
+
+
+def _message(size: int) -> bytes:
+    """The start of a gRPC message of `size` bytes: one string field (health Check's
+    service, or Predict's model), its bytes to follow."""
+    length = size - 5  # the field's tag and a 4-byte varint
+    varint = bytes([(length >> s & 0x7F) | (0x80 if s < 21 else 0) for s in (0, 7, 14, 21)])
+    return b"\0" + struct.pack(">I", size) + b"\x0a" + varint
+
+
+def test_half_sent_health_checks_without_a_token_hold_at_most_their_budget(
+    settings: Settings,
+) -> None:
+    """Round 14, F1: where probes share the main port (no --health-port), health and
+    reflection need no token, and they once skipped the gate's reader: every half-sent
+    Check held up to --max-message-bytes, with no limit on their number or time (12 of
+    60 MiB held 723 MiB). Now `OPEN_RECEIVING` of them are received at once, from a budget
+    of their own (a caller without a token cannot take the budget of calls that need
+    one); the next waits with HTTP/2's small window, and each ends within
+    request_read_timeout."""
+    message = 6 << 20
+    tokens = dataclasses.replace(
+        settings,
+        token="inference-secret",
+        max_message_bytes=8 << 20,
+        request_read_timeout=3,
+        max_streams_per_connection=0,
+    )
+    body = _message(message) + b"x" * (message - 64)
+    with running(tokens) as server:
+        raw = Raw(server.port)
+        try:
+            streams = [1 + 2 * k for k in range(OPEN_RECEIVING + 1)]
+            sent = {}
+            for stream in streams:
+                raw.open(stream, CHECK)
+                sent[stream] = raw.send(stream, body, seconds=3 if stream < streams[-1] else 1)
+            assert [sent[s] for s in streams[:-1]] == [len(body)] * OPEN_RECEIVING
+            assert sent[streams[-1]] <= 1 << 20, f"{sent[streams[-1]]:,} bytes past the budget"
+            # Each ends within request_read_timeout (RST_STREAM or trailers), unlike before.
+            assert raw.wait(lambda: set(streams) <= set(raw.resets) | raw.ended, 20)
+            with grpc.insecure_channel(server.target) as channel:  # probes answer on
+                health = channel.unary_unary(CHECK)(b"", timeout=30)
+            assert health == b"\x08\x01"  # SERVING
+        finally:
+            raw.close()
+
+
+def test_a_health_check_that_does_not_parse_is_refused_without_an_error_log(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 14, F2: a body that does not parse, sent to health or reflection, made gRPC
+    log an ERROR with its traceback (7 to 16 lines a call, no token needed): on both the
+    main and the probe port it is INVALID_ARGUMENT now, and nothing is logged."""
+    probes = dataclasses.replace(settings, health_port=free_port())
+    reflection = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    with running(settings) as main, running(probes) as split:
+        for port in (main.port, split.health_port):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for _ in range(20):
+                    with pytest.raises(grpc.RpcError) as refused:
+                        channel.unary_unary(CHECK)(b"\xff\xff\xff", timeout=30)
+                    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "not a valid Check message" in (refused.value.details() or "")
+                replies = channel.stream_stream(reflection)(iter([b"\xff\xff\xff"]), timeout=30)
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(replies)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0]
+
+
+def test_received_requests_count_against_the_budget_until_their_call_ends(
+    settings: Settings,
+) -> None:
+    """Round 14, F3: a request's turn ended once it had arrived, so whole requests waiting
+    for a busy model held memory the budget never counted (20 of 30 MiB: +870 MiB against
+    a 32 MiB budget). A received request now holds its size until its call ends: past the
+    budget the next waits, then gets RESOURCE_EXHAUSTED; once the first call ends it is
+    received. A streamed upload's messages hold it one at a time: a checkpoint larger
+    than the budget still goes in."""
+    budget = dataclasses.replace(
+        settings,
+        max_message_bytes=4 << 20,
+        max_receiving_bytes=6 << 20,  # a request of 3.5 MiB, and room for 2.5 MiB more
+        request_read_timeout=2,
+    )
+    x = np.ones((229_000, 4), np.float32)  # 3.5 MiB
+    with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", build("tiny_mlp").state_dict())
+        client.load_model(
+            "slow",
+            architecture="slow_mlp",
+            checkpoint="w",
+            architecture_args={"delay": 4.0},
+            batching={"max_batch_size": 1},
+        )
+        first = threading.Thread(target=client.predict, args=("slow", x))
+        first.start()
+        time.sleep(1.0)  # received, and running for 4 s
+        expect(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            lambda: client.predict("slow", x),
+            "--max-receiving-bytes",
+        )
+        first.join(30)
+        assert client.predict("slow", x[:2]).shape == (2, 3)
+        big = {"w": torch.arange(4 << 20, dtype=torch.float32)}  # 16 MiB: several messages
+        client.save_checkpoint("big", big)
+        assert client.get_checkpoint("big").size_bytes > budget.max_receiving_bytes

@@ -31,10 +31,10 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from modelhost.server import malloc, messages, oip, service
+from modelhost.server import malloc, messages, oip, probes, service
 from modelhost.server.auth import LiveTokens, Tokens
 from modelhost.server.devices import host_memory_bytes
-from modelhost.server.gate import Gate
+from modelhost.server.gate import OPEN_RECEIVING, ByteBudget, Gate
 from modelhost.server.host import Host
 from modelhost.server.probes import HealthServicer, OpenStreams, ReflectionServicer, probe_options
 from modelhost.server.settings import Settings, flag, unknown_variables
@@ -147,14 +147,20 @@ class Server:
             tokens,
             max_concurrent=settings.max_concurrent_rpcs,
             read_timeout=settings.request_read_timeout,
-            max_receiving=receiving_at_once(settings),
+            message_bytes=settings.max_message_bytes,
+            receiving=ByteBudget(receiving_bytes(settings), "--max-receiving-bytes"),
+            open_receiving=ByteBudget(
+                OPEN_RECEIVING * settings.max_message_bytes,
+                f"{OPEN_RECEIVING} messages for calls without a token, where probes share "
+                "this port (--health-port gives them one of their own)",
+            ),
         )
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
             # Without BDP probing, a stream whose request is not being received (it waits
-            # for its turn, `receiving_at_once`) is granted HTTP/2's 64 KiB window, not
+            # for room in the gate's budget) is granted HTTP/2's 64 KiB window, not
             # tens of MiB: a half-sent request's bytes wait at the caller, not here.
             ("grpc.http2.bdp_probe", 0),
         ]
@@ -172,7 +178,19 @@ class Server:
         ]
         self._add_probes(server, reflected)
         if settings.health_port:
-            self._probes = grpc.aio.server(options=probe_options())
+            # Every method is open there; the gate reads their requests within
+            # request_read_timeout and answers one that does not parse (not gRPC's log).
+            at_most = probes.PROBE_MESSAGE_BYTES
+            budget = ByteBudget(probes.probe_port_bytes(), "the probe port's streams")
+            probe_gate = Gate(
+                None,
+                max_concurrent=0,
+                read_timeout=settings.request_read_timeout,
+                message_bytes=at_most,
+                receiving=budget,
+                open_receiving=budget,
+            )
+            self._probes = grpc.aio.server(interceptors=[probe_gate], options=probe_options())
             self._add_probes(self._probes, reflected)
             probes_at = _address(settings.host, settings.health_port)
             claimable(settings.host, settings.health_port, "--health-port")
@@ -383,9 +401,8 @@ def running(settings: Settings) -> Iterator[Server]:
         loop.close()
 
 
-def receiving_at_once(settings: Settings) -> int:
-    """Requests the gate receives at once: as many as `--max-receiving-bytes` (default: a
-    quarter of the memory, or of the container's limit) holds of `--max-message-bytes`, at
-    least one."""
-    budget = settings.max_receiving_bytes or host_memory_bytes() // 4
-    return max(1, budget // settings.max_message_bytes)
+def receiving_bytes(settings: Settings) -> int:
+    """What the requests the gate holds may take in all (`gate.ByteBudget`):
+    `--max-receiving-bytes`, by default a quarter of the memory (or of the container's
+    limit). One message is always received, whatever the budget."""
+    return settings.max_receiving_bytes or host_memory_bytes() // 4

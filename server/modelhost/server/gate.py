@@ -2,20 +2,27 @@
 
 For each call, in this order:
 
-1. Health checks and reflection pass straight through: they take no slot, so probes
-   answer however busy the server is, and need no token. Unless probes have a port of
-   their own (`health_port`): then they need an inference token here and are served like
-   every other method (steps 2 to 5), so a token holder's half-sent health Check holds a
-   slot and ends within `request_read_timeout`, as a half-sent Predict does.
+1. Health checks and reflection ("open" methods) need no token and take no slot, so
+   probes answer however busy the server is. Unless probes have a port of their own
+   (`health_port`): then they need an inference token here and are served like every
+   other method. Open methods are still read as in step 4, from a budget of their own
+   (`OPEN_RECEIVING` messages): a caller without a token can make the server hold no
+   more than that, and cannot take the budget of the calls that need one.
 2. The bearer token is checked against the method's tier (`auth.LiveTokens`) from the
    call's headers alone: a refused caller's body is never read, let alone parsed.
 3. The call takes one of `max_concurrent_rpcs` slots or is refused with
    RESOURCE_EXHAUSTED; the slot is freed when the call ends, however it ends.
 4. Its request is read within `request_read_timeout` seconds (each message of a
    stream within that time of the previous one): a caller that goes quiet gets
-   DEADLINE_EXCEEDED and gives its slot back. A request larger than `OFFLOAD_BYTES`
-   is parsed on a thread, not on the event loop; one that does not parse is
-   INVALID_ARGUMENT, or the status of the domain error its parser raised.
+   DEADLINE_EXCEEDED and gives its slot back. Requests count against a byte budget
+   (`ByteBudget`, `--max-receiving-bytes`): a message being received counts as the
+   largest it may be (gRPC holds what has arrived), one received as its size until its
+   call is done with it (a unary request until the call ends, a streamed one's message
+   until the next is read). A message that does not fit waits its turn, with HTTP/2's
+   small window (its bytes wait at the caller), and gets RESOURCE_EXHAUSTED if no room
+   comes within `request_read_timeout`. A request larger than `OFFLOAD_BYTES` is parsed
+   on a thread, not on the event loop; one that does not parse is INVALID_ARGUMENT, or
+   the status of the domain error its parser raised.
 5. Each message of a streamed reply is sent within `request_read_timeout` seconds
    (gRPC's flow control holds a write while the caller reads nothing): a caller that
    stops reading has its reply stream closed and its slot freed, then gets
@@ -33,6 +40,7 @@ its request's memory (see `_serving`, `_forgetting_aborts`, and `rpc` for errors
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -52,9 +60,68 @@ log = logging.getLogger(__name__)
 
 OFFLOAD_BYTES = 1 << 20
 """Requests larger than this are parsed on a thread."""
+OPEN_RECEIVING = 2
+"""Messages of open methods (health, reflection: no token) received at once where they
+share the main port: each may hold up to --max-message-bytes while it arrives."""
 
 
 Parse = Callable[[bytes], Any]
+
+
+class ByteBudget:
+    """Bytes of requests the gate holds, shared by the calls it serves. `take` waits, first
+    come first served, until its bytes fit; `give` returns them."""
+
+    def __init__(self, total: int, setting: str) -> None:
+        self.total = total
+        self.setting = setting  # what sets `total`, for the refusal's message
+        self.held = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def take(self, nbytes: int) -> None:
+        if not self._waiting and self.held + nbytes <= self.total:
+            self.held += nbytes
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.append((nbytes, granted))
+        try:
+            await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.give(nbytes)  # granted as its waiter left
+            else:
+                self._grant()  # it may have held up the waiters behind it
+            raise
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+        self._grant()
+
+    def _grant(self) -> None:
+        waiting = self._waiting
+        while waiting:
+            nbytes, granted = waiting[0]
+            if granted.done():  # its waiter left
+                waiting.popleft()
+            elif self.held + nbytes <= self.total:
+                waiting.popleft()
+                self.held += nbytes
+                granted.set_result(None)
+            else:
+                return
+
+
+class _Receipt:
+    """What one call's request holds of a budget, until the call is done with it."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        self.nbytes = 0
+
+    def release(self) -> None:
+        if self.nbytes:
+            self.budget.give(self.nbytes)
+            self.nbytes = 0
 
 
 class Gate(grpc.aio.ServerInterceptor):
@@ -62,19 +129,20 @@ class Gate(grpc.aio.ServerInterceptor):
 
     def __init__(
         self,
-        tokens: LiveTokens,
+        tokens: LiveTokens | None,
         *,
         max_concurrent: int,
         read_timeout: float,
-        max_receiving: int,
+        message_bytes: int,
+        receiving: ByteBudget,
+        open_receiving: ByteBudget,
     ) -> None:
-        self.tokens = tokens
+        self.tokens = tokens  # None: every method is open (the probe port)
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout
-        # Requests received at once: each may hold --max-message-bytes while it arrives,
-        # and a caller may send all of one but its last byte.
-        self.max_receiving = max_receiving
-        self._receiving = asyncio.Semaphore(max_receiving)
+        self.message_bytes = message_bytes  # the largest message gRPC receives
+        self.receiving = receiving
+        self.open_receiving = open_receiving
         self.active = 0
         # method -> its handler as served; handlers never change.
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -91,12 +159,12 @@ class Gate(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
-            # Open methods take no slot and have no read timeout (they need no token); with
-            # a probe port they are not open here (`Tokens.open_prefixes`), so guarded.
-            is_open = method.startswith(self.tokens.open_prefixes)
-            served = handler if is_open else self._guarded(handler, method.rsplit("/", 1)[-1])
+            # Open methods need no token and take no slot; with a probe port they are not
+            # open here (`Tokens.open_prefixes`).
+            is_open = self.tokens is None or method.startswith(self.tokens.open_prefixes)
+            served = self._guarded(handler, method.rsplit("/", 1)[-1], is_open=is_open)
             self._handlers[method] = served
-        if self.tokens.enabled:  # open methods pass, unless probes have their own port
+        if self.tokens is not None and self.tokens.enabled:  # open methods pass
             verdict = await self.tokens.judge(method, bearer(details.invocation_metadata))
             if verdict is not None:
                 return _refusal(served, *verdict, logged=functools.partial(self._refused, method))
@@ -116,18 +184,23 @@ class Gate(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _serving(
-        self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """A slot for the call (or the call ends) and its request messages, until the call
-        ends. gRPC's request iterator is then closed: it holds the message it yielded last
-        in a reference cycle (with the object that made it), which the cycle collector
-        would free only in one of its rare full collections."""
-        await self._take_slot(context)
+        self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext, is_open: bool
+    ) -> AsyncIterator[tuple[AsyncIterator[bytes], _Receipt]]:
+        """A slot for the call (or the call ends; open methods take none), its request
+        messages and what they hold of the budget, until the call ends. gRPC's request
+        iterator is then closed: it holds the message it yielded last in a reference cycle
+        (with the object that made it), which the cycle collector would free only in one
+        of its rare full collections."""
+        if not is_open:
+            await self._take_slot(context)
         requests = cast(AsyncGenerator[bytes, None], aiter(messages))  # as gRPC makes it
+        receipt = _Receipt(self.open_receiving if is_open else self.receiving)
         try:
-            yield requests
+            yield requests, receipt
         finally:
-            self.active -= 1
+            receipt.release()
+            if not is_open:
+                self.active -= 1
             await requests.aclose()
 
     async def _send(
@@ -156,25 +229,45 @@ class Gate(grpc.aio.ServerInterceptor):
             "(request_read_timeout)",
         )
 
-    @contextlib.asynccontextmanager
-    async def _turn(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """A turn to receive a message (RESOURCE_EXHAUSTED if none comes within
-        `read_timeout`): while gRPC receives it, it may hold up to --max-message-bytes."""
+    async def _receive(
+        self,
+        messages: AsyncIterator[bytes],
+        what: str,
+        context: grpc.aio.ServicerContext,
+        receipt: _Receipt,
+    ) -> bytes:
+        """The next message (StopAsyncIteration at the end), once the budget has room for
+        the largest it may be (RESOURCE_EXHAUSTED if none comes within `read_timeout`:
+        while gRPC receives it, it may hold that much); it holds its own size from then on
+        (`receipt`). DEADLINE_EXCEEDED if it does not arrive within `read_timeout`."""
+        receipt.release()  # a stream's previous message: its call is done with it
+        budget = receipt.budget
+        most = min(self.message_bytes, budget.total)  # at least one message fits
         try:
             async with asyncio.timeout(self.read_timeout):
-                await self._receiving.acquire()
+                await budget.take(most)
         except TimeoutError:
             await rpc.abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is receiving {self.max_receiving} requests, its limit "
-                f"(--max-receiving-bytes), and none ended within {self.read_timeout:g}s; "
+                f"the server holds {budget.held:,} bytes of requests, its limit "
+                f"({budget.setting}), and no room came within {self.read_timeout:g}s; "
                 "retry later",
             )
+        data = b""
         try:
-            yield
+            async with asyncio.timeout(self.read_timeout):
+                data = await anext(messages)
+        except TimeoutError:
+            await rpc.abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no {what} message arrived within {self.read_timeout:g}s (request_read_timeout)",
+            )
         finally:
-            self._receiving.release()
+            receipt.nbytes = min(len(data), most)
+            budget.give(most - receipt.nbytes)
+        return data
 
     async def _read(
         self,
@@ -182,20 +275,11 @@ class Gate(grpc.aio.ServerInterceptor):
         parse: Parse | None,
         what: str,
         context: grpc.aio.ServicerContext,
+        receipt: _Receipt,
     ) -> Any:
         """The next message (StopAsyncIteration at the end), parsed; aborts the call when
         it does not arrive in time or does not parse."""
-        async with self._turn(context):
-            try:
-                async with asyncio.timeout(self.read_timeout):
-                    data = await anext(messages)
-            except TimeoutError:
-                await rpc.abort(
-                    context,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no {what} message arrived within {self.read_timeout:g}s "
-                    "(request_read_timeout)",
-                )
+        data = await self._receive(messages, what, context, receipt)
         if parse is None:
             return data
         try:
@@ -218,23 +302,29 @@ class Gate(grpc.aio.ServerInterceptor):
         parse: Parse | None,
         what: str,
         context: grpc.aio.ServicerContext,
+        receipt: _Receipt,
     ) -> AsyncIterator[Any]:
         while True:
             try:
-                message = await self._read(messages, parse, what, context)
+                message = await self._read(messages, parse, what, context, receipt)
             except StopAsyncIteration:
                 return
             yield message
 
-    def _guarded(self, handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
-        """`handler` served as a client-streaming method behind a slot and the reader."""
+    def _guarded(
+        self, handler: grpc.RpcMethodHandler, what: str, *, is_open: bool
+    ) -> grpc.RpcMethodHandler:
+        """`handler` served as a client-streaming method behind a slot (open methods take
+        none) and the reader."""
         parse = handler.request_deserializer
         serialize = handler.response_serializer
         gate = self
 
-        async def first(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        async def first(
+            messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext, receipt: _Receipt
+        ) -> Any:
             try:
-                return await gate._read(messages, parse, what, context)
+                return await gate._read(messages, parse, what, context, receipt)
             except StopAsyncIteration:
                 await rpc.abort(
                     context,
@@ -248,13 +338,14 @@ class Gate(grpc.aio.ServerInterceptor):
                 messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
             ) -> None:
                 with _forgetting_aborts():
-                    async with gate._serving(messages, context) as requests:
+                    async with gate._serving(messages, context, is_open) as (requests, receipt):
                         if handler.request_streaming:
                             stream = handler.stream_stream(
-                                gate._stream(requests, parse, what, context), context
+                                gate._stream(requests, parse, what, context, receipt), context
                             )
                         else:
-                            stream = handler.unary_stream(await first(requests, context), context)
+                            request = await first(requests, context, receipt)
+                            stream = handler.unary_stream(request, context)
                         if inspect.iscoroutine(stream):  # writes its replies (health Watch)
                             await stream
                             sent = True
@@ -267,11 +358,12 @@ class Gate(grpc.aio.ServerInterceptor):
 
         async def reply(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             with _forgetting_aborts():
-                async with gate._serving(messages, context) as requests:
+                async with gate._serving(messages, context, is_open) as (requests, receipt):
                     if handler.request_streaming:
-                        stream = gate._stream(requests, parse, what, context)
+                        stream = gate._stream(requests, parse, what, context, receipt)
                         return await handler.stream_unary(stream, context)
-                    return await handler.unary_unary(await first(requests, context), context)
+                    request = await first(requests, context, receipt)
+                    return await handler.unary_unary(request, context)
 
         return grpc.stream_unary_rpc_method_handler(reply, None, serialize)
 

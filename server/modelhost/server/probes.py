@@ -64,6 +64,13 @@ PROBE_HANDSHAKE_S = 5.0
 """A probe-port connection must finish its handshake within this (gRPC's default: 120 s)."""
 
 
+def probe_port_bytes() -> int:
+    """What the probe port's calls may hold of requests at once: as many messages as its
+    connections and streams allow (its gate bounds nothing more: it reads them within
+    request_read_timeout and answers one that does not parse)."""
+    return PROBE_MAX_CONNECTIONS * PROBE_MAX_STREAMS * PROBE_MESSAGE_BYTES
+
+
 def probe_options() -> list[tuple[str, int]]:
     """The probe port's gRPC options (read when a server starts: tests shorten them)."""
     return [

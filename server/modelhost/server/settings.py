@@ -120,10 +120,11 @@ class Settings:
     )
     max_receiving_bytes: int = _setting(
         0,
-        "Bytes the requests being received at once may hold in all: as many requests are "
-        "received together as this holds of --max-message-bytes (at least one); the others "
-        "wait their turn within --request-read-timeout (0: a quarter of the memory, or of the "
-        "container's memory limit).",
+        "Bytes the requests the server holds may take in all: a request being received "
+        "counts as --max-message-bytes, one received as its size until its call is done "
+        "with it (an upload: one chunk at a time); past it, requests wait for room within "
+        "--request-read-timeout (0: a quarter of the memory, or of the container's memory "
+        "limit; one message is always received).",
     )
     request_read_timeout: float = _setting(
         30.0,
