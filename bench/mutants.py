@@ -1646,6 +1646,26 @@ MUTANTS = [
         "                locks = _flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)",
         ("tests/test_store_owner_race.py::test_another_starts_brief_probe_does_not_fail_a_start",),
     ),
+    Mutant(
+        "cache: a page-in waits for busy versions' room on the device's page-in thread",
+        SERVER + "cache.py",
+        "            self.reserve(key, device, hosted.device_bytes, deadline=time.monotonic())",
+        "            self.reserve(\n"
+        "                key, device, hosted.device_bytes, deadline=lambda: _wanted_until(hosted)\n"
+        "            )",
+        (
+            "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in",
+        ),
+    ),
+    Mutant(
+        "cache: idle versions are evicted even when that cannot make room",
+        SERVER + "cache.py",
+        "                if self._room_if_evicted(where, key) + limit >= used + nbytes and (",
+        "                if True and (",
+        (
+            "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in",
+        ),
+    ),
 ]
 
 

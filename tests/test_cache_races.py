@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -254,3 +255,77 @@ def test_a_running_batch_whose_callers_left_keeps_its_version_resident(
         loading.join(30)
         assert client.get_model("a").tier == "store"
         assert client.get_model("b").tier == "resident"
+
+
+def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Settings) -> None:
+    """Red team 14, F5: a page-in that waits for room held by busy versions once waited on
+    its device's only page-in thread, for as long as they stayed busy (for ever, under
+    steady traffic, for a request without a deadline). First it evicted the idle versions
+    it could not fit beside them anyway, then every other page-in waited behind it. Now
+    idle versions leave only when that makes room, and a page-in without room waits off
+    the page-in thread: another version that fits pages in meanwhile."""
+    small = {"features": 4, "hidden": 8, "classes": 3}
+    large = {"features": 4, "hidden": 64, "classes": 3}
+    x = np.ones((1, 4), np.float32)
+    budget = dataclasses.replace(settings, device_memory_budget=2100)
+    with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
+        twins = {
+            "big": build("tiny_mlp", large, seed=1),
+            "busy": build("slow_mlp", {**small, "delay": 0.5}, seed=2),
+            "idle": build("tiny_mlp", small, seed=3),
+            "cold": build("tiny_mlp", small, seed=4),
+        }
+        for name, model in twins.items():
+            client.save_checkpoint(name, model.state_dict())
+            args = large if name == "big" else small
+            client.load_model(
+                name,
+                architecture="slow_mlp" if name == "busy" else "tiny_mlp",
+                checkpoint=name,
+                architecture_args={**args, "delay": 0.5} if name == "busy" else args,
+            )
+        sizes = {m.name: m.device_bytes for m in client.list_models()}
+        assert sizes["big"] + sizes["busy"] > 2100
+        assert sizes["busy"] + sizes["idle"] + sizes["cold"] <= 2100
+        client.predict("big", x)  # evicts the three others
+        client.predict("busy", x)  # evicts `big`
+        client.predict("idle", x)
+        tiers = {m.name: m.tier for m in client.list_models()}
+        assert tiers == {
+            "big": "store",
+            "busy": "resident",
+            "idle": "resident",
+            "cold": "store",
+        }
+        stop = threading.Event()
+
+        def keep_busy() -> None:  # two callers: `busy` is never idle
+            with ModelHostClient(server.target, timeout=60) as own:
+                while not stop.is_set():
+                    own.predict("busy", x)
+
+        callers = [threading.Thread(target=keep_busy) for _ in range(2)]
+        waiting: list[Any] = []
+
+        def no_deadline() -> None:
+            with contextlib.suppress(ModelHostError):
+                waiting.append(client.predict("big", x))
+
+        try:
+            for caller in callers:
+                caller.start()
+            time.sleep(0.5)
+            threading.Thread(target=no_deadline, daemon=True).start()
+            time.sleep(1.0)
+            assert client.get_model("idle").tier == "resident"  # not evicted for nothing
+            cold = client.predict("cold", x, timeout=10)  # pages in while `big` waits
+            np.testing.assert_allclose(cold, reference(twins["cold"], x), rtol=1e-5)
+            assert client.get_model("big").tier == "store" and not waiting
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(30)
+        deadline = time.monotonic() + 20  # `busy` is idle now: `big` pages in
+        while not waiting and time.monotonic() < deadline:
+            time.sleep(0.05)
+        np.testing.assert_allclose(waiting[0], reference(twins["big"], x), rtol=1e-5)

@@ -118,8 +118,8 @@ def test_a_short_deadline_does_not_end_the_page_in_the_others_wait_for(
 ) -> None:
     """The red team's case: a request with a short deadline starts the page-in, one with
     a long deadline joins it. The first gets DEADLINE_EXCEEDED at its deadline; the page-in
-    goes on waiting for room (one page-in, not started again), and the second gets its
-    answer once `busy` is idle."""
+    goes on waiting for room (one page-in, its room looked for again off the page-in
+    thread), and the second gets its answer once `busy` is idle."""
     calls = reservations(server, monkeypatch)
     busy = keep_busy(client)
     short, took = late(once, 0.3)
@@ -132,7 +132,7 @@ def test_a_short_deadline_does_not_end_the_page_in_the_others_wait_for(
     assert len(took) == 1 and took[0] < 1.0  # promptly at its own deadline
     np.testing.assert_allclose(answer, reference(twin, X), rtol=1e-5, atol=1e-6)
     assert 0.5 < waited < 10  # it waited for `busy`'s request to end
-    assert calls == [("h", 1)]
+    assert set(calls) == {("h", 1)}  # its room looked for again as requests ended
     assert client.get_model("h").page_ins == 1
     assert client.get_model("busy").page_ins == 0  # not evicted while it ran
 

@@ -106,6 +106,16 @@ class NoRoomInTime(DeadlineExpired):
         super().__init__(f"no room on {device} for {name!r} before the deadline: {self.why}")
 
 
+class _NoRoomYet(NoRoomInTime):
+    """A page-in found its room held by busy versions: its requests wait for one of them
+    to end, off the device's page-in thread, and try again (`_wait_for_page_in`); the last
+    one found is what a request whose deadline passes meanwhile is told."""
+
+    def __init__(self, found: NoRoomInTime) -> None:
+        DeadlineExpired.__init__(self, str(found))
+        self.why = found.why
+
+
 @dataclass(eq=False)
 class _Move:
     """An evicted version's weights on their way to the host tier, copied outside the
@@ -147,6 +157,7 @@ class ModelCache:
         self._paging = threading.Lock()  # page-in jobs and deadlines (the event loop's)
         self._idle_count = itertools.count(1)
         self._idles = 0
+        self._ended: asyncio.Event | None = None  # set as the next request ends
         self._clock = itertools.count(1)
         self.rebuild: Rebuild | None = None  # set by Models
         metrics.watch_cache(self)
@@ -257,11 +268,15 @@ class ModelCache:
                 used = self._used(where, exclude=key)
                 if used + nbytes <= limit:
                     break
-                if self._evict_one(where, key, stale):
+                # Idle versions are evicted only when that makes room: one that cannot fit
+                # beside the busy ones would push out versions others use, for nothing.
+                if self._room_if_evicted(where, key) + limit >= used + nbytes and (
+                    self._evict_one(where, key, stale)
+                ):
                     continue
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
-                busy = [h for h in held if not h.stays] + self._leaving_from(where)
+                busy = [h for h in held if not h.stays and not h.idle] + self._leaving_from(where)
                 loading = [  # may register soon
                     other
                     for other, (device, _) in self._reserved.items()
@@ -271,7 +286,7 @@ class ModelCache:
                     raise OutOfMemory(
                         f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
                         f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
-                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
+                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h.stays)}), "
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
                 until = deadline() if callable(deadline) else deadline
@@ -309,18 +324,28 @@ class ModelCache:
         (an eviction to the host tier copies under it): a waiter that misses the wake-up
         sees the count change, or looks again within WAIT_STEP."""
         self._idles = next(self._idle_count)
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended.set()
         if self._cond.acquire(blocking=False):
             try:
                 self._cond.notify_all()
             finally:
                 self._cond.release()
 
-    def _evict_one(self, device: str, exclude: Key, stale: list[torch.device]) -> bool:
-        candidates = sorted(
+    def _candidates(self, device: str, exclude: Key) -> list[HostedModel]:
+        """The versions on `device` that may be evicted, least recently used first."""
+        return sorted(
             (h for h in self._resident(device) if not h.stays and (h.name, h.version) != exclude),
             key=lambda h: h.used_order,
         )
-        return any(self._evict(hosted, stale) for hosted in candidates)
+
+    def _room_if_evicted(self, device: str, exclude: Key) -> int:
+        """What evicting every idle candidate on `device` would free."""
+        return sum(h.device_bytes for h in self._candidates(device, exclude) if h.idle)
+
+    def _evict_one(self, device: str, exclude: Key, stale: list[torch.device]) -> bool:
+        return any(self._evict(hosted, stale) for hosted in self._candidates(device, exclude))
 
     def _evict(self, hosted: HostedModel, stale: list[torch.device]) -> bool:
         """Takes an idle version off its device (to the host tier when its device type has
@@ -409,8 +434,10 @@ class ModelCache:
 
     async def _wait_for_page_in(self, hosted: HostedModel, deadline: float | None) -> None:
         """Waits for `hosted`'s page-in, starting one if none is running (again, if one
-        ended at the deadlines of the others while this request has time left)."""
+        ended at the deadlines of the others while this request has time left, or found
+        its room held by busy versions: then once a request has ended, or WAIT_STEP on)."""
         until = math.inf if deadline is None else deadline
+        no_room: _NoRoomYet | None = None
         while hosted.tier != RESIDENT and not hosted.retiring:
             with self._paging:
                 job = hosted.paging
@@ -428,13 +455,27 @@ class ModelCache:
             try:
                 await asyncio.wait_for(asyncio.shield(waited), remaining)
             except TimeoutError:
-                raise DeadlineExpired(
+                raise no_room or DeadlineExpired(
                     f"model {hosted.name!r} version {hosted.version} was still being paged "
                     "in when the deadline passed"
                 ) from None
+            except _NoRoomYet as error:
+                no_room = error
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise
+                await self._a_request_ended(WAIT_STEP if left is None else min(left, WAIT_STEP))
             except DeadlineExpired:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
+
+    async def _a_request_ended(self, seconds: float) -> None:
+        """Returns once a request has ended (`idle`), or after `seconds`: room may have come
+        (loads and page-ins that end give room back too, seen at the next look)."""
+        if self._ended is None:
+            self._ended = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), seconds)
 
     def _pages_in(self, device: str) -> ThreadPoolExecutor:
         """The device's page-in thread (call with `_paging` held)."""
@@ -477,7 +518,10 @@ class ModelCache:
             move = next((m for m in self._moves if m.hosted is hosted), None)
         if move is not None:  # evicted a moment ago: its copy to the host is still running
             move.done.wait()
-        self.reserve(key, device, hosted.device_bytes, deadline=lambda: _wanted_until(hosted))
+        try:  # never waits on this thread: page-ins that fit go on meanwhile
+            self.reserve(key, device, hosted.device_bytes, deadline=time.monotonic())
+        except NoRoomInTime as error:
+            raise _NoRoomYet(error) from None
         started = time.perf_counter()  # the page-in itself, after any wait for room
         tier = hosted.tier
         try:
@@ -548,6 +592,8 @@ def _wanted_until(hosted: HostedModel) -> float:
 def _log_failure(hosted: HostedModel, job: Future[None]) -> None:
     """Logs a page-in that failed: the requests that waited for it may all have left."""
     error = None if job.cancelled() else job.exception()
+    if isinstance(error, _NoRoomYet):  # its requests look again: said once, at their deadline
+        return
     if isinstance(error, ModelHostFailure):
         log.info("page-in of %s version %d: %s", hosted.name, hosted.version, error)
     elif error is not None:
