@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -14,9 +16,9 @@ import pytest
 import torch
 
 from conftest import assert_same_detections, images, reference, serve, serve_detector
-from helpers.models import Recorder
+from helpers.models import Recorder, domain
 from modelhost.client import ModelHostClient, ModelHostError, codec
-from modelhost.server import Server
+from modelhost.server import Server, Settings, running
 from modelhost.server.batching import Lane, LanePool, preferred_batch_size
 from modelhost.server.statistics import Statistics
 
@@ -733,27 +735,36 @@ def test_when_both_halves_fail_each_request_runs_alone() -> None:
 # Red team 13, F2: rows that depend on the batch
 
 
+PATIENT = {"max_queue_delay_us": 200_000}
+"""Batching under which concurrent requests would be merged."""
+
+
+def queued_together(client: ModelHostClient, name: str, rows: Sequence[Any]) -> list[Any]:
+    """The answers to `rows`, each sent by a caller of its own while a request of the
+    slow model "slow" (loaded) holds the CPU lane, which is shared: they queue up
+    meanwhile, and run as one batch where `name` batches."""
+    blocker = threading.Thread(target=client.predict, args=("slow", np.ones((1, 4), "f4")))
+    blocker.start()
+    time.sleep(0.1)
+    outs = concurrently([partial(client.predict, name, x) for x in rows])
+    blocker.join()
+    return outs
+
+
 def test_a_model_whose_rows_depend_on_the_batch_is_not_batched(
     client: ModelHostClient,
 ) -> None:
     """`x @ x.T` (declared input) and `x - x.mean(0)` (shaped by warmup_shape): batched,
     each caller would get values computed from the others' rows. Found at load: they run
     one request at a time, and each caller gets what it gets alone."""
-    patient = {"max_queue_delay_us": 200_000}  # concurrent requests would be merged
-    serve(client, "gram", architecture="gram", batching=patient)
-    serve(client, "centered", architecture="centered", warmup_shape=(1, 2), batching=patient)
+    serve(client, "gram", architecture="gram", batching=PATIENT)
+    serve(client, "centered", architecture="centered", warmup_shape=(1, 2), batching=PATIENT)
     serve(client, "slow", architecture="slow_mlp", architecture_args={"delay": 0.5})
     mixes = {"gram": lambda x: x @ x.T, "centered": lambda x: x - x.mean(0, keepdims=True)}
     for name, alone in mixes.items():
         assert client.get_model(name).batching.max_batch_size == 1
         rows = [np.array([[1.0, 0.0]], np.float32), np.array([[0.0, 7.0], [3.0, 4.0]], np.float32)]
-        # A slow model's request holds the CPU lane (shared): the two queue up meanwhile.
-        blocker = threading.Thread(target=client.predict, args=("slow", np.ones((1, 4), "f4")))
-        blocker.start()
-        time.sleep(0.1)
-        outs = concurrently([partial(client.predict, name, x) for x in rows])
-        blocker.join()
-        for x, out in zip(rows, outs, strict=True):
+        for x, out in zip(rows, queued_together(client, name, rows), strict=True):
             np.testing.assert_allclose(out, alone(x))
 
 
@@ -764,6 +775,164 @@ def test_a_model_whose_rows_are_independent_is_batched(
     two rows and of one differ by rounding only): it keeps the server's batch size."""
     serve(client, "mlp", architecture="tiny_mlp", checkpoint="mlp-w", warmup_shape=(4, 4))
     assert client.get_model("mlp").batching.max_batch_size == server.settings.max_batch_size
-    # Random outputs (a sampler, dropout left on) tell nothing: two runs of one row differ.
-    serve(client, "sampler", architecture="sampler")
-    assert client.get_model("sampler").batching.max_batch_size == server.settings.max_batch_size
+
+
+# Red team 14, F4: a rows check that cannot tell fails closed
+
+
+DOMAIN = "domain=helpers.models:domain"
+"""Rows defined on part of the values, that depend on the batch or not (`Domain`)."""
+
+
+@pytest.fixture
+def domain_server(settings: Settings) -> Iterator[Server]:
+    """The test server, with the `domain` architecture too."""
+    with running(
+        dataclasses.replace(settings, architectures=[*settings.architectures, DOMAIN])
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture
+def domain_client(domain_server: Server) -> Iterator[ModelHostClient]:
+    with ModelHostClient(domain_server.target, timeout=120) as c:
+        serve(c, "slow", architecture="slow_mlp", architecture_args={"delay": 0.5})
+        yield c
+
+
+def serve_domain(
+    client: ModelHostClient, name: str, warmup_shape: Sequence[int] = (), **args: Any
+) -> torch.nn.Module:
+    """`domain(**args)` served as `name` (batching `PATIENT`); its in-process twin."""
+    return serve(
+        client,
+        name,
+        domain(**args),
+        architecture="domain",
+        architecture_args=args,
+        batching=PATIENT,
+        warmup_shape=warmup_shape,
+    )
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture, name: str) -> str:
+    return "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith(f"{name}: ")
+    )
+
+
+ROWS = [np.array([[4.0, 0.0]], np.float32), np.array([[0.0, 16.0], [9.0, 4.0]], np.float32)]
+"""Two callers' rows, non-negative."""
+
+
+@pytest.mark.parametrize(
+    ("args", "shown_by"),
+    [
+        ({"negatives": "nan"}, "standard normal rows"),
+        ({"negatives": "nan", "floor": 1.0}, "standard normal rows"),
+        ({"negatives": "raise"}, "uniform rows in [0, 1)"),
+    ],
+    ids=["nan", "nan_below_one", "raise"],
+)
+def test_a_model_undefined_on_negative_values_whose_rows_depend_on_the_batch_is_not_batched(
+    domain_client: ModelHostClient,
+    caplog: pytest.LogCaptureFixture,
+    args: dict[str, Any],
+    shown_by: str,
+) -> None:
+    """`sqrt(x) - mean(sqrt(x))` over the batch is NaN for a negative value, and a model
+    that checks its inputs refuses one: the check's normal rows, which have some, were
+    taken as proof of nothing (an error) or as alike (NaN compared as close), and the
+    model was batched. NaN are now compared where they are (a row alone has fewer: with
+    NaN below 1, uniform rows in [0, 1) give NaN only, and this is what finds it), and
+    uniform rows are drawn too (what finds the refusing model). Each is found to depend
+    on the batch, and each caller gets what it gets alone."""
+    client = domain_client
+    with caplog.at_level(logging.WARNING, "modelhost.server.models"):
+        model = serve_domain(client, "m", **args)
+    assert client.get_model("m").batching.max_batch_size == 1
+    assert f"depend on the other rows of its batch (they differ run alone, with {shown_by})" in (
+        warnings_of(caplog, "m")
+    )
+    for x, out in zip(ROWS, queued_together(client, "m", ROWS), strict=True):
+        np.testing.assert_allclose(out, reference(model, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("negatives", ["nan", "raise"])
+def test_a_model_undefined_on_negative_values_whose_rows_are_independent_is_batched(
+    domain_client: ModelHostClient, domain_server: Server, negatives: str
+) -> None:
+    """The other side: `sqrt(x)` (NaN for negative values), or `x` refusing them, is found
+    independent by its uniform rows, and keeps the server's batch size. Two callers'
+    requests run as one batch, and each gets what the model answers it alone."""
+    client = domain_client
+    model = serve_domain(client, "m", mixes=False, negatives=negatives)
+    assert client.get_model("m").batching.max_batch_size == domain_server.settings.max_batch_size
+    outs = queued_together(client, "m", ROWS)
+    for x, out in zip(ROWS, outs, strict=True):
+        np.testing.assert_allclose(out, reference(model, x), rtol=1e-5, atol=1e-6)
+    assert statistics(domain_server, "m").execution_count == 1  # merged
+    if negatives == "nan":
+        x = np.array([[-1.0, 4.0]], np.float32)
+        np.testing.assert_array_equal(client.predict("m", x), reference(model, x))  # NaN, 2
+
+
+WIDE = 200_000
+"""Values per row of a warmup_shape whose two rows cost more than `COSTLY` (8 bytes of
+activations per value), and one row less."""
+COSTLY = 2 << 20
+
+
+def test_a_rows_check_over_max_predict_bytes_runs_small_rows_or_fails_closed(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check ran two rows of the warm-up's shape, which max_predict_bytes refused
+    where it allowed one: the refusal proved nothing, and `x - x.mean(0)` was batched.
+    Its open dimensions are now checked small (found to depend on the batch); a model
+    that takes only rows as costly is not batched, and the log says why and how to opt
+    in."""
+    bounded = dataclasses.replace(
+        settings, architectures=[*settings.architectures, DOMAIN], max_predict_bytes=COSTLY
+    )
+    with (
+        running(bounded) as server,
+        ModelHostClient(server.target, timeout=120) as client,
+        caplog.at_level(logging.WARNING, "modelhost.server.models"),
+    ):
+        serve(client, "slow", architecture="slow_mlp", architecture_args={"delay": 0.5})
+        model = serve_domain(client, "open", negatives="", warmup_shape=(1, WIDE))
+        serve_domain(client, "wide", negatives="", width=WIDE, warmup_shape=(1, WIDE))
+        assert client.get_model("open").batching.max_batch_size == 1
+        assert "a row's outputs depend on the other rows of its batch (they differ run alone" in (
+            warnings_of(caplog, "open")
+        )
+        rows = [np.array([[1.0, 0.0]], np.float32), np.array([[0.0, 7.0]], np.float32)]
+        for x, out in zip(rows, queued_together(client, "open", rows), strict=True):
+            np.testing.assert_array_equal(out, reference(model, x))  # zeros, alone
+        assert client.get_model("wide").batching.max_batch_size == 1
+        said = warnings_of(caplog, "wide")
+        assert "cannot tell whether a row's outputs depend on the other rows" in said
+        assert "max_predict_bytes" in said and "Batching off (max_batch_size 1)" in said
+        assert "load it with batching max_batch_size above 1" in said
+
+
+def test_a_model_whose_outputs_are_random_is_batched_only_when_the_load_asks(
+    client: ModelHostClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Random outputs (a sampler, dropout left on) tell nothing: a row run alone twice
+    differs, so no difference proves the rows depend on the batch, nor does any prove
+    they do not. Such a model is not batched unless the load gives a max_batch_size: the
+    explicit opt-in. One whose rows are found to depend on the batch is not batched even
+    then."""
+    with caplog.at_level(logging.WARNING, "modelhost.server.models"):
+        serve(client, "sampler", architecture="sampler")
+        serve(client, "asked", architecture="sampler", batching={"max_batch_size": 8})
+        serve(client, "gram", architecture="gram", batching={"max_batch_size": 8})
+    assert client.get_model("sampler").batching.max_batch_size == 1
+    assert "its outputs are random" in warnings_of(caplog, "sampler")
+    assert client.get_model("asked").batching.max_batch_size == 8
+    assert "Batched as the load asks (max_batch_size 8)" in warnings_of(caplog, "asked")
+    assert client.get_model("gram").batching.max_batch_size == 1
+    assert "the load's max_batch_size 8 is not kept" in warnings_of(caplog, "gram")

@@ -427,3 +427,38 @@ def sampler() -> nn.Module:
 
 
 sampler.input_shape = (-1, 2)  # type: ignore[attr-defined]
+
+
+class Domain(nn.Module):
+    """`f(x)` per value, minus its mean over the batch when `mixes` (rows that depend on
+    the batch). For values below `floor`, `f` answers NaN ("nan": `sqrt(x - floor)`, as
+    a log or a square root of pixel values do) or refuses them ("raise", as a model
+    that checks its inputs); with "" it is `x`, defined everywhere. Its input is
+    declared `[-1, -1]`; with `width` it takes rows of `width` values only."""
+
+    def __init__(self, mixes: bool, negatives: str, width: int, floor: float) -> None:
+        super().__init__()
+        self.mixes = mixes
+        self.negatives = negatives
+        self.width = width
+        self.floor = floor
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.width and x.shape[1] != self.width:
+            raise ValueError(f"takes rows of {self.width} values only, not {x.shape[1]}")
+        if self.negatives == "raise" and bool((x < self.floor).any()):
+            raise ValueError(f"inputs must be at least {self.floor}")
+        y = (x - self.floor).sqrt() if self.negatives == "nan" else x
+        if self.mixes:
+            y = y - y.mean(0, keepdim=True)
+        return y * self.scale
+
+
+def domain(
+    mixes: bool = True, negatives: str = "nan", width: int = 0, floor: float = 0.0
+) -> nn.Module:
+    return Domain(mixes, negatives, width, floor)
+
+
+domain.input_shape = (-1, -1)  # type: ignore[attr-defined]
