@@ -4,14 +4,18 @@ tracebacks, human summaries by default and JSON with --json."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -435,3 +439,359 @@ def test_importing_the_cli_leaves_the_environment_alone() -> None:
         check=True,
     )
     assert done.stdout.strip() == "None", done.stderr
+
+
+# UX review 16
+
+
+def _bad_inputs(folder: Path) -> dict[str, str]:
+    """Files predict cannot send, and what its one error line says of each."""
+    np.save(folder / "u16.npy", np.ones((2, 3), np.uint16))
+    np.save(folder / "c64.npy", np.ones((2, 3), np.complex64))
+    np.save(folder / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(folder / "arr.npz", input=np.ones((2, 3), np.float32))
+    torch.save({"w": torch.zeros(3)}, folder / "weights.pt")
+    (folder / "notes.txt").write_text("a few words\n")
+    (folder / "cat.webp").write_bytes(b"RIFF\x9c\x03\x00\x00WEBPVP8 " + bytes(64))
+    (folder / "fake.jpg").write_text("not an image\n")
+    supported = "(supported: float32, float16, bfloat16, float64, uint8, int8, int16, int32, "
+    return {
+        "u16.npy": f"u16.npy: dtype uint16 is not supported {supported}",
+        "c64.npy": f"c64.npy: dtype complex64 is not supported {supported}",
+        "obj.npy": "obj.npy holds Python objects (an array of dtype object)",
+        "arr.npz": "arr.npz is an .npz archive of 1 array (np.savez): predict takes one .npy "
+        "file per input, NAME=FILE.npy",
+        "weights.pt": "weights.pt is a torch.save file, not a .npy array: predict takes .npy "
+        "arrays (as np.save writes them) and JPEG or PNG images (a checkpoint is uploaded "
+        "with `modelhost upload NAME FILE`)",
+        "notes.txt": "notes.txt is a text file: predict takes .npy arrays",
+        "cat.webp": "cat.webp is a WebP image: images must be JPEG or PNG",
+        "fake.jpg": "fake.jpg is a text file, not a JPEG or PNG image",
+    }
+
+
+def test_predict_refuses_what_is_no_npy_array_or_image_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """F1, F2: one `error:` line that names the file and what predict takes, before any
+    call (nothing listens at the target); never numpy's advice to unpickle."""
+    monkeypatch.chdir(tmp_path)
+    unreachable = ("--target", f"127.0.0.1:{free_port()}")
+    for name, message in _bad_inputs(tmp_path).items():
+        code, out, err = run(capsys, "predict", "m", name, *unreachable)
+        assert (code, out) == (1, ""), err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+        assert "allow_pickle" not in err and "UNAVAILABLE" not in err, err
+    _png(tmp_path / "cat.png")
+    code, _, err = run(capsys, "predict", "m", "input=cat.png", *unreachable)
+    assert code == 1 and err.startswith("error: cat.png is an image: images take no NAME="), err
+    np.save(tmp_path / "x.npy", np.ones((1, 3), np.float32))
+    code, _, err = run(capsys, "predict", "m", "x.npy", "x.npy", *unreachable)
+    assert code == 1 and "input 'input' is given twice (x.npy and x.npy)" in err, err
+
+
+def test_a_file_that_is_no_npy_array_ends_the_command_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """F1 as the command runs it: the .pt of the quick start given as the batch."""
+    torch.save({"w": torch.zeros(3)}, tmp_path / "weights.pt")
+    done = cli("predict", "m", str(tmp_path / "weights.pt"), "--target", "127.0.0.1:1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: {tmp_path / 'weights.pt'} is a torch.save file, not a .npy array: predict "
+        "takes .npy arrays (as np.save writes them) and JPEG or PNG images (a checkpoint is "
+        "uploaded with `modelhost upload NAME FILE`)"
+    ]
+
+
+def test_an_image_the_server_cannot_read_is_named_by_its_file(
+    classifier: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """F17: the server says "image 1"; the command says which file that is."""
+    good = _png(tmp_path / "cat.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 40)  # a PNG signature, then no IHDR
+    code, _, err = run(capsys, "predict", "cls", good, str(broken), "--target", classifier)
+    assert code == 1, err
+    assert err.startswith(f"error: INVALID_ARGUMENT: {broken} has no readable JPEG or PNG "), err
+    assert "image 1" not in err
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_call(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """F17: -o in a missing folder, or a folder, is refused before the model runs (here
+    the model does not exist: the call would have said NOT_FOUND)."""
+    np.save(tmp_path / "x.npy", np.ones((1, 3), np.float32))
+    x, target = str(tmp_path / "x.npy"), ("--target", server.target)
+    missing = tmp_path / "nowhere"
+    code, _, err = run(capsys, "predict", "m", x, "-o", str(missing / "y.npy"), *target)
+    assert (code, err) == (
+        1,
+        f"error: --output {missing / 'y.npy'}: the folder {missing} does not exist\n",
+    )
+    code, _, err = run(capsys, "predict", "m", x, "-o", str(tmp_path), *target)
+    assert (code, err) == (1, f"error: --output {tmp_path} is a directory: name a file in it\n")
+
+
+def test_predict_on_a_checkpoint_name_hints_at_load(
+    classifier: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """F17: "r18" is a stored checkpoint, not a model."""
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 32, 32), np.float32))
+    x, target = str(tmp_path / "x.npy"), ("--target", classifier)
+    code, _, err = run(capsys, "predict", "r18", x, *target)
+    assert code == 1 and err.splitlines() == [
+        "error: NOT_FOUND: model 'r18' is not loaded",
+        "hint: r18 is a stored checkpoint, not a model: load it first: modelhost load NAME "
+        "-a ARCHITECTURE -c r18",
+    ], err
+    code, _, err = run(capsys, "predict", "nothing", x, *target)
+    assert err.splitlines()[-1] == "hint: `modelhost list models` shows the models served", err
+
+
+def test_load_errors_hint_at_the_command_line_flags(
+    classifier: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """F8: the server names LoadModel and its fields; the command adds its own flags."""
+    target = ("--target", classifier)
+    cases = [
+        (
+            ["-a", "resnet18"],
+            "LoadModel needs a checkpoint or pretrained weights",
+            "give -c/--checkpoint NAME (a stored checkpoint: modelhost list checkpoints) or "
+            "--weights NAME (torchvision's pretrained weights, e.g. IMAGENET1K_V1)",
+        ),
+        (
+            ["-a", "resnet19", "-c", "r18"],
+            "did you mean 'resnet18'?",
+            "see them with: modelhost list architectures",
+        ),
+        (
+            ["-c", "r18"],
+            "holds weights only",
+            "give -a/--architecture NAME (modelhost list architectures shows them)",
+        ),
+        (
+            ["-a", "resnet18", "-c", "r18", "--warmup-shape", "0,3"],
+            "warmup_shape [0, 3] must be positive",
+            "on the command line, warmup_shape is --warmup-shape N,C,H,W",
+        ),
+        (
+            ["-a", "resnet18", "-c", "nope"],
+            "NOT_FOUND: checkpoint 'nope' not found",
+            "modelhost list checkpoints shows those stored; modelhost upload NAME FILE adds one",
+        ),
+    ]
+    for flags, error, hint in cases:
+        code, _, err = run(capsys, "load", "m", *flags, *target)
+        assert code == 1 and error in err.splitlines()[0], err
+        assert err.splitlines()[1:] == [f"hint: {hint}"], err
+
+
+def test_health_local_hints_at_the_variables_it_read(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """F5: --local asks where MODELHOST_* say, not --target: the hint names those."""
+    port = free_port()
+    monkeypatch.setenv("MODELHOST_PORT", str(port))
+    monkeypatch.delenv("MODELHOST_HEALTH_PORT", raising=False)
+    monkeypatch.delenv("MODELHOST_HOST", raising=False)
+    assert hint(capsys, "--local") == (
+        f"--local asked 127.0.0.1:{port} (MODELHOST_HEALTH_PORT unset, MODELHOST_PORT={port}, "
+        "MODELHOST_HOST unset): is the server running on this machine, and are these "
+        "variables set as the server has them?"
+    )
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_a_timeout_must_be_positive(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """F10: a deadline of 0 or less failed every call at once, as DEADLINE_EXCEEDED."""
+    for argv in (["list", "--timeout", timeout], ["--timeout", timeout, "list"]):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert "error: argument --timeout: must be a positive number of seconds" in err, err
+
+
+def test_help_says_what_0_means(capsys: pytest.CaptureFixture[str]) -> None:
+    """F11: --max-batch-size 0 and --version 0 are the defaults, as the help says."""
+    helps = {}
+    for command in ("load", "predict", "unload", "snapshot"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "(1: no batching; 0 or left out: the server's default" in helps["load"]
+    assert "version to register (0 or left out: the next" in helps["load"]
+    assert "(0 or left out: the newest)" in helps["predict"]
+    assert "(0 or left out: the newest)" in helps["snapshot"]
+    assert "only this version (0 or left out: all)" in helps["unload"]
+
+
+def test_a_serve_usage_error_shows_serves_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    """F16: a misspelt serve flag, and a size with a unit, which no setting takes."""
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--prot", "50163"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: modelhost serve ") and "{serve,upload" not in err, err
+    assert err.endswith("modelhost serve: error: unrecognized arguments: --prot 50163\n"), err
+    for flag, value, message in (
+        ("--device-memory-budget", "2GB", "give bytes (2000000000) or a fraction of the total"),
+        ("--max-checkpoint-bytes", "1GiB", "give bytes (1073741824)\n"),
+        ("--port", "fifty", "'fifty' is not an int\n"),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            main(["serve", flag, value])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"error: argument {flag}: " in err, err
+        assert message in err, err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--architecture NAME=MODULE:CALLABLE" in capsys.readouterr().out
+
+
+def test_a_store_that_is_a_file_is_named_as_the_flag(tmp_path: Path) -> None:
+    """F16: not "[Errno 17] File exists"."""
+    file = tmp_path / "passwd"
+    file.write_text("root:x:0:0\n")
+    for store, message in (
+        (file, f"error: --store {file} is a file, not a directory"),
+        (file / "x", f"error: --store {file / 'x'}: {file} is a file, not a directory"),
+    ):
+        done = cli("serve", "--port", "0", "--store", str(store))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines()[-1] == message, done.stderr
+
+
+@contextlib.contextmanager
+def silent_target() -> Iterator[tuple[str, threading.Event]]:
+    """A port that accepts connections and never says a word: a call there waits (gRPC
+    waits for the HTTP/2 handshake); the event is set once the client has connected."""
+    connected, done = threading.Event(), threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.1)
+        held: list[socket.socket] = []
+
+        def accept() -> None:
+            while not done.is_set():
+                try:
+                    held.append(listener.accept()[0])
+                except TimeoutError:
+                    continue
+                connected.set()
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield f"127.0.0.1:{listener.getsockname()[1]}", connected
+        finally:
+            done.set()
+            thread.join()
+            for connection in held:
+                connection.close()
+
+
+INTERRUPTIBLE = (
+    # Python's own SIGINT handler, even where this suite runs with SIGINT ignored (a
+    # background job of a shell): the command as a terminal runs it.
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from modelhost.cli import main; sys.exit(main())"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "signals"),
+    [("upload", 1), ("upload", 2), ("list", 1)],
+    ids=["upload", "upload-twice", "list"],
+)
+def test_ctrl_c_ends_a_client_command_in_one_line(
+    command: str, signals: int, tmp_path: Path
+) -> None:
+    """F4: ctrl-C while the call waits: `interrupted` and status 130, no traceback. A
+    second SIGINT while the command cleans up (`timeout -s INT` sends two) changes
+    nothing: once, one that landed in gRPC's channel close left the process hung."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(bytes(1 << 20))
+    argv = ["upload", "w", str(weights)] if command == "upload" else ["list"]
+    with silent_target() as (target, connected):
+        process = subprocess.Popen(
+            [sys.executable, "-c", INTERRUPTIBLE, *argv, "--target", target],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "GRPC_VERBOSITY": "NONE"},
+        )
+        try:
+            assert connected.wait(60), "the command never called"
+            time.sleep(0.3)
+            for _ in range(signals):
+                process.send_signal(signal.SIGINT)
+                time.sleep(0.05)
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert (process.returncode, out, err) == (130, "", "interrupted\n")
+
+
+INTERRUPTED_CLOSE = """
+import signal, sys, threading
+
+class Condition(threading.Condition):
+    # A KeyboardInterrupt in the first wait of the main thread once close() began: where
+    # gRPC's channel close waits for the cancelled call (it then stays half-closed).
+    armed = False
+
+    def wait(self, timeout=None):
+        if Condition.armed and threading.current_thread() is threading.main_thread():
+            Condition.armed = False
+            raise KeyboardInterrupt
+        return super().wait(timeout)
+
+threading.Condition = Condition  # before gRPC makes its channel's
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from modelhost.client import sync
+
+close = sync.ModelHostClient.close
+
+def interrupted_close(self):
+    Condition.armed = True
+    close(self)
+
+sync.ModelHostClient.close = interrupted_close
+from modelhost.cli import main
+sys.exit(main())
+"""
+
+
+def test_an_interrupt_inside_the_channel_close_does_not_hang_the_exit(tmp_path: Path) -> None:
+    """F4, the hang once seen: a second KeyboardInterrupt inside gRPC's channel close
+    leaves the channel closed but never destroyed, and at interpreter exit grpc's
+    `_ChannelCallState.__del__` closes it again, waiting forever for the first close to
+    finish. The command ends without interpreter shutdown after ctrl-C."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(bytes(4 << 20))
+    with silent_target() as (target, connected):
+        argv = ["upload", "w", str(weights), "--target", target]
+        process = subprocess.Popen(
+            [sys.executable, "-c", INTERRUPTED_CLOSE, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "GRPC_VERBOSITY": "NONE"},
+        )
+        try:
+            assert connected.wait(60), "the command never called"
+            time.sleep(0.3)
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the interrupted command hung at exit")
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert (process.returncode, out, err) == (130, "", "interrupted\n")

@@ -11,9 +11,11 @@ Client commands take --target (default 127.0.0.1:50051, or MODELHOST_TARGET).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib.metadata
 import json
+import math
 import os
 import re
 import socket
@@ -37,10 +39,18 @@ import numpy as np
 if Path(sys.argv[0]).stem == "modelhost" or sys.argv[0] == "-m":
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if sys.argv[1:2] == ["serve"] else "NONE")
 
-from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
+from modelhost.cli import interrupts
+from modelhost.cli.inputs import read_inputs
+from modelhost.client import (
+    ChannelConfig,
+    InvalidArgumentError,
+    ModelHostClient,
+    ModelHostError,
+    NotFoundError,
+)
 from modelhost.client.channel import DEFAULT_MAX_MESSAGE_BYTES
 from modelhost.client.load_options import LoadOptions
-from modelhost.client.predict import SINGLE_INPUT, SINGLE_OUTPUT
+from modelhost.client.predict import SINGLE_OUTPUT
 from modelhost.client.transfers import DEFAULT_MAX_DOWNLOAD_BYTES, DownloadTooLarge
 from modelhost.client.types import CheckpointInfo, ModelInfo, TopClass
 from modelhost.v1 import modelhost_pb2 as pb
@@ -129,6 +139,20 @@ def _shape(text: str) -> list[int]:
         return [int(dim) for dim in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 8,3,224,224") from None
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (a deadline of 0 or less fails every call
+    at once, and a CLI where 0 often means "no limit" should not take it silently)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of seconds, not {text!r} (leave it out for the default)"
+        )
+    return seconds
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -291,24 +315,25 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     return cast(LoadOptions, options)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
 def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
-    images = [item for item in args.inputs if item.lower().endswith(IMAGE_SUFFIXES)]
-    inputs = {}
-    for item in args.inputs:
-        if item not in images:
-            name, sep, path = item.rpartition("=")
-            inputs[name if sep else SINGLE_INPUT] = np.load(path, allow_pickle=False)
-    outputs = client.predict(
-        args.model,
-        inputs or None,
-        images=images or None,
-        top_k=args.top_k,
-        version=args.version,
-        timeout=args.timeout,
-    )
+    inputs, images = read_inputs(args.inputs)
+    if args.output:  # before the call, which may take long
+        _check_output(args.output)
+    try:
+        outputs = client.predict(
+            args.model,
+            inputs or None,
+            images=images or None,
+            top_k=args.top_k,
+            version=args.version,
+            timeout=args.timeout,
+        )
+    except InvalidArgumentError as error:
+        raise _named_images(error, images) from None
+    except NotFoundError as error:
+        if f"model {args.model!r} is not loaded" in error.message:
+            args.cli_hint = _not_loaded_hint(client, args.model)
+        raise
     if args.top_k:
         return _top_classes(outputs, images, args.json)
     if not isinstance(outputs, dict):  # one input, one output: the client gives the array
@@ -328,6 +353,42 @@ def cmd_predict(client: ModelHostClient, args: argparse.Namespace) -> Any:
         lines.append(f"{name}: {a.dtype} {list(a.shape)}")
         lines += np.array2string(a, threshold=50, edgeitems=3, precision=5).splitlines()
     return lines
+
+
+def _check_output(path: Path) -> None:
+    """Refuses an --output that cannot be written: a folder, or in a folder that is
+    missing or not writable (found before the call, not once the model has run)."""
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a directory: name a file in it")
+    if not folder.is_dir():
+        missing = "does not exist" if not folder.exists() else "is not a directory"
+        raise ValueError(f"--output {path}: the folder {folder} {missing}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--output {path}: permission denied (cannot write there)")
+
+
+def _named_images(error: InvalidArgumentError, images: list[str]) -> InvalidArgumentError:
+    """The server names an image it cannot read by its place, "image 0": the same error
+    with the file's name instead."""
+    found = re.match(r"image (\d+) ", error.message)
+    if found is None or int(found[1]) >= len(images):
+        return error
+    named = images[int(found[1])] + error.message[found.end() - 1 :]
+    return InvalidArgumentError(named, error.code)
+
+
+def _not_loaded_hint(client: ModelHostClient, name: str) -> str:
+    """The hint of a predict on a name no model is served under: when a checkpoint has
+    that name (one quick lookup), how to load it."""
+    try:
+        client.get_checkpoint(name)
+    except ModelHostError:
+        return "`modelhost list models` shows the models served"
+    return (
+        f"{name} is a stored checkpoint, not a model: load it first: "
+        f"modelhost load NAME -a ARCHITECTURE -c {name}"
+    )
 
 
 def _top_classes(rows: list[list[TopClass]], images: list[str], as_json: bool) -> Any:
@@ -461,8 +522,10 @@ def _client_parser(*, before_command: bool) -> argparse.ArgumentParser:
     )
     flag(
         "--timeout",
-        type=float,
-        help="deadline in seconds (default: 60 for list and health, none for the others)",
+        type=_seconds,
+        metavar="SECONDS",
+        help="deadline in seconds, more than 0 (default: 60 for list and health, none for "
+        "the others)",
     )
     flag(
         "--token",
@@ -532,7 +595,9 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     p = command("snapshot", cmd_snapshot, "Save a hosted model's weights as a checkpoint.")
     p.add_argument("model", help="the hosted model")
     p.add_argument("checkpoint", help="name to store the weights under")
-    p.add_argument("--version", type=int, metavar="N", help="the model's version (default: newest)")
+    p.add_argument(
+        "--version", type=int, metavar="N", help="the model's version (0 or left out: the newest)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint of that name")
 
     p = command("download", cmd_download, "Download a checkpoint to a file.")
@@ -571,7 +636,9 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
         help="save the outputs to FILE, named exactly so: one output as .npy, several as "
         ".npz (also one, when FILE ends in .npz)",
     )
-    p.add_argument("--version", type=int, metavar="N", help="the model's version (default: newest)")
+    p.add_argument(
+        "--version", type=int, metavar="N", help="the model's version (0 or left out: the newest)"
+    )
 
     p = command("list", cmd_list, "List hosted models and stored checkpoints.")
     p.add_argument(
@@ -584,7 +651,9 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
 
     p = command("unload", cmd_unload, "Stop serving a model (one version or all).")
     p.add_argument("name", help="the hosted model")
-    p.add_argument("--version", type=int, metavar="N", help="only this version (default: all)")
+    p.add_argument(
+        "--version", type=int, metavar="N", help="only this version (0 or left out: all)"
+    )
 
     p = command("delete", cmd_delete, "Delete a stored checkpoint.")
     p.add_argument("name", help="the stored checkpoint")
@@ -609,10 +678,13 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
 
 
 BATCHING_HELP = {
-    "max_batch_size": "most rows batched together (1: no batching; default: the server's)",
-    "max_queue_delay_us": "how long a batch waits to fill, in microseconds",
-    "max_queue_size": "requests that may wait; more fail with RESOURCE_EXHAUSTED",
-    "preferred_batch_size": "rows the batcher aims for (default: chosen at warm-up)",
+    "max_batch_size": "most rows batched together (1: no batching; 0 or left out: the "
+    "server's default, --max-batch-size of serve)",
+    "max_queue_delay_us": "how long a batch waits to fill, in microseconds (0 or left out: "
+    "the server's default)",
+    "max_queue_size": "requests that may wait; more fail with RESOURCE_EXHAUSTED (0 or left "
+    "out: the server's default)",
+    "preferred_batch_size": "rows the batcher aims for (0 or left out: chosen at warm-up)",
 }
 
 
@@ -644,7 +716,13 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
         metavar="KEY=JSON",
         help="builder argument, e.g. --arg num_classes=10 (repeatable)",
     )
-    option("--version", "version", type=int, metavar="N", help="version to register")
+    option(
+        "--version",
+        "version",
+        type=int,
+        metavar="N",
+        help="version to register (0 or left out: the next, one above the newest)",
+    )
     option(
         "--device", "device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: the server's)"
     )
@@ -660,7 +738,8 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
         "--compile",
         "compile",
         metavar="MODE",
-        help="torch.compile mode: default, reduce-overhead or max-autotune",
+        help="torch.compile mode: default, reduce-overhead, max-autotune or "
+        "max-autotune-no-cudagraphs",
     )
     option(
         "--warmup-shape",
@@ -736,9 +815,45 @@ def _add_serve(sub: Any, flags: bool) -> None:
         if kind is bool:  # --x and --no-x: a flag also turns off what a variable turned on
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif kind == list[str]:
-            p.add_argument(flag.removesuffix("s"), dest=name, action="append", help=help)
+            p.add_argument(
+                flag.removesuffix("s"),
+                dest=name,
+                action="append",
+                metavar="NAME=MODULE:CALLABLE" if name == "architectures" else None,
+                help=help,
+            )
+        elif kind in (int, float):
+            p.add_argument(flag, type=_number(kind, help), default=None, help=shown)
         else:
             p.add_argument(flag, type=kind, default=None, help=shown)
+
+
+UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+UNITS.update({f"{prefix}i": 1 << 10 * (i + 1) for i, prefix in enumerate("kmgt")})
+"""What the unit prefixes people write after a size mean: 2G, 2GB, 2GiB."""
+
+
+def _number(kind: type[int] | type[float], help: str) -> Callable[[str], int | float]:
+    """A `serve` flag's parser for a number of `kind`: a value with a unit (2GB, 512MiB)
+    is refused with the number of bytes it means, as the settings take no units."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+        what = f"an {kind.__name__}" if kind is int else f"a {kind.__name__}"
+        sized = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?)b?\s*", text, re.IGNORECASE)
+        if sized is None or "bytes" not in help:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        value = float(sized[1]) * UNITS[sized[2].lower()]
+        fraction = " or a fraction of the total (0.5)" if "fraction" in help else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: units are not accepted: give bytes ({value:.0f}){fraction}"
+        )
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 SERVER_EXTRA = frozenset(
@@ -769,7 +884,8 @@ def _serve(argv: list[str]) -> int:
             f"error: the server needs `pip install 'modelhost[server]'` ({error})", file=sys.stderr
         )
         return 2
-    args = build_parser().parse_args(argv)
+    # `serve`'s own parser, so that a mistake prints its usage, not the client commands'.
+    args = _subparser(build_parser(), "serve").parse_args(argv[1:])
     overrides = {name: getattr(args, name) for name, *_ in settings_fields()}
     try:
         return serve(Settings.from_env(**overrides))
@@ -777,7 +893,7 @@ def _serve(argv: list[str]) -> int:
         if error.errno == errno.EADDRINUSE:  # the server says which port, and what to do
             print(f"error: {error.strerror}", file=sys.stderr)
             return 1
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_store_error(error, overrides.get('store'))}", file=sys.stderr)
         return 2
     except (ValueError, ModelHostFailure) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -788,6 +904,26 @@ def _serve(argv: list[str]) -> int:
             raise
         print(f"error: {_bind_failure(unbound[1])}", file=sys.stderr)
         return 1
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of the command `name`."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return cast(argparse.ArgumentParser, sub.choices[name])
+
+
+def _store_error(error: OSError, store: object) -> str:
+    """An error creating a folder (the store's), with what is in the way: a file."""
+    path = Path(error.filename) if isinstance(error.filename, str) else None
+    if path is None or error.errno not in (errno.EEXIST, errno.ENOTDIR):
+        return str(error)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is None:
+        return str(error)
+    named = f"--store {store}" if store is not None else str(path)
+    if blocking == path and (store is None or Path(str(store)) == path):
+        return f"{named} is a file, not a directory"
+    return f"{named}: {blocking} is a file, not a directory"
 
 
 def _bind_failure(address: str) -> str:
@@ -815,6 +951,14 @@ def _hint(error: ModelHostError, args: argparse.Namespace) -> str:
     """What a command line user can do about the commonest connection and token errors,
     as gRPC words them: the text of a `hint:` line, or ""."""
     code, message, target = error.code.name, error.message, args.target
+    if getattr(args, "cli_hint", ""):  # the command's own (predict's NOT_FOUND)
+        return str(args.cli_hint)
+    if args.command == "load" and code == "NOT_FOUND" and message.startswith("checkpoint "):
+        return "modelhost list checkpoints shows those stored; modelhost upload NAME FILE adds one"
+    if args.command == "load" and code == "INVALID_ARGUMENT":
+        return _load_hint(message)
+    if getattr(args, "local", False) and code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return _local_hint(target, os.environ)
     if code == "UNAUTHENTICATED":
         return "pass the token with --token or MODELHOST_TOKEN"
     if code == "PERMISSION_DENIED":
@@ -856,6 +1000,71 @@ def _hint(error: ModelHostError, args: argparse.Namespace) -> str:
     return ""
 
 
+def _local_hint(target: str, environ: Mapping[str, str]) -> str:
+    """Where `health --local` asked, and the variables that chose it (not --target)."""
+    variables = ", ".join(
+        f"{name}={environ[name]}" if environ.get(name, "").strip() else f"{name} unset"
+        for name in ("MODELHOST_HEALTH_PORT", "MODELHOST_PORT", "MODELHOST_HOST")
+    )
+    return (
+        f"--local asked {target} ({variables}): is the server running on this machine, "
+        "and are these variables set as the server has them?"
+    )
+
+
+LOAD_HINTS = (
+    (
+        "LoadModel needs a checkpoint or pretrained weights",
+        "give -c/--checkpoint NAME (a stored checkpoint: modelhost list checkpoints) or "
+        "--weights NAME (torchvision's pretrained weights, e.g. IMAGENET1K_V1)",
+    ),
+    (
+        "LoadModel takes a checkpoint or pretrained weights, not both",
+        "give -c/--checkpoint or --weights, not both",
+    ),
+    ("see ListArchitectures", "see them with: modelhost list architectures"),
+    (
+        "name the architecture to build",
+        "give -a/--architecture NAME (modelhost list architectures shows them)",
+    ),
+    (
+        "leave architecture and its arguments empty",
+        "leave out -a/--architecture and --arg",
+    ),
+)
+"""Messages of LoadModel that name the call or its fields, and what they mean in
+`modelhost load`'s flags."""
+
+
+def _load_hint(message: str) -> str:
+    """`modelhost load`'s flags for a LoadModel error that names the RPC or its fields
+    (the server's words are for every client)."""
+    for words, hint in LOAD_HINTS:
+        if words in message:
+            return hint
+    flags = _load_flag_names()
+    named = [
+        f"{field} is {flags[field]}"
+        for field in sorted(set(re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", message)))
+        if field in flags
+    ]
+    return f"on the command line, {', '.join(named)}" if named else ""
+
+
+def _load_flag_names() -> dict[str, str]:
+    """The LoadModelRequest fields (and batching keys) with an underscore in their name,
+    which messages quote as they are, and the `load` flags that set them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_load_flags(parser)
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        name = action.dest.removeprefix(LOAD_OPTION).rpartition(".")[2]
+        if action.dest.startswith(LOAD_OPTION) and "_" in name and action.option_strings:
+            shown = action.option_strings[0]
+            flags[name] = f"{shown} {action.metavar}" if action.metavar else shown
+    return flags
+
+
 def _without_port(target: str) -> bool:
     """Whether a target (`host`, `[::1]`, `dns:///host`) names no port."""
     address = target.rpartition("/")[2] if target.startswith("dns:") else target
@@ -894,14 +1103,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `modelhost` command; returns its exit status. Output into a pipe closed early
     (`modelhost list | head -1`) ends it quietly, with status 0: every command prints
     only once its call is done, so the reader has stopped reading, nothing failed."""
-    try:
-        code = _main(list(sys.argv[1:] if argv is None else argv))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # As the Python docs advise: what is still buffered goes nowhere, not to a
-        # traceback at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    serving = arguments[:1] == ["serve"]  # the server handles its own signals
+    with contextlib.nullcontext() if serving else interrupts.clean_up_uninterrupted():
+        try:
+            code = _main(arguments)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # As the Python docs advise: what is still buffered goes nowhere, not to a
+            # traceback at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except KeyboardInterrupt:  # ctrl-C: the call was cancelled as the stack unwound
+            if argv is None:  # the command itself: it ends without interpreter shutdown
+                interrupts.exit_interrupted()
+            interrupts.report()
+            return interrupts.INTERRUPTED
     return code
 
 

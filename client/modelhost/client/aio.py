@@ -37,6 +37,7 @@ class AsyncModelHostClient(calls.ClientBase):
         return config.aio_channel(target)
 
     async def _run(self, call: calls.Call[T]) -> T:
+        self._check_open(call)
         rpc, kw = self._stub[call.rpc], self._kw(call)
         stall = Stall(call.rpc, self.stall_timeout)
         request = call.request
@@ -70,6 +71,7 @@ class AsyncModelHostClient(calls.ClientBase):
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
+        self._closed = True
         await self._channel.close()
 
     # Checkpoints

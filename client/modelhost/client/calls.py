@@ -392,11 +392,22 @@ class ClientBase:
         self.max_download_bytes = max_download_bytes
         self.stall_timeout = stall_timeout
         self._config = config or ChannelConfig()
+        self._closed = False
         self._channel = self._connect(self._config, target)
         self._stub = Stub(self._channel, self._config)
 
     def _connect(self, config: ChannelConfig, target: str) -> Any:
         raise NotImplementedError
+
+    def _check_open(self, call: Call[Any]) -> None:
+        """Refuses a call on a closed client (gRPC's own words for it are "Cannot invoke
+        RPC on closed channel!" or `grpc.aio.UsageError`): `ValueError`, as a closed file."""
+        if self._closed:
+            call.close()
+            raise ValueError(
+                f"this {type(self).__name__} is closed (close() or the end of its `with` "
+                "block): make a new client to call the server again"
+            )
 
     def _kw(self, call: Call[Any]) -> dict[str, Any]:
         """Keyword arguments of a stub call: its deadline (the call's, else the client's,

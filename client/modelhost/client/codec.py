@@ -68,6 +68,9 @@ _NUMPY: dict[DataType, np.dtype[Any]] = {
 _FROM_NUMPY: dict[str, DataType] = {dt.name: code for code, dt in _NUMPY.items()}
 _FROM_NUMPY["bfloat16"] = pb.DATA_TYPE_BFLOAT16
 
+SUPPORTED = ", ".join(_NAMES.values())
+"""The dtypes a tensor may have, for error messages."""
+
 FLOATING = frozenset(
     {pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16, pb.DATA_TYPE_FLOAT64}
 )
@@ -102,12 +105,29 @@ def dtype_name(code: DataType) -> str:
 
 
 def parse_dtype(name: str) -> DataType:
-    """ "float32", "fp16", "bf16", ... -> a `DataType` value; raises ValueError if unknown."""
+    """ "float32", "fp16", "bf16", ... -> a `DataType` value; raises ValueError if unknown.
+    A torch or numpy dtype is taken by its name (torch.float16, np.float16), without
+    importing torch; TypeError for anything else that is not a str."""
+    if not isinstance(name, str):
+        name = _dtype_name(name)
     try:
         return _BY_NAME[name.strip().lower().removeprefix("torch.")]
     except KeyError:
         known = ", ".join(sorted(_NAMES.values()))
         raise ValueError(f"unknown dtype {name!r}; expected one of {known}") from None
+
+
+def _dtype_name(dtype: object) -> str:
+    """The name of a torch dtype (`str(torch.float16)` is "torch.float16"), a numpy dtype
+    or numpy scalar type; TypeError for any other object."""
+    if type(dtype).__module__ == "torch":  # torch.dtype, named without importing torch
+        return str(dtype)
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        return np.dtype(dtype).name
+    raise TypeError(
+        f"a dtype is a name such as 'float16' (or torch.float16), not {type(dtype).__name__} "
+        f"{dtype!r:.40}"
+    )
 
 
 def element_count(tensor: TensorFields, *, what: str = "tensor") -> int:
@@ -152,11 +172,16 @@ def from_numpy(array: np.ndarray[Any, Any]) -> pb.Tensor:
     return _message(numpy_raw(array))
 
 
+def numpy_supported(dtype: np.dtype[Any]) -> bool:
+    """Whether arrays of `dtype` can be sent (`SUPPORTED`: bfloat16 by ml_dtypes' name)."""
+    return dtype.name in _FROM_NUMPY
+
+
 def numpy_raw(array: np.ndarray[Any, Any]) -> Raw:
     """The array's `Raw` form: a view of its memory unless its layout or byte order differ."""
     code = _FROM_NUMPY.get(array.dtype.name)
     if code is None:
-        raise TypeError(f"numpy dtype {array.dtype} is not supported")
+        raise TypeError(f"numpy dtype {array.dtype} is not supported (supported: {SUPPORTED})")
     if code != pb.DATA_TYPE_BFLOAT16:
         array = array.astype(_NUMPY[code], copy=False)
     flat = np.ascontiguousarray(array).reshape(-1)
@@ -207,7 +232,7 @@ def data_type(dtype: torch.dtype) -> DataType:
     for code, candidate in _torch_dtypes().items():
         if candidate == dtype:
             return code
-    raise TypeError(f"torch dtype {dtype} is not supported")
+    raise TypeError(f"torch dtype {dtype} is not supported (supported: {SUPPORTED})")
 
 
 def from_torch(tensor: torch.Tensor) -> pb.Tensor:

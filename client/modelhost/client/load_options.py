@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from modelhost.client import codec
 from modelhost.v1 import modelhost_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LoadOptions(TypedDict, total=False):
     """Optional arguments of `load_model`, shared by both clients.
 
-    - version: version to register (default: next). device: "cpu", "cuda", "cuda:N".
-    - dtype: "float32" | "float16" | "bfloat16" for the weights.
+    - version: version to register (default: next). device: "cpu", "cuda", "cuda:N" (or a
+      torch.device).
+    - dtype: "float32" | "float16" | "bfloat16" for the weights (or torch.float16, ...).
     - architecture_args: builder keyword arguments, e.g. {"num_classes": 10}.
     - strict: require exact key match (default True).
     - weights: torchvision pretrained weights (e.g. "IMAGENET1K_V1") instead of a checkpoint.
     - batching: {"max_batch_size", "max_queue_delay_us", "max_queue_size",
       "preferred_batch_size"}.
-    - channels_last, autocast ("float16" | "bfloat16"), compile ("default", "reduce-overhead",
-      "max-autotune"), warmup_shape (e.g. (8, 3, 224, 224)).
+    - channels_last, autocast ("float16" | "bfloat16", or the torch dtype), compile
+      ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+      warmup_shape (e.g. (8, 3, 224, 224)).
     - preprocessing: {"resize", "crop", "mean", "std"} or {"weights": "IMAGENET1K_V1"}, for
       uint8 and JPEG/PNG inputs. labels: class names for top_k answers.
     - residency: "on_demand" (default: may leave the device for others under the server's
@@ -39,14 +44,14 @@ class LoadOptions(TypedDict, total=False):
     """
 
     version: int | None
-    device: str | None
-    dtype: str | None
+    device: str | torch.device | None
+    dtype: str | torch.dtype | None
     architecture_args: Mapping[str, Any] | None
     strict: bool
     weights: str | None
     batching: Mapping[str, int] | None
     channels_last: bool
-    autocast: str | None
+    autocast: str | torch.dtype | None
     compile: str
     warmup_shape: Sequence[int]
     preprocessing: Mapping[str, Any] | None
@@ -87,11 +92,20 @@ def _field_value(name: str, value: Any) -> Any:
         return None
     field = _FIELDS[name]
     if name == "architecture_args":  # map<string, string> of JSON literals
-        return {key: json.dumps(arg) for key, arg in value.items()}
+        return _json_args(value)
     if field.enum_type is not None and field.enum_type.full_name == "modelhost.v1.DataType":
-        return codec.parse_dtype(value) if value else None  # a dtype name, e.g. "bfloat16"
+        # a dtype name, e.g. "bfloat16", or a torch / numpy dtype (taken by its name)
+        if isinstance(value, str) and not value:
+            return None
+        try:
+            return codec.parse_dtype(value)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}: {error}") from None
     if field.enum_type is not None:
-        return enum_value(field, value)
+        return enum_value(field, _text(name, value))
+    if field.message_type is not None and not isinstance(value, Mapping):
+        names = ", ".join(field.message_type.fields_by_name)
+        raise TypeError(f"{name} must be a dict (its keys: {names}), not {_a(value)}")
     if field.message_type is not None:  # a sub-message as a dict; empty leaves it unset
         keys = list(field.message_type.fields_by_name)
         unknown = [key for key in value if key not in keys]
@@ -100,8 +114,50 @@ def _field_value(name: str, value: Any) -> Any:
             raise ValueError(f"{name}: unknown key {unknown[0]!r:.40} (its keys: {known})")
         return dict(value) or None
     if field.is_repeated:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            example = "['cat', 'dog']" if name == "labels" else "(8, 3, 224, 224)"
+            raise TypeError(f"{name} must be a list, e.g. {name}={example}, not {_a(value)}")
         return list(value)
+    if name == "device" and type(value).__module__ == "torch":  # torch.device("cuda:1")
+        return str(value)
+    if field.type == field.TYPE_STRING:
+        return _text(name, value)
     return value
+
+
+def _a(value: object) -> str:
+    """`value`'s type with its article, for messages: "a str", "an int"."""
+    kind = type(value).__name__
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
+def _text(name: str, value: Any) -> str:
+    """A string option's value; TypeError names the option otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {_a(value)} ({value!r:.40})")
+    return value
+
+
+def _json_args(args: Any) -> dict[str, str]:
+    """`architecture_args` as the request carries them: each value as its JSON text."""
+    if not isinstance(args, Mapping):
+        decoded = " (json.loads it first)" if isinstance(args, str) else ""
+        raise TypeError(
+            f"architecture_args must be a dict of the builder's keyword arguments, e.g. "
+            f"{{'num_classes': 10}}, not {_a(args)}{decoded}"
+        )
+    fields = {}
+    for key, arg in args.items():
+        if not isinstance(key, str):
+            raise TypeError(f"architecture_args keys must be str, not {_a(key)}")
+        try:
+            fields[key] = json.dumps(arg)
+        except (TypeError, ValueError) as error:  # a set, a tensor, nan is fine, ...
+            raise TypeError(
+                f"architecture_args[{key!r:.40}]: {error}; builder arguments travel as JSON "
+                "(numbers, strings, booleans, None, lists and dicts of them)"
+            ) from None
+    return fields
 
 
 def enum_value(field: Any, name: str) -> int:

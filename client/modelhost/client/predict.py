@@ -37,6 +37,11 @@ class PredictCall:
     ) -> None:
         self.single = not isinstance(inputs, Mapping)
         named = {} if inputs is None else {SINGLE_INPUT: inputs} if self.single else dict(inputs)
+        if isinstance(images, (str, bytes, os.PathLike)):
+            raise TypeError(
+                f"images must be a list of image paths or bytes, not a single "
+                f"{type(images).__name__}: images=[{images!r:.60}]"
+            )
         if not named and not images:
             raise ValueError("predict needs inputs or images")
         if named and images:
@@ -46,8 +51,8 @@ class PredictCall:
         self.payload = wire.predict_request(
             model,
             version or 0,
-            {key: codec.raw(value) for key, value in named.items()},
-            [_image_bytes(image) for image in images or ()],
+            {key: _raw(key, value, self.single) for key, value in named.items()},
+            [_image_bytes(index, image) for index, image in enumerate(images or ())],
             top_k,
         )
 
@@ -87,7 +92,29 @@ def _top_classes(row: pb.TopClasses) -> list[TopClass]:
     return [TopClass(i, s, n) for i, s, n in zip(row.indices, row.scores, labels, strict=True)]
 
 
-def _image_bytes(image: ImageSource) -> bytes:
-    if isinstance(image, bytes):
-        return image
+def _raw(name: str, value: Any, single: bool) -> codec.Raw:
+    """An input's `codec.Raw`; TypeError names the input, and a path given for an array."""
+    what = "inputs" if single else f"input {name!r:.40}"
+    if not isinstance(name, str):
+        raise TypeError(f"input names must be str, not {type(name).__name__} {name!r:.40}")
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"{what} must be an array (numpy or torch), not {type(value).__name__} "
+            f"{value!r:.60}: load a .npy file first (np.load), and send images as "
+            "images=[path, ...]"
+        )
+    try:
+        return codec.raw(value)
+    except TypeError as error:
+        raise TypeError(f"{what}: {error}") from None
+
+
+def _image_bytes(index: int, image: ImageSource) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(
+            f"images[{index}] must be a path or the encoded bytes of a JPEG/PNG image, not "
+            f"{type(image).__name__} (to send an array, pass it as inputs)"
+        )
     return Path(image).read_bytes()

@@ -33,13 +33,16 @@ class ModelHostClient(calls.ClientBase):
     (get_*, list_*, health) have a deadline: `calls.QUICK_TIMEOUT` (60 s).
     `stall_timeout` (60 s; None: off) ends an upload or download that moves no message
     for that long with `DeadlineExceededError`. `max_download_bytes` (64 GiB; None: no
-    limit) refuses larger checkpoints. Every failure raises `ModelHostError`.
+    limit) refuses larger checkpoints. Every failed call raises `ModelHostError`;
+    arguments that cannot be sent (a wrong type, an unknown option) raise `TypeError` or
+    `ValueError` before any call is made, and so does a call on a closed client.
     """
 
     def _connect(self, config: ChannelConfig, target: str) -> grpc.Channel:
         return config.channel(target)
 
     def _run(self, call: calls.Call[T]) -> T:
+        self._check_open(call)
         rpc, kw = self._stub[call.rpc], self._kw(call)
         stall = Stall(call.rpc, self.stall_timeout)
         try:
@@ -72,6 +75,7 @@ class ModelHostClient(calls.ClientBase):
 
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
+        self._closed = True
         self._channel.close()
 
     # Checkpoints

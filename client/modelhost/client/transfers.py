@@ -58,6 +58,27 @@ def serialize_source(source: Source) -> tuple[Iterator[memoryview], int]:
     raise TypeError(f"cannot upload a {type(source).__name__}: pass a path, bytes or a dict")
 
 
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """`save_checkpoint`'s metadata as a dict of strings; TypeError names the first
+    entry that is not a string (protobuf would say only "bad argument type")."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(
+            f"metadata must be a dict of strings, not a {type(metadata).__name__}: "
+            "e.g. metadata={'epoch': '3'}"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be str (got {type(key).__name__} {key!r:.40})")
+        if not isinstance(value, str):
+            raise TypeError(
+                f"metadata values must be str (got {type(value).__name__} for {key!r:.40}): "
+                f"pass str(value), e.g. {{{key!r:.40}: {str(value)!r:.40}}}"
+            )
+    return dict(metadata)
+
+
 def _file_size(path: Path) -> int:
     """The size of the file to upload, opened here, so that a directory, a missing or an
     unreadable file fails now with its own message (on the upload's thread, gRPC would
@@ -144,10 +165,11 @@ class Upload:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         progress: Progress | None = None,
     ) -> None:
+        metadata = check_metadata(metadata)
         self._blocks, self.size = serialize_source(source)
         self._header = pb.SaveCheckpointHeader(
             name=name,
-            metadata=dict(metadata or {}),
+            metadata=metadata,
             overwrite=overwrite,
             upload=pb.Upload(size_bytes=self.size),
         )
