@@ -1699,6 +1699,23 @@ MUTANTS = [
             "depend_on_the_batch_is_not_batched",
         ),
     ),
+    Mutant(
+        "models: store work that waits for the store lock runs on asyncio's default threads",
+        SERVER + "models.py",
+        "        return asyncio.get_running_loop().run_in_executor(self._store_work, work, *args)",
+        "        return asyncio.get_running_loop().run_in_executor(None, work, *args)",
+        (
+            "tests/test_cache_races.py::"
+            "test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_looks",
+        ),
+    ),
+    Mutant(
+        "auth: the look at the token files queues on asyncio's default threads",
+        SERVER + "auth.py",
+        "            look = _on_a_thread_of_its_own(self._look)",
+        "            look = asyncio.ensure_future(asyncio.to_thread(self._look))",
+        ("tests/test_token_reload.py::test_a_look_at_the_token_files_waits_for_no_other_work",),
+    ),
 ]
 
 

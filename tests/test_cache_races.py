@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import build, expect, reference
-from modelhost.client import ModelHostClient, ModelHostError
+from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
 from modelhost.server import Server, Settings, running, store_locks
 from modelhost.server.hosted import HostedModel
 
@@ -271,7 +271,7 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
     with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
         twins = {
             "big": build("tiny_mlp", large, seed=1),
-            "busy": build("slow_mlp", {**small, "delay": 0.5}, seed=2),
+            "busy": build("slow_mlp", {**small, "delay": 1.5}, seed=2),
             "idle": build("tiny_mlp", small, seed=3),
             "cold": build("tiny_mlp", small, seed=4),
         }
@@ -282,7 +282,9 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
                 name,
                 architecture="slow_mlp" if name == "busy" else "tiny_mlp",
                 checkpoint=name,
-                architecture_args={**args, "delay": 0.5} if name == "busy" else args,
+                architecture_args={**args, "delay": 1.5} if name == "busy" else args,
+                # One request at a time: the others wait queued, so it is never idle.
+                batching={"max_batch_size": 1} if name == "busy" else None,
             )
         sizes = {m.name: m.device_bytes for m in client.list_models()}
         assert sizes["big"] + sizes["busy"] > 2100
@@ -299,12 +301,12 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
         }
         stop = threading.Event()
 
-        def keep_busy() -> None:  # two callers: `busy` is never idle
+        def keep_busy() -> None:  # three callers of 1.5 s requests: `busy` is never idle
             with ModelHostClient(server.target, timeout=60) as own:
                 while not stop.is_set():
                     own.predict("busy", x)
 
-        callers = [threading.Thread(target=keep_busy) for _ in range(2)]
+        callers = [threading.Thread(target=keep_busy) for _ in range(3)]
         waiting: list[Any] = []
 
         def no_deadline() -> None:
@@ -329,3 +331,56 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
         while not waiting and time.monotonic() < deadline:
             time.sleep(0.05)
         np.testing.assert_allclose(waiting[0], reference(twins["big"], x), rtol=1e-5)
+
+
+def test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_looks(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team 14, F6: LoadModel's hold waited for another replica's store lock on one of
+    asyncio's default threads, which also parse requests over 1 MiB and look at the token
+    files. Eight such loads stalled a 2 MiB Predict for 29 s and kept a revoked token
+    working for 25 s. Store work has threads of its own now, and so does the look."""
+    monkeypatch.setattr(store_locks, "LOCK_WAIT", 8.0)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("keep\nleaked\n")
+    served = dataclasses.replace(settings, token_file=str(tokens))
+    big = np.ones((1 << 17, 4), np.float32)  # 2 MiB: parsed on a thread
+    with (
+        running(served) as server,
+        ModelHostClient(server.target, config=ChannelConfig(token="keep")) as client,
+    ):
+        twin = build("tiny_mlp", SMALL, seed=5)
+        client.save_checkpoint("w", twin.state_dict())
+        client.load_model("m", architecture="tiny_mlp", checkpoint="w", architecture_args=SMALL)
+        outcomes: list[str] = []
+
+        def load(index: int) -> None:
+            try:
+                client.load_model(
+                    f"l{index}", architecture="tiny_mlp", checkpoint="w", architecture_args=SMALL
+                )
+                outcomes.append("OK")
+            except ModelHostError as error:
+                outcomes.append(error.code.name)
+
+        with store_lock_held(Path(settings.store)):
+            loads = [threading.Thread(target=load, args=(i,)) for i in range(8)]
+            for thread in loads:
+                thread.start()
+            time.sleep(1.0)  # every load waits for the lock now
+            answer = client.predict("m", big, timeout=5)
+            np.testing.assert_allclose(answer, reference(twin, big), rtol=1e-5, atol=1e-6)
+            tokens.write_text("keep\n")  # revoked
+            with ModelHostClient(server.target, config=ChannelConfig(token="leaked")) as leaked:
+                until = time.monotonic() + 5
+                refused = False
+                while not refused and time.monotonic() < until:
+                    try:
+                        leaked.list_models()
+                        time.sleep(0.2)
+                    except ModelHostError as error:
+                        refused = error.code == grpc.StatusCode.UNAUTHENTICATED
+                assert refused, "the revoked token still works while the loads wait"
+        for thread in loads:
+            thread.join(60)
+        assert outcomes == ["OK"] * 8  # once the lock was free

@@ -10,9 +10,11 @@ logged): a file caught empty mid-write must never open the server.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -267,3 +269,29 @@ def test_a_revoked_token_is_refused_from_the_first_call_after_the_look(
         replace_atomically(token_file, "new-token\n")
         time.sleep(RELOAD_INTERVAL + 0.2)  # the next call starts a look
         assert code(server, "old-token") == UNAUTH
+
+
+def test_a_look_at_the_token_files_waits_for_no_other_work(
+    settings: Settings, token_file: Path
+) -> None:
+    """Red team 14, F6: the look ran on asyncio's default threads, which parse large
+    requests and once waited for another replica's store lock: with every one of them
+    busy, a revoked token kept working until one came free. The look has a thread of its
+    own now. Here every default thread of the server's loop is taken."""
+    with running(dataclasses.replace(settings, token_file=str(token_file))) as server:
+        assert server.loop is not None
+        loop = server.loop
+        release = threading.Event()
+        workers = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor's size
+
+        async def take_every_default_thread() -> None:
+            for _ in range(workers):
+                loop.run_in_executor(None, release.wait)
+
+        asyncio.run_coroutine_threadsafe(take_every_default_thread(), loop).result(10)
+        try:
+            assert code(server, "old-token") == OK
+            replace_atomically(token_file, "new-token\n")
+            within(SOON, lambda: code(server, "old-token") == UNAUTH)
+        finally:
+            release.set()
