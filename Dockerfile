@@ -1,7 +1,7 @@
 # modelhost: one image for GPU and CPU nodes.
 #
 #   docker build -t modelhost:0.1.0 .
-#   docker run --gpus all --read-only --tmpfs /tmp -p 50051:50051 -p 9090:9090 \
+#   docker run --gpus all --read-only --tmpfs /tmp -p 50051:50051 -p 127.0.0.1:9090:9090 \
 #     -v modelhost-store:/var/lib/modelhost/store -v "$PWD/tokens:/etc/modelhost/tokens:ro" \
 #     -e MODELHOST_TOKEN_FILE=/etc/modelhost/tokens/token \
 #     -e MODELHOST_MANAGEMENT_TOKEN_FILE=/etc/modelhost/tokens/management-token \

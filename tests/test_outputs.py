@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import torchvision
 
-from conftest import detector
+from conftest import detector, expect, resnet18
 from modelhost.client import ModelHostClient
 from modelhost.server.architectures import ArchitectureCatalog
 from modelhost.server.errors import InvalidInput
@@ -100,3 +101,45 @@ def test_top_k_refusal_lists_outputs_in_the_models_order() -> None:
         "top_k needs a model with one output; this one has 12: parts.0, parts.1, parts.2, "
         "parts.3, parts.4, parts.5, parts.6, parts.7, parts.8, parts.9 (and 2 more)"
     )
+
+
+def test_a_warmup_shape_the_model_cannot_take_is_refused_by_name(
+    client: ModelHostClient,
+) -> None:
+    """UX review 16, F6: a warmup_shape of the wrong rank failed with the model's own
+    error, about a shape the caller never sent ([1, 1, 3, 224]); it names the setting and
+    the model's input now."""
+    client.save_checkpoint("r18", resnet18().state_dict())
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: client.load_model(
+            "r",
+            architecture="resnet18",
+            checkpoint="r18",
+            architecture_args={"num_classes": 10},
+            warmup_shape=(8, 3, 224),
+        ),
+        "warmup_shape [8, 3, 224] does not fit the model's input",
+        "[-1, 3, -1, -1]",
+    )
+
+
+def test_a_dtype_error_says_which_dtypes_the_model_takes(client: ModelHostClient) -> None:
+    """UX review 16, F7: "expects bfloat16" sent users after bfloat16 files numpy cannot
+    write, though any float is taken; the message names them."""
+    client.save_checkpoint("r18b", resnet18().state_dict())
+    client.load_model(
+        "rb",
+        architecture="resnet18",
+        checkpoint="r18b",
+        architecture_args={"num_classes": 10},
+        dtype="bfloat16",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: client.predict("rb", np.zeros((1, 3, 32, 32), np.int64)),
+        "dtype int64 does not fit the model, which takes floating-point input",
+        "float32",
+        "it runs in bfloat16",
+    )
+    assert client.predict("rb", np.zeros((1, 3, 32, 32), np.float64)).shape == (1, 10)

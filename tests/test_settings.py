@@ -10,6 +10,7 @@ import pytest
 
 from modelhost.cli import main
 from modelhost.server import Settings
+from modelhost.server.settings import parse_value
 
 REFUSED = [
     ("max_batch_size", 0, "--max-batch-size (MODELHOST_MAX_BATCH_SIZE) must be 1 to 65,536"),
@@ -73,3 +74,14 @@ def test_grpc_sizes_stay_within_int32() -> None:
     with pytest.raises(ValueError, match=r"--max-streams-per-connection .* 0 to 2,147,483,647"):
         Settings(max_streams_per_connection=1 << 31)  # it was a raw OverflowError at start
     Settings(max_streams_per_connection=(1 << 31) - 1)
+
+
+def test_a_size_with_a_unit_says_units_are_not_taken() -> None:
+    """UX review 16, F16: "2GB" was only "not a valid float"."""
+    with pytest.raises(ValueError, match="units are not accepted, give bytes"):
+        parse_value(float, "2GB", "device_memory_budget")
+    with pytest.raises(ValueError, match="units are not accepted"):
+        parse_value(int, "512MiB", "max_receiving_bytes")
+    with pytest.raises(ValueError) as plain:
+        parse_value(float, "lots", "device_memory_budget")
+    assert "units" not in str(plain.value)

@@ -52,7 +52,7 @@ def resolve_device(requested: str, default: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise InvalidArgument(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+        raise InvalidArgument(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgument(f"device {name!r} requested, but this server has no GPU")

@@ -65,9 +65,15 @@ class InputSpec:
             tensor.dtype.is_floating_point and self.dtype.is_floating_point
         )
         if not compatible:
+            takes = (
+                f"floating-point input (float16, bfloat16, float32 or float64; it runs in "
+                f"{_name(self.dtype)})"
+                if self.dtype.is_floating_point
+                else _name(self.dtype)
+            )
             raise InvalidInput(
                 f"input {given!r}: dtype {_name(tensor.dtype)} does not fit the model, "
-                f"which expects {_name(self.dtype)}"
+                f"which takes {takes}"
             )
         if tensor.dim() != len(self.shape) or any(
             want not in (-1, got) for want, got in zip(self.shape, tensor.shape, strict=False)

@@ -374,6 +374,7 @@ class Models:
         the allocator's peak around it, on the CPU the estimate for its largest batch."""
         assert loaded.module is not None
         _check_label_count(request.labels, runner.outputs)  # before a warm-up is spent
+        _check_warmup_fits(request.warmup_shape, runner.inputs)
         if _compiles_first(loaded.device, request):
             # Compiling takes seconds to minutes: done before the measured warm-up, which
             # holds the device's measurements, and not counted (it is not serving's need).
@@ -684,7 +685,8 @@ def check_request(request: LoadRequest, settings: Settings, device: torch.device
         raise InvalidArgument(f"version {request.version} is negative")
     if request.compile not in COMPILE_MODES:
         raise InvalidArgument(
-            f"compile mode {request.compile!r:.80} is not one of {sorted(COMPILE_MODES)}"
+            f"compile mode {request.compile!r:.80} is not one of {sorted(COMPILE_MODES - {''})} "
+            "(or none)"
         )
     if request.autocast is not None and request.autocast not in WEIGHT_DTYPES:
         raise InvalidArgument(
@@ -741,6 +743,21 @@ def _check_labels(labels: Sequence[str]) -> None:
     if total > MAX_LABELS_BYTES:
         raise InvalidArgument(
             f"the labels take {total:,} bytes in UTF-8; at most {MAX_LABELS_BYTES:,} are allowed"
+        )
+
+
+def _check_warmup_fits(warmup_shape: Sequence[int], inputs: Sequence[InputSpec]) -> None:
+    """Refuses a warmup_shape the model's one known input cannot take, by that name: the
+    model's own error would name a shape the caller never sent."""
+    if not warmup_shape or len(inputs) != 1:
+        return
+    want = inputs[0].shape
+    if len(want) != len(warmup_shape) or any(
+        w not in (-1, got) for w, got in zip(want, warmup_shape, strict=False)
+    ):
+        raise InvalidArgument(
+            f"warmup_shape {list(warmup_shape)} does not fit the model's input "
+            f"{inputs[0].name!r}, which takes {list(want)} (-1: any size)"
         )
 
 

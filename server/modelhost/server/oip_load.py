@@ -198,7 +198,7 @@ def _args(value: Any) -> dict[str, str]:
 def _dtype(value: str, key: str) -> codec.DataType:
     try:
         return codec.parse_dtype(value) if value else pb.DATA_TYPE_UNSPECIFIED
-    except ValueError as error:
+    except (TypeError, ValueError) as error:  # TypeError: not a string (a JSON number)
         raise InvalidArgument(f"parameter {key!r}: {error}") from None
 
 

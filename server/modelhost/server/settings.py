@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,8 +288,13 @@ def parse_value(kind: Any, raw: str, name: str) -> Any:
     try:
         return kind(raw)
     except ValueError:
+        units = ""
+        if kind in (int, float) and re.fullmatch(r"\s*[0-9.]+\s*[KMGT]i?B?\s*", raw, re.I):
+            units = ": units are not accepted, give bytes (2000000000, not 2GB)"
+            if kind is float:
+                units += " or a fraction of the total (0.5)"
         raise ValueError(
-            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}"
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}{units}"
         ) from None
 
 
