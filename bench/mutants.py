@@ -286,8 +286,8 @@ MUTANTS = [
     Mutant(
         "cache: the most recently used version is evicted first",
         SERVER + "cache.py",
-        "            key=lambda h: h.used_order,\n        )\n\n    def _room_if_evicted(",
-        "            key=lambda h: -h.used_order,\n        )\n\n    def _room_if_evicted(",
+        "            key=lambda h: h.used_order,\n        )\n\n    def _evict_one(",
+        "            key=lambda h: -h.used_order,\n        )\n\n    def _evict_one(",
         ("tests/test_cache.py::test_least_recently_used_versions_leave_and_page_back_in",),
     ),
     Mutant(
@@ -1593,9 +1593,8 @@ MUTANTS = [
     Mutant(
         "gate: open methods on the main port skip the reader (no budget, no read timeout)",
         SERVER + "gate.py",
-        '            served = self._guarded(handler, method.rsplit("/", 1)[-1], is_open=is_open)',
-        "            served = handler if is_open else self._guarded(\n"
-        '                handler, method.rsplit("/", 1)[-1], is_open=False\n            )',
+        "            served = self._guarded(\n                handler,",
+        "            served = handler if is_open else self._guarded(\n                handler,",
         (
             "tests/test_receiving.py::"
             "test_half_sent_health_checks_without_a_token_hold_at_most_their_budget",
@@ -1659,15 +1658,6 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "cache: idle versions are evicted even when that cannot make room",
-        SERVER + "cache.py",
-        "                if self._room_if_evicted(where, key) + limit >= used + nbytes and (",
-        "                if True and (",
-        (
-            "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in",
-        ),
-    ),
-    Mutant(
         "models: a rows check that cannot tell leaves the model batched (fails open)",
         SERVER + "models.py",
         "    if mixes is False:",
@@ -1702,8 +1692,8 @@ MUTANTS = [
     Mutant(
         "models: store work that waits for the store lock runs on asyncio's default threads",
         SERVER + "models.py",
-        "        return asyncio.get_running_loop().run_in_executor(self._store_work, work, *args)",
-        "        return asyncio.get_running_loop().run_in_executor(None, work, *args)",
+        "            return loop.run_in_executor(self._store_work, work, *args)",
+        "            return loop.run_in_executor(None, work, *args)  # mutated",
         (
             "tests/test_cache_races.py::"
             "test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_looks",
@@ -1715,6 +1705,47 @@ MUTANTS = [
         "            look = _on_a_thread_of_its_own(self._look)",
         "            look = asyncio.ensure_future(asyncio.to_thread(self._look))",
         ("tests/test_token_reload.py::test_a_look_at_the_token_files_waits_for_no_other_work",),
+    ),
+    Mutant(
+        "gate: an open method's request counts until its call ends (a Watch: for ever)",
+        SERVER + "gate.py",
+        "        receipt = _Receipt(budget, kept=not is_open)",
+        "        receipt = _Receipt(budget, kept=True)",
+        (
+            "tests/test_receiving.py::test_open_watch_and_reflection_streams_keep_no_health_check_waiting",
+        ),
+    ),
+    Mutant(
+        "gate: idle reflection streams take health's budget",
+        SERVER + "gate.py",
+        "                budget = self.reflection_receiving if reflection else self.open_receiving",
+        "                budget = self.open_receiving",
+        (
+            "tests/test_receiving.py::test_open_watch_and_reflection_streams_keep_no_health_check_waiting",
+        ),
+    ),
+    Mutant(
+        "app: a receiving budget below two messages is kept (one held request blocks all)",
+        SERVER + "app.py",
+        "    return max(budget, 2 * settings.max_message_bytes)",
+        "    return budget",
+        ("tests/test_receiving.py::test_the_default_receiving_budget_is_a_quarter_of_the_memory",),
+    ),
+    Mutant(
+        "cache: idle versions leave only when that makes room at once",
+        SERVER + "cache.py",
+        "                if self._evict_one(where, key, stale):\n                    continue",
+        "                free = sum(\n"
+        "                    h.device_bytes\n"
+        "                    for h in self._candidates(where, key)\n"
+        "                    if not h._leases\n"
+        "                )\n"
+        "                if free + limit >= used + nbytes and self._evict_one(where, key, stale):\n"
+        "                    continue",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_page_in_gets_in_while_the_versions_holding_its_room_are_busy_in_turn",
+        ),
     ),
 ]
 

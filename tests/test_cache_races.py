@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from conftest import build, expect, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
@@ -260,10 +261,9 @@ def test_a_running_batch_whose_callers_left_keeps_its_version_resident(
 def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Settings) -> None:
     """Red team 14, F5: a page-in that waits for room held by busy versions once waited on
     its device's only page-in thread, for as long as they stayed busy (for ever, under
-    steady traffic, for a request without a deadline). First it evicted the idle versions
-    it could not fit beside them anyway, then every other page-in waited behind it. Now
-    idle versions leave only when that makes room, and a page-in without room waits off
-    the page-in thread: another version that fits pages in meanwhile."""
+    steady traffic, for a request without a deadline), and every other page-in waited
+    behind it. Now a page-in without room waits off the page-in thread: another version
+    that fits pages in meanwhile."""
     small = {"features": 4, "hidden": 8, "classes": 3}
     large = {"features": 4, "hidden": 64, "classes": 3}
     x = np.ones((1, 4), np.float32)
@@ -319,7 +319,6 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
             time.sleep(0.5)
             threading.Thread(target=no_deadline, daemon=True).start()
             time.sleep(1.0)
-            assert client.get_model("idle").tier == "resident"  # not evicted for nothing
             cold = client.predict("cold", x, timeout=10)  # pages in while `big` waits
             np.testing.assert_allclose(cold, reference(twins["cold"], x), rtol=1e-5)
             assert client.get_model("big").tier == "store" and not waiting
@@ -384,3 +383,52 @@ def test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_loo
         for thread in loads:
             thread.join(60)
         assert outcomes == ["OK"] * 8  # once the lock was free
+
+
+def test_a_page_in_gets_in_while_the_versions_holding_its_room_are_busy_in_turn(
+    settings: Settings,
+) -> None:
+    """Review 16, 5: with idle versions evicted only when that made room at once, a
+    page-in that needed the room of two versions busy in turn (never idle together: a
+    pipeline calling one then the other, a request always in flight) never got in. Idle
+    versions leave in LRU order at each look, so it gets in."""
+    small = {"features": 4, "hidden": 8, "classes": 3}
+    large = {"features": 4, "hidden": 64, "classes": 3}
+    x = np.ones((1, 4), np.float32)
+    budget = dataclasses.replace(settings, device_memory_budget=2100)
+    with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
+        twins: dict[str, torch.nn.Module] = {}
+        for name, args in (("big", large), ("a", small), ("b", small)):
+            twins[name] = build("tiny_mlp", args, seed=len(twins))
+            client.save_checkpoint(name, twins[name].state_dict())
+            client.load_model(
+                name, architecture="tiny_mlp", checkpoint=name, architecture_args=args
+            )
+        client.predict("a", x)
+        client.predict("b", x)
+        sizes = {m.name: m.device_bytes for m in client.list_models()}
+        assert sizes["big"] + sizes["a"] > 2100 >= sizes["a"] + sizes["b"]
+        assert server.host is not None
+        a, b = (server.host.models.get(name) for name in "ab")
+        stop = threading.Event()
+
+        def in_turn() -> None:  # a request always holds one of them, each half the time
+            a.acquire()
+            while not stop.is_set():
+                b.acquire()
+                a.release()
+                time.sleep(0.05)
+                a.acquire()
+                b.release()
+                time.sleep(0.05)
+            a.release()
+
+        holder = threading.Thread(target=in_turn)
+        holder.start()
+        try:
+            time.sleep(0.3)
+            answer = client.predict("big", x, timeout=15)
+            np.testing.assert_allclose(answer, reference(twins["big"], x), rtol=1e-5)
+        finally:
+            stop.set()
+            holder.join(30)

@@ -57,20 +57,22 @@ def test_a_connection_holds_at_most_its_cap_of_calls(settings: Settings) -> None
 
 
 def test_requests_past_the_receiving_budget_wait_for_their_turn(settings: Settings) -> None:
-    """One request received at a time: a caller that never sends its request holds that
-    turn, and the next request waits for it. Once the first ends, the next is received.
-    (The refusal of a request that waits too long: the test of received requests below.)"""
-    one = dataclasses.replace(
+    """Two requests received at a time (the least budget): callers that never send their
+    request hold those turns, and the next request waits for them. Once they end, the
+    next is received. (The refusal of a request that waits too long: the test of received
+    requests below.)"""
+    two = dataclasses.replace(
         settings, max_message_bytes=1 << 20, max_receiving_bytes=1 << 20, request_read_timeout=2
     )
+    assert receiving_bytes(two) == 2 << 20  # raised to two messages
     never = threading.Event()
 
     def nothing() -> Iterator[bytes]:
         never.wait()
         yield from ()
 
-    with running(one) as server, grpc.insecure_channel(server.target) as channel:
-        stalled = channel.stream_unary(PREDICT).future(nothing(), timeout=60)
+    with running(two) as server, grpc.insecure_channel(server.target) as channel:
+        stalled = [channel.stream_unary(PREDICT).future(nothing(), timeout=60) for _ in "ab"]
         until = time.monotonic() + 20
         with pytest.raises(grpc.RpcError) as waited:
             while time.monotonic() < until:  # until the stalled call has taken its turn
@@ -79,9 +81,10 @@ def test_requests_past_the_receiving_budget_wait_for_their_turn(settings: Settin
         # It waited: its caller's deadline passed. (Whether the server's own refusal comes
         # first is a race with the stalled call's read timeout, which is as long.)
         assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.RpcError) as timed_out:
-            stalled.result()
-        assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for call in stalled:
+            with pytest.raises(grpc.RpcError) as timed_out:
+                call.result()
+            assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         never.set()
         listed = channel.unary_unary(LIST)(b"", timeout=30)
         assert pb.ListModelsResponse.FromString(listed) == pb.ListModelsResponse()
@@ -101,8 +104,12 @@ def test_the_default_receiving_budget_is_a_quarter_of_the_memory(
     limit.write_text(f"{8 << 30}\n")
     assert devices.host_memory_bytes() == min(machine, 8 << 30)
     assert receiving_bytes(settings) == min(machine, 8 << 30) // 4
-    given = dataclasses.replace(settings, max_receiving_bytes=12345)
-    assert receiving_bytes(given) == 12345
+    given = dataclasses.replace(settings, max_receiving_bytes=3 << 30)
+    assert receiving_bytes(given) == 3 << 30
+    # Review 16, 3: a budget of one message was kept from receiving by one request held
+    # (of 41 bytes): at least two messages, one received and one being received.
+    small = dataclasses.replace(settings, max_receiving_bytes=12345)
+    assert receiving_bytes(small) == 2 * settings.max_message_bytes
 
 
 def test_a_request_waiting_for_its_turn_is_sent_no_more_than_a_small_window(
@@ -123,11 +130,12 @@ def test_a_request_waiting_for_its_turn_is_sent_no_more_than_a_small_window(
     with running(one) as server:
         raw = Raw(server.port)
         try:
-            raw.open(1, PREDICT)
             body = start + b"x" * (message - 2 * len(start))
-            assert raw.send(1, body, seconds=20) == len(body)  # received: the window opens
-            raw.open(3, PREDICT)
-            waiting = raw.send(3, body, seconds=2)
+            for stream in (1, 3):  # the budget's two messages: received, the window opens
+                raw.open(stream, PREDICT)
+                assert raw.send(stream, body, seconds=20) == len(body)
+            raw.open(5, PREDICT)
+            waiting = raw.send(5, body, seconds=2)
             assert waiting <= 1 << 20, f"{waiting:,} bytes of a request that waits its turn"
         finally:
             raw.close()
@@ -215,7 +223,7 @@ def test_received_requests_count_against_the_budget_until_their_call_ends(
     budget = dataclasses.replace(
         settings,
         max_message_bytes=4 << 20,
-        max_receiving_bytes=6 << 20,  # a request of 3.5 MiB, and room for 2.5 MiB more
+        max_receiving_bytes=8 << 20,  # two requests of 3.5 MiB, and room for 1 MiB more
         request_read_timeout=2,
     )
     x = np.ones((229_000, 4), np.float32)  # 3.5 MiB
@@ -228,16 +236,57 @@ def test_received_requests_count_against_the_budget_until_their_call_ends(
             architecture_args={"delay": 4.0},
             batching={"max_batch_size": 1},
         )
-        first = threading.Thread(target=client.predict, args=("slow", x))
-        first.start()
-        time.sleep(1.0)  # received, and running for 4 s
+        held = [threading.Thread(target=client.predict, args=("slow", x)) for _ in "ab"]
+        for thread in held:
+            thread.start()
+        time.sleep(1.0)  # received: one runs for 4 s, the other waits in the queue
         expect(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             lambda: client.predict("slow", x),
             "--max-receiving-bytes",
         )
-        first.join(30)
+        for thread in held:
+            thread.join(30)
         assert client.predict("slow", x[:2]).shape == (2, 3)
         big = {"w": torch.arange(4 << 20, dtype=torch.float32)}  # 16 MiB: several messages
         client.save_checkpoint("big", big)
         assert client.get_checkpoint("big").size_bytes > budget.max_receiving_bytes
+
+
+def test_open_watch_and_reflection_streams_keep_no_health_check_waiting(
+    settings: Settings,
+) -> None:
+    """Review 16, 1 and 2: a health Watch held its request's bytes of the open budget for
+    as long as its stream stayed open, and an idle reflection stream waits for its next
+    request with a read posted (counted as a whole message): two of either kept every
+    health Check on the main port waiting. A Watch's request counts until it is parsed
+    now, and reflection has a budget of its own."""
+    message = 6 << 20
+    tokens = dataclasses.replace(
+        settings,
+        token="inference-secret",
+        max_message_bytes=8 << 20,
+        request_read_timeout=30,
+        max_streams_per_connection=0,
+    )
+    length = message - 5 - 1 - 4  # gRPC's prefix, the field's tag and length
+    varint = bytes([(length >> s & 0x7F) | (0x80 if s < 21 else 0) for s in (0, 7, 14, 21)])
+    watch = (  # service "" (the server: known) and an unknown field 15 of 6 MiB
+        b"\0" + struct.pack(">I", message - 5) + b"\x7a" + varint + b"x" * length
+    )
+    reflection = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    with running(tokens) as server:
+        raw = Raw(server.port)
+        try:
+            for stream in (1, 3):
+                raw.open(stream, "/grpc.health.v1.Health/Watch")
+                assert raw.send(stream, watch, seconds=10) == len(watch)
+            for stream in (5, 7):  # idle: no request yet
+                raw.open(stream, reflection)
+            time.sleep(0.5)
+            with grpc.insecure_channel(server.target) as channel:
+                for _ in range(3):
+                    assert channel.unary_unary(CHECK)(b"", timeout=5) == b"\x08\x01"
+            assert not {1, 3, 5, 7} & (set(raw.resets) | raw.ended)  # all still open
+        finally:
+            raw.close()

@@ -151,8 +151,12 @@ class Server:
             receiving=ByteBudget(receiving_bytes(settings), "--max-receiving-bytes"),
             open_receiving=ByteBudget(
                 OPEN_RECEIVING * settings.max_message_bytes,
-                f"{OPEN_RECEIVING} messages for calls without a token, where probes share "
-                "this port (--health-port gives them one of their own)",
+                f"{OPEN_RECEIVING} messages for health calls without a token, where probes "
+                "share this port (--health-port gives them one of their own)",
+            ),
+            reflection_receiving=ByteBudget(
+                OPEN_RECEIVING * settings.max_message_bytes,
+                f"{OPEN_RECEIVING} messages for reflection calls without a token",
             ),
         )
         options = [
@@ -189,6 +193,7 @@ class Server:
                 message_bytes=at_most,
                 receiving=budget,
                 open_receiving=budget,
+                reflection_receiving=budget,
             )
             self._probes = grpc.aio.server(interceptors=[probe_gate], options=probe_options())
             self._add_probes(self._probes, reflected)
@@ -404,5 +409,8 @@ def running(settings: Settings) -> Iterator[Server]:
 def receiving_bytes(settings: Settings) -> int:
     """What the requests the gate holds may take in all (`gate.ByteBudget`):
     `--max-receiving-bytes`, by default a quarter of the memory (or of the container's
-    limit). One message is always received, whatever the budget."""
-    return settings.max_receiving_bytes or host_memory_bytes() // 4
+    limit), and at least two of `--max-message-bytes`: one request received and held (a
+    few bytes may be enough to keep a smaller budget from receiving another) and one
+    being received."""
+    budget = settings.max_receiving_bytes or host_memory_bytes() // 4
+    return max(budget, 2 * settings.max_message_bytes)

@@ -157,7 +157,8 @@ class ModelCache:
         self._paging = threading.Lock()  # page-in jobs and deadlines (the event loop's)
         self._idle_count = itertools.count(1)
         self._idles = 0
-        self._ended: asyncio.Event | None = None  # set as the next request ends
+        # Set as the next request ends (`idle`, on any thread): page-ins waiting for room.
+        self._ended: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._clock = itertools.count(1)
         self.rebuild: Rebuild | None = None  # set by Models
         metrics.watch_cache(self)
@@ -268,15 +269,14 @@ class ModelCache:
                 used = self._used(where, exclude=key)
                 if used + nbytes <= limit:
                     break
-                # Idle versions are evicted only when that makes room: one that cannot fit
-                # beside the busy ones would push out versions others use, for nothing.
-                if self._room_if_evicted(where, key) + limit >= used + nbytes and (
-                    self._evict_one(where, key, stale)
-                ):
+                # Idle versions leave in LRU order even when the room they free is not yet
+                # enough: busy versions that are idle in turn (never all at once) would
+                # otherwise keep a large version out for ever (review 16, 5).
+                if self._evict_one(where, key, stale):
                     continue
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
-                busy = [h for h in held if not h.stays and not h.idle] + self._leaving_from(where)
+                busy = [h for h in held if not h.stays] + self._leaving_from(where)
                 loading = [  # may register soon
                     other
                     for other, (device, _) in self._reserved.items()
@@ -286,7 +286,7 @@ class ModelCache:
                     raise OutOfMemory(
                         f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
                         f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
-                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h.stays)}), "
+                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
                 until = deadline() if callable(deadline) else deadline
@@ -326,7 +326,9 @@ class ModelCache:
         self._idles = next(self._idle_count)
         ended, self._ended = self._ended, None
         if ended is not None:
-            ended.set()
+            loop, event = ended
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
+                loop.call_soon_threadsafe(event.set)
         if self._cond.acquire(blocking=False):
             try:
                 self._cond.notify_all()
@@ -339,10 +341,6 @@ class ModelCache:
             (h for h in self._resident(device) if not h.stays and (h.name, h.version) != exclude),
             key=lambda h: h.used_order,
         )
-
-    def _room_if_evicted(self, device: str, exclude: Key) -> int:
-        """What evicting every idle candidate on `device` would free."""
-        return sum(h.device_bytes for h in self._candidates(device, exclude) if h.idle)
 
     def _evict_one(self, device: str, exclude: Key, stale: list[torch.device]) -> bool:
         return any(self._evict(hosted, stale) for hosted in self._candidates(device, exclude))
@@ -442,7 +440,9 @@ class ModelCache:
             with self._paging:
                 job = hosted.paging
                 if job is None or job.done():
-                    hosted.paging_until = until
+                    # Others still waiting keep their deadlines (they set them as they came).
+                    others = hosted.paging_until if hosted.paging_waiters > 1 else 0.0
+                    hosted.paging_until = max(until, others)
                     pages_in = self._pages_in(str(hosted.loaded.device))
                     job = hosted.paging = pages_in.submit(self._page_in, hosted)
                     job.add_done_callback(functools.partial(_log_failure, hosted))
@@ -472,10 +472,11 @@ class ModelCache:
     async def _a_request_ended(self, seconds: float) -> None:
         """Returns once a request has ended (`idle`), or after `seconds`: room may have come
         (loads and page-ins that end give room back too, seen at the next look)."""
-        if self._ended is None:
-            self._ended = asyncio.Event()
+        ended = self._ended
+        if ended is None:
+            ended = self._ended = (asyncio.get_running_loop(), asyncio.Event())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ended.wait(), seconds)
+            await asyncio.wait_for(ended[1].wait(), seconds)
 
     def _pages_in(self, device: str) -> ThreadPoolExecutor:
         """The device's page-in thread (call with `_paging` held)."""

@@ -112,10 +112,12 @@ class ByteBudget:
 
 
 class _Receipt:
-    """What one call's request holds of a budget, until the call is done with it."""
+    """What one call's request holds of a budget, until the call is done with it (or,
+    not `kept`, until it is parsed)."""
 
-    def __init__(self, budget: ByteBudget) -> None:
+    def __init__(self, budget: ByteBudget, *, kept: bool = True) -> None:
         self.budget = budget
+        self.kept = kept
         self.nbytes = 0
 
     def release(self) -> None:
@@ -136,13 +138,17 @@ class Gate(grpc.aio.ServerInterceptor):
         message_bytes: int,
         receiving: ByteBudget,
         open_receiving: ByteBudget,
+        reflection_receiving: ByteBudget,
     ) -> None:
         self.tokens = tokens  # None: every method is open (the probe port)
         self.max_concurrent = max_concurrent
         self.read_timeout = read_timeout
         self.message_bytes = message_bytes  # the largest message gRPC receives
         self.receiving = receiving
+        # Open methods: health, and reflection apart (its streams wait for their next
+        # request with a read posted: idle ones must not keep health checks waiting).
         self.open_receiving = open_receiving
+        self.reflection_receiving = reflection_receiving
         self.active = 0
         # method -> its handler as served; handlers never change.
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -162,7 +168,13 @@ class Gate(grpc.aio.ServerInterceptor):
             # Open methods need no token and take no slot; with a probe port they are not
             # open here (`Tokens.open_prefixes`).
             is_open = self.tokens is None or method.startswith(self.tokens.open_prefixes)
-            served = self._guarded(handler, method.rsplit("/", 1)[-1], is_open=is_open)
+            budget = self.receiving
+            if is_open:
+                reflection = method.startswith("/grpc.reflection.")
+                budget = self.reflection_receiving if reflection else self.open_receiving
+            served = self._guarded(
+                handler, method.rsplit("/", 1)[-1], is_open=is_open, budget=budget
+            )
             self._handlers[method] = served
         if self.tokens is not None and self.tokens.enabled:  # open methods pass
             verdict = await self.tokens.judge(method, bearer(details.invocation_metadata))
@@ -184,17 +196,22 @@ class Gate(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _serving(
-        self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext, is_open: bool
+        self,
+        messages: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+        is_open: bool,
+        budget: ByteBudget,
     ) -> AsyncIterator[tuple[AsyncIterator[bytes], _Receipt]]:
         """A slot for the call (or the call ends; open methods take none), its request
-        messages and what they hold of the budget, until the call ends. gRPC's request
-        iterator is then closed: it holds the message it yielded last in a reference cycle
-        (with the object that made it), which the cycle collector would free only in one
-        of its rare full collections."""
+        messages and what they hold of `budget`, until the call ends (an open method's
+        request: until it is parsed, for a health Watch or a reflection stream lasts as
+        long as its caller wants). gRPC's request iterator is then closed: it holds the
+        message it yielded last in a reference cycle (with the object that made it),
+        which the cycle collector would free only in one of its rare full collections."""
         if not is_open:
             await self._take_slot(context)
         requests = cast(AsyncGenerator[bytes, None], aiter(messages))  # as gRPC makes it
-        receipt = _Receipt(self.open_receiving if is_open else self.receiving)
+        receipt = _Receipt(budget, kept=not is_open)
         try:
             yield requests, receipt
         finally:
@@ -280,6 +297,8 @@ class Gate(grpc.aio.ServerInterceptor):
         """The next message (StopAsyncIteration at the end), parsed; aborts the call when
         it does not arrive in time or does not parse."""
         data = await self._receive(messages, what, context, receipt)
+        if not receipt.kept:
+            receipt.release()
         if parse is None:
             return data
         try:
@@ -312,7 +331,7 @@ class Gate(grpc.aio.ServerInterceptor):
             yield message
 
     def _guarded(
-        self, handler: grpc.RpcMethodHandler, what: str, *, is_open: bool
+        self, handler: grpc.RpcMethodHandler, what: str, *, is_open: bool, budget: ByteBudget
     ) -> grpc.RpcMethodHandler:
         """`handler` served as a client-streaming method behind a slot (open methods take
         none) and the reader."""
@@ -338,7 +357,10 @@ class Gate(grpc.aio.ServerInterceptor):
                 messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
             ) -> None:
                 with _forgetting_aborts():
-                    async with gate._serving(messages, context, is_open) as (requests, receipt):
+                    async with gate._serving(messages, context, is_open, budget) as (
+                        requests,
+                        receipt,
+                    ):
                         if handler.request_streaming:
                             stream = handler.stream_stream(
                                 gate._stream(requests, parse, what, context, receipt), context
@@ -358,7 +380,7 @@ class Gate(grpc.aio.ServerInterceptor):
 
         async def reply(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             with _forgetting_aborts():
-                async with gate._serving(messages, context, is_open) as (requests, receipt):
+                async with gate._serving(messages, context, is_open, budget) as (requests, receipt):
                     if handler.request_streaming:
                         stream = gate._stream(requests, parse, what, context, receipt)
                         return await handler.stream_unary(stream, context)

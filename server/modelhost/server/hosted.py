@@ -218,14 +218,6 @@ class HostedModel:
 
     # Residency (called by the model cache, under its lock)
 
-    @property
-    def idle(self) -> bool:
-        """Whether it is resident and nothing holds it: `leave_device` would take it off
-        (a look: a request may come the next moment)."""
-        with self._idle:
-            busy = self._leases or self._compiles or self.retiring or self.tier != RESIDENT
-            return not busy and not self.batcher.running
-
     def leave_device(self, tier: str) -> nn.Module | None:
         """Takes the module off this version if no request holds it (None if one does):
         from now on a request finds it in `tier` and pages it in."""

@@ -172,8 +172,13 @@ class Models:
             raise
 
     def _on_store_thread(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """`work(*args)` on the store's threads (see `_store_work`)."""
-        return asyncio.get_running_loop().run_in_executor(self._store_work, work, *args)
+        """`work(*args)` on the store's threads (see `_store_work`); once they are shut down
+        (a clean-up that ends after `close`), on asyncio's."""
+        loop = asyncio.get_running_loop()
+        try:
+            return loop.run_in_executor(self._store_work, work, *args)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            return loop.run_in_executor(None, work, *args)
 
     def _let_go_if_held(self, job: asyncio.Future[CheckpointRecord]) -> None:
         if not job.cancelled() and job.exception() is None:
