@@ -693,6 +693,17 @@ def silent_target() -> Iterator[tuple[str, threading.Event]]:
                 connection.close()
 
 
+def _python(script: str, *argv: str) -> subprocess.Popen[str]:
+    """`python -c script argv...` as a process of its own, its output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GRPC_VERBOSITY": "NONE"},
+    )
+
+
 INTERRUPTIBLE = (
     # Python's own SIGINT handler, even where this suite runs with SIGINT ignored (a
     # background job of a shell): the command as a terminal runs it.
@@ -716,13 +727,7 @@ def test_ctrl_c_ends_a_client_command_in_one_line(
     weights.write_bytes(bytes(1 << 20))
     argv = ["upload", "w", str(weights)] if command == "upload" else ["list"]
     with silent_target() as (target, connected):
-        process = subprocess.Popen(
-            [sys.executable, "-c", INTERRUPTIBLE, *argv, "--target", target],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "GRPC_VERBOSITY": "NONE"},
-        )
+        process = _python(INTERRUPTIBLE, *argv, "--target", target)
         try:
             assert connected.wait(60), "the command never called"
             time.sleep(0.3)
@@ -776,13 +781,7 @@ def test_an_interrupt_inside_the_channel_close_does_not_hang_the_exit(tmp_path: 
     weights.write_bytes(bytes(4 << 20))
     with silent_target() as (target, connected):
         argv = ["upload", "w", str(weights), "--target", target]
-        process = subprocess.Popen(
-            [sys.executable, "-c", INTERRUPTED_CLOSE, *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "GRPC_VERBOSITY": "NONE"},
-        )
+        process = _python(INTERRUPTED_CLOSE, *argv)
         try:
             assert connected.wait(60), "the command never called"
             time.sleep(0.3)

@@ -149,6 +149,17 @@ def _message(size: int) -> bytes:
     return b"\0" + struct.pack(">I", size) + b"\x0a" + varint
 
 
+def _tokens_without_a_probe_port(settings: Settings, *, read_timeout: float) -> Settings:
+    """Tokens on, health and reflection open on the main port, messages of up to 8 MiB."""
+    return dataclasses.replace(
+        settings,
+        token="inference-secret",
+        max_message_bytes=8 << 20,
+        request_read_timeout=read_timeout,
+        max_streams_per_connection=0,
+    )
+
+
 def test_half_sent_health_checks_without_a_token_hold_at_most_their_budget(
     settings: Settings,
 ) -> None:
@@ -160,13 +171,7 @@ def test_half_sent_health_checks_without_a_token_hold_at_most_their_budget(
     one); the next waits with HTTP/2's small window, and each ends within
     request_read_timeout."""
     message = 6 << 20
-    tokens = dataclasses.replace(
-        settings,
-        token="inference-secret",
-        max_message_bytes=8 << 20,
-        request_read_timeout=3,
-        max_streams_per_connection=0,
-    )
+    tokens = _tokens_without_a_probe_port(settings, read_timeout=3)
     body = _message(message) + b"x" * (message - 64)
     with running(tokens) as server:
         raw = Raw(server.port)
@@ -262,13 +267,7 @@ def test_open_watch_and_reflection_streams_keep_no_health_check_waiting(
     health Check on the main port waiting. A Watch's request counts until it is parsed
     now, and reflection has a budget of its own."""
     message = 6 << 20
-    tokens = dataclasses.replace(
-        settings,
-        token="inference-secret",
-        max_message_bytes=8 << 20,
-        request_read_timeout=30,
-        max_streams_per_connection=0,
-    )
+    tokens = _tokens_without_a_probe_port(settings, read_timeout=30)
     length = message - 5 - 1 - 4  # gRPC's prefix, the field's tag and length
     varint = bytes([(length >> s & 0x7F) | (0x80 if s < 21 else 0) for s in (0, 7, 14, 21)])
     watch = (  # service "" (the server: known) and an unknown field 15 of 6 MiB
