@@ -5,9 +5,10 @@ For each call, in this order:
 1. Health checks and reflection ("open" methods) need no token and take no slot, so
    probes answer however busy the server is. Unless probes have a port of their own
    (`health_port`): then they need an inference token here and are served like every
-   other method. Open methods are still read as in step 4, from a budget of their own
-   (`OPEN_RECEIVING` messages): a caller without a token can make the server hold no
-   more than that, and cannot take the budget of the calls that need one.
+   other method. Open methods are still read as in step 4, from budgets of their own
+   (`OPEN_RECEIVING` messages for health, as many for reflection; an open method's
+   request counts until it is parsed): a caller without a token can make the server
+   hold no more than that, and cannot take the budget of the calls that need one.
 2. The bearer token is checked against the method's tier (`auth.LiveTokens`) from the
    call's headers alone: a refused caller's body is never read, let alone parsed.
 3. The call takes one of `max_concurrent_rpcs` slots or is refused with
@@ -61,8 +62,9 @@ log = logging.getLogger(__name__)
 OFFLOAD_BYTES = 1 << 20
 """Requests larger than this are parsed on a thread."""
 OPEN_RECEIVING = 2
-"""Messages of open methods (health, reflection: no token) received at once where they
-share the main port: each may hold up to --max-message-bytes while it arrives."""
+"""Messages of health calls received at once where they share the main port (no token),
+and as many of reflection calls: each may hold up to --max-message-bytes while it
+arrives."""
 
 
 Parse = Callable[[bytes], Any]
