@@ -1261,7 +1261,7 @@ MUTANTS = [
         SERVER + "hosted.py",
         "        return self.retiring and not self._leases\n",
         "        return self.retiring\n",
-        ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
+        ("tests/test_cache.py::test_an_unload_while_a_page_in_runs_answers_its_request_first",),
     ),
     Mutant(
         "batching: a batcher closed twice leaves its lane twice (the page-in fails)",
@@ -1330,10 +1330,7 @@ MUTANTS = [
         SERVER + "cache.py",
         "    return hosted.paging_until if hosted.paging_waiters else 0.0\n",
         "    return hosted.paging_until\n",
-        (
-            "tests/test_pagein_deadline.py::"
-            "test_a_page_in_whose_callers_all_cancelled_evicts_nothing",
-        ),
+        ("tests/test_cache.py::test_a_queued_page_in_whose_caller_cancelled_is_skipped",),
     ),
     Mutant(
         "store: a manifest entry with a NaN loss (a diverged run) reads as unreadable",

@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from conftest import TEST_ARCHITECTURES, build, expect, images, reference
-from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
+from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError, codec
 from modelhost.server import Server, Settings, running
+from modelhost.v1 import modelhost_pb2 as pb
+from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 
 ARGS = {"features": 16, "hidden": 256, "classes": 4}
 MODEL_BYTES = 4 * (16 * 256 + 256 + 256 * 4 + 4)  # float32 weights and biases
@@ -294,6 +296,44 @@ def test_a_page_in_nobody_waits_for_any_more_is_skipped(
     assert resident(client) == {"a", "d", "e"}  # only a's page-in evicted anything
     same(client.predict("b", X), reference(twins["b"], X))
     assert client.get_model("b").page_ins == 1
+
+
+def test_a_queued_page_in_whose_caller_cancelled_is_skipped(
+    client: ModelHostClient, server: Server
+) -> None:
+    """A page-in queued behind another one, whose only caller cancels (no deadline: it went
+    away), is skipped when its turn comes: it would evict a version in use for nobody."""
+    twins, first = a_page_in_taking_the_thread(client)
+    request = pb.PredictRequest(model="b", inputs={"input": codec.from_numpy(X)})
+    with grpc.insecure_channel(server.target) as channel:
+        call = pb_grpc.ModelHostStub(channel).Predict.future(request)  # no deadline
+        time.sleep(0.2)  # queued behind a's page-in
+        call.cancel()
+    first.join(30)
+    time.sleep(0.3)  # b's turn on the page-in thread came and went
+    assert counter(server, "modelhost_page_ins_skipped_total") == 1
+    assert client.get_model("b").page_ins == 0
+    same(client.predict("b", X), reference(twins["b"], X))
+
+
+def test_an_unload_while_a_page_in_runs_answers_its_request_first(
+    client: ModelHostClient,
+) -> None:
+    """A version unloaded while its page-in is running (its module on its way back) answers
+    the request that waits for it, then goes: the unload waits for it."""
+    twins = {
+        name: load(client, name, seed, architecture="slow_load_mlp", args={"seconds": 0.6})
+        for seed, name in enumerate("abcde")
+    }
+    assert resident(client) == {"c", "d", "e"}
+    answers: list[Any] = []
+    waiting = threading.Thread(target=lambda: answers.append(client.predict("a", X)))
+    waiting.start()
+    time.sleep(0.2)  # its page-in runs (0.6 s)
+    assert client.unload_model("a") == [1]
+    waiting.join(30)
+    same(answers[0], reference(twins["a"], X))
+    assert "a" not in resident(client)
 
 
 def test_a_version_unloaded_while_its_page_in_waits_answers_unavailable(
