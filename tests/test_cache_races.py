@@ -150,7 +150,8 @@ def test_a_load_whose_caller_leaves_while_it_waits_to_hold_holds_nothing(
                 ),
             )
             time.sleep(0.5)  # the hold still waits for the lock
-        wait_until(lambda: not holds(a))
+        time.sleep(1.0)  # the lock is free: the hold is taken (it looks every 50 ms at most)
+        wait_until(lambda: not holds(a))  # and let go
         assert ca.list_models() == []
         wait_until(lambda: deleted(cb, "ck"))  # once A's holds file says so, none holds it
 
