@@ -268,7 +268,14 @@ def test_a_revoked_token_is_refused_from_the_first_call_after_the_look(
         assert code(server, "old-token") == OK
         replace_atomically(token_file, "new-token\n")
         time.sleep(RELOAD_INTERVAL + 0.2)  # the next call starts a look
-        assert code(server, "old-token") == UNAUTH
+        with (  # exactly one call
+            grpc.insecure_channel(server.target) as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            channel.unary_unary("/modelhost.v1.ModelHost/ListModels")(
+                b"", metadata=(("authorization", "Bearer old-token"),), timeout=10
+            )
+        assert refused.value.code() == UNAUTH
 
 
 def test_a_look_at_the_token_files_waits_for_no_other_work(
