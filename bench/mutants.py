@@ -286,8 +286,8 @@ MUTANTS = [
     Mutant(
         "cache: the most recently used version is evicted first",
         SERVER + "cache.py",
-        "            key=lambda h: h.used_order,\n        )\n\n    def _evict_one(",
-        "            key=lambda h: -h.used_order,\n        )\n\n    def _evict_one(",
+        "            key=lambda h: h.used_order,\n        )\n        return any(",
+        "            key=lambda h: -h.used_order,\n        )\n        return any(",
         ("tests/test_cache.py::test_least_recently_used_versions_leave_and_page_back_in",),
     ),
     Mutant(
@@ -1734,8 +1734,8 @@ MUTANTS = [
         "                if self._evict_one(where, key, stale):\n                    continue",
         "                free = sum(\n"
         "                    h.device_bytes\n"
-        "                    for h in self._candidates(where, key)\n"
-        "                    if not h._leases\n"
+        "                    for h in self._resident(where)\n"
+        "                    if not h.stays and not h._leases\n"
         "                )\n"
         "                if free + limit >= used + nbytes and self._evict_one(where, key, stale):\n"
         "                    continue",

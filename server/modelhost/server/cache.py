@@ -335,15 +335,12 @@ class ModelCache:
             finally:
                 self._cond.release()
 
-    def _candidates(self, device: str, exclude: Key) -> list[HostedModel]:
-        """The versions on `device` that may be evicted, least recently used first."""
-        return sorted(
+    def _evict_one(self, device: str, exclude: Key, stale: list[torch.device]) -> bool:
+        candidates = sorted(
             (h for h in self._resident(device) if not h.stays and (h.name, h.version) != exclude),
             key=lambda h: h.used_order,
         )
-
-    def _evict_one(self, device: str, exclude: Key, stale: list[torch.device]) -> bool:
-        return any(self._evict(hosted, stale) for hosted in self._candidates(device, exclude))
+        return any(self._evict(hosted, stale) for hosted in candidates)
 
     def _evict(self, hosted: HostedModel, stale: list[torch.device]) -> bool:
         """Takes an idle version off its device (to the host tier when its device type has
