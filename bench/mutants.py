@@ -1647,9 +1647,8 @@ MUTANTS = [
         "cache: a page-in waits for busy versions' room on the device's page-in thread",
         SERVER + "cache.py",
         "            self.reserve(key, device, hosted.device_bytes, deadline=time.monotonic())",
-        "            self.reserve(\n"
-        "                key, device, hosted.device_bytes, deadline=lambda: _wanted_until(hosted)\n"
-        "            )",
+        "            self.reserve(key, device, hosted.device_bytes, "
+        "deadline=_wanted_until(hosted))",
         (
             "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in",
         ),
@@ -1742,6 +1741,24 @@ MUTANTS = [
         (
             "tests/test_cache_races.py::"
             "test_a_page_in_gets_in_while_the_versions_holding_its_room_are_busy_in_turn",
+        ),
+    ),
+    Mutant(
+        "models: a restored version's first build waits for its workspace on the page-in thread",
+        SERVER + "models.py",
+        "nbytes, deadline=time.monotonic())",
+        "nbytes, deadline=hosted.paging_until)",
+        (
+            "tests/test_cache_races.py::test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in",
+        ),
+    ),
+    Mutant(
+        "models: a first build without room forgets what it needed (builds again, and again)",
+        SERVER + "models.py",
+        "            hosted.workspace_bytes = max(\n",
+        "            _ = max(\n",
+        (
+            "tests/test_cache_races.py::test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in",
         ),
     ),
 ]

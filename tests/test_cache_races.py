@@ -32,6 +32,7 @@ WIDE = {"features": 16, "hidden": 256, "classes": 4}
 W = 4 * (16 * 256 + 256 + 256 * 4 + 4)  # WIDE's weights: 21,520 bytes
 S = 2 * 8 * 256 * 4  # its CPU workspace estimate at warmup_shape (8, 16): 16,384 bytes
 X = np.ones((1, 16), np.float32)
+BRIEF = 0.05  # a brief slow_mlp: a first build's runs on the shared CPU lane wait little
 
 
 @contextlib.contextmanager
@@ -331,6 +332,88 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
         while not waiting and time.monotonic() < deadline:
             time.sleep(0.05)
         np.testing.assert_allclose(waiting[0], reference(twins["big"], x), rtol=1e-5)
+
+
+def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in(
+    settings: Settings,
+) -> None:
+    """Review 16, 6: a version registered at restart knows its weights, not its workspace,
+    until its first page-in builds it; that build then reserved its workspace waiting on the
+    device's only page-in thread, for as long as busy versions held the room (F5 again,
+    after a restart). It takes its room at once or not at all: its requests wait off the
+    thread, another version pages in meanwhile, and its next page-in reserves weights and
+    workspace before it builds."""
+    x = np.ones((1, 4), np.float32)
+    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=10**8)
+    twins = {
+        "big": build("tiny_mlp", WIDE, seed=1),
+        "busy": build("slow_mlp", {**SMALL, "delay": BRIEF}, seed=2),
+        "cold": build("tiny_mlp", SMALL, seed=3),
+    }
+    with running(restoring) as first, ModelHostClient(first.target, timeout=60) as client:
+        for name, model in twins.items():
+            client.save_checkpoint(name, model.state_dict())
+        client.load_model(
+            "big",
+            architecture="tiny_mlp",
+            checkpoint="big",
+            architecture_args=WIDE,
+            warmup_shape=(8, 16),  # a CPU workspace: the estimate for 8 rows
+        )
+        client.load_model(
+            "busy",
+            architecture="slow_mlp",
+            checkpoint="busy",
+            architecture_args={**SMALL, "delay": BRIEF},
+            batching={"max_batch_size": 1},  # one request at a time: never idle below
+        )
+        client.load_model(
+            "cold", architecture="tiny_mlp", checkpoint="cold", architecture_args=SMALL
+        )
+        sizes = {m.name: m.device_bytes for m in client.list_models()}
+    assert sizes["big"] == W + S
+    # `big` and `busy` do not fit together, `big`'s weights and `busy` do, and so does
+    # `big` alone, weights and workspace.
+    budget = sizes["big"] + sizes["busy"] - 1
+    restarted = dataclasses.replace(restoring, device_memory_budget=budget)
+    with running(restarted) as second, ModelHostClient(second.target, timeout=60) as client:
+        assert {m.name: m.tier for m in client.list_models()} == dict.fromkeys(twins, "store")
+        assert client.get_model("big").device_bytes == W  # its weights: all it knows yet
+        client.predict("busy", x)
+        stop = threading.Event()
+
+        def keep_busy() -> None:  # three callers, one request at a time: never idle
+            with ModelHostClient(second.target, timeout=60) as own:
+                while not stop.is_set():
+                    own.predict("busy", x)
+
+        callers = [threading.Thread(target=keep_busy) for _ in range(3)]
+        answers: list[Any] = []
+
+        def no_deadline() -> None:
+            with contextlib.suppress(ModelHostError):
+                answers.append(client.predict("big", X))
+
+        try:
+            for caller in callers:
+                caller.start()
+            time.sleep(0.5)
+            threading.Thread(target=no_deadline, daemon=True).start()
+            time.sleep(1.0)
+            cold = client.predict("cold", x, timeout=10)  # pages in while `big` waits
+            np.testing.assert_allclose(cold, reference(twins["cold"], x), rtol=1e-5)
+            assert client.get_model("big").tier == "store" and not answers
+            assert client.get_model("big").device_bytes == W + S  # learnt from its build
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(30)
+        deadline = time.monotonic() + 20  # `busy` is idle now: `big` pages in
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        np.testing.assert_allclose(answers[0], reference(twins["big"], X), rtol=1e-5)
+        big = client.get_model("big")
+        assert big.tier == "resident" and big.device_bytes == W + S and big.page_ins == 1
 
 
 def test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_looks(

@@ -72,12 +72,11 @@ HOST_TIER_DEVICES = frozenset({"cuda"})
 version would gain nothing (its weights are in host memory already); tests add "cpu" to
 run the host tier's bookkeeping without a GPU."""
 Key = tuple[str, int]
-Deadline = float | Callable[[], float] | None
-"""Until when a reservation waits for room: a monotonic time, a callable read again at
-each look, or None (no end)."""
-Rebuild = Callable[[HostedModel, Deadline], nn.Module]
-"""Loads a version's module again from the store, on its device, for requests waiting
-until the deadline given (models.py)."""
+Deadline = float | None
+"""Until when a reservation waits for room: a monotonic time, or None (no end)."""
+Rebuild = Callable[[HostedModel], nn.Module]
+"""Loads a version's module again from the store, on its device (models.py): within the
+room reserved for it; NoRoomInTime, at once, if it finds it needs more than there is."""
 
 
 def budget_bytes(setting: float, device: torch.device) -> int | None:
@@ -237,9 +236,8 @@ class ModelCache:
         deadline: Deadline,
     ) -> None:
         """Counts `nbytes` for a load or page-in of `key` on `device`, evicting least
-        recently used idle versions until they fit. Waits (up to `deadline`, read again at
-        each look when a callable) while busy versions hold the room; OutOfMemory when it
-        cannot fit at all."""
+        recently used idle versions until they fit. Waits (up to `deadline`) while busy
+        versions hold the room; OutOfMemory when it cannot fit at all."""
         limit = self.limit(device)
         where = str(device)
         stale: list[torch.device] = []  # evicted modules that only a collection frees
@@ -289,8 +287,7 @@ class ModelCache:
                         f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
-                until = deadline() if callable(deadline) else deadline
-                remaining = None if until is None else until - time.monotonic()
+                remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise NoRoomInTime(where, key[0], busy, loading)
                 self._waiting.add(key)
@@ -495,8 +492,8 @@ class ModelCache:
         """Brings a version back to its device (on its device's page-in thread), unless
         every request that wanted it has left meanwhile (passed its deadline, or was
         cancelled): under overload, page-ins nobody waits for any more would evict versions
-        that are in use. It waits for room up to the latest deadline of its requests,
-        those that join meanwhile included, and while any of them still waits."""
+        that are in use. It never waits for room on this thread: without room it raises
+        _NoRoomYet, and its requests look again as requests end (`_wait_for_page_in`)."""
         with self._paging:
             until = _wanted_until(hosted)
         if hosted.tier == RESIDENT or hosted.retiring:
@@ -530,6 +527,8 @@ class ModelCache:
             )
             with self._cond:
                 hosted.return_to_device(module)
+        except NoRoomInTime as error:  # a first build needed more than it had reserved
+            raise _NoRoomYet(error) from None
         finally:
             self.unreserve(key)
         seconds = time.perf_counter() - started
@@ -566,7 +565,7 @@ class ModelCache:
                 self._returning.append(copy)
         if copy is None:
             assert self.rebuild is not None
-            return self.rebuild(hosted, lambda: _wanted_until(hosted))
+            return self.rebuild(hosted)
         try:
             return to_device(copy, device)
         except BaseException:
@@ -582,7 +581,7 @@ class ModelCache:
 
 
 def _wanted_until(hosted: HostedModel) -> float:
-    """Until when a page-in waits for room: the latest deadline of its requests, while any
+    """Until when a page-in is wanted: the latest deadline of its requests, while any
     waits (read without the lock: a stale value costs one more look, WAIT_STEP later)."""
     return hosted.paging_until if hosted.paging_waiters else 0.0
 

@@ -25,7 +25,7 @@ from modelhost.client.predict import SINGLE_INPUT
 from modelhost.server.activations import measure
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
-from modelhost.server.cache import Deadline, ModelCache, NoRoomInTime
+from modelhost.server.cache import ModelCache, NoRoomInTime
 from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
     DeviceFailed,
@@ -257,14 +257,9 @@ class Models:
         self.registry.cancel(name, version)
         self.cache.unreserve((name, version))
 
-    def _make_room(
-        self, key: tuple[str, int], device: torch.device, nbytes: int, *, until: Deadline
-    ) -> None:
-        """Reserves a version's room on its device: a page-in waits for it up to its
-        requests' deadline (`until`), a LoadModel up to ROOM_WAIT_SECONDS (None)."""
-        if until is not None:
-            self.cache.reserve(key, device, nbytes, deadline=until)
-            return
+    def _make_room(self, key: tuple[str, int], device: torch.device, nbytes: int) -> None:
+        """Reserves a LoadModel's room on its device, waiting up to ROOM_WAIT_SECONDS while
+        busy versions hold it."""
         try:
             self.cache.reserve(key, device, nbytes, deadline=time.monotonic() + ROOM_WAIT_SECONDS)
         except NoRoomInTime as error:  # the server's wait, not the caller's deadline
@@ -273,13 +268,31 @@ class Models:
                 f"{error.why}; try again"
             ) from None
 
-    def _rebuild(self, hosted: HostedModel, until: Deadline) -> torch.nn.Module:
+    def _room_now(self, hosted: HostedModel, nbytes: int) -> None:
+        """A first page-in's room (a version registered at restart knows its weights, not
+        yet its workspace): taken at once or not at all, never waited for on the device's
+        page-in thread (red team 14, F5). Without room, the bytes it asked for are kept as
+        its size: its requests wait off that thread (NoRoomInTime) and the next page-in
+        reserves them all before it builds."""
+        key = (hosted.name, hosted.version)
+        try:
+            self.cache.reserve(key, hosted.spec.device, nbytes, deadline=time.monotonic())
+        except NoRoomInTime:
+            hosted.workspace_bytes = max(
+                hosted.workspace_bytes, nbytes - hosted.loaded.device_bytes
+            )
+            raise
+
+    def _rebuild(self, hosted: HostedModel) -> torch.nn.Module:
         """A version's module loaded again from the bytes it was loaded from (a page-in
-        from the store tier, for requests waiting up to `until`; the cache has reserved
-        its room)."""
+        from the store tier; the cache has reserved its room)."""
         if not hosted.built:  # registered at restart: built in full the first time
             built = self._build(
-                hosted.spec, hosted.version, hosted.request, hosted.loaded.record, until
+                hosted.spec,
+                hosted.version,
+                hosted.request,
+                hosted.loaded.record,
+                room=functools.partial(self._room_now, hosted),
             )
             hosted.take_over(built)
             assert built.loaded.module is not None
@@ -300,12 +313,12 @@ class Models:
         version: int,
         request: LoadRequest,
         loaded_from: CheckpointRecord | None,
-        until: Deadline = None,
+        room: Callable[[int], None] | None = None,
     ) -> HostedModel:
-        """Loads, wraps and warms up a model version (on a load or page-in thread; `until`:
-        how long a page-in waits for room)."""
+        """Loads, wraps and warms up a model version (on a load or page-in thread); `room`
+        reserves its bytes on the device (a LoadModel's, `_make_room`, by default)."""
         settings = self.settings
-        room = functools.partial(self._make_room, (spec.name, version), spec.device, until=until)
+        room = room or functools.partial(self._make_room, (spec.name, version), spec.device)
         loaded = load_module(
             spec,
             self._store,
