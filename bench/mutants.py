@@ -1761,6 +1761,13 @@ MUTANTS = [
             "tests/test_cache_races.py::test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in",
         ),
     ),
+    Mutant(
+        "models: an unload waits for its busy version on one of asyncio's threads",
+        SERVER + "models.py",
+        "            await hosted.retiring_until_idle()\n",
+        "",
+        ("tests/test_cache_races.py::test_unloads_of_busy_versions_hold_none_of_asyncios_threads",),
+    ),
 ]
 
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +415,41 @@ def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_i
         np.testing.assert_allclose(answers[0], reference(twins["big"], X), rtol=1e-5)
         big = client.get_model("big")
         assert big.tier == "resident" and big.device_bytes == W + S and big.page_ins == 1
+
+
+def test_unloads_of_busy_versions_hold_none_of_asyncios_threads(settings: Settings) -> None:
+    """Session 16's note, 9: an unload waited for its version's last request on one of
+    asyncio's default threads, which also parse requests over 1 MiB: as many unloads of
+    busy versions as there are such threads stalled every large request until one of those
+    versions was done. The unload waits on the event loop now."""
+    slow = {**SMALL, "delay": 2.0}
+    x = np.ones((1, 4), np.float32)
+    with running(settings) as server, ModelHostClient(server.target, timeout=60) as client:
+        assert server.loop is not None
+        threads = ThreadPoolExecutor(2, thread_name_prefix="asyncio-default")
+        server.loop.call_soon_threadsafe(server.loop.set_default_executor, threads)
+        client.save_checkpoint("ck", build("slow_mlp", slow, seed=0).state_dict())
+        names = ["a", "b", "c"]  # one more than the threads; one after another on the lane
+        for name in names:
+            client.load_model(
+                name, architecture="slow_mlp", checkpoint="ck", architecture_args=slow
+            )
+        callers = [threading.Thread(target=client.predict, args=(n, x)) for n in names]
+        unloads = [threading.Thread(target=client.unload_model, args=(n,)) for n in names]
+        for thread in callers:
+            thread.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        for thread in unloads:
+            thread.start()
+        time.sleep(0.3)
+        large = np.zeros((1 << 18, 4), np.float32)  # 4 MiB: parsed on one of those threads
+        expect(grpc.StatusCode.NOT_FOUND, lambda: client.predict("nobody", large, timeout=30))
+        took = time.monotonic() - started
+        for thread in [*callers, *unloads]:
+            thread.join(30)
+        assert took < 1.5, f"a large request waited {took:.1f} s for the unloads' threads"
+        assert client.list_models() == []
 
 
 def test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_looks(

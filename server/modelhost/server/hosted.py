@@ -108,6 +108,7 @@ class HostedModel:
         self._leases = 0
         self._compiles = 0  # background compiles running on its module
         self._idle = threading.Condition()
+        self._on_idle: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.runner.hold = self.held_if_resident
 
     def served(self) -> Served | None:
@@ -213,6 +214,11 @@ class HostedModel:
             idle = self._leases == 0
             if idle:
                 self._idle.notify_all()
+                waiting, self._on_idle = self._on_idle, []
+        if idle:
+            for loop, event in waiting:
+                with contextlib.suppress(RuntimeError):  # its loop has closed
+                    loop.call_soon_threadsafe(event.set)
         if idle and self.cache is not None:
             self.cache.idle()
 
@@ -278,6 +284,18 @@ class HostedModel:
         """Unloaded, with no request left to answer (call with `_idle` held): `retire`
         frees it, or has."""
         return self.retiring and not self._leases
+
+    async def retiring_until_idle(self) -> None:
+        """Marks it as leaving and returns once no request holds it: an unload of a busy
+        version waits on the event loop, not on one of asyncio's threads (many at once
+        would hold them all)."""
+        with self._idle:
+            self.retiring = True
+            if not self._leases:
+                return
+            event = asyncio.Event()
+            self._on_idle.append((asyncio.get_running_loop(), event))
+        await event.wait()
 
     def retire(self) -> None:
         """Blocks until no request holds this version, then frees it."""

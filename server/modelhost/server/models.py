@@ -550,7 +550,8 @@ class Models:
     async def _retire(self, hosted: HostedModel) -> None:
         """Frees an unloaded version once its requests are answered."""
         try:
-            await asyncio.to_thread(hosted.retire)
+            await hosted.retiring_until_idle()
+            await asyncio.to_thread(hosted.retire)  # at once, unless a request came since
         finally:
             self.cache.left(hosted)
 
