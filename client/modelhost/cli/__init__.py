@@ -1114,12 +1114,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             # traceback at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        except KeyboardInterrupt:  # ctrl-C: the call was cancelled as the stack unwound
+        except KeyboardInterrupt as interrupt:  # ctrl-C: the call was cancelled as it unwound
+            hint = interrupt.hint if isinstance(interrupt, interrupts.Interrupted) else ""
             if argv is None:  # the command itself: it ends without interpreter shutdown
-                interrupts.exit_interrupted()
-            interrupts.report()
+                interrupts.exit_interrupted(hint)
+            interrupts.report(hint)
             return interrupts.INTERRUPTED
     return code
+
+
+CHANGES = {
+    "upload": "the stored checkpoints",
+    "snapshot": "the stored checkpoints",
+    "delete": "the stored checkpoints",
+    "load": "the hosted models",
+    "unload": "the hosted models",
+}
+"""Commands that change the server, and where `modelhost list` shows whether they did."""
 
 
 def _main(argv: list[str]) -> int:
@@ -1149,6 +1160,13 @@ def _main(argv: list[str]) -> int:
     try:
         with ModelHostClient(args.target, timeout=args.timeout, config=config) as client:
             result = args.fn(client, args)
+    except KeyboardInterrupt:
+        if args.command in CHANGES:
+            raise interrupts.Interrupted(
+                f"the server may have finished the {args.command} before it saw the call "
+                f"cancelled: `modelhost list` shows {CHANGES[args.command]}"
+            ) from None
+        raise
     except ModelHostError as error:
         hint = _hint(error, args)
         print(f"error: {printable(str(error))}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Ctrl-C in a client command: one `interrupted` line and exit status 130, however many
-times it comes while the command cleans up.
+"""Ctrl-C in a client command: one `interrupted` line (and a hint, for a command that
+changes the server) and exit status 130, however many times it comes while the command
+cleans up.
 
 The first SIGINT raises `KeyboardInterrupt` where the command waits (its call), and the
 clean-up runs as it unwinds: the call cancelled, the upload's reader thread stopped, a
@@ -27,6 +28,15 @@ INTERRUPTED = 130
 GRACE_SECONDS = 2.0
 """How long after the first SIGINT another one is taken as the same ctrl-C."""
 MESSAGE = "interrupted"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command that changes the server: the server may have done the
+    change before it saw the call cancelled, which `hint` says (and how to look)."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
 
 
 @contextmanager
@@ -57,17 +67,18 @@ def clean_up_uninterrupted() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def exit_interrupted() -> None:
+def exit_interrupted(hint: str = "") -> None:
     """Says `interrupted` and ends the process now, with status 130: no interpreter
     shutdown, which waits on what the interrupted command left (gRPC's threads)."""
-    report()
+    report(hint)
     os._exit(INTERRUPTED)
 
 
-def report() -> None:
-    """The one line an interrupted command prints, after what it printed (flushed)."""
+def report(hint: str = "") -> None:
+    """What an interrupted command prints, after what it printed (flushed): one line, and
+    a `hint:` line if there is one."""
     with suppress(OSError, ValueError):  # a closed pipe: nothing more to say there
         sys.stdout.flush()
     with suppress(OSError, ValueError):
-        sys.stderr.write(f"{MESSAGE}\n")
+        sys.stderr.write(f"{MESSAGE}\n" + (f"hint: {hint}\n" if hint else ""))
         sys.stderr.flush()
