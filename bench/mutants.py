@@ -310,8 +310,8 @@ MUTANTS = [
     Mutant(
         "checkpoints: an upload's announced size checked only at the end",
         SERVER + "checkpoints.py",
-        "await self._spool(_at_most(chunks, expected), pending)",
-        "await self._spool(chunks, pending)",
+        "await self._spool(_at_most(chunks, expected), pending, keep)",
+        "await self._spool(chunks, pending, keep)",
         ("tests/test_checkpoint_bombs.py::test_an_upload_past_its_announced_size_fails_at_once",),
     ),
     Mutant(
@@ -1767,6 +1767,33 @@ MUTANTS = [
         "            await hosted.retiring_until_idle()\n",
         "",
         ("tests/test_cache_races.py::test_unloads_of_busy_versions_hold_none_of_asyncios_threads",),
+    ),
+    Mutant(
+        "service: an upload's spooled chunks are not counted in the receiving budget",
+        SERVER + "service.py",
+        '            keep = getattr(request_iterator, "keep_last", None)\n',
+        "            keep = None\n",
+        (
+            "tests/test_receiving.py::test_an_uploads_chunks_waiting_to_be_written_count_in_the_receiving_budget",
+        ),
+    ),
+    Mutant(
+        "checkpoints: chunks never written keep their bytes of the receiving budget",
+        SERVER + "checkpoints.py",
+        "chunks never written: the upload failed or was cancelled\n                release()\n",
+        "chunks never written: the upload failed or was cancelled\n                pass\n",
+        (
+            "tests/test_receiving.py::test_an_uploads_chunks_waiting_to_be_written_count_in_the_receiving_budget",
+        ),
+    ),
+    Mutant(
+        "checkpoints: a written chunk keeps its bytes of the receiving budget",
+        SERVER + "checkpoints.py",
+        "                kept.remove(release)\n                release()\n",
+        "                kept.remove(release)\n",
+        (
+            "tests/test_receiving.py::test_an_uploads_chunks_waiting_to_be_written_count_in_the_receiving_budget",
+        ),
     ),
 ]
 

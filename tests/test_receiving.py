@@ -10,12 +10,13 @@ budget of their own."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,7 @@ from conftest import build, expect
 from helpers.http2 import CHECK, REFUSED_STREAM, Raw
 from helpers.processes import free_port
 from modelhost.client import ModelHostClient
-from modelhost.server import Settings, devices, running
+from modelhost.server import Settings, devices, running, store_files
 from modelhost.server.app import receiving_bytes
 from modelhost.server.gate import OPEN_RECEIVING
 from modelhost.v1 import modelhost_pb2 as pb
@@ -256,6 +257,73 @@ def test_received_requests_count_against_the_budget_until_their_call_ends(
         big = {"w": torch.arange(4 << 20, dtype=torch.float32)}  # 16 MiB: several messages
         client.save_checkpoint("big", big)
         assert client.get_checkpoint("big").size_bytes > budget.max_receiving_bytes
+
+
+def test_an_uploads_chunks_waiting_to_be_written_count_in_the_receiving_budget(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 16's note, 4: up to SPOOL_CHUNKS chunks of an upload wait in memory to be
+    written, and the budget counted none of them once the next chunk was read (8 chunks
+    of --max-message-bytes per upload). Each counts now until it is written: on a slow
+    disk the spool holds no more than the budget has room for, and every byte comes
+    back when the upload is stored, fails, or its caller leaves."""
+    budget = dataclasses.replace(
+        settings,
+        max_message_bytes=4 << 20,
+        max_receiving_bytes=16 << 20,
+        request_read_timeout=10,
+    )
+    write = store_files.PendingWrite.write
+    failing = threading.Event()
+
+    def slow_disk(self: store_files.PendingWrite, data: bytes | memoryview) -> int:
+        time.sleep(0.15)
+        if failing.is_set():
+            raise OSError(errno.EIO, "Input/output error")
+        return write(self, data)
+
+    monkeypatch.setattr(store_files.PendingWrite, "write", slow_disk)
+    weights = {"w": torch.arange(10 << 20, dtype=torch.float32)}  # 40 MiB: 20 chunks
+    with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
+        assert server.gate is not None
+        receiving = server.gate.receiving
+        seen: list[int] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.append(receiving.held)
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            client.save_checkpoint("big", weights)
+        finally:
+            done.set()
+            watcher.join()
+        assert receiving.held == 0
+        # The reader holds a whole message's room while it reads; the spool holds the rest.
+        assert 10 << 20 <= max(seen) <= receiving.total, f"at most {max(seen):,} held"
+        assert torch.equal(client.download_checkpoint("big")["w"], weights["w"])
+        failing.set()  # a disk error part way: the chunks never written come back
+        expect(grpc.StatusCode.INTERNAL, lambda: client.save_checkpoint("bad", weights))
+        failing.clear()
+        wait_for(lambda: receiving.held == 0)
+        # A caller that leaves part way: they come back too.
+        expect(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            lambda: client.save_checkpoint("late", weights, timeout=1.0),
+        )
+        wait_for(lambda: receiving.held == 0)
+        assert [c.name for c in client.list_checkpoints()] == ["big"]
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_open_watch_and_reflection_streams_keep_no_health_check_waiting(

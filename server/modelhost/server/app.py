@@ -87,6 +87,7 @@ class Server:
         self.health_port = 0
         self.metrics_port = 0
         self.host: Host | None = None
+        self.gate: Gate | None = None  # the main port's, once started
         self.loop: asyncio.AbstractEventLoop | None = None  # where it serves, once started
         self.streams = OpenStreams(OpenStreams.most_for(settings))
         self.health = HealthServicer(self.streams)
@@ -143,7 +144,7 @@ class Server:
             )
         if settings.restore:
             await self.host.models.restore()
-        gate = Gate(
+        gate = self.gate = Gate(
             tokens,
             max_concurrent=settings.max_concurrent_rpcs,
             read_timeout=settings.request_read_timeout,

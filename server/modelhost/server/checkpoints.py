@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,10 @@ from modelhost.server.registry import Registry
 from modelhost.server.store import CheckpointRecord, CheckpointStore, Contents, PendingWrite
 
 SPOOL_CHUNKS = 8
+Release = Callable[[], None]
+Keep = Callable[[], Release]
+"""Keeps the bytes of the request message read last counted (the gate's receiving budget)
+until the Release it returns is called."""
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_BYTES = 4096
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -80,15 +84,20 @@ class Checkpoints:
         self._unsafe = allow_pickled
 
     async def upload(
-        self, header: Upload, chunks: AsyncIterator[bytes | memoryview]
+        self,
+        header: Upload,
+        chunks: AsyncIterator[bytes | memoryview],
+        keep: Keep | None = None,
     ) -> CheckpointRecord:
-        """Streams an upload into the store; nothing is visible unless all of it is valid."""
+        """Streams an upload into the store; nothing is visible unless all of it is valid.
+        `keep` keeps the bytes of the chunk read last counted (the gate's receiving
+        budget) until it is written."""
         name, metadata = self._checked_target(header.name, header.metadata, header.overwrite)
         self._check_announced(header)
         loop = asyncio.get_running_loop()
         expected = header.size_bytes
         with self.store.begin() as pending:
-            await self._spool(_at_most(chunks, expected), pending)
+            await self._spool(_at_most(chunks, expected), pending, keep)
             if expected and pending.size != expected:
                 raise InvalidArgument(
                     f"upload announced {expected} bytes but sent {pending.size}; nothing stored"
@@ -122,41 +131,55 @@ class Checkpoints:
             )
 
     async def _spool(
-        self, chunks: AsyncIterator[bytes | memoryview], pending: PendingWrite
+        self,
+        chunks: AsyncIterator[bytes | memoryview],
+        pending: PendingWrite,
+        keep: Keep | None,
     ) -> None:
         """Hashes and writes chunks in order on an I/O thread while the next ones arrive.
 
         Up to SPOOL_CHUNKS chunks wait in memory: reading never stops for a write, so
-        HTTP/2 flow control does not stall the sender. On any failure the write in
-        flight finishes before the caller discards the file.
+        HTTP/2 flow control does not stall the sender. Each stays counted in the
+        receiving budget (`keep`) until it is written, or the upload ends. On any failure
+        the write in flight finishes before the caller discards the file.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue(maxsize=SPOOL_CHUNKS)
+        queue: asyncio.Queue[tuple[bytes | memoryview, Release] | None] = asyncio.Queue(
+            maxsize=SPOOL_CHUNKS
+        )
         failures: list[BaseException] = []
         inflight: list[asyncio.Future[Any]] = []
+        kept: list[Release] = []  # each called once: by the writer, or at the end
 
         async def write() -> None:
-            while (chunk := await queue.get()) is not None:
-                if failures:
-                    continue  # drain, so the reader never blocks on a full queue
-                inflight[:] = [loop.run_in_executor(self._io, pending.write, chunk)]
-                try:
-                    await inflight[0]
-                except Exception as error:
-                    failures.append(error)
+            while (item := await queue.get()) is not None:
+                chunk, release = item
+                if not failures:  # else drained, so the reader never blocks on a full queue
+                    inflight[:] = [loop.run_in_executor(self._io, pending.write, chunk)]
+                    try:
+                        await inflight[0]
+                    except Exception as error:
+                        failures.append(error)
+                kept.remove(release)
+                release()
 
         writer: asyncio.Future[Any] = asyncio.create_task(write())
         try:
             async for chunk in chunks:
                 if failures:
                     break
-                await queue.put(chunk)
+                release = keep() if keep else _nothing
+                kept.append(release)
+                await queue.put((chunk, release))
             await queue.put(None)
             await writer
         except BaseException:
             writer.cancel()
             await asyncio.wait([writer, *inflight])
             raise
+        finally:
+            for release in kept:  # chunks never written: the upload failed or was cancelled
+                release()
         if failures:
             raise failures[0]
 
@@ -254,6 +277,10 @@ class Checkpoints:
                 "(or load them with residency pinned)"
             )
         await asyncio.get_running_loop().run_in_executor(self._io, self.store.delete, name)
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _at_most(

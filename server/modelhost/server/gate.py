@@ -128,6 +128,30 @@ class _Receipt:
             self.nbytes = 0
 
 
+class RequestStream:
+    """A call's request messages, parsed as they arrive (`read`). Each holds its size of
+    the receiving budget until the next is read, unless its handler keeps it (`keep_last`)."""
+
+    def __init__(self, read: Callable[[], Awaitable[Any]], receipt: _Receipt) -> None:
+        self._read = read
+        self._receipt = receipt
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._read()
+
+    def keep_last(self) -> Callable[[], None]:
+        """The message read last stays counted after the next is read, until the handler
+        calls the function returned (once)."""
+        receipt = self._receipt
+        if not receipt.kept or not receipt.nbytes:
+            return _nothing
+        nbytes, receipt.nbytes = receipt.nbytes, 0
+        return functools.partial(receipt.budget.give, nbytes)
+
+
 class Gate(grpc.aio.ServerInterceptor):
     """Authentication, concurrency slots and bounded request reading, for every call."""
 
@@ -317,20 +341,16 @@ class Gate(grpc.aio.ServerInterceptor):
                 f"{error!s:.200})",
             )
 
-    async def _stream(
+    def _request_stream(
         self,
         messages: AsyncIterator[bytes],
         parse: Parse | None,
         what: str,
         context: grpc.aio.ServicerContext,
         receipt: _Receipt,
-    ) -> AsyncIterator[Any]:
-        while True:
-            try:
-                message = await self._read(messages, parse, what, context, receipt)
-            except StopAsyncIteration:
-                return
-            yield message
+    ) -> RequestStream:
+        read = functools.partial(self._read, messages, parse, what, context, receipt)
+        return RequestStream(read, receipt)
 
     def _guarded(
         self, handler: grpc.RpcMethodHandler, what: str, *, is_open: bool, budget: ByteBudget
@@ -365,7 +385,8 @@ class Gate(grpc.aio.ServerInterceptor):
                     ):
                         if handler.request_streaming:
                             stream = handler.stream_stream(
-                                gate._stream(requests, parse, what, context, receipt), context
+                                gate._request_stream(requests, parse, what, context, receipt),
+                                context,
                             )
                         else:
                             request = await first(requests, context, receipt)
@@ -384,12 +405,16 @@ class Gate(grpc.aio.ServerInterceptor):
             with _forgetting_aborts():
                 async with gate._serving(messages, context, is_open, budget) as (requests, receipt):
                     if handler.request_streaming:
-                        stream = gate._stream(requests, parse, what, context, receipt)
+                        stream = gate._request_stream(requests, parse, what, context, receipt)
                         return await handler.stream_unary(stream, context)
                     request = await first(requests, context, receipt)
                     return await handler.unary_unary(request, context)
 
         return grpc.stream_unary_rpc_method_handler(reply, None, serialize)
+
+
+def _nothing() -> None:
+    pass
 
 
 @contextlib.contextmanager

@@ -63,7 +63,9 @@ class ModelHostService(pb_grpc.ModelHostServicer):
         if isinstance(header, Snapshot):
             record = await checkpoints.snapshot(header)
         else:
-            record = await checkpoints.upload(header, _chunks(request_iterator))
+            # Chunks waiting to be written stay counted in the receiving budget.
+            keep = getattr(request_iterator, "keep_last", None)
+            record = await checkpoints.upload(header, _chunks(request_iterator), keep)
         return messages.checkpoint_info(record)
 
     @streaming

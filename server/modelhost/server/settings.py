@@ -123,8 +123,8 @@ class Settings:
         0,
         "Bytes the requests the server holds may take in all: a request being received "
         "counts as --max-message-bytes, one received as its size until its call is done "
-        "with it (an upload: the chunk being read; up to 8 more wait to be written, "
-        "uncounted); past it, requests wait for room within --request-read-timeout (0: a "
+        "with it (an upload's chunks until they are written); past it, requests wait "
+        "for room within --request-read-timeout (0: a "
         "quarter of the memory, or of the container's memory limit; at least two of "
         "--max-message-bytes).",
     )
