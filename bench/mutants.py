@@ -286,8 +286,8 @@ MUTANTS = [
     Mutant(
         "cache: the most recently used version is evicted first",
         SERVER + "cache.py",
-        "            key=lambda h: h.used_order,\n        )\n        return any(",
-        "            key=lambda h: -h.used_order,\n        )\n        return any(",
+        "            key=lambda h: h.used_order,\n        )\n\n    def _evict_one(",
+        "            key=lambda h: -h.used_order,\n        )\n\n    def _evict_one(",
         ("tests/test_cache.py::test_least_recently_used_versions_leave_and_page_back_in",),
     ),
     Mutant(
@@ -961,7 +961,7 @@ MUTANTS = [
     Mutant(
         "cache: a shared page-in waits for room only up to the deadline of its first request",
         SERVER + "cache.py",
-        "                if left is not None and left <= 0:\n                    raise\n",
+        "                if now >= until:\n                    raise\n",
         "                if True:\n                    raise\n",
         (
             "tests/test_pagein_deadline.py::test_a_short_deadline_does_not_end_the_page_in_the_others_wait_for",
@@ -1728,22 +1728,6 @@ MUTANTS = [
         ("tests/test_receiving.py::test_the_default_receiving_budget_is_a_quarter_of_the_memory",),
     ),
     Mutant(
-        "cache: idle versions leave only when that makes room at once",
-        SERVER + "cache.py",
-        "                if self._evict_one(where, key, stale):\n                    continue",
-        "                free = sum(\n"
-        "                    h.device_bytes\n"
-        "                    for h in self._resident(where)\n"
-        "                    if not h.stays and not h._leases\n"
-        "                )\n"
-        "                if free + limit >= used + nbytes and self._evict_one(where, key, stale):\n"
-        "                    continue",
-        (
-            "tests/test_cache_races.py::"
-            "test_a_page_in_gets_in_while_the_versions_holding_its_room_are_busy_in_turn",
-        ),
-    ),
-    Mutant(
         "models: a restored version's first build waits for its workspace on the page-in thread",
         SERVER + "models.py",
         "nbytes, deadline=time.monotonic())",
@@ -1793,6 +1777,24 @@ MUTANTS = [
         "                kept.remove(release)\n",
         (
             "tests/test_receiving.py::test_an_uploads_chunks_waiting_to_be_written_count_in_the_receiving_budget",
+        ),
+    ),
+    Mutant(
+        "cache: a waiting page-in evicts idle versions even when that does not make room",
+        SERVER + "cache.py",
+        "if used - freed + nbytes <= limit and self._evict_one(idle, stale):",
+        "if self._evict_one(idle, stale):",
+        (
+            "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends",
+        ),
+    ),
+    Mutant(
+        "cache: a page-in waits for room up to its deadline, however far",
+        SERVER + "cache.py",
+        "if now >= room_since + ROOM_WAIT_SECONDS:",
+        "if now >= room_since + math.inf:",
+        (
+            "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends",
         ),
     ),
 ]

@@ -21,11 +21,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from conftest import build, expect, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
-from modelhost.server import Server, Settings, running, store_locks
+from modelhost.server import Server, Settings, cache, running, store_locks
 from modelhost.server.hosted import HostedModel
 
 SMALL = {"features": 4, "hidden": 8, "classes": 3}
@@ -505,50 +504,75 @@ def test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_loo
         assert outcomes == ["OK"] * 8  # once the lock was free
 
 
-def test_a_page_in_gets_in_while_the_versions_holding_its_room_are_busy_in_turn(
-    settings: Settings,
+def test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review 16, 5: with idle versions evicted only when that made room at once, a
-    page-in that needed the room of two versions busy in turn (never idle together: a
-    pipeline calling one then the other, a request always in flight) never got in. Idle
-    versions leave in LRU order at each look, so it gets in."""
+    """Red team 15, F2: a page-in waiting for room that a busy version held evicted every
+    idle version at each look (once a request ended, or every 0.1 s), though that was not
+    enough: one request without a deadline made each request of a version used every
+    0.1 s a miss, for as long as it waited (for ever). Idle versions leave only when that
+    makes room now; and a page-in waits for room no longer than a LoadModel does
+    (ROOM_WAIT_SECONDS), then RESOURCE_EXHAUSTED."""
+    monkeypatch.setattr(cache, "ROOM_WAIT_SECONDS", 2.0)
     small = {"features": 4, "hidden": 8, "classes": 3}
     large = {"features": 4, "hidden": 64, "classes": 3}
     x = np.ones((1, 4), np.float32)
     budget = dataclasses.replace(settings, device_memory_budget=2100)
     with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
-        twins: dict[str, torch.nn.Module] = {}
-        for name, args in (("big", large), ("a", small), ("b", small)):
-            twins[name] = build("tiny_mlp", args, seed=len(twins))
-            client.save_checkpoint(name, twins[name].state_dict())
+        twins = {
+            "big": build("tiny_mlp", large, seed=1),
+            "hot": build("slow_mlp", {**small, "delay": BRIEF}, seed=2),
+            "used": build("tiny_mlp", small, seed=3),
+        }
+        for name, model in twins.items():
+            client.save_checkpoint(name, model.state_dict())
+            args = large if name == "big" else small
             client.load_model(
-                name, architecture="tiny_mlp", checkpoint=name, architecture_args=args
+                name,
+                architecture="slow_mlp" if name == "hot" else "tiny_mlp",
+                checkpoint=name,
+                architecture_args={**args, "delay": BRIEF} if name == "hot" else args,
+                batching={"max_batch_size": 1} if name == "hot" else None,
             )
-        client.predict("a", x)
-        client.predict("b", x)
+        client.predict("hot", x)
+        client.predict("used", x)
         sizes = {m.name: m.device_bytes for m in client.list_models()}
-        assert sizes["big"] + sizes["a"] > 2100 >= sizes["a"] + sizes["b"]
-        assert server.host is not None
-        a, b = (server.host.models.get(name) for name in "ab")
+        assert sizes["big"] + sizes["hot"] > 2100 >= sizes["hot"] + sizes["used"]
+        before = client.get_model("used").page_ins
         stop = threading.Event()
 
-        def in_turn() -> None:  # a request always holds one of them, each half the time
-            a.acquire()
-            while not stop.is_set():
-                b.acquire()
-                a.release()
-                time.sleep(0.05)
-                a.acquire()
-                b.release()
-                time.sleep(0.05)
-            a.release()
+        def keep_hot() -> None:  # two callers, one request at a time: never idle
+            with ModelHostClient(server.target, timeout=60) as own:
+                while not stop.is_set():
+                    own.predict("hot", x)
 
-        holder = threading.Thread(target=in_turn)
-        holder.start()
+        answers = []
+
+        def use() -> None:  # a version in regular use, every 0.1 s
+            with ModelHostClient(server.target, timeout=60) as own:
+                while not stop.is_set():
+                    answers.append(own.predict("used", x))
+                    time.sleep(0.1)
+
+        callers = [threading.Thread(target=keep_hot) for _ in range(2)]
+        callers.append(threading.Thread(target=use))
         try:
+            for caller in callers:
+                caller.start()
             time.sleep(0.3)
-            answer = client.predict("big", x, timeout=15)
-            np.testing.assert_allclose(answer, reference(twins["big"], x), rtol=1e-5)
+            started = time.monotonic()
+            expect(  # a deadline far off (or none): the server's wait ends first
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                lambda: client.predict("big", x, timeout=20),
+                "within 2 s: busy versions (hot:1",
+            )
+            assert time.monotonic() - started < 10
         finally:
             stop.set()
-            holder.join(30)
+            for caller in callers:
+                caller.join(30)
+        assert len(answers) >= 10
+        assert client.get_model("used").page_ins == before, "evicted for nothing"
+        np.testing.assert_allclose(answers[-1], reference(twins["used"], x), rtol=1e-5)
+        # Nothing busy: it gets in, evicting what it needs.
+        np.testing.assert_allclose(client.predict("big", x), reference(twins["big"], x), rtol=1e-5)

@@ -12,8 +12,9 @@ versions that no request holds (a request holds a lease from the moment it finds
 version until it has its answer, queued requests included): evicted GPU weights move to
 the host tier while `--host-memory-budget` has room, the rest drop to the store tier. A
 version loaded with `residency=pinned` never leaves, nor does one compiled with CUDA graphs
-(their memory pool stays with torch's compiled function). When the room is held by versions
-that are busy, the caller waits for one to become idle, up to its deadline; when pinned
+(their memory pool stays with torch's compiled function). Idle versions leave only when
+that makes room now. When the room is held by versions that are busy, the caller waits for
+them to become idle, up to its deadline and at most ROOM_WAIT_SECONDS; when pinned
 versions alone leave no room, it fails at once with RESOURCE_EXHAUSTED saying why.
 
 A Predict on a version that is not resident pages it in on its device's page-in thread
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GPU_FRACTION = 0.9
 WAIT_STEP = 0.1
+ROOM_WAIT_SECONDS = 30.0
+"""How long a load or page-in waits for busy versions to make room, whatever its
+deadline: then RESOURCE_EXHAUSTED, "try again"."""
 """Seconds between looks of a load or page-in that waits for busy versions to leave."""
 HOST_TIER_DEVICES = frozenset({"cuda"})
 """Device types whose evicted versions keep their weights in host memory (pinned). A CPU
@@ -267,10 +271,12 @@ class ModelCache:
                 used = self._used(where, exclude=key)
                 if used + nbytes <= limit:
                     break
-                # Idle versions leave in LRU order even when the room they free is not yet
-                # enough: busy versions that are idle in turn (never all at once) would
-                # otherwise keep a large version out for ever (review 16, 5).
-                if self._evict_one(where, key, stale):
+                # Idle versions leave only when that makes room now: evicted ahead of the
+                # busy ones, they were asked for again, paged back in and evicted again at
+                # each look, for as long as the busy ones stayed busy (red team 15, F2).
+                idle = [h for h in self._evictable(where, key) if h.idle]
+                freed = sum(h.device_bytes for h in idle)
+                if used - freed + nbytes <= limit and self._evict_one(idle, stale):
                     continue
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
@@ -332,11 +338,16 @@ class ModelCache:
             finally:
                 self._cond.release()
 
-    def _evict_one(self, device: str, exclude: Key, stale: list[torch.device]) -> bool:
-        candidates = sorted(
+    def _evictable(self, device: str, exclude: Key) -> list[HostedModel]:
+        """The on-demand versions resident on `device` (but `exclude`), least recently used
+        first."""
+        return sorted(
             (h for h in self._resident(device) if not h.stays and (h.name, h.version) != exclude),
             key=lambda h: h.used_order,
         )
+
+    def _evict_one(self, candidates: list[HostedModel], stale: list[torch.device]) -> bool:
+        """Evicts the first of `candidates` that no request holds; False if none."""
         return any(self._evict(hosted, stale) for hosted in candidates)
 
     def _evict(self, hosted: HostedModel, stale: list[torch.device]) -> bool:
@@ -430,6 +441,7 @@ class ModelCache:
         its room held by busy versions: then once a request has ended, or WAIT_STEP on)."""
         until = math.inf if deadline is None else deadline
         no_room: _NoRoomYet | None = None
+        room_since = 0.0  # when it first found no room
         while hosted.tier != RESIDENT and not hosted.retiring:
             with self._paging:
                 job = hosted.paging
@@ -455,10 +467,17 @@ class ModelCache:
                 ) from None
             except _NoRoomYet as error:
                 no_room = error
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                now = time.monotonic()
+                room_since = room_since or now
+                if now >= until:
                     raise
-                await self._a_request_ended(WAIT_STEP if left is None else min(left, WAIT_STEP))
+                if now >= room_since + ROOM_WAIT_SECONDS:  # a deadline far off, or none
+                    raise OutOfMemory(
+                        f"no room on {hosted.loaded.device} for {hosted.name!r} within "
+                        f"{ROOM_WAIT_SECONDS:g} s: {error.why}; try again"
+                    ) from None
+                left = min(until, room_since + ROOM_WAIT_SECONDS) - now
+                await self._a_request_ended(min(left, WAIT_STEP))
             except DeadlineExpired:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise

@@ -224,6 +224,14 @@ class HostedModel:
 
     # Residency (called by the model cache, under its lock)
 
+    @property
+    def idle(self) -> bool:
+        """Resident, and held by no request nor work on its module (`leave_device` would
+        take it off its device now)."""
+        with self._idle:
+            held = self._leases or self._compiles or self.retiring
+            return self.tier == RESIDENT and not held and not self.batcher.running
+
     def leave_device(self, tier: str) -> nn.Module | None:
         """Takes the module off this version if no request holds it (None if one does):
         from now on a request finds it in `tier` and pages it in."""

@@ -25,7 +25,7 @@ from modelhost.client.predict import SINGLE_INPUT
 from modelhost.server.activations import measure
 from modelhost.server.architectures import ArchitectureCatalog, parse_args
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
-from modelhost.server.cache import ModelCache, NoRoomInTime
+from modelhost.server.cache import ROOM_WAIT_SECONDS, ModelCache, NoRoomInTime
 from modelhost.server.devices import Workspace, resolve_device
 from modelhost.server.errors import (
     DeviceFailed,
@@ -70,7 +70,6 @@ MAX_LABELS = 100_000
 MAX_LABEL_BYTES = 1024
 MAX_LABELS_BYTES = 4 << 20
 COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
-ROOM_WAIT_SECONDS = 30.0  # how long a load waits for busy versions to make room
 
 
 class Models:
