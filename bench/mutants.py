@@ -1797,6 +1797,15 @@ MUTANTS = [
             "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends",
         ),
     ),
+    Mutant(
+        "cache: a page-in that ends after its unload records its metrics",
+        SERVER + "cache.py",
+        "        if not came_back:  # its series went",
+        "        if False:  # its series went",
+        (
+            "tests/test_metrics_series.py::test_a_page_in_that_ends_after_its_unload_records_nothing",
+        ),
+    ),
 ]
 
 

@@ -5,12 +5,14 @@ a name that is gone counts under model="" rather than bringing its series back."
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 
-from conftest import build
+from conftest import build, expect
 from modelhost.client import ModelHostClient
 from modelhost.server import Server, Settings, running
 from modelhost.server.metrics import Metrics
@@ -133,3 +135,30 @@ def test_values_recorded_after_the_last_unload_do_not_bring_the_series_back(
     assert "m" not in models_labelled(server)
     assert value(server, "modelhost_background_compiles_total", model="", outcome="failed") == 1
     assert value(server, "modelhost_requests_total", method="Predict", model="", code="OK") == 1
+
+
+def test_a_page_in_that_ends_after_its_unload_records_nothing(settings: Settings) -> None:
+    """Red team 15, F4: a page-in whose only request had left at its deadline, and whose
+    version was unloaded while it ran, recorded modelhost_page_ins_total for that version
+    after the unload had removed its series: one series left for ever per such unload."""
+    small = {"features": 4, "hidden": 8, "classes": 3}
+    budget = dataclasses.replace(settings, device_memory_budget=300)  # one of them
+    x = np.ones((1, 4), np.float32)
+    with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("ck", build("tiny_mlp", small, seed=1).state_dict())
+        client.load_model("keep", architecture="tiny_mlp", checkpoint="ck", architecture_args=small)
+        client.load_model(
+            "slow",
+            architecture="slow_load_mlp",
+            checkpoint="ck",
+            architecture_args={**small, "seconds": 1.0},  # each load of its weights: 1 s
+        )
+        client.predict("keep", x)  # `slow` leaves
+        assert server.host is not None
+        slow = server.host.models.get("slow")
+        expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: client.predict("slow", x, timeout=0.3))
+        assert slow.paging is not None and not slow.paging.done()  # its page-in runs on
+        client.unload_model("slow")
+        slow.paging.result(10)
+        assert "slow" not in models_labelled(server)
+        assert client.get_model("keep").page_ins == 1

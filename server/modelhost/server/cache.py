@@ -545,12 +545,15 @@ class ModelCache:
                 oom_while(f"paging in {hosted.name!r}", device),
             )
             with self._cond:
-                hosted.return_to_device(module)
+                came_back = hosted.return_to_device(module)
         except NoRoomInTime as error:  # a first build needed more than it had reserved
             raise _NoRoomYet(error) from None
         finally:
             self.unreserve(key)
         seconds = time.perf_counter() - started
+        if not came_back:  # its series went with the unload: recording would bring them back
+            log.info("page-in of %s version %d ended after its unload", hosted.name, hosted.version)
+            return
         self._metrics.page_ins.labels(hosted.name, str(hosted.version), tier).inc()
         self._metrics.page_in_seconds.labels(tier).observe(seconds)
         log.info(

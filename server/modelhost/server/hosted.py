@@ -271,14 +271,15 @@ class HostedModel:
         built.batcher.statistics = old.statistics
         old.close()
 
-    def return_to_device(self, module: nn.Module) -> None:
+    def return_to_device(self, module: nn.Module) -> bool:
         """Serves again with `module`, paged in (a version built at its first page-in has
         its runner on it already: no second compile wrapper). Unloaded meanwhile with no
-        request waiting for it any more, it stays off its device (the module is dropped):
-        the unload freed it already. Requests still waiting are answered first."""
+        request waiting for it any more, it stays off its device (the module is dropped:
+        the unload freed it already) and this returns False. Requests still waiting are
+        answered first."""
         with self._idle:  # an unload frees it after this, or finds it retired here
             if self._retired():
-                return
+                return False
             attach = self.runner.module is not module
             if attach:
                 self.runner.attach(module)
@@ -287,6 +288,7 @@ class HostedModel:
             self.tier = RESIDENT
         if attach:  # torch's graphs fit the new module unless their guards say otherwise
             self.runner.compile_again()
+        return True
 
     def _retired(self) -> bool:
         """Unloaded, with no request left to answer (call with `_idle` held): `retire`
