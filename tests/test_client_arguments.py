@@ -127,6 +127,26 @@ def test_a_wrong_argument_is_a_type_error_that_names_it(
     assert str(raised.value).startswith(message), raised.value
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"version": 2**64 + 1}, "version 18446744073709551617 is out of range for an int64"),
+        ({"version": -(2**64) + 1}, "version -18446744073709551615 is out of range for an int64"),
+        ({"top_k": 2**32 + 2}, "top_k 4294967298 is out of range for an int32"),
+        ({"top_k": 2**31}, "top_k 2147483648 is out of range for an int32"),
+    ],
+    ids=["version-wraps-to-1", "version-negative", "top_k-wraps-to-2", "top_k-int32"],
+)
+def test_an_integer_out_of_range_is_a_value_error_not_another_number(
+    nowhere: ModelHostClient, arguments: dict[str, int], message: str
+) -> None:
+    """Red team 15, F5: predict wrote version and top_k as 64-bit varints, wrapped: version
+    2**64 + 1 was answered by version 1, top_k 2**32 + 2 gave the top 2 classes."""
+    with pytest.raises(ValueError, match="out of range") as raised:
+        nowhere.predict("m", X, **arguments)  # type: ignore[arg-type]
+    assert str(raised.value) == message
+
+
 def test_a_torch_dtype_or_device_is_taken_by_its_name(server: Server) -> None:
     """torch users pass torch.float16 (as they do for a builder's input_dtype) and
     torch.device("cuda", 1); numpy dtypes are taken too."""

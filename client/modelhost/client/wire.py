@@ -112,6 +112,16 @@ def tensor(dtype: int, shape: Sequence[int], data: Buffer) -> list[Part]:
     return [*_scalar(1, dtype), *(_nested(2, [dims]) if dims else []), *data_parts]
 
 
+def signed(value: int, bits: int, what: str) -> int:
+    """`value`, checked as protobuf checks an int32 or int64 field (varint would wrap it
+    silently: version 2**64 + 1 would ask for version 1)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not -(1 << (bits - 1)) <= value < 1 << (bits - 1):
+        raise ValueError(f"{what} {value} is out of range for an int{bits}")
+    return value
+
+
 def predict_request(
     model: str,
     version: int,
@@ -120,6 +130,7 @@ def predict_request(
     top_k: int = 0,
 ) -> bytes:
     """A serialized `PredictRequest`; `inputs` maps names to (dtype, shape, raw bytes)."""
+    version, top_k = signed(version, 64, "version"), signed(top_k, 32, "top_k")
     parts: list[Part] = [*_text(1, model), *_scalar(2, version)]
     for name, (dtype, shape, data) in inputs.items():
         entry = [*_nested(1, [name.encode()]), *_nested(2, tensor(dtype, shape, data))]
