@@ -1806,6 +1806,23 @@ MUTANTS = [
             "tests/test_metrics_series.py::test_a_page_in_that_ends_after_its_unload_records_nothing",
         ),
     ),
+    Mutant(
+        "batching: vectors of a model without declared inputs are merged as rows",
+        SERVER + "batching.py",
+        "        if self._vectors_are_rows or all(t.dim() > 1 for t in request.inputs.values()):",
+        "        if True:",
+        (
+            "tests/test_batching.py::"
+            "test_vectors_sent_to_a_model_without_declared_inputs_are_never_merged",
+        ),
+    ),
+    Mutant(
+        "batching: a bug while grouping a batch leaves its callers waiting",
+        SERVER + "batching.py",
+        "            for request in batch:\n                request.fail(error)\n",
+        "",
+        ("tests/test_batching.py::test_a_bug_in_grouping_a_batch_fails_its_requests_at_once",),
+    ),
 ]
 
 

@@ -573,6 +573,32 @@ def test_lane_keeps_serving_after_an_unexpected_error() -> None:
     lane.close()
 
 
+def test_a_bug_in_grouping_a_batch_fails_its_requests_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found while mending red team 15, F3 (a group key that could not be hashed): an
+    unexpected error while a batch was split into groups was logged by the lane, and the
+    batch's callers waited until their deadlines (for ever, without one)."""
+    from modelhost.server.batching import Batcher, BatchPolicy, Lane
+    from modelhost.server.inference import encode_answer
+
+    def bug(self: Batcher, request: Any) -> object:
+        raise RuntimeError("a bug")
+
+    lane = Lane("shared", shared=True)
+    finish = lambda outs: encode_answer(outs, torch.float32)  # noqa: E731
+    batcher = Batcher(lambda batch: batch, BatchPolicy(8, 1000, 8), lane)
+    with monkeypatch.context() as patched:
+        patched.setattr(Batcher, "_group_of", bug)
+        future = batcher.submit({"x": torch.ones(1, 1)}, None, finish)
+        with pytest.raises(RuntimeError, match="a bug"):
+            future.result(5)
+    answer = batcher.submit({"x": torch.ones(2, 1)}, None, finish).result(5)
+    assert answer.outputs["x"].shape == [2, 1]
+    batcher.close()
+    lane.close()
+
+
 def test_unload_waits_for_requests_that_hold_the_version(client: ModelHostClient) -> None:
     """A request that found a version keeps it: unloading waits for it to finish."""
     load_recorder(client, "busy", delay=1.0, batching={"max_batch_size": 1})
@@ -936,3 +962,51 @@ def test_a_model_whose_outputs_are_random_is_batched_only_when_the_load_asks(
     assert "Batched as the load asks (max_batch_size 8)" in warnings_of(caplog, "asked")
     assert client.get_model("gram").batching.max_batch_size == 1
     assert "the load's max_batch_size 8 is not kept" in warnings_of(caplog, "gram")
+
+
+def test_vectors_sent_to_a_model_without_declared_inputs_are_never_merged(
+    client: ModelHostClient, server: Server
+) -> None:
+    """Red team 15, F3: rank-1 inputs of a model that declares no inputs were concatenated
+    as if their one dimension were rows. Two callers' halves of a 4-feature vector made one
+    vector whose answer was split between them (each got an answer computed from the
+    other's data), and a group whose outputs did not split turned batching off for good
+    (eight such requests cost every caller its batching). A vector runs alone now."""
+    args = {"features": 4, "hidden": 8, "classes": 4, "delay": 0.3}
+    twin = serve(
+        client,
+        "vec",
+        architecture="slow_mlp",
+        architecture_args=args,
+        batching={"max_batch_size": 32, "max_queue_delay_us": 100_000},
+    )
+    assert client.get_model("vec").inputs == ()  # nothing declared: no shape is checked
+    rng = np.random.default_rng(5)
+
+    def behind_a_blocker(requests: list[np.ndarray[Any, Any]]) -> list[Any]:
+        clients = [ModelHostClient(server.target, timeout=60) for _ in requests]
+        try:
+            blocker = threading.Thread(
+                target=client.predict, args=("vec", np.ones((1, 4), np.float32))
+            )
+            blocker.start()
+            time.sleep(0.1)  # the others queue up meanwhile
+            outs = concurrently(
+                [partial(c.predict, "vec", x) for c, x in zip(clients, requests, strict=True)]
+            )
+            blocker.join()
+            return outs
+        finally:
+            for c in clients:
+                c.close()
+
+    halves = [rng.standard_normal(2).astype(np.float32) for _ in range(2)]
+    for answer in behind_a_blocker(halves):  # not 4 features: each fails alone
+        assert isinstance(answer, ModelHostError), answer
+    vectors = [rng.standard_normal(4).astype(np.float32) for _ in range(3)]
+    for x, answer in zip(vectors, behind_a_blocker(vectors), strict=True):  # one sample each
+        np.testing.assert_allclose(answer, reference(twin, x), rtol=1e-5, atol=1e-6)
+    rows = [rng.standard_normal((2, 4)).astype(np.float32) for _ in range(3)]
+    for x, answer in zip(rows, behind_a_blocker(rows), strict=True):
+        np.testing.assert_allclose(answer, reference(twin, x), rtol=1e-5, atol=1e-6)
+    assert 6 in statistics(server, "vec").batches  # still batched: three requests, one run

@@ -308,8 +308,12 @@ class Batcher:
         adopt: Callable[[Tensors, Any], None] | None = None,
         launch: Callable[[Tensors], Collect] | None = None,
         max_elements: int | None = None,
+        vectors_are_rows: bool = False,
     ) -> None:
         self.policy = policy
+        # Whether a rank-1 input's one dimension is rows (its model declares its inputs,
+        # whose first dimension is the batch); else a request with one runs alone.
+        self._vectors_are_rows = vectors_are_rows
         self._max_elements = max_elements  # a batch's inputs in all (max_tensor_elements)
         self._run = run
         self._launch = launch  # an asynchronous runner's (Runner.launch): the lane pipelines
@@ -423,8 +427,10 @@ class Batcher:
                     launched.append((group, self._start(group)))
                 except Exception as error:
                     self._fail_group(group, error)
-        except BaseException:
+        except BaseException as error:  # a bug: its callers are told, not left waiting
             self._done()
+            for request in batch:
+                request.fail(error)
             raise
 
         def finish() -> None:
@@ -454,8 +460,17 @@ class Batcher:
                 self.statistics.failed(request.enqueued)
                 request.fail(DeadlineExpired("deadline passed while the request was queued"))
                 continue
-            groups.setdefault(request.signature, []).append(request)
+            groups.setdefault(self._group_of(request), []).append(request)
         return list(groups.values())
+
+    def _group_of(self, request: Request) -> object:
+        """What a request may be concatenated with: requests of its signature. A vector
+        (or a scalar) of a model that does not say its first dimension is rows runs alone:
+        `nn.Linear` takes a vector as one sample, and two callers' halves of one would
+        make a vector whose answer is split between them (red team 15, F3)."""
+        if self._vectors_are_rows or all(t.dim() > 1 for t in request.inputs.values()):
+            return request.signature
+        return id(request)
 
     def _done(self) -> None:
         with self._cond:

@@ -428,6 +428,7 @@ class Models:
                 if runner.asynchronous and self.settings.gpu_pipelining
                 else None,
                 max_elements=runner.batch_elements(self.settings.max_tensor_elements),
+                vectors_are_rows=bool(runner.inputs),  # declared: checked, rows first
             ),
             prep=self._prep,
             loaded_at=time.time(),
