@@ -1688,8 +1688,8 @@ MUTANTS = [
     Mutant(
         "models: store work that waits for the store lock runs on asyncio's default threads",
         SERVER + "models.py",
-        "            return loop.run_in_executor(self._store_work, work, *args)",
-        "            return loop.run_in_executor(None, work, *args)  # mutated",
+        "        return _on(self._store_work, work, *args)",
+        "        return asyncio.to_thread(work, *args)  # type: ignore[return-value]",
         (
             "tests/test_cache_races.py::"
             "test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_looks",
@@ -1730,8 +1730,8 @@ MUTANTS = [
     Mutant(
         "models: a restored version's first build waits for its workspace on the page-in thread",
         SERVER + "models.py",
-        "nbytes, deadline=time.monotonic())",
-        "nbytes, deadline=hosted.paging_until)",
+        "wanted, deadline=time.monotonic())",
+        "wanted, deadline=hosted.paging_until)",
         (
             "tests/test_cache_races.py::test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in",
         ),
@@ -1748,14 +1748,14 @@ MUTANTS = [
     Mutant(
         "models: an unload waits for its busy version on one of asyncio's threads",
         SERVER + "models.py",
-        "            await hosted.retiring_until_idle()\n",
-        "",
+        "            await hosted.retiring_until_idle()\n            await _on(",
+        "            await _on(",
         ("tests/test_cache_races.py::test_unloads_of_busy_versions_hold_none_of_asyncios_threads",),
     ),
     Mutant(
         "service: an upload's spooled chunks are not counted in the receiving budget",
         SERVER + "service.py",
-        '            keep = getattr(request_iterator, "keep_last", None)\n',
+        "            keep = stream.keep_last if isinstance(stream, RequestStream) else None\n",
         "            keep = None\n",
         (
             "tests/test_receiving.py::test_an_uploads_chunks_waiting_to_be_written_count_in_the_receiving_budget",
@@ -1800,8 +1800,8 @@ MUTANTS = [
     Mutant(
         "cache: a page-in that ends after its unload records its metrics",
         SERVER + "cache.py",
-        "        if not came_back:  # its series went",
-        "        if False:  # its series went",
+        "        hosted.record(lambda: page_ins(hosted.name, str(hosted.version), tier).inc())",
+        "        page_ins(hosted.name, str(hosted.version), tier).inc()",
         (
             "tests/test_metrics_series.py::test_a_page_in_that_ends_after_its_unload_records_nothing",
         ),
@@ -1809,8 +1809,8 @@ MUTANTS = [
     Mutant(
         "batching: vectors of a model without declared inputs are merged as rows",
         SERVER + "batching.py",
-        "        if self._vectors_are_rows or all(t.dim() > 1 for t in request.inputs.values()):",
-        "        if True:",
+        "return not self._vectors_are_rows and any(t.dim() < 2 for t in request.inputs.values())",
+        "return False",
         (
             "tests/test_batching.py::"
             "test_vectors_sent_to_a_model_without_declared_inputs_are_never_merged",
@@ -1822,6 +1822,47 @@ MUTANTS = [
         "            for request in batch:\n                request.fail(error)\n",
         "",
         ("tests/test_batching.py::test_a_bug_in_grouping_a_batch_fails_its_requests_at_once",),
+    ),
+    Mutant(
+        "cache: an eviction that ends after its version's unload records its metrics",
+        SERVER + "cache.py",
+        "hosted.record(lambda: evictions(hosted.name, str(hosted.version), hosted.tier).inc())",
+        "evictions(hosted.name, str(hosted.version), hosted.tier).inc()",
+        (
+            "tests/test_cache_host_tier.py::"
+            "test_a_version_unloaded_while_its_weights_are_copied_to_the_host_keeps_nothing",
+        ),
+    ),
+    Mutant(
+        "models: an unloaded version is freed on one of asyncio's threads",
+        SERVER + "models.py",
+        "            await _on(self._frees, hosted.retire)\n        finally:",
+        "            await asyncio.to_thread(hosted.retire)\n        finally:",
+        ("tests/test_cache_races.py::test_unloads_of_busy_versions_hold_none_of_asyncios_threads",),
+    ),
+    Mutant(
+        "models: a first build's room for its weights gives back the workspace's meanwhile",
+        SERVER + "models.py",
+        "        wanted = max(nbytes, hosted.device_bytes)",
+        "        wanted = nbytes",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in",
+        ),
+    ),
+    Mutant(
+        "models: vectors of a model that declares them as rows run alone",
+        SERVER + "models.py",
+        "vectors_are_rows=bool(runner.inputs),",
+        "vectors_are_rows=False,",
+        ("tests/test_batching.py::test_vectors_of_a_model_that_declares_them_as_rows_are_merged",),
+    ),
+    Mutant(
+        "batching: a closing batcher waits for the lane to drop the requests of callers that left",
+        SERVER + "batching.py",
+        "            for request in [r for r in self._queue if r.future.cancelled()]:\n",
+        "            for request in [r for r in self._queue if False]:\n",
+        ("tests/test_cache_races.py::test_unloads_of_busy_versions_hold_none_of_asyncios_threads",),
     ),
 ]
 

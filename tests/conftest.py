@@ -41,6 +41,7 @@ TEST_ARCHITECTURES = [
     "gram=helpers.models:gram",
     "centered=helpers.models:centered",
     "sampler=helpers.models:sampler",
+    "slow_embedding=helpers.models:slow_embedding",
 ]
 
 

@@ -1010,3 +1010,34 @@ def test_vectors_sent_to_a_model_without_declared_inputs_are_never_merged(
     for x, answer in zip(rows, behind_a_blocker(rows), strict=True):
         np.testing.assert_allclose(answer, reference(twin, x), rtol=1e-5, atol=1e-6)
     assert 6 in statistics(server, "vec").batches  # still batched: three requests, one run
+
+
+def test_vectors_of_a_model_that_declares_them_as_rows_are_merged(
+    client: ModelHostClient, server: Server
+) -> None:
+    """The other side of red team 15, F3: a model whose declared input is a vector of
+    rows (token ids, -1 its one dimension) batches its vectors like any rows."""
+    twin = serve(
+        client,
+        "emb",
+        architecture="slow_embedding",
+        architecture_args={"ids": 16, "width": 4, "delay": 0.3},
+        batching={"max_batch_size": 32, "max_queue_delay_us": 100_000},
+    )
+    assert [tuple(i.shape) for i in client.get_model("emb").inputs] == [(-1,)]
+    requests = [np.array(ids, np.int64) for ids in ([1, 2], [3, 4, 5], [6])]
+    clients = [ModelHostClient(server.target, timeout=60) for _ in requests]
+    try:
+        blocker = threading.Thread(target=client.predict, args=("emb", np.array([0], np.int64)))
+        blocker.start()
+        time.sleep(0.1)  # the others queue up meanwhile
+        outs = concurrently(
+            [partial(c.predict, "emb", x) for c, x in zip(clients, requests, strict=True)]
+        )
+        blocker.join()
+    finally:
+        for c in clients:
+            c.close()
+    for x, answer in zip(requests, outs, strict=True):
+        np.testing.assert_array_equal(answer, reference(twin, x))
+    assert 6 in statistics(server, "emb").batches  # three requests, one run

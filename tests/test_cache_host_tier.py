@@ -165,6 +165,15 @@ def test_a_version_unloaded_while_its_weights_are_copied_to_the_host_keeps_nothi
     loading.join(60)
     assert "a" not in tiers(client)
     assert host_bytes(server) == 0
+    # Review 17, 3: the eviction, done after the unload, recorded its count for "a",
+    # whose series the unload had removed: they stayed for good.
+    assert server.host is not None
+    labelled = {
+        sample.labels.get("model")
+        for family in server.host.metrics.registry.collect()
+        for sample in family.samples
+    }
+    assert "a" not in labelled
     same(client.predict("b", X), reference(twins["b"], X))
 
 

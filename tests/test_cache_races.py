@@ -345,8 +345,9 @@ def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_i
     workspace before it builds."""
     x = np.ones((1, 4), np.float32)
     restoring = dataclasses.replace(settings, restore=True, device_memory_budget=10**8)
+    slow_weights = {**WIDE, "seconds": 0.3}  # its weights take 0.3 s to load
     twins = {
-        "big": build("tiny_mlp", WIDE, seed=1),
+        "big": build("slow_load_mlp", slow_weights, seed=1),
         "busy": build("slow_mlp", {**SMALL, "delay": BRIEF}, seed=2),
         "cold": build("tiny_mlp", SMALL, seed=3),
     }
@@ -355,9 +356,9 @@ def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_i
             client.save_checkpoint(name, model.state_dict())
         client.load_model(
             "big",
-            architecture="tiny_mlp",
+            architecture="slow_load_mlp",
             checkpoint="big",
-            architecture_args=WIDE,
+            architecture_args=slow_weights,
             warmup_shape=(8, 16),  # a CPU workspace: the estimate for 8 rows
         )
         client.load_model(
@@ -408,36 +409,53 @@ def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_i
             stop.set()
             for caller in callers:
                 caller.join(30)
+        assert second.host is not None
+        usage: list[int] = []  # while its page-in runs: weights and workspace reserved
         deadline = time.monotonic() + 20  # `busy` is idle now: `big` pages in
         while not answers and time.monotonic() < deadline:
-            time.sleep(0.05)
+            usage.append(second.host.models.cache.usage()["cpu"][0])
+            time.sleep(0.01)
         np.testing.assert_allclose(answers[0], reference(twins["big"], X), rtol=1e-5)
+        # Review 17, 2: the room for its weights, asked as they load, gave the workspace's
+        # back for as long as they loaded (another load could take it).
+        assert W not in usage, "the workspace's room was given back during the build"
         big = client.get_model("big")
         assert big.tier == "resident" and big.device_bytes == W + S and big.page_ins == 1
 
 
-def test_unloads_of_busy_versions_hold_none_of_asyncios_threads(settings: Settings) -> None:
+@pytest.mark.parametrize("callers", ["wait", "leave"])
+def test_unloads_of_busy_versions_hold_none_of_asyncios_threads(
+    settings: Settings, callers: str
+) -> None:
     """Session 16's note, 9: an unload waited for its version's last request on one of
     asyncio's default threads, which also parse requests over 1 MiB: as many unloads of
     busy versions as there are such threads stalled every large request until one of those
-    versions was done. The unload waits on the event loop now."""
+    versions was done. The unload waits on the event loop now, and frees the version on
+    threads of its own (review 17, 1: callers that had left, their batch still running,
+    held those threads for as long as it ran)."""
     slow = {**SMALL, "delay": 2.0}
     x = np.ones((1, 4), np.float32)
+    threads = ThreadPoolExecutor(1, thread_name_prefix="asyncio-default")
     with running(settings) as server, ModelHostClient(server.target, timeout=60) as client:
         assert server.loop is not None
-        threads = ThreadPoolExecutor(2, thread_name_prefix="asyncio-default")
         server.loop.call_soon_threadsafe(server.loop.set_default_executor, threads)
         client.save_checkpoint("ck", build("slow_mlp", slow, seed=0).state_dict())
-        names = ["a", "b", "c"]  # one more than the threads; one after another on the lane
-        for name in names:
+        names = ["a", "b", "c"]  # more than the threads; one after another on the lane
+        for name in [*names, "idle"]:
             client.load_model(
                 name, architecture="slow_mlp", checkpoint="ck", architecture_args=slow
             )
-        callers = [threading.Thread(target=client.predict, args=(n, x)) for n in names]
+        timeout = 0.4 if callers == "leave" else 30
+
+        def call(name: str) -> None:
+            with contextlib.suppress(ModelHostError):  # a caller that leaves
+                client.predict(name, x, timeout=timeout)
+
+        requests = [threading.Thread(target=call, args=(n,)) for n in names]
         unloads = [threading.Thread(target=client.unload_model, args=(n,)) for n in names]
-        for thread in callers:
+        for thread in requests:
             thread.start()
-        time.sleep(0.3)
+        time.sleep(0.5)  # the first runs; a caller that leaves has left
         started = time.monotonic()
         for thread in unloads:
             thread.start()
@@ -445,10 +463,17 @@ def test_unloads_of_busy_versions_hold_none_of_asyncios_threads(settings: Settin
         large = np.zeros((1 << 18, 4), np.float32)  # 4 MiB: parsed on one of those threads
         expect(grpc.StatusCode.NOT_FOUND, lambda: client.predict("nobody", large, timeout=30))
         took = time.monotonic() - started
-        for thread in [*callers, *unloads]:
+        # Nor does an idle version's unload wait for theirs (for the threads that free
+        # versions, or for the lane to drop requests whose callers left).
+        unloading = time.monotonic()
+        client.unload_model("idle")
+        unload_took = time.monotonic() - unloading
+        for thread in [*requests, *unloads]:
             thread.join(30)
         assert took < 1.5, f"a large request waited {took:.1f} s for the unloads' threads"
+        assert unload_took < 1.0, f"an idle version's unload took {unload_took:.1f} s"
         assert client.list_models() == []
+    threads.shutdown()
 
 
 def test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_looks(

@@ -147,6 +147,16 @@ def test_an_integer_out_of_range_is_a_value_error_not_another_number(
     assert str(raised.value) == message
 
 
+def test_a_numpy_integer_version_is_taken_as_protobuf_takes_it(server: Server) -> None:
+    with ModelHostClient(server.target, timeout=30) as client:
+        client.save_checkpoint("w", tiny_mlp().state_dict())
+        client.load_model("m", architecture="tiny_mlp", checkpoint="w")
+        x = np.ones((1, 4), np.float32)
+        assert client.predict("m", x, version=np.int64(1)).shape == (1, 3)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="version must be an int, not float"):
+            client.predict("m", x, version=1.0)  # type: ignore[arg-type]
+
+
 def test_a_torch_dtype_or_device_is_taken_by_its_name(server: Server) -> None:
     """torch users pass torch.float16 (as they do for a builder's input_dtype) and
     torch.device("cuda", 1); numpy dtypes are taken too."""

@@ -304,6 +304,30 @@ attention.input_shape = (-1, -1)  # type: ignore[attr-defined]
 attention.input_dtype = "int64"  # type: ignore[attr-defined]
 
 
+class SlowEmbedding(nn.Module):
+    """One row of `width` numbers per token id, `delay` seconds per call: its declared
+    input is a vector whose one dimension is rows."""
+
+    def __init__(self, ids: int, width: int, delay: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(ids, width)
+        self.delay = delay
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay)
+        return self.embed(ids)
+
+
+def slow_embedding(ids: int = 16, width: int = 4, delay: float = 0.3) -> nn.Module:
+    return SlowEmbedding(ids, width, delay)
+
+
+slow_embedding.input_shape = (-1,)  # type: ignore[attr-defined]
+slow_embedding.input_dtype = "int64"  # type: ignore[attr-defined]
+
+
 def badly_declared() -> nn.Module:
     return Attention()
 

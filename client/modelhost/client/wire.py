@@ -17,6 +17,7 @@ limit is refused unparsed.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,8 +116,12 @@ def tensor(dtype: int, shape: Sequence[int], data: Buffer) -> list[Part]:
 def signed(value: int, bits: int, what: str) -> int:
     """`value`, checked as protobuf checks an int32 or int64 field (varint would wrap it
     silently: version 2**64 + 1 would ask for version 1)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, not bool")
+    try:
+        value = operator.index(value)  # a numpy integer too, as protobuf takes it
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
     if not -(1 << (bits - 1)) <= value < 1 << (bits - 1):
         raise ValueError(f"{what} {value} is out of range for an int{bits}")
     return value

@@ -368,11 +368,15 @@ class Batcher:
 
     def close(self) -> None:
         """Stops taking requests, waits for those queued and running, leaves the lane (once:
-        closing it again does nothing)."""
+        closing it again does nothing). Queued requests whose callers have left are
+        dropped at once: they would wait for the lane's turn only to be dropped there."""
         with self._cond:
             if self._left:
                 return
             self._closed = True
+            for request in [r for r in self._queue if r.future.cancelled()]:
+                self._queue.remove(request)
+                self.statistics.failed(request.enqueued)
             self._cond.notify_all()
             self._cond.wait_for(lambda: not self._queue and not self._running)
             self._left = True
@@ -388,7 +392,7 @@ class Batcher:
         rows = batch[0].rows
         elements = batch[0].elements if self._max_elements is not None else 0
         until = batch[0].enqueued + self.policy.max_queue_delay_us / 1e6
-        while self._splittable and rows < self.policy.batch_rows:
+        while self._splittable and not self._alone(batch[0]) and rows < self.policy.batch_rows:
             if self._queue:
                 following = self._queue[0]
                 if rows + following.rows > self.policy.batch_rows:
@@ -464,13 +468,15 @@ class Batcher:
         return list(groups.values())
 
     def _group_of(self, request: Request) -> object:
-        """What a request may be concatenated with: requests of its signature. A vector
-        (or a scalar) of a model that does not say its first dimension is rows runs alone:
-        `nn.Linear` takes a vector as one sample, and two callers' halves of one would
-        make a vector whose answer is split between them (red team 15, F3)."""
-        if self._vectors_are_rows or all(t.dim() > 1 for t in request.inputs.values()):
-            return request.signature
-        return id(request)
+        """What a request may be concatenated with: requests of its signature."""
+        return id(request) if self._alone(request) else request.signature
+
+    def _alone(self, request: Request) -> bool:
+        """Whether a request runs alone: a vector (or a scalar) of a model that does not
+        say its first dimension is rows. `nn.Linear` takes a vector as one sample, and two
+        callers' halves of one would make a vector whose answer is split between them
+        (red team 15, F3)."""
+        return not self._vectors_are_rows and any(t.dim() < 2 for t in request.inputs.values())
 
     def _done(self) -> None:
         with self._cond:

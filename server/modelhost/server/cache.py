@@ -67,10 +67,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GPU_FRACTION = 0.9
 WAIT_STEP = 0.1
+"""Seconds between looks of a load or page-in that waits for busy versions to leave."""
 ROOM_WAIT_SECONDS = 30.0
 """How long a load or page-in waits for busy versions to make room, whatever its
 deadline: then RESOURCE_EXHAUSTED, "try again"."""
-"""Seconds between looks of a load or page-in that waits for busy versions to leave."""
 HOST_TIER_DEVICES = frozenset({"cuda"})
 """Device types whose evicted versions keep their weights in host memory (pinned). A CPU
 version would gain nothing (its weights are in host memory already); tests add "cpu" to
@@ -280,19 +280,21 @@ class ModelCache:
                     continue
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
-                busy = [h for h in held if not h.stays] + self._leaving_from(where)
+                leaving = self._leaving_from(where)
+                may_leave = [h for h in held if not h.stays] + leaving
                 loading = [  # may register soon
                     other
                     for other, (device, _) in self._reserved.items()
                     if other != key and device == where
                 ]
-                if pinned_bytes + nbytes > limit or not (busy or loading or self._moves):
+                if pinned_bytes + nbytes > limit or not (may_leave or loading or self._moves):
                     raise OutOfMemory(
                         f"{key[0]!r} needs {_gib(nbytes)} on {where}, whose budget "
                         f"(--device-memory-budget) is {_gib(limit)}: pinned versions hold "
-                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h not in busy)}), "
+                        f"{_gib(pinned_bytes)} ({_names(h for h in held if h.stays)}), "
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
+                busy = [h for h in may_leave if not h.idle]  # what it waits for
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise NoRoomInTime(where, key[0], busy, loading)
@@ -390,7 +392,8 @@ class ModelCache:
             del module
             if gone() is not None:  # a reference cycle holds it: only a collection frees it
                 stale.append(device)
-        self._metrics.evictions.labels(hosted.name, str(hosted.version), hosted.tier).inc()
+        evictions = self._metrics.evictions.labels  # not for a version unloaded meanwhile
+        hosted.record(lambda: evictions(hosted.name, str(hosted.version), hosted.tier).inc())
         log.info("evicted %s version %d to the %s tier", hosted.name, hosted.version, hosted.tier)
         return True
 
@@ -545,16 +548,16 @@ class ModelCache:
                 oom_while(f"paging in {hosted.name!r}", device),
             )
             with self._cond:
-                came_back = hosted.return_to_device(module)
+                hosted.return_to_device(module)
         except NoRoomInTime as error:  # a first build needed more than it had reserved
             raise _NoRoomYet(error) from None
         finally:
             self.unreserve(key)
         seconds = time.perf_counter() - started
-        if not came_back:  # its series went with the unload: recording would bring them back
-            log.info("page-in of %s version %d ended after its unload", hosted.name, hosted.version)
-            return
-        self._metrics.page_ins.labels(hosted.name, str(hosted.version), tier).inc()
+        if tier == HOST and device.type == "cuda":
+            self._trim_pinned()
+        page_ins = self._metrics.page_ins.labels  # not for a version unloaded meanwhile
+        hosted.record(lambda: page_ins(hosted.name, str(hosted.version), tier).inc())
         self._metrics.page_in_seconds.labels(tier).observe(seconds)
         log.info(
             "paged in %s version %d from the %s tier (%.3fs)",
@@ -563,8 +566,6 @@ class ModelCache:
             tier,
             seconds,
         )
-        if tier == HOST and device.type == "cuda":
-            self._trim_pinned()
 
     def _trim_pinned(self) -> None:
         """After a page-in from the host tier (its pinned buffer is free now, kept cached by
@@ -604,7 +605,8 @@ class ModelCache:
 
 def _wanted_until(hosted: HostedModel) -> float:
     """Until when a page-in is wanted: the latest deadline of its requests, while any
-    waits (read without the lock: a stale value costs one more look, WAIT_STEP later)."""
+    waits (read without the lock as the page-in starts: a stale value lets it run for
+    requests that have just left)."""
     return hosted.paging_until if hosted.paging_waiters else 0.0
 
 

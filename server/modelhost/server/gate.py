@@ -19,11 +19,13 @@ For each call, in this order:
    (`ByteBudget`, `--max-receiving-bytes`): a message being received counts as the
    largest it may be (gRPC holds what has arrived), one received as its size until its
    call is done with it (a unary request until the call ends, a streamed one's message
-   until the next is read). A message that does not fit waits its turn, with HTTP/2's
-   small window (its bytes wait at the caller), and gets RESOURCE_EXHAUSTED if no room
-   comes within `request_read_timeout`. A request larger than `OFFLOAD_BYTES` is parsed
-   on a thread, not on the event loop; one that does not parse is INVALID_ARGUMENT, or
-   the status of the domain error its parser raised.
+   until the next is read, or, kept by its handler, until the handler is done with it:
+   `RequestStream.keep_last`, an upload's chunks until they are written). A message
+   that does not fit waits its turn, with HTTP/2's small window (its bytes wait at the
+   caller), and gets RESOURCE_EXHAUSTED if no room comes within `request_read_timeout`.
+   A request larger than `OFFLOAD_BYTES` is parsed on a thread, not on the event loop;
+   one that does not parse is INVALID_ARGUMENT, or the status of the domain error its
+   parser raised.
 5. Each message of a streamed reply is sent within `request_read_timeout` seconds
    (gRPC's flow control holds a write while the caller reads nothing): a caller that
    stops reading has its reply stream closed and its slot freed, then gets

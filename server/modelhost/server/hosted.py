@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -271,15 +271,14 @@ class HostedModel:
         built.batcher.statistics = old.statistics
         old.close()
 
-    def return_to_device(self, module: nn.Module) -> bool:
+    def return_to_device(self, module: nn.Module) -> None:
         """Serves again with `module`, paged in (a version built at its first page-in has
         its runner on it already: no second compile wrapper). Unloaded meanwhile with no
-        request waiting for it any more, it stays off its device (the module is dropped:
-        the unload freed it already) and this returns False. Requests still waiting are
-        answered first."""
+        request waiting for it any more, it stays off its device (the module is dropped):
+        the unload freed it already. Requests still waiting are answered first."""
         with self._idle:  # an unload frees it after this, or finds it retired here
             if self._retired():
-                return False
+                return
             attach = self.runner.module is not module
             if attach:
                 self.runner.attach(module)
@@ -288,7 +287,14 @@ class HostedModel:
             self.tier = RESIDENT
         if attach:  # torch's graphs fit the new module unless their guards say otherwise
             self.runner.compile_again()
-        return True
+
+    def record(self, measure: Callable[[], object]) -> None:
+        """Runs `measure` (its metrics) unless it is being unloaded: its series go with the
+        unload (`Metrics.forget_version`, once `retiring` is set under this lock), and
+        recording after that would bring them back for good."""
+        with self._idle:
+            if not self.retiring:
+                measure()
 
     def _retired(self) -> bool:
         """Unloaded, with no request left to answer (call with `_idle` held): `retire`

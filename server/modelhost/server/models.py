@@ -120,6 +120,11 @@ class Models:
         # it (red team 14, F6: eight LoadModels waiting for the lock stalled every request
         # over 1 MiB, and a revoked token's refusal, for 30 s).
         self._store_work = ThreadPoolExecutor(4, thread_name_prefix="modelhost-store")
+        # Freeing unloaded versions: `retire` waits for the batch its callers left, if one
+        # runs, then frees (a collection, when a cycle holds the module). Not on asyncio's
+        # threads either (review 17, 1: unloads of versions whose callers had left held
+        # them for as long as those batches ran).
+        self._frees = ThreadPoolExecutor(2, thread_name_prefix="modelhost-free")
 
     async def load(
         self, request: LoadRequest, loaded_from: CheckpointRecord | None = None
@@ -171,13 +176,8 @@ class Models:
             raise
 
     def _on_store_thread(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """`work(*args)` on the store's threads (see `_store_work`); once they are shut down
-        (a clean-up that ends after `close`), on asyncio's."""
-        loop = asyncio.get_running_loop()
-        try:
-            return loop.run_in_executor(self._store_work, work, *args)
-        except RuntimeError:  # cannot schedule new futures after shutdown
-            return loop.run_in_executor(None, work, *args)
+        """`work(*args)` on the store's threads (see `_store_work`)."""
+        return _on(self._store_work, work, *args)
 
     def _let_go_if_held(self, job: asyncio.Future[CheckpointRecord]) -> None:
         if not job.cancelled() and job.exception() is None:
@@ -242,7 +242,7 @@ class Models:
                 await self._on_store_thread(self.record.write, [*self.registry.all(), hosted])
             except BaseException:
                 self._forget(*key)
-                await asyncio.to_thread(hosted.retire)
+                await _on(self._frees, hosted.retire)
                 await self._let_go(held)
                 raise
             self.cache.touch(hosted)
@@ -274,8 +274,11 @@ class Models:
         its size: its requests wait off that thread (NoRoomInTime) and the next page-in
         reserves them all before it builds."""
         key = (hosted.name, hosted.version)
+        # Never less than the page-in reserved (weights and the workspace learnt): the
+        # weights' room asked first must not give the workspace's back meanwhile.
+        wanted = max(nbytes, hosted.device_bytes)
         try:
-            self.cache.reserve(key, hosted.spec.device, nbytes, deadline=time.monotonic())
+            self.cache.reserve(key, hosted.spec.device, wanted, deadline=time.monotonic())
         except NoRoomInTime:
             hosted.workspace_bytes = max(
                 hosted.workspace_bytes, nbytes - hosted.loaded.device_bytes
@@ -551,7 +554,7 @@ class Models:
         """Frees an unloaded version once its requests are answered."""
         try:
             await hosted.retiring_until_idle()
-            await asyncio.to_thread(hosted.retire)  # at once, unless a request came since
+            await _on(self._frees, hosted.retire)
         finally:
             self.cache.left(hosted)
 
@@ -691,6 +694,7 @@ class Models:
         for pool in pools:
             await asyncio.to_thread(pool.close)
         self._store_work.shutdown(wait=False)
+        self._frees.shutdown(wait=False)
 
 
 def check_request(request: LoadRequest, settings: Settings, device: torch.device) -> LoadSpec:
@@ -1067,6 +1071,16 @@ def _check_measured(runner: Runner, name: str) -> None:
             "bound its Predicts: give a warmup_shape it takes, where it is measured, or "
             "serve with max_predict_bytes 0"
         )
+
+
+def _on(executor: ThreadPoolExecutor, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """`work(*args)` on `executor`'s threads; once they are shut down (a clean-up that ends
+    after `Models.close`), on asyncio's."""
+    loop = asyncio.get_running_loop()
+    try:
+        return loop.run_in_executor(executor, work, *args)
+    except RuntimeError:  # cannot schedule new futures after shutdown
+        return loop.run_in_executor(None, work, *args)
 
 
 async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:

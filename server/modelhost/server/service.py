@@ -16,6 +16,7 @@ from modelhost.client.predict import CACHE_TRAILER
 from modelhost.server import errors as e
 from modelhost.server import messages
 from modelhost.server.checkpoints import Snapshot
+from modelhost.server.gate import RequestStream
 from modelhost.server.host import Host
 from modelhost.server.request_limits import (
     PredictRequest,
@@ -64,8 +65,9 @@ class ModelHostService(pb_grpc.ModelHostServicer):
             record = await checkpoints.snapshot(header)
         else:
             # Chunks waiting to be written stay counted in the receiving budget.
-            keep = getattr(request_iterator, "keep_last", None)
-            record = await checkpoints.upload(header, _chunks(request_iterator), keep)
+            stream = request_iterator
+            keep = stream.keep_last if isinstance(stream, RequestStream) else None
+            record = await checkpoints.upload(header, _chunks(stream), keep)
         return messages.checkpoint_info(record)
 
     @streaming
