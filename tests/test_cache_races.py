@@ -91,6 +91,41 @@ def holds(server: Server) -> dict[str, int]:
     return dict(server.host.models._store._holds._held)
 
 
+@contextlib.contextmanager
+def kept_busy(target: str, name: str, x: np.ndarray, callers: int = 3) -> Iterator[None]:
+    """`name` called by `callers` clients, each one request at a time, until the block
+    ends (with one request at a time per version, it is never idle meanwhile)."""
+    stop = threading.Event()
+
+    def call() -> None:
+        with ModelHostClient(target, timeout=60) as own:
+            while not stop.is_set():
+                own.predict(name, x)
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+
+def without_deadline(client: ModelHostClient, name: str, x: np.ndarray) -> list[Any]:
+    """A request for `name` without a deadline, on a thread of its own: the list gets its
+    answer."""
+    answers: list[Any] = []
+
+    def call() -> None:
+        with contextlib.suppress(ModelHostError):
+            answers.append(client.predict(name, x))
+
+    threading.Thread(target=call, daemon=True).start()
+    return answers
+
+
 def wait_until(check: object, seconds: float = 20.0) -> None:
     deadline = time.monotonic() + seconds
     while not check():  # type: ignore[operator]
@@ -301,33 +336,13 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
             "idle": "resident",
             "cold": "store",
         }
-        stop = threading.Event()
-
-        def keep_busy() -> None:  # three callers of 1.5 s requests: `busy` is never idle
-            with ModelHostClient(server.target, timeout=60) as own:
-                while not stop.is_set():
-                    own.predict("busy", x)
-
-        callers = [threading.Thread(target=keep_busy) for _ in range(3)]
-        waiting: list[Any] = []
-
-        def no_deadline() -> None:
-            with contextlib.suppress(ModelHostError):
-                waiting.append(client.predict("big", x))
-
-        try:
-            for caller in callers:
-                caller.start()
+        with kept_busy(server.target, "busy", x):  # three callers of 1.5 s requests
             time.sleep(0.5)
-            threading.Thread(target=no_deadline, daemon=True).start()
+            waiting = without_deadline(client, "big", x)
             time.sleep(1.0)
             cold = client.predict("cold", x, timeout=10)  # pages in while `big` waits
             np.testing.assert_allclose(cold, reference(twins["cold"], x), rtol=1e-5)
             assert client.get_model("big").tier == "store" and not waiting
-        finally:
-            stop.set()
-            for caller in callers:
-                caller.join(30)
         deadline = time.monotonic() + 20  # `busy` is idle now: `big` pages in
         while not waiting and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -381,34 +396,14 @@ def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_i
         assert {m.name: m.tier for m in client.list_models()} == dict.fromkeys(twins, "store")
         assert client.get_model("big").device_bytes == W  # its weights: all it knows yet
         client.predict("busy", x)
-        stop = threading.Event()
-
-        def keep_busy() -> None:  # three callers, one request at a time: never idle
-            with ModelHostClient(second.target, timeout=60) as own:
-                while not stop.is_set():
-                    own.predict("busy", x)
-
-        callers = [threading.Thread(target=keep_busy) for _ in range(3)]
-        answers: list[Any] = []
-
-        def no_deadline() -> None:
-            with contextlib.suppress(ModelHostError):
-                answers.append(client.predict("big", X))
-
-        try:
-            for caller in callers:
-                caller.start()
+        with kept_busy(second.target, "busy", x):
             time.sleep(0.5)
-            threading.Thread(target=no_deadline, daemon=True).start()
+            answers = without_deadline(client, "big", X)
             time.sleep(1.0)
             cold = client.predict("cold", x, timeout=10)  # pages in while `big` waits
             np.testing.assert_allclose(cold, reference(twins["cold"], x), rtol=1e-5)
             assert client.get_model("big").tier == "store" and not answers
             assert client.get_model("big").device_bytes == W + S  # learnt from its build
-        finally:
-            stop.set()
-            for caller in callers:
-                caller.join(30)
         assert second.host is not None
         usage: list[int] = []  # while its page-in runs: weights and workspace reserved
         deadline = time.monotonic() + 20  # `busy` is idle now: `big` pages in
@@ -565,12 +560,6 @@ def test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends(
         assert sizes["big"] + sizes["hot"] > 2100 >= sizes["hot"] + sizes["used"]
         before = client.get_model("used").page_ins
         stop = threading.Event()
-
-        def keep_hot() -> None:  # two callers, one request at a time: never idle
-            with ModelHostClient(server.target, timeout=60) as own:
-                while not stop.is_set():
-                    own.predict("hot", x)
-
         answers = []
 
         def use() -> None:  # a version in regular use, every 0.1 s
@@ -579,23 +568,22 @@ def test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends(
                     answers.append(own.predict("used", x))
                     time.sleep(0.1)
 
-        callers = [threading.Thread(target=keep_hot) for _ in range(2)]
-        callers.append(threading.Thread(target=use))
+        user = threading.Thread(target=use)
+        user.start()
         try:
-            for caller in callers:
-                caller.start()
-            time.sleep(0.3)
-            started = time.monotonic()
-            expect(  # a deadline far off (or none): the server's wait ends first
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                lambda: client.predict("big", x, timeout=20),
-                "within 2 s: busy versions (hot:1) held it; try again",
-            )
-            assert time.monotonic() - started < 10
+            with kept_busy(server.target, "hot", x, callers=2):
+                time.sleep(0.3)
+                started = time.monotonic()
+                expect(  # a deadline far off (or none): the server's wait ends first
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    lambda: client.predict("big", x, timeout=20),
+                    # `used` too, if a request of its ran at the last look
+                    "within 2 s: busy versions (hot:1",
+                )
+                assert time.monotonic() - started < 10
         finally:
             stop.set()
-            for caller in callers:
-                caller.join(30)
+            user.join(30)
         assert len(answers) >= 10
         assert client.get_model("used").page_ins == before, "evicted for nothing"
         np.testing.assert_allclose(answers[-1], reference(twins["used"], x), rtol=1e-5)
