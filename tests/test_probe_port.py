@@ -155,14 +155,17 @@ def test_on_the_main_port_a_half_sent_health_check_takes_a_slot_and_times_out(
     slow = dataclasses.replace(probed, request_read_timeout=10.0, max_concurrent_rpcs=1)
     with running(slow) as main_port, grpc.insecure_channel(main_port.target) as channel:
         stalled = channel.stream_unary(CHECK).future(nothing(), metadata=AUTH, timeout=60)
-        busy = None
+        # Once it holds the slot (Checks sent before could take it first: then it was the
+        # one refused, a race that failed this test on a busy machine).
+        gate = main_port.gate
+        assert gate is not None
         deadline = time.monotonic() + 30
-        while busy is None and not stalled.done() and time.monotonic() < deadline:
-            try:
-                _check(main_port.port, metadata=AUTH)
-            except grpc.RpcError as error:
-                busy = error
-        assert busy is not None and busy.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, busy
+        while gate.active < 1 and not stalled.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.active == 1 and not stalled.done()
+        with pytest.raises(grpc.RpcError) as refused:
+            _check(main_port.port, metadata=AUTH)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
         with pytest.raises(grpc.RpcError) as caught:
             stalled.result()
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
