@@ -274,9 +274,9 @@ class ModelCache:
                 # Idle versions leave only when that makes room now: evicted ahead of the
                 # busy ones, they were asked for again, paged back in and evicted again at
                 # each look, for as long as the busy ones stayed busy (red team 15, F2).
-                idle = [h for h in self._evictable(where, key) if h.idle]
-                freed = sum(h.device_bytes for h in idle)
-                if used - freed + nbytes <= limit and self._evict_one(idle, stale):
+                candidates = self._evictable(where, key)
+                freed = sum(h.device_bytes for h in candidates if h.idle)
+                if used - freed + nbytes <= limit and self._evict_one(candidates, stale):
                     continue
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)

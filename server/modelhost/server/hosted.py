@@ -314,10 +314,12 @@ class HostedModel:
         await event.wait()
 
     def retire(self) -> None:
-        """Blocks until no request holds this version, then frees it."""
+        """Frees it: its batcher (once a batch its callers left is done, if one runs), its
+        module and its host copy. Call once no request holds it: `retiring_until_idle`
+        for a registered version (out of routing, it gets no new request); one never
+        registered has none."""
         with self._idle:
             self.retiring = True
-            self._idle.wait_for(lambda: self._leases == 0)
         self.batcher.close()
         host_module = self.host_copy.module if self.host_copy else None
         modules = [weakref.ref(m) for m in (self.runner.module, host_module) if m]
