@@ -203,8 +203,8 @@ MUTANTS = [
     Mutant(
         "cache: a version with requests in flight or queued is evicted",
         SERVER + "hosted.py",
-        "            if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:",
-        "            if self._compiles or self.retiring or self.tier != RESIDENT:",
+        "        if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:",
+        "        if self._compiles or self.retiring or self.tier != RESIDENT:",
         ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
     ),
     Mutant(
@@ -1439,8 +1439,8 @@ MUTANTS = [
     Mutant(
         "hosted: a version is evicted while a batch nobody waits for runs on it",
         SERVER + "hosted.py",
-        "            if self.batcher.running:\n                return None\n",
-        "",
+        "        return self.batcher.running\n",
+        "        return False\n",
         (
             "tests/test_cache_races.py::test_a_running_batch_whose_callers_left_keeps_its_version_resident",
         ),

@@ -229,18 +229,21 @@ class HostedModel:
         """Resident, and held by no request nor work on its module (`leave_device` would
         take it off its device now)."""
         with self._idle:
-            held = self._leases or self._compiles or self.retiring
-            return self.tier == RESIDENT and not held and not self.batcher.running
+            return not self._held()
+
+    def _held(self) -> bool:
+        """Whether it must stay on its device now (call with `_idle` held)."""
+        if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:
+            return True
+        # No request holds it, yet a batch whose callers have all left may still run on
+        # its module (read after the leases: no new request can come meanwhile).
+        return self.batcher.running
 
     def leave_device(self, tier: str) -> nn.Module | None:
         """Takes the module off this version if no request holds it (None if one does):
         from now on a request finds it in `tier` and pages it in."""
         with self._idle:
-            if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:
-                return None
-            # No request holds it, yet a batch whose callers have all left may still run
-            # on its module (read after the leases: no new request can come meanwhile).
-            if self.batcher.running:
+            if self._held():
                 return None
             self.tier = tier
         module = self.runner.detach()
