@@ -106,7 +106,15 @@ class NoRoomInTime(DeadlineExpired):
         if loads:
             holders.append(f"loads and page-ins ({', '.join(f'{n}:{v}' for n, v in loads[:10])})")
         self.why = f"{' and '.join(holders) or 'nothing'} held it"
+        self.device, self.name = device, name
         super().__init__(f"no room on {device} for {name!r} before the deadline: {self.why}")
+
+    def waited_too_long(self) -> OutOfMemory:
+        """The server's own wait (ROOM_WAIT_SECONDS) ended first, not the caller's."""
+        return OutOfMemory(
+            f"no room on {self.device} for {self.name!r} within {ROOM_WAIT_SECONDS:g} s: "
+            f"{self.why}; try again"
+        )
 
 
 class _NoRoomYet(NoRoomInTime):
@@ -116,7 +124,7 @@ class _NoRoomYet(NoRoomInTime):
 
     def __init__(self, found: NoRoomInTime) -> None:
         DeadlineExpired.__init__(self, str(found))
-        self.why = found.why
+        self.why, self.device, self.name = found.why, found.device, found.name
 
 
 @dataclass(eq=False)
@@ -475,10 +483,7 @@ class ModelCache:
                 if now >= until:
                     raise
                 if now >= room_since + ROOM_WAIT_SECONDS:  # a deadline far off, or none
-                    raise OutOfMemory(
-                        f"no room on {hosted.loaded.device} for {hosted.name!r} within "
-                        f"{ROOM_WAIT_SECONDS:g} s: {error.why}; try again"
-                    ) from None
+                    raise error.waited_too_long() from None
                 left = min(until, room_since + ROOM_WAIT_SECONDS) - now
                 await self._a_request_ended(min(left, WAIT_STEP))
             except DeadlineExpired:

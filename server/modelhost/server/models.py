@@ -32,7 +32,6 @@ from modelhost.server.errors import (
     InvalidArgument,
     ModelHostFailure,
     ModelNotFound,
-    OutOfMemory,
     Refused,
     ShuttingDown,
 )
@@ -262,10 +261,7 @@ class Models:
         try:
             self.cache.reserve(key, device, nbytes, deadline=time.monotonic() + ROOM_WAIT_SECONDS)
         except NoRoomInTime as error:  # the server's wait, not the caller's deadline
-            raise OutOfMemory(
-                f"no room on {device} for {key[0]!r} within {ROOM_WAIT_SECONDS:g} s: "
-                f"{error.why}; try again"
-            ) from None
+            raise error.waited_too_long() from None
 
     def _room_now(self, hosted: HostedModel, nbytes: int) -> None:
         """A first page-in's room (a version registered at restart knows its weights, not
