@@ -203,8 +203,8 @@ MUTANTS = [
     Mutant(
         "cache: a version with requests in flight or queued is evicted",
         SERVER + "hosted.py",
-        "        if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:",
-        "        if self._compiles or self.retiring or self.tier != RESIDENT:",
+        "        held = self._leases > self._parked or self._compiles\n",
+        "        held = self._compiles\n",
         ("tests/test_cache.py::test_busy_versions_are_not_evicted_and_a_deadline_ends_the_wait",),
     ),
     Mutant(
@@ -1646,9 +1646,8 @@ MUTANTS = [
     Mutant(
         "cache: a page-in waits for busy versions' room on the device's page-in thread",
         SERVER + "cache.py",
-        "            self.reserve(key, device, hosted.device_bytes, deadline=time.monotonic())",
-        "            self.reserve(key, device, hosted.device_bytes, "
-        "deadline=_wanted_until(hosted))",
+        "key, device, hosted.device_bytes, deadline=time.monotonic(), asks_again=True",
+        "key, device, hosted.device_bytes, deadline=_wanted_until(hosted), asks_again=True",
         (
             "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in",
         ),
@@ -1730,8 +1729,8 @@ MUTANTS = [
     Mutant(
         "models: a restored version's first build waits for its workspace on the page-in thread",
         SERVER + "models.py",
-        "wanted, deadline=time.monotonic())",
-        "wanted, deadline=hosted.paging_until)",
+        "wanted, deadline=time.monotonic(), asks_again=True",
+        "wanted, deadline=hosted.paging_until, asks_again=True",
         (
             "tests/test_cache_races.py::test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in",
         ),
@@ -1785,7 +1784,7 @@ MUTANTS = [
         "if used - freed + nbytes <= limit and self._evict_one(candidates, stale):",
         "if self._evict_one(candidates, stale):",
         (
-            "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends",
+            "tests/test_cache_races.py::test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
         ),
     ),
     Mutant(
@@ -1794,7 +1793,7 @@ MUTANTS = [
         "if now >= room_since + ROOM_WAIT_SECONDS:",
         "if now >= room_since + math.inf:",
         (
-            "tests/test_cache_races.py::test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends",
+            "tests/test_cache_races.py::test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
         ),
     ),
     Mutant(
@@ -1863,6 +1862,76 @@ MUTANTS = [
         "            for request in [r for r in self._queue if r.future.cancelled()]:\n",
         "            for request in [r for r in self._queue if False]:\n",
         ("tests/test_cache_races.py::test_unloads_of_busy_versions_hold_none_of_asyncios_threads",),
+    ),
+    Mutant(
+        "cache: a request for a version a claim drains keeps it on its device",
+        SERVER + "cache.py",
+        "        await self._while_drained(hosted, deadline)\n",
+        "",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in",
+        ),
+    ),
+    Mutant(
+        "cache: no claims (versions in constant use keep a larger one out for good)",
+        SERVER + "cache.py",
+        "                if claim is None:\n                    self._claim(",
+        "                if False:\n                    self._claim(",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in",
+        ),
+    ),
+    Mutant(
+        "cache: a page-in drops its claim and its time waited at each look",
+        SERVER + "cache.py",
+        "            if not asks_again:\n                self._no_longer_wanting(",
+        "            if True:\n                self._no_longer_wanting(",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in",
+        ),
+    ),
+    Mutant(
+        "cache: a claim that got its room still bars its device's next claim",
+        SERVER + "cache.py",
+        "                self._no_claim_until.pop(where, None)\n",
+        "                pass\n",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in",
+        ),
+    ),
+    Mutant(
+        "cache: a device claims again at once after a claim lapsed",
+        SERVER + "cache.py",
+        " or now < self._no_claim_until.get(where, 0.0):",
+        ":",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
+        ),
+    ),
+    Mutant(
+        "cache: others take the room a claim needs",
+        SERVER + "cache.py",
+        "        return max(0, claim.nbytes - victims - held)",
+        "        return 0",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
+        ),
+    ),
+    Mutant(
+        "cache: others evict a claim's victims for room it has claimed",
+        SERVER + "cache.py",
+        "claimed = {id(h) for h in claim.victims} if claim else set()",
+        "claimed = set()",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
+        ),
     ),
 ]
 

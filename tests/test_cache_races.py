@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from test_cache import counter
 
 from conftest import build, expect, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError
@@ -92,21 +94,26 @@ def holds(server: Server) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def kept_busy(target: str, name: str, x: np.ndarray, callers: int = 3) -> Iterator[None]:
+def kept_busy(target: str, name: str, x: np.ndarray, callers: int = 3) -> Iterator[list[Exception]]:
     """`name` called by `callers` clients, each one request at a time, until the block
-    ends (with one request at a time per version, it is never idle meanwhile)."""
+    ends (with one request at a time per version, it is never idle meanwhile). Yields the
+    list of the errors they got."""
     stop = threading.Event()
+    failures: list[Exception] = []
 
     def call() -> None:
         with ModelHostClient(target, timeout=60) as own:
             while not stop.is_set():
-                own.predict(name, x)
+                try:
+                    own.predict(name, x)
+                except ModelHostError as error:
+                    failures.append(error)
 
     threads = [threading.Thread(target=call) for _ in range(callers)]
     for thread in threads:
         thread.start()
     try:
-        yield
+        yield failures
     finally:
         stop.set()
         for thread in threads:
@@ -295,12 +302,16 @@ def test_a_running_batch_whose_callers_left_keeps_its_version_resident(
         assert client.get_model("b").tier == "resident"
 
 
-def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Settings) -> None:
+def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Red team 14, F5: a page-in that waits for room held by busy versions once waited on
     its device's only page-in thread, for as long as they stayed busy (for ever, under
     steady traffic, for a request without a deadline), and every other page-in waited
     behind it. Now a page-in without room waits off the page-in thread: another version
     that fits pages in meanwhile."""
+    # Here the page-in waits without claiming the room (claims have tests of their own).
+    monkeypatch.setattr(cache, "CLAIM_AFTER", 60.0)
     small = {"features": 4, "hidden": 8, "classes": 3}
     large = {"features": 4, "hidden": 64, "classes": 3}
     x = np.ones((1, 4), np.float32)
@@ -350,7 +361,7 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(settings: Set
 
 
 def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review 16, 6: a version registered at restart knows its weights, not its workspace,
     until its first page-in builds it; that build then reserved its workspace waiting on the
@@ -358,6 +369,8 @@ def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_i
     after a restart). It takes its room at once or not at all: its requests wait off the
     thread, another version pages in meanwhile, and its next page-in reserves weights and
     workspace before it builds."""
+    # Here the page-in waits without claiming the room (claims have tests of their own).
+    monkeypatch.setattr(cache, "CLAIM_AFTER", 60.0)
     x = np.ones((1, 4), np.float32)
     restoring = dataclasses.replace(settings, restore=True, device_memory_budget=10**8)
     slow_weights = {**WIDE, "seconds": 0.3}  # its weights take 0.3 s to load
@@ -524,40 +537,111 @@ def test_loads_waiting_for_the_store_lock_hold_up_neither_requests_nor_token_loo
         assert outcomes == ["OK"] * 8  # once the lock was free
 
 
-def test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+def claims(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if "claims room" in r.getMessage()]
+
+
+def test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Red team 15, F2: a page-in waiting for room that a busy version held evicted every
-    idle version at each look (once a request ended, or every 0.1 s), though that was not
-    enough: one request without a deadline made each request of a version used every
-    0.1 s a miss, for as long as it waited (for ever). Idle versions leave only when that
-    makes room now; and a page-in waits for room no longer than a LoadModel does
-    (ROOM_WAIT_SECONDS), then RESOURCE_EXHAUSTED."""
-    monkeypatch.setattr(cache, "ROOM_WAIT_SECONDS", 2.0)
-    small = {"features": 4, "hidden": 8, "classes": 3}
+    """Red team 15, F1: a version whose room is held by versions in constant use (never
+    idle together) waited until the server's wait ended, then RESOURCE_EXHAUSTED, however
+    often it was asked for; so did a LoadModel. After CLAIM_AFTER each claims their room:
+    their new requests wait while those running finish, it evicts them once idle together
+    and pages in (or loads); they page back in after. A claim that got its room lets the
+    device claim again at once. Every request of theirs is answered, and correctly."""
+    monkeypatch.setattr(cache, "ROOM_WAIT_SECONDS", 6.0)
+    monkeypatch.setattr(cache, "CLAIM_BACKOFF", 60.0)  # only after a claim that lapsed
+    caplog.set_level(logging.INFO, "modelhost.server.cache")
     large = {"features": 4, "hidden": 64, "classes": 3}
     x = np.ones((1, 4), np.float32)
     budget = dataclasses.replace(settings, device_memory_budget=2100)
     with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
         twins = {
             "big": build("tiny_mlp", large, seed=1),
-            "hot": build("slow_mlp", {**small, "delay": BRIEF}, seed=2),
-            "used": build("tiny_mlp", small, seed=3),
+            "a": build("slow_mlp", {**SMALL, "delay": BRIEF}, seed=2),
+            "b": build("slow_mlp", {**SMALL, "delay": BRIEF}, seed=3),
         }
         for name, model in twins.items():
             client.save_checkpoint(name, model.state_dict())
-            args = large if name == "big" else small
+            client.load_model(
+                name,
+                architecture="tiny_mlp" if name == "big" else "slow_mlp",
+                checkpoint=name,
+                architecture_args=large if name == "big" else {**SMALL, "delay": BRIEF},
+                # One request at a time: with two callers each, neither is ever idle.
+                batching=None if name == "big" else {"max_batch_size": 1},
+            )
+        client.predict("a", x)
+        client.predict("b", x)
+        sizes = {m.name: m.device_bytes for m in client.list_models()}
+        assert sizes["big"] + max(sizes["a"], sizes["b"]) > 2100 >= sizes["a"] + sizes["b"]
+        with kept_busy(server.target, "a", x, 2) as a, kept_busy(server.target, "b", x, 2) as b:
+            time.sleep(0.3)
+            started = time.monotonic()
+            answer = client.predict("big", x, timeout=20)
+            took = time.monotonic() - started
+            np.testing.assert_allclose(answer, reference(twins["big"], x), rtol=1e-5)
+            time.sleep(0.3)  # `a` and `b` page back in and serve on
+            client.save_checkpoint("big2", build("tiny_mlp", large, seed=5).state_dict())
+            client.load_model(  # waits for room up to 30 s (models.ROOM_WAIT_SECONDS)
+                "big2", architecture="tiny_mlp", checkpoint="big2", architecture_args=large
+            )
+            time.sleep(0.3)
+        assert took < 6.0, "it waited until the server's wait ended"
+        assert not a and not b, (a + b)[:3]
+        assert counter(server, "modelhost_room_claims_total", outcome="got_room") == 2
+        assert counter(server, "modelhost_room_claims_total", outcome="lapsed") == 0
+        twin = build("tiny_mlp", large, seed=5)
+        np.testing.assert_allclose(client.predict("big2", x), reference(twin, x), rtol=1e-5)
+        for name in ("a", "b"):
+            np.testing.assert_allclose(
+                client.predict(name, x), reference(twins[name], x), rtol=1e-5
+            )
+            assert client.get_model(name).page_ins >= 1
+
+
+def test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team 15, F2, and claims: a page-in waiting for room that a busy version held
+    evicted every idle version at each look though that was not enough, for as long as it
+    waited (for ever, for a request without a deadline). Idle versions leave only when
+    that makes room now; a claim on the room of a version held by long requests lapses
+    after CLAIM_SECONDS without evicting anything, its device makes no other claim for
+    CLAIM_BACKOFF, and the page-in ends after ROOM_WAIT_SECONDS with RESOURCE_EXHAUSTED.
+    While the claim lives, another version pages in only into room it leaves free."""
+    monkeypatch.setattr(cache, "ROOM_WAIT_SECONDS", 5.0)
+    monkeypatch.setattr(cache, "CLAIM_AFTER", 0.5)
+    monkeypatch.setattr(cache, "CLAIM_SECONDS", 2.0)
+    caplog.set_level(logging.INFO, "modelhost.server.cache")
+    large = {"features": 4, "hidden": 64, "classes": 3}
+    x = np.ones((1, 4), np.float32)
+    budget = dataclasses.replace(settings, device_memory_budget=2100)
+    with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
+        twins = {
+            "big": build("tiny_mlp", large, seed=1),
+            "hot": build("slow_mlp", {**SMALL, "delay": 0.2}, seed=2),
+            "used": build("tiny_mlp", SMALL, seed=3),
+            "cold": build("tiny_mlp", SMALL, seed=4),
+        }
+        for name, model in twins.items():
+            client.save_checkpoint(name, model.state_dict())
+            args = large if name == "big" else SMALL
             client.load_model(
                 name,
                 architecture="slow_mlp" if name == "hot" else "tiny_mlp",
                 checkpoint=name,
-                architecture_args={**args, "delay": BRIEF} if name == "hot" else args,
+                architecture_args={**args, "delay": 0.2} if name == "hot" else args,
                 batching={"max_batch_size": 1} if name == "hot" else None,
             )
+        client.predict("big", x)  # evicts the three others
         client.predict("hot", x)
         client.predict("used", x)
         sizes = {m.name: m.device_bytes for m in client.list_models()}
-        assert sizes["big"] + sizes["hot"] > 2100 >= sizes["hot"] + sizes["used"]
+        assert sizes["big"] + sizes["hot"] > 2100 >= sizes["hot"] + sizes["used"] + sizes["cold"]
+        assert sizes["big"] + sizes["used"] > 2100
+        assert client.get_model("cold").tier == "store"
         before = client.get_model("used").page_ins
         stop = threading.Event()
         answers = []
@@ -571,19 +655,30 @@ def test_a_page_in_waiting_for_busy_room_evicts_nothing_it_cannot_use_and_ends(
         user = threading.Thread(target=use)
         user.start()
         try:
-            with kept_busy(server.target, "hot", x, callers=2):
+            # 15 callers of 0.2 s requests, one at a time: 3 s to drain (all CPU models
+            # share one lane: one long request would hold up `used` as well).
+            with kept_busy(server.target, "hot", x, callers=15):
                 time.sleep(0.3)
-                started = time.monotonic()
-                expect(  # a deadline far off (or none): the server's wait ends first
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    lambda: client.predict("big", x, timeout=20),
-                    # `used` too, if a request of its ran at the last look
-                    "within 2 s: busy versions (hot:1",
-                )
-                assert time.monotonic() - started < 10
+                with ThreadPoolExecutor(1) as waiter:
+                    started = time.monotonic()
+                    big = waiter.submit(client.predict, "big", x, timeout=20)
+                    wait_until(lambda: claims(caplog.records), 10)
+                    claimed = time.monotonic()
+                    cold = client.predict("cold", x, timeout=20)
+                    np.testing.assert_allclose(cold, reference(twins["cold"], x), rtol=1e-5)
+                    # Only once the claim has lapsed: the room it left free was too small.
+                    assert time.monotonic() - claimed > 1.0
+                    expect(  # a deadline far off (or none): the server's wait ends first
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        big.result,
+                        "within 5 s: busy versions (hot:1",
+                    )
+                    assert time.monotonic() - started < 10
         finally:
             stop.set()
             user.join(30)
+        assert len(claims(caplog.records)) == 1, "another claim within CLAIM_BACKOFF"
+        assert counter(server, "modelhost_room_claims_total", outcome="lapsed") == 1
         assert len(answers) >= 10
         assert client.get_model("used").page_ins == before, "evicted for nothing"
         np.testing.assert_allclose(answers[-1], reference(twins["used"], x), rtol=1e-5)

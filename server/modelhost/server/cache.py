@@ -17,6 +17,15 @@ that makes room now. When the room is held by versions that are busy, the caller
 them to become idle, up to its deadline and at most ROOM_WAIT_SECONDS; when pinned
 versions alone leave no room, it fails at once with RESOURCE_EXHAUSTED saying why.
 
+A caller that has waited CLAIM_AFTER claims the room it needs (`_Claim`): the least
+recently used versions that would make it are drained (their new requests wait, those
+already queued or running finish) and evicted once idle together, and no other load or
+page-in takes the room it needs meanwhile. Without a claim, versions in constant use are
+never idle together, and a version that needs their room would never get in (red team
+15, F1). A claim lapses after CLAIM_SECONDS (a drained version held by a long request);
+then its device makes no claim for CLAIM_BACKOFF, so a claim that cannot succeed costs
+the versions it drains at most CLAIM_SECONDS in every CLAIM_SECONDS + CLAIM_BACKOFF.
+
 A Predict on a version that is not resident pages it in on its device's page-in thread
 (never on a lane or the event loop); concurrent requests share one page-in. Each device
 pages in one version at a time: concurrent page-ins would each hold room they reserved,
@@ -42,7 +51,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +80,12 @@ WAIT_STEP = 0.1
 ROOM_WAIT_SECONDS = 30.0
 """How long a load or page-in waits for busy versions to make room, whatever its
 deadline: then RESOURCE_EXHAUSTED, "try again"."""
+CLAIM_AFTER = 1.0
+"""Seconds a load or page-in waits for busy versions before it claims their room."""
+CLAIM_SECONDS = 1.0
+"""How long a claim's versions may take to drain (their new requests wait meanwhile)."""
+CLAIM_BACKOFF = 4.0
+"""Seconds after a claim that lapsed before its device makes another."""
 HOST_TIER_DEVICES = frozenset({"cuda"})
 """Device types whose evicted versions keep their weights in host memory (pinned). A CPU
 version would gain nothing (its weights are in host memory already); tests add "cpu" to
@@ -128,6 +143,29 @@ class _NoRoomYet(NoRoomInTime):
 
 
 @dataclass(eq=False)
+class _Claim:
+    """The room a load or page-in (`key`) claims on a device after waiting CLAIM_AFTER for
+    busy versions: its `victims` (least recently used first) take no new requests until
+    they are idle together and it evicts them, or until it lapses (`until`); meanwhile
+    others take only room it leaves free (`ModelCache._kept`). `over` is set as it ends."""
+
+    key: Key
+    nbytes: int
+    victims: list[HostedModel]
+    until: float  # a monotonic time
+    over: Future[None] = field(default_factory=Future)
+
+    @property
+    def live(self) -> bool:
+        return not self.over.done() and time.monotonic() < self.until
+
+    def end(self) -> None:
+        """Lets its victims take requests again (any thread, no lock)."""
+        with contextlib.suppress(InvalidStateError):
+            self.over.set_result(None)
+
+
+@dataclass(eq=False)
 class _Move:
     """An evicted version's weights on their way to the host tier, copied outside the
     cache's lock: they still hold `device_bytes` on `device` until the copy is done."""
@@ -161,6 +199,9 @@ class ModelCache:
         self._limits: dict[str, int | None] = {}
         self._reserved: dict[Key, tuple[str, int]] = {}  # loads and page-ins in progress
         self._waiting: set[Key] = set()  # loads and page-ins waiting for room
+        self._wanting: dict[Key, float] = {}  # since when each has found no room
+        self._claims: dict[str, _Claim] = {}  # by device, at most one
+        self._no_claim_until: dict[str, float] = {}  # by device, after a claim that lapsed
         self._moves: list[_Move] = []  # evictions copying weights to the host tier
         self._returning: list[HostCopy] = []  # host copies being copied back to a device
         self._leaving: list[HostedModel] = []  # unloaded, their last requests still running
@@ -246,15 +287,26 @@ class ModelCache:
         nbytes: int,
         *,
         deadline: Deadline,
+        asks_again: bool = False,
     ) -> None:
         """Counts `nbytes` for a load or page-in of `key` on `device`, evicting least
         recently used idle versions until they fit. Waits (up to `deadline`) while busy
-        versions hold the room; OutOfMemory when it cannot fit at all."""
+        versions hold the room, claiming it after CLAIM_AFTER; OutOfMemory when it cannot
+        fit at all. `asks_again`: a page-in, which asks again after NoRoomInTime, keeps its
+        claim and its time waited (`no_longer_wanted` ends them)."""
         limit = self.limit(device)
         where = str(device)
         stale: list[torch.device] = []  # evicted modules that only a collection frees
         try:
-            self._reserve(key, where, nbytes, limit=limit, deadline=deadline, stale=stale)
+            self._reserve(
+                key,
+                where,
+                nbytes,
+                limit=limit,
+                deadline=deadline,
+                stale=stale,
+                asks_again=asks_again,
+            )
         finally:
             # After the lock is released: a collection takes about 0.2 s, and
             # release_memory must not hold up every load, page-in and metrics scrape.
@@ -270,22 +322,30 @@ class ModelCache:
         limit: int | None,
         deadline: Deadline,
         stale: list[torch.device],
+        asks_again: bool,
     ) -> None:
         """`reserve`'s work, under the lock: evicts, or waits, until `nbytes` fit; evicted
         modules only a collection frees are added to `stale`."""
-        with self._cond, self._waiting_for_room(key):
+        with self._cond, self._looking_for_room(key, where, asks_again):
             while limit is not None:
                 idles = self._idles
-                used = self._used(where, exclude=key)
+                claim = self._claim_on(where)
+                theirs = claim if claim is not None and claim.key != key else None
+                used = self._used(where, exclude=key) + (self._kept(theirs) if theirs else 0)
                 if used + nbytes <= limit:
                     break
                 # Idle versions leave only when that makes room now: evicted ahead of the
                 # busy ones, they were asked for again, paged back in and evicted again at
                 # each look, for as long as the busy ones stayed busy (red team 15, F2).
-                candidates = self._evictable(where, key)
+                candidates = self._evictable(where, key, theirs)
                 freed = sum(h.device_bytes for h in candidates if h.idle)
                 if used - freed + nbytes <= limit and self._evict_one(candidates, stale):
                     continue
+                since = self._wanting.setdefault(key, time.monotonic())
+                if claim is None:
+                    self._claim(
+                        key, where, nbytes, free=limit - used, candidates=candidates, since=since
+                    )
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
                 leaving = self._leaving_from(where)
@@ -318,12 +378,95 @@ class ModelCache:
             self._reserved[key] = (where, nbytes)
 
     @contextlib.contextmanager
-    def _waiting_for_room(self, key: Key) -> Iterator[None]:
-        """Marks `key` as waiting for room when it waits (`_waiting`), until it is done."""
+    def _looking_for_room(self, key: Key, where: str, asks_again: bool) -> Iterator[None]:
+        """Clears what `key`'s look for room leaves (under the lock): its mark as waiting
+        (`_waiting`); once it has its room, or gives up (unless it `asks_again`), its time
+        waited and its claim. A claim that got its room lets its device claim again."""
         try:
             yield
+        except BaseException:
+            if not asks_again:
+                self._no_longer_wanting(key, where, "given_up")
+            raise
+        else:
+            claim = self._claims.get(where)
+            if claim is not None and claim.key == key:
+                self._no_claim_until.pop(where, None)
+            self._no_longer_wanting(key, where, "got_room")
         finally:
             self._waiting.discard(key)
+
+    def _no_longer_wanting(self, key: Key, where: str, outcome: str) -> None:
+        self._wanting.pop(key, None)
+        claim = self._claims.get(where)
+        if claim is not None and claim.key == key:
+            self._drop_claim(where, outcome)
+
+    def no_longer_wanted(self, key: Key, device: str) -> None:
+        """A page-in whose requests have all gone: its claim ends and its time waited is
+        forgotten. On the event loop, without the lock (the claim's next look drops it)."""
+        self._wanting.pop(key, None)
+        claim = self._claims.get(device)
+        if claim is not None and claim.key == key:
+            claim.end()
+
+    # Claims
+
+    def _claim_on(self, device: str) -> _Claim | None:
+        """The device's claim, if one is live (one that ended or lapsed is dropped)."""
+        claim = self._claims.get(device)
+        if claim is not None and not claim.live:
+            # Still wanting room: it lapsed; else its requests have left.
+            self._drop_claim(device, "lapsed" if claim.key in self._wanting else "given_up")
+            return None
+        return claim
+
+    def _kept(self, claim: _Claim) -> int:
+        """The room others must leave free for `claim`: what it needs beyond its victims'
+        bytes (it takes those) and the room it holds already (a load's weights)."""
+        victims = sum(h.device_bytes for h in claim.victims if h.tier == RESIDENT)
+        held = self._reserved.get(claim.key, ("", 0))[1]
+        return max(0, claim.nbytes - victims - held)
+
+    def _drop_claim(self, device: str, outcome: str) -> None:
+        claim = self._claims.pop(device)
+        claim.end()
+        for hosted in claim.victims:
+            if hosted.claim is claim:
+                hosted.claim = None
+        self._metrics.room_claims.labels(outcome).inc()
+        log.info("claim of %s:%d on %s: %s", *claim.key, device, outcome.replace("_", " "))
+
+    def _claim(
+        self,
+        key: Key,
+        where: str,
+        nbytes: int,
+        *,
+        free: int,
+        candidates: list[HostedModel],
+        since: float,
+    ) -> None:
+        """Claims room for `key` once it has waited CLAIM_AFTER (`since`), unless its device
+        is in its CLAIM_BACKOFF: drains the fewest least recently used `candidates` that
+        would make `nbytes` with the `free` bytes. None if they cannot (loads, page-ins or
+        versions leaving hold the room: it comes back by itself)."""
+        now = time.monotonic()
+        if now < since + CLAIM_AFTER or now < self._no_claim_until.get(where, 0.0):
+            return
+        victims: list[HostedModel] = []
+        for hosted in candidates:
+            if free >= nbytes:
+                break
+            victims.append(hosted)
+            free += hosted.device_bytes
+        if free < nbytes:
+            return
+        claim = self._claims[where] = _Claim(key, nbytes, victims, now + CLAIM_SECONDS)
+        self._no_claim_until[where] = claim.until + CLAIM_BACKOFF
+        for hosted in victims:
+            hosted.claim = claim
+        log.info("%s:%d claims room on %s: draining %s", *key, where, _names(victims))
 
     def unreserve(self, key: Key) -> None:
         """Gives back a reservation (a load or page-in that failed, or has registered)."""
@@ -348,11 +491,18 @@ class ModelCache:
             finally:
                 self._cond.release()
 
-    def _evictable(self, device: str, exclude: Key) -> list[HostedModel]:
-        """The on-demand versions resident on `device` (but `exclude`), least recently used
-        first."""
+    def _evictable(
+        self, device: str, exclude: Key, claim: _Claim | None = None
+    ) -> list[HostedModel]:
+        """The on-demand versions resident on `device` (but `exclude`, and `claim`'s
+        victims: their room is claimed), least recently used first."""
+        claimed = {id(h) for h in claim.victims} if claim else set()
         return sorted(
-            (h for h in self._resident(device) if not h.stays and (h.name, h.version) != exclude),
+            (
+                h
+                for h in self._resident(device)
+                if not h.stays and (h.name, h.version) != exclude and id(h) not in claimed
+            ),
             key=lambda h: h.used_order,
         )
 
@@ -428,6 +578,7 @@ class ModelCache:
         shared by every request that waits for it): False if it was resident (a hit).
         DeadlineExpired at the deadline; a page-in that ended at the deadlines of the
         others is started again while this request has time left."""
+        await self._while_drained(hosted, deadline)
         if hosted.tier == RESIDENT:
             self._metrics.cache_requests.labels("hit").inc()
             return False
@@ -439,12 +590,33 @@ class ModelCache:
         finally:  # in time, at its deadline, or cancelled (its caller left)
             with self._paging:
                 hosted.paging_waiters -= 1
+                if not hosted.paging_waiters:
+                    self.no_longer_wanted((hosted.name, hosted.version), str(hosted.loaded.device))
         if hosted.tier != RESIDENT:
             raise ShuttingDown(
                 f"model {hosted.name!r} version {hosted.version} was unloaded while it "
                 "waited to be paged in"
             )
         return True
+
+    @staticmethod
+    async def _while_drained(hosted: HostedModel, deadline: float | None) -> None:
+        """Waits while a claim drains `hosted` (it may be evicted meanwhile), holding it on
+        its device no longer: until the claim ends, lapses, or the deadline passes."""
+        claim = hosted.claim
+        if claim is None or not claim.live or hosted.tier != RESIDENT or hosted.retiring:
+            return
+        until = claim.until if deadline is None else min(claim.until, deadline)
+        with hosted.parked(), contextlib.suppress(TimeoutError):
+            waited = asyncio.shield(asyncio.wrap_future(claim.over))
+            await asyncio.wait_for(waited, max(0.0, until - time.monotonic()))
+        if time.monotonic() >= claim.until:
+            claim.end()  # lapsed: the others it holds go on too
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExpired(
+                f"model {hosted.name!r} version {hosted.version} was making room for another "
+                "when the deadline passed"
+            )
 
     async def _wait_for_page_in(self, hosted: HostedModel, deadline: float | None) -> None:
         """Waits for `hosted`'s page-in, starting one if none is running (again, if one
@@ -541,9 +713,11 @@ class ModelCache:
         if move is not None:  # evicted a moment ago: its copy to the host is still running
             move.done.wait()
         try:  # never waits on this thread: page-ins that fit go on meanwhile
-            self.reserve(key, device, hosted.device_bytes, deadline=time.monotonic())
+            self.reserve(
+                key, device, hosted.device_bytes, deadline=time.monotonic(), asks_again=True
+            )
         except NoRoomInTime as error:
-            raise _NoRoomYet(error) from None
+            raise self._no_room_yet(hosted, error) from None
         started = time.perf_counter()  # the page-in itself, after any wait for room
         tier = hosted.tier
         try:
@@ -555,7 +729,7 @@ class ModelCache:
             with self._cond:
                 hosted.return_to_device(module)
         except NoRoomInTime as error:  # a first build needed more than it had reserved
-            raise _NoRoomYet(error) from None
+            raise self._no_room_yet(hosted, error) from None
         finally:
             self.unreserve(key)
         seconds = time.perf_counter() - started
@@ -571,6 +745,15 @@ class ModelCache:
             tier,
             seconds,
         )
+
+    def _no_room_yet(self, hosted: HostedModel, error: NoRoomInTime) -> _NoRoomYet:
+        """What a page-in without room raises; if its last request left while it looked,
+        what the look noted for it (its time waited, its claim) is cleared here, as that
+        request's `ensure_resident` would have, had it ended after the look."""
+        with self._paging:
+            if not hosted.paging_waiters:
+                self.no_longer_wanted((hosted.name, hosted.version), str(hosted.loaded.device))
+        return _NoRoomYet(error)
 
     def _trim_pinned(self) -> None:
         """After a page-in from the host tier (its pinned buffer is free now, kept cached by

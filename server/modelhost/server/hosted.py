@@ -101,11 +101,13 @@ class HostedModel:
     paging: Any = None  # the page-in in progress (a concurrent Future), if any
     paging_until: float = 0.0  # the latest deadline of the requests waiting for it
     paging_waiters: int = 0  # requests waiting for it to be paged in
+    claim: Any = None  # the cache's claim on its room that drains it, if any (cache.py)
     built: bool = True  # False: registered at restart, built at its first page-in
     recorded: Served | None = None  # what the restore record says it served as (unbuilt)
 
     def __post_init__(self) -> None:
         self._leases = 0
+        self._parked = 0  # of those, requests waiting while a claim drains it
         self._compiles = 0  # background compiles running on its module
         self._idle = threading.Condition()
         self._on_idle: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -208,6 +210,20 @@ class HostedModel:
                 if self.cache is not None:
                     self.cache.idle()
 
+    @contextlib.contextmanager
+    def parked(self) -> Iterator[None]:
+        """Its request waits while a claim on its room drains it (cache.py): meanwhile that
+        request's lease does not keep it on its device."""
+        with self._idle:
+            self._parked += 1
+        if self.cache is not None:
+            self.cache.idle()  # it may be idle now
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._parked -= 1
+
     def release(self) -> None:
         with self._idle:
             self._leases -= 1
@@ -233,7 +249,8 @@ class HostedModel:
 
     def _held(self) -> bool:
         """Whether it must stay on its device now (call with `_idle` held)."""
-        if self._leases or self._compiles or self.retiring or self.tier != RESIDENT:
+        held = self._leases > self._parked or self._compiles
+        if held or self.retiring or self.tier != RESIDENT:
             return True
         # No request holds it, yet a batch whose callers have all left may still run on
         # its module (read after the leases: no new request can come meanwhile).

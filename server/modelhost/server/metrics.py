@@ -189,6 +189,14 @@ class Metrics:
             "Page-ins not done because every request waiting for them had passed its deadline.",
             registry=r,
         )
+        self.room_claims = Counter(
+            "modelhost_room_claims",
+            "Claims on room held by busy versions, by how they ended: got_room (its victims "
+            "drained and were evicted), lapsed (they did not drain in time: nothing was "
+            "evicted), given_up (its requests left, or its load failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.page_in_seconds = Histogram(
             "modelhost_page_in_seconds",
             "Page-in time in seconds (the copy or the load, after any wait for room), by "

@@ -274,7 +274,9 @@ class Models:
         # weights' room asked first must not give the workspace's back meanwhile.
         wanted = max(nbytes, hosted.device_bytes)
         try:
-            self.cache.reserve(key, hosted.spec.device, wanted, deadline=time.monotonic())
+            self.cache.reserve(
+                key, hosted.spec.device, wanted, deadline=time.monotonic(), asks_again=True
+            )
         except NoRoomInTime:
             hosted.workspace_bytes = max(
                 hosted.workspace_bytes, nbytes - hosted.loaded.device_bytes
