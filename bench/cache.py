@@ -43,6 +43,8 @@ from modelhost.server.host_tier import layout
 from modelhost.v1 import modelhost_pb2 as pb
 from modelhost.v1 import modelhost_pb2_grpc
 
+CLAIM_OUTCOMES = ("got_room", "lapsed", "given_up")
+
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the server's /metrics, by name and labels."""
@@ -233,9 +235,13 @@ def main() -> None:
             finally:
                 server.close()
             counts = {
-                r: after.get(("modelhost_cache_requests_total", (("result", r),)), 0.0)
-                - before.get(("modelhost_cache_requests_total", (("result", r),)), 0.0)
-                for r in ("hit", "miss")
+                value: after.get((name, ((label, value),)), 0.0)
+                - before.get((name, ((label, value),)), 0.0)
+                for name, label, values in (
+                    ("modelhost_cache_requests_total", "result", ("hit", "miss")),
+                    ("modelhost_room_claims_total", "outcome", CLAIM_OUTCOMES),
+                )
+                for value in values
             }
             return latencies, counts
 
@@ -270,6 +276,8 @@ def main() -> None:
             ],
         )
     )
+    claims = ", ".join(f"{o} {counts[o]:.0f}" for o in CLAIM_OUTCOMES)
+    print(f"claims on room held by busy versions during the cache's mix: {claims}")
 
 
 if __name__ == "__main__":
