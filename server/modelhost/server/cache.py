@@ -70,6 +70,7 @@ from modelhost.server.errors import DeadlineExpired, ModelHostFailure, OutOfMemo
 from modelhost.server.host_tier import HostCopy, held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.metrics import Metrics
+from modelhost.server.names import listing
 from modelhost.server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class NoRoomInTime(DeadlineExpired):
     def __init__(self, device: str, name: str, busy: list[HostedModel], loads: list[Key]) -> None:
         holders = [f"busy versions ({_names(busy)})"] if busy else []
         if loads:
-            holders.append(f"loads and page-ins ({', '.join(f'{n}:{v}' for n, v in loads[:10])})")
+            holders.append(f"loads and page-ins ({listing([f'{n}:{v}' for n, v in loads])})")
         self.why = f"{' and '.join(holders) or 'nothing'} held it"
         self.device, self.name = device, name
         super().__init__(f"no room on {device} for {name!r} before the deadline: {self.why}")
@@ -810,5 +811,4 @@ def _log_failure(hosted: HostedModel, job: Future[None]) -> None:
 
 
 def _names(versions: Iterable[HostedModel]) -> str:
-    listed = [f"{h.name}:{h.version}" for h in versions]
-    return ", ".join(listed[:10]) + (" ..." if len(listed) > 10 else "") or "none"
+    return listing([f"{h.name}:{h.version}" for h in versions]) or "none"
