@@ -368,8 +368,8 @@ MUTANTS = [
     Mutant(
         "cache: a request whose version was unloaded during its page-in runs on no module",
         SERVER + "cache.py",
-        "        if hosted.tier != RESIDENT:\n            raise ShuttingDown(",
-        "        if False:\n            raise ShuttingDown(",
+        "        if hosted.tier != RESIDENT:\n            raise VersionUnloaded(",
+        "        if False:\n            raise VersionUnloaded(",
         (
             "tests/test_cache.py::"
             "test_a_version_unloaded_while_its_page_in_waits_answers_unavailable",
@@ -1781,8 +1781,8 @@ MUTANTS = [
     Mutant(
         "cache: a waiting page-in evicts idle versions even when that does not make room",
         SERVER + "cache.py",
-        "if used - freed + nbytes <= limit and self._evict_one(candidates, stale):",
-        "if self._evict_one(candidates, stale):",
+        "                if enough and self._evict_one(candidates, stale):",
+        "                if self._evict_one(candidates, stale):",
         (
             "tests/test_cache_races.py::test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
         ),
@@ -1894,16 +1894,6 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "cache: a claim that got its room still bars its device's next claim",
-        SERVER + "cache.py",
-        "                self._no_claim_until.pop(where, None)\n",
-        "                pass\n",
-        (
-            "tests/test_cache_races.py::"
-            "test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in",
-        ),
-    ),
-    Mutant(
         "cache: a device claims again at once after a claim lapsed",
         SERVER + "cache.py",
         " or now < self._no_claim_until.get(where, 0.0):",
@@ -1932,6 +1922,64 @@ MUTANTS = [
             "tests/test_cache_races.py::"
             "test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
         ),
+    ),
+    Mutant(
+        "cache: a claim lapses while it copies its versions to the host tier",
+        SERVER + "cache.py",
+        "                    claim.evicting = enough\n",
+        "                    claim.evicting = False\n",
+        (
+            "tests/test_cache_claims.py::"
+            "test_a_claim_does_not_lapse_while_it_copies_its_versions_to_the_host_tier",
+        ),
+    ),
+    Mutant(
+        "host: a request for the newest version fails when a rollout unloads the one it waited for",
+        SERVER + "host.py",
+        "            if version != 0:\n                raise\n",
+        "            if True:\n                raise\n",
+        (
+            "tests/test_cache_claims.py::"
+            "test_a_rollout_fails_no_request_whose_version_a_claim_evicted",
+        ),
+    ),
+    Mutant(
+        "cache: any claim that evicted nothing bars its device for the whole backoff",
+        SERVER + "cache.py",
+        "            backoff = max(0.0, drained) * CLAIM_BACKOFF / CLAIM_SECONDS\n",
+        "            backoff = CLAIM_BACKOFF\n",
+        (
+            "tests/test_cache_claims.py::"
+            "test_a_claim_whose_requests_left_is_counted_at_once_and_bars_its_device_briefly",
+        ),
+    ),
+    Mutant(
+        "cache: a claim whose requests left is dropped only at the device's next look",
+        SERVER + "cache.py",
+        "        if self._cond.acquire(blocking=False):\n            try:\n"
+        "                self._claim_on(device)",
+        "        if False:\n            try:\n                self._claim_on(device)",
+        (
+            "tests/test_cache_claims.py::"
+            "test_a_claim_whose_requests_left_is_counted_at_once_and_bars_its_device_briefly",
+        ),
+    ),
+    Mutant(
+        "cache: requests a claim holds back wait for it though their version is being unloaded",
+        SERVER + "cache.py",
+        "            while claim.live and not hosted.retiring and time.monotonic() < until:",
+        "            while claim.live and time.monotonic() < until:",
+        (
+            "tests/test_cache_claims.py::"
+            "test_an_unload_of_a_version_a_claim_drains_does_not_wait_for_the_claim",
+        ),
+    ),
+    Mutant(
+        "cache: a load whose caller left waits for room and claims it",
+        SERVER + "cache.py",
+        "                if left is not None and left():\n",
+        "                if False:\n",
+        ("tests/test_cache_claims.py::test_a_load_whose_caller_left_claims_nothing",),
     ),
 ]
 

@@ -22,9 +22,12 @@ recently used versions that would make it are drained (their new requests wait, 
 already queued or running finish) and evicted once idle together, and no other load or
 page-in takes the room it needs meanwhile. Without a claim, versions in constant use are
 never idle together, and a version that needs their room would never get in (red team
-15, F1). A claim lapses after CLAIM_SECONDS (a drained version held by a long request);
-then its device makes no claim for CLAIM_BACKOFF, so a claim that cannot succeed costs
-the versions it drains at most CLAIM_SECONDS in every CLAIM_SECONDS + CLAIM_BACKOFF.
+15, F1). A claim lapses after CLAIM_SECONDS (a drained version held by a long request),
+unless its versions are idle together by then (it is evicting them). A claim that ends
+without evicting all its versions (it lapsed, its requests left, or room came free
+otherwise) keeps its device from claiming again for CLAIM_BACKOFF per CLAIM_SECONDS it
+drained them: claims that evict nothing pause a device's versions at most CLAIM_SECONDS
+in every CLAIM_SECONDS + CLAIM_BACKOFF.
 
 A Predict on a version that is not resident pages it in on its device's page-in thread
 (never on a lane or the event loop); concurrent requests share one page-in. Each device
@@ -66,7 +69,12 @@ from modelhost.server.devices import (
     release_memory,
     reported,
 )
-from modelhost.server.errors import DeadlineExpired, ModelHostFailure, OutOfMemory, ShuttingDown
+from modelhost.server.errors import (
+    DeadlineExpired,
+    ModelHostFailure,
+    OutOfMemory,
+    VersionUnloaded,
+)
 from modelhost.server.host_tier import HostCopy, held_bytes, hostable, layout, to_device, to_host
 from modelhost.server.hosted import HOST, RESIDENT, STORE, HostedModel
 from modelhost.server.metrics import Metrics
@@ -147,21 +155,27 @@ class _NoRoomYet(NoRoomInTime):
 class _Claim:
     """The room a load or page-in (`key`) claims on a device after waiting CLAIM_AFTER for
     busy versions: its `victims` (least recently used first) take no new requests until
-    they are idle together and it evicts them, or until it lapses (`until`); meanwhile
-    others take only room it leaves free (`ModelCache._kept`). `over` is set as it ends."""
+    they are idle together and it evicts them, or until it lapses (`until`, unless it is
+    `evicting` them by then); meanwhile others take only room it leaves free
+    (`ModelCache._kept`). `over` is set as it ends, at `ended`."""
 
     key: Key
     nbytes: int
     victims: list[HostedModel]
-    until: float  # a monotonic time
+    made: float  # monotonic times
+    until: float
+    evicting: bool = False  # its victims were idle together: it no longer lapses
+    ended: float = 0.0
     over: Future[None] = field(default_factory=Future)
 
     @property
     def live(self) -> bool:
-        return not self.over.done() and time.monotonic() < self.until
+        return not self.over.done() and (self.evicting or time.monotonic() < self.until)
 
     def end(self) -> None:
         """Lets its victims take requests again (any thread, no lock)."""
+        if not self.over.done():
+            self.ended = time.monotonic()
         with contextlib.suppress(InvalidStateError):
             self.over.set_result(None)
 
@@ -202,7 +216,7 @@ class ModelCache:
         self._waiting: set[Key] = set()  # loads and page-ins waiting for room
         self._wanting: dict[Key, float] = {}  # since when each has found no room
         self._claims: dict[str, _Claim] = {}  # by device, at most one
-        self._no_claim_until: dict[str, float] = {}  # by device, after a claim that lapsed
+        self._no_claim_until: dict[str, float] = {}  # by device, after one that evicted nothing
         self._moves: list[_Move] = []  # evictions copying weights to the host tier
         self._returning: list[HostCopy] = []  # host copies being copied back to a device
         self._leaving: list[HostedModel] = []  # unloaded, their last requests still running
@@ -289,12 +303,14 @@ class ModelCache:
         *,
         deadline: Deadline,
         asks_again: bool = False,
+        left: Callable[[], bool] | None = None,
     ) -> None:
         """Counts `nbytes` for a load or page-in of `key` on `device`, evicting least
         recently used idle versions until they fit. Waits (up to `deadline`) while busy
         versions hold the room, claiming it after CLAIM_AFTER; OutOfMemory when it cannot
         fit at all. `asks_again`: a page-in, which asks again after NoRoomInTime, keeps its
-        claim and its time waited (`no_longer_wanted` ends them)."""
+        claim and its time waited (`no_longer_wanted` ends them). `left`: whether a load's
+        caller has left (then it stops waiting, with NoRoomInTime, and claims nothing)."""
         limit = self.limit(device)
         where = str(device)
         stale: list[torch.device] = []  # evicted modules that only a collection frees
@@ -307,6 +323,7 @@ class ModelCache:
                 deadline=deadline,
                 stale=stale,
                 asks_again=asks_again,
+                left=left,
             )
         finally:
             # After the lock is released: a collection takes about 0.2 s, and
@@ -324,6 +341,7 @@ class ModelCache:
         deadline: Deadline,
         stale: list[torch.device],
         asks_again: bool,
+        left: Callable[[], bool] | None,
     ) -> None:
         """`reserve`'s work, under the lock: evicts, or waits, until `nbytes` fit; evicted
         modules only a collection frees are added to `stale`."""
@@ -340,13 +358,13 @@ class ModelCache:
                 # each look, for as long as the busy ones stayed busy (red team 15, F2).
                 candidates = self._evictable(where, key, theirs)
                 freed = sum(h.device_bytes for h in candidates if h.idle)
-                if used - freed + nbytes <= limit and self._evict_one(candidates, stale):
+                enough = used - freed + nbytes <= limit
+                if claim is not None and claim is not theirs:
+                    # While it evicts (a copy to the host tier releases the lock), its
+                    # victims take no request, whatever the clock says (red team 16, F1).
+                    claim.evicting = enough
+                if enough and self._evict_one(candidates, stale):
                     continue
-                since = self._wanting.setdefault(key, time.monotonic())
-                if claim is None:
-                    self._claim(
-                        key, where, nbytes, free=limit - used, candidates=candidates, since=since
-                    )
                 held = self._resident(where)
                 pinned_bytes = sum(h.device_bytes for h in held if h.stays)
                 leaving = self._leaving_from(where)
@@ -364,6 +382,13 @@ class ModelCache:
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
                 busy = [h for h in may_leave if not h.idle]  # what it waits for
+                if left is not None and left():
+                    raise NoRoomInTime(where, key[0], busy, loading)
+                since = self._wanting.setdefault(key, time.monotonic())
+                if claim is None:
+                    self._claim(
+                        key, where, nbytes, free=limit - used, candidates=candidates, since=since
+                    )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise NoRoomInTime(where, key[0], busy, loading)
@@ -386,13 +411,13 @@ class ModelCache:
         try:
             yield
         except BaseException:
+            claim = self._claims.get(where)
+            if claim is not None and claim.key == key:
+                claim.evicting = False  # it lapses again
             if not asks_again:
                 self._no_longer_wanting(key, where, "given_up")
             raise
         else:
-            claim = self._claims.get(where)
-            if claim is not None and claim.key == key:
-                self._no_claim_until.pop(where, None)
             self._no_longer_wanting(key, where, "got_room")
         finally:
             self._waiting.discard(key)
@@ -405,11 +430,18 @@ class ModelCache:
 
     def no_longer_wanted(self, key: Key, device: str) -> None:
         """A page-in whose requests have all gone: its claim ends and its time waited is
-        forgotten. On the event loop, without the lock (the claim's next look drops it)."""
+        forgotten. On the event loop: it never waits for the lock (if the lock is busy, the
+        device's next look drops the claim)."""
         self._wanting.pop(key, None)
         claim = self._claims.get(device)
-        if claim is not None and claim.key == key:
-            claim.end()
+        if claim is None or claim.key != key:
+            return
+        claim.end()
+        if self._cond.acquire(blocking=False):
+            try:
+                self._claim_on(device)
+            finally:
+                self._cond.release()
 
     # Claims
 
@@ -430,11 +462,22 @@ class ModelCache:
         return max(0, claim.nbytes - victims - held)
 
     def _drop_claim(self, device: str, outcome: str) -> None:
+        """Ends a claim. Unless it got its room by evicting all its victims (or they were
+        unloaded), its device claims again only after CLAIM_BACKOFF per CLAIM_SECONDS it
+        drained them: one that lapsed, 4 s; one whose requests left at once, hardly any;
+        one that found room elsewhere, in proportion (red team 16, F3, F4)."""
         claim = self._claims.pop(device)
         claim.end()
         for hosted in claim.victims:
             if hosted.claim is claim:
                 hosted.claim = None
+        gone = all(h.tier != RESIDENT or h.retiring for h in claim.victims)
+        if outcome == "got_room" and gone:
+            self._no_claim_until.pop(device, None)
+        else:
+            drained = min(claim.ended, claim.until) - claim.made
+            backoff = max(0.0, drained) * CLAIM_BACKOFF / CLAIM_SECONDS
+            self._no_claim_until[device] = claim.ended + backoff
         self._metrics.room_claims.labels(outcome).inc()
         log.info("claim of %s:%d on %s: %s", *claim.key, device, outcome.replace("_", " "))
 
@@ -463,8 +506,7 @@ class ModelCache:
             free += hosted.device_bytes
         if free < nbytes:
             return
-        claim = self._claims[where] = _Claim(key, nbytes, victims, now + CLAIM_SECONDS)
-        self._no_claim_until[where] = claim.until + CLAIM_BACKOFF
+        claim = self._claims[where] = _Claim(key, nbytes, victims, now, now + CLAIM_SECONDS)
         for hosted in victims:
             hosted.claim = claim
         log.info("%s:%d claims room on %s: draining %s", *key, where, _names(victims))
@@ -594,7 +636,7 @@ class ModelCache:
                 if not hosted.paging_waiters:
                     self.no_longer_wanted((hosted.name, hosted.version), str(hosted.loaded.device))
         if hosted.tier != RESIDENT:
-            raise ShuttingDown(
+            raise VersionUnloaded(
                 f"model {hosted.name!r} version {hosted.version} was unloaded while it "
                 "waited to be paged in"
             )
@@ -603,15 +645,20 @@ class ModelCache:
     @staticmethod
     async def _while_drained(hosted: HostedModel, deadline: float | None) -> None:
         """Waits while a claim drains `hosted` (it may be evicted meanwhile), holding it on
-        its device no longer: until the claim ends, lapses, or the deadline passes."""
+        its device no longer: until the claim ends or lapses, the version is unloaded (its
+        unload waits for this request: red team 16, F5), or the deadline passes. Looks
+        again every WAIT_STEP."""
         claim = hosted.claim
         if claim is None or not claim.live or hosted.tier != RESIDENT or hosted.retiring:
             return
-        until = claim.until if deadline is None else min(claim.until, deadline)
-        with hosted.parked(), contextlib.suppress(TimeoutError):
-            waited = asyncio.shield(asyncio.wrap_future(claim.over))
-            await asyncio.wait_for(waited, max(0.0, until - time.monotonic()))
-        if time.monotonic() >= claim.until:
+        over = asyncio.wrap_future(claim.over)
+        until = math.inf if deadline is None else deadline
+        with hosted.parked():
+            while claim.live and not hosted.retiring and time.monotonic() < until:
+                step = min(WAIT_STEP, until - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(over), max(0.0, step))
+        if not claim.live:
             claim.end()  # lapsed: the others it holds go on too
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExpired(

@@ -79,6 +79,11 @@ class ShuttingDown(ModelHostFailure):
     """The server is draining and takes no new work."""
 
 
+class VersionUnloaded(ShuttingDown):
+    """A request's version was unloaded before it could serve it (it waited for a
+    page-in): a request for the newest version goes to the newest one left."""
+
+
 class StoreBusy(ModelHostFailure):
     """Another server sharing the store held its lock for longer than a commit takes."""
 

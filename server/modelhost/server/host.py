@@ -9,6 +9,7 @@ Blocking work runs on executors, never on the event loop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from modelhost.server.batching import Lane
 from modelhost.server.cache import ModelCache
 from modelhost.server.checkpoints import Checkpoints
 from modelhost.server.devices import lower_priority
-from modelhost.server.errors import DeviceFailed, LimitExceeded
+from modelhost.server.errors import DeviceFailed, LimitExceeded, ModelNotFound, VersionUnloaded
 from modelhost.server.hosted import HostedModel
 from modelhost.server.inference import Answer
 from modelhost.server.metrics import Metrics
@@ -106,7 +107,35 @@ class Host:
         elements = sum(element_count(name, tensor) for name, tensor in inputs.items())
         check_element_count(elements, self.settings.max_tensor_elements)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        with self._registry.lease(check_name(model, "model"), version) as hosted:
+        name = check_name(model, "model")
+        run = functools.partial(
+            self._predict, inputs=inputs, images=images, top_k=top_k, deadline=deadline
+        )
+        try:
+            return await run(name, version)
+        except VersionUnloaded as unloaded:
+            # It waited for a page-in of the version it found (a claim may have evicted it
+            # under it), and that version was unloaded: a rollout. Asked for the newest, it
+            # goes to the newest one left, as a request that came a moment later would.
+            if version != 0:
+                raise
+            try:
+                return await run(name, version)
+            except ModelNotFound:
+                raise unloaded from None
+
+    async def _predict(
+        self,
+        name: str,
+        version: int,
+        *,
+        inputs: Mapping[str, codec.TensorFields],
+        images: Sequence[bytes],
+        top_k: int,
+        deadline: float | None,
+    ) -> tuple[HostedModel, Answer]:
+        """One try of `predict` on the version `version` resolves to now."""
+        with self._registry.lease(name, version) as hosted:
             try:
                 return hosted, await hosted.predict(inputs, images, top_k, deadline)
             except DeviceFailed as failure:

@@ -38,7 +38,7 @@ from torch import nn
 from modelhost.client import codec
 from modelhost.server.batching import Batcher, Finish
 from modelhost.server.devices import release_memory
-from modelhost.server.errors import InvalidArgument, ShuttingDown
+from modelhost.server.errors import InvalidArgument, VersionUnloaded
 from modelhost.server.inference import (
     Answer,
     InputSpec,
@@ -271,7 +271,7 @@ class HostedModel:
         """Becomes `built` (this version built at its first page-in: a restart registered it
         from the restore record only); keeps its own statistics, leases and routing. If it
         was unloaded meanwhile and no request waits for it any more, `built` is freed
-        instead (ShuttingDown): its batcher on the lane and its module would otherwise
+        instead (VersionUnloaded): its batcher on the lane and its module would otherwise
         outlive it, counted by no budget."""
         old = self.batcher
         with self._idle:
@@ -283,7 +283,7 @@ class HostedModel:
             built.batcher.close()
             built.runner.detach()
             built.loaded.module = None
-            raise ShuttingDown(f"model {self.name!r} version {self.version} was unloaded")
+            raise VersionUnloaded(f"model {self.name!r} version {self.version} was unloaded")
         self.runner.hold = self.held_if_resident
         self.workspace_bytes = built.workspace_bytes
         self.loaded_at = built.loaded_at

@@ -191,9 +191,9 @@ class Metrics:
         )
         self.room_claims = Counter(
             "modelhost_room_claims",
-            "Claims on room held by busy versions, by how they ended: got_room (its victims "
-            "drained and were evicted), lapsed (they did not drain in time: nothing was "
-            "evicted), given_up (its requests left, or its load failed).",
+            "Claims on room held by busy versions, by how they ended: got_room (it got its "
+            "room), lapsed (its victims did not drain in time: nothing was evicted), "
+            "given_up (its requests left, or its load failed or lost its caller).",
             ["outcome"],
             registry=r,
         )

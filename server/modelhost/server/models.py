@@ -213,10 +213,15 @@ class Models:
             await self._let_go(held)
             raise
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._loads, self._build, spec, version, request, loaded_from)
+        left = threading.Event()
+        # A load whose caller has left stops waiting for room, and claims none (red team 16, F6).
+        room = functools.partial(self._make_room, (spec.name, version), spec.device, left=left)
+        build = functools.partial(self._build, spec, version, request, loaded_from, room)
+        job = loop.run_in_executor(self._loads, build)
         try:
             hosted = await asyncio.shield(job)
         except asyncio.CancelledError:  # the caller left: finish, then throw it away
+            left.set()
             job.add_done_callback(lambda _: self._forget(spec.name, version))
             job.add_done_callback(_discard_load)
             # The build may read the bytes on: held until it ends (never, if it hangs).
@@ -255,11 +260,24 @@ class Models:
         self.registry.cancel(name, version)
         self.cache.unreserve((name, version))
 
-    def _make_room(self, key: tuple[str, int], device: torch.device, nbytes: int) -> None:
+    def _make_room(
+        self,
+        key: tuple[str, int],
+        device: torch.device,
+        nbytes: int,
+        *,
+        left: threading.Event | None = None,
+    ) -> None:
         """Reserves a LoadModel's room on its device, waiting up to ROOM_WAIT_SECONDS while
-        busy versions hold it."""
+        busy versions hold it, or until its caller has `left`."""
         try:
-            self.cache.reserve(key, device, nbytes, deadline=time.monotonic() + ROOM_WAIT_SECONDS)
+            self.cache.reserve(
+                key,
+                device,
+                nbytes,
+                deadline=time.monotonic() + ROOM_WAIT_SECONDS,
+                left=left.is_set if left else None,
+            )
         except NoRoomInTime as error:  # the server's wait, not the caller's deadline
             raise error.waited_too_long() from None
 

@@ -1,0 +1,225 @@
+"""Claims on room held by busy versions (cache.py, `_Claim`) under red team 16's attacks,
+against real servers on 127.0.0.1 with a byte budget on the CPU: a claim that is evicting
+its versions does not lapse while it copies them to the host tier, a rollout fails no
+request that found its version resident, a claim whose requests left bars its device
+only briefly and is counted at once, an unload of a version a claim drains does not wait
+for the claim, and a LoadModel whose caller left claims nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from test_cache import counter
+from test_cache_races import BRIEF, SMALL, kept_busy, wait_until
+
+from conftest import build, expect, reference
+from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError, codec
+from modelhost.server import Server, Settings, cache, running
+from modelhost.server.host_tier import HostCopy
+from modelhost.v1 import modelhost_pb2 as pb
+from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
+
+LARGE = {"features": 4, "hidden": 64, "classes": 3}  # 2,060 bytes
+MID = {"features": 4, "hidden": 24, "classes": 3}  # 780 bytes
+X = np.ones((1, 4), np.float32)
+
+
+@contextlib.contextmanager
+def serving(
+    settings: Settings, budget: int, **more: Any
+) -> Iterator[tuple[Server, ModelHostClient]]:
+    settings = dataclasses.replace(settings, device_memory_budget=budget, **more)
+    with running(settings) as server, ModelHostClient(server.target, timeout=60) as client:
+        yield server, client
+
+
+def load(
+    client: ModelHostClient, name: str, args: dict[str, int], seed: int, *, slow: bool = False
+) -> torch.nn.Module:
+    """Hosts `name` from a checkpoint of its own (a slow one: one BRIEF request at a time,
+    so that two callers keep it busy for good); its twin in this process."""
+    architecture = "slow_mlp" if slow else "tiny_mlp"
+    arguments = {**args, "delay": BRIEF} if slow else args
+    model = build(architecture, arguments, seed=seed)
+    checkpoint = f"{name}-{seed}"
+    client.save_checkpoint(checkpoint, model.state_dict())
+    client.load_model(
+        name,
+        architecture=architecture,
+        checkpoint=checkpoint,
+        architecture_args=arguments,
+        batching={"max_batch_size": 1} if slow else None,
+    )
+    return model
+
+
+def claims(server: Server, outcome: str) -> float:
+    return counter(server, "modelhost_room_claims_total", outcome=outcome)
+
+
+def test_a_claim_does_not_lapse_while_it_copies_its_versions_to_the_host_tier(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team 16, F1: a claim evicts its versions one at a time, and a copy to the host
+    tier releases the cache's lock; the claim's clock ran on meanwhile. With copies as
+    slow as a large GPU model's, it lapsed after evicting one: the others took requests
+    again, the evicted one had gone for nothing, and the large version never got in. Once
+    its versions are idle together it no longer lapses."""
+    monkeypatch.setattr(cache, "HOST_TIER_DEVICES", frozenset({"cuda", "cpu"}))
+    copy = cache.ModelCache._copy_to_host
+
+    def slow_copy(hosted: Any, module: torch.nn.Module, pin: bool) -> HostCopy | None:
+        time.sleep(0.7)  # two of them pass CLAIM_SECONDS
+        return copy(hosted, module, pin)
+
+    monkeypatch.setattr(cache.ModelCache, "_copy_to_host", staticmethod(slow_copy))
+    with serving(settings, 2100, host_memory_budget=100_000) as (server, client):
+        twins = {"big": load(client, "big", LARGE, 1)}
+        twins |= {
+            name: load(client, name, MID, seed, slow=True) for seed, name in ((2, "a"), (3, "b"))
+        }
+        client.predict("a", X)
+        client.predict("b", X)
+        with kept_busy(server.target, "a", X, 2) as a, kept_busy(server.target, "b", X, 2) as b:
+            time.sleep(0.3)
+            answer = client.predict("big", X, timeout=20)
+            np.testing.assert_allclose(answer, reference(twins["big"], X), rtol=1e-5)
+        assert not a and not b, (a + b)[:3]
+        assert claims(server, "got_room") == 1 and claims(server, "lapsed") == 0
+        for name in ("a", "b"):
+            assert client.get_model(name).page_ins == 1, "evicted more than once"
+            np.testing.assert_allclose(
+                client.predict(name, X), reference(twins[name], X), rtol=1e-5
+            )
+
+
+def test_a_rollout_fails_no_request_whose_version_a_claim_evicted(settings: Settings) -> None:
+    """Red team 16, F2: a LoadModel of version 2 claims the room of version 1, in constant
+    use; requests that found version 1 resident wait for the claim, version 1 is evicted
+    under them, and the rollout's UnloadModel of version 1 told them it was unloaded while
+    it waited to be paged in (UNAVAILABLE). A request for the newest version now goes to
+    the newest one left: no request fails, without the client's retries."""
+    with serving(settings, 400) as (server, client):  # room for one of them
+        load(client, "m", SMALL, 1, slow=True)
+        failures: list[Exception] = []
+        stop = threading.Event()
+
+        def call() -> None:
+            with ModelHostClient(
+                server.target, timeout=60, config=ChannelConfig(retries=False)
+            ) as once:
+                while not stop.is_set():
+                    try:
+                        once.predict("m", X)
+                    except ModelHostError as error:
+                        failures.append(error)
+
+        with ThreadPoolExecutor(3) as callers:
+            for _ in range(3):
+                callers.submit(call)
+            time.sleep(0.5)
+            new = load(client, "m", SMALL, 2, slow=True)  # claims version 1's room
+            client.unload_model("m", 1)
+            time.sleep(0.5)
+            stop.set()
+        assert not failures, failures[:3]
+        assert claims(server, "got_room") >= 1
+        np.testing.assert_allclose(client.predict("m", X), reference(new, X), rtol=1e-5)
+        assert [m.version for m in client.list_models()] == [2]
+
+
+def test_a_claim_whose_requests_left_is_counted_at_once_and_bars_its_device_briefly(
+    settings: Settings,
+) -> None:
+    """Red team 16, F4 and F7: a claim whose only request left moments after it was made
+    kept its device from claiming for 4 s (CLAIM_BACKOFF, meant for a claim that drained
+    its versions for a whole second in vain), and it stayed registered, counted nowhere,
+    until the device's next look. Its device is barred in proportion to how long it
+    drained them, and it is counted as given up at once."""
+    with serving(settings, 2100) as (server, client):
+        twins = {"big": load(client, "big", LARGE, 1), "big2": load(client, "big2", LARGE, 2)}
+        twins["a"] = load(client, "a", MID, 3, slow=True)
+        client.predict("a", X)
+        assert server.host is not None
+        a = server.host.models.registry.get("a")
+        request = pb.PredictRequest(model="big2", inputs={"input": codec.from_numpy(X)})
+        # Ten callers of one request at a time: `a` takes 0.5 s to drain.
+        with (
+            kept_busy(server.target, "a", X, 10) as busy,
+            grpc.insecure_channel(server.target) as channel,
+        ):
+            time.sleep(0.3)
+            call = pb_grpc.ModelHostStub(channel).Predict.future(request)  # no deadline
+            wait_until(lambda: a.claim is not None, 10)  # claimed after CLAIM_AFTER (1 s)
+            call.cancel()
+            wait_until(lambda: claims(server, "given_up") == 1, 2)
+            started = time.monotonic()
+            answer = client.predict("big", X, timeout=20)  # claims after 1 s, gets in
+            took = time.monotonic() - started
+        np.testing.assert_allclose(answer, reference(twins["big"], X), rtol=1e-5)
+        assert took < 4.0, f"{took:.2f} s: the claim that was given up barred the device"
+        assert claims(server, "got_room") == 1
+        assert not busy, busy[:3]
+
+
+def test_an_unload_of_a_version_a_claim_drains_does_not_wait_for_the_claim(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team 16, F5: the requests a claim holds back hold their version's lease, so an
+    UnloadModel of it waited for them, and they waited for the claim, which could not evict
+    a version being unloaded: the unload took until the claim lapsed. They go on as their
+    version starts to leave (the unload waits for them, as for any request)."""
+    monkeypatch.setattr(cache, "CLAIM_SECONDS", 8.0)
+    with serving(settings, 2100) as (server, client):
+        twins = {"big": load(client, "big", LARGE, 1), "a": load(client, "a", MID, 2, slow=True)}
+        client.predict("a", X)
+        with kept_busy(server.target, "a", X, 2), ThreadPoolExecutor(1) as waiter:
+            time.sleep(0.3)
+            big = waiter.submit(client.predict, "big", X, timeout=30)
+            assert server.host is not None
+            a = server.host.models.registry.get("a")
+            wait_until(lambda: a.claim is not None, 10)
+            time.sleep(0.3)  # its callers' next requests wait for the claim
+            started = time.monotonic()
+            client.unload_model("a")
+            assert time.monotonic() - started < 4.0, "the unload waited for the claim"
+            np.testing.assert_allclose(big.result(), reference(twins["big"], X), rtol=1e-5)
+
+
+def test_a_load_whose_caller_left_claims_nothing(settings: Settings) -> None:
+    """Red team 16, F6: a LoadModel whose caller's deadline passed went on waiting for room
+    and, after CLAIM_AFTER, claimed the room of a version in constant use, evicted it,
+    built, and was thrown away. It stops waiting once its caller has left."""
+    with serving(settings, 2100) as (server, client):
+        load(client, "a", MID, 1, slow=True)
+        big = build("tiny_mlp", LARGE, seed=2)
+        client.save_checkpoint("big", big.state_dict())
+        client.predict("a", X)
+        with kept_busy(server.target, "a", X, 2) as busy:
+            time.sleep(0.3)
+            for _ in range(2):
+                expect(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    lambda: client.load_model(
+                        "big",
+                        architecture="tiny_mlp",
+                        checkpoint="big",
+                        architecture_args=LARGE,
+                        timeout=0.5,
+                    ),
+                )
+            time.sleep(2.0)  # past CLAIM_AFTER
+        assert not busy, busy[:3]
+        assert claims(server, "got_room") == 0
+        assert client.get_model("a").page_ins == 0, "evicted for a load nobody waited for"
+        assert [m.name for m in client.list_models()] == ["a"]
