@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from test_cache import counter
-from test_cache_races import BRIEF, SMALL, kept_busy, wait_until
+from test_cache_races import BRIEF, SMALL, host, kept_busy, wait_until
 
 from conftest import build, expect, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError, codec
@@ -41,26 +41,6 @@ def serving(
     settings = dataclasses.replace(settings, device_memory_budget=budget, **more)
     with running(settings) as server, ModelHostClient(server.target, timeout=60) as client:
         yield server, client
-
-
-def load(
-    client: ModelHostClient, name: str, args: dict[str, int], seed: int, *, slow: bool = False
-) -> torch.nn.Module:
-    """Hosts `name` from a checkpoint of its own (a slow one: one BRIEF request at a time,
-    so that two callers keep it busy for good); its twin in this process."""
-    architecture = "slow_mlp" if slow else "tiny_mlp"
-    arguments = {**args, "delay": BRIEF} if slow else args
-    model = build(architecture, arguments, seed=seed)
-    checkpoint = f"{name}-{seed}"
-    client.save_checkpoint(checkpoint, model.state_dict())
-    client.load_model(
-        name,
-        architecture=architecture,
-        checkpoint=checkpoint,
-        architecture_args=arguments,
-        batching={"max_batch_size": 1} if slow else None,
-    )
-    return model
 
 
 def claims(server: Server, outcome: str) -> float:
@@ -84,9 +64,9 @@ def test_a_claim_does_not_lapse_while_it_copies_its_versions_to_the_host_tier(
 
     monkeypatch.setattr(cache.ModelCache, "_copy_to_host", staticmethod(slow_copy))
     with serving(settings, 2100, host_memory_budget=100_000) as (server, client):
-        twins = {"big": load(client, "big", LARGE, 1)}
+        twins = {"big": host(client, "big", LARGE, 1)}
         twins |= {
-            name: load(client, name, MID, seed, slow=True) for seed, name in ((2, "a"), (3, "b"))
+            name: host(client, name, MID, seed, delay=BRIEF) for seed, name in ((2, "a"), (3, "b"))
         }
         client.predict("a", X)
         client.predict("b", X)
@@ -110,7 +90,7 @@ def test_a_rollout_fails_no_request_whose_version_a_claim_evicted(settings: Sett
     it waited to be paged in (UNAVAILABLE). A request for the newest version now goes to
     the newest one left: no request fails, without the client's retries."""
     with serving(settings, 400) as (server, client):  # room for one of them
-        load(client, "m", SMALL, 1, slow=True)
+        host(client, "m", SMALL, 1, delay=BRIEF)
         failures: list[Exception] = []
         stop = threading.Event()
 
@@ -128,7 +108,7 @@ def test_a_rollout_fails_no_request_whose_version_a_claim_evicted(settings: Sett
             for _ in range(3):
                 callers.submit(call)
             time.sleep(0.5)
-            new = load(client, "m", SMALL, 2, slow=True)  # claims version 1's room
+            new = host(client, "m", SMALL, 2, delay=BRIEF)  # claims version 1's room
             client.unload_model("m", 1)
             time.sleep(0.5)
             stop.set()
@@ -147,8 +127,8 @@ def test_a_claim_whose_requests_left_is_counted_at_once_and_bars_its_device_brie
     until the device's next look. Its device is barred in proportion to how long it
     drained them, and it is counted as given up at once."""
     with serving(settings, 2100) as (server, client):
-        twins = {"big": load(client, "big", LARGE, 1), "big2": load(client, "big2", LARGE, 2)}
-        twins["a"] = load(client, "a", MID, 3, slow=True)
+        twins = {"big": host(client, "big", LARGE, 1), "big2": host(client, "big2", LARGE, 2)}
+        twins["a"] = host(client, "a", MID, 3, delay=BRIEF)
         client.predict("a", X)
         assert server.host is not None
         a = server.host.models.registry.get("a")
@@ -181,7 +161,7 @@ def test_an_unload_of_a_version_a_claim_drains_does_not_wait_for_the_claim(
     version starts to leave (the unload waits for them, as for any request)."""
     monkeypatch.setattr(cache, "CLAIM_SECONDS", 8.0)
     with serving(settings, 2100) as (server, client):
-        twins = {"big": load(client, "big", LARGE, 1), "a": load(client, "a", MID, 2, slow=True)}
+        twins = {"big": host(client, "big", LARGE, 1), "a": host(client, "a", MID, 2, delay=BRIEF)}
         client.predict("a", X)
         with kept_busy(server.target, "a", X, 2), ThreadPoolExecutor(1) as waiter:
             time.sleep(0.3)
@@ -201,7 +181,7 @@ def test_a_load_whose_caller_left_claims_nothing(settings: Settings) -> None:
     and, after CLAIM_AFTER, claimed the room of a version in constant use, evicted it,
     built, and was thrown away. It stops waiting once its caller has left."""
     with serving(settings, 2100) as (server, client):
-        load(client, "a", MID, 1, slow=True)
+        host(client, "a", MID, 1, delay=BRIEF)
         big = build("tiny_mlp", LARGE, seed=2)
         client.save_checkpoint("big", big.state_dict())
         client.predict("a", X)

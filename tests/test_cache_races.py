@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from test_cache import counter
 
 from conftest import build, expect, reference
@@ -118,6 +119,32 @@ def kept_busy(target: str, name: str, x: np.ndarray, callers: int = 3) -> Iterat
         stop.set()
         for thread in threads:
             thread.join(30)
+
+
+def host(
+    client: ModelHostClient,
+    name: str,
+    args: dict[str, int],
+    seed: int,
+    *,
+    delay: float | None = None,
+) -> torch.nn.Module:
+    """Hosts `name` from a checkpoint of its own: a tiny_mlp, or with `delay` a slow_mlp
+    whose forward takes that long and that runs one request at a time (so that a few
+    callers keep it busy for good). Returns its twin in this process."""
+    architecture = "tiny_mlp" if delay is None else "slow_mlp"
+    arguments = args if delay is None else {**args, "delay": delay}
+    model = build(architecture, arguments, seed=seed)
+    checkpoint = f"{name}-{seed}"
+    client.save_checkpoint(checkpoint, model.state_dict())
+    client.load_model(
+        name,
+        architecture=architecture,
+        checkpoint=checkpoint,
+        architecture_args=arguments,
+        batching=None if delay is None else {"max_batch_size": 1},
+    )
+    return model
 
 
 def without_deadline(client: ModelHostClient, name: str, x: np.ndarray) -> list[Any]:
@@ -318,22 +345,12 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(
     budget = dataclasses.replace(settings, device_memory_budget=2100)
     with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
         twins = {
-            "big": build("tiny_mlp", large, seed=1),
-            "busy": build("slow_mlp", {**small, "delay": 1.5}, seed=2),
-            "idle": build("tiny_mlp", small, seed=3),
-            "cold": build("tiny_mlp", small, seed=4),
+            "big": host(client, "big", large, 1),
+            # One request at a time: the others wait queued, so it is never idle.
+            "busy": host(client, "busy", small, 2, delay=1.5),
+            "idle": host(client, "idle", small, 3),
+            "cold": host(client, "cold", small, 4),
         }
-        for name, model in twins.items():
-            client.save_checkpoint(name, model.state_dict())
-            args = large if name == "big" else small
-            client.load_model(
-                name,
-                architecture="slow_mlp" if name == "busy" else "tiny_mlp",
-                checkpoint=name,
-                architecture_args={**args, "delay": 1.5} if name == "busy" else args,
-                # One request at a time: the others wait queued, so it is never idle.
-                batching={"max_batch_size": 1} if name == "busy" else None,
-            )
         sizes = {m.name: m.device_bytes for m in client.list_models()}
         assert sizes["big"] + sizes["busy"] > 2100
         assert sizes["busy"] + sizes["idle"] + sizes["cold"] <= 2100
@@ -558,20 +575,11 @@ def test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_i
     budget = dataclasses.replace(settings, device_memory_budget=2100)
     with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
         twins = {
-            "big": build("tiny_mlp", large, seed=1),
-            "a": build("slow_mlp", {**SMALL, "delay": BRIEF}, seed=2),
-            "b": build("slow_mlp", {**SMALL, "delay": BRIEF}, seed=3),
+            "big": host(client, "big", large, 1),
+            # One request at a time: with two callers each, neither is ever idle.
+            "a": host(client, "a", SMALL, 2, delay=BRIEF),
+            "b": host(client, "b", SMALL, 3, delay=BRIEF),
         }
-        for name, model in twins.items():
-            client.save_checkpoint(name, model.state_dict())
-            client.load_model(
-                name,
-                architecture="tiny_mlp" if name == "big" else "slow_mlp",
-                checkpoint=name,
-                architecture_args=large if name == "big" else {**SMALL, "delay": BRIEF},
-                # One request at a time: with two callers each, neither is ever idle.
-                batching=None if name == "big" else {"max_batch_size": 1},
-            )
         client.predict("a", x)
         client.predict("b", x)
         sizes = {m.name: m.device_bytes for m in client.list_models()}
@@ -620,21 +628,11 @@ def test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_mean
     budget = dataclasses.replace(settings, device_memory_budget=2100)
     with running(budget) as server, ModelHostClient(server.target, timeout=60) as client:
         twins = {
-            "big": build("tiny_mlp", large, seed=1),
-            "hot": build("slow_mlp", {**SMALL, "delay": 0.2}, seed=2),
-            "used": build("tiny_mlp", SMALL, seed=3),
-            "cold": build("tiny_mlp", SMALL, seed=4),
+            "big": host(client, "big", large, 1),
+            "hot": host(client, "hot", SMALL, 2, delay=0.2),
+            "used": host(client, "used", SMALL, 3),
+            "cold": host(client, "cold", SMALL, 4),
         }
-        for name, model in twins.items():
-            client.save_checkpoint(name, model.state_dict())
-            args = large if name == "big" else SMALL
-            client.load_model(
-                name,
-                architecture="slow_mlp" if name == "hot" else "tiny_mlp",
-                checkpoint=name,
-                architecture_args={**args, "delay": 0.2} if name == "hot" else args,
-                batching={"max_batch_size": 1} if name == "hot" else None,
-            )
         client.predict("big", x)  # evicts the three others
         client.predict("hot", x)
         client.predict("used", x)
