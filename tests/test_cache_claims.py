@@ -162,18 +162,28 @@ def test_an_unload_of_a_version_a_claim_drains_does_not_wait_for_the_claim(
     monkeypatch.setattr(cache, "CLAIM_SECONDS", 8.0)
     with serving(settings, 2100) as (server, client):
         twins = {"big": host(client, "big", LARGE, 1), "a": host(client, "a", MID, 2, delay=BRIEF)}
+        twins["held"] = host(client, "held", MID, 3)
         client.predict("a", X)
-        with kept_busy(server.target, "a", X, 2), ThreadPoolExecutor(1) as waiter:
+        client.predict("held", X)
+        assert server.host is not None
+        registry = server.host.models.registry
+        a = registry.get("a")
+        with (
+            ThreadPoolExecutor(1) as waiter,
+            kept_busy(server.target, "a", X, 2),
+            # `held` stays busy, as with a long request (on a lane of its own: all CPU
+            # versions share one, where a long request would hold up `a` too).
+            registry.lease("held"),
+        ):
             time.sleep(0.3)
             big = waiter.submit(client.predict, "big", X, timeout=30)
-            assert server.host is not None
-            a = server.host.models.registry.get("a")
-            wait_until(lambda: a.claim is not None, 10)
-            time.sleep(0.3)  # its callers' next requests wait for the claim
+            wait_until(lambda: a.claim is not None, 10)  # it needs the room of both
+            wait_until(lambda: a.idle, 5)  # drained: its callers' requests wait
             started = time.monotonic()
             client.unload_model("a")
             assert time.monotonic() - started < 4.0, "the unload waited for the claim"
-            np.testing.assert_allclose(big.result(), reference(twins["big"], X), rtol=1e-5)
+        # `held` is idle: the claim evicts it and `big` gets in.
+        np.testing.assert_allclose(big.result(), reference(twins["big"], X), rtol=1e-5)
 
 
 def test_a_load_whose_caller_left_claims_nothing(settings: Settings) -> None:
