@@ -1981,6 +1981,16 @@ MUTANTS = [
         "                if False:\n",
         ("tests/test_cache_claims.py::test_a_load_whose_caller_left_claims_nothing",),
     ),
+    Mutant(
+        "cache: a claim that found its room elsewhere lets its device claim again at once",
+        SERVER + "cache.py",
+        '        if outcome == "got_room" and gone:',
+        '        if outcome == "got_room":',
+        (
+            "tests/test_cache_claims.py::"
+            "test_a_claim_that_found_room_elsewhere_bars_its_device_as_one_that_evicted_nothing",
+        ),
+    ),
 ]
 
 

@@ -213,3 +213,38 @@ def test_a_load_whose_caller_left_claims_nothing(settings: Settings) -> None:
         assert claims(server, "got_room") == 0
         assert client.get_model("a").page_ins == 0, "evicted for a load nobody waited for"
         assert [m.name for m in client.list_models()] == ["a"]
+
+
+def test_a_claim_that_found_room_elsewhere_bars_its_device_as_one_that_evicted_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team 16, F3: a claim got its room by evicting another version that turned idle,
+    not its victims, and as one that got its room it let its device claim again at once:
+    versions taking turns drained the same busy version back to back, past the bound of
+    claims that evict nothing. Such a claim bars its device in proportion to how long it
+    drained its victims (here CLAIM_BACKOFF per CLAIM_SECONDS: 3 s for 1.5 s)."""
+    monkeypatch.setattr(cache, "CLAIM_SECONDS", 5.0)
+    monkeypatch.setattr(cache, "CLAIM_BACKOFF", 10.0)
+    budget = 2060 + 780  # `big` or `big2`, and one of the two others
+    with serving(settings, budget) as (server, client):
+        twins = {"big": host(client, "big", LARGE, 1), "big2": host(client, "big2", LARGE, 2)}
+        twins |= {"v": host(client, "v", MID, 3), "h": host(client, "h", MID, 4)}
+        client.predict("v", X)  # the least recently used: the claims' victim
+        client.predict("h", X)
+        assert server.host is not None
+        registry = server.host.models.registry
+        v = registry.get("v")
+        with ThreadPoolExecutor(2) as waiters, registry.lease("v"):  # `v` cannot drain
+            with registry.lease("h"):
+                big = waiters.submit(client.predict, "big", X, timeout=60)
+                wait_until(lambda: v.claim is not None, 10)
+                time.sleep(1.5)
+            # `h` is idle: `big` evicts it, not its victim, and gets in.
+            np.testing.assert_allclose(big.result(), reference(twins["big"], X), rtol=1e-5)
+            assert claims(server, "got_room") == 1 and v.claim is None
+            ended = time.monotonic()
+            with registry.lease("big"):
+                big2 = waiters.submit(client.predict, "big2", X, timeout=60)
+                wait_until(lambda: v.claim is not None, 20)
+                assert time.monotonic() - ended >= 2.5, "claimed again at once"
+        np.testing.assert_allclose(big2.result(), reference(twins["big2"], X), rtol=1e-5)
