@@ -1886,8 +1886,8 @@ MUTANTS = [
     Mutant(
         "cache: a page-in drops its claim and its time waited at each look",
         SERVER + "cache.py",
-        "            if not asks_again:\n                self._no_longer_wanting(",
-        "            if True:\n                self._no_longer_wanting(",
+        "            if not asks_again:\n                self._end_wanting(",
+        "            if True:\n                self._end_wanting(",
         (
             "tests/test_cache_races.py::"
             "test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in",
@@ -1926,7 +1926,10 @@ MUTANTS = [
     Mutant(
         "cache: a claim lapses while it copies its versions to the host tier",
         SERVER + "cache.py",
-        "                    claim.evicting = enough\n",
+        "                    claim.evicting = enough and all(\n"
+        "                        h.tier != RESIDENT or h.retiring or h.idle"
+        " for h in claim.victims\n"
+        "                    )\n",
         "                    claim.evicting = False\n",
         (
             "tests/test_cache_claims.py::"
@@ -1977,7 +1980,7 @@ MUTANTS = [
     Mutant(
         "cache: a load whose caller left waits for room and claims it",
         SERVER + "cache.py",
-        "                if left is not None and left():\n",
+        "                if caller_gone is not None and caller_gone():\n",
         "                if False:\n",
         ("tests/test_cache_claims.py::test_a_load_whose_caller_left_claims_nothing",),
     ),
@@ -1989,6 +1992,36 @@ MUTANTS = [
         (
             "tests/test_cache_claims.py::"
             "test_a_claim_that_found_room_elsewhere_bars_its_device_as_one_that_evicted_nothing",
+        ),
+    ),
+    Mutant(
+        "cache: room other versions make keeps a claim's victims waiting",
+        SERVER + "cache.py",
+        "                    claim.evicting = enough and all(\n"
+        "                        h.tier != RESIDENT or h.retiring or h.idle"
+        " for h in claim.victims\n"
+        "                    )\n",
+        "                    claim.evicting = enough\n",
+        (
+            "tests/test_cache_claims.py::test_room_made_by_other_versions_does_not_keep_a_claims_victims_waiting",
+        ),
+    ),
+    Mutant(
+        "hosted: requests a claim holds back keep their version on its device",
+        SERVER + "hosted.py",
+        "        held = self._leases > self._parked or self._compiles\n",
+        "        held = self._leases or self._compiles\n",
+        (
+            "tests/test_cache_races.py::test_a_version_whose_room_versions_in_constant_use_hold_claims_it_and_gets_in",
+        ),
+    ),
+    Mutant(
+        "host: a request for a model unloaded while it waited for a page-in is told NOT_FOUND",
+        SERVER + "host.py",
+        "            except ModelNotFound:\n                raise unloaded from None\n",
+        "            except ModelNotFound:\n                raise\n",
+        (
+            "tests/test_cache.py::test_a_version_unloaded_while_its_page_in_waits_answers_unavailable",
         ),
     ),
 ]

@@ -17,7 +17,7 @@ that makes room now. When the room is held by versions that are busy, the caller
 them to become idle, up to its deadline and at most ROOM_WAIT_SECONDS; when pinned
 versions alone leave no room, it fails at once with RESOURCE_EXHAUSTED saying why.
 
-A caller that has waited CLAIM_AFTER claims the room it needs (`_Claim`): the least
+A caller that has waited CLAIM_AFTER claims the room it needs (`RoomClaim`): the least
 recently used versions that would make it are drained (their new requests wait, those
 already queued or running finish) and evicted once idle together, and no other load or
 page-in takes the room it needs meanwhile. Without a claim, versions in constant use are
@@ -26,8 +26,10 @@ never idle together, and a version that needs their room would never get in (red
 unless its versions are idle together by then (it is evicting them). A claim that ends
 without evicting all its versions (it lapsed, its requests left, or room came free
 otherwise) keeps its device from claiming again for CLAIM_BACKOFF per CLAIM_SECONDS it
-drained them: claims that evict nothing pause a device's versions at most CLAIM_SECONDS
-in every CLAIM_SECONDS + CLAIM_BACKOFF.
+drained them: each such pause (at most CLAIM_SECONDS) is followed by four times as long
+without one, so claims that evict nothing pause a device's versions at most a fifth of
+the time. Claims that evict their versions are not limited: two groups of versions in
+constant use that do not fit together take turns.
 
 A Predict on a version that is not resident pages it in on its device's page-in thread
 (never on a lane or the event loop); concurrent requests share one page-in. Each device
@@ -94,7 +96,8 @@ CLAIM_AFTER = 1.0
 CLAIM_SECONDS = 1.0
 """How long a claim's versions may take to drain (their new requests wait meanwhile)."""
 CLAIM_BACKOFF = 4.0
-"""Seconds after a claim that lapsed before its device makes another."""
+"""Seconds a claim that evicted nothing bars its device from claiming, per CLAIM_SECONDS
+it drained its versions (4 s after one that lapsed)."""
 HOST_TIER_DEVICES = frozenset({"cuda"})
 """Device types whose evicted versions keep their weights in host memory (pinned). A CPU
 version would gain nothing (its weights are in host memory already); tests add "cpu" to
@@ -152,7 +155,7 @@ class _NoRoomYet(NoRoomInTime):
 
 
 @dataclass(eq=False)
-class _Claim:
+class RoomClaim:
     """The room a load or page-in (`key`) claims on a device after waiting CLAIM_AFTER for
     busy versions: its `victims` (least recently used first) take no new requests until
     they are idle together and it evicts them, or until it lapses (`until`, unless it is
@@ -215,8 +218,8 @@ class ModelCache:
         self._reserved: dict[Key, tuple[str, int]] = {}  # loads and page-ins in progress
         self._waiting: set[Key] = set()  # loads and page-ins waiting for room
         self._wanting: dict[Key, float] = {}  # since when each has found no room
-        self._claims: dict[str, _Claim] = {}  # by device, at most one
-        self._no_claim_until: dict[str, float] = {}  # by device, after one that evicted nothing
+        self._claims: dict[str, RoomClaim] = {}  # by device, at most one
+        self._no_claim_until: dict[str, float] = {}  # by device (`_drop_claim`)
         self._moves: list[_Move] = []  # evictions copying weights to the host tier
         self._returning: list[HostCopy] = []  # host copies being copied back to a device
         self._leaving: list[HostedModel] = []  # unloaded, their last requests still running
@@ -303,14 +306,15 @@ class ModelCache:
         *,
         deadline: Deadline,
         asks_again: bool = False,
-        left: Callable[[], bool] | None = None,
+        caller_gone: Callable[[], bool] | None = None,
     ) -> None:
         """Counts `nbytes` for a load or page-in of `key` on `device`, evicting least
         recently used idle versions until they fit. Waits (up to `deadline`) while busy
         versions hold the room, claiming it after CLAIM_AFTER; OutOfMemory when it cannot
         fit at all. `asks_again`: a page-in, which asks again after NoRoomInTime, keeps its
-        claim and its time waited (`no_longer_wanted` ends them). `left`: whether a load's
-        caller has left (then it stops waiting, with NoRoomInTime, and claims nothing)."""
+        claim and its time waited (`no_longer_wanted` ends them). `caller_gone`: whether a
+        load's caller has left (then it stops waiting, with NoRoomInTime, and claims
+        nothing)."""
         limit = self.limit(device)
         where = str(device)
         stale: list[torch.device] = []  # evicted modules that only a collection frees
@@ -323,7 +327,7 @@ class ModelCache:
                 deadline=deadline,
                 stale=stale,
                 asks_again=asks_again,
-                left=left,
+                caller_gone=caller_gone,
             )
         finally:
             # After the lock is released: a collection takes about 0.2 s, and
@@ -341,7 +345,7 @@ class ModelCache:
         deadline: Deadline,
         stale: list[torch.device],
         asks_again: bool,
-        left: Callable[[], bool] | None,
+        caller_gone: Callable[[], bool] | None,
     ) -> None:
         """`reserve`'s work, under the lock: evicts, or waits, until `nbytes` fit; evicted
         modules only a collection frees are added to `stale`."""
@@ -360,9 +364,14 @@ class ModelCache:
                 freed = sum(h.device_bytes for h in candidates if h.idle)
                 enough = used - freed + nbytes <= limit
                 if claim is not None and claim is not theirs:
-                    # While it evicts (a copy to the host tier releases the lock), its
-                    # victims take no request, whatever the clock says (red team 16, F1).
-                    claim.evicting = enough
+                    # Its victims idle together: while it evicts them (a copy to the host
+                    # tier releases the lock) they take no request, whatever the clock
+                    # says (red team 16, F1). Not for room made by others (review 18, 1).
+                    claim.evicting = enough and all(
+                        h.tier != RESIDENT or h.retiring or h.idle for h in claim.victims
+                    )
+                    if claim.over.done():  # it lapsed meanwhile (a parked request saw it)
+                        claim.evicting = enough = False  # the next look drops it
                 if enough and self._evict_one(candidates, stale):
                     continue
                 held = self._resident(where)
@@ -382,7 +391,7 @@ class ModelCache:
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
                 busy = [h for h in may_leave if not h.idle]  # what it waits for
-                if left is not None and left():
+                if caller_gone is not None and caller_gone():
                     raise NoRoomInTime(where, key[0], busy, loading)
                 since = self._wanting.setdefault(key, time.monotonic())
                 if claim is None:
@@ -415,14 +424,15 @@ class ModelCache:
             if claim is not None and claim.key == key:
                 claim.evicting = False  # it lapses again
             if not asks_again:
-                self._no_longer_wanting(key, where, "given_up")
+                self._end_wanting(key, where, "given_up")
             raise
         else:
-            self._no_longer_wanting(key, where, "got_room")
+            self._end_wanting(key, where, "got_room")
         finally:
             self._waiting.discard(key)
 
-    def _no_longer_wanting(self, key: Key, where: str, outcome: str) -> None:
+    def _end_wanting(self, key: Key, where: str, outcome: str) -> None:
+        """`key` has its room, or gives up: forgets its time waited, drops its claim."""
         self._wanting.pop(key, None)
         claim = self._claims.get(where)
         if claim is not None and claim.key == key:
@@ -430,8 +440,8 @@ class ModelCache:
 
     def no_longer_wanted(self, key: Key, device: str) -> None:
         """A page-in whose requests have all gone: its claim ends and its time waited is
-        forgotten. On the event loop: it never waits for the lock (if the lock is busy, the
-        device's next look drops the claim)."""
+        forgotten. Called on the event loop (and the page-in thread): it never waits for
+        the lock (if the lock is busy, the device's next look drops the claim)."""
         self._wanting.pop(key, None)
         claim = self._claims.get(device)
         if claim is None or claim.key != key:
@@ -445,7 +455,7 @@ class ModelCache:
 
     # Claims
 
-    def _claim_on(self, device: str) -> _Claim | None:
+    def _claim_on(self, device: str) -> RoomClaim | None:
         """The device's claim, if one is live (one that ended or lapsed is dropped)."""
         claim = self._claims.get(device)
         if claim is not None and not claim.live:
@@ -454,7 +464,7 @@ class ModelCache:
             return None
         return claim
 
-    def _kept(self, claim: _Claim) -> int:
+    def _kept(self, claim: RoomClaim) -> int:
         """The room others must leave free for `claim`: what it needs beyond its victims'
         bytes (it takes those) and the room it holds already (a load's weights)."""
         victims = sum(h.device_bytes for h in claim.victims if h.tier == RESIDENT)
@@ -468,6 +478,7 @@ class ModelCache:
         one that found room elsewhere, in proportion (red team 16, F3, F4)."""
         claim = self._claims.pop(device)
         claim.end()
+        claim.evicting = False
         for hosted in claim.victims:
             if hosted.claim is claim:
                 hosted.claim = None
@@ -492,9 +503,9 @@ class ModelCache:
         since: float,
     ) -> None:
         """Claims room for `key` once it has waited CLAIM_AFTER (`since`), unless its device
-        is in its CLAIM_BACKOFF: drains the fewest least recently used `candidates` that
-        would make `nbytes` with the `free` bytes. None if they cannot (loads, page-ins or
-        versions leaving hold the room: it comes back by itself)."""
+        is barred (`_no_claim_until`): drains the fewest least recently used `candidates`
+        that would make `nbytes` with the `free` bytes. Makes none if they cannot (loads,
+        page-ins or versions leaving hold the room: it comes back by itself)."""
         now = time.monotonic()
         if now < since + CLAIM_AFTER or now < self._no_claim_until.get(where, 0.0):
             return
@@ -506,7 +517,7 @@ class ModelCache:
             free += hosted.device_bytes
         if free < nbytes:
             return
-        claim = self._claims[where] = _Claim(key, nbytes, victims, now, now + CLAIM_SECONDS)
+        claim = self._claims[where] = RoomClaim(key, nbytes, victims, now, now + CLAIM_SECONDS)
         for hosted in victims:
             hosted.claim = claim
         log.info("%s:%d claims room on %s: draining %s", *key, where, _names(victims))
@@ -535,7 +546,7 @@ class ModelCache:
                 self._cond.release()
 
     def _evictable(
-        self, device: str, exclude: Key, claim: _Claim | None = None
+        self, device: str, exclude: Key, claim: RoomClaim | None = None
     ) -> list[HostedModel]:
         """The on-demand versions resident on `device` (but `exclude`, and `claim`'s
         victims: their room is claimed), least recently used first."""
@@ -764,8 +775,11 @@ class ModelCache:
             self.reserve(
                 key, device, hosted.device_bytes, deadline=time.monotonic(), asks_again=True
             )
-        except NoRoomInTime as error:
-            raise self._no_room_yet(hosted, error) from None
+        except BaseException as error:
+            self._forget_if_unwanted(hosted)
+            if isinstance(error, NoRoomInTime):
+                raise _NoRoomYet(error) from None
+            raise
         started = time.perf_counter()  # the page-in itself, after any wait for room
         tier = hosted.tier
         try:
@@ -777,7 +791,8 @@ class ModelCache:
             with self._cond:
                 hosted.return_to_device(module)
         except NoRoomInTime as error:  # a first build needed more than it had reserved
-            raise self._no_room_yet(hosted, error) from None
+            self._forget_if_unwanted(hosted)
+            raise _NoRoomYet(error) from None
         finally:
             self.unreserve(key)
         seconds = time.perf_counter() - started
@@ -794,14 +809,13 @@ class ModelCache:
             seconds,
         )
 
-    def _no_room_yet(self, hosted: HostedModel, error: NoRoomInTime) -> _NoRoomYet:
-        """What a page-in without room raises; if its last request left while it looked,
+    def _forget_if_unwanted(self, hosted: HostedModel) -> None:
+        """After a page-in's look for room failed: if its last request left while it looked,
         what the look noted for it (its time waited, its claim) is cleared here, as that
         request's `ensure_resident` would have, had it ended after the look."""
         with self._paging:
             if not hosted.paging_waiters:
                 self.no_longer_wanted((hosted.name, hosted.version), str(hosted.loaded.device))
-        return _NoRoomYet(error)
 
     def _trim_pinned(self) -> None:
         """After a page-in from the host tier (its pinned buffer is free now, kept cached by

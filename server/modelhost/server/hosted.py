@@ -51,7 +51,7 @@ from modelhost.server.inference import (
 from modelhost.server.loading import PINNED, LoadedModule, LoadRequest, LoadSpec
 
 if TYPE_CHECKING:
-    from modelhost.server.cache import ModelCache
+    from modelhost.server.cache import ModelCache, RoomClaim
     from modelhost.server.host_tier import HostCopy
 
 RESIDENT, HOST, STORE = "resident", "host", "store"
@@ -101,7 +101,7 @@ class HostedModel:
     paging: Any = None  # the page-in in progress (a concurrent Future), if any
     paging_until: float = 0.0  # the latest deadline of the requests waiting for it
     paging_waiters: int = 0  # requests waiting for it to be paged in
-    claim: Any = None  # the cache's claim on its room that drains it, if any (cache.py)
+    claim: RoomClaim | None = None  # the claim on its room that drains it (cache.py)
     built: bool = True  # False: registered at restart, built at its first page-in
     recorded: Served | None = None  # what the restore record says it served as (unbuilt)
 
@@ -216,8 +216,9 @@ class HostedModel:
         request's lease does not keep it on its device."""
         with self._idle:
             self._parked += 1
-        if self.cache is not None:
-            self.cache.idle()  # it may be idle now
+            drained = self._parked == self._leases  # no other request holds it
+        if drained and self.cache is not None:
+            self.cache.idle()
         try:
             yield
         finally:
@@ -231,11 +232,12 @@ class HostedModel:
             if idle:
                 self._idle.notify_all()
                 waiting, self._on_idle = self._on_idle, []
+            drained = self._leases == self._parked  # only requests a claim holds back left
         if idle:
             for loop, event in waiting:
                 with contextlib.suppress(RuntimeError):  # its loop has closed
                     loop.call_soon_threadsafe(event.set)
-        if idle and self.cache is not None:
+        if drained and self.cache is not None:
             self.cache.idle()
 
     # Residency (called by the model cache, under its lock)

@@ -276,7 +276,7 @@ class Models:
                 device,
                 nbytes,
                 deadline=time.monotonic() + ROOM_WAIT_SECONDS,
-                left=left.is_set if left else None,
+                caller_gone=left.is_set if left else None,
             )
         except NoRoomInTime as error:  # the server's wait, not the caller's deadline
             raise error.waited_too_long() from None
@@ -331,12 +331,12 @@ class Models:
         version: int,
         request: LoadRequest,
         loaded_from: CheckpointRecord | None,
-        room: Callable[[int], None] | None = None,
+        room: Callable[[int], None],
     ) -> HostedModel:
         """Loads, wraps and warms up a model version (on a load or page-in thread); `room`
-        reserves its bytes on the device (a LoadModel's, `_make_room`, by default)."""
+        reserves its bytes on the device (a LoadModel's `_make_room`, a first page-in's
+        `_room_now`)."""
         settings = self.settings
-        room = room or functools.partial(self._make_room, (spec.name, version), spec.device)
         loaded = load_module(
             spec,
             self._store,
