@@ -33,6 +33,7 @@ DOCUMENTED = {
     "MissingBytes": Code.DATA_LOSS,
     "DeadlineExpired": Code.DEADLINE_EXCEEDED,
     "ShuttingDown": Code.UNAVAILABLE,
+    "VersionUnloaded": Code.UNAVAILABLE,
     "StoreBusy": Code.UNAVAILABLE,
     "DeviceFailed": Code.INTERNAL,
 }
