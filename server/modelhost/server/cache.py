@@ -416,7 +416,7 @@ class ModelCache:
     def _looking_for_room(self, key: Key, where: str, asks_again: bool) -> Iterator[None]:
         """Clears what `key`'s look for room leaves (under the lock): its mark as waiting
         (`_waiting`); once it has its room, or gives up (unless it `asks_again`), its time
-        waited and its claim. A claim that got its room lets its device claim again."""
+        waited and its claim (`_drop_claim` says when its device may claim again)."""
         try:
             yield
         except BaseException:

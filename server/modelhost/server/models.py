@@ -266,7 +266,7 @@ class Models:
         device: torch.device,
         nbytes: int,
         *,
-        left: threading.Event | None = None,
+        left: threading.Event,
     ) -> None:
         """Reserves a LoadModel's room on its device, waiting up to ROOM_WAIT_SECONDS while
         busy versions hold it, or until its caller has `left`."""
@@ -276,7 +276,7 @@ class Models:
                 device,
                 nbytes,
                 deadline=time.monotonic() + ROOM_WAIT_SECONDS,
-                caller_gone=left.is_set if left else None,
+                caller_gone=left.is_set,
             )
         except NoRoomInTime as error:  # the server's wait, not the caller's deadline
             raise error.waited_too_long() from None
