@@ -2024,6 +2024,35 @@ MUTANTS = [
             "tests/test_cache.py::test_a_version_unloaded_while_its_page_in_waits_answers_unavailable",
         ),
     ),
+    Mutant(
+        "models: a restored version ignores the device bytes its record says it held",
+        SERVER + "models.py",
+        "    held = served.device_bytes if limit is None else min(served.device_bytes, limit)\n",
+        "    held = weights\n",
+        (
+            "tests/test_cache_claims.py::test_a_restored_version_claims_its_weights_and_workspace_at_once",
+        ),
+    ),
+    Mutant(
+        "models: a restored version counts what its record says beyond the budget",
+        SERVER + "models.py",
+        "    held = served.device_bytes if limit is None else min(served.device_bytes, limit)\n",
+        "    held = served.device_bytes\n",
+        (
+            "tests/test_restore_record_hostile.py::"
+            "test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it",
+        ),
+    ),
+    Mutant(
+        "messages: a record's negative device bytes are taken",
+        SERVER + "messages.py",
+        "        if info.device_bytes < 0:\n",
+        "        if False:\n",
+        (
+            "tests/test_restore_record_hostile.py::"
+            "test_what_an_entry_says_its_version_served_as_is_checked[served5]",
+        ),
+    ),
 ]
 
 

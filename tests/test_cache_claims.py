@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from test_cache import counter
-from test_cache_races import BRIEF, SMALL, host, kept_busy, wait_until
+from test_cache_races import BRIEF, SMALL, WIDE, S, W, host, kept_busy, wait_until
 
 from conftest import build, expect, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError, codec
@@ -32,6 +32,7 @@ from modelhost.v1 import modelhost_pb2_grpc as pb_grpc
 LARGE = {"features": 4, "hidden": 64, "classes": 3}  # 2,060 bytes
 MID = {"features": 4, "hidden": 24, "classes": 3}  # 780 bytes
 X = np.ones((1, 4), np.float32)
+HALF = {"features": 4, "hidden": 468, "classes": 3}  # 14,988 bytes
 
 
 @contextlib.contextmanager
@@ -294,3 +295,51 @@ def test_room_made_by_other_versions_does_not_keep_a_claims_victims_waiting(
             np.testing.assert_allclose(asked.result(), reference(twins["v"], X), rtol=1e-5)
             assert time.monotonic() - claimed < 3.0, "held back while another was copied"
             np.testing.assert_allclose(big.result(), reference(twins["big"], X), rtol=1e-5)
+
+
+def test_a_restored_version_claims_its_weights_and_workspace_at_once(
+    settings: Settings,
+) -> None:
+    """Red team 16, F8: a version registered at restart knew its weights, not its
+    workspace, until its first page-in built it. Behind versions in constant use it
+    claimed room for its weights (evicting one of them), found no room for its workspace
+    as it was built, and claimed again (evicting the other). The record now says what it
+    held: it claims once, for both."""
+    first = dataclasses.replace(settings, restore=True)
+    with running(first) as server, ModelHostClient(server.target, timeout=60) as client:
+        big = build("tiny_mlp", WIDE, seed=1)
+        client.save_checkpoint("big", big.state_dict())
+        client.load_model(
+            "big",
+            architecture="tiny_mlp",
+            checkpoint="big",
+            architecture_args=WIDE,
+            warmup_shape=(8, 16),  # a CPU workspace: the estimate for 8 rows
+        )
+        twins = {
+            name: host(client, name, HALF, seed, delay=BRIEF) for seed, name in ((2, "a"), (3, "b"))
+        }
+        sizes = {m.name: m.device_bytes for m in client.list_models()}
+    assert sizes == {"big": W + S, "a": 14_988, "b": 14_988}
+    budget = W + S + 100
+    # `a` and `b` fit together, `big`'s weights fit beside one of them, `big` in full
+    # only without both.
+    assert sizes["a"] + sizes["b"] <= budget and W + sizes["a"] <= budget < W + S + sizes["a"]
+    with serving(first, budget) as (server, client):
+        assert client.get_model("big").device_bytes == W + S  # before its first request
+        client.predict("a", X)
+        client.predict("b", X)
+        with kept_busy(server.target, "a", X, 2) as a, kept_busy(server.target, "b", X, 2) as b:
+            time.sleep(0.3)
+            x = np.ones((1, 16), np.float32)
+            answer = client.predict("big", x, timeout=20)
+            np.testing.assert_allclose(answer, reference(big, x), rtol=1e-5)
+        assert not a and not b, (a + b)[:3]
+        outcomes = {o: claims(server, o) for o in ("got_room", "lapsed", "given_up")}
+        assert outcomes == {"got_room": 1, "lapsed": 0, "given_up": 0}
+        info = client.get_model("big")  # evicted since, for `a` and `b`'s waiting requests
+        assert (info.device_bytes, info.page_ins) == (W + S, 1)
+        for name in ("a", "b"):
+            np.testing.assert_allclose(
+                client.predict(name, X), reference(twins[name], X), rtol=1e-5
+            )

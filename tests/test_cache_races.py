@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -380,11 +381,12 @@ def test_a_page_in_waiting_for_busy_room_holds_up_no_other_page_in(
 def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_in(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review 16, 6: a version registered at restart knows its weights, not its workspace,
-    until its first page-in builds it; that build then reserved its workspace waiting on the
-    device's only page-in thread, for as long as busy versions held the room (F5 again,
-    after a restart). It takes its room at once or not at all: its requests wait off the
-    thread, another version pages in meanwhile, and its next page-in reserves weights and
+    """Review 16, 6: a version registered at restart from a record that does not say what
+    it held (written before records did) knows its weights, not its workspace, until its
+    first page-in builds it; that build then reserved its workspace waiting on the device's
+    only page-in thread, for as long as busy versions held the room (F5 again, after a
+    restart). It takes its room at once or not at all: its requests wait off the thread,
+    another version pages in meanwhile, and its next page-in reserves weights and
     workspace before it builds."""
     # Here the page-in waits without claiming the room (claims have tests of their own).
     monkeypatch.setattr(cache, "CLAIM_AFTER", 60.0)
@@ -418,6 +420,10 @@ def test_a_restored_version_whose_workspace_has_no_room_holds_up_no_other_page_i
         )
         sizes = {m.name: m.device_bytes for m in client.list_models()}
     assert sizes["big"] == W + S
+    record = json.loads((settings.store / "hosted-models.json").read_text())
+    for entry in record["value"]:
+        del entry["served"]["device_bytes"]
+    (settings.store / "hosted-models.json").write_text(json.dumps(record))
     # `big` and `busy` do not fit together, `big`'s weights and `busy` do, and so does
     # `big` alone, weights and workspace.
     budget = sizes["big"] + sizes["busy"] - 1

@@ -117,16 +117,17 @@ def test_a_record_another_server_mended_meanwhile_is_read_not_set_aside(
         {"dtype": "no such type"},
         {"inputs": [{"name": "x", "shape": [-7]}]},
         {"outputs": [{"name": "y", "shape": list(range(1, 11))}]},
-        {"device_bytes": 1},  # not one of its fields
+        {"page_ins": 1},  # not one of its fields
+        {"dtype": "DATA_TYPE_FLOAT32", "device_bytes": "-5"},
         ["not", "an", "object"],
     ],
 )
 def test_what_an_entry_says_its_version_served_as_is_checked(
     settings: Settings, served: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An entry's "served" facts that are not ModelInfo JSON of a dtype, inputs and
-    outputs a version can have are ignored (logged), and the version restores without
-    them, at the store tier, built from its skeleton at its first request."""
+    """An entry's "served" facts that are not ModelInfo JSON of a dtype, inputs, outputs
+    and device bytes a version can have are ignored (logged), and the version restores
+    without them, at the store tier, built from its skeleton at its first request."""
     restoring = dataclasses.replace(settings, restore=True, device_memory_budget=1 << 20)
     model = mlp(3)
     with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
@@ -134,7 +135,8 @@ def test_what_an_entry_says_its_version_served_as_is_checked(
         load(client)
     record = json.loads((settings.store / RECORD).read_text())
     (entry,) = record["value"]
-    assert entry["served"] == {"dtype": "DATA_TYPE_FLOAT32"}  # what it says, untouched
+    weights = str(4 * (4 * 8 + 8 + 8 * 3 + 3))  # mlp's, with no warm-up: all it holds
+    assert entry["served"] == {"dtype": "DATA_TYPE_FLOAT32", "device_bytes": weights}
     entry["served"] = served
     (settings.store / RECORD).write_text(json.dumps(record))
     with (
@@ -147,3 +149,28 @@ def test_what_an_entry_says_its_version_served_as_is_checked(
         logged = "ignoring the entry's 'served'" in caplog.text
         assert logged == (served != {"dtype": "DATA_TYPE_BOOL"}), caplog.text
         np.testing.assert_allclose(client.predict("m", X), reference(model, X), rtol=1e-5)
+
+
+def test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it(
+    settings: Settings,
+) -> None:
+    """A restored version reserves at its first page-in what its entry says it held
+    (red team 16, F8). An entry that says more than the device's budget (written under a
+    larger one, or edited) does not make it not fit: it counts the budget at most until
+    its build measures what it really holds."""
+    budget = 1 << 20
+    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=budget)
+    model = mlp(3)
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", saved(model))
+        load(client)
+        weights = client.get_model("m").device_bytes
+    record = json.loads((settings.store / RECORD).read_text())
+    record["value"][0]["served"]["device_bytes"] = str(1 << 50)
+    (settings.store / RECORD).write_text(json.dumps(record))
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        info = client.get_model("m")
+        assert (info.tier, info.device_bytes) == ("store", budget)
+        np.testing.assert_allclose(client.predict("m", X), reference(model, X), rtol=1e-5)
+        info = client.get_model("m")
+        assert (info.tier, info.device_bytes, info.page_ins) == ("resident", weights, 1)

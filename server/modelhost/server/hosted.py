@@ -68,11 +68,13 @@ def stays_resident(request: LoadRequest, device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class Served:
-    """What a version serves as: its weights' dtype, its inputs and outputs."""
+    """What a version serves as: its weights' dtype, its inputs and outputs, and what it
+    holds on its device (weights and workspace; None if not known)."""
 
     dtype: torch.dtype
     inputs: tuple[InputSpec, ...]
     outputs: tuple[InputSpec, ...]
+    device_bytes: int | None = None
 
 
 @dataclass
@@ -116,8 +118,10 @@ class HostedModel:
     def served(self) -> Served | None:
         """What it serves as; unbuilt, what the record said (None if it said nothing)."""
         if not self.built:
-            return self.recorded
-        return Served(self.loaded.dtype, self.runner.inputs, self.runner.outputs)
+            if self.recorded is None:
+                return None
+            return dataclasses.replace(self.recorded, device_bytes=self.device_bytes)
+        return Served(self.loaded.dtype, self.runner.inputs, self.runner.outputs, self.device_bytes)
 
     @property
     def stays(self) -> bool:

@@ -273,21 +273,28 @@ class _Records:
             dtype=codec.data_type(served.dtype),
             inputs=_specs(served.inputs),
             outputs=_specs(served.outputs),
+            device_bytes=served.device_bytes or 0,
         )
         return json_format.MessageToDict(info, preserving_proto_field_name=True)
 
     def load_served(self, entry: dict[str, Any]) -> Served:
         """ValueError unless it is ModelInfo JSON of those fields only, within bounds."""
-        if not isinstance(entry, dict) or not set(entry) <= {"dtype", "inputs", "outputs"}:
-            raise ValueError("not ModelInfo JSON of dtype, inputs and outputs")
+        if not isinstance(entry, dict) or not set(entry) <= _SERVED_FIELDS:
+            raise ValueError("not ModelInfo JSON of dtype, inputs, outputs and device_bytes")
         info = json_format.ParseDict(entry, pb.ModelInfo())
         if max(len(info.inputs), len(info.outputs)) > MAX_SERVED_SPECS:
             raise ValueError(f"more than {MAX_SERVED_SPECS} inputs or outputs")
+        if info.device_bytes < 0:
+            raise ValueError("negative device_bytes")
         return Served(
             codec.torch_dtype(info.dtype),
             tuple(_spec(given) for given in info.inputs),
             tuple(_spec(given) for given in info.outputs),
+            info.device_bytes or None,
         )
+
+
+_SERVED_FIELDS = {"dtype", "inputs", "outputs", "device_bytes"}
 
 
 MAX_SERVED_SPECS = 4096

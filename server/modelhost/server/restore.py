@@ -2,9 +2,10 @@
 loaded, and the checkpoint bytes each loaded, kept in the store as `hosted-models.json`.
 
 An entry is `{"request": <the LoadModelRequest, as protobuf JSON>, "loaded_checkpoint":
-<the checkpoint record it loaded>, "served": <its dtype, inputs and outputs, as ModelInfo
-JSON>}`: messages themselves, so `buf breaking` guards the record's compatibility. What it
-served as lets a version restored at the store tier show them before it is built.
+<the checkpoint record it loaded>, "served": <its dtype, inputs, outputs and device bytes,
+as ModelInfo JSON>}`: messages themselves, so `buf breaking` guards the record's
+compatibility. What it served as lets a version restored at the store tier show them
+before it is built, and its first page-in reserve its weights and workspace at once.
 `RecordFormat` converts (messages.py supplies it: nothing here knows protobuf). The store
 keeps the bytes an entry names until no entry names them. Entries written before this
 format (flat LoadRequest fields) still read.
