@@ -2053,6 +2053,14 @@ MUTANTS = [
             "test_what_an_entry_says_its_version_served_as_is_checked[served5]",
         ),
     ),
+    Mutant(
+        "cache: a request retried after its version was unloaded counts twice",
+        SERVER + "cache.py",
+        "        with self._paging:\n            hosted.paging_waiters += 1\n",
+        "        self._metrics.cache_requests.labels(\"miss\").inc()\n"
+        "        with self._paging:\n            hosted.paging_waiters += 1\n",
+        ("tests/test_cache_claims.py::test_a_rollout_fails_no_request_whose_version_a_claim_evicted",),
+    ),
 ]
 
 

@@ -89,10 +89,12 @@ def test_a_rollout_fails_no_request_whose_version_a_claim_evicted(settings: Sett
     use; requests that found version 1 resident wait for the claim, version 1 is evicted
     under them, and the rollout's UnloadModel of version 1 told them it was unloaded while
     it waited to be paged in (UNAVAILABLE). A request for the newest version now goes to
-    the newest one left: no request fails, without the client's retries."""
+    the newest one left: no request fails, without the client's retries, and each counts
+    one cache request (review 18: those that went on counted two)."""
     with serving(settings, 400) as (server, client):  # room for one of them
         host(client, "m", SMALL, 1, delay=BRIEF)
         failures: list[Exception] = []
+        answered: list[None] = []
         stop = threading.Event()
 
         def call() -> None:
@@ -102,6 +104,7 @@ def test_a_rollout_fails_no_request_whose_version_a_claim_evicted(settings: Sett
                 while not stop.is_set():
                     try:
                         once.predict("m", X)
+                        answered.append(None)
                     except ModelHostError as error:
                         failures.append(error)
 
@@ -119,6 +122,11 @@ def test_a_rollout_fails_no_request_whose_version_a_claim_evicted(settings: Sett
             stop.set()
         assert not failures, failures[:3]
         assert claims(server, "got_room") >= 1
+        counted = sum(
+            counter(server, "modelhost_cache_requests_total", result=result)
+            for result in ("hit", "miss")
+        )
+        assert counted == len(answered)
         np.testing.assert_allclose(client.predict("m", X), reference(new, X), rtol=1e-5)
         assert [m.version for m in client.list_models()] == [2]
 

@@ -630,13 +630,13 @@ class ModelCache:
     async def ensure_resident(self, hosted: HostedModel, deadline: float | None) -> bool:
         """Returns once `hosted` is on its device, paging it in if needed (one page-in
         shared by every request that waits for it): False if it was resident (a hit).
+        A request whose page-in fails is counted neither a hit nor a miss.
         DeadlineExpired at the deadline; a page-in that ended at the deadlines of the
         others is started again while this request has time left."""
         await self._while_drained(hosted, deadline)
         if hosted.tier == RESIDENT:
             self._metrics.cache_requests.labels("hit").inc()
             return False
-        self._metrics.cache_requests.labels("miss").inc()
         with self._paging:
             hosted.paging_waiters += 1
         try:
@@ -651,6 +651,8 @@ class ModelCache:
                 f"model {hosted.name!r} version {hosted.version} was unloaded while it "
                 "waited to be paged in"
             )
+        # Counted once paged in: a request retried after VersionUnloaded counts once.
+        self._metrics.cache_requests.labels("miss").inc()
         return True
 
     @staticmethod
