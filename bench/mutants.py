@@ -2057,9 +2057,11 @@ MUTANTS = [
         "cache: a request retried after its version was unloaded counts twice",
         SERVER + "cache.py",
         "        with self._paging:\n            hosted.paging_waiters += 1\n",
-        "        self._metrics.cache_requests.labels(\"miss\").inc()\n"
+        '        self._metrics.cache_requests.labels("miss").inc()\n'
         "        with self._paging:\n            hosted.paging_waiters += 1\n",
-        ("tests/test_cache_claims.py::test_a_rollout_fails_no_request_whose_version_a_claim_evicted",),
+        (
+            "tests/test_cache_claims.py::test_a_rollout_fails_no_request_whose_version_a_claim_evicted",
+        ),
     ),
 ]
 
