@@ -456,8 +456,8 @@ MUTANTS = [
         ("tests/test_compiled.py::test_warm_up_shapes_run_compiled_code_and_any_row_count_does",),
     ),
     Mutant(
-        "models: a LoadModel refuses no warmup_shape of too many dimensions",
-        SERVER + "models.py",
+        "load_checks: a LoadModel refuses no warmup_shape of too many dimensions",
+        SERVER + "load_checks.py",
         "if len(request.warmup_shape) > codec.MAX_RANK:",
         "if False:",
         (
@@ -1448,13 +1448,13 @@ MUTANTS = [
     Mutant(
         "models: a model whose rows depend on the batch is batched",
         SERVER + "models.py",
-        "            policy = _rows_policy(found, policy, request, spec.name)",
+        "            policy = rows_policy(found, policy, request, spec.name)",
         "            pass",
         ("tests/test_batching.py::test_a_model_whose_rows_depend_on_the_batch_is_not_batched",),
     ),
     Mutant(
-        "models: a rows check calls rounding a difference",
-        SERVER + "models.py",
+        "rows_check: a rows check calls rounding a difference",
+        SERVER + "rows_check.py",
         "<= ROWS_CHECK_TOLERANCE * largest + 1e-6",
         "<= 0",
         ("tests/test_batching.py::test_a_model_whose_rows_are_independent_is_batched",),
@@ -1528,8 +1528,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "models: a model whose outputs are random is found to mix rows",
-        SERVER + "models.py",
+        "rows_check: a model whose outputs are random is found to mix rows",
+        SERVER + "rows_check.py",
         "        if not _same_outputs(again, alone):",
         "        if False:",
         (
@@ -1653,8 +1653,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "models: a rows check that cannot tell leaves the model batched (fails open)",
-        SERVER + "models.py",
+        "rows_check: a rows check that cannot tell leaves the model batched (fails open)",
+        SERVER + "rows_check.py",
         "    if mixes is False:",
         "    if not mixes:",
         (
@@ -1663,8 +1663,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "models: the rows check compares NaN-blind (NaN counts as alike)",
-        SERVER + "models.py",
+        "rows_check: the rows check compares NaN-blind (NaN counts as alike)",
+        SERVER + "rows_check.py",
         "    alone, batched = alone.double(), batched.double()",
         "    return not float((batched.double() - alone.double()).abs().max()) > (\n"
         "        ROWS_CHECK_TOLERANCE * float(alone.double().abs().max()) + 1e-6\n"
@@ -1675,8 +1675,8 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        "models: the rows check draws normal rows only",
-        SERVER + "models.py",
+        "rows_check: the rows check draws normal rows only",
+        SERVER + "rows_check.py",
         ', "uniform": "uniform rows in [0, 1)"}',
         "}",
         (

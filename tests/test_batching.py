@@ -876,7 +876,7 @@ def test_a_model_undefined_on_negative_values_whose_rows_depend_on_the_batch_is_
     uniform rows are drawn too (what finds the refusing model). Each is found to depend
     on the batch, and each caller gets what it gets alone."""
     client = domain_client
-    with caplog.at_level(logging.WARNING, "modelhost.server.models"):
+    with caplog.at_level(logging.WARNING, "modelhost.server.rows_check"):
         model = serve_domain(client, "m", **args)
     assert client.get_model("m").batching.max_batch_size == 1
     assert f"depend on the other rows of its batch (they differ run alone, with {shown_by})" in (
@@ -925,7 +925,7 @@ def test_a_rows_check_over_max_predict_bytes_runs_small_rows_or_fails_closed(
     with (
         running(bounded) as server,
         ModelHostClient(server.target, timeout=120) as client,
-        caplog.at_level(logging.WARNING, "modelhost.server.models"),
+        caplog.at_level(logging.WARNING, "modelhost.server.rows_check"),
     ):
         serve(client, "slow", architecture="slow_mlp", architecture_args={"delay": 0.5})
         model = serve_domain(client, "open", negatives="", warmup_shape=(1, WIDE))
@@ -952,7 +952,7 @@ def test_a_model_whose_outputs_are_random_is_batched_only_when_the_load_asks(
     they do not. Such a model is not batched unless the load gives a max_batch_size: the
     explicit opt-in. One whose rows are found to depend on the batch is not batched even
     then."""
-    with caplog.at_level(logging.WARNING, "modelhost.server.models"):
+    with caplog.at_level(logging.WARNING, "modelhost.server.rows_check"):
         serve(client, "sampler", architecture="sampler")
         serve(client, "asked", architecture="sampler", batching={"max_batch_size": 8})
         serve(client, "gram", architecture="gram", batching={"max_batch_size": 8})

@@ -20,10 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from modelhost.client import codec
-from modelhost.client.predict import SINGLE_INPUT
 from modelhost.server.activations import measure
-from modelhost.server.architectures import ArchitectureCatalog, parse_args
+from modelhost.server.architectures import ArchitectureCatalog
 from modelhost.server.batching import Batcher, BatchPolicy, Lane, LanePool, preferred_batch_size
 from modelhost.server.cache import ROOM_WAIT_SECONDS, ModelCache, NoRoomInTime
 from modelhost.server.devices import Workspace, resolve_device
@@ -38,6 +36,12 @@ from modelhost.server.errors import (
 from modelhost.server.hosted import STORE, HostedModel, Served, stays_resident
 from modelhost.server.images import Preprocessing
 from modelhost.server.inference import InputSpec, Runner, fixed_batch, uses_cuda_graphs
+from modelhost.server.load_checks import (
+    batch_policy,
+    check_label_count,
+    check_request,
+    check_warmup_fits,
+)
 from modelhost.server.loading import (
     PROBE_SIZES,
     WEIGHT_DTYPES,
@@ -54,21 +58,14 @@ from modelhost.server.metrics import Metrics
 from modelhost.server.names import check_name
 from modelhost.server.registry import Registry
 from modelhost.server.restore import RestoreRecord
+from modelhost.server.rows_check import mixes_rows, rows_policy
 from modelhost.server.settings import (
-    MAX_BATCH_SIZE,
-    MAX_QUEUE_DELAY_US,
-    MAX_QUEUE_SIZE,
     Settings,
 )
 from modelhost.server.store import CheckpointRecord, CheckpointStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-MAX_LABELS = 100_000
-MAX_LABEL_BYTES = 1024
-MAX_LABELS_BYTES = 4 << 20
-COMPILE_MODES = {"", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
 
 
 class Models:
@@ -409,8 +406,8 @@ class Models:
         the workspace the warm-up needed against the device's budget (`room`): on a GPU
         the allocator's peak around it, on the CPU the estimate for its largest batch."""
         assert loaded.module is not None
-        _check_label_count(request.labels, runner.outputs)  # before a warm-up is spent
-        _check_warmup_fits(request.warmup_shape, runner.inputs)
+        check_label_count(request.labels, runner.outputs)  # before a warm-up is spent
+        check_warmup_fits(request.warmup_shape, runner.inputs)
         if _compiles_first(loaded.device, request):
             # Compiling takes seconds to minutes: done before the measured warm-up, which
             # holds the device's measurements, and not counted (it is not serving's need).
@@ -427,7 +424,7 @@ class Models:
         if workspace_bytes:
             room(loaded.device_bytes + workspace_bytes)
         categories = loaded.weights_meta.get("categories", [])
-        _check_label_count(request.labels, runner.outputs)  # outputs the warm-up found
+        check_label_count(request.labels, runner.outputs)  # outputs the warm-up found
         return HostedModel(
             name=spec.name,
             version=version,
@@ -484,8 +481,8 @@ class Models:
         if runner.activations is not None:
             log.info("%s: activations %s", spec.name, runner.activations.describe())
         if policy.max_batch_size > 1 and not runner.is_detection and self._user_code(spec):
-            found = _mixes_rows(runner, lane, inputs, request.warmup_shape)
-            policy = _rows_policy(found, policy, request, spec.name)
+            found = mixes_rows(runner, lane, inputs, request.warmup_shape)
+            policy = rows_policy(found, policy, request, spec.name)
         if not request.warmup_shape:
             return policy
         measure = policy.max_batch_size > 1 and not policy.preferred_batch_size
@@ -715,93 +712,6 @@ class Models:
         self._frees.shutdown(wait=False)
 
 
-def check_request(request: LoadRequest, settings: Settings, device: torch.device) -> LoadSpec:
-    """The checked, resolved spec of what to load; InvalidArgument says what is wrong."""
-    if request.dtype is not None and request.dtype not in WEIGHT_DTYPES:
-        raise InvalidArgument(
-            f"dtype {str(request.dtype).removeprefix('torch.')} cannot hold weights: "
-            "use float32, float16 or bfloat16"
-        )
-    if request.version < 0:
-        raise InvalidArgument(f"version {request.version} is negative")
-    if request.compile not in COMPILE_MODES:
-        raise InvalidArgument(
-            f"compile mode {request.compile!r:.80} is not one of {sorted(COMPILE_MODES - {''})} "
-            "(or none)"
-        )
-    if request.autocast is not None and request.autocast not in WEIGHT_DTYPES:
-        raise InvalidArgument(
-            f"autocast {str(request.autocast).removeprefix('torch.')}: use float16 or bfloat16"
-        )
-    shape = f"warmup_shape {list(request.warmup_shape)!s:.100}"
-    if len(request.warmup_shape) > codec.MAX_RANK:
-        raise InvalidArgument(
-            f"{shape} has {len(request.warmup_shape)} dimensions; at most {codec.MAX_RANK} "
-            "(as any Predict input)"
-        )
-    if any(dim < 1 for dim in request.warmup_shape):
-        raise InvalidArgument(f"{shape} must be positive")
-    elements = functools.reduce(int.__mul__, request.warmup_shape, 1)
-    if elements > settings.max_tensor_elements:
-        raise InvalidArgument(
-            f"{shape} has {elements} elements; the limit is "
-            f"{settings.max_tensor_elements} (max_tensor_elements)"
-        )
-    if request.checkpoint and request.weights:
-        raise InvalidArgument(
-            "LoadModel takes a checkpoint or pretrained weights, not both: "
-            f"checkpoint {request.checkpoint!r:.100}, weights {request.weights!r:.100}"
-        )
-    if not (request.checkpoint or request.weights):
-        raise InvalidArgument("LoadModel needs a checkpoint or pretrained weights")
-    _check_labels(request.labels)
-    batch_policy(request, settings)  # checked now; each build makes its own
-    return LoadSpec(
-        name=check_name(request.name, "model"),
-        architecture=request.architecture,
-        args=parse_args(request.architecture_args),
-        checkpoint=check_name(request.checkpoint, "checkpoint") if request.checkpoint else "",
-        device=resolve_device(request.device, str(device)),
-        dtype=request.dtype,
-        strict=request.strict,
-        weights=request.weights,
-        channels_last=request.channels_last,
-    )
-
-
-def _check_labels(labels: Sequence[str]) -> None:
-    """Labels are kept in the restore record too: their count and size are bounded."""
-    if len(labels) > MAX_LABELS:
-        raise InvalidArgument(f"{len(labels)} labels; at most {MAX_LABELS} are allowed")
-    total = 0
-    for label in labels:
-        size = len(label.encode())
-        if size > MAX_LABEL_BYTES:
-            raise InvalidArgument(
-                f"label {label:.40}... takes more than {MAX_LABEL_BYTES} bytes in UTF-8"
-            )
-        total += size
-    if total > MAX_LABELS_BYTES:
-        raise InvalidArgument(
-            f"the labels take {total:,} bytes in UTF-8; at most {MAX_LABELS_BYTES:,} are allowed"
-        )
-
-
-def _check_warmup_fits(warmup_shape: Sequence[int], inputs: Sequence[InputSpec]) -> None:
-    """Refuses a warmup_shape the model's one known input cannot take, by that name: the
-    model's own error would name a shape the caller never sent."""
-    if not warmup_shape or len(inputs) != 1:
-        return
-    want = inputs[0].shape
-    if len(want) != len(warmup_shape) or any(
-        w not in (-1, got) for w, got in zip(want, warmup_shape, strict=False)
-    ):
-        raise InvalidArgument(
-            f"warmup_shape {list(warmup_shape)} does not fit the model's input "
-            f"{inputs[0].name!r}, which takes {list(want)} (-1: any size)"
-        )
-
-
 def _recorded_workspace(served: Served | None, weights: int, limit: int | None) -> int:
     """The workspace a restored version held beyond its `weights`, as its record says
     (red team 16, F8: without it, its first page-in reserved its weights only and had to
@@ -811,44 +721,6 @@ def _recorded_workspace(served: Served | None, weights: int, limit: int | None) 
         return 0
     held = served.device_bytes if limit is None else min(served.device_bytes, limit)
     return max(0, held - weights)
-
-
-def _check_label_count(labels: Sequence[str], outputs: Sequence[InputSpec]) -> None:
-    """Refuses labels that are not one per class of a model whose single output is known
-    to be [batch, classes] (top-k would mix labels and class numbers)."""
-    if not labels or len(outputs) != 1 or len(outputs[0].shape) != 2:
-        return
-    classes = outputs[0].shape[1]
-    if classes > 0 and classes != len(labels):
-        raise InvalidArgument(
-            f"{len(labels)} labels for a model with {classes} classes (its output "
-            f"{outputs[0].name!r} is [batch, {classes}]): give one label per class"
-        )
-
-
-def batch_policy(request: LoadRequest, settings: Settings) -> BatchPolicy:
-    """The request's batching, the server's defaults where it sets none, checked."""
-    policy = BatchPolicy(
-        max_batch_size=request.max_batch_size or settings.max_batch_size,
-        max_queue_delay_us=request.max_queue_delay_us or settings.max_queue_delay_us,
-        max_queue_size=request.max_queue_size or settings.max_queue_size,
-        preferred_batch_size=request.preferred_batch_size,
-    )
-    for field, value, limit in (
-        ("max_batch_size", policy.max_batch_size, MAX_BATCH_SIZE),
-        ("max_queue_size", policy.max_queue_size, MAX_QUEUE_SIZE),
-        ("max_queue_delay_us", policy.max_queue_delay_us + 1, MAX_QUEUE_DELAY_US + 1),
-    ):
-        if not 1 <= value <= limit:
-            raise InvalidArgument(
-                f"batching {field}={getattr(policy, field)} is outside its range (at most {limit})"
-            )
-    if not 0 <= policy.preferred_batch_size <= policy.max_batch_size:
-        raise InvalidArgument(
-            f"batching preferred_batch_size={policy.preferred_batch_size} must be between 0 "
-            f"and max_batch_size ({policy.max_batch_size})"
-        )
-    return policy
 
 
 def _check_one_image_fits(runner: Runner, inputs: list[InputSpec]) -> None:
@@ -901,191 +773,6 @@ def _measure_by_running(
     runner.activations = measure(peak, [given.shape for given in inputs])
     if runner.activations is None and warmup_shape and len(inputs) == 1:
         runner.activations = measure(peak, [(-1, *warmup_shape[1:])])
-
-
-ROWS_CHECK_SIZE = 32
-"""The size a rows check gives each dimension a model's declared input leaves open: small,
-so that two rows stay within max_predict_bytes (not the warm-up's row size)."""
-
-ROWS_CHECK_DRAWS = {"normal": "standard normal rows", "uniform": "uniform rows in [0, 1)"}
-"""The rows check's draws of float rows, in order: uniform ones for a model that refuses
-negative values or answers NaN for them (a square root, a log, a check of pixel values)."""
-
-ROWS_CHECK_TOLERANCE = 0.05
-"""How far a row's floating-point outputs may move in a batch, as a share of their
-largest finite magnitude alone: batched kernels round differently (TF32, bfloat16)."""
-
-
-def _mixes_rows(
-    runner: Runner, lane: Lane, inputs: list[InputSpec], warmup_shape: Sequence[int]
-) -> tuple[bool | None, str]:
-    """Whether the user's model answers a row differently in a batch of two distinct
-    random rows than alone (`x @ x.T`, a normalisation over the batch): dynamic batching
-    would give such a model's callers values computed from each other's inputs.
-
-    Returns (True, the rows that showed it); (False, "") when no draw showed a
-    difference, none gave random outputs, and at least one compared finite outputs; or
-    (None, why) when it cannot tell. It fails closed: `_rows_policy` turns batching off
-    for None as for True, unless the load asks for a max_batch_size. It cannot tell when
-    no draw of rows gives finite outputs the model answers alike twice: the model fails
-    on them (it refuses their values, or two rows cost more than max_predict_bytes), its
-    outputs are not finite (NaN, inf: they may hide what moved), or they are random
-    (sampling, dropout left on: a row alone, run twice, differs, so no difference proves
-    anything either way).
-
-    Rows are drawn twice (`ROWS_CHECK_DRAWS`): a draw that shows a difference decides;
-    otherwise one that compares finite outputs is enough, so a model that is undefined
-    on negative values is still checked, and batched when it passes. They are shaped by
-    the declared input, each open dimension `ROWS_CHECK_SIZE`, and failing that by the
-    load's `warmup_shape` (whose rows may cost more). Without either, nothing is checked
-    and (False, "") is returned, as the README says."""
-    shapes: list[list[InputSpec]] = [inputs] if inputs else []
-    if warmup_shape and len(inputs) <= 1:
-        name = inputs[0].name if inputs else SINGLE_INPUT
-        dtype = inputs[0].dtype if inputs else runner.dtype
-        warm = [InputSpec(name, dtype, (-1, *warmup_shape[1:]))]
-        if not inputs or any(d == -1 for d in inputs[0].shape[1:]):
-            shapes.append(warm)
-    reasons: list[str] = []
-    for specs in shapes:
-        mixes, why = _rows_check(runner, lane, specs)
-        if mixes is not None:
-            return mixes, why
-        size = "x".join(map(str, probe_shape(specs[0], 2, ROWS_CHECK_SIZE)))
-        reasons.append(f"{size} inputs {why}" if len(shapes) > 1 else why)
-    return (None, "; ".join(reasons)) if reasons else (False, "")
-
-
-def _rows_check(runner: Runner, lane: Lane, specs: list[InputSpec]) -> tuple[bool | None, str]:
-    """`_mixes_rows` at one shape of rows: each draw's pair run together, and its first
-    row alone twice."""
-    generator = torch.Generator().manual_seed(0)
-    told = random = False
-    unknown: dict[str, list[str]] = {}  # why a draw cannot tell: its rows
-    for draw, rows in ROWS_CHECK_DRAWS.items():
-        pair = {
-            given.name if len(specs) > 1 else SINGLE_INPUT: _random_rows(
-                probe_shape(given, 2, ROWS_CHECK_SIZE), given.dtype, generator, draw
-            )
-            for given in specs
-        }
-        first = {name: tensor[:1] for name, tensor in pair.items()}
-        try:
-            together = lane.call(runner.run_uncompiled, pair).result()
-            alone = lane.call(runner.run_uncompiled, first).result()
-            again = lane.call(runner.run_uncompiled, first).result()
-        except Exception as error:
-            unknown.setdefault(f"it fails: {_briefly(error)}", []).append(rows)
-            continue
-        if not _same_outputs(again, alone):
-            random = True  # sampling, dropout left on: no difference proves anything
-            why = "its outputs are random (a row alone twice differs)"
-            unknown.setdefault(why, []).append(rows)
-            continue
-        if together.keys() != alone.keys() or not all(
-            tensor.dim() > 0 and _alike(tensor[:1], alone[name])
-            for name, tensor in together.items()
-        ):
-            return True, rows
-        if all(_finite(tensor) for tensor in alone.values()):
-            told = True
-        else:
-            unknown.setdefault("its outputs are not finite", []).append(rows)
-    if told and not random:
-        return False, ""
-    return None, "; ".join(f"with {' and '.join(on)}, {why}" for why, on in unknown.items())
-
-
-def _random_rows(
-    shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator, draw: str
-) -> torch.Tensor:
-    """Rows of `draw` ("normal", "uniform") for a float input; 0 or 1 for any other (ids
-    every vocabulary has, booleans)."""
-    if not dtype.is_floating_point:
-        return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype)
-    if draw == "uniform":
-        return torch.rand(tuple(shape), generator=generator).to(dtype)
-    return torch.randn(tuple(shape), generator=generator).to(dtype)
-
-
-def _briefly(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _same_outputs(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
-    return first.keys() == second.keys() and all(_alike(first[n], t) for n, t in second.items())
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
-
-
-def _alike(batched: torch.Tensor, alone: torch.Tensor) -> bool:
-    """Whether `batched` answers as `alone`: the same shape; for floating-point outputs
-    NaN, +inf and -inf at the same places and the finite values within
-    `ROWS_CHECK_TOLERANCE` of the largest finite magnitude alone; any other dtype (ids,
-    classes, booleans) equal."""
-    if batched.shape != alone.shape or batched.dtype != alone.dtype:
-        return False
-    if not alone.is_floating_point():
-        return torch.equal(batched, alone)
-    alone, batched = alone.double(), batched.double()
-    for mark in (torch.isnan, torch.isposinf, torch.isneginf):
-        if not torch.equal(mark(batched), mark(alone)):
-            return False
-    finite = torch.isfinite(alone) & torch.isfinite(batched)  # the same places, by now
-    if not bool(finite.any()):
-        return True
-    alone, batched = alone[finite], batched[finite]
-    largest = float(alone.abs().max())
-    return float((batched - alone).abs().max()) <= ROWS_CHECK_TOLERANCE * largest + 1e-6
-
-
-def _rows_policy(
-    found: tuple[bool | None, str], policy: BatchPolicy, request: LoadRequest, name: str
-) -> BatchPolicy:
-    """The batching a rows check leaves (`_mixes_rows`). Rows found independent keep
-    `policy`. Rows found to depend on the batch turn batching off (max_batch_size 1),
-    even against the load's own max_batch_size: batched, callers would get values
-    computed from each other's inputs. A check that cannot tell turns it off too (fails
-    closed) unless the load gave batching a max_batch_size itself: that explicit
-    max_batch_size is the opt-in for a model whose rows are independent in a way the
-    check cannot see (random outputs, values it refuses), and it is kept, with a
-    warning."""
-    mixes, why = found
-    if mixes is False:
-        return policy
-    if mixes:
-        asked = f"; the load's max_batch_size {request.max_batch_size} is not kept"
-        log.warning(
-            "%s: a row's outputs depend on the other rows of its batch (they differ run "
-            "alone, with %s): batching off (max_batch_size 1%s), or callers batched together "
-            "would get values computed from each other's inputs",
-            name,
-            why,
-            asked if request.max_batch_size > 1 else "",
-        )
-    elif request.max_batch_size > 1:
-        log.warning(
-            "%s: the rows check cannot tell whether a row's outputs depend on the other "
-            "rows of its batch: %s. Batched as the load asks (max_batch_size %d): if they "
-            "do, callers batched together get values computed from each other's inputs",
-            name,
-            why,
-            request.max_batch_size,
-        )
-        return policy
-    else:
-        log.warning(
-            "%s: the rows check cannot tell whether a row's outputs depend on the other "
-            "rows of its batch: %s. Batching off (max_batch_size 1); if each row's "
-            "outputs depend on its own input row only, load it with batching "
-            "max_batch_size above 1 to batch it",
-            name,
-            why,
-        )
-    return dataclasses.replace(policy, max_batch_size=1, preferred_batch_size=0)
 
 
 def _check_measured(runner: Runner, name: str) -> None:
