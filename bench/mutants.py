@@ -368,8 +368,8 @@ MUTANTS = [
     Mutant(
         "cache: a request whose version was unloaded during its page-in runs on no module",
         SERVER + "cache.py",
-        "        if hosted.tier != RESIDENT:\n            raise VersionUnloaded(",
-        "        if False:\n            raise VersionUnloaded(",
+        "            if hosted.tier != RESIDENT:\n                raise VersionUnloaded(",
+        "            if False:\n                raise VersionUnloaded(",
         (
             "tests/test_cache.py::"
             "test_a_version_unloaded_while_its_page_in_waits_answers_unavailable",
@@ -2050,17 +2050,47 @@ MUTANTS = [
         "        if False:\n",
         (
             "tests/test_restore_record_hostile.py::"
-            "test_what_an_entry_says_its_version_served_as_is_checked[served5]",
+            "test_what_an_entry_says_its_version_served_as_is_checked[negative-bytes]",
         ),
     ),
     Mutant(
         "cache: a request retried after its version was unloaded counts twice",
         SERVER + "cache.py",
-        "        with self._paging:\n            hosted.paging_waiters += 1\n",
-        '        self._metrics.cache_requests.labels("miss").inc()\n'
-        "        with self._paging:\n            hosted.paging_waiters += 1\n",
+        "            if not isinstance(error, VersionUnloaded):\n"
+        '                self._metrics.cache_requests.labels("miss").inc()\n',
+        '            self._metrics.cache_requests.labels("miss").inc()\n',
         (
             "tests/test_cache_claims.py::test_a_rollout_fails_no_request_whose_version_a_claim_evicted",
+        ),
+    ),
+    Mutant(
+        "cache: a request whose page-in failed is no cache miss",
+        SERVER + "cache.py",
+        "            if not isinstance(error, VersionUnloaded):\n",
+        "            if False:\n",
+        (
+            "tests/test_pagein_deadline.py::"
+            "test_a_page_in_gives_up_when_every_request_for_it_has_passed_its_deadline",
+        ),
+    ),
+    Mutant(
+        "cache: a restored version too large by its record beside pinned ones never pages in",
+        SERVER + "cache.py",
+        "            if hosted.built or not hosted.workspace_bytes:\n",
+        "            if True:\n",
+        (
+            "tests/test_restore_record_hostile.py::"
+            "test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it",
+        ),
+    ),
+    Mutant(
+        "hosted: a record rewritten while a version is unbuilt keeps the capped device bytes",
+        SERVER + "hosted.py",
+        "device_bytes=max(said, self.device_bytes))",
+        "device_bytes=self.device_bytes)",
+        (
+            "tests/test_restore_record_hostile.py::"
+            "test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it",
         ),
     ),
 ]

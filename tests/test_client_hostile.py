@@ -154,7 +154,7 @@ buffer (they grow on loopback: 19.6 MiB was seen on a loaded machine)."""
 
 
 class EndlessDownload(Fake):
-    """Announces `announced` bytes, then streams zeros (64 MiB at most: a real attacker
+    """Announces `announced` bytes, then streams zeros (ENDLESS at most: a real attacker
     never stops) for as long as the client takes them."""
 
     def __init__(

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from test_cache import counter
 
 from conftest import build, expect, reference
 from modelhost.client import ChannelConfig, ModelHostClient, ModelHostError, codec
@@ -138,10 +139,12 @@ def test_a_short_deadline_does_not_end_the_page_in_the_others_wait_for(
 
 
 def test_a_page_in_gives_up_when_every_request_for_it_has_passed_its_deadline(
-    client: ModelHostClient, once: ModelHostClient, twin: torch.nn.Module
+    client: ModelHostClient, once: ModelHostClient, server: Server, twin: torch.nn.Module
 ) -> None:
     """A later request's deadline extends the wait for room, but not beyond it: once both
-    requests have passed their deadlines, the page-in evicts nothing for nobody."""
+    requests have passed their deadlines, the page-in evicts nothing for nobody. Both
+    were cache misses (review 19, 4: a miss that did not get in counted nowhere, and
+    the hit ratio rose as the cache did worse)."""
     busy = keep_busy(client)
     first, took_first = late(once, 0.3)
     time.sleep(0.1)
@@ -154,6 +157,7 @@ def test_a_page_in_gives_up_when_every_request_for_it_has_passed_its_deadline(
     time.sleep(0.3)  # `busy` is idle: a page-in still waiting would evict it now
     assert client.get_model("h").page_ins == 0
     assert client.get_model("busy").tier == "resident"
+    assert counter(server, "modelhost_cache_requests_total", result="miss") == 2
     expected = reference(twin, X)  # and the next request pages it in
     np.testing.assert_allclose(once.predict("h", X, timeout=20), expected, rtol=1e-5, atol=1e-6)
 
@@ -189,6 +193,7 @@ def test_a_page_in_whose_callers_all_cancelled_evicts_nothing(
     time.sleep(0.3)  # `busy` is idle: a page-in still waiting would evict it now
     assert client.get_model("h").page_ins == 0
     assert client.get_model("busy").tier == "resident"
+    assert counter(server, "modelhost_cache_requests_total", result="miss") == 1  # cancelled
     expected = reference(twin, X)  # and the next request pages it in
     np.testing.assert_allclose(client.predict("h", X, timeout=20), expected, rtol=1e-5, atol=1e-6)
 

@@ -623,6 +623,23 @@ class ModelCache:
 
     # Paging in
 
+    def _reserve_page_in(self, hosted: HostedModel, key: Key, device: torch.device) -> None:
+        """Reserves `hosted`'s room now or not at all. A version not built yet (registered at
+        restart) knows its workspace only from its record, or from a build that found no
+        room for it: if that does not fit beside the pinned versions, it reserves its
+        weights and its build measures the workspace (review 19, 1: a record written under
+        another budget, or on another replica's GPU, blocked it for good)."""
+        while True:  # twice at most: the second time without a workspace
+            try:
+                self.reserve(
+                    key, device, hosted.device_bytes, deadline=time.monotonic(), asks_again=True
+                )
+                return
+            except OutOfMemory:
+                if hosted.built or not hosted.workspace_bytes:
+                    raise
+                hosted.workspace_bytes = 0
+
     def touch(self, hosted: HostedModel) -> None:
         hosted.used_order = next(self._clock)
         hosted.last_used = time.time()
@@ -630,9 +647,10 @@ class ModelCache:
     async def ensure_resident(self, hosted: HostedModel, deadline: float | None) -> bool:
         """Returns once `hosted` is on its device, paging it in if needed (one page-in
         shared by every request that waits for it): False if it was resident (a hit).
-        A request whose page-in fails is counted neither a hit nor a miss.
         DeadlineExpired at the deadline; a page-in that ended at the deadlines of the
-        others is started again while this request has time left."""
+        others is started again while this request has time left. A request that waited
+        for a page-in is a miss whether or not it got in, unless its version was unloaded
+        meanwhile (VersionUnloaded: Host.predict may send it on, counted there)."""
         await self._while_drained(hosted, deadline)
         if hosted.tier == RESIDENT:
             self._metrics.cache_requests.labels("hit").inc()
@@ -641,17 +659,20 @@ class ModelCache:
             hosted.paging_waiters += 1
         try:
             await self._wait_for_page_in(hosted, deadline)
+            if hosted.tier != RESIDENT:
+                raise VersionUnloaded(
+                    f"model {hosted.name!r} version {hosted.version} was unloaded while it "
+                    "waited to be paged in"
+                )
+        except BaseException as error:  # its deadline, no room, a failed load, cancelled
+            if not isinstance(error, VersionUnloaded):
+                self._metrics.cache_requests.labels("miss").inc()
+            raise
         finally:  # in time, at its deadline, or cancelled (its caller left)
             with self._paging:
                 hosted.paging_waiters -= 1
                 if not hosted.paging_waiters:
                     self.no_longer_wanted((hosted.name, hosted.version), str(hosted.loaded.device))
-        if hosted.tier != RESIDENT:
-            raise VersionUnloaded(
-                f"model {hosted.name!r} version {hosted.version} was unloaded while it "
-                "waited to be paged in"
-            )
-        # Counted once paged in: a request retried after VersionUnloaded counts once.
         self._metrics.cache_requests.labels("miss").inc()
         return True
 
@@ -774,9 +795,7 @@ class ModelCache:
         if move is not None:  # evicted a moment ago: its copy to the host is still running
             move.done.wait()
         try:  # never waits on this thread: page-ins that fit go on meanwhile
-            self.reserve(
-                key, device, hosted.device_bytes, deadline=time.monotonic(), asks_again=True
-            )
+            self._reserve_page_in(hosted, key, device)
         except BaseException as error:
             self._forget_if_unwanted(hosted)
             if isinstance(error, NoRoomInTime):

@@ -120,7 +120,10 @@ class HostedModel:
         if not self.built:
             if self.recorded is None:
                 return None
-            return dataclasses.replace(self.recorded, device_bytes=self.device_bytes)
+            # What the record said, unless it has learnt more: a budget that caps it here
+            # need not cap it at the next start (review 19, 2).
+            said = self.recorded.device_bytes or 0
+            return dataclasses.replace(self.recorded, device_bytes=max(said, self.device_bytes))
         return Served(self.loaded.dtype, self.runner.inputs, self.runner.outputs, self.device_bytes)
 
     @property

@@ -278,10 +278,12 @@ class _Records:
         return json_format.MessageToDict(info, preserving_proto_field_name=True)
 
     def load_served(self, entry: dict[str, Any]) -> Served:
-        """ValueError unless it is ModelInfo JSON of those fields only, within bounds."""
-        if not isinstance(entry, dict) or not set(entry) <= _SERVED_FIELDS:
-            raise ValueError("not ModelInfo JSON of dtype, inputs, outputs and device_bytes")
-        info = json_format.ParseDict(entry, pb.ModelInfo())
+        """ValueError unless it is ModelInfo JSON with a dtype, and inputs, outputs and
+        device_bytes within bounds. Other fields are skipped, known or not: a newer
+        server's record may say more (review 19, 3)."""
+        if not isinstance(entry, dict):
+            raise ValueError("not ModelInfo JSON")
+        info = json_format.ParseDict(entry, pb.ModelInfo(), ignore_unknown_fields=True)
         if max(len(info.inputs), len(info.outputs)) > MAX_SERVED_SPECS:
             raise ValueError(f"more than {MAX_SERVED_SPECS} inputs or outputs")
         if info.device_bytes < 0:
@@ -292,9 +294,6 @@ class _Records:
             tuple(_spec(given) for given in info.outputs),
             info.device_bytes or None,
         )
-
-
-_SERVED_FIELDS = {"dtype", "inputs", "outputs", "device_bytes"}
 
 
 MAX_SERVED_SPECS = 4096

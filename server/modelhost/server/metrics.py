@@ -225,8 +225,9 @@ class Metrics:
         )
         self.cache_requests = Counter(
             "modelhost_cache_requests",
-            "Predict requests that found their version resident (hit) or paged it in "
-            "(miss); the hit ratio is hit / (hit + miss).",
+            "Requests for a version that found it resident (hit) or waited for its "
+            "page-in (miss, also when the page-in failed); the hit ratio is hit / (hit + "
+            "miss). Requests whose version was unloaded while they waited count in neither.",
             ["result"],
             registry=r,
         )
