@@ -2093,6 +2093,16 @@ MUTANTS = [
             "test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it",
         ),
     ),
+    Mutant(
+        "models: a restored version counts a workspace measured on another kind of device",
+        SERVER + "models.py",
+        '    if served.device.partition(":")[0] != device.type:\n',
+        "    if False:\n",
+        (
+            "tests/test_restore_record_hostile.py::"
+            "test_device_bytes_measured_on_another_kind_of_device_are_not_counted",
+        ),
+    ),
 ]
 
 

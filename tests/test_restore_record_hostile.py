@@ -143,7 +143,11 @@ def test_what_an_entry_says_its_version_served_as_is_checked(
     record = json.loads((settings.store / RECORD).read_text())
     (entry,) = record["value"]
     weights = str(4 * (4 * 8 + 8 + 8 * 3 + 3))  # mlp's, with no warm-up: all it holds
-    assert entry["served"] == {"dtype": "DATA_TYPE_FLOAT32", "device_bytes": weights}
+    assert entry["served"] == {
+        "dtype": "DATA_TYPE_FLOAT32",
+        "device_bytes": weights,
+        "device": "cpu",
+    }
     entry["served"] = served
     (settings.store / RECORD).write_text(json.dumps(record))
     with (
@@ -192,3 +196,24 @@ def test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it(
         np.testing.assert_allclose(client.predict("m", X), reference(model, X), rtol=1e-5)
         info = client.get_model("m")
         assert (info.device_bytes, info.page_ins) == (weights, 1)
+
+
+def test_device_bytes_measured_on_another_kind_of_device_are_not_counted(
+    settings: Settings,
+) -> None:
+    """What a version held on a GPU (its allocator's peak) says nothing of what it holds
+    on the CPU (review 19, 2): a version restored onto another kind of device than its
+    record names counts its weights until its build measures its workspace."""
+    budget = 1 << 20
+    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=budget)
+    model = mlp(3)
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", saved(model))
+        load(client)
+        weights = client.get_model("m").device_bytes
+    record = json.loads((settings.store / RECORD).read_text())
+    record["value"][0]["served"] |= {"device": "cuda:0", "device_bytes": str(weights + 4096)}
+    (settings.store / RECORD).write_text(json.dumps(record))
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        assert client.get_model("m").device_bytes == weights
+        np.testing.assert_allclose(client.predict("m", X), reference(model, X), rtol=1e-5)

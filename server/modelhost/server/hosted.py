@@ -69,12 +69,13 @@ def stays_resident(request: LoadRequest, device: torch.device) -> bool:
 @dataclass(frozen=True)
 class Served:
     """What a version serves as: its weights' dtype, its inputs and outputs, and what it
-    holds on its device (weights and workspace; None if not known)."""
+    holds on its device (weights and workspace; None if not known), measured on `device`."""
 
     dtype: torch.dtype
     inputs: tuple[InputSpec, ...]
     outputs: tuple[InputSpec, ...]
     device_bytes: int | None = None
+    device: str = ""
 
 
 @dataclass
@@ -124,7 +125,13 @@ class HostedModel:
             # need not cap it at the next start (review 19, 2).
             said = self.recorded.device_bytes or 0
             return dataclasses.replace(self.recorded, device_bytes=max(said, self.device_bytes))
-        return Served(self.loaded.dtype, self.runner.inputs, self.runner.outputs, self.device_bytes)
+        return Served(
+            self.loaded.dtype,
+            self.runner.inputs,
+            self.runner.outputs,
+            self.device_bytes,
+            str(self.loaded.device),
+        )
 
     @property
     def stays(self) -> bool:

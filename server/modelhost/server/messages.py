@@ -274,6 +274,7 @@ class _Records:
             inputs=_specs(served.inputs),
             outputs=_specs(served.outputs),
             device_bytes=served.device_bytes or 0,
+            device=served.device,
         )
         return json_format.MessageToDict(info, preserving_proto_field_name=True)
 
@@ -293,6 +294,7 @@ class _Records:
             tuple(_spec(given) for given in info.inputs),
             tuple(_spec(given) for given in info.outputs),
             info.device_bytes or None,
+            info.device[:64],
         )
 
 

@@ -680,7 +680,7 @@ class Models:
             tier=STORE,
             built=False,
             recorded=served,
-            workspace_bytes=_recorded_workspace(served, nbytes, self.cache.limit(spec.device)),
+            workspace_bytes=_recorded_workspace(served, nbytes, spec.device, self.cache),
         )
         if hosted.pages_in_from:
             try:
@@ -712,13 +712,20 @@ class Models:
         self._frees.shutdown(wait=False)
 
 
-def _recorded_workspace(served: Served | None, weights: int, limit: int | None) -> int:
+def _recorded_workspace(
+    served: Served | None, weights: int, device: torch.device, cache: ModelCache
+) -> int:
     """The workspace a restored version held beyond its `weights`, as its record says
     (red team 16, F8: without it, its first page-in reserved its weights only and had to
-    claim again for its workspace). Never more than the budget leaves beside its weights:
-    a record written under a larger budget, or mangled, must not make it not fit."""
+    claim again for its workspace). Only if measured on a device of the same kind (a GPU
+    allocator's peak says nothing of a CPU estimate), and never more than the budget
+    leaves beside its weights: a record written under a larger budget, or mangled, must
+    not make it not fit (what pinned versions leave: `ModelCache._reserve_page_in`)."""
     if served is None or served.device_bytes is None:
         return 0
+    if served.device.partition(":")[0] != device.type:
+        return 0
+    limit = cache.limit(device)
     held = served.device_bytes if limit is None else min(served.device_bytes, limit)
     return max(0, held - weights)
 
