@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_restore import X, load, mlp, saved
 
 from conftest import reference
@@ -162,6 +163,26 @@ def test_what_an_entry_says_its_version_served_as_is_checked(
         np.testing.assert_allclose(client.predict("m", X), reference(model, X), rtol=1e-5)
 
 
+BUDGET = 1 << 20
+
+
+def hosted_then_recorded(
+    restoring: Settings, model: torch.nn.Module, served: dict[str, str], *, pinned: bool = False
+) -> int:
+    """Hosts `model` as "m" (and, if `pinned`, a pinned "p" of the same checkpoint), then
+    changes what the record says "m" served as by `served`; returns "m"'s device bytes."""
+    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
+        client.save_checkpoint("w", saved(model))
+        load(client)
+        if pinned:
+            client.load_model("p", architecture="tiny_mlp", checkpoint="w", residency="pinned")
+        weights: int = client.get_model("m").device_bytes
+    record = json.loads((restoring.store / RECORD).read_text())
+    record["value"][0]["served"] |= served
+    (restoring.store / RECORD).write_text(json.dumps(record))
+    return weights
+
+
 @pytest.mark.parametrize("pinned", [False, True], ids=["alone", "beside-a-pinned-one"])
 def test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it(
     settings: Settings, pinned: bool
@@ -173,22 +194,12 @@ def test_device_bytes_an_entry_says_beyond_the_budget_are_held_to_it(
     versions leave less than that, it reserves its weights and is built (review 19, 1:
     it could never be built). A record written meanwhile keeps what the entry said
     (review 19, 2: the cap here is no cap at the next start)."""
-    budget = 1 << 20
-    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=budget)
-    model = mlp(3)
-    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
-        client.save_checkpoint("w", saved(model))
-        load(client)
-        if pinned:
-            client.load_model("p", architecture="tiny_mlp", checkpoint="w", residency="pinned")
-        weights = client.get_model("m").device_bytes
-    record = json.loads((settings.store / RECORD).read_text())
-    said = str(1 << 50)
-    record["value"][0]["served"]["device_bytes"] = said
-    (settings.store / RECORD).write_text(json.dumps(record))
+    model, said = mlp(3), str(1 << 50)
+    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=BUDGET)
+    weights = hosted_then_recorded(restoring, model, {"device_bytes": said}, pinned=pinned)
     with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
         info = client.get_model("m")
-        assert (info.tier, info.device_bytes) == ("store", budget)
+        assert (info.tier, info.device_bytes) == ("store", BUDGET)
         client.save_checkpoint("w2", saved(mlp(4)))
         load(client, "other", "w2")  # writes the record
         (entry, *_) = json.loads((settings.store / RECORD).read_text())["value"]
@@ -204,16 +215,10 @@ def test_device_bytes_measured_on_another_kind_of_device_are_not_counted(
     """What a version held on a GPU (its allocator's peak) says nothing of what it holds
     on the CPU (review 19, 2): a version restored onto another kind of device than its
     record names counts its weights until its build measures its workspace."""
-    budget = 1 << 20
-    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=budget)
-    model = mlp(3)
-    with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
-        client.save_checkpoint("w", saved(model))
-        load(client)
-        weights = client.get_model("m").device_bytes
-    record = json.loads((settings.store / RECORD).read_text())
-    record["value"][0]["served"] |= {"device": "cuda:0", "device_bytes": str(weights + 4096)}
-    (settings.store / RECORD).write_text(json.dumps(record))
+    model, weights = mlp(3), 4 * (4 * 8 + 8 + 8 * 3 + 3)
+    restoring = dataclasses.replace(settings, restore=True, device_memory_budget=BUDGET)
+    on_a_gpu = {"device": "cuda:0", "device_bytes": str(weights + 4096)}
+    assert hosted_then_recorded(restoring, model, on_a_gpu) == weights
     with running(restoring) as server, ModelHostClient(server.target, timeout=60) as client:
         assert client.get_model("m").device_bytes == weights
         np.testing.assert_allclose(client.predict("m", X), reference(model, X), rtol=1e-5)
