@@ -1914,6 +1914,16 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "cache: a load or page-in refused for room another claims is not told of the claim",
+        SERVER + "cache.py",
+        "claimed_by = theirs.key if theirs is not None and self._kept(theirs) else None",
+        "claimed_by = None",
+        (
+            "tests/test_cache_races.py::"
+            "test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_meanwhile",
+        ),
+    ),
+    Mutant(
         "cache: others evict a claim's victims for room it has claimed",
         SERVER + "cache.py",
         "claimed = {id(h) for h in claim.victims} if claim else set()",

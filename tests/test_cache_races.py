@@ -624,7 +624,8 @@ def test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_mean
     that makes room now; a claim on the room of a version held by long requests lapses
     after CLAIM_SECONDS without evicting anything, its device makes no other claim for
     CLAIM_BACKOFF, and the page-in ends after ROOM_WAIT_SECONDS with RESOURCE_EXHAUSTED.
-    While the claim lives, another version pages in only into room it leaves free."""
+    While the claim lives, another version pages in only into room it leaves free, and
+    one refused meanwhile is told the claim held its room."""
     monkeypatch.setattr(cache, "ROOM_WAIT_SECONDS", 5.0)
     monkeypatch.setattr(cache, "CLAIM_AFTER", 0.5)
     monkeypatch.setattr(cache, "CLAIM_SECONDS", 2.0)
@@ -643,6 +644,7 @@ def test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_mean
         client.predict("hot", x)
         client.predict("used", x)
         sizes = {m.name: m.device_bytes for m in client.list_models()}
+        assert server.host is not None
         assert sizes["big"] + sizes["hot"] > 2100 >= sizes["hot"] + sizes["used"] + sizes["cold"]
         assert sizes["big"] + sizes["used"] > 2100
         assert client.get_model("cold").tier == "store"
@@ -668,6 +670,16 @@ def test_a_claim_that_cannot_drain_lapses_evicts_nothing_and_keeps_its_room_mean
                     big = waiter.submit(client.predict, "big", x, timeout=20)
                     wait_until(lambda: claims(caplog.records), 10)
                     claimed = time.monotonic()
+                    # A look for room that must end now is told the claim held it (over
+                    # gRPC, the client's own deadline ends the call first: a refusal after
+                    # ROOM_WAIT_SECONDS says the same).
+                    with pytest.raises(cache.NoRoomInTime, match="the room big:1 claims"):
+                        server.host.models.cache.reserve(
+                            ("cold", 1),
+                            torch.device("cpu"),
+                            sizes["cold"],
+                            deadline=time.monotonic(),
+                        )
                     cold = client.predict("cold", x, timeout=20)
                     np.testing.assert_allclose(cold, reference(twins["cold"], x), rtol=1e-5)
                     # Only once the claim has lapsed: the room it left free was too small.

@@ -128,10 +128,19 @@ def _gib(n: int) -> str:
 class NoRoomInTime(DeadlineExpired):
     """A load or page-in's deadline passed while others held the room it waits for."""
 
-    def __init__(self, device: str, name: str, busy: list[HostedModel], loads: list[Key]) -> None:
+    def __init__(
+        self,
+        device: str,
+        name: str,
+        busy: list[HostedModel],
+        loads: list[Key],
+        claimed_by: Key | None = None,
+    ) -> None:
         holders = [f"busy versions ({_names(busy)})"] if busy else []
         if loads:
             holders.append(f"loads and page-ins ({listing([f'{n}:{v}' for n, v in loads])})")
+        if claimed_by is not None:  # the room another's claim keeps free for it
+            holders.append(f"the room {claimed_by[0]}:{claimed_by[1]} claims")
         self.why = f"{' and '.join(holders) or 'nothing'} held it"
         self.device, self.name = device, name
         super().__init__(f"no room on {device} for {name!r} before the deadline: {self.why}")
@@ -391,8 +400,9 @@ class ModelCache:
                         f"{_gib(used - pinned_bytes)} more is in use"
                     )
                 busy = [h for h in may_leave if not h.idle]  # what it waits for
+                claimed_by = theirs.key if theirs is not None and self._kept(theirs) else None
                 if caller_gone is not None and caller_gone():
-                    raise NoRoomInTime(where, key[0], busy, loading)
+                    raise NoRoomInTime(where, key[0], busy, loading, claimed_by)
                 since = self._wanting.setdefault(key, time.monotonic())
                 if claim is None:
                     self._claim(
@@ -400,7 +410,7 @@ class ModelCache:
                     )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise NoRoomInTime(where, key[0], busy, loading)
+                    raise NoRoomInTime(where, key[0], busy, loading, claimed_by)
                 self._waiting.add(key)
                 if key in self._reserved and loading and self._waiting.issuperset(loading):
                     # Two loads that each hold room for their weights and each want more for
