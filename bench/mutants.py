@@ -5,7 +5,7 @@ then runs the tests that should notice, against that copy. A mutant is *caught* 
 those tests fail; *missed* means the suite would let that bug through. A mutation whose
 source text is gone (the code was changed) is reported as *stale*: update its text.
 
-    .venv/bin/python bench/mutants.py            # every mutation (about 3 minutes on 2 cores)
+    .venv/bin/python bench/mutants.py            # every mutation (about an hour on 2 cores)
     .venv/bin/python bench/mutants.py -k auth    # the ones whose name contains "auth"
 
 Not part of CI: it runs the same tests many times. Run it after changing the critical
