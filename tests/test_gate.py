@@ -182,7 +182,9 @@ def test_huge_requests_never_stall_the_server(guarded: Server, token: str | None
             future = pool.submit(call, body, metadata=_auth(token), timeout=60)
             slowest = _slowest_answer(guarded, future)
             print(f"slowest answer while in flight: {slowest * 1000:.1f} ms")
-            assert slowest < 0.5  # 20 s before the gate; ~10 ms here (a loaded CI machine: more)
+            # 20 s before the gate; 20-50 ms here, once 0.66 s in a CI run (a pause of the
+            # whole test process): a stall is seconds.
+            assert slowest < 2.0
             with pytest.raises(grpc.RpcError) as caught:
                 future.result()
     if token is None:
