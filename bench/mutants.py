@@ -1969,9 +1969,8 @@ MUTANTS = [
     Mutant(
         "cache: a claim whose requests left is dropped only at the device's next look",
         SERVER + "cache.py",
-        "        if self._cond.acquire(blocking=False):\n            try:\n"
-        "                self._claim_on(device)",
-        "        if False:\n            try:\n                self._claim_on(device)",
+        "            for device in list(self._claims):\n                self._claim_on(device)",
+        "            pass",
         (
             "tests/test_cache_claims.py::"
             "test_a_claim_whose_requests_left_is_counted_at_once_and_bars_its_device_briefly",

@@ -450,8 +450,10 @@ class ModelCache:
 
     def no_longer_wanted(self, key: Key, device: str) -> None:
         """A page-in whose requests have all gone: its claim ends and its time waited is
-        forgotten. Called on the event loop (and the page-in thread): it never waits for
-        the lock (if the lock is busy, the device's next look drops the claim)."""
+        forgotten. Called on the event loop (and the page-in thread) with `_paging` held:
+        it never waits for the lock. If the lock is busy, the device's page-in thread drops
+        the claim once it has the lock (not at the device's next look for room, which may
+        not come for a long time: a CI run once)."""
         self._wanting.pop(key, None)
         claim = self._claims.get(device)
         if claim is None or claim.key != key:
@@ -459,11 +461,21 @@ class ModelCache:
         claim.end()
         if self._cond.acquire(blocking=False):
             try:
-                self._claim_on(device)
+                self._drop_ended_claims()
             finally:
                 self._cond.release()
+        else:
+            with contextlib.suppress(RuntimeError):  # the server is closing
+                self._pages_in(device).submit(self._drop_ended_claims)
 
     # Claims
+
+    def _drop_ended_claims(self) -> None:
+        """Drops (and counts) the claims that have ended or lapsed (the lock is reentrant:
+        with it held or not)."""
+        with self._cond:
+            for device in list(self._claims):
+                self._claim_on(device)
 
     def _claim_on(self, device: str) -> RoomClaim | None:
         """The device's claim, if one is live (one that ended or lapsed is dropped)."""
