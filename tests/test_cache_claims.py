@@ -138,8 +138,8 @@ def test_a_claim_whose_requests_left_is_counted_at_once_and_bars_its_device_brie
     kept its device from claiming for 4 s (CLAIM_BACKOFF, meant for a claim that drained
     its versions for a whole second in vain), and it stayed registered, counted nowhere,
     until the device's next look. Its device is barred in proportion to how long it
-    drained them, and it is counted as given up at once, or as the next request ends if
-    the cache's lock was busy as it left."""
+    drained them, and it is counted as given up at once, or by the device's page-in thread
+    once the cache's lock is free if it was busy as the request left."""
     monkeypatch.setattr(cache, "CLAIM_SECONDS", 2.0)
     monkeypatch.setattr(cache, "CLAIM_BACKOFF", 10.0)  # 5 s per second drained
     with serving(settings, 2100) as (server, client):
@@ -158,8 +158,8 @@ def test_a_claim_whose_requests_left_is_counted_at_once_and_bars_its_device_brie
             call = pb_grpc.ModelHostStub(channel).Predict.future(request)  # no deadline
             wait_until(lambda: a.claim is not None, 10)  # claimed after CLAIM_AFTER (1 s)
             big2 = server.host.models.registry.get("big2")
-            # The cache's lock busy as the request leaves (as in a CI run once): the next
-            # request to end drops the claim, not the device's next look for room.
+            # The cache's lock busy as the request leaves (as in a CI run once): the page-in
+            # thread drops the claim once the lock is free, not the device's next look.
             with server.host.models.cache._cond:
                 call.cancel()
                 wait_until(lambda: big2.paging_waiters == 0, 5)
